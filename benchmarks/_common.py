@@ -1,0 +1,183 @@
+"""Shared helpers for the benchmark scripts: timing, machine info, result files.
+
+Import this module *after* the script has set XLA_FLAGS, since it imports jax. Typical use at the top of a script:
+
+    import os, sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent))      # this helper module
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo (tedjax)
+    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    import _common
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def time_fn(fn: Callable, *args, reps: int = 5, warmup: int = 1) -> list[float]:
+    """Wall-clock seconds of `reps` calls of `fn(*args)`, after `warmup` untimed calls.
+
+    Every call is blocked on with `jax.block_until_ready`, so asynchronous
+    dispatch does not hide device time. Compilation happens in the warm-up
+    (use warmup >= 1 for jitted functions).
+    """
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values)) if len(values) else math.nan
+
+
+def machine_info() -> dict[str, Any]:
+    """Where and with what the numbers were taken."""
+    devices = jax.devices()
+    try:
+        import flax
+
+        flax_version = flax.__version__
+    except Exception:  # pragma: no cover - flax is a dependency, but stay general
+        flax_version = None
+    try:
+        cpus_usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        cpus_usable = os.cpu_count()
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "cpu_count_usable": cpus_usable,
+        "jax_version": jax.__version__,
+        "jaxlib_version": _jaxlib_version(),
+        "flax_version": flax_version,
+        "backend": jax.default_backend(),
+        "device_kind": devices[0].device_kind,
+        "device_count": len(devices),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "git_commit": _git_commit(),
+    }
+
+
+def _jaxlib_version() -> str | None:
+    try:
+        import jaxlib
+
+        return jaxlib.__version__
+    except Exception:
+        return None
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except Exception:
+        return None
+
+
+def _format(value: Any, fmt: str | None) -> str:
+    if value is None:
+        return ""
+    if fmt and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return format(value, fmt)
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[str | tuple]) -> str:
+    """A GitHub markdown table of `rows` (dicts).
+
+    Each column is a key, or a tuple `(header, key)` / `(header, key, fmt)`
+    where `key` is a dict key or a callable of the row, and `fmt` a format spec
+    for numbers (e.g. ".2f"). Missing values print as empty cells.
+    """
+    specs = []
+    for col in columns:
+        if isinstance(col, str):
+            specs.append((col, col, None))
+        else:
+            header, key, *rest = col
+            specs.append((header, key, rest[0] if rest else None))
+    lines = [
+        "| " + " | ".join(header for header, _, _ in specs) + " |",
+        "|" + "|".join("---" for _ in specs) + "|",
+    ]
+    for row in rows:
+        cells = []
+        for _, key, fmt in specs:
+            value = key(row) if callable(key) else row.get(key)
+            cells.append(_format(value, fmt))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None  # strict JSON has no NaN / inf
+    if hasattr(obj, "item") and callable(obj.item):  # numpy / jax scalars
+        return _jsonable(obj.item())
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def save_results(
+    name: str,
+    rows: Sequence[dict],
+    settings: dict,
+    markdown: str,
+    out_dir: str | Path | None = None,
+    machine: dict | None = None,
+    extra: dict | None = None,
+) -> tuple[Path, Path]:
+    """Write `<out_dir>/<name>.json` (machine, settings, rows, extra) and `<out_dir>/<name>.md`.
+
+    `out_dir` defaults to `benchmarks/results/`. Returns the two paths.
+    """
+    out = Path(out_dir) if out_dir is not None else RESULTS_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "name": name,
+        "machine": machine if machine is not None else machine_info(),
+        "settings": settings,
+        "rows": list(rows),
+        **(extra or {}),
+    }
+    json_path, md_path = out / f"{name}.json", out / f"{name}.md"
+    json_path.write_text(json.dumps(_jsonable(payload), indent=2, allow_nan=False) + "\n")
+    md_path.write_text(markdown if markdown.endswith("\n") else markdown + "\n")
+    return json_path, md_path

@@ -1,0 +1,449 @@
+"""Model configuration and its checks against a mesh.
+
+Every check that a user can fail runs here, in plain Python, before anything is
+traced or compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from tedjax.mesh import mesh_shape
+
+Activation = Literal["gelu", "swiglu"]
+Remat = Literal["none", "full", "cac"]
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only MoE transformer. Every `moe_every`-th layer (1-based) is MoE.
+
+    `num_experts = 0` gives the FLOP-matched dense model: each MoE layer becomes
+    a dense FFN of width `top_k * expert_d_ff` (see `dense_twin`).
+    """
+
+    vocab_size: int = 256
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    d_ff: int = 512  # dense FFN width
+    max_len: int = 256
+    num_experts: int = 8
+    expert_d_ff: int = 512  # width of each expert's FFN
+    top_k: int = 1
+    capacity_factor: float = 1.25
+    eval_capacity_factor: float = 2.0
+    min_capacity: int = 4
+    moe_every: int = 2
+    group_size: int = 0  # tokens per routing group; 0 = one sequence
+    activation: Activation = "gelu"  # dense and expert FFNs
+    dtype: str = "float32"  # compute dtype; parameters stay float32
+    aux_loss_weight: float = 0.01
+    z_loss_weight: float = 1e-3
+    jitter_eps: float = 0.0
+    dtd: bool = False  # Duplicate Token Dropping (TED)
+    remat: Remat = "none"  # activation checkpointing per layer; "cac" keeps collective outputs
+    rope_base: float = 10000.0
+
+    def __post_init__(self):
+        positive = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_len",
+                    "expert_d_ff", "top_k", "moe_every")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"model.{name} must be an integer >= 1, got {value!r}")
+        for name in ("num_experts", "min_capacity", "group_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"model.{name} must be an integer >= 0, got {value!r}")
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"model.{name} must be a number > 0, got {value!r}; 1.0-2.0 is typical")
+        for name in ("aux_loss_weight", "z_loss_weight", "jitter_eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"model.{name} must be a number >= 0, got {value!r}")
+        if self.jitter_eps >= 1:
+            raise ValueError(f"model.jitter_eps must be < 1, got {self.jitter_eps}; 0.01 is typical")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"model.d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        if (self.d_model // self.n_heads) % 2:
+            raise ValueError(f"head size d_model/n_heads={self.d_model // self.n_heads} must be even (RoPE)")
+        if self.num_experts and self.top_k > self.num_experts:
+            raise ValueError(f"model.top_k={self.top_k} exceeds num_experts={self.num_experts}; use top_k <= num_experts")
+        if self.activation not in ("gelu", "swiglu"):
+            raise ValueError(f"model.activation must be 'gelu' or 'swiglu', got {self.activation!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.remat not in ("none", "full", "cac"):
+            raise ValueError(f"model.remat must be 'none', 'full' or 'cac', got {self.remat!r}")
+        if self.group_size and self.max_len % self.group_size and self.group_size % self.max_len:
+            raise ValueError(
+                f"model.group_size={self.group_size} must divide the sequence length max_len={self.max_len} "
+                "or be a multiple of it"
+            )
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return (layer + 1) % self.moe_every == 0
+
+    @property
+    def n_moe_layers(self) -> int:
+        return sum(self.is_moe_layer(i) for i in range(self.n_layers)) if self.num_experts else 0
+
+    def dense_twin(self) -> "ModelConfig":
+        """The FLOP-matched dense model: same shape, MoE layers replaced by FFNs of width top_k * expert_d_ff."""
+        return dataclasses.replace(self, num_experts=0)
+
+    def param_counts(self) -> dict[str, int]:
+        """Total and active (per token) parameter counts."""
+        d, f = self.d_model, self.d_ff
+        ffn_mats = 3 if self.activation == "swiglu" else 2
+        attn = 4 * d * d
+        dense_ffn = ffn_mats * d * f
+        expert = ffn_mats * d * self.expert_d_ff
+        total = active = 2 * self.vocab_size * d + (2 * self.n_layers + 1) * d
+        for layer in range(self.n_layers):
+            total += attn
+            active += attn
+            if self.is_moe_layer(layer) and self.num_experts:
+                total += self.num_experts * expert + d * self.num_experts
+                active += self.top_k * expert + d * self.num_experts
+            elif self.is_moe_layer(layer):
+                total += self.top_k * expert
+                active += self.top_k * expert
+            else:
+                total += dense_ffn
+                active += dense_ffn
+        return {"total": total, "active": active}
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 x active matmul params + attention (causal, fwd+bwd)."""
+        active = self.param_counts()["active"] - self.vocab_size * self.d_model  # embedding lookup is free
+        attention = 6 * self.n_layers * seq_len * self.d_model  # 12 L T D / 2 for causal
+        return 6.0 * active + attention
+
+
+def check_mesh(config: ModelConfig, mesh: Mesh, batch_size: int | None = None, seq_len: int | None = None) -> None:
+    """Raise a ValueError naming the problem and the fix if `config` cannot run on `mesh`."""
+    data, expert, tensor = mesh_shape(mesh)
+    problems = []
+    if config.num_experts and config.num_experts % expert:
+        problems.append(f"num_experts={config.num_experts} is not divisible by the expert axis ({expert}); "
+                        "choose mesh.expert dividing num_experts")
+    if not config.num_experts and expert > 1:
+        pass  # a dense model may still split its batch over "expert"
+    if config.n_heads % tensor:
+        problems.append(f"n_heads={config.n_heads} is not divisible by the tensor axis ({tensor}); "
+                        "choose mesh.tensor dividing n_heads")
+    if config.d_ff % tensor:
+        problems.append(f"d_ff={config.d_ff} is not divisible by the tensor axis ({tensor})")
+    if config.num_experts and config.expert_d_ff % tensor:
+        problems.append(f"expert_d_ff={config.expert_d_ff} is not divisible by the tensor axis ({tensor})")
+    if not config.num_experts and (config.top_k * config.expert_d_ff) % tensor:
+        problems.append(f"dense-twin FFN width {config.top_k * config.expert_d_ff} is not divisible by tensor ({tensor})")
+    if config.vocab_size % tensor:
+        problems.append(f"vocab_size={config.vocab_size} is not divisible by the tensor axis ({tensor}); "
+                        "pad the vocabulary to a multiple of it")
+    if batch_size is not None:
+        if batch_size % (data * expert):
+            problems.append(f"batch size {batch_size} is not divisible by data x expert = {data * expert}; "
+                            f"use a multiple of {data * expert}")
+        if seq_len is not None and config.num_experts:
+            group = config.group_size or seq_len
+            if seq_len % group and group % seq_len:
+                problems.append(f"group_size={group} must divide seq_len={seq_len} or be a multiple of it")
+            else:
+                groups = batch_size * seq_len // group
+                if groups % data:
+                    problems.append(f"{groups} routing groups are not divisible by the data axis ({data})")
+    if seq_len is not None and seq_len > config.max_len:
+        problems.append(f"seq_len={seq_len} exceeds model.max_len={config.max_len}")
+    if problems:
+        raise ValueError(f"model does not fit mesh (data={data}, expert={expert}, tensor={tensor}):\n  - "
+                         + "\n  - ".join(problems))
+
+
+# ---------------------------------------------------------------------------
+# Training run configuration: YAML presets in configs/, dotted CLI overrides.
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh sizes; their product must equal the device count."""
+
+    data: int = 8
+    expert: int = 1
+    tensor: int = 1
+
+    def __post_init__(self):
+        for name in ("data", "expert", "tensor"):
+            _check_int(f"mesh.{name}", getattr(self, name), 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW, linear warmup then cosine decay, global-norm clipping, ZeRO-1 state sharding."""
+
+    learning_rate: float = 3e-3
+    min_lr_ratio: float = 0.1  # final lr = learning_rate * min_lr_ratio
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables
+    zero1: bool = True  # shard optimizer state over each parameter's data-parallel group
+    tile_size: int = 0  # tiled optimizer: update large parameters this many elements at a time; 0 = off
+
+    def __post_init__(self):
+        _check_float("optimizer.learning_rate", self.learning_rate, 0, strict=True)
+        _check_float("optimizer.min_lr_ratio", self.min_lr_ratio, 0)
+        _check_int("optimizer.warmup_steps", self.warmup_steps, 0)
+        _check_float("optimizer.weight_decay", self.weight_decay, 0)
+        _check_float("optimizer.eps", self.eps, 0, strict=True)
+        _check_float("optimizer.grad_clip", self.grad_clip, 0)
+        _check_int("optimizer.tile_size", self.tile_size, 0)
+        for name in ("b1", "b2"):
+            value = getattr(self, name)
+            _check_float(f"optimizer.{name}", value, 0)
+            if value >= 1:
+                raise ValueError(f"optimizer.{name} must be in [0, 1), got {value}")
+        if self.min_lr_ratio > 1:
+            raise ValueError(f"optimizer.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where tokens come from. Global batch = batch_size sequences, in grad_accum micro-batches."""
+
+    source: Literal["stdlib", "tokens", "synthetic"] = "stdlib"
+    path: str = ""  # directory written by `python -m tedjax.data prepare` (source=tokens)
+    seq_len: int = 128
+    batch_size: int = 32  # sequences per optimizer step, all devices together
+    grad_accum: int = 1  # micro-batches per step
+    seed: int = 0
+    stdlib_max_bytes: int = 16 * 2**20
+
+    def __post_init__(self):
+        if self.source not in ("stdlib", "tokens", "synthetic"):
+            raise ValueError(f"data.source must be 'stdlib', 'tokens' or 'synthetic', got {self.source!r}")
+        if self.source == "tokens" and not self.path:
+            raise ValueError("data.source=tokens needs data.path=DIR (a directory made by "
+                             "`python -m tedjax.data prepare --out DIR FILES...`)")
+        _check_int("data.seq_len", self.seq_len, 1)
+        _check_int("data.batch_size", self.batch_size, 1)
+        _check_int("data.grad_accum", self.grad_accum, 1)
+        _check_int("data.seed", self.seed, 0)
+        _check_int("data.stdlib_max_bytes", self.stdlib_max_bytes, 1)
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"data.batch_size={self.batch_size} must be divisible by data.grad_accum={self.grad_accum}")
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.batch_size // self.grad_accum
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Orbax checkpoints: every `every` steps (asynchronously), the last `keep` kept."""
+
+    dir: str = ""  # default: <log.dir>/checkpoints
+    every: int = 200
+    keep: int = 3
+    async_save: bool = True
+
+    def __post_init__(self):
+        _check_int("checkpoint.every", self.every, 0)
+        _check_int("checkpoint.keep", self.keep, 1)
+        _check_bool("checkpoint.async_save", self.async_save)
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+    dir: str = "runs/tiny"
+    every: int = 10  # steps between metric logs
+    eval_every: int = 100  # steps between validation passes; 0 = only at the end
+    eval_batches: int = 8
+    tensorboard: bool = True
+    progress: bool = True
+    peak_tflops: float = 0.0  # peak FLOP/s per device (TFLOP/s) for MFU; 0 = detect from the device
+
+    def __post_init__(self):
+        _check_int("log.every", self.every, 1)
+        _check_int("log.eval_every", self.eval_every, 0)
+        _check_int("log.eval_batches", self.eval_batches, 1)
+        _check_float("log.peak_tflops", self.peak_tflops, 0)
+        _check_bool("log.tensorboard", self.tensorboard)
+        _check_bool("log.progress", self.progress)
+
+
+@dataclasses.dataclass(frozen=True)
+class XlaConfig:
+    """XLA collective combiner thresholds (gradient bucketing); 0 keeps XLA's default."""
+
+    all_reduce_combine_bytes: int = 0
+    reduce_scatter_combine_bytes: int = 0
+    all_gather_combine_bytes: int = 0
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            _check_int(f"xla.{field.name}", getattr(self, field.name), 0)
+
+    def flags(self) -> list[str]:
+        names = {
+            "all_reduce_combine_bytes": "--xla_gpu_all_reduce_combine_threshold_bytes",
+            "reduce_scatter_combine_bytes": "--xla_gpu_reduce_scatter_combine_threshold_bytes",
+            "all_gather_combine_bytes": "--xla_gpu_all_gather_combine_threshold_bytes",
+        }
+        return [f"{flag}={getattr(self, key)}" for key, flag in names.items() if getattr(self, key)]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 300
+    seed: int = 0
+    max_bad_steps: int = 5  # consecutive non-finite steps tolerated (each skipped) before stopping
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    log: LogConfig = dataclasses.field(default_factory=LogConfig)
+    xla: XlaConfig = dataclasses.field(default_factory=XlaConfig)
+
+    def __post_init__(self):
+        _check_int("steps", self.steps, 1)
+        _check_int("seed", self.seed, 0)
+        _check_int("max_bad_steps", self.max_bad_steps, 1)
+        if self.data.seq_len > self.model.max_len:
+            raise ValueError(f"data.seq_len={self.data.seq_len} exceeds model.max_len={self.model.max_len}; "
+                             "raise model.max_len or shorten data.seq_len")
+        if self.data.source != "synthetic" and self.model.vocab_size < 256:
+            raise ValueError(f"model.vocab_size={self.model.vocab_size} is smaller than the byte tokenizer's 256 ids; "
+                             "set model.vocab_size >= 256")
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.checkpoint.dir or f"{self.log.dir}/checkpoints"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_float(name: str, value, minimum: float, strict: bool = False) -> None:
+    bad = isinstance(value, bool) or not isinstance(value, (int, float))
+    if bad or (value <= minimum if strict else value < minimum):
+        raise ValueError(f"{name} must be a number {'>' if strict else '>='} {minimum}, got {value!r}")
+
+
+def _check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
+def from_dict(cls, values: dict, prefix: str = ""):
+    """Build a (nested) config dataclass from a dict, refusing unknown keys and wrong types."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown config key{'s' if len(unknown) > 1 else ''} "
+                         f"{', '.join(prefix + k for k in unknown)}; valid keys here: "
+                         f"{', '.join(prefix + k for k in fields)}")
+    kwargs = {}
+    for name, value in values.items():
+        default = getattr(cls(), name) if _has_all_defaults(cls) else None
+        if dataclasses.is_dataclass(default):
+            kwargs[name] = from_dict(type(default), value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(f"{prefix}{name}", value, default)
+    return cls(**kwargs)
+
+
+def _has_all_defaults(cls) -> bool:
+    return all(f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+               for f in dataclasses.fields(cls))
+
+
+def _coerce(name: str, value, default):
+    """YAML gives ints for floats written as `1`; accept those, refuse everything else of the wrong type."""
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, got {value!r}")
+    elif isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name} must be a number, got {value!r}")
+        return float(value)
+    elif isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+    elif isinstance(default, str):
+        if not isinstance(value, str):
+            raise ValueError(f"{name} must be a string, got {value!r}")
+    return value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """["model.top_k=2", "steps=10"] -> {"model": {"top_k": 2}, "steps": 10} (values parsed as YAML)."""
+    import yaml
+
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key.sub=value (e.g. model.top_k=2)")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError as err:
+            raise ValueError(f"override {item!r}: value is not valid YAML ({err})") from None
+        node = tree
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r} conflicts with another override of {part}")
+        node[parts[-1]] = value
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConfig:
+    """TrainConfig from a YAML file plus dotted overrides; every error names the key and the fix."""
+    import os
+
+    import yaml
+
+    values: dict = {}
+    if path:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"config file {path} does not exist; pick one from configs/ (e.g. configs/tiny.yaml)")
+        with open(path) as f:
+            try:
+                values = yaml.safe_load(f) or {}
+            except yaml.YAMLError as err:
+                raise ValueError(f"config file {path} is not valid YAML: {err}") from None
+    values = _merge(values, parse_overrides(list(overrides)))
+    return from_dict(TrainConfig, values)

@@ -1,0 +1,188 @@
+"""Optimizer: optax AdamW, warmup + cosine, global-norm clipping, ZeRO-1 and the tiled update.
+
+ZeRO-1. Each parameter's optimizer state (Adam's mu and nu) is split over the
+parameter's data-parallel group (NOTES.md section 1): non-expert parameters
+over ("data", "expert"), expert parameters over "data" alone (their "expert"
+axis already splits the expert dim). Gradients are constrained to that layout
+before the update, so XLA reduce-scatters them; the updated shard is
+all-gathered back into the parameter's own layout.
+
+Tiled optimizer (TED). Expert state is split over E-times fewer ranks than the
+rest, so the update's float32 temporaries of a big expert weight dominate the
+step's memory. With `tile_size > 0`, every parameter larger than a tile is
+updated tile by tile inside `shard_map` (a `lax.map` over each device's local
+shard), so the temporaries are bounded by one tile. The tiled update runs the
+same AdamW arithmetic as optax (checked against it in tests) on the same state.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from tedjax.config import OptimizerConfig
+from tedjax.mesh import MESH_AXES
+
+
+def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
+    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=cfg.learning_rate,
+        warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1),
+        end_value=cfg.learning_rate * cfg.min_lr_ratio,
+    )
+
+
+def weight_decay_mask(params):
+    """Decay matrices only: norms' scales (1-D) are not decayed."""
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+    """AdamW with the schedule; clipping is applied by the train step (it needs the global norm)."""
+    return optax.adamw(
+        learning_rate_schedule(cfg, total_steps),
+        b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=weight_decay_mask,
+    )  # fmt: skip
+
+
+def global_norm(tree) -> jax.Array:
+    """sqrt(sum of squares) over the logical (global) arrays: each expert counted once, whatever the mesh."""
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def clip_by_global_norm(grads, max_norm: float) -> tuple[object, jax.Array]:
+    norm = global_norm(grads)
+    if max_norm <= 0:
+        return grads, norm
+    scale = jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-12))
+    return jax.tree.map(lambda g: g * scale.astype(g.dtype), grads), norm
+
+
+def _axes_of(entry) -> tuple[str, ...]:
+    return () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+
+
+def zero1_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+    """The parameter's spec with its free data-parallel axes added to one dim they divide.
+
+    Data-parallel axes are those of ("data", "expert") the parameter is not
+    already split over. A parameter too small to divide stays as it is
+    (replicated state); `zero1_report` counts those bytes.
+    """
+    entries = list(spec) + [None] * (len(shape) - len(spec))
+    used = {a for e in entries for a in _axes_of(e)}
+    dp_axes = tuple(a for a in ("data", "expert") if a not in used and mesh.shape[a] > 1)
+    if not dp_axes:
+        return PartitionSpec(*entries)
+    # Try the whole group first, then "data" alone; prefer an unsplit dim.
+    for axes in (dp_axes, dp_axes[:1]):
+        size = math.prod(mesh.shape[a] for a in axes)
+        order = sorted(range(len(shape)), key=lambda d: (entries[d] is not None, d))
+        for dim in order:
+            current = _axes_of(entries[dim])
+            split = math.prod(mesh.shape[a] for a in current) * size
+            if shape[dim] % split == 0:
+                merged = tuple(a for a in MESH_AXES if a in current + axes)
+                entries[dim] = merged[0] if len(merged) == 1 else merged
+                return PartitionSpec(*entries)
+    return PartitionSpec(*entries)
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, abstract_params, param_shardings, mesh: Mesh, zero1: bool):
+    """Shardings for `tx.init(params)`: param-shaped leaves follow ZeRO-1, scalars are replicated."""
+    abstract_state = jax.eval_shape(tx.init, abstract_params)
+
+    def for_param(abstract_leaf, sharding):
+        spec = zero1_spec(sharding.spec, abstract_leaf.shape, mesh) if zero1 else sharding.spec
+        return NamedSharding(mesh, spec)
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return optax.tree_map_params(
+        tx,
+        for_param,
+        abstract_state,
+        param_shardings,
+        transform_non_params=lambda _: replicated,
+        is_leaf=lambda x: isinstance(x, NamedSharding),
+    )
+
+
+def tiled_adamw_update(
+    cfg: OptimizerConfig,
+    schedule: Callable,
+    grads,
+    opt_state,
+    params,
+    state_shardings,
+    mesh: Mesh,
+):
+    """optax.adamw's update, with every parameter bigger than a tile updated tile by tile.
+
+    Returns (new_params, new_opt_state) in the same structure as optax.
+    """
+    adam_state, decay_state, sched_state = opt_state
+    count = adam_state.count
+    new_count = optax.safe_increment(count)
+    lr = schedule(sched_state.count)
+    bc1 = 1 - cfg.b1 ** new_count.astype(jnp.float32)
+    bc2 = 1 - cfg.b2 ** new_count.astype(jnp.float32)
+    decay_mask = weight_decay_mask(params)
+
+    def leaf_update(g, m, v, p, decay):
+        m = cfg.b1 * m + (1 - cfg.b1) * g
+        v = cfg.b2 * v + (1 - cfg.b2) * jnp.square(g)
+        step = (m / bc1) / (jnp.sqrt(v / bc2) + cfg.eps)
+        if decay:
+            step = step + cfg.weight_decay * p
+        return p - lr * step, m, v
+
+    def tiled(g, m, v, p, decay):
+        """Local shard update, lax.map over tiles of `tile_size` elements."""
+        n = g.size
+        rows = cfg.tile_size
+        if n <= rows:
+            return leaf_update(g, m, v, p, decay)
+        n_tiles = -(-n // rows)
+        pad = n_tiles * rows - n
+        flat = [jnp.pad(x.reshape(-1), (0, pad)).reshape(n_tiles, rows) for x in (g, m, v, p)]
+        out = jax.lax.map(lambda t: leaf_update(*t, decay), tuple(flat))
+        return tuple(o.reshape(-1)[:n].reshape(g.shape) for o in out)
+
+    def per_leaf(g, m, v, p, decay, sharding):
+        if g.size <= cfg.tile_size:
+            return leaf_update(g, m, v, p, decay)
+        spec = sharding.spec
+        return jax.shard_map(
+            lambda g, m, v, p: tiled(g, m, v, p, decay),
+            mesh=mesh,
+            in_specs=(spec, spec, spec, spec),
+            out_specs=(spec, spec, spec),
+            check_vma=False,
+        )(g, m, v, p)
+
+    leaves_g, treedef = jax.tree.flatten(grads)
+    results = [
+        per_leaf(g, m, v, p, d, s)
+        for g, m, v, p, d, s in zip(
+            leaves_g,
+            treedef.flatten_up_to(adam_state.mu),
+            treedef.flatten_up_to(adam_state.nu),
+            treedef.flatten_up_to(params),
+            treedef.flatten_up_to(decay_mask),
+            treedef.flatten_up_to(state_shardings),
+        )
+    ]
+    new_params = treedef.unflatten([r[0] for r in results])
+    new_mu = treedef.unflatten([r[1] for r in results])
+    new_nu = treedef.unflatten([r[2] for r in results])
+    new_adam = adam_state._replace(count=new_count, mu=new_mu, nu=new_nu)
+    new_sched = sched_state._replace(count=optax.safe_increment(sched_state.count))
+    return new_params, (new_adam, decay_state, new_sched)

@@ -1,0 +1,204 @@
+"""The training state and the pure, jitted train and eval steps.
+
+`train_step(state, batch) -> (state, metrics)` is one optimizer step: gradient
+accumulation over micro-batches, global-norm clipping, the ZeRO-1 (optionally
+tiled) AdamW update, and a guard that skips a step whose loss or gradients are
+not finite. Evaluation, checkpoints and logging live outside it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from tedjax.config import TrainConfig, check_mesh
+from tedjax.mesh import logical_to_spec, state_shardings
+from tedjax.model import Transformer, abstract_model, loss_fn
+from tedjax.optim import (
+    clip_by_global_norm,
+    learning_rate_schedule,
+    make_optimizer,
+    opt_state_shardings,
+    tiled_adamw_update,
+    zero1_spec,
+)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    step: jax.Array  # int32 []  optimizer steps taken (skipped ones included)
+    params: dict  # float32 master parameters, pure dict
+    opt_state: Any
+    model_state: dict  # non-parameter module state (router-jitter RNG counters)
+    bad_steps: jax.Array  # int32 []  consecutive non-finite steps
+    skipped_steps: jax.Array  # int32 []  all skipped steps
+
+
+class Trainer:
+    """Builds the sharded state and compiles the steps for one config on one mesh."""
+
+    def __init__(self, config: TrainConfig, mesh: Mesh):
+        self.config, self.mesh = config, mesh
+        check_mesh(config.model, mesh, config.data.micro_batch_size, config.data.seq_len)
+        graphdef, abstract_params, abstract_rest = nnx.split(abstract_model(config.model, config.seed), nnx.Param, ...)
+        self.graphdef = graphdef
+        self.param_shardings = nnx.to_pure_dict(state_shardings(abstract_params, mesh))
+        self.abstract_params = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), nnx.to_pure_dict(abstract_params)
+        )
+        self.rest_shardings = nnx.to_pure_dict(state_shardings(abstract_rest, mesh))
+        self.schedule = learning_rate_schedule(config.optimizer, config.steps)
+        self.tx = make_optimizer(config.optimizer, config.steps)
+        self.zero1_shardings = jax.tree.map(
+            lambda a, s: NamedSharding(mesh, zero1_spec(s.spec, a.shape, mesh) if config.optimizer.zero1 else s.spec),
+            self.abstract_params,
+            self.param_shardings,
+        )
+        self.opt_shardings = opt_state_shardings(
+            self.tx, self.abstract_params, self.param_shardings, mesh, config.optimizer.zero1
+        )
+        replicated = NamedSharding(mesh, PartitionSpec())
+        self.state_shardings = TrainState(
+            step=replicated,
+            params=self.param_shardings,
+            opt_state=self.opt_shardings,
+            model_state=self.rest_shardings,
+            bad_steps=replicated,
+            skipped_steps=replicated,
+        )
+        # [grad_accum, micro_batch, L]
+        self.batch_sharding = NamedSharding(mesh, logical_to_spec((None, "batch", None)))
+        step_fn = functools.partial(
+            train_step, graphdef=graphdef, tx=self.tx, config=config, trainer_static=self._static()
+        )
+        self.train_step = jax.jit(step_fn, donate_argnums=0, out_shardings=(self.state_shardings, replicated))
+        self.eval_step = jax.jit(functools.partial(eval_step, graphdef=graphdef), out_shardings=replicated)
+
+    def _static(self) -> "_Static":
+        return _Static(self.mesh, self.schedule, self.zero1_shardings, self.param_shardings)
+
+    def _init(self) -> TrainState:
+        config = self.config
+        model = Transformer(config.model, rngs=nnx.Rngs(config.seed))
+        _, params, rest = nnx.split(model, nnx.Param, ...)
+        params = nnx.to_pure_dict(params)
+        zero = jnp.zeros((), jnp.int32)
+        return TrainState(zero, params, self.tx.init(params), nnx.to_pure_dict(rest), zero, zero)
+
+    def init_state(self) -> TrainState:
+        """A fresh state, created directly in its shardings (no unsharded copy)."""
+        with jax.set_mesh(self.mesh):
+            return jax.jit(self._init, out_shardings=self.state_shardings)()
+
+    def abstract_state(self) -> TrainState:
+        """ShapeDtypeStructs with shardings: the restore target for checkpoints."""
+        shapes = jax.eval_shape(self._init)
+        return jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, self.state_shardings
+        )
+
+    def shard_batch(self, local_batch: dict) -> dict[str, jax.Array]:
+        """This process's rows `[B_local, L]` -> global arrays `[grad_accum, B / grad_accum, L]`."""
+        accum = self.config.data.grad_accum
+
+        def one(x):
+            x = x.reshape(accum, x.shape[0] // accum, *x.shape[1:])
+            global_shape = (accum, x.shape[1] * jax.process_count(), *x.shape[2:])
+            return jax.make_array_from_process_local_data(self.batch_sharding, x, global_shape)
+
+        return {k: one(v) for k, v in local_batch.items()}
+
+    def lower_train_step(self, state: TrainState | None = None):
+        """The lowered train step (for HLO and memory analysis), from abstract arguments."""
+        state = self.abstract_state() if state is None else state
+        data = self.config.data
+        shape = (data.grad_accum, data.micro_batch_size, data.seq_len)
+        batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.batch_sharding) for k in ("inputs", "targets")}
+        with jax.set_mesh(self.mesh):
+            return self.train_step.lower(state, batch)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    mesh: Mesh
+    schedule: Any
+    zero1_shardings: Any
+    param_shardings: Any
+
+
+def _merge(graphdef, params, model_state) -> Transformer:
+    return nnx.merge(graphdef, params, model_state)
+
+
+def train_step(
+    state: TrainState, batch: dict[str, jax.Array], *, graphdef, tx, config: TrainConfig, trainer_static: _Static
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on `batch` = {"inputs", "targets"}: int32 `[grad_accum, micro_batch, L]`."""
+    static = trainer_static
+
+    def micro_grads(model_state, micro):
+        def loss_of(params):
+            model = _merge(graphdef, params, model_state)
+            loss, metrics = loss_fn(model, micro)
+            return loss, (metrics, nnx.to_pure_dict(nnx.split(model, nnx.Param, ...)[2]))
+
+        (_, (metrics, model_state)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+        return grads, metrics, model_state
+
+    accum = batch["inputs"].shape[0]
+    if accum == 1:
+        grads, metrics, model_state = micro_grads(state.model_state, jax.tree.map(lambda x: x[0], batch))
+    else:
+
+        def body(carry, micro):
+            grads_sum, model_state = carry
+            grads, metrics, model_state = micro_grads(model_state, micro)
+            return (jax.tree.map(jnp.add, grads_sum, grads), model_state), metrics
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        (grads, model_state), metrics = jax.lax.scan(body, (zeros, state.model_state), batch)
+        grads = jax.tree.map(lambda g: g / accum, grads)
+        metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
+
+    # ZeRO-1: gradients in the optimizer-state layout (a reduce-scatter, not an all-reduce).
+    grads = jax.lax.with_sharding_constraint(grads, static.zero1_shardings)
+    params = jax.lax.with_sharding_constraint(state.params, static.zero1_shardings)
+    grads, grad_norm = clip_by_global_norm(grads, config.optimizer.grad_clip)
+    if config.optimizer.tile_size:
+        new_params, new_opt_state = tiled_adamw_update(
+            config.optimizer, static.schedule, grads, state.opt_state, params, static.zero1_shardings, static.mesh
+        )
+    else:
+        updates, new_opt_state = tx.update(grads, state.opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+    new_params = jax.lax.with_sharding_constraint(new_params, static.param_shardings)
+
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    new_state = TrainState(
+        step=state.step + 1,
+        params=keep(new_params, state.params),
+        opt_state=keep(new_opt_state, state.opt_state),
+        model_state=model_state,
+        bad_steps=jnp.where(finite, 0, state.bad_steps + 1),
+        skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32),
+    )
+    metrics = dict(metrics, grad_norm=grad_norm, learning_rate=static.schedule(state.step), skipped=~finite,
+                   bad_steps=new_state.bad_steps, skipped_total=new_state.skipped_steps)
+    return new_state, metrics
+
+
+def eval_step(params: dict, model_state: dict, batch: dict[str, jax.Array], *, graphdef) -> dict[str, jax.Array]:
+    """Validation metrics on `[B, L]` batches, with the eval capacity factor and no jitter."""
+    model = _merge(graphdef, params, model_state)
+    model.eval()
+    _, metrics = loss_fn(model, batch)
+    return metrics

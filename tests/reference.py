@@ -1,0 +1,57 @@
+"""Shared helpers: one small model computed on 1 device and on 8-device meshes."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import tedjax
+
+# Every (data, expert, tensor) factorization of 8 devices the core must match.
+FACTORIZATIONS = [(8, 1, 1), (1, 8, 1), (2, 4, 1), (4, 1, 2), (2, 2, 2), (1, 4, 2), (1, 2, 4)]
+
+SMALL = tedjax.ModelConfig(
+    vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_len=16,
+    num_experts=8, expert_d_ff=32, top_k=1, capacity_factor=1.0, min_capacity=1,
+)  # fmt: skip
+
+
+def small_batch(batch_size: int = 8, seq_len: int = 16, vocab: int = 64, seed: int = 0) -> dict[str, jax.Array]:
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, vocab, (batch_size, seq_len + 1))
+    return {"inputs": jnp.asarray(tokens[:, :-1], jnp.int32), "targets": jnp.asarray(tokens[:, 1:], jnp.int32)}
+
+
+def one_device_mesh():
+    return tedjax.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+
+
+def loss_and_grads(config: tedjax.ModelConfig, mesh, batch, seed: int = 0):
+    """(loss, grads as a pure dict of numpy arrays, metrics, compiled) of `config` on `mesh`."""
+    model = tedjax.init_model(config, mesh, seed=seed)
+    graphdef, params = nnx.split(model)
+    params = nnx.to_pure_dict(params)
+
+    def grad_fn(params, batch):
+        loss_of = lambda p: tedjax.loss_fn(nnx.merge(graphdef, p), batch)  # noqa: E731
+        (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
+        return loss, grads, metrics
+
+    with jax.set_mesh(mesh):
+        batch = jax.device_put(batch, tedjax.mesh.named_sharding(mesh, ("batch", None)))
+        compiled = jax.jit(grad_fn).lower(params, batch).compile()
+        loss, grads, metrics = compiled(params, batch)
+    to_np = lambda t: jax.tree.map(np.asarray, t)  # noqa: E731
+    return float(loss), to_np(grads), to_np(metrics), compiled
+
+
+def max_abs_diff(a, b) -> float:
+    return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.max(np.abs(x - y))), a, b)))
+
+
+def variant(config: tedjax.ModelConfig, **changes) -> tedjax.ModelConfig:
+    return dataclasses.replace(config, **changes)
