@@ -75,7 +75,7 @@ def route(
 
     logits = logits.astype(jnp.float32)
     probs_gse = jax.nn.softmax(logits, axis=-1)
-    gate_gsk, index_gsk = _top_k(probs_gse, top_k)
+    gate_gsk, index_gsk = _top_k(logits, probs_gse, top_k)
 
     # Slot of each choice: choices in priority order (k major, token minor), a
     # running count per expert. Cost O(S * K * E) integers per group, no d_model.
@@ -97,7 +97,7 @@ def route(
     z_loss = jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)))
 
     expert_load = jnp.sum(flat_g_ks_e, axis=(0, 1)).astype(jnp.float32) / (groups * group_size * top_k)
-    dropped_fraction = 1.0 - jnp.mean(kept_gsk.astype(jnp.float32))
+    dropped_fraction = jnp.sum(~kept_gsk) / kept_gsk.size  # exactly 0 when nothing drops
     return Routing(
         expert_index=index_gsk.astype(jnp.int32),
         slot=slot_gsk.astype(jnp.int32),
@@ -111,18 +111,20 @@ def route(
     )
 
 
-def _top_k(probs_gse: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-    """k rounds of argmax (lowest index wins ties, like lax.top_k).
+def _top_k(logits_gse: jax.Array, probs_gse: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """k rounds of argmax over the logits (lowest index wins ties, like lax.top_k).
 
-    XLA's SPMD partitioner all-gathers lax.top_k along batch dims on some
-    backends; argmax is a plain reduction and stays local to each shard.
+    Choosing on logits, not probabilities, keeps later choices right when
+    probabilities underflow to 0. XLA's SPMD partitioner all-gathers
+    lax.top_k along batch dims on some backends; argmax is a plain reduction
+    and stays local to each shard.
     """
-    gates, indices, remaining = [], [], probs_gse
+    gates, indices, remaining = [], [], logits_gse
     for _ in range(k):
         index_gs = jnp.argmax(remaining, axis=-1)
         gates.append(jnp.take_along_axis(probs_gse, index_gs[..., None], axis=-1)[..., 0])
         indices.append(index_gs)
-        remaining = jnp.where(jax.nn.one_hot(index_gs, remaining.shape[-1], dtype=bool), -1.0, remaining)
+        remaining = jnp.where(jax.nn.one_hot(index_gs, remaining.shape[-1], dtype=bool), -jnp.inf, remaining)
     return jnp.stack(gates, axis=-1), jnp.stack(indices, axis=-1)
 
 
