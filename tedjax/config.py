@@ -71,6 +71,9 @@ class ModelConfig:
                 raise ValueError(f"model.{name} must be a number >= 0, got {value!r}")
         if self.jitter_eps >= 1:
             raise ValueError(f"model.jitter_eps must be < 1, got {self.jitter_eps}; 0.01 is typical")
+        if isinstance(self.rope_base, bool) or not isinstance(self.rope_base, (int, float)) or not self.rope_base > 0:
+            raise ValueError(f"model.rope_base must be a number > 0, got {self.rope_base!r}; 10000.0 is typical")
+        _check_bool("model.dtd", self.dtd)
         if self.d_model % self.n_heads:
             raise ValueError(f"model.d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if (self.d_model // self.n_heads) % 2:
@@ -214,6 +217,7 @@ class OptimizerConfig:
         _check_float("optimizer.eps", self.eps, 0, strict=True)
         _check_float("optimizer.grad_clip", self.grad_clip, 0)
         _check_int("optimizer.tile_size", self.tile_size, 0)
+        _check_bool("optimizer.zero1", self.zero1)
         for name in ("b1", "b2"):
             value = getattr(self, name)
             _check_float(f"optimizer.{name}", value, 0)
@@ -241,6 +245,7 @@ class DataConfig:
         if self.source == "tokens" and not self.path:
             raise ValueError("data.source=tokens needs data.path=DIR (a directory made by "
                              "`python -m tedjax.data prepare --out DIR FILES...`)")
+        _check_str("data.path", self.path)
         _check_int("data.seq_len", self.seq_len, 1)
         _check_int("data.batch_size", self.batch_size, 1)
         _check_int("data.grad_accum", self.grad_accum, 1)
@@ -264,6 +269,7 @@ class CheckpointConfig:
     async_save: bool = True
 
     def __post_init__(self):
+        _check_str("checkpoint.dir", self.dir)
         _check_int("checkpoint.every", self.every, 0)
         _check_int("checkpoint.keep", self.keep, 1)
         _check_bool("checkpoint.async_save", self.async_save)
@@ -280,6 +286,9 @@ class LogConfig:
     peak_tflops: float = 0.0  # peak FLOP/s per device (TFLOP/s) for MFU; 0 = detect from the device
 
     def __post_init__(self):
+        _check_str("log.dir", self.dir)
+        if not self.dir:
+            raise ValueError("log.dir must be a non-empty path, got ''; e.g. log.dir=runs/tiny")
         _check_int("log.every", self.every, 1)
         _check_int("log.eval_every", self.eval_every, 0)
         _check_int("log.eval_batches", self.eval_batches, 1)
@@ -352,6 +361,11 @@ def _check_float(name: str, value, minimum: float, strict: bool = False) -> None
         raise ValueError(f"{name} must be a number {'>' if strict else '>='} {minimum}, got {value!r}")
 
 
+def _check_str(name: str, value) -> None:
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be a string (a path), got {value!r}")
+
+
 def _check_bool(name: str, value) -> None:
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be true or false, got {value!r}")
@@ -388,6 +402,11 @@ def _coerce(name: str, value, default):
         if not isinstance(value, bool):
             raise ValueError(f"{name} must be true or false, got {value!r}")
     elif isinstance(default, float):
+        if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{name} must be a number, got {value!r}")
         return float(value)
