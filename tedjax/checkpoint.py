@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,34 @@ SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "num_exp
 RUN_FILE = "tedjax_run.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ValueError):
     """A checkpoint directory that cannot be used as asked; the message says how to fix it."""
+
+
+def check_writable(path: str | Path, key: str) -> None:
+    """Raise CheckpointError unless `path` is, or can be made, a writable directory; leaves nothing behind.
+
+    Creates (and at once removes) a temporary file in the nearest existing
+    directory, since permission bits say nothing when running as root.
+    """
+    path = Path(path).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise CheckpointError(f"cannot create {path}: {existing} is a file, not a directory; "
+                              f"set {key} to a directory path")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise CheckpointError(f"cannot write under {existing} ({err.strerror}); "
+                              f"set {key} to a writable directory") from None
+
+
+def _brief(err: Exception) -> str:
+    """The first line of an orbax / tensorstore error, without the multi-kilobyte spec dumps."""
+    text = str(err).split(" [tensorstore_spec")[0].strip().splitlines()
+    text = text[0] if text else ""
+    return f"{type(err).__name__}: {text[:300]}{'...' if len(text) > 300 else ''}"
 
 
 def model_signature(model: ModelConfig) -> dict[str, Any]:
@@ -62,10 +89,7 @@ class Checkpointer:
         d = self.directory
         if d.exists() and not d.is_dir():
             raise CheckpointError(f"checkpoint path {d} is a file, not a directory; set checkpoint.dir to a directory")
-        probe = d if d.exists() else next(p for p in d.parents if p.exists())
-        if not os.access(probe, os.W_OK):
-            raise CheckpointError(f"cannot write checkpoints under {probe} (permission denied); "
-                                  "set checkpoint.dir or log.dir to a writable directory")
+        check_writable(d, "checkpoint.dir (or log.dir)")
         steps = self.existing_steps()
         run_file = d / RUN_FILE
         if run_file.exists():
@@ -96,8 +120,11 @@ class Checkpointer:
         if jax.process_index() != 0:
             return
         path = self.directory / RUN_FILE
+        text = json.dumps({"model": dataclasses.asdict(self.config.model)}, indent=1)
+        if path.exists() and path.read_text() == text:
+            return  # resuming: leave the file (and its mtime) as it is
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"model": dataclasses.asdict(self.config.model)}, indent=1))
+        tmp.write_text(text)
         os.replace(tmp, path)
 
     def latest_step(self) -> int | None:
@@ -119,7 +146,7 @@ class Checkpointer:
             meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         except Exception as err:  # orbax raises many types for damaged files
             raise CheckpointError(
-                f"checkpoint step {step} in {self.directory} cannot be read ({type(err).__name__}: {err}); "
+                f"checkpoint step {step} in {self.directory} cannot be read ({_brief(err)}); "
                 f"delete {self.directory / str(step)} to resume from the previous step"
             ) from err
         saved = model_signature(ModelConfig(**meta["model"]))
@@ -129,7 +156,7 @@ class Checkpointer:
             restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
         except Exception as err:
             raise CheckpointError(
-                f"checkpoint step {step} in {self.directory} is damaged ({type(err).__name__}: {err}); "
+                f"checkpoint step {step} in {self.directory} is damaged ({_brief(err)}); "
                 f"delete {self.directory / str(step)} to resume from the previous step"
             ) from err
         return restored["state"], meta

@@ -17,7 +17,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from tedjax import data as data_lib
-from tedjax.checkpoint import Checkpointer
+from tedjax.checkpoint import Checkpointer, check_writable
 from tedjax.config import TrainConfig, check_mesh
 from tedjax.logs import MetricsLogger, detect_peak_tflops, to_python
 from tedjax.mesh import logical_to_spec, make_mesh
@@ -79,9 +79,12 @@ class Batches:
         d = self.config.data
         n = self.config.log.eval_batches
         if self.val is None:
+            rows = d.micro_batch_size // jax.process_count()
+            start = jax.process_index() * rows  # this process's rows, as in train_batch
             for i in range(n):
-                yield next(data_lib.synthetic_batches(self.config.model.vocab_size, d.micro_batch_size, d.seq_len,
-                                                      seed=10_000 + i))
+                batch = next(data_lib.synthetic_batches(self.config.model.vocab_size, d.micro_batch_size, d.seq_len,
+                                                        seed=10_000 + i))
+                yield {k: v[start:start + rows] for k, v in batch.items()}
             return
         for i in range(min(n, max(1, self.val.n_windows // d.micro_batch_size))):
             yield self.val.batch(i)
@@ -130,16 +133,21 @@ def run(config: TrainConfig, *, resume: bool = False, mesh=None, stop_after: int
     check_mesh(config.model, mesh, config.data.micro_batch_size, config.data.seq_len)
     if config.data.batch_size % jax.process_count():
         raise ValueError(f"data.batch_size={config.data.batch_size} must divide evenly over {jax.process_count()} processes")
+    if jax.process_index() == 0:
+        check_writable(config.log.dir, "log.dir")
+    batches = Batches(config)  # validates token files before anything is written or compiled
     checkpointer = Checkpointer(config, resume=resume)  # refuses a wrong directory before compiling
-    batches = Batches(config)  # validates token files before compiling
-    trainer = Trainer(config, mesh)
-
-    start_step, last_checkpoint = 0, checkpointer.latest_step() if resume else None
-    if resume and last_checkpoint is not None:
-        state, meta = checkpointer.restore(trainer.abstract_state(), last_checkpoint)
-        start_step = int(meta["step"])
-    else:
-        state = trainer.init_state()
+    try:
+        trainer = Trainer(config, mesh)
+        start_step, last_checkpoint = 0, checkpointer.latest_step() if resume else None
+        if resume and last_checkpoint is not None:
+            state, meta = checkpointer.restore(trainer.abstract_state(), last_checkpoint)
+            start_step = int(meta["step"])
+        else:
+            state = trainer.init_state()
+    except BaseException:
+        checkpointer.close()  # lets orbax's background threads finish before the error propagates
+        raise
     logger = MetricsLogger(config.log.dir, total_steps=config.steps, start_step=start_step,
                            tensorboard=config.log.tensorboard, progress=config.log.progress)  # fmt: skip
     if resume:
@@ -205,7 +213,8 @@ def run(config: TrainConfig, *, resume: bool = False, mesh=None, stop_after: int
                     last_checkpoint = done
                 if signals.received is not None:
                     drain(keep_last=False)
-                    checkpointer.save(done, state, {"step": done}, force=True)
+                    if last_checkpoint != done:  # (orbax refuses to save a step twice)
+                        checkpointer.save(done, state, {"step": done}, force=True)
                     checkpointer.wait()
                     last_checkpoint = done
                     stopped_by_signal = True
