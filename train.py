@@ -3,13 +3,14 @@
     python train.py --config configs/tiny.yaml [key.sub=value ...] [--resume]
 
 With no accelerator it runs on simulated CPU devices (8 unless --cpu-devices
-says otherwise). On GPU hosts it runs unchanged; for several hosts pass
---coordinator/--num-processes/--process-id (or set the usual JAX_COORDINATOR_ADDRESS,
-JAX_NUM_PROCESSES, JAX_PROCESS_ID / SLURM variables) and start one process per host.
+says otherwise). On GPU hosts it runs unchanged; for several hosts start one process per host with
+--coordinator/--num-processes/--process-id (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
+JAX_PROCESS_ID), or launch it with `srun` under SLURM. See docs/multihost.md.
 """
 
 import argparse
 import os
+import re
 import sys
 
 
@@ -18,21 +19,52 @@ def parse_args(argv=None):
     parser.add_argument("--config", default="configs/tiny.yaml", help="YAML file from configs/")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. model.top_k=2 steps=100")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in checkpoint.dir")
-    parser.add_argument("--cpu-devices", type=int, default=8, help="simulated CPU devices when no accelerator (8)")
-    parser.add_argument("--coordinator", help="host:port of process 0, for multi-process runs")
-    parser.add_argument("--num-processes", type=int)
-    parser.add_argument("--process-id", type=int)
-    return parser.parse_args(argv)
+    parser.add_argument("--cpu-devices", type=int, help="simulated CPU devices per process when no accelerator (8)")
+    env = os.environ.get
+    parser.add_argument("--coordinator", default=env("JAX_COORDINATOR_ADDRESS"),
+                        help="host:port of process 0, for multi-process runs ($JAX_COORDINATOR_ADDRESS)")
+    parser.add_argument("--num-processes", type=int, default=env("JAX_NUM_PROCESSES"),
+                        help="processes in the run ($JAX_NUM_PROCESSES)")
+    parser.add_argument("--process-id", type=int, default=env("JAX_PROCESS_ID"),
+                        help="this process, 0 .. num_processes - 1 ($JAX_PROCESS_ID)")
+    # Overrides may come before, between or after the flags; type=int also converts the $JAX_* defaults.
+    return parser.parse_intermixed_args(argv)
+
+
+def _multi_process(args) -> bool:
+    """Whether to call jax.distributed.initialize; raises ValueError on a half-given setup."""
+    explicit = (args.coordinator, args.num_processes, args.process_id)
+    if args.num_processes == 1 and args.process_id in (None, 0):
+        return False
+    if any(v is not None for v in explicit):
+        if any(v is None for v in explicit):
+            raise ValueError("a multi-process run needs all of --coordinator HOST:PORT, --num-processes N and "
+                             "--process-id I (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID); got "
+                             f"coordinator={args.coordinator}, num_processes={args.num_processes}, "
+                             f"process_id={args.process_id}")
+        return args.num_processes > 1
+    # Inside `srun` with several tasks JAX reads everything from SLURM's variables.
+    return int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_NODELIST" in os.environ
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        multi_process = _multi_process(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     # Before jax is imported: the CPU platform gets --cpu-devices simulated devices
     # (harmless on GPU hosts, where the GPU stays the default backend).
-    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    preset = re.search(r"xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", ""))
+    if preset is None:
         os.environ["XLA_FLAGS"] = (
-            os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.cpu_devices}"
+            os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.cpu_devices or 8}"
         ).strip()
+    elif args.cpu_devices is not None and int(preset.group(1)) != args.cpu_devices:
+        print(f"error: --cpu-devices {args.cpu_devices} conflicts with XLA_FLAGS, which already sets "
+              f"--xla_force_host_platform_device_count={preset.group(1)}; drop one of them", file=sys.stderr)
+        return 2
 
     from tedjax.config import load_config
 
@@ -46,9 +78,9 @@ def main(argv=None) -> int:
 
     import jax
 
-    if args.coordinator or args.num_processes or "JAX_COORDINATOR_ADDRESS" in os.environ or "SLURM_JOB_ID" in os.environ:
-        if args.coordinator and jax.config.jax_platforms in (None, "", "cpu"):
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if multi_process:
+        # Cross-process collectives on CPU devices (gloo is jax 0.10's default; explicit here).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
 
     from tedjax.checkpoint import CheckpointError

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
 from tedjax import data as data_lib
@@ -193,6 +194,15 @@ def run(config: TrainConfig, *, resume: bool = False, mesh=None, stop_after: int
                 logger.log(step_done, record)
                 window_start, window_steps = time.perf_counter(), 0
 
+    def stop_requested(step_done: int) -> bool:
+        """A signal arrived. With several processes all must stop at the same step (saving is a
+        collective), so they agree every log.every steps: stop if any process got one."""
+        if jax.process_count() == 1:
+            return signals.received is not None
+        if step_done % config.log.every:
+            return False
+        return bool(np.any(multihost_utils.process_allgather(np.int32(signals.received is not None))))
+
     try:
         with _SignalFlag() as signals, jax.set_mesh(mesh):
             for step in range(start_step, end_step):
@@ -211,14 +221,15 @@ def run(config: TrainConfig, *, resume: bool = False, mesh=None, stop_after: int
                     drain(keep_last=False)
                     checkpointer.save(done, state, {"step": done})
                     last_checkpoint = done
-                if signals.received is not None:
+                if stop_requested(done):
                     drain(keep_last=False)
                     if last_checkpoint != done:  # (orbax refuses to save a step twice)
                         checkpointer.save(done, state, {"step": done}, force=True)
                     checkpointer.wait()
                     last_checkpoint = done
                     stopped_by_signal = True
-                    logger.message(f"received signal {signals.received}: saved checkpoint step {done} in "
+                    where = signals.received or "in another process"
+                    logger.message(f"received signal {where}: saved checkpoint step {done} in "
                                    f"{checkpointer.directory}; resume with --resume")
                     break
             drain(keep_last=False)
