@@ -299,23 +299,50 @@ class LogConfig:
 
 @dataclasses.dataclass(frozen=True)
 class XlaConfig:
-    """XLA collective combiner thresholds (gradient bucketing); 0 keeps XLA's default."""
+    """XLA's collective combiners (gradient bucketing), as XLA_FLAGS set before jax is imported.
+
+    Many small all-reduces each pay a latency; XLA's combiner passes fuse
+    independent collectives into one tuple-shaped op up to a byte threshold
+    (NOTES.md section 6). What exists in jaxlib 0.10 (XLA's DebugOptions):
+
+    GPU: `--xla_gpu_all_reduce_combine_threshold_bytes`,
+    `--xla_gpu_reduce_scatter_combine_threshold_bytes`,
+    `--xla_gpu_all_gather_combine_threshold_bytes` and
+    `--xla_gpu_collective_combine_threshold_count` (the fields below; 0 keeps
+    XLA's default, which XLA:GPU derives from the device memory).
+
+    CPU: no threshold flag exists. XLA:CPU runs one `CpuAllReduceCombiner`
+    after fusion with a fixed limit (no byte limit, 256 ops per combined op);
+    all-gathers and reduce-scatters are never combined. The `--xla_gpu_*`
+    flags are accepted and ignored there. The only switch is turning the pass
+    off: `cpu_all_reduce_combiner=False` adds
+    `--xla_disable_hlo_passes=cpu-all-reduce-combiner`.
+    benchmarks/ted_layouts.py measures both (`bucketing` in its results).
+    """
 
     all_reduce_combine_bytes: int = 0
     reduce_scatter_combine_bytes: int = 0
     all_gather_combine_bytes: int = 0
+    combine_count: int = 0  # most collectives per combined op (GPU); 0 = XLA's default
+    cpu_all_reduce_combiner: bool = True
 
     def __post_init__(self):
-        for field in dataclasses.fields(self):
-            _check_int(f"xla.{field.name}", getattr(self, field.name), 0)
+        for name in ("all_reduce_combine_bytes", "reduce_scatter_combine_bytes", "all_gather_combine_bytes",
+                     "combine_count"):
+            _check_int(f"xla.{name}", getattr(self, name), 0)
+        _check_bool("xla.cpu_all_reduce_combiner", self.cpu_all_reduce_combiner)
 
     def flags(self) -> list[str]:
         names = {
             "all_reduce_combine_bytes": "--xla_gpu_all_reduce_combine_threshold_bytes",
             "reduce_scatter_combine_bytes": "--xla_gpu_reduce_scatter_combine_threshold_bytes",
             "all_gather_combine_bytes": "--xla_gpu_all_gather_combine_threshold_bytes",
+            "combine_count": "--xla_gpu_collective_combine_threshold_count",
         }
-        return [f"{flag}={getattr(self, key)}" for key, flag in names.items() if getattr(self, key)]
+        flags = [f"{flag}={getattr(self, key)}" for key, flag in names.items() if getattr(self, key)]
+        if not self.cpu_all_reduce_combiner:
+            flags.append("--xla_disable_hlo_passes=cpu-all-reduce-combiner")
+        return flags
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,8 +17,16 @@ same tokens, so the all-to-all would carry `tensor` copies. With `dtd=True` the
 buffer's capacity dim is split over "tensor" before the all-to-all (a local
 slice, no communication), the all-to-all carries 1/tensor of the bytes, and
 the buffer is all-gathered over "tensor" for the expert FFN. On the way back
-the FFN output is reduce-scattered over "tensor" instead of all-reduced, sent
-at 1/tensor the size, and all-gathered over "tensor" after the return.
+the FFN output is all-reduced over "tensor" as without DTD, each rank keeps
+its 1/tensor of the slots (a local slice), sends them at 1/tensor the size,
+and they are all-gathered over "tensor" after the return. Backward mirrors it:
+one all-gather over "tensor" per all-to-all in each direction. When C does
+not divide by `tensor`, the DTD buffer is padded to the next multiple with
+empty slots (never routed to, dropped after each all-gather), so routing and
+results are the same as with `dtd=False`; the all-to-all then carries
+ceil(C / tensor) / C of the bytes. DTD acts only where it saves something:
+on meshes with both "expert" and "tensor" larger than 1 (with expert = 1
+there is no all-to-all to shrink, only all-gathers to add).
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from tedjax import routing as routing_lib
 from tedjax.layers import activate, fan_in_init, param
-from tedjax.mesh import constrain
+from tedjax.mesh import MESH_AXES, axis_size, constrain
 
 
 @jax.tree_util.register_dataclass
@@ -111,39 +119,56 @@ class MoE(nnx.Module):
         stats = MoEStats(routed.aux_loss, routed.z_loss, routed.expert_load, routed.dropped_fraction)
         return out_gsd.reshape(batch, length, d_model), stats
 
+    def _dtd_active(self) -> bool:
+        return self.dtd and _ways("capacity_dtd") > 1 and _ways("experts") > 1
+
     def _dispatch(self, x_gsd: jax.Array, routed: routing_lib.Routing) -> jax.Array:
         """Token buffer per expert `[G, E, C, D]`, laid out for the expert FFN."""
         groups, _, d_model = x_gsd.shape
         slot_token_gn = routing_lib.dispatch_indices(routed, self.num_experts)
         buf_gnd = jnp.take_along_axis(x_gsd, slot_token_gn[..., None], axis=1, mode="fill", fill_value=0)
-        buf_gecd = buf_gnd.reshape(groups, self.num_experts, routed.capacity, d_model).astype(self.dtype)
-        slots = "capacity_dtd" if self.dtd else "capacity"
-        buf_gecd = constrain(buf_gecd, ("batch", None, slots, "act_embed"))
-        buf_gecd = constrain(buf_gecd, ("expert_batch", "experts", slots, "act_embed"))  # all-to-all
+        cap = routed.capacity
+        buf_gecd = buf_gnd.reshape(groups, self.num_experts, cap, d_model).astype(self.dtype)
+        if not self._dtd_active():
+            buf_gecd = constrain(buf_gecd, ("batch", None, "capacity", "act_embed"))
+            buf_gecd = constrain(buf_gecd, ("expert_batch", "experts", "capacity", "act_embed"))  # all-to-all
+            return checkpoint_name(buf_gecd, "moe_dispatched")
+        buf_gecd = constrain(_pad_slots(buf_gecd), ("batch", None, "capacity_dtd", "act_embed"))  # local slice
+        buf_gecd = constrain(buf_gecd, ("expert_batch", "experts", "capacity_dtd", "act_embed"))  # all-to-all
         buf_gecd = checkpoint_name(buf_gecd, "moe_dispatched")
-        if self.dtd:
-            buf_gecd = constrain(buf_gecd, ("expert_batch", "experts", "capacity", "act_embed"))  # all-gather
-        return buf_gecd
+        buf_gecd = constrain(buf_gecd, ("expert_batch", "experts", "capacity", "act_embed"))  # all-gather
+        return buf_gecd[:, :, :cap]
 
     def _experts(self, buf_gecd: jax.Array) -> jax.Array:
-        """Each local expert's FFN on its slots; hidden dim split over "tensor"."""
+        """Each local expert's FFN on its slots; hidden dim split over "tensor".
+
+        The matmuls run expert-major on `[E, G*C, D]` rows (M = G*C): batch dim
+        leading, so XLA uses its GEMM kernels. Written `gecd,edf->gecf`, XLA:CPU
+        chose a generic dot plus transposes of the `[.., F]` activations, and
+        the layer cost 2x the dense FFN of the same FLOPs (benchmarks/overhead.py).
+        """
         dt = self.dtype
-        h_gecf = jnp.einsum("gecd,edf->gecf", buf_gecd, self.w_in[...].astype(dt))
-        gate_gecf = None if self.w_gate is None else jnp.einsum("gecd,edf->gecf", buf_gecd, self.w_gate[...].astype(dt))
-        h_gecf = constrain(activate(h_gecf, gate_gecf), ("expert_batch", "experts", "capacity", "act_ffn"))
-        out_gecd = jnp.einsum("gecf,efd->gecd", h_gecf, self.w_out[...].astype(dt))
-        slots = "capacity_dtd" if self.dtd else "capacity"
-        # all-reduce over "tensor" (reduce-scatter with DTD)
-        out_gecd = constrain(out_gecd, ("expert_batch", "experts", slots, "act_embed"))
+        groups, experts, cap, d_model = buf_gecd.shape
+        rows_emd = jnp.swapaxes(buf_gecd, 0, 1).reshape(experts, groups * cap, d_model)
+        h_emf = jnp.einsum("emd,edf->emf", rows_emd, self.w_in[...].astype(dt))
+        gate_emf = None if self.w_gate is None else jnp.einsum("emd,edf->emf", rows_emd, self.w_gate[...].astype(dt))
+        h_emf = constrain(activate(h_emf, gate_emf), ("experts", "expert_batch", "act_ffn"))
+        out_emd = jnp.einsum("emf,efd->emd", h_emf, self.w_out[...].astype(dt))
+        out_gecd = jnp.swapaxes(out_emd.reshape(experts, groups, cap, d_model), 0, 1)
+        out_gecd = constrain(out_gecd, ("expert_batch", "experts", "capacity", "act_embed"))  # all-reduce
+        if self._dtd_active():  # keep this rank's 1/tensor of the slots (local slice)
+            out_gecd = constrain(_pad_slots(out_gecd), ("expert_batch", "experts", "capacity_dtd", "act_embed"))
         return checkpoint_name(out_gecd, "moe_expert_out")
 
     def _combine(self, out_gecd: jax.Array, routed: routing_lib.Routing) -> jax.Array:
         """Weighted sum of each token's kept choices `[G, S, D]`."""
-        slots = "capacity_dtd" if self.dtd else "capacity"
+        dtd = self._dtd_active()
+        slots = "capacity_dtd" if dtd else "capacity"
         out_gecd = constrain(out_gecd, ("batch", None, slots, "act_embed"))  # all-to-all back
         out_gecd = checkpoint_name(out_gecd, "moe_returned")
-        if self.dtd:
+        if dtd:
             out_gecd = constrain(out_gecd, ("batch", None, "capacity", "act_embed"))  # all-gather
+            out_gecd = out_gecd[:, :, : routed.capacity]
         groups, experts, cap, d_model = out_gecd.shape
         group_size, top_k = routed.expert_index.shape[1:]
         out_gnd = out_gecd.reshape(groups, experts * cap, d_model)
@@ -152,3 +177,15 @@ class MoE(nnx.Module):
         picked_gskd = picked_gskd.reshape(groups, group_size, top_k, d_model)
         weight_gsk = routed.combine_weight.astype(picked_gskd.dtype)
         return jnp.einsum("gskd,gsk->gsd", picked_gskd, weight_gsk)
+
+
+def _ways(logical_name: str) -> int:
+    """How many ways a logical axis is split on the current mesh (1 outside a TED mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names) else axis_size(mesh, logical_name)
+
+
+def _pad_slots(x_gecd: jax.Array) -> jax.Array:
+    """Pad the capacity dim with empty slots to a multiple of the ways "capacity_dtd" is split."""
+    pad = -x_gecd.shape[2] % _ways("capacity_dtd")
+    return jnp.pad(x_gecd, ((0, 0), (0, 0), (0, pad), (0, 0))) if pad else x_gecd

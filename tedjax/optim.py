@@ -10,9 +10,14 @@ all-gathered back into the parameter's own layout.
 Tiled optimizer (TED). Expert state is split over E-times fewer ranks than the
 rest, so the update's float32 temporaries of a big expert weight dominate the
 step's memory. With `tile_size > 0`, every parameter larger than a tile is
-updated tile by tile inside `shard_map` (a `lax.map` over each device's local
-shard), so the temporaries are bounded by one tile. The tiled update runs the
-same AdamW arithmetic as optax (checked against it in tests) on the same state.
+updated inside `shard_map`, one tile of its local shard per `fori_loop` step,
+in place in the donated state, so the temporaries are bounded by one tile. The
+tiled update runs the same AdamW arithmetic as optax (checked against it in
+tests) on the same state. What XLA does (benchmarks/tiled_optimizer.py): the
+untiled optax update alone also fuses into in-place loops with no
+E-proportional temporary; inside the train step, the skip of non-finite steps
+(`where(finite, new, old)` over the state) forces copies of the old state,
+which `tiled_adamw_update(..., finite=...)` avoids by skipping tile by tile.
 """
 
 from __future__ import annotations
@@ -123,38 +128,73 @@ def tiled_adamw_update(
     params,
     state_shardings,
     mesh: Mesh,
+    finite: jax.Array | None = None,
 ):
     """optax.adamw's update, with every parameter bigger than a tile updated tile by tile.
 
-    Returns (new_params, new_opt_state) in the same structure as optax.
+    Returns (new_params, new_opt_state) in the same structure as optax. With
+    `finite` (a bool scalar), a False skips the step inside the update: every
+    tile keeps its old values and the counts do not advance. The caller can then
+    drop its own `where(finite, new, old)` over the state, which would keep the
+    whole old state alive next to the in-place update (an E-proportional copy).
     """
     adam_state, decay_state, sched_state = opt_state
     count = adam_state.count
     new_count = optax.safe_increment(count)
+    guard = (lambda new, old: new) if finite is None else (lambda new, old: jnp.where(finite, new, old))  # noqa: E731
     lr = schedule(sched_state.count)
     bc1 = 1 - cfg.b1 ** new_count.astype(jnp.float32)
     bc2 = 1 - cfg.b2 ** new_count.astype(jnp.float32)
     decay_mask = weight_decay_mask(params)
 
-    def leaf_update(g, m, v, p, decay):
-        m = cfg.b1 * m + (1 - cfg.b1) * g
-        v = cfg.b2 * v + (1 - cfg.b2) * jnp.square(g)
+    def moments(g, m, v):
+        return cfg.b1 * m + (1 - cfg.b1) * g, cfg.b2 * v + (1 - cfg.b2) * jnp.square(g)
+
+    def new_param(p, m, v, decay):
         step = (m / bc1) / (jnp.sqrt(v / bc2) + cfg.eps)
         if decay:
             step = step + cfg.weight_decay * p
-        return p - lr * step, m, v
+        return p - lr * step
+
+    def leaf_update(g, m, v, p, decay):
+        # The parameter reads the moments as returned (guarded): recomputing them from the old
+        # m and v would make XLA copy both to keep them alive across the in-place writes.
+        new_m, new_v = moments(g, m, v)
+        new_m, new_v = guard(new_m, m), guard(new_v, v)
+        return guard(new_param(p, new_m, new_v, decay), p), new_m, new_v
 
     def tiled(g, m, v, p, decay):
-        """Local shard update, lax.map over tiles of `tile_size` elements."""
-        n = g.size
-        rows = cfg.tile_size
-        if n <= rows:
+        """Local shard update in place, one tile of `tile_size` elements per loop step.
+
+        A fori_loop reads each tile with dynamic_slice and writes it back with
+        dynamic_update_slice into the loop-carried (donated) buffers, so no
+        full-size temporary exists. When the tile does not divide the shard, the
+        last window is moved back to end at the shard's end and leaves the
+        elements an earlier tile updated as they are (a mask, not a second pass:
+        an update outside the loop would make XLA copy the buffers).
+        """
+        n, tile, shape = g.size, cfg.tile_size, g.shape
+        if n <= tile:
             return leaf_update(g, m, v, p, decay)
-        n_tiles = -(-n // rows)
-        pad = n_tiles * rows - n
-        flat = [jnp.pad(x.reshape(-1), (0, pad)).reshape(n_tiles, rows) for x in (g, m, v, p)]
-        out = jax.lax.map(lambda t: leaf_update(*t, decay), tuple(flat))
-        return tuple(o.reshape(-1)[:n].reshape(g.shape) for o in out)
+        g, m, v, p = (x.reshape(-1) for x in (g, m, v, p))
+
+        def body(i, carry):
+            m, v, p = carry
+            start = jnp.minimum(i * tile, n - tile)
+            tile_of = lambda x: jax.lax.dynamic_slice_in_dim(x, start, tile)  # noqa: E731
+            put = lambda x, t: jax.lax.dynamic_update_slice_in_dim(x, t, start, 0)  # noqa: E731
+            fresh = True if n % tile == 0 else start + jnp.arange(tile) >= i * tile
+            take = lambda new, old: jnp.where(fresh, guard(new, old), old)  # noqa: E731
+            m_t, v_t = moments(tile_of(g), tile_of(m), tile_of(v))
+            m, v = put(m, take(m_t, tile_of(m))), put(v, take(v_t, tile_of(v)))
+            # Read the new moments back from the updated buffers: if the parameter update
+            # recomputed them from the old m and v, XLA would copy both whole buffers to keep
+            # the old values alive across the in-place writes.
+            p_t = tile_of(p)
+            return m, v, put(p, take(new_param(p_t, tile_of(m), tile_of(v), decay), p_t))
+
+        m, v, p = jax.lax.fori_loop(0, -(-n // tile), body, (m, v, p))
+        return p.reshape(shape), m.reshape(shape), v.reshape(shape)
 
     def per_leaf(g, m, v, p, decay, sharding):
         if g.size <= cfg.tile_size:
@@ -183,6 +223,6 @@ def tiled_adamw_update(
     new_params = treedef.unflatten([r[0] for r in results])
     new_mu = treedef.unflatten([r[1] for r in results])
     new_nu = treedef.unflatten([r[2] for r in results])
-    new_adam = adam_state._replace(count=new_count, mu=new_mu, nu=new_nu)
-    new_sched = sched_state._replace(count=optax.safe_increment(sched_state.count))
+    new_adam = adam_state._replace(count=guard(new_count, count), mu=new_mu, nu=new_nu)
+    new_sched = sched_state._replace(count=guard(optax.safe_increment(sched_state.count), sched_state.count))
     return new_params, (new_adam, decay_state, new_sched)

@@ -172,17 +172,21 @@ def train_step(
     grads = jax.lax.with_sharding_constraint(grads, static.zero1_shardings)
     params = jax.lax.with_sharding_constraint(state.params, static.zero1_shardings)
     grads, grad_norm = clip_by_global_norm(grads, config.optimizer.grad_clip)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
     if config.optimizer.tile_size:
+        # Skips a non-finite step inside the update, tile by tile: keeping the old
+        # state for a where() afterwards would hold a full copy next to the in-place update.
         new_params, new_opt_state = tiled_adamw_update(
-            config.optimizer, static.schedule, grads, state.opt_state, params, static.zero1_shardings, static.mesh
+            config.optimizer, static.schedule, grads, state.opt_state, params, static.zero1_shardings, static.mesh,
+            finite=finite,
         )
+        keep = lambda new, old: new  # noqa: E731
     else:
         updates, new_opt_state = tx.update(grads, state.opt_state, params)
         new_params = optax.apply_updates(params, updates)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
     new_params = jax.lax.with_sharding_constraint(new_params, static.param_shardings)
 
-    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
     new_state = TrainState(
         step=state.step + 1,
         params=keep(new_params, state.params),
