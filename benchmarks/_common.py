@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import tempfile
 import math
 import os
 import platform
@@ -162,6 +163,13 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return obj
+
+
+def output_dir(name: str, out: str | None, quick: bool) -> Path:
+    """Where a script writes: `--out` if given, a fresh temp dir for `--quick`, else benchmarks/results/."""
+    if out:
+        return Path(out)
+    return Path(tempfile.mkdtemp(prefix=f"{name}_")) if quick else RESULTS_DIR
 
 
 def save_results(

@@ -33,7 +33,6 @@ import argparse
 import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -391,9 +390,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     wall_start = time.perf_counter()
-    out_dir = Path(args.out) if args.out else (
-        Path(tempfile.mkdtemp(prefix="dispatch_scaling_")) if args.quick else _common.RESULTS_DIR
-    )
+    out_dir = _common.output_dir("dispatch_scaling", args.out, args.quick)
     machine = _common.machine_info()
     settings = {k: v for k, v in vars(args).items() if k != "out"}
     settings["dtype"] = "float32"

@@ -27,7 +27,6 @@ import argparse
 import dataclasses
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -243,9 +242,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
-    out_dir = Path(args.out) if args.out else (
-        Path(tempfile.mkdtemp(prefix="mfu_")) if args.quick else _common.RESULTS_DIR
-    )
+    out_dir = _common.output_dir("mfu", args.out, args.quick)
     machine = _common.machine_info()
     settings = {k: v for k, v in vars(args).items() if k != "out"}
     settings["command"] = " ".join(["python", "benchmarks/mfu.py", *(argv if argv is not None else sys.argv[1:])])

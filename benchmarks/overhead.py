@@ -39,7 +39,6 @@ import dataclasses
 import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -343,9 +342,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
-    out_dir = Path(args.out) if args.out else (
-        Path(tempfile.mkdtemp(prefix="overhead_")) if args.quick else _common.RESULTS_DIR
-    )
+    out_dir = _common.output_dir("overhead", args.out, args.quick)
     machine = _common.machine_info()
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "note")}
     settings["layouts"] = [_label(layout) for layout in args.layouts]

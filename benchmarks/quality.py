@@ -170,9 +170,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
-    out_dir = Path(args.out) if args.out else (
-        Path(tempfile.mkdtemp(prefix="quality_")) if args.quick else _common.RESULTS_DIR
-    )
+    out_dir = _common.output_dir("quality", args.out, args.quick)
     out_dir.mkdir(parents=True, exist_ok=True)
     machine = _common.machine_info()
     settings = {k: v for k, v in vars(args).items() if k != "out"}
