@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import signal
 import time
 from collections.abc import Iterator
