@@ -198,3 +198,13 @@ def save_results(
     json_path.write_text(json.dumps(_jsonable(payload), indent=2, allow_nan=False) + "\n")
     md_path.write_text(markdown if markdown.endswith("\n") else markdown + "\n")
     return json_path, md_path
+
+
+def publish(name: str, rows: Sequence[dict], settings: dict, markdown: str, out_dir: str | Path | None,
+            machine: dict, extra: dict | None = None) -> tuple[Path, Path]:
+    """save_results, then print the table and where it went (the end of every benchmark script)."""
+    json_path, md_path = save_results(name, rows, settings, markdown, out_dir, machine=machine, extra=extra)
+    print()
+    print(markdown)
+    print(f"wrote {json_path} and {md_path}")
+    return json_path, md_path

@@ -422,13 +422,8 @@ def main(argv=None) -> int:
     settings["load_avg_end"] = _common.load_avg()
     settings["notes"] = [r["status"] for r in rows if r["status"] != "ok"] + list(args.note or [])
     markdown = render_markdown(rows, verdicts, settings, machine, checks, wall_s)
-    json_path, md_path = _common.save_results(
-        NAME, rows, settings, markdown, out_dir, machine=machine,
-        extra={"verdicts": verdicts, "equivalence_checks": checks, "wall_s": wall_s},
-    )
-    print()
-    print(markdown)
-    print(f"wrote {json_path} and {md_path}")
+    extra = {"verdicts": verdicts, "equivalence_checks": checks, "wall_s": wall_s}
+    _common.publish(NAME, rows, settings, markdown, out_dir, machine, extra=extra)
     return 0
 
 

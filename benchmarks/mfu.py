@@ -287,11 +287,7 @@ def main(argv=None) -> int:
             rows.append(row)
     wall_s = time.perf_counter() - start
     markdown = render_markdown(rows, settings, machine, wall_s, skip_line)
-    json_path, md_path = _common.save_results(NAME, rows, settings, markdown, out_dir, machine=machine,
-                                              extra={"skipped": skip_line, "wall_s": wall_s})
-    print()
-    print(markdown)
-    print(f"wrote {json_path} and {md_path}")
+    _common.publish(NAME, rows, settings, markdown, out_dir, machine, extra={"skipped": skip_line, "wall_s": wall_s})
     return 0
 
 

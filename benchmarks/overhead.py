@@ -376,11 +376,7 @@ def main(argv=None) -> int:
     settings["notes"] = list(args.note or [])
     wall_s = time.perf_counter() - start
     markdown = render_markdown(rows, settings, machine, wall_s, skipped)
-    json_path, md_path = _common.save_results(NAME, rows, settings, markdown, out_dir, machine=machine,
-                                              extra={"wall_s": wall_s, "skipped": skipped})
-    print()
-    print(markdown)
-    print(f"wrote {json_path} and {md_path}")
+    _common.publish(NAME, rows, settings, markdown, out_dir, machine, extra={"wall_s": wall_s, "skipped": skipped})
     return 0
 
 
