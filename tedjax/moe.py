@@ -32,15 +32,27 @@ there is no all-to-all to shrink, only all-gathers to add).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from tedjax import grouped
 from tedjax import routing as routing_lib
 from tedjax.layers import activate, fan_in_init, param
-from tedjax.mesh import MESH_AXES, axis_size, constrain
+from tedjax.mesh import MESH_AXES, RULES, axes_metadata, axis_size, constrain, logical_to_spec
+
+CAPACITY_SCOPES = ("expert", "device")
+EXPERT_IN_AXES = ("experts", "embed", "ffn")  # w_in, w_gate [E, D, F]
+EXPERT_OUT_AXES = ("experts", "ffn", "embed")  # w_out [E, F, D]
+EXPERT_WEIGHTS = ("w_in", "w_gate", "w_out")
+
+
+class BalanceState(nnx.Variable):
+    """Load-balance state of an MoE layer, decided at run time and never differentiated:
+    expert placement, router bias, recent expert load."""
 
 
 @jax.tree_util.register_dataclass
@@ -50,8 +62,9 @@ class MoEStats:
 
     aux_loss: jax.Array  # f32 []
     z_loss: jax.Array  # f32 []
-    expert_load: jax.Array  # f32 [E]   fraction of choices per expert, before drops
+    expert_load: jax.Array  # f32 [E]   fraction of choices per (logical) expert, before drops
     dropped_fraction: jax.Array  # f32 []
+    device_load: jax.Array  # f32 [X]   fraction of choices per device of the "expert" axis, before drops
 
 
 class MoE(nnx.Module):
@@ -61,6 +74,15 @@ class MoE(nnx.Module):
     one sequence), a choice of the model, never of the mesh. Set
     `deterministic=True` (or call `.eval()`) for the eval capacity factor and
     no jitter.
+
+    Load balance (NOTES.md section 8). `capacity_scope="device"` pools the
+    capacity of the experts that share a device of the "expert" axis. Expert
+    weights are stored by physical slot; `placement` (a `BalanceState`, int32
+    `[E]`, identity at init) maps each logical expert to its slot, so a new
+    placement is a runtime value and never recompiles. `router_bias` `[E]`
+    shifts the choice of experts only (aux-loss-free balancing), and
+    `load_mean` `[E]` keeps a running mean of the expert load for placement
+    policies; `update_balance` updates both after a step.
     """
 
     def __init__(
@@ -76,31 +98,53 @@ class MoE(nnx.Module):
         group_size: int = 0,
         activation: str = "gelu",
         jitter_eps: float = 0.0,
+        renormalize: bool | None = None,
         dtd: bool = False,
+        capacity_scope: str = "expert",
+        grouped_matmul: str = "auto",
         dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
-        if not 1 <= top_k <= num_experts:
+        if not isinstance(num_experts, int) or num_experts < 1:
+            raise ValueError(f"num_experts={num_experts!r} must be an integer >= 1")
+        if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k={top_k} must be between 1 and num_experts={num_experts}")
+        if activation not in ("gelu", "swiglu"):
+            raise ValueError(f"activation must be 'gelu' or 'swiglu', got {activation!r}")
+        if capacity_scope not in CAPACITY_SCOPES:
+            raise ValueError(f"capacity_scope must be one of {CAPACITY_SCOPES}, got {capacity_scope!r}")
+        for name, value in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
+            if not value > 0:
+                raise ValueError(f"{name}={value} must be > 0; 1.0-2.0 is typical")
+        if not 0 <= jitter_eps < 1:
+            raise ValueError(f"jitter_eps={jitter_eps} must be in [0, 1); 0.01 is typical")
+        if group_size < 0:
+            raise ValueError(f"group_size={group_size} must be >= 0 (0 = one sequence per routing group)")
+        grouped.resolve_method(grouped_matmul)
         self.router = param(rngs, fan_in_init(d_model), (d_model, num_experts), ("embed", "router_experts"))
-        expert_in_axes = ("experts", "embed", "ffn")
-        self.w_in = param(rngs, fan_in_init(d_model), (num_experts, d_model, expert_d_ff), expert_in_axes)
+        self.w_in = param(rngs, fan_in_init(d_model), (num_experts, d_model, expert_d_ff), EXPERT_IN_AXES)
         self.w_gate = (
-            param(rngs, fan_in_init(d_model), (num_experts, d_model, expert_d_ff), expert_in_axes)
+            param(rngs, fan_in_init(d_model), (num_experts, d_model, expert_d_ff), EXPERT_IN_AXES)
             if activation == "swiglu"
             else None
         )
-        self.w_out = param(rngs, fan_in_init(expert_d_ff), (num_experts, expert_d_ff, d_model), ("experts", "ffn", "embed"))
+        self.w_out = param(rngs, fan_in_init(expert_d_ff), (num_experts, expert_d_ff, d_model), EXPERT_OUT_AXES)
+        balance_axes = axes_metadata(("router_experts",))
+        self.placement = BalanceState(jnp.arange(num_experts, dtype=jnp.int32), **balance_axes)
+        self.router_bias = BalanceState(jnp.zeros((num_experts,), jnp.float32), **balance_axes)
+        self.load_mean = BalanceState(jnp.full((num_experts,), 1.0 / num_experts, jnp.float32), **balance_axes)
         self.num_experts, self.top_k = num_experts, top_k
         self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
         self.min_capacity, self.group_size = min_capacity, group_size
         self.jitter_eps, self.dtd, self.dtype = jitter_eps, dtd, dtype
+        self.renormalize, self.capacity_scope, self.grouped_matmul = renormalize, capacity_scope, grouped_matmul
         self.deterministic = False
         self.rngs = rngs if jitter_eps > 0 else None
 
     def __call__(self, x_bld: jax.Array) -> tuple[jax.Array, MoEStats]:
         batch, length, d_model = x_bld.shape
         group = self.group_size or length
+        self._check_call(batch, length)
         x_gsd = x_bld.reshape(batch * length // group, group, d_model)
         x_gsd = constrain(x_gsd, ("batch", "length", "act_embed"))
 
@@ -108,81 +152,161 @@ class MoE(nnx.Module):
         if self.jitter_eps > 0 and not self.deterministic:
             router_in_gsd = routing_lib.apply_jitter(router_in_gsd, self.rngs.jitter(), self.jitter_eps)
         logits_gse = jnp.einsum("gsd,de->gse", router_in_gsd, self.router[...])
+        placement_e = self.placement[...]
         routed = routing_lib.route(
             logits_gse,
             top_k=self.top_k,
             capacity_factor=self.eval_capacity_factor if self.deterministic else self.capacity_factor,
             min_capacity=self.min_capacity,
+            renormalize=self.renormalize,
+            bias=self.router_bias[...],
+            placement=placement_e,
+            experts_per_pool=self._experts_per_pool(),
         )
-        expert_out_gecd = self._experts(self._dispatch(x_gsd, routed))
-        out_gsd = self._combine(expert_out_gecd, routed)
-        stats = MoEStats(routed.aux_loss, routed.z_loss, routed.expert_load, routed.dropped_fraction)
+        buf_gqpd = self._dispatch(x_gsd, routed)
+        out_gqpd = self._experts(buf_gqpd, self._send_counts(routed))
+        out_gsd = self._combine(out_gqpd, routed)
+        slot_load_e = jnp.zeros_like(routed.expert_load).at[placement_e].set(routed.expert_load)
+        device_load_x = jnp.sum(slot_load_e.reshape(_ways("experts"), -1), axis=-1)
+        stats = MoEStats(routed.aux_loss, routed.z_loss, routed.expert_load, routed.dropped_fraction, device_load_x)
         return out_gsd.reshape(batch, length, d_model), stats
+
+    def update_balance(self, expert_load_e: jax.Array, *, bias_rate: float, load_decay: float) -> None:
+        """After a step, outside the gradient: running mean of the load, and the router bias
+        moved by `bias_rate x sign(mean load - load)` (over-loaded experts become less likely)."""
+        load_e = jax.lax.stop_gradient(expert_load_e).astype(jnp.float32)
+        self.load_mean[...] = load_decay * self.load_mean[...] + (1.0 - load_decay) * load_e
+        if bias_rate:
+            self.router_bias[...] = self.router_bias[...] + bias_rate * jnp.sign(1.0 / self.num_experts - load_e)
+
+    def _experts_per_pool(self) -> int:
+        """Slots that share capacity: 1 (per expert), or all the experts of one device."""
+        return 1 if self.capacity_scope == "expert" else self.num_experts // _ways("experts")
+
+    def _check_call(self, batch: int, length: int) -> None:
+        """Shape and mesh errors a user can cause, raised while tracing instead of as reshape or XLA errors."""
+        group = self.group_size or length
+        if length % group and group % length:
+            raise ValueError(f"MoE group_size={group} must divide the sequence length {length} or be a multiple "
+                             "of it; set group_size to a divisor of the sequence length (0 = one sequence)")
+        if (batch * length) % group:
+            raise ValueError(f"MoE input of {batch} x {length} tokens does not split into routing groups of "
+                             f"{group}; use a batch whose token count is a multiple of group_size")
+        experts = _ways("experts")
+        if self.num_experts % experts:
+            raise ValueError(f"num_experts={self.num_experts} is not divisible by the {experts} devices that "
+                             "split experts (mesh axis of 'experts'); choose a mesh whose expert axis divides it")
+        groups = batch * length // group
+        for name in ("batch", "expert_batch"):
+            if groups % _ways(name):
+                raise ValueError(f"{groups} routing groups do not split over the {_ways(name)} devices of the "
+                                 f"{name!r} layout; use a batch of a multiple of {_ways(name)} routing groups")
 
     def _dtd_active(self) -> bool:
         return self.dtd and _ways("capacity_dtd") > 1 and _ways("experts") > 1
 
     def _dispatch(self, x_gsd: jax.Array, routed: routing_lib.Routing) -> jax.Array:
-        """Token buffer per expert `[G, E, C, D]`, laid out for the expert FFN."""
+        """Token buffer per pool `[G, Q, P, D]` (Q = E pools of C slots, or one pool per device), laid out
+        for the experts."""
         groups, _, d_model = x_gsd.shape
         slot_token_gn = routing_lib.dispatch_indices(routed, self.num_experts)
         buf_gnd = jnp.take_along_axis(x_gsd, slot_token_gn[..., None], axis=1, mode="fill", fill_value=0)
         cap = routed.capacity
-        buf_gecd = buf_gnd.reshape(groups, self.num_experts, cap, d_model).astype(self.dtype)
+        buf_gqpd = buf_gnd.reshape(groups, -1, cap, d_model).astype(self.dtype)
         if not self._dtd_active():
-            buf_gecd = constrain(buf_gecd, ("batch", None, "capacity", "act_embed"))
-            buf_gecd = constrain(buf_gecd, ("expert_batch", "experts", "capacity", "act_embed"))  # all-to-all
-            return checkpoint_name(buf_gecd, "moe_dispatched")
-        buf_gecd = constrain(_pad_slots(buf_gecd), ("batch", None, "capacity_dtd", "act_embed"))  # local slice
-        buf_gecd = constrain(buf_gecd, ("expert_batch", "experts", "capacity_dtd", "act_embed"))  # all-to-all
-        buf_gecd = checkpoint_name(buf_gecd, "moe_dispatched")
-        buf_gecd = constrain(buf_gecd, ("expert_batch", "experts", "capacity", "act_embed"))  # all-gather
-        return buf_gecd[:, :, :cap]
+            buf_gqpd = constrain(buf_gqpd, ("batch", None, "capacity", "act_embed"))
+            buf_gqpd = constrain(buf_gqpd, ("expert_batch", "experts", "capacity", "act_embed"))  # all-to-all
+            return checkpoint_name(buf_gqpd, "moe_dispatched")
+        buf_gqpd = constrain(_pad_slots(buf_gqpd), ("batch", None, "capacity_dtd", "act_embed"))  # local slice
+        buf_gqpd = constrain(buf_gqpd, ("expert_batch", "experts", "capacity_dtd", "act_embed"))  # all-to-all
+        buf_gqpd = checkpoint_name(buf_gqpd, "moe_dispatched")
+        buf_gqpd = constrain(buf_gqpd, ("expert_batch", "experts", "capacity", "act_embed"))  # all-gather
+        return buf_gqpd[:, :, :cap]
 
-    def _experts(self, buf_gecd: jax.Array) -> jax.Array:
-        """Each local expert's FFN on its slots; hidden dim split over "tensor".
+    def _send_counts(self, routed: routing_lib.Routing) -> jax.Array | None:
+        """Rows per expert in each pool `[G, Q, X]` (X experts per pool), moved with the pools: a small
+        int32 all-to-all, 4 X bytes per pool of P x D elements. None for per-expert capacity."""
+        per_pool = routed.experts_per_pool
+        if per_pool == 1:
+            return None
+        counts_gqx = routed.slot_counts.reshape(routed.slot_counts.shape[0], -1, per_pool)
+        counts_gqx = constrain(counts_gqx, ("batch", None, None))
+        return constrain(counts_gqx, ("expert_batch", "experts", None))  # all-to-all
 
-        The matmuls run expert-major on `[E, G*C, D]` rows (M = G*C): batch dim
-        leading, so XLA uses its GEMM kernels. Written `gecd,edf->gecf`, XLA:CPU
-        chose a generic dot plus transposes of the `[.., F]` activations, and
-        the layer cost 2x the dense FFN of the same FLOPs (benchmarks/overhead.py).
+    def _experts(self, buf_gqpd: jax.Array, counts_gqx: jax.Array | None) -> jax.Array:
+        """Each local expert's FFN on its rows; hidden dim split over "tensor".
+
+        Per-expert capacity: the matmuls run expert-major on `[E, G*C, D]` rows
+        (M = G*C): batch dim leading, so XLA uses its GEMM kernels. Written
+        `gecd,edf->gecf`, XLA:CPU chose a generic dot plus transposes of the
+        `[.., F]` activations, and the layer cost 2x the dense FFN of the same
+        FLOPs (benchmarks/overhead.py). Device pools: `grouped.pool_ffn` on each
+        device's rows, inside `shard_map` (its sort is local to a device).
         """
         dt = self.dtype
-        groups, experts, cap, d_model = buf_gecd.shape
-        rows_emd = jnp.swapaxes(buf_gecd, 0, 1).reshape(experts, groups * cap, d_model)
-        h_emf = jnp.einsum("emd,edf->emf", rows_emd, self.w_in[...].astype(dt))
-        gate_emf = None if self.w_gate is None else jnp.einsum("emd,edf->emf", rows_emd, self.w_gate[...].astype(dt))
-        h_emf = constrain(activate(h_emf, gate_emf), ("experts", "expert_batch", "act_ffn"))
-        out_emd = jnp.einsum("emf,efd->emd", h_emf, self.w_out[...].astype(dt))
-        out_gecd = jnp.swapaxes(out_emd.reshape(experts, groups, cap, d_model), 0, 1)
-        out_gecd = constrain(out_gecd, ("expert_batch", "experts", "capacity", "act_embed"))  # all-reduce
+        w_gate = None if self.w_gate is None else self.w_gate[...].astype(dt)
+        w_in, w_out = self.w_in[...].astype(dt), self.w_out[...].astype(dt)
+        if counts_gqx is None:
+            groups, experts, cap, d_model = buf_gqpd.shape
+            rows_emd = jnp.swapaxes(buf_gqpd, 0, 1).reshape(experts, groups * cap, d_model)
+            h_emf = jnp.einsum("emd,edf->emf", rows_emd, w_in)
+            gate_emf = None if w_gate is None else jnp.einsum("emd,edf->emf", rows_emd, w_gate)
+            h_emf = constrain(activate(h_emf, gate_emf), ("experts", "expert_batch", "act_ffn"))
+            out_emd = jnp.einsum("emf,efd->emd", h_emf, w_out)
+            out_gqpd = jnp.swapaxes(out_emd.reshape(experts, groups, cap, d_model), 0, 1)
+        else:
+            out_gqpd = self._pooled_experts(buf_gqpd, counts_gqx, w_in, w_gate, w_out)
+        out_gqpd = constrain(out_gqpd, ("expert_batch", "experts", "capacity", "act_embed"))  # all-reduce
         if self._dtd_active():  # keep this rank's 1/tensor of the slots (local slice)
-            out_gecd = constrain(_pad_slots(out_gecd), ("expert_batch", "experts", "capacity_dtd", "act_embed"))
-        return checkpoint_name(out_gecd, "moe_expert_out")
+            out_gqpd = constrain(_pad_slots(out_gqpd), ("expert_batch", "experts", "capacity_dtd", "act_embed"))
+        return checkpoint_name(out_gqpd, "moe_expert_out")
 
-    def _combine(self, out_gecd: jax.Array, routed: routing_lib.Routing) -> jax.Array:
+    def _pooled_experts(self, buf_gqpd, counts_gqx, w_in, w_gate, w_out) -> jax.Array:
+        ffn = functools.partial(grouped.pool_ffn, method=self.grouped_matmul)
+        if not _on_ted_mesh():
+            return ffn(buf_gqpd, counts_gqx, w_in, w_gate, w_out)
+        reduce_axes = RULES["ffn"]
+
+        def local(buf, counts, w_in, w_gate, w_out):
+            out = ffn(buf, counts, w_in, w_gate, w_out)
+            return out if reduce_axes is None else jax.lax.psum(out, reduce_axes)  # the FFN's all-reduce
+
+        buf_spec = logical_to_spec(("expert_batch", "experts", "capacity", "act_embed"))
+        in_spec, out_spec = logical_to_spec(EXPERT_IN_AXES), logical_to_spec(EXPERT_OUT_AXES)
+        return jax.shard_map(
+            local,
+            in_specs=(buf_spec, logical_to_spec(("expert_batch", "experts", None)), in_spec,
+                      None if w_gate is None else in_spec, out_spec),
+            out_specs=buf_spec,
+        )(buf_gqpd, counts_gqx, w_in, w_gate, w_out)
+
+    def _combine(self, out_gqpd: jax.Array, routed: routing_lib.Routing) -> jax.Array:
         """Weighted sum of each token's kept choices `[G, S, D]`."""
         dtd = self._dtd_active()
         slots = "capacity_dtd" if dtd else "capacity"
-        out_gecd = constrain(out_gecd, ("batch", None, slots, "act_embed"))  # all-to-all back
-        out_gecd = checkpoint_name(out_gecd, "moe_returned")
+        out_gqpd = constrain(out_gqpd, ("batch", None, slots, "act_embed"))  # all-to-all back
+        out_gqpd = checkpoint_name(out_gqpd, "moe_returned")
         if dtd:
-            out_gecd = constrain(out_gecd, ("batch", None, "capacity", "act_embed"))  # all-gather
-            out_gecd = out_gecd[:, :, : routed.capacity]
-        groups, experts, cap, d_model = out_gecd.shape
+            out_gqpd = constrain(out_gqpd, ("batch", None, "capacity", "act_embed"))  # all-gather
+            out_gqpd = out_gqpd[:, :, : routed.capacity]
+        groups, pools, cap, d_model = out_gqpd.shape
         group_size, top_k = routed.expert_index.shape[1:]
-        out_gnd = out_gecd.reshape(groups, experts * cap, d_model)
-        pos_gsk = jnp.where(routed.kept, routed.expert_index * cap + routed.slot, 0)
+        out_gnd = out_gqpd.reshape(groups, pools * cap, d_model)
+        pos_gsk = jnp.where(routed.kept, routed.pool_index * cap + routed.slot, 0)
         picked_gskd = jnp.take_along_axis(out_gnd, pos_gsk.reshape(groups, group_size * top_k, 1), axis=1)
         picked_gskd = picked_gskd.reshape(groups, group_size, top_k, d_model)
         weight_gsk = routed.combine_weight.astype(picked_gskd.dtype)
         return jnp.einsum("gskd,gsk->gsd", picked_gskd, weight_gsk)
 
 
+def _on_ted_mesh() -> bool:
+    mesh = jax.sharding.get_abstract_mesh()
+    return not mesh.empty and set(MESH_AXES) <= set(mesh.axis_names)
+
+
 def _ways(logical_name: str) -> int:
     """How many ways a logical axis is split on the current mesh (1 outside a TED mesh)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return 1 if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names) else axis_size(mesh, logical_name)
+    return axis_size(jax.sharding.get_abstract_mesh(), logical_name) if _on_ted_mesh() else 1
 
 
 def _pad_slots(x_gecd: jax.Array) -> jax.Array:

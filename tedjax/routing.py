@@ -21,6 +21,22 @@ Losses. Load balancing: E * sum_e(me_e * ce_e), me = mean router probability of
 expert e, ce = fraction of tokens whose first choice is e (before drops),
 computed per group and averaged. Router z-loss: mean over tokens of
 logsumexp(logits)^2.
+
+Placement and pools (load balance, NOTES.md section 8). Expert weights live in
+physical slots; `placement[e]` is the slot of logical expert e (SmartMoE's
+expert_mapping), a runtime array. Slots are grouped into pools of
+`experts_per_pool` consecutive slots (one pool per device for device-pooled
+capacity; one slot per pool for per-expert capacity, the default). Capacity is
+shared inside a pool: a pool takes at most P = experts_per_pool x C choices per
+group, in the same priority order, so the worst pool, not the worst expert,
+sets the drops. Inside a pool's buffer the kept choices are laid out sorted by
+slot (each expert's tokens contiguous, in priority order), and `slot_counts`
+says how many each slot holds, so the receiving device can compute each
+expert on its own rows without sending an expert id per token.
+
+Router bias (aux-loss-free balancing, DeepSeek-V3). `bias[e]` is added to the
+logits used to *choose* experts only; gates and losses use the unbiased
+probabilities.
 """
 
 from __future__ import annotations
@@ -35,17 +51,21 @@ import jax.numpy as jnp
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Routing:
-    """Where each of a token's k choices goes. Shapes: G groups, S tokens, K choices, E experts."""
+    """Where each of a token's k choices goes. Shapes: G groups, S tokens, K choices, E experts, Q pools."""
 
-    expert_index: jax.Array  # int32 [G, S, K]   chosen expert per choice
-    slot: jax.Array  # int32 [G, S, K]           position in the expert's buffer (< capacity if kept)
+    expert_index: jax.Array  # int32 [G, S, K]   chosen (logical) expert per choice
+    pool_index: jax.Array  # int32 [G, S, K]     pool (buffer row) of the chosen expert's slot
+    slot: jax.Array  # int32 [G, S, K]           position in the pool's buffer (< capacity if kept)
     combine_weight: jax.Array  # f32 [G, S, K]   0 where dropped
     kept: jax.Array  # bool [G, S, K]
+    slot_counts: jax.Array  # int32 [G, E]       kept choices per physical slot, per group
     aux_loss: jax.Array  # f32 []                 load-balancing loss
     z_loss: jax.Array  # f32 []                   router z-loss
-    expert_load: jax.Array  # f32 [E]             fraction of all choices sent to each expert (before drops)
+    expert_load: jax.Array  # f32 [E]             fraction of all choices sent to each logical expert (before drops)
+    pool_load: jax.Array  # f32 [Q]               fraction of all choices sent to each pool (before drops)
     dropped_fraction: jax.Array  # f32 []         fraction of choices dropped
-    capacity: int = dataclasses.field(metadata=dict(static=True))
+    capacity: int = dataclasses.field(metadata=dict(static=True))  # slots per pool per group (P)
+    experts_per_pool: int = dataclasses.field(metadata=dict(static=True))
 
 
 def capacity(group_size: int, num_experts: int, top_k: int, capacity_factor: float, min_capacity: int) -> int:
@@ -60,31 +80,59 @@ def route(
     capacity_factor: float,
     min_capacity: int = 4,
     renormalize: bool | None = None,
+    bias: jax.Array | None = None,
+    placement: jax.Array | None = None,
+    experts_per_pool: int = 1,
 ) -> Routing:
     """Route tokens given float32 router logits `[G, S, E]`.
 
     `renormalize` defaults to `top_k > 1` (GShard / DeepSpeed behaviour).
+    `bias` `[E]` shifts the choice only; `placement` `[E]` int32 maps logical
+    experts to physical slots (default identity); `experts_per_pool` slots
+    share `experts_per_pool x C` places per group (1 = per-expert capacity).
     """
     groups, group_size, num_experts = logits.shape
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k={top_k} must be between 1 and num_experts={num_experts}")
     if capacity_factor <= 0:
         raise ValueError(f"capacity_factor={capacity_factor} must be > 0")
+    if experts_per_pool < 1 or num_experts % experts_per_pool:
+        raise ValueError(f"experts_per_pool={experts_per_pool} must be >= 1 and divide num_experts={num_experts}")
     renormalize = top_k > 1 if renormalize is None else renormalize
     cap = capacity(group_size, num_experts, top_k, capacity_factor, min_capacity)
+    pool_cap, num_pools = experts_per_pool * cap, num_experts // experts_per_pool
 
     logits = logits.astype(jnp.float32)
     probs_gse = jax.nn.softmax(logits, axis=-1)
-    gate_gsk, index_gsk = _top_k(logits, probs_gse, top_k)
+    choice_logits = logits if bias is None else logits + bias.astype(jnp.float32)
+    gate_gsk, index_gsk = _top_k(choice_logits, probs_gse, top_k)
+    phys_gsk = index_gsk if placement is None else jnp.take(placement.astype(jnp.int32), index_gsk)
+    pool_gsk = phys_gsk // experts_per_pool
 
-    # Slot of each choice: choices in priority order (k major, token minor), a
-    # running count per expert. Cost O(S * K * E) integers per group, no d_model.
-    onehot_gkse = jax.nn.one_hot(jnp.swapaxes(index_gsk, 1, 2), num_experts, dtype=jnp.int32)
-    flat_g_ks_e = onehot_gkse.reshape(groups, top_k * group_size, num_experts)
-    position_g_ks_e = jnp.cumsum(flat_g_ks_e, axis=1) - flat_g_ks_e
-    slot_gks = jnp.sum(position_g_ks_e * flat_g_ks_e, axis=-1).reshape(groups, top_k, group_size)
-    slot_gsk = jnp.swapaxes(slot_gks, 1, 2)
-    kept_gsk = slot_gsk < cap
+    # Position of each choice in its pool: choices in priority order (k major,
+    # token minor), a running count per pool. O(S * K * Q) integers per group.
+    def priority_order(x_gsk):
+        return jnp.swapaxes(x_gsk, 1, 2).reshape(groups, top_k * group_size)
+
+    def from_priority_order(x_gn):
+        return jnp.swapaxes(x_gn.reshape(groups, top_k, group_size), 1, 2)
+
+    pool_onehot_gnq = jax.nn.one_hot(priority_order(pool_gsk), num_pools, dtype=jnp.int32)
+    position_gn = jnp.sum((jnp.cumsum(pool_onehot_gnq, axis=1) - pool_onehot_gnq) * pool_onehot_gnq, axis=-1)
+    kept_gsk = from_priority_order(position_gn) < pool_cap
+    if experts_per_pool == 1:
+        slot_gsk = from_priority_order(position_gn)
+        slot_counts_ge = jnp.sum(jnp.where(priority_order(kept_gsk)[..., None], pool_onehot_gnq, 0), axis=1)
+    else:
+        # Kept choices laid out by slot inside the pool: rank among the slot's kept
+        # choices, after the kept choices of the pool's earlier slots.
+        kept_onehot_gne = jax.nn.one_hot(jnp.where(priority_order(kept_gsk), priority_order(phys_gsk), -1),
+                                         num_experts, dtype=jnp.int32)
+        rank_gn = jnp.sum((jnp.cumsum(kept_onehot_gne, axis=1) - kept_onehot_gne) * kept_onehot_gne, axis=-1)
+        slot_counts_ge = jnp.sum(kept_onehot_gne, axis=1)
+        counts_gqx = slot_counts_ge.reshape(groups, num_pools, experts_per_pool)
+        offset_ge = (jnp.cumsum(counts_gqx, axis=-1) - counts_gqx).reshape(groups, num_experts)
+        slot_gsk = jnp.take_along_axis(offset_ge[:, None, :], phys_gsk, axis=-1) + from_priority_order(rank_gn)
 
     weight_gsk = jnp.where(kept_gsk, gate_gsk, 0.0)
     if renormalize:
@@ -96,18 +144,24 @@ def route(
     aux_loss = jnp.mean(num_experts * jnp.sum(me_ge * ce_ge, axis=-1))
     z_loss = jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)))
 
-    expert_load = jnp.sum(flat_g_ks_e, axis=(0, 1)).astype(jnp.float32) / (groups * group_size * top_k)
+    choices = groups * group_size * top_k
+    expert_load = jnp.sum(jax.nn.one_hot(index_gsk, num_experts, dtype=jnp.float32), axis=(0, 1, 2)) / choices
+    pool_load = jnp.sum(pool_onehot_gnq, axis=(0, 1)).astype(jnp.float32) / choices
     dropped_fraction = jnp.sum(~kept_gsk) / kept_gsk.size  # exactly 0 when nothing drops
     return Routing(
         expert_index=index_gsk.astype(jnp.int32),
+        pool_index=pool_gsk.astype(jnp.int32),
         slot=slot_gsk.astype(jnp.int32),
         combine_weight=weight_gsk,
         kept=kept_gsk,
+        slot_counts=slot_counts_ge.astype(jnp.int32),
         aux_loss=aux_loss,
         z_loss=z_loss,
         expert_load=expert_load,
+        pool_load=pool_load,
         dropped_fraction=dropped_fraction,
-        capacity=cap,
+        capacity=pool_cap,
+        experts_per_pool=experts_per_pool,
     )
 
 
@@ -135,21 +189,22 @@ def apply_jitter(x: jax.Array, key: jax.Array, eps: float) -> jax.Array:
 
 
 def dispatch_indices(routing: Routing, num_experts: int) -> jax.Array:
-    """For every expert slot, the token it holds: int32 `[G, E * C]`, S where empty.
+    """For every pool slot, the token it holds: int32 `[G, Q * P]`, S where empty.
 
     A scatter of S * K token ids, so dispatching costs O(E * C * d_model) gathers
     rather than a one-hot `[S, E, C]` einsum (O(S * E * C * d_model)).
     """
     groups, group_size, top_k = routing.expert_index.shape
     cap = routing.capacity
-    flat_pos_gsk = routing.expert_index * cap + routing.slot
+    num_slots = num_experts // routing.experts_per_pool * cap
+    flat_pos_gsk = routing.pool_index * cap + routing.slot
     # Dropped choices scatter out of bounds and are discarded.
-    flat_pos_gsk = jnp.where(routing.kept, flat_pos_gsk, num_experts * cap)
+    flat_pos_gsk = jnp.where(routing.kept, flat_pos_gsk, num_slots)
     token_sk = jnp.broadcast_to(jnp.arange(group_size, dtype=jnp.int32)[:, None], (group_size, top_k))
 
     def one_group(pos_sk):
         # vmap makes G a scatter batch dim, which the SPMD partitioner keeps local.
-        empty_n = jnp.full((num_experts * cap,), group_size, jnp.int32)
+        empty_n = jnp.full((num_slots,), group_size, jnp.int32)
         return empty_n.at[pos_sk.reshape(-1)].set(token_sk.reshape(-1), mode="drop")
 
     return jax.vmap(one_group)(flat_pos_gsk)

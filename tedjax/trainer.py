@@ -14,20 +14,22 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tedjax.config import TrainConfig, check_mesh
 from tedjax.mesh import logical_to_spec, state_shardings
-from tedjax.model import Transformer, abstract_model, loss_fn
+from tedjax.model import Transformer, abstract_model, loss_fn, moe_layers, update_balance
+from tedjax.moe import EXPERT_WEIGHTS
 from tedjax.optim import (
     clip_by_global_norm,
     learning_rate_schedule,
     make_optimizer,
     opt_state_shardings,
     tiled_adamw_update,
-    zero1_spec,
+    zero1_shardings,
 )
 
 
@@ -57,11 +59,7 @@ class Trainer:
         self.rest_shardings = nnx.to_pure_dict(state_shardings(abstract_rest, mesh))
         self.schedule = learning_rate_schedule(config.optimizer, config.steps)
         self.tx = make_optimizer(config.optimizer, config.steps)
-        self.zero1_shardings = jax.tree.map(
-            lambda a, s: NamedSharding(mesh, zero1_spec(s.spec, a.shape, mesh) if config.optimizer.zero1 else s.spec),
-            self.abstract_params,
-            self.param_shardings,
-        )
+        self.zero1_shardings = zero1_shardings(self.abstract_params, self.param_shardings, mesh, config.optimizer.zero1)
         self.opt_shardings = opt_state_shardings(
             self.tx, self.abstract_params, self.param_shardings, mesh, config.optimizer.zero1
         )
@@ -80,6 +78,10 @@ class Trainer:
             train_step, graphdef=graphdef, tx=self.tx, config=config, trainer_static=self._static()
         )
         self.train_step = jax.jit(step_fn, donate_argnums=0, out_shardings=(self.state_shardings, replicated))
+        abstract = abstract_model(config.model, config.seed)
+        self.moe_paths = [path for path, module in nnx.iter_modules(abstract) if module in moe_layers(abstract)]
+        self.move_experts = jax.jit(self._move_experts, donate_argnums=0, out_shardings=self.state_shardings)
+        self._move_compiled = None
         self.eval_step = jax.jit(functools.partial(eval_step, graphdef=graphdef), out_shardings=replicated)
 
     def _static(self) -> "_Static":
@@ -104,6 +106,80 @@ class Trainer:
         return jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, self.state_shardings
         )
+
+    def placements(self, state: TrainState) -> np.ndarray:
+        """Each MoE layer's expert placement (logical expert -> physical slot), int `[n_moe, E]` on the host."""
+        return np.stack([np.asarray(_at(state.model_state, path)["placement"]) for path in self.moe_paths])
+
+    def load_means(self, state: TrainState) -> np.ndarray:
+        """Each MoE layer's running mean of the expert load, `[n_moe, E]` on the host."""
+        return np.stack([np.asarray(_at(state.model_state, path)["load_mean"]) for path in self.moe_paths])
+
+    def _move_experts(self, state: TrainState, placement_ne: jax.Array) -> TrainState:
+        """Adopt new placements `[n_moe, E]`: permute every expert weight AND its Adam moments.
+
+        Slot s of the new layout takes the expert that placement_ne puts there,
+        from the slot it holds now. Optimizer-state leaves of a parameter move
+        with it (SmartMoE's public code moves weights only, so Adam's moments
+        would belong to another expert after a move). Jitted once; placements
+        are runtime values.
+        """
+        perms = []
+        model_state = jax.tree.map(lambda x: x, state.model_state)
+        for layer, path in enumerate(self.moe_paths):
+            balance = _at(model_state, path)
+            old_e, new_e = balance["placement"], placement_ne[layer].astype(jnp.int32)
+            perms.append(old_e[jnp.argsort(new_e)])  # new slot -> the slot its expert leaves
+            balance["placement"] = new_e
+        layer_of = _expert_layer_tree(state.params, self.moe_paths)
+
+        def move(leaf, layer):
+            return leaf if layer < 0 else jnp.take(leaf, perms[layer], axis=0)
+
+        params = jax.tree.map(move, state.params, layer_of)
+        opt_state = optax.tree_map_params(self.tx, move, state.opt_state, layer_of,
+                                          transform_non_params=lambda x: x)
+        return dataclasses.replace(state, params=params, opt_state=opt_state, model_state=model_state)
+
+    def rebalance(self, state: TrainState) -> tuple[TrainState, list]:
+        """SmartMoE's online step: propose placements from the recent loads (host side, `tedjax.balance`)
+        and move the layers that gain. Returns the new state and the `PlacementChange`s adopted."""
+        from tedjax import balance
+
+        num_devices = int(self.mesh.shape["expert"])
+        placements, changes = balance.propose(self.load_means(state), self.placements(state), num_devices,
+                                              self.config.balance.margin)
+        if changes:
+            placements = jax.device_put(self.check_placements(placements), NamedSharding(self.mesh, PartitionSpec()))
+            with jax.set_mesh(self.mesh):
+                if self._move_compiled is None:
+                    self._move_compiled = self.move_experts.lower(state, placements).compile()
+                state = self._move_compiled(state, placements)
+        return state, changes
+
+    def move_bytes(self) -> dict[str, float]:
+        """Bytes one device sends per placement move, by collective kind, from the compiled HLO (after a move)."""
+        from tedjax import analysis
+
+        if self._move_compiled is None:
+            return {}
+        sent: dict[str, float] = {}
+        for c in analysis.collectives(self._move_compiled, self.mesh):
+            sent[c.kind] = sent.get(c.kind, 0.0) + c.sent_bytes * (c.trip_count or 1)
+        return sent
+
+    def check_placements(self, placement_ne) -> np.ndarray:
+        """Host-side check of proposed placements; raises a ValueError naming the layer and the fix."""
+        placement_ne = np.asarray(placement_ne)
+        experts = self.config.model.num_experts
+        if placement_ne.shape != (len(self.moe_paths), experts):
+            raise ValueError(f"placements must have shape (MoE layers, experts) = {(len(self.moe_paths), experts)}, "
+                             f"got {placement_ne.shape}")
+        for layer, row in enumerate(placement_ne):
+            if sorted(row.tolist()) != list(range(experts)):
+                raise ValueError(f"placement of MoE layer {layer} must be a permutation of 0..{experts - 1} "
+                                 f"(one slot per expert), got {row.tolist()}")
+        return placement_ne.astype(np.int32)
 
     def shard_batch(self, local_batch: dict) -> dict[str, jax.Array]:
         """This process's rows `[B_local, L]` -> global arrays `[grad_accum, B / grad_accum, L]`."""
@@ -136,6 +212,23 @@ class _Static:
 
 def _merge(graphdef, params, model_state) -> Transformer:
     return nnx.merge(graphdef, params, model_state)
+
+
+def _at(tree: dict, path) -> dict:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _expert_layer_tree(params: dict, moe_paths: list) -> dict:
+    """A tree like `params`: the MoE layer index of each expert weight (`[E, ...]` by slot), -1 elsewhere."""
+    layer_of = jax.tree.map(lambda _: -1, params)
+    for layer, path in enumerate(moe_paths):
+        weights = _at(layer_of, path)
+        for name in EXPERT_WEIGHTS:
+            if name in weights:
+                weights[name] = layer
+    return layer_of
 
 
 def train_step(
@@ -186,6 +279,12 @@ def train_step(
         new_params = optax.apply_updates(params, updates)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
     new_params = jax.lax.with_sharding_constraint(new_params, static.param_shardings)
+    if "expert_load" in metrics:  # outside the gradient: load running means and router biases
+        model = _merge(graphdef, state.params, model_state)
+        update_balance(model, metrics["expert_load"], bias_rate=config.model.router_bias_rate,
+                       load_decay=config.balance.load_decay)
+        balanced = nnx.to_pure_dict(nnx.split(model, nnx.Param, ...)[2])
+        model_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), balanced, model_state)
 
     new_state = TrainState(
         step=state.step + 1,

@@ -33,11 +33,11 @@ def one_device_mesh():
 def loss_and_grads(config: tedjax.ModelConfig, mesh, batch, seed: int = 0):
     """(loss, grads as a pure dict of numpy arrays, metrics, compiled) of `config` on `mesh`."""
     model = tedjax.init_model(config, mesh, seed=seed)
-    graphdef, params = nnx.split(model)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params = nnx.to_pure_dict(params)
 
     def grad_fn(params, batch):
-        loss_of = lambda p: tedjax.loss_fn(nnx.merge(graphdef, p), batch)  # noqa: E731
+        loss_of = lambda p: tedjax.loss_fn(nnx.merge(graphdef, p, rest), batch)  # noqa: E731
         (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
         return loss, grads, metrics
 

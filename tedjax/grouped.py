@@ -1,0 +1,146 @@
+"""Each local expert's FFN on a device's pooled buffer (device-pooled capacity).
+
+With device-pooled capacity one device's experts share its buffer: a routing
+group's pool holds the kept choices sorted by expert (`routing.route` lays
+them out so), with `counts` saying how many rows each expert has. The rows of
+all local groups are brought into one expert-sorted order, each expert's FFN
+runs on its own rows, and the results return to buffer order. Shapes stay
+static: only how many rows each expert owns is a runtime value.
+
+Two ways to run the grouped matmuls, chosen by measurement (benchmarks/load_balance.py):
+- `ragged`: `jax.lax.ragged_dot`, a grouped GEMM on GPU and TPU with no extra
+  FLOPs or weight copies. XLA:CPU lowers it to a masked dense product
+  (E_local x the FLOPs), 2.5-6x slower than the per-expert matmul there.
+- `blocks` (MegaBlocks' idea with static shapes): each expert's run is padded
+  to a multiple of b rows and the padded rows are cut into blocks of b; one
+  batched matmul runs every block with its expert's weights (selected with a
+  one-hot matmul, which keeps the backward free of scatters). With
+  b = M / (8 E_local) the padding adds at most 1/8 of the rows. It holds one
+  weight copy per block, so it is the CPU choice, for the small models
+  simulated CPU devices run.
+
+The row permutation is a gather whose transpose is the inverse gather
+(`gather_rows`), not XLA's scatter-add, which XLA:CPU runs element by element.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from tedjax.layers import activate
+
+METHODS = ("auto", "ragged", "blocks")
+
+
+@jax.custom_vjp
+def gather_rows(x_nd: jax.Array, index_m: jax.Array, inverse_n: jax.Array) -> jax.Array:
+    """`y[i] = x[index[i]]` (0 where index is out of range), `[M, D]` from `[N, D]`.
+
+    `index` must be injective on its in-range entries and `inverse` its inverse
+    (`inverse[j] = i` where `index[i] = j`, out of range where no i takes j):
+    then the transpose is the gather `dx[j] = dy[inverse[j]]`.
+    """
+    return jnp.take(x_nd, index_m, axis=0, mode="fill", fill_value=0)
+
+
+def _gather_rows_fwd(x_nd, index_m, inverse_n):
+    return gather_rows(x_nd, index_m, inverse_n), (index_m, inverse_n)
+
+
+def _gather_rows_bwd(residual, dy_md):
+    index_m, inverse_n = residual
+    return jnp.take(dy_md, inverse_n, axis=0, mode="fill", fill_value=0), None, None
+
+
+gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
+
+
+def resolve_method(method: str) -> str:
+    if method not in METHODS:
+        raise ValueError(f"grouped matmul method must be one of {METHODS}, got {method!r}")
+    if method == "auto":
+        return "blocks" if jax.default_backend() == "cpu" else "ragged"
+    return method
+
+
+def block_rows(rows: int, local_experts: int) -> int:
+    """Block size b for `blocks`: padding (< b rows per expert) stays under 1/8 of the rows."""
+    return max(8, math.ceil(rows / (8 * local_experts)))
+
+
+def pool_ffn(
+    buf_gqpd: jax.Array,
+    counts_gqx: jax.Array,
+    w_in_edf: jax.Array,
+    w_gate_edf: jax.Array | None,
+    w_out_efd: jax.Array,
+    *,
+    method: str = "auto",
+) -> jax.Array:
+    """FFN of each row's expert on pooled buffers: `[G, Q, P, D] -> [G, Q, P, D]`.
+
+    G groups, Q local pools of P rows, X experts per pool; `counts_gqx[g, q, x]`
+    rows of pool q (at its start, in expert order) belong to its expert x, and
+    the rest are empty (output 0). The weights hold the E = Q x X local experts,
+    pool q's first. With the FFN dim split over devices the output is a partial
+    sum, as for the per-expert path.
+    """
+    groups, pools, pool_size, d_model = buf_gqpd.shape
+    per_pool = counts_gqx.shape[-1]
+    experts = pools * per_pool
+    rows = groups * pools * pool_size
+    method = resolve_method(method)
+
+    # Expert of every row, and its rank among the expert's rows of its group.
+    end_gqx = jnp.cumsum(counts_gqx, axis=-1)
+    position_p = jnp.arange(pool_size, dtype=jnp.int32)
+    within_gqp = jnp.sum(position_p[None, None, :, None] >= end_gqx[:, :, None, :], axis=-1)
+    valid_gqp = within_gqp < per_pool
+    within_gqp = jnp.minimum(within_gqp, per_pool - 1)
+    start_gqx = end_gqx - counts_gqx
+    rank_gqp = position_p[None, None, :] - jnp.take_along_axis(start_gqx, within_gqp, axis=-1)
+    expert_gqp = jnp.arange(pools, dtype=jnp.int32)[None, :, None] * per_pool + within_gqp
+
+    # Sorted order: expert-major, then group, then rank.
+    counts_ge = counts_gqx.reshape(groups, experts)
+    total_e = jnp.sum(counts_ge, axis=0)
+    if method == "blocks":
+        block = block_rows(rows, experts)
+        num_blocks = math.ceil(rows / block) + experts
+        sorted_rows = num_blocks * block
+        group_sizes_e = (total_e + block - 1) // block * block
+    else:
+        sorted_rows, group_sizes_e = rows, total_e
+    base_e = jnp.cumsum(group_sizes_e) - group_sizes_e
+    before_ge = jnp.cumsum(counts_ge, axis=0) - counts_ge
+    expert_n = expert_gqp.reshape(rows)
+    group_n = jnp.repeat(jnp.arange(groups, dtype=jnp.int32), pools * pool_size)
+    dest_n = base_e[expert_n] + before_ge[group_n, expert_n] + rank_gqp.reshape(rows)
+    dest_n = jnp.where(valid_gqp.reshape(rows), dest_n, sorted_rows)
+    source_m = jnp.full((sorted_rows,), rows, jnp.int32).at[dest_n].set(
+        jnp.arange(rows, dtype=jnp.int32), mode="drop"
+    )
+
+    x_md = gather_rows(buf_gqpd.reshape(rows, d_model), source_m, dest_n)
+    if method == "ragged":
+        sizes = group_sizes_e.astype(jnp.int32)
+        h_mf = jax.lax.ragged_dot(x_md, w_in_edf, sizes)
+        gate_mf = None if w_gate_edf is None else jax.lax.ragged_dot(x_md, w_gate_edf, sizes)
+        y_md = jax.lax.ragged_dot(activate(h_mf, gate_mf), w_out_efd, sizes)
+    else:
+        block_start_j = jnp.arange(num_blocks, dtype=jnp.int32) * block
+        block_expert_j = jnp.minimum(jnp.searchsorted(jnp.cumsum(group_sizes_e), block_start_j, side="right"),
+                                     experts - 1)
+        select_je = jax.nn.one_hot(block_expert_j, experts, dtype=w_in_edf.dtype)
+        x_jbd = x_md.reshape(num_blocks, block, d_model)
+
+        def mixed(w):
+            return jnp.einsum("je,e...->j...", select_je, w)
+
+        h_jbf = jnp.einsum("jbd,jdf->jbf", x_jbd, mixed(w_in_edf))
+        gate_jbf = None if w_gate_edf is None else jnp.einsum("jbd,jdf->jbf", x_jbd, mixed(w_gate_edf))
+        y_md = jnp.einsum("jbf,jfd->jbd", activate(h_jbf, gate_jbf), mixed(w_out_efd)).reshape(sorted_rows, d_model)
+    return gather_rows(y_md, dest_n, source_m).reshape(groups, pools, pool_size, d_model)
