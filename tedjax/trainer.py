@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tedjax.config import TrainConfig, check_mesh
-from tedjax.mesh import logical_to_spec, state_shardings
+from tedjax.mesh import RULES, logical_to_spec, state_shardings
 from tedjax.model import Transformer, abstract_model, loss_fn, moe_layers, update_balance
 from tedjax.moe import EXPERT_WEIGHTS
 from tedjax.optim import (
@@ -132,13 +132,14 @@ class Trainer:
             perms.append(old_e[jnp.argsort(new_e)])  # new slot -> the slot its expert leaves
             balance["placement"] = new_e
         layer_of = _expert_layer_tree(state.params, self.moe_paths)
+        opt_layer_of = optax.tree_map_params(self.tx, lambda _, layer: layer, state.opt_state, layer_of,
+                                             transform_non_params=lambda _: -1)
 
-        def move(leaf, layer):
-            return leaf if layer < 0 else jnp.take(leaf, perms[layer], axis=0)
+        def move(leaf, layer, sharding):
+            return leaf if layer < 0 else _permute_slots(leaf, perms[layer], sharding.spec, self.mesh)
 
-        params = jax.tree.map(move, state.params, layer_of)
-        opt_state = optax.tree_map_params(self.tx, move, state.opt_state, layer_of,
-                                          transform_non_params=lambda x: x)
+        params = jax.tree.map(move, state.params, layer_of, self.param_shardings)
+        opt_state = jax.tree.map(move, state.opt_state, opt_layer_of, self.opt_shardings)
         return dataclasses.replace(state, params=params, opt_state=opt_state, model_state=model_state)
 
     def rebalance(self, state: TrainState) -> tuple[TrainState, list]:
@@ -218,6 +219,39 @@ def _at(tree: dict, path) -> dict:
     for key in path:
         tree = tree[key]
     return tree
+
+
+def _permute_slots(leaf: jax.Array, perm_s: jax.Array, spec: PartitionSpec, mesh: Mesh) -> jax.Array:
+    """`leaf[perm_s]` along its expert-slot dim 0, with device-local memory.
+
+    `jnp.take` over the sharded dim would all-gather the whole leaf on every
+    device (for every layer at once, as XLA schedules it). Instead each device
+    receives the other devices' blocks one cyclic shift at a time
+    (`ppermute`) and keeps the rows it needs: the bytes of an all-gather, the
+    memory of two local blocks. Leaves whose dim 0 is not split over exactly
+    the experts' mesh axis fall back to `jnp.take`.
+    """
+    axis = RULES["experts"]
+    entries = tuple(spec) + (None,) * (leaf.ndim - len(spec))
+    if not isinstance(axis, str) or entries[0] != axis or mesh.shape[axis] == 1:
+        return jnp.take(leaf, perm_s, axis=0)
+    devices = int(mesh.shape[axis])
+
+    def local(block, perm):
+        rows = block.shape[0]
+        here = jax.lax.axis_index(axis)
+        source = jax.lax.dynamic_slice_in_dim(perm, here * rows, rows)
+        source_device, source_row = source // rows, source % rows
+        out = jnp.zeros_like(block)
+        for shift in range(devices):
+            received = block if shift == 0 else jax.lax.ppermute(
+                block, axis, [(d, (d + shift) % devices) for d in range(devices)])
+            mine = (source_device == (here - shift) % devices).reshape((rows,) + (1,) * (block.ndim - 1))
+            out = jnp.where(mine, jnp.take(received, source_row, axis=0), out)
+        return out
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(*entries), PartitionSpec()),
+                         out_specs=PartitionSpec(*entries))(leaf, perm_s)
 
 
 def _expert_layer_tree(params: dict, moe_paths: list) -> dict:
