@@ -463,6 +463,29 @@ def _parse_module(text: str) -> tuple[dict[str, list[_Instr]], str | None]:
     return comps, entry
 
 
+def ancestors_in_entry(compiled_or_hlo_text: Any, kind: str) -> dict[str, set[str]]:
+    """For every `kind` op (e.g. "all-to-all") of the ENTRY computation, the other `kind` ops it
+    depends on, through data edges of that computation (fusions count as one node).
+
+    Shows which collectives can overlap: two that do not depend on each other may run at
+    the same time as the compute between them.
+    """
+    comps, entry = _parse_module(_hlo_text(compiled_or_hlo_text))
+    instrs = comps.get(entry, [])
+    parents = {i.name: re.findall(r"%([\w.\-]+)", i.operands) for i in instrs}
+    targets = [i.name for i in instrs if i.opcode == kind or i.opcode == f"{kind}-start"]
+    out = {}
+    for name in targets:
+        seen, stack = set(), list(parents.get(name, []))
+        while stack:
+            node = stack.pop()
+            if node not in seen:
+                seen.add(node)
+                stack.extend(parents.get(node, []))
+        out[name] = {t for t in targets if t in seen}
+    return out
+
+
 def _callees(instr: _Instr) -> list[str]:
     out = [m.group(2) for m in _CALLEE_ONE.finditer(instr.attrs)]
     for m in _CALLEE_LIST.finditer(instr.attrs):

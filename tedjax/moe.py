@@ -82,7 +82,12 @@ class MoE(nnx.Module):
     placement is a runtime value and never recompiles. `router_bias` `[E]`
     shifts the choice of experts only (aux-loss-free balancing), and
     `load_mean` `[E]` keeps a running mean of the expert load for placement
-    policies; `update_balance` updates both after a step.
+    policies; `update_balance` updates both after a step. `shadow_ids` `[R]`
+    (FasterMoE's shadow experts, `shadow_experts=R`) are logical experts whose
+    weights are copied to every device each step, so their tokens are computed
+    where they are and skip the all-to-all; id E marks an empty shadow slot.
+    `a2a_chunks=n` splits the all-to-all into n chunks that can overlap with
+    the experts' compute.
     """
 
     def __init__(
@@ -101,6 +106,8 @@ class MoE(nnx.Module):
         renormalize: bool | None = None,
         dtd: bool = False,
         capacity_scope: str = "expert",
+        shadow_experts: int = 0,
+        a2a_chunks: int = 1,
         grouped_matmul: str = "auto",
         dtype=jnp.float32,
         rngs: nnx.Rngs,
@@ -118,6 +125,10 @@ class MoE(nnx.Module):
                 raise ValueError(f"{name}={value} must be > 0; 1.0-2.0 is typical")
         if not 0 <= jitter_eps < 1:
             raise ValueError(f"jitter_eps={jitter_eps} must be in [0, 1); 0.01 is typical")
+        if not isinstance(shadow_experts, int) or not 0 <= shadow_experts < num_experts:
+            raise ValueError(f"shadow_experts={shadow_experts!r} must be an integer in [0, num_experts={num_experts})")
+        if not isinstance(a2a_chunks, int) or a2a_chunks < 1:
+            raise ValueError(f"a2a_chunks={a2a_chunks!r} must be an integer >= 1 (1 = one all-to-all each way)")
         if group_size < 0:
             raise ValueError(f"group_size={group_size} must be >= 0 (0 = one sequence per routing group)")
         grouped.resolve_method(grouped_matmul)
@@ -133,11 +144,16 @@ class MoE(nnx.Module):
         self.placement = BalanceState(jnp.arange(num_experts, dtype=jnp.int32), **balance_axes)
         self.router_bias = BalanceState(jnp.zeros((num_experts,), jnp.float32), **balance_axes)
         self.load_mean = BalanceState(jnp.full((num_experts,), 1.0 / num_experts, jnp.float32), **balance_axes)
+        self.load_steps = BalanceState(jnp.zeros((), jnp.int32), **axes_metadata(()))
+        # no expert is shadowed until a policy (or the user) picks some: id E marks an empty shadow slot
+        self.shadow_ids = BalanceState(jnp.full((shadow_experts,), num_experts, jnp.int32),
+                                       **axes_metadata(("shadow_experts",)))
         self.num_experts, self.top_k = num_experts, top_k
         self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
         self.min_capacity, self.group_size = min_capacity, group_size
         self.jitter_eps, self.dtd, self.dtype = jitter_eps, dtd, dtype
         self.renormalize, self.capacity_scope, self.grouped_matmul = renormalize, capacity_scope, grouped_matmul
+        self.num_shadows, self.a2a_chunks = shadow_experts, a2a_chunks
         self.deterministic = False
         self.rngs = rngs if jitter_eps > 0 else None
 
@@ -153,21 +169,32 @@ class MoE(nnx.Module):
             router_in_gsd = routing_lib.apply_jitter(router_in_gsd, self.rngs.jitter(), self.jitter_eps)
         logits_gse = jnp.einsum("gsd,de->gse", router_in_gsd, self.router[...])
         placement_e = self.placement[...]
+        capacity_factor = self.eval_capacity_factor if self.deterministic else self.capacity_factor
+        expert_cap = routing_lib.capacity(group, self.num_experts, self.top_k, capacity_factor, self.min_capacity)
         routed = routing_lib.route(
             logits_gse,
             top_k=self.top_k,
-            capacity_factor=self.eval_capacity_factor if self.deterministic else self.capacity_factor,
+            capacity_factor=capacity_factor,
             min_capacity=self.min_capacity,
             renormalize=self.renormalize,
             bias=self.router_bias[...],
             placement=placement_e,
             experts_per_pool=self._experts_per_pool(),
+            shadow_ids=self.shadow_ids[...] if self.num_shadows else None,
+            # a shadow is on every device, so it takes the load of `expert` devices' worth of one expert
+            shadow_capacity=min(group, _ways("experts") * expert_cap),
         )
-        buf_gqpd = self._dispatch(x_gsd, routed)
-        out_gqpd = self._experts(buf_gqpd, self._send_counts(routed))
-        out_gsd = self._combine(out_gqpd, routed)
-        slot_load_e = jnp.zeros_like(routed.expert_load).at[placement_e].set(routed.expert_load)
-        device_load_x = jnp.sum(slot_load_e.reshape(_ways("experts"), -1), axis=-1)
+        buf_gnd = self._gather_slots(x_gsd, routed)
+        groups, pool_slots = buf_gnd.shape[0], (self.num_experts // routed.experts_per_pool) * routed.capacity
+        buf_gqpd = buf_gnd[:, :pool_slots].reshape(groups, -1, routed.capacity, d_model)
+        out_gqpd = self._exchange(buf_gqpd, self._counts(routed))
+        out_gnd = out_gqpd.reshape(groups, pool_slots, d_model)
+        if routed.num_shadows:
+            shadow_grcd = buf_gnd[:, pool_slots:].reshape(groups, routed.num_shadows, routed.shadow_capacity, d_model)
+            shadow_out_grcd = self._shadow_experts(shadow_grcd, placement_e)
+            out_gnd = jnp.concatenate([out_gnd, shadow_out_grcd.reshape(groups, -1, d_model)], axis=1)
+        out_gsd = self._combine(out_gnd, routed)
+        device_load_x = jnp.sum(routed.pool_load.reshape(_ways("experts"), -1), axis=-1)
         stats = MoEStats(routed.aux_loss, routed.z_loss, routed.expert_load, routed.dropped_fraction, device_load_x)
         return out_gsd.reshape(batch, length, d_model), stats
 
@@ -175,7 +202,11 @@ class MoE(nnx.Module):
         """After a step, outside the gradient: running mean of the load, and the router bias
         moved by `bias_rate x sign(mean load - load)` (over-loaded experts become less likely)."""
         load_e = jax.lax.stop_gradient(expert_load_e).astype(jnp.float32)
-        self.load_mean[...] = load_decay * self.load_mean[...] + (1.0 - load_decay) * load_e
+        steps = self.load_steps[...] + 1
+        # the plain mean of the steps seen until there are enough for the exponential one
+        weight = jnp.maximum(1.0 - load_decay, 1.0 / steps.astype(jnp.float32))
+        self.load_mean[...] = self.load_mean[...] + weight * (load_e - self.load_mean[...])
+        self.load_steps[...] = steps
         if bias_rate:
             self.router_bias[...] = self.router_bias[...] + bias_rate * jnp.sign(1.0 / self.num_experts - load_e)
 
@@ -198,40 +229,98 @@ class MoE(nnx.Module):
                              "split experts (mesh axis of 'experts'); choose a mesh whose expert axis divides it")
         groups = batch * length // group
         for name in ("batch", "expert_batch"):
-            if groups % _ways(name):
+            if groups % (_ways(name) * self.a2a_chunks):
+                chunks = f" in each of a2a_chunks={self.a2a_chunks} chunks" if self.a2a_chunks > 1 else ""
                 raise ValueError(f"{groups} routing groups do not split over the {_ways(name)} devices of the "
-                                 f"{name!r} layout; use a batch of a multiple of {_ways(name)} routing groups")
+                                 f"{name!r} layout{chunks}; use a batch of a multiple of "
+                                 f"{_ways(name) * self.a2a_chunks} routing groups")
 
     def _dtd_active(self) -> bool:
         return self.dtd and _ways("capacity_dtd") > 1 and _ways("experts") > 1
 
-    def _dispatch(self, x_gsd: jax.Array, routed: routing_lib.Routing) -> jax.Array:
-        """Token buffer per pool `[G, Q, P, D]` (Q = E pools of C slots, or one pool per device), laid out
-        for the experts."""
-        groups, _, d_model = x_gsd.shape
+    def _gather_slots(self, x_gsd: jax.Array, routed: routing_lib.Routing) -> jax.Array:
+        """Every dispatch slot's token `[G, N, D]`: the Q pools of P slots, then the shadow buffers (local gathers)."""
         slot_token_gn = routing_lib.dispatch_indices(routed, self.num_experts)
         buf_gnd = jnp.take_along_axis(x_gsd, slot_token_gn[..., None], axis=1, mode="fill", fill_value=0)
-        cap = routed.capacity
-        buf_gqpd = buf_gnd.reshape(groups, -1, cap, d_model).astype(self.dtype)
+        return buf_gnd.astype(self.dtype)
+
+    def _exchange(self, buf_gqpd: jax.Array, counts_gqx: jax.Array | None) -> jax.Array:
+        """Pools to their devices, the experts, and back: `[G, Q, P, D] -> [G, Q, P, D]`.
+
+        Smart scheduling (FasterMoE): with `a2a_chunks = n` the routing groups are
+        split into n independent chunks (every device keeps 1/n of its own groups in
+        each), so chunk i's all-to-all can run while chunk i-1's experts compute:
+        XLA's async collectives and latency-hiding scheduler overlap independent ops.
+        """
+        chunks = self.a2a_chunks
+        if chunks == 1:
+            return self._round_trip(buf_gqpd, counts_gqx)
+
+        def split(x, axes):  # [G, ...] -> [G/n, n, ...], each device's groups stay on it
+            return constrain(x.reshape(x.shape[0] // chunks, chunks, *x.shape[1:]), ("batch", None, *axes))
+
+        bufs = split(buf_gqpd, (None, "capacity", "act_embed"))
+        counts = None if counts_gqx is None else split(counts_gqx, (None, None))
+        outs = [self._round_trip(bufs[:, c], None if counts is None else counts[:, c]) for c in range(chunks)]
+        out = jnp.stack(outs, axis=1)
+        return constrain(out, ("batch", None, None, "capacity", "act_embed")).reshape(buf_gqpd.shape)
+
+    def _round_trip(self, buf_gqpd: jax.Array, counts_gqx: jax.Array | None) -> jax.Array:
+        cap = buf_gqpd.shape[2]
         if not self._dtd_active():
             buf_gqpd = constrain(buf_gqpd, ("batch", None, "capacity", "act_embed"))
             buf_gqpd = constrain(buf_gqpd, ("expert_batch", "experts", "capacity", "act_embed"))  # all-to-all
-            return checkpoint_name(buf_gqpd, "moe_dispatched")
-        buf_gqpd = constrain(_pad_slots(buf_gqpd), ("batch", None, "capacity_dtd", "act_embed"))  # local slice
-        buf_gqpd = constrain(buf_gqpd, ("expert_batch", "experts", "capacity_dtd", "act_embed"))  # all-to-all
-        buf_gqpd = checkpoint_name(buf_gqpd, "moe_dispatched")
-        buf_gqpd = constrain(buf_gqpd, ("expert_batch", "experts", "capacity", "act_embed"))  # all-gather
-        return buf_gqpd[:, :, :cap]
+            buf_gqpd = checkpoint_name(buf_gqpd, "moe_dispatched")
+        else:
+            buf_gqpd = constrain(_pad_slots(buf_gqpd), ("batch", None, "capacity_dtd", "act_embed"))  # local slice
+            buf_gqpd = constrain(buf_gqpd, ("expert_batch", "experts", "capacity_dtd", "act_embed"))  # all-to-all
+            buf_gqpd = checkpoint_name(buf_gqpd, "moe_dispatched")
+            buf_gqpd = constrain(buf_gqpd, ("expert_batch", "experts", "capacity", "act_embed"))[:, :, :cap]  # all-gather
+        if counts_gqx is not None:  # rows per expert in each pool: a small int32 all-to-all
+            counts_gqx = constrain(counts_gqx, ("batch", None, None))
+            counts_gqx = constrain(counts_gqx, ("expert_batch", "experts", None))
+        out_gqpd = self._experts(buf_gqpd, counts_gqx)
+        slots = "capacity_dtd" if self._dtd_active() else "capacity"
+        out_gqpd = constrain(out_gqpd, ("batch", None, slots, "act_embed"))  # all-to-all back
+        out_gqpd = checkpoint_name(out_gqpd, "moe_returned")
+        if self._dtd_active():
+            out_gqpd = constrain(out_gqpd, ("batch", None, "capacity", "act_embed"))[:, :, :cap]  # all-gather
+        return out_gqpd
 
-    def _send_counts(self, routed: routing_lib.Routing) -> jax.Array | None:
-        """Rows per expert in each pool `[G, Q, X]` (X experts per pool), moved with the pools: a small
-        int32 all-to-all, 4 X bytes per pool of P x D elements. None for per-expert capacity."""
+    def _counts(self, routed: routing_lib.Routing) -> jax.Array | None:
+        """Rows per expert in each pool `[G, Q, X]` (X experts per pool), moved with the pools: 4 X bytes
+        per pool of P x D elements. None for per-expert capacity."""
         per_pool = routed.experts_per_pool
         if per_pool == 1:
             return None
-        counts_gqx = routed.slot_counts.reshape(routed.slot_counts.shape[0], -1, per_pool)
-        counts_gqx = constrain(counts_gqx, ("batch", None, None))
-        return constrain(counts_gqx, ("expert_batch", "experts", None))  # all-to-all
+        return routed.slot_counts.reshape(routed.slot_counts.shape[0], -1, per_pool)
+
+    def _shadow_experts(self, buf_grcd: jax.Array, placement_e: jax.Array) -> jax.Array:
+        """FasterMoE's shadow experts on this device's own tokens `[G, R, C, D]`: no all-to-all.
+
+        `jnp.take` of the R shadow slots from the expert weights (split over
+        "expert") is a local masked select plus one all-reduce of R x D x F per
+        weight; its transpose sends the gradients back to the owning slots, so
+        the optimizer state never moves.
+        """
+        dt = self.dtype
+        slots_r = jnp.take(placement_e, jnp.minimum(self.shadow_ids[...], self.num_experts - 1))  # E: empty
+
+        def shadow(w, axes):
+            copy = constrain(jnp.take(w[...], slots_r, axis=0), ("shadow_experts", *axes))  # all-reduce
+            return checkpoint_name(copy, "moe_shadow_weights").astype(dt)
+
+        w_in, w_out = shadow(self.w_in, EXPERT_IN_AXES[1:]), shadow(self.w_out, EXPERT_OUT_AXES[1:])
+        w_gate = None if self.w_gate is None else shadow(self.w_gate, EXPERT_IN_AXES[1:])
+        groups, shadows, cap, d_model = buf_grcd.shape
+        rows_rmd = constrain(jnp.swapaxes(buf_grcd, 0, 1).reshape(shadows, groups * cap, d_model),
+                             ("shadow_experts", "batch", "act_embed"))
+        h_rmf = jnp.einsum("rmd,rdf->rmf", rows_rmd, w_in)
+        gate_rmf = None if w_gate is None else jnp.einsum("rmd,rdf->rmf", rows_rmd, w_gate)
+        h_rmf = constrain(activate(h_rmf, gate_rmf), ("shadow_experts", "batch", "act_ffn"))
+        out_rmd = constrain(jnp.einsum("rmf,rfd->rmd", h_rmf, w_out), ("shadow_experts", "batch", "act_embed"))
+        out_rmd = checkpoint_name(out_rmd, "moe_shadow_out")  # after the all-reduce over "tensor"
+        return jnp.swapaxes(out_rmd.reshape(shadows, groups, cap, d_model), 0, 1)
 
     def _experts(self, buf_gqpd: jax.Array, counts_gqx: jax.Array | None) -> jax.Array:
         """Each local expert's FFN on its rows; hidden dim split over "tensor".
@@ -280,19 +369,11 @@ class MoE(nnx.Module):
             out_specs=buf_spec,
         )(buf_gqpd, counts_gqx, w_in, w_gate, w_out)
 
-    def _combine(self, out_gqpd: jax.Array, routed: routing_lib.Routing) -> jax.Array:
-        """Weighted sum of each token's kept choices `[G, S, D]`."""
-        dtd = self._dtd_active()
-        slots = "capacity_dtd" if dtd else "capacity"
-        out_gqpd = constrain(out_gqpd, ("batch", None, slots, "act_embed"))  # all-to-all back
-        out_gqpd = checkpoint_name(out_gqpd, "moe_returned")
-        if dtd:
-            out_gqpd = constrain(out_gqpd, ("batch", None, "capacity", "act_embed"))  # all-gather
-            out_gqpd = out_gqpd[:, :, : routed.capacity]
-        groups, pools, cap, d_model = out_gqpd.shape
+    def _combine(self, out_gnd: jax.Array, routed: routing_lib.Routing) -> jax.Array:
+        """Weighted sum of each token's kept choices `[G, S, D]` from the slot outputs `[G, N, D]`."""
+        groups, _, d_model = out_gnd.shape
         group_size, top_k = routed.expert_index.shape[1:]
-        out_gnd = out_gqpd.reshape(groups, pools * cap, d_model)
-        pos_gsk = jnp.where(routed.kept, routed.pool_index * cap + routed.slot, 0)
+        pos_gsk = jnp.where(routed.kept, routing_lib.slot_positions(routed, self.num_experts), 0)
         picked_gskd = jnp.take_along_axis(out_gnd, pos_gsk.reshape(groups, group_size * top_k, 1), axis=1)
         picked_gskd = picked_gskd.reshape(groups, group_size, top_k, d_model)
         weight_gsk = routed.combine_weight.astype(picked_gskd.dtype)

@@ -62,10 +62,13 @@ class Routing:
     aux_loss: jax.Array  # f32 []                 load-balancing loss
     z_loss: jax.Array  # f32 []                   router z-loss
     expert_load: jax.Array  # f32 [E]             fraction of all choices sent to each logical expert (before drops)
-    pool_load: jax.Array  # f32 [Q]               fraction of all choices sent to each pool (before drops)
+    pool_load: jax.Array  # f32 [Q]               fraction of all choices sent to each pool (before drops; shadowed
+    #                                               choices excluded)
     dropped_fraction: jax.Array  # f32 []         fraction of choices dropped
     capacity: int = dataclasses.field(metadata=dict(static=True))  # slots per pool per group (P)
     experts_per_pool: int = dataclasses.field(metadata=dict(static=True))
+    num_shadows: int = dataclasses.field(default=0, metadata=dict(static=True))  # shadow buffers after the Q pools
+    shadow_capacity: int = dataclasses.field(default=0, metadata=dict(static=True))  # slots per shadow per group
 
 
 def capacity(group_size: int, num_experts: int, top_k: int, capacity_factor: float, min_capacity: int) -> int:
@@ -83,6 +86,8 @@ def route(
     bias: jax.Array | None = None,
     placement: jax.Array | None = None,
     experts_per_pool: int = 1,
+    shadow_ids: jax.Array | None = None,
+    shadow_capacity: int = 0,
 ) -> Routing:
     """Route tokens given float32 router logits `[G, S, E]`.
 
@@ -90,6 +95,9 @@ def route(
     `bias` `[E]` shifts the choice only; `placement` `[E]` int32 maps logical
     experts to physical slots (default identity); `experts_per_pool` slots
     share `experts_per_pool x C` places per group (1 = per-expert capacity).
+    `shadow_ids` `[R]` int32 (logical experts, runtime) are shadowed: their
+    choices go to shadow buffers R of `shadow_capacity` slots, indexed Q..Q+R-1
+    after the Q pools in `pool_index`, and never count against a pool.
     """
     groups, group_size, num_experts = logits.shape
     if not 1 <= top_k <= num_experts:
@@ -108,6 +116,16 @@ def route(
     gate_gsk, index_gsk = _top_k(choice_logits, probs_gse, top_k)
     phys_gsk = index_gsk if placement is None else jnp.take(placement.astype(jnp.int32), index_gsk)
     pool_gsk = phys_gsk // experts_per_pool
+    num_shadows = 0 if shadow_ids is None else int(shadow_ids.shape[0])
+    if num_shadows:
+        if shadow_capacity < 1:
+            raise ValueError(f"shadow_capacity={shadow_capacity} must be >= 1 with {num_shadows} shadow experts")
+        match_gskr = index_gsk[..., None] == shadow_ids.astype(jnp.int32)
+        shadowed_gsk = jnp.any(match_gskr, axis=-1)
+        pool_gsk = jnp.where(shadowed_gsk, num_pools + jnp.argmax(match_gskr, axis=-1), pool_gsk)
+    else:
+        shadowed_gsk = jnp.zeros(index_gsk.shape, bool)
+    bucket_cap_b = jnp.asarray([pool_cap] * num_pools + [shadow_capacity] * num_shadows, jnp.int32)
 
     # Position of each choice in its pool: choices in priority order (k major,
     # token minor), a running count per pool. O(S * K * Q) integers per group.
@@ -117,22 +135,25 @@ def route(
     def from_priority_order(x_gn):
         return jnp.swapaxes(x_gn.reshape(groups, top_k, group_size), 1, 2)
 
-    pool_onehot_gnq = jax.nn.one_hot(priority_order(pool_gsk), num_pools, dtype=jnp.int32)
+    pool_onehot_gnq = jax.nn.one_hot(priority_order(pool_gsk), num_pools + num_shadows, dtype=jnp.int32)
     position_gn = jnp.sum((jnp.cumsum(pool_onehot_gnq, axis=1) - pool_onehot_gnq) * pool_onehot_gnq, axis=-1)
-    kept_gsk = from_priority_order(position_gn) < pool_cap
+    kept_gsk = from_priority_order(position_gn) < bucket_cap_b[pool_gsk]
     if experts_per_pool == 1:
         slot_gsk = from_priority_order(position_gn)
-        slot_counts_ge = jnp.sum(jnp.where(priority_order(kept_gsk)[..., None], pool_onehot_gnq, 0), axis=1)
+        main_kept_gn = priority_order(kept_gsk & ~shadowed_gsk)
+        slot_counts_ge = jnp.sum(jnp.where(main_kept_gn[..., None], pool_onehot_gnq[..., :num_pools], 0), axis=1)
     else:
         # Kept choices laid out by slot inside the pool: rank among the slot's kept
         # choices, after the kept choices of the pool's earlier slots.
-        kept_onehot_gne = jax.nn.one_hot(jnp.where(priority_order(kept_gsk), priority_order(phys_gsk), -1),
+        main_kept_gn = priority_order(kept_gsk & ~shadowed_gsk)
+        kept_onehot_gne = jax.nn.one_hot(jnp.where(main_kept_gn, priority_order(phys_gsk), -1),
                                          num_experts, dtype=jnp.int32)
         rank_gn = jnp.sum((jnp.cumsum(kept_onehot_gne, axis=1) - kept_onehot_gne) * kept_onehot_gne, axis=-1)
         slot_counts_ge = jnp.sum(kept_onehot_gne, axis=1)
         counts_gqx = slot_counts_ge.reshape(groups, num_pools, experts_per_pool)
         offset_ge = (jnp.cumsum(counts_gqx, axis=-1) - counts_gqx).reshape(groups, num_experts)
         slot_gsk = jnp.take_along_axis(offset_ge[:, None, :], phys_gsk, axis=-1) + from_priority_order(rank_gn)
+        slot_gsk = jnp.where(shadowed_gsk, from_priority_order(position_gn), slot_gsk)
 
     weight_gsk = jnp.where(kept_gsk, gate_gsk, 0.0)
     if renormalize:
@@ -146,7 +167,7 @@ def route(
 
     choices = groups * group_size * top_k
     expert_load = jnp.sum(jax.nn.one_hot(index_gsk, num_experts, dtype=jnp.float32), axis=(0, 1, 2)) / choices
-    pool_load = jnp.sum(pool_onehot_gnq, axis=(0, 1)).astype(jnp.float32) / choices
+    pool_load = jnp.sum(pool_onehot_gnq[..., :num_pools], axis=(0, 1)).astype(jnp.float32) / choices
     dropped_fraction = jnp.sum(~kept_gsk) / kept_gsk.size  # exactly 0 when nothing drops
     return Routing(
         expert_index=index_gsk.astype(jnp.int32),
@@ -162,6 +183,8 @@ def route(
         dropped_fraction=dropped_fraction,
         capacity=pool_cap,
         experts_per_pool=experts_per_pool,
+        num_shadows=num_shadows,
+        shadow_capacity=shadow_capacity if num_shadows else 0,
     )
 
 
@@ -195,9 +218,9 @@ def dispatch_indices(routing: Routing, num_experts: int) -> jax.Array:
     rather than a one-hot `[S, E, C]` einsum (O(S * E * C * d_model)).
     """
     groups, group_size, top_k = routing.expert_index.shape
-    cap = routing.capacity
-    num_slots = num_experts // routing.experts_per_pool * cap
-    flat_pos_gsk = routing.pool_index * cap + routing.slot
+    cap, num_pools = routing.capacity, num_experts // routing.experts_per_pool
+    num_slots = num_pools * cap + routing.num_shadows * routing.shadow_capacity
+    flat_pos_gsk = slot_positions(routing, num_experts)
     # Dropped choices scatter out of bounds and are discarded.
     flat_pos_gsk = jnp.where(routing.kept, flat_pos_gsk, num_slots)
     token_sk = jnp.broadcast_to(jnp.arange(group_size, dtype=jnp.int32)[:, None], (group_size, top_k))
@@ -208,3 +231,12 @@ def dispatch_indices(routing: Routing, num_experts: int) -> jax.Array:
         return empty_n.at[pos_sk.reshape(-1)].set(token_sk.reshape(-1), mode="drop")
 
     return jax.vmap(one_group)(flat_pos_gsk)
+
+
+def slot_positions(routing: Routing, num_experts: int) -> jax.Array:
+    """Flat position of every choice in the dispatch buffer `[Q * P + R * C_shadow]`: int32 `[G, S, K]`
+    (meaningful where kept). Pools first, then the shadow buffers."""
+    cap, num_pools = routing.capacity, num_experts // routing.experts_per_pool
+    shadow = routing.pool_index - num_pools
+    return jnp.where(shadow >= 0, num_pools * cap + shadow * routing.shadow_capacity + routing.slot,
+                     routing.pool_index * cap + routing.slot)

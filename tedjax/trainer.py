@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tedjax.config import TrainConfig, check_mesh
-from tedjax.mesh import RULES, logical_to_spec, state_shardings
+from tedjax.mesh import MESH_AXES, RULES, logical_to_spec, state_shardings
 from tedjax.model import Transformer, abstract_model, loss_fn, moe_layers, update_balance
 from tedjax.moe import EXPERT_WEIGHTS
 from tedjax.optim import (
@@ -77,12 +77,16 @@ class Trainer:
         step_fn = functools.partial(
             train_step, graphdef=graphdef, tx=self.tx, config=config, trainer_static=self._static()
         )
-        self.train_step = jax.jit(step_fn, donate_argnums=0, out_shardings=(self.state_shardings, replicated))
+        # The layers read the mesh while tracing (pools, DTD), so the steps always run under this one.
+        self.train_step = OnMesh(jax.jit(step_fn, donate_argnums=0, out_shardings=(self.state_shardings, replicated)),
+                                 mesh)
         abstract = abstract_model(config.model, config.seed)
         self.moe_paths = [path for path, module in nnx.iter_modules(abstract) if module in moe_layers(abstract)]
-        self.move_experts = jax.jit(self._move_experts, donate_argnums=0, out_shardings=self.state_shardings)
+        self.move_experts = OnMesh(jax.jit(self._move_experts, donate_argnums=0, out_shardings=self.state_shardings),
+                                   mesh)
         self._move_compiled = None
-        self.eval_step = jax.jit(functools.partial(eval_step, graphdef=graphdef), out_shardings=replicated)
+        self.eval_step = OnMesh(jax.jit(functools.partial(eval_step, graphdef=graphdef), out_shardings=replicated),
+                                mesh)
 
     def _static(self) -> "_Static":
         return _Static(self.mesh, self.schedule, self.zero1_shardings, self.param_shardings)
@@ -142,21 +146,76 @@ class Trainer:
         opt_state = jax.tree.map(move, state.opt_state, opt_layer_of, self.opt_shardings)
         return dataclasses.replace(state, params=params, opt_state=opt_state, model_state=model_state)
 
-    def rebalance(self, state: TrainState) -> tuple[TrainState, list]:
-        """SmartMoE's online step: propose placements from the recent loads (host side, `tedjax.balance`)
-        and move the layers that gain. Returns the new state and the `PlacementChange`s adopted."""
+    def balance_due(self, step: int) -> bool:
+        """Whether `rebalance` has work after `step` (placement or shadow decisions)."""
+        cfg = self.config
+        shadows = cfg.model.shadow_experts and step % cfg.balance.shadow_every == 0
+        return bool(shadows or (cfg.balance.every and step % cfg.balance.every == 0))
+
+    def shadow_cost_model(self):
+        """FasterMoE's latency model for this config and mesh (tedjax.balance.ShadowCostModel)."""
         from tedjax import balance
 
-        num_devices = int(self.mesh.shape["expert"])
-        placements, changes = balance.propose(self.load_means(state), self.placements(state), num_devices,
-                                              self.config.balance.margin)
-        if changes:
-            placements = jax.device_put(self.check_placements(placements), NamedSharding(self.mesh, PartitionSpec()))
-            with jax.set_mesh(self.mesh):
+        cfg, data, (_, expert, tensor) = self.config, self.config.data, tuple(self.mesh.shape[a] for a in MESH_AXES)
+        m = cfg.model
+        return balance.ShadowCostModel(
+            d_model=m.d_model, expert_d_ff=m.expert_d_ff // tensor, weight_matrices=3 if m.activation == "swiglu" else 2,
+            bytes_per_element=jnp.dtype(m.compute_dtype).itemsize, num_devices=expert,
+            tokens_per_step=m.top_k * data.batch_size * data.seq_len / self.mesh.shape["data"],
+            flop_rate=cfg.balance.matmul_tflops * 1e12, link_bytes_per_s=cfg.balance.link_gbytes_per_s * 1e9,
+        )  # fmt: skip
+
+    def rebalance(self, state: TrainState, step: int) -> tuple[TrainState, dict]:
+        """Host-side balance decisions after `step`, from each layer's recent loads (`tedjax.balance`).
+
+        Shadows first (FasterMoE's cost model, every balance.shadow_every steps):
+        a new set is only an int array in the state. Then placement (SmartMoE,
+        every balance.every steps) on the loads that still reach the pools,
+        shadowed experts counting 0: shadows take the hottest experts out of
+        the pools, placement spreads the rest. Returns the new state and what
+        changed: {"shadows": [(layer, ids, predicted latency before, after)],
+        "placement": [PlacementChange]}.
+        """
+        from tedjax import balance
+
+        cfg, loads = self.config, self.load_means(state)
+        done: dict = {"shadows": [], "placement": []}
+        shadow_ne = self.shadow_ids(state)
+        if cfg.model.shadow_experts and step % cfg.balance.shadow_every == 0:
+            cost, placements = self.shadow_cost_model(), self.placements(state)
+            for layer, (load_e, placement_e) in enumerate(zip(loads, placements)):
+                ids, before, after = balance.choose_shadows(load_e, placement_e, cfg.model.shadow_experts, cost)
+                if not np.array_equal(ids, shadow_ne[layer]):
+                    done["shadows"].append((layer, ids.tolist(), before, after))
+                shadow_ne[layer] = ids
+            state = self._set_balance(state, "shadow_ids", shadow_ne)
+        if cfg.balance.every and step % cfg.balance.every == 0:
+            experts = cfg.model.num_experts
+            pool_loads = np.stack([np.where(np.isin(np.arange(experts), ids), 0.0, load)
+                                   for load, ids in zip(loads, shadow_ne)])
+            placements, changes = balance.propose(pool_loads, self.placements(state), int(self.mesh.shape["expert"]),
+                                                  cfg.balance.margin)
+            if changes:
+                placements = jax.device_put(self.check_placements(placements),
+                                            NamedSharding(self.mesh, PartitionSpec()))
                 if self._move_compiled is None:
                     self._move_compiled = self.move_experts.lower(state, placements).compile()
-                state = self._move_compiled(state, placements)
-        return state, changes
+                with jax.set_mesh(self.mesh):
+                    state = self._move_compiled(state, placements)
+            done["placement"] = changes
+        return state, done
+
+    def shadow_ids(self, state: TrainState) -> np.ndarray:
+        """Each MoE layer's shadow experts, int `[n_moe, R]` on the host (E = an empty slot)."""
+        return np.stack([np.asarray(_at(state.model_state, path)["shadow_ids"]) for path in self.moe_paths])
+
+    def _set_balance(self, state: TrainState, name: str, values_n) -> TrainState:
+        """A copy of `state` with each MoE layer's `name` replaced (same sharding, so nothing recompiles)."""
+        model_state = jax.tree.map(lambda x: x, state.model_state)
+        for path, value in zip(self.moe_paths, values_n):
+            leaf = _at(model_state, path)
+            leaf[name] = jax.device_put(np.asarray(value, leaf[name].dtype), leaf[name].sharding)
+        return dataclasses.replace(state, model_state=model_state)
 
     def move_bytes(self) -> dict[str, float]:
         """Bytes one device sends per placement move, by collective kind, from the compiled HLO (after a move)."""
@@ -201,6 +260,25 @@ class Trainer:
         batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.batch_sharding) for k in ("inputs", "targets")}
         with jax.set_mesh(self.mesh):
             return self.train_step.lower(state, batch)
+
+
+class OnMesh:
+    """A jitted function that always traces and runs under `jax.set_mesh(mesh)`: called outside the
+    mesh, a layer that reads the mesh while tracing (device pools, DTD) would compute something else."""
+
+    def __init__(self, jitted, mesh: Mesh):
+        self.jitted, self.mesh = jitted, mesh
+
+    def __call__(self, *args):
+        with jax.set_mesh(self.mesh):
+            return self.jitted(*args)
+
+    def lower(self, *args):
+        with jax.set_mesh(self.mesh):
+            return self.jitted.lower(*args)
+
+    def _cache_size(self) -> int:
+        return self.jitted._cache_size()
 
 
 @dataclasses.dataclass(frozen=True)

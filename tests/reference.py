@@ -34,7 +34,7 @@ def loss_and_grads(config: tedjax.ModelConfig, mesh, batch, seed: int = 0):
     """(loss, grads as a pure dict of numpy arrays, metrics, compiled) of `config` on `mesh`."""
     model = tedjax.init_model(config, mesh, seed=seed)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    params = nnx.to_pure_dict(params)
+    params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
 
     def grad_fn(params, batch):
         loss_of = lambda p: tedjax.loss_fn(nnx.merge(graphdef, p, rest), batch)  # noqa: E731

@@ -90,7 +90,7 @@ def test_non_expert_gradients_reduced_over_data_and_expert(program):
     # The local shard of every parameter whose data-parallel group is `dp_axes` crosses it
     # once: non-expert parameters (group data x expert), and expert parameters too when
     # expert = 1 (their group is data alone).
-    _, abstract = nnx.split(tedjax.model.abstract_model(CONFIG))
+    _, abstract, _ = nnx.split(tedjax.model.abstract_model(CONFIG), nnx.Param, ...)  # parameters only
     local_bytes = 0
     for variable in jax.tree.leaves(abstract, is_leaf=lambda x: isinstance(x, nnx.Variable)):
         spec = tedjax.logical_to_spec(variable.logical_axes)

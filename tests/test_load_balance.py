@@ -171,6 +171,7 @@ def placed_loss_and_grads(config, mesh, batch, placement_e):
             if w is not None:
                 w[...] = jnp.take(w[...], jnp.argsort(jnp.asarray(placement_e)), axis=0)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    rest = nnx.to_pure_dict(rest)
 
     def grad_fn(params, batch):
         loss_of = lambda p: tedjax.loss_fn(nnx.merge(graphdef, p, rest), batch)  # noqa: E731

@@ -1,0 +1,214 @@
+"""FasterMoE in tedjax: shadow experts (any set, changed at run time, on every layout) and the chunked
+all-to-all (smart scheduling), checked against the 1-device reference and in the compiled HLO."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from reference import FACTORIZATIONS, max_abs_diff, one_device_mesh, small_batch, variant
+from test_load_balance import POOLED, TINY_RUN, batches, placed_loss_and_grads, run_steps, tiny_trainer
+
+import tedjax
+from tedjax import analysis, balance, routing
+from tedjax.config import check_mesh, load_config
+from tedjax.model import moe_layers
+
+SHADOWED = variant(POOLED, shadow_experts=2, a2a_chunks=2)  # device pools + shadows + 2 chunks, nothing drops
+SHADOWED_DTD = variant(POOLED, capacity_scope="expert", shadow_experts=2, dtd=True)
+SHADOW_SETS = [np.array([3, 5]), np.array([6, 8])]  # 8 = an empty shadow slot
+
+
+def shadowed_grad_fn(config, mesh):
+    """(jitted loss-and-grads taking the non-parameter state as an argument, params, rest)."""
+    model = tedjax.init_model(config, mesh)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def grad_fn(params, rest, batch):
+        loss_of = lambda p: tedjax.loss_fn(nnx.merge(graphdef, p, rest), batch)  # noqa: E731
+        (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
+        return loss, grads, metrics
+
+    return jax.jit(grad_fn), nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+
+
+def with_shadows(rest, ids):
+    rest = jax.tree.map(lambda x: x, rest)
+    for layer in rest["blocks"].values():
+        if "shadow_ids" in layer["ffn"]:
+            layer["ffn"]["shadow_ids"] = jnp.asarray(ids, jnp.int32)
+    return rest
+
+
+@pytest.fixture(scope="module")
+def reference():
+    batch = small_batch()
+    loss, grads, metrics = placed_loss_and_grads(variant(POOLED, capacity_scope="expert"), one_device_mesh(),
+                                                 batch, np.arange(8))
+    return batch, loss, grads
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config,layout", [(SHADOWED, layout) for layout in FACTORIZATIONS]
+                         + [(SHADOWED_DTD, layout) for layout in [(2, 2, 2), (1, 4, 2), (1, 2, 4)]],
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else
+                         ("dtd" if v.dtd else "pool_chunks"))  # fmt: skip
+def test_shadows_change_nothing_but_where_tokens_compute(reference, config, layout):
+    batch, ref_loss, ref_grads = reference
+    mesh = tedjax.make_mesh(*layout)
+    grad_fn, params, rest = shadowed_grad_fn(config, mesh)
+    with jax.set_mesh(mesh):
+        batch = jax.device_put(batch, tedjax.mesh.named_sharding(mesh, ("batch", None)))
+        for ids in SHADOW_SETS:  # a new set between steps: same function, same compiled program
+            loss, grads, metrics = grad_fn(params, with_shadows(rest, ids), batch)
+            assert float(np.max(metrics["dropped_fraction"])) == 0.0
+            assert abs(float(loss) - ref_loss) < 1e-5 * max(1.0, abs(ref_loss))
+            assert max_abs_diff(jax.tree.map(np.asarray, grads), ref_grads) < 1e-5
+    assert grad_fn._cache_size() == 1
+
+
+def test_shadowed_tokens_skip_the_pools():
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(4, 32, 8)) + np.linspace(2, -2, 8), jnp.float32)
+    r = routing.route(logits, top_k=2, capacity_factor=1.0, min_capacity=1, experts_per_pool=2,
+                      shadow_ids=jnp.asarray([0, 8], jnp.int32), shadow_capacity=32)
+    to_zero = np.asarray(r.expert_index) == 0
+    assert to_zero.any()
+    np.testing.assert_array_equal(np.asarray(r.pool_index)[to_zero], 4)  # the shadow buffer after 4 pools
+    assert np.asarray(r.kept)[to_zero].all()  # its own capacity, S per group: nothing drops there
+    assert np.asarray(r.slot_counts)[:, 0].sum() == 0  # nothing of expert 0 enters its pool
+    np.testing.assert_allclose(float(np.asarray(r.pool_load).sum()), 1 - to_zero.mean(), rtol=1e-6)
+    plain = routing.route(logits, top_k=2, capacity_factor=1.0, min_capacity=1, experts_per_pool=2)
+    assert float(r.dropped_fraction) < float(plain.dropped_fraction)
+
+
+# ----------------------------------------------------------------------------- compiled HLO
+
+
+def compiled_forward(config, layout, shadow_ids=None):
+    mesh = tedjax.make_mesh(*layout)
+    model = tedjax.init_model(config, mesh)
+    with jax.set_mesh(mesh):
+        moe = moe_layers(model)[0]
+        if shadow_ids is not None:
+            moe.shadow_ids[...] = jnp.asarray(shadow_ids, jnp.int32)
+        graphdef, state = nnx.split(moe)
+        x = jax.device_put(jnp.ones((8, 16, config.d_model)), tedjax.mesh.named_sharding(mesh, ("batch", None, None)))
+        fn = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x)[0])
+        return mesh, fn.lower(state, x).compile()
+
+
+@pytest.fixture(scope="module")
+def chunk_programs():
+    base = variant(POOLED, capacity_scope="expert")
+    return {n: compiled_forward(variant(base, a2a_chunks=n), (2, 4, 1)) for n in (1, 2)}
+
+
+def test_chunks_split_each_all_to_all_into_n_of_1_over_n_the_bytes(chunk_programs):
+    (mesh, one), (_, two) = chunk_programs[1], chunk_programs[2]
+    a2a = {n: [c for c in analysis.collectives(p, mesh) if c.kind == "all-to-all" and c.axes == ("expert",)]
+           for n, p in ((1, one), (2, two))}  # fmt: skip
+    assert len(a2a[1]) == 2 and len(a2a[2]) == 4
+    assert {c.result_bytes for c in a2a[2]} == {a2a[1][0].result_bytes // 2}
+
+
+def test_each_chunk_returns_without_waiting_for_the_next_chunk(chunk_programs):
+    """In the compiled program, each return all-to-all depends on exactly one dispatch all-to-all: chunk 0's
+    experts never wait for chunk 1's transfer, so XLA may overlap them."""
+    _, two = chunk_programs[2]
+    depends_on = analysis.ancestors_in_entry(two, "all-to-all")
+    dispatch = [a for a, before in depends_on.items() if not before]
+    returns = [a for a, before in depends_on.items() if before]
+    assert len(dispatch) == 2 and len(returns) == 2
+    for r in returns:
+        assert len(depends_on[r] & set(dispatch)) == 1
+
+
+def test_shadow_weights_cost_one_all_reduce_of_r_experts():
+    mesh, compiled = compiled_forward(variant(POOLED, capacity_scope="expert", shadow_experts=2), (2, 4, 1),
+                                      shadow_ids=[1, 6])
+    reduces = [c for c in analysis.collectives(compiled, mesh) if c.kind == "all-reduce" and "expert" in c.axes]
+    d, f = POOLED.d_model, POOLED.expert_d_ff
+    per_weight = 2 * d * f * 4  # R = 2 experts' [D, F] float32
+    weights = 3  # SwiGLU: w_in, w_gate, w_out
+    assert sum(c.result_bytes for c in reduces) == weights * per_weight
+    assert not [c for c in analysis.collectives(compiled, mesh) if c.kind == "all-gather"]
+
+
+# ----------------------------------------------------------------------------- the policy
+
+
+def cost_model(tokens=1e4, devices=4):
+    return balance.ShadowCostModel(d_model=256, expert_d_ff=1024, weight_matrices=2, bytes_per_element=2,
+                                   num_devices=devices, tokens_per_step=tokens, flop_rate=4e14,
+                                   link_bytes_per_s=1e11)  # fmt: skip
+
+
+def test_greedy_shadows_match_brute_force_on_small_cases():
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        load = rng.dirichlet(np.ones(8) * rng.choice([0.3, 1.0, 3.0]))
+        placement = rng.permutation(8)
+        cost = cost_model(tokens=rng.choice([1e3, 1e4, 1e5]))
+        ids, before, after = balance.choose_shadows(load, placement, 2, cost)
+        best_set, best = balance.best_shadows_brute_force(load, placement, 2, cost)
+        assert after == pytest.approx(best, rel=1e-12)
+        assert after <= before
+        assert len(ids) == 2 and set(ids.tolist()) <= set(range(9))
+
+
+def test_no_shadow_when_copying_costs_more_than_it_saves():
+    uniform = np.full(8, 1 / 8)
+    ids, before, after = balance.choose_shadows(uniform, np.arange(8), 2, cost_model(tokens=100.0))
+    assert ids.tolist() == [8, 8] and after == before  # all slots empty
+    skewed = np.array([0.5, 0.2, 0.1, 0.05, 0.05, 0.04, 0.03, 0.03])
+    ids, before, after = balance.choose_shadows(skewed, np.arange(8), 2, cost_model(tokens=1e6))
+    assert 0 in ids.tolist() and after < before
+
+
+def test_training_picks_shadows_without_recompiling(tmp_path):
+    trainer = tiny_trainer("model.shadow_experts=1", "balance.shadow_every=2", "model.aux_loss_weight=0",
+                           "model.capacity_factor=1.0", "balance.matmul_tflops=0.001")  # compute-bound: shadows pay
+    state = trainer.init_state()
+    chosen = []
+    for step, batch in enumerate(batches(trainer, 4), start=1):
+        state, _ = run_steps(trainer, state, [batch])
+        if trainer.balance_due(step):
+            state, done = trainer.rebalance(state, step)
+            chosen += done["shadows"]
+    assert chosen and trainer.shadow_ids(state)[0, 0] < 8
+    assert trainer.train_step._cache_size() == 1
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.shadow_experts=8", "shadow_experts=8 must be < num_experts=8"),
+    ("model.shadow_experts=-1", "model.shadow_experts"),
+    ("model.a2a_chunks=0", "model.a2a_chunks"),
+    ("balance.shadow_every=0", "balance.shadow_every"),
+])  # fmt: skip
+def test_bad_shadow_or_chunk_config_is_refused(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, [*TINY_RUN, override])
+
+
+def test_chunks_that_do_not_divide_the_groups_are_refused_before_compiling():
+    config = load_config(None, [*TINY_RUN, "model.a2a_chunks=3"])
+    with pytest.raises(ValueError, match="a2a_chunks=3 does not divide"):
+        check_mesh(config.model, tedjax.make_mesh(2, 2, 2), config.data.batch_size, config.data.seq_len)
+
+
+def test_shadow_state_survives_checkpoint_onto_another_layout(tmp_path):
+    from tedjax.loop import run
+
+    base = [*TINY_RUN, "model.shadow_experts=1", "balance.shadow_every=2", "balance.matmul_tflops=0.001",
+            "model.aux_loss_weight=0",
+            "checkpoint.every=3", "log.eval_every=0", "log.eval_batches=1", "steps=4"]  # fmt: skip
+    first = run(load_config(None, [*base, f"log.dir={tmp_path}"]), stop_after=3)
+    saved = first.trainer.shadow_ids(first.state)
+    resumed = run(load_config(None, [*base, f"log.dir={tmp_path}", "mesh.data=1", "mesh.expert=4"]), resume=True)
+    np.testing.assert_array_equal(resumed.trainer.shadow_ids(resumed.state), saved)
+    assert saved[0, 0] < 8, "the policy chose a shadow before the checkpoint"
+    assert 4 in resumed.train_losses
