@@ -240,9 +240,8 @@ class MoE(nnx.Module):
 
     def _gather_slots(self, x_gsd: jax.Array, routed: routing_lib.Routing) -> jax.Array:
         """Every dispatch slot's token `[G, N, D]`: the Q pools of P slots, then the shadow buffers (local gathers)."""
-        slot_token_gn = routing_lib.dispatch_indices(routed, self.num_experts)
-        buf_gnd = jnp.take_along_axis(x_gsd, slot_token_gn[..., None], axis=1, mode="fill", fill_value=0)
-        return buf_gnd.astype(self.dtype)
+        choice_gn, slot_gc = _slot_maps(routed, self.num_experts)
+        return _gather_tokens(x_gsd.astype(self.dtype), choice_gn, slot_gc, routed.expert_index.shape[-1])
 
     def _exchange(self, buf_gqpd: jax.Array, counts_gqx: jax.Array | None) -> jax.Array:
         """Pools to their devices, the experts, and back: `[G, Q, P, D] -> [G, Q, P, D]`.
@@ -373,11 +372,47 @@ class MoE(nnx.Module):
         """Weighted sum of each token's kept choices `[G, S, D]` from the slot outputs `[G, N, D]`."""
         groups, _, d_model = out_gnd.shape
         group_size, top_k = routed.expert_index.shape[1:]
-        pos_gsk = jnp.where(routed.kept, routing_lib.slot_positions(routed, self.num_experts), 0)
-        picked_gskd = jnp.take_along_axis(out_gnd, pos_gsk.reshape(groups, group_size * top_k, 1), axis=1)
+        choice_gn, slot_gc = _slot_maps(routed, self.num_experts)
+        picked_gskd = jax.vmap(grouped.gather_rows)(out_gnd, slot_gc, choice_gn)
         picked_gskd = picked_gskd.reshape(groups, group_size, top_k, d_model)
         weight_gsk = routed.combine_weight.astype(picked_gskd.dtype)
         return jnp.einsum("gskd,gsk->gsd", picked_gskd, weight_gsk)
+
+
+def _slot_maps(routed: routing_lib.Routing, num_experts: int) -> tuple[jax.Array, jax.Array]:
+    """The two index maps between choices and dispatch slots, each the other's inverse:
+    the choice (s * K + k) in every slot `[G, N]` (S * K where empty), and the slot of every
+    choice `[G, S * K]` (N where dropped)."""
+    choice_gn = routing_lib.dispatch_indices(routed, num_experts)
+    groups, group_size, top_k = routed.expert_index.shape
+    num_slots = choice_gn.shape[1]
+    slot_gc = jnp.where(routed.kept, routing_lib.slot_positions(routed, num_experts), num_slots)
+    return choice_gn, slot_gc.reshape(groups, group_size * top_k)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _gather_tokens(x_gsd: jax.Array, choice_gn: jax.Array, slot_gc: jax.Array, top_k: int) -> jax.Array:
+    """Dispatch: slot n of group g holds token choice_gn // K (0 where empty), `[G, N, D]`.
+
+    Its transpose sums each token's K slots with gathers (`slot_gc`). XLA's own
+    transpose of the gather is a scatter-add, which XLA:CPU runs element by element.
+    """
+    return jnp.take_along_axis(x_gsd, (choice_gn // top_k)[..., None], axis=1, mode="fill", fill_value=0)
+
+
+def _gather_tokens_fwd(x_gsd, choice_gn, slot_gc, top_k):
+    return _gather_tokens(x_gsd, choice_gn, slot_gc, top_k), (choice_gn, slot_gc)
+
+
+def _gather_tokens_bwd(top_k, residual, dbuf_gnd):
+    choice_gn, slot_gc = residual
+    groups, choices = slot_gc.shape
+    picked_gcd = jnp.take_along_axis(dbuf_gnd, slot_gc[..., None], axis=1, mode="fill", fill_value=0)
+    dx_gsd = jnp.sum(picked_gcd.reshape(groups, choices // top_k, top_k, -1), axis=2)
+    return dx_gsd, None, None
+
+
+_gather_tokens.defvjp(_gather_tokens_fwd, _gather_tokens_bwd)
 
 
 def _on_ted_mesh() -> bool:

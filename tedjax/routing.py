@@ -212,9 +212,10 @@ def apply_jitter(x: jax.Array, key: jax.Array, eps: float) -> jax.Array:
 
 
 def dispatch_indices(routing: Routing, num_experts: int) -> jax.Array:
-    """For every pool slot, the token it holds: int32 `[G, Q * P]`, S where empty.
+    """For every dispatch slot, the choice it holds, s * K + k: int32 `[G, Q * P + R * C_shadow]`,
+    S * K where empty (so `// K` gives the token, S where empty).
 
-    A scatter of S * K token ids, so dispatching costs O(E * C * d_model) gathers
+    A scatter of S * K ids, so dispatching costs O(E * C * d_model) gathers
     rather than a one-hot `[S, E, C]` einsum (O(S * E * C * d_model)).
     """
     groups, group_size, top_k = routing.expert_index.shape
@@ -223,12 +224,12 @@ def dispatch_indices(routing: Routing, num_experts: int) -> jax.Array:
     flat_pos_gsk = slot_positions(routing, num_experts)
     # Dropped choices scatter out of bounds and are discarded.
     flat_pos_gsk = jnp.where(routing.kept, flat_pos_gsk, num_slots)
-    token_sk = jnp.broadcast_to(jnp.arange(group_size, dtype=jnp.int32)[:, None], (group_size, top_k))
+    choice_c = jnp.arange(group_size * top_k, dtype=jnp.int32)
 
     def one_group(pos_sk):
         # vmap makes G a scatter batch dim, which the SPMD partitioner keeps local.
-        empty_n = jnp.full((num_slots,), group_size, jnp.int32)
-        return empty_n.at[pos_sk.reshape(-1)].set(token_sk.reshape(-1), mode="drop")
+        empty_n = jnp.full((num_slots,), group_size * top_k, jnp.int32)
+        return empty_n.at[pos_sk.reshape(-1)].set(choice_c, mode="drop")
 
     return jax.vmap(one_group)(flat_pos_gsk)
 

@@ -22,7 +22,7 @@ def _route_and_dispatch(logits, top_k, capacity_factor, min_capacity, renormaliz
     r = routing.route(
         logits, top_k=top_k, capacity_factor=capacity_factor, min_capacity=min_capacity, renormalize=renormalize
     )
-    return r, routing.dispatch_indices(r, logits.shape[-1])
+    return r, routing.dispatch_indices(r, logits.shape[-1]) // top_k  # the token in each slot (S where empty)
 
 
 # One compile per (shape, statics): route and dispatch_indices jitted together, as the MoE layer uses them.
