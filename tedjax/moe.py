@@ -27,6 +27,16 @@ results are the same as with `dtd=False`; the all-to-all then carries
 ceil(C / tensor) / C of the bytes. DTD acts only where it saves something:
 on meshes with both "expert" and "tensor" larger than 1 (with expert = 1
 there is no all-to-all to shrink, only all-gathers to add).
+
+Load balance (NOTES.md section 8). The buffer's second dim is Q pools of P
+slots: E pools of C slots (per-expert capacity), or one pool of E_local x C
+slots per device of the "expert" axis (`capacity_scope="device"`), whose
+rows `grouped.pool_ffn` computes per expert inside `shard_map`. Expert weights
+sit in physical slots given by the runtime `placement`. Shadow experts add R
+buffers after the pools that never leave their device: the shadowed weights
+come to every device (one all-reduce of R experts per weight). With
+`a2a_chunks = n` each all-to-all and the expert FFN between them run as n
+independent chunks of the routing groups.
 """
 
 from __future__ import annotations

@@ -320,13 +320,19 @@ def _permute_slots(leaf: jax.Array, perm_s: jax.Array, spec: PartitionSpec, mesh
         here = jax.lax.axis_index(axis)
         source = jax.lax.dynamic_slice_in_dim(perm, here * rows, rows)
         source_device, source_row = source // rows, source % rows
-        out = jnp.zeros_like(block)
-        for shift in range(devices):
-            received = block if shift == 0 else jax.lax.ppermute(
-                block, axis, [(d, (d + shift) % devices) for d in range(devices)])
+        ring = [(d, (d + 1) % devices) for d in range(devices)]
+
+        def keep_mine(shift, visiting, out):
             mine = (source_device == (here - shift) % devices).reshape((rows,) + (1,) * (block.ndim - 1))
-            out = jnp.where(mine, jnp.take(received, source_row, axis=0), out)
-        return out
+            return jnp.where(mine, jnp.take(visiting, source_row, axis=0), out)
+
+        def step(shift, carry):  # a loop, so one visiting block is alive at a time
+            visiting, out = carry
+            visiting = jax.lax.ppermute(visiting, axis, ring)
+            return visiting, keep_mine(shift, visiting, out)
+
+        out = keep_mine(0, block, jnp.zeros_like(block))
+        return jax.lax.fori_loop(1, devices, step, (block, out))[1]
 
     return jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(*entries), PartitionSpec()),
                          out_specs=PartitionSpec(*entries))(leaf, perm_s)
