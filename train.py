@@ -1,6 +1,7 @@
 """Train a TED-sharded MoE language model.
 
     python train.py --config configs/tiny.yaml [key.sub=value ...] [--resume]
+    python train.py --config configs/gpu_2.7b.yaml --dry-run --cpu-devices 64   # check a plan, no training
 
 With no accelerator it runs on simulated CPU devices (8 unless --cpu-devices
 says otherwise). On GPU hosts it runs unchanged; for several hosts start one process per host with
@@ -19,7 +20,13 @@ def parse_args(argv=None):
     parser.add_argument("--config", default="configs/tiny.yaml", help="YAML file from configs/")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. model.top_k=2 steps=100")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in checkpoint.dir")
-    parser.add_argument("--cpu-devices", type=int, help="simulated CPU devices per process when no accelerator (8)")
+    parser.add_argument("--allow-change", default="", metavar="KEY,KEY",
+                        help="with --resume: accept these config changes although they change results "
+                             "(e.g. optimizer.learning_rate,seed); the run records them")
+    parser.add_argument("--cpu-devices", type=int, help="simulated CPU devices per process when no accelerator (8); "
+                        "with --dry-run, as many as the GPUs to check a plan for (up to 64)")
+    parser.add_argument("--dry-run", action="store_true", help="compile the step and print its per-device memory and "
+                        "collectives beside the planner's prediction; no training, nothing written")
     env = os.environ.get
     parser.add_argument("--coordinator", default=env("JAX_COORDINATOR_ADDRESS"),
                         help="host:port of process 0, for multi-process runs ($JAX_COORDINATOR_ADDRESS)")
@@ -54,6 +61,9 @@ def main(argv=None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.cpu_devices is not None and args.cpu_devices < 1:
+        print(f"error: --cpu-devices must be >= 1, got {args.cpu_devices}", file=sys.stderr)
+        return 2
     # Before jax is imported: the CPU platform gets --cpu-devices simulated devices
     # (harmless on GPU hosts, where the GPU stays the default backend).
     preset = re.search(r"xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", ""))
@@ -83,11 +93,23 @@ def main(argv=None) -> int:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
 
+    if args.dry_run:
+        from tedjax.plan import dry_run
+
+        try:
+            dry_run(config)
+        except (ValueError, FileNotFoundError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        return 0
+
     from tedjax.checkpoint import CheckpointError
     from tedjax.loop import TrainingStopped, run
 
     try:
-        result = run(config, resume=args.resume)
+        if args.allow_change and not args.resume:
+            raise ValueError("--allow-change only applies with --resume")
+        result = run(config, resume=args.resume, allow_change=args.allow_change.split(","), config_file=args.config)
     except (ValueError, FileNotFoundError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

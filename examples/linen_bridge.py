@@ -1,13 +1,14 @@
 """tedjax.MoE inside a Flax *Linen* model (through `flax.nnx.bridge`), trained with optax on a mesh.
 
-`nnx.bridge.to_linen(tedjax.MoE, ...)` wraps the NNX layer as a Linen submodule.
-Its parameters arrive in the Linen variables as `bridge.NNXMeta` boxes whose
-metadata holds tedjax's `logical_axes`. Linen's own `nn.get_partition_spec` does
-not read that key (it would report the expert weights as replicated), so
-`tedjax_shardings` below maps each box through `tedjax.logical_to_spec`: the
-expert weights `[E, D, F]` go over "expert" and "tensor", everything else is
-replicated. The same function shards the optax state, whose moments keep the
-boxes (and so the logical axes) of their parameters.
+`tedjax.linen.MoE(...)` is the NNX layer wrapped as a Linen submodule
+(`nnx.bridge.to_linen`); `moe(x, deterministic=True)` switches it to the eval
+capacity factor and no jitter. Its parameters arrive in the Linen variables as
+`bridge.NNXMeta` boxes carrying Flax's `out_sharding` metadata (the logical
+axes), so `tedjax.linen.init_sharded` creates the expert weights `[E, D, F]`
+split over "expert" and "tensor" from the start. The user's own Linen layers
+here declare no axes and are replicated, because `replicate_unannotated=True`
+asks for that. The optax state follows the same shardings: its moments keep
+the boxes, and so the axes, of their parameters.
 
     python examples/linen_bridge.py          # 8 simulated CPU devices if no accelerator
 """
@@ -26,8 +27,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 from flax import linen as nn  # noqa: E402
-from flax.nnx import bridge  # noqa: E402
-from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
+from jax.sharding import Mesh, NamedSharding  # noqa: E402
 
 import tedjax  # noqa: E402
 from tedjax.data import synthetic_batches  # noqa: E402
@@ -42,28 +42,13 @@ class LinenMoELM(nn.Module):
     """A Linen LM: embedding, a causal self-attention block, a tedjax MoE FFN, LM head."""
 
     @nn.compact
-    def __call__(self, tokens_bl: jax.Array) -> tuple[jax.Array, tedjax.MoEStats]:
+    def __call__(self, tokens_bl: jax.Array, train: bool = True) -> tuple[jax.Array, tedjax.MoEStats]:
         x_bld = nn.Embed(VOCAB, D_MODEL)(tokens_bl)
         mask = nn.make_causal_mask(tokens_bl)
         x_bld = x_bld + nn.MultiHeadDotProductAttention(num_heads=4)(nn.LayerNorm()(x_bld), mask=mask)
-        moe = bridge.to_linen(tedjax.MoE, D_MODEL, EXPERTS, EXPERT_FF, top_k=2, capacity_factor=1.5, name="moe")
-        h_bld, stats = moe(nn.LayerNorm()(x_bld))
+        moe = tedjax.linen.MoE(D_MODEL, EXPERTS, EXPERT_FF, top_k=2, capacity_factor=1.5, name="moe")
+        h_bld, stats = moe(nn.LayerNorm()(x_bld), deterministic=not train)
         return nn.Dense(VOCAB)(nn.LayerNorm()(x_bld + h_bld)), stats
-
-
-def tedjax_shardings(tree, mesh: Mesh):
-    """NamedShardings for a (possibly abstract) Linen variable or optax-state tree.
-
-    Boxes from tedjax layers (`bridge.NNXMeta` with "logical_axes") follow
-    tedjax.mesh.RULES; every other leaf is replicated.
-    """
-
-    def one(x):
-        if isinstance(x, bridge.NNXMeta) and "logical_axes" in x.metadata:
-            return NamedSharding(mesh, tedjax.logical_to_spec(x.metadata["logical_axes"]))
-        return NamedSharding(mesh, PartitionSpec())
-
-    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
 
 def default_mesh() -> Mesh:
@@ -89,11 +74,11 @@ def train_step(params, opt_state, batch, *, model: LinenMoELM, tx: optax.Gradien
 
 def init_sharded(model: LinenMoELM, tx: optax.GradientTransformation, mesh: Mesh, seed: int = 0):
     """(params, opt_state), each array created directly in its sharding."""
-    init = lambda key: model.init(key, jnp.zeros((BATCH, SEQ), jnp.int32))["params"]  # noqa: E731
-    key = jax.random.key(seed)
+    tokens = jnp.zeros((BATCH, SEQ), jnp.int32)
+    variables = tedjax.linen.init_sharded(model, mesh, jax.random.key(seed), tokens, replicate_unannotated=True)
+    params = variables["params"]
+    opt_shardings = tedjax.mesh.state_shardings(jax.eval_shape(tx.init, params), mesh, replicate_unannotated=True)
     with jax.set_mesh(mesh):
-        params = jax.jit(init, out_shardings=tedjax_shardings(jax.eval_shape(init, key), mesh))(key)
-        opt_shardings = tedjax_shardings(jax.eval_shape(tx.init, params), mesh)
         opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
     return params, opt_state
 

@@ -2,17 +2,21 @@
 
 The model below is the user's own: flax's `nnx.Embed`, `nnx.MultiHeadAttention`,
 `nnx.LayerNorm` and `nnx.Linear`, with one `tedjax.MoE` as the feed-forward
-layer. Only the MoE's parameters carry tedjax logical axes, so on the mesh
+layer. Only the MoE's parameters declare sharding axes, so on the mesh
 ("data", "expert", "tensor"):
 
   * the MoE's expert weights `[E, D, F]` are split over "expert" (E) and
     "tensor" (F); its router is replicated;
-  * every other parameter has no logical axes and is replicated;
+  * every other parameter declares no axes and is replicated, because
+    `create_sharded(..., replicate_unannotated=True)` asks for that explicitly
+    (without it, an undeclared parameter is an error that says how to declare it);
   * the batch is split over ("data", "expert"), as tedjax expects.
 
 Parameters *and* the Adam moments (nnx.Optimizer copies each parameter's
-metadata to its moments) are created directly in those shardings, by
-`tedjax.mesh.state_shardings` and a jitted init: no unsharded copy exists.
+metadata to its moments) are created directly in those shardings by
+`tedjax.create_sharded`: no unsharded copy exists. The train step is plain
+`nnx.jit`; `examples/nnx_partitioned_transformer.py` shards every layer and
+uses `tedjax.train_step_fn` (one compile, ZeRO-1 optimizer state) instead.
 
     python examples/nnx_custom_model.py          # 8 simulated CPU devices if no accelerator
 """
@@ -89,11 +93,7 @@ def create_sharded(mesh: Mesh, learning_rate: float = 1e-2, seed: int = 0) -> tu
         model = TinyMoELM(rngs=nnx.Rngs(seed))
         return model, nnx.Optimizer(model, _optimizer(learning_rate), wrt=nnx.Param)
 
-    graphdef, abstract_state = nnx.split(nnx.eval_shape(create))
-    shardings = tedjax.mesh.state_shardings(abstract_state, mesh)  # logical axes -> NamedShardings
-    with jax.set_mesh(mesh):
-        state = jax.jit(lambda: nnx.split(create())[1], out_shardings=shardings)()
-    return nnx.merge(graphdef, state)
+    return tedjax.create_sharded(create, mesh, replicate_unannotated=True)
 
 
 def loss_fn(model: TinyMoELM, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:

@@ -1,10 +1,26 @@
-"""Orbax checkpoints of the train state, the data position and the run's model.
+"""Orbax checkpoints of the train state, with checksums, the run's full config and resume guards.
 
-Each checkpoint step holds two items: `state` (the TrainState: parameters,
-optimizer state, step counters; sharded arrays) and `meta` (JSON: the data
-iterator's position, the model config, the mesh). Orbax writes a step to a
-temporary directory and renames it when complete, so a crash mid-save never
-leaves a step that looks complete; `latest_step` only sees finished ones.
+Each checkpoint step holds two items: `state` (the whole TrainState, whatever
+leaves it has; sharded arrays) and `meta` (JSON: the data position, the step
+and the full TrainConfig that produced it). Orbax writes a step to a temporary
+directory and renames it when complete, so a crash mid-save never leaves a
+step that looks complete.
+
+Checksums: orbax's OCDBT store has none, so a flipped byte can restore
+silently. Once orbax has committed a step, a background thread hashes every
+file of it (sha256) into `tedjax_checksums.json` inside the step, off the
+training step's critical path. Resuming verifies the newest step first; a
+step whose files do not match is moved aside (renamed `damaged-<step>`, never
+deleted) and the newest step that verifies is used instead, saying so. A step
+without a manifest (the run was killed while hashing it, or an older tedjax
+wrote it) is restored unverified, with a note.
+
+Resume guards: the config saved in the step is compared field by field with
+the new one. Fields in `SAFE_CHANGES` (mesh, log.*, checkpoint frequency,
+steps upward, ...) may change and are logged; fields that fix parameter
+shapes can never change; every other field, including ones added later,
+changes results and is refused unless named in `allow_change`
+(`--allow-change key1,key2`), in which case the run records it.
 
 Restoring takes the target's shardings, so a checkpoint saved on one mesh
 (say (2, 2, 2)) restores onto another ((1, 4, 2)) by resharding on read.
@@ -13,21 +29,47 @@ Restoring takes the target's shardings, so a checkpoint saved on one mesh
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import queue
+import sys
 import tempfile
+import threading
+import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
-from tedjax.config import ModelConfig, TrainConfig
+from tedjax.config import TrainConfig
 
-# Fields that fix parameter shapes: a checkpoint must agree on all of them.
-SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "num_experts", "expert_d_ff",
-                "moe_every", "activation", "top_k")  # fmt: skip
-RUN_FILE = "tedjax_run.json"
+RUN_FILE = "tedjax_run.json"  # in the checkpoint directory: the current config and every resume's changes
+MANIFEST = "tedjax_checksums.json"  # in each step directory: {relative path: [size, sha256]}
+HASH_CHUNK = 8 << 20
+
+# Model fields that fix parameter shapes: a checkpoint can never be resumed with other values.
+SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "num_experts", "expert_d_ff", "moe_every",
+                "activation", "n_kv_heads", "head_dim", "qk_norm")  # fmt: skip
+# Fields that do not change what the run computes, with the reason; all others do (new fields included).
+SAFE_CHANGES = {
+    "mesh.": "the checkpoint is resharded onto the new mesh on restore",
+    "log.": "logging only",
+    "checkpoint.every": "checkpoint frequency only",
+    "checkpoint.keep": "checkpoint retention only",
+    "checkpoint.async_save": "how checkpoints are written only",
+    "checkpoint.dir": "the same directory, named another way",
+    "max_bad_steps": "only when a run stops",
+    "xla.": "collective-combining thresholds: speed only",
+}
+REASONS = {
+    "model.top_k": "changes which experts each token reaches, so results, although parameter shapes allow it",
+    "steps": "lowering steps shortens the learning-rate schedule, so every later step changes",
+}
 
 
 class CheckpointError(ValueError):
@@ -60,20 +102,213 @@ def _brief(err: Exception) -> str:
     return f"{type(err).__name__}: {text[:300]}{'...' if len(text) > 300 else ''}"
 
 
-def model_signature(model: ModelConfig) -> dict[str, Any]:
-    fields = dataclasses.asdict(model)
-    sig = {k: fields[k] for k in SHAPE_FIELDS}
-    if not model.num_experts:
-        sig.pop("top_k")
-    return sig
+# ---------------------------------------------------------------- checksums
+
+
+def _files(step_dir: Path) -> list[Path]:
+    return sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_manifest(step_dir: str | Path) -> int:
+    """Hash every file of a committed step into its manifest (atomically); returns the bytes hashed."""
+    step_dir = Path(step_dir)
+    files = {p.relative_to(step_dir).as_posix(): [p.stat().st_size, file_sha256(p)] for p in _files(step_dir)}
+    # Compact JSON without a trailing newline: any changed byte changes a token, so it cannot verify by luck.
+    text = json.dumps({"algorithm": "sha256", "files": files}, sort_keys=True, separators=(",", ":"))
+    tmp = step_dir / f".{MANIFEST}.tmp-{os.getpid()}"
+    tmp.write_text(text)
+    os.replace(tmp, step_dir / MANIFEST)
+    return sum(size for size, _ in files.values())
+
+
+def verify_step(step_dir: str | Path) -> list[str] | None:
+    """Problems found checking a step against its manifest ([] = verified); None when it has no manifest."""
+    step_dir = Path(step_dir)
+    path = step_dir / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_bytes())
+        files = manifest["files"]
+        assert manifest["algorithm"] == "sha256" and isinstance(files, dict)
+    except Exception:  # any damage to the manifest itself
+        return [f"{MANIFEST} is damaged"]
+    problems = []
+    for name, entry in sorted(files.items()):
+        p = step_dir / name
+        try:
+            size, digest = entry
+            if not p.is_file():
+                problems.append(f"{name} is missing")
+            elif p.stat().st_size != size:
+                problems.append(f"{name} has {p.stat().st_size} bytes, {size} when saved")
+            elif file_sha256(p) != digest:
+                problems.append(f"{name} changed since it was saved (sha256 mismatch)")
+        except (TypeError, ValueError):
+            problems.append(f"{MANIFEST} is damaged (entry for {name})")
+    unlisted = [p.relative_to(step_dir).as_posix() for p in _files(step_dir)
+                if p.relative_to(step_dir).as_posix() not in files]  # fmt: skip
+    problems += [f"{name} was not there when the step was saved" for name in unlisted]
+    return problems
+
+
+class _ManifestWriter:
+    """Hashes each saved step on a background thread, once orbax has committed it (renamed it into place)."""
+
+    def __init__(self, directory: Path, manager: ocp.CheckpointManager):
+        self.directory, self.manager = directory, manager
+        self.queue: queue.Queue = queue.Queue()
+        self.thread: threading.Thread | None = None
+        self.errors: list[str] = []
+        self.bytes_hashed, self.seconds = 0, 0.0
+
+    def add(self, step: int) -> None:
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._work, name="tedjax-checksums", daemon=True)
+            self.thread.start()
+        self.queue.put(step)
+
+    def _committed(self, step: int) -> bool:
+        final = self.directory / str(step)
+        while True:
+            saving = self.manager.is_saving_in_progress()  # read before the directory: see below
+            if final.exists():
+                return True
+            if not saving:  # orbax renames before it clears the flag: no directory now means the save failed
+                return final.exists()
+            time.sleep(0.02)
+
+    def _work(self) -> None:
+        while True:
+            step = self.queue.get()
+            try:
+                if step is None:
+                    return
+                if self._committed(step):
+                    start = time.perf_counter()
+                    self.bytes_hashed += write_manifest(self.directory / str(step))
+                    self.seconds += time.perf_counter() - start
+            except FileNotFoundError:
+                pass  # rotated away (checkpoint.keep) before it was hashed
+            except Exception as err:  # noqa: BLE001 - reported by wait(), never lost in the thread
+                self.errors.append(f"step {step}: {type(err).__name__}: {err}")
+            finally:
+                self.queue.task_done()
+
+    def drain(self) -> None:
+        if self.thread is not None:
+            self.queue.join()
+
+    def stop(self) -> None:
+        if self.thread is not None:
+            self.queue.put(None)
+            self.thread.join()
+            self.thread = None
+
+
+# ---------------------------------------------------------------- config comparison
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{"model": {"top_k": 1}} -> {"model.top_k": 1}."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Change:
+    key: str  # dotted config key
+    saved: Any
+    new: Any
+    kind: str  # "safe" (allowed and logged), "shape" (never allowed), "result" (needs --allow-change)
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.saved!r} -> {self.new!r} ({self.reason})"
+
+
+def config_changes(saved: dict, config: TrainConfig) -> list[Change]:
+    """Every field of `config` that differs from the `saved` config dict, classified (see the module docstring).
+
+    A key the saved config lacks (a field added since) counts as its default value.
+    """
+    new, old, default = flatten(config.to_dict()), flatten(saved), flatten(TrainConfig().to_dict())
+    dense = not config.model.num_experts
+    shape_keys = {f"model.{k}" for k in SHAPE_FIELDS + (("top_k",) if dense else ())}
+    changes = []
+    for key, value in new.items():
+        before = old.get(key, default.get(key))
+        if before == value:
+            continue
+        safe = next((why for prefix, why in SAFE_CHANGES.items() if key == prefix or key.startswith(prefix)
+                     and prefix.endswith(".")), None)  # fmt: skip
+        if key in shape_keys:
+            change = Change(key, before, value, "shape", "fixes parameter shapes")
+        elif key == "steps" and isinstance(before, int) and value > before:
+            change = Change(key, before, value, "safe", f"the learning-rate schedule now spans {value} steps")
+        elif safe:
+            change = Change(key, before, value, "safe", safe)
+        else:
+            change = Change(key, before, value, "result", REASONS.get(key, "changes results"))
+        changes.append(change)
+    return changes
+
+
+def config_keys() -> set[str]:
+    return set(flatten(TrainConfig().to_dict()))
+
+
+# ---------------------------------------------------------------- the damaged-checkpoint noise of tensorstore
+
+
+def _quiet_closed_event_loop() -> None:
+    """When orbax fails to read a damaged checkpoint, tensorstore's remaining reads finish on its own
+    threads and try to wake the asyncio loop orbax has already closed; each prints a `RuntimeError: Event
+    loop is closed` traceback around the clean error. Drop exactly those (installed once, by restore)."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_tedjax_filter", False):
+        return
+
+    def hook(unraisable):
+        err = unraisable.exc_value
+        if isinstance(err, RuntimeError) and str(err) == "Event loop is closed" and unraisable.object is None:
+            return
+        previous(unraisable)
+
+    hook._tedjax_filter = True
+    sys.unraisablehook = hook
+
+
+# ---------------------------------------------------------------- the checkpointer
 
 
 class Checkpointer:
-    """Saves and restores TrainStates for one run directory."""
+    """Saves and restores TrainStates for one run directory.
 
-    def __init__(self, config: TrainConfig, *, resume: bool):
+    With `resume=True` it picks, before anything is compiled, the newest step
+    that verifies (`resume_step`, None when there is none), and refuses config
+    changes that would alter the run (see the module docstring); `notes` holds
+    what the user should be told (fallbacks, unverified steps, accepted changes).
+    """
+
+    def __init__(self, config: TrainConfig, *, resume: bool, allow_change: Iterable[str] = ()):
         self.config = config
         self.directory = Path(config.checkpoint_dir).absolute()
+        self.allow_change = _check_allow_change(allow_change)
+        self.notes: list[str] = []
+        self.changes: list[Change] = []
+        self.resume_step: int | None = None
+        self._verified: set[int] = set()
         self._check_directory(resume)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=config.checkpoint.keep,
@@ -81,89 +316,266 @@ class Checkpointer:
             cleanup_tmp_directories=True,
             create=True,
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
-        self._write_run_file()
+        handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        self.hasher = _ManifestWriter(self.directory, self.manager)
+
+    # -- before anything is compiled or written
 
     def _check_directory(self, resume: bool) -> None:
-        """Refuse, before anything is compiled or written, to mix runs or overwrite one."""
+        """Refuse, before anything is compiled or written, to mix runs, overwrite one or change one silently."""
         d = self.directory
         if d.exists() and not d.is_dir():
             raise CheckpointError(f"checkpoint path {d} is a file, not a directory; set checkpoint.dir to a directory")
         check_writable(d, "checkpoint.dir (or log.dir)")
         steps = self.existing_steps()
-        run_file = d / RUN_FILE
-        if run_file.exists():
+        if not steps:  # a run that saved nothing (killed early) does not lock the directory
+            if (d / RUN_FILE).exists():
+                self.notes.append(f"{d} holds no checkpoint yet; its {RUN_FILE} is replaced by this run's config")
+            return
+        if not resume:
             try:
-                saved = json.loads(run_file.read_text())["model"]
-            except (ValueError, KeyError) as err:
-                raise CheckpointError(f"{run_file} is corrupt ({err}); move the directory aside or set checkpoint.dir") from None
-            mine = model_signature(self.config.model)
-            theirs = {k: saved.get(k) for k in mine}
-            if theirs != mine:
-                diff = ", ".join(f"{k}: saved {theirs[k]!r} vs config {mine[k]!r}" for k in mine if theirs[k] != mine[k])
-                raise CheckpointError(
-                    f"checkpoint directory {d} holds a different model ({diff}); nothing was changed. "
-                    "Use a new checkpoint.dir (or log.dir), or the config that wrote it"
-                )
-        if steps and not resume:
+                shape = [c for c in self._changes_against(steps[-1]) if c.kind == "shape"]
+            except CheckpointError:
+                shape = []  # unreadable: the refusal below says what to do anyway
+            if shape:
+                raise CheckpointError(_different_model(d, shape))
             raise CheckpointError(
                 f"checkpoint directory {d} already holds steps {steps}; nothing was changed. "
                 "Pass --resume to continue that run, or set checkpoint.dir / log.dir to a new directory"
             )
+        step, damaged = self._newest_verified(steps)
+        changes = self._changes_against(step)
+        shape = [c for c in changes if c.kind == "shape"]
+        if shape:
+            raise CheckpointError(_different_model(d, shape))
+        refused = [c for c in changes if c.kind == "result" and c.key not in self.allow_change]
+        if refused:
+            raise CheckpointError(
+                f"resuming checkpoint step {step} in {d} would change the run; nothing was changed:\n  - "
+                + "\n  - ".join(map(str, refused))
+                + f"\nResume with the saved values ({RUN_FILE} there holds the full config), or accept these "
+                f"changes with --allow-change {','.join(c.key for c in refused)}"
+            )
+        for bad, problems in damaged:  # only now that the resume is accepted: set aside, never delete
+            aside = _free_name(d / f"damaged-{bad}")
+            if jax.process_index() == 0:
+                os.replace(d / str(bad), aside)
+            self.notes.append(f"checkpoint step {bad} is damaged ({'; '.join(problems[:3])}"
+                              f"{'; ...' if len(problems) > 3 else ''}); moved it to {aside.name} and resumed from "
+                              f"step {step}, the newest step that verifies")  # fmt: skip
+        _sync("tedjax-checkpoint-damaged-aside")  # before any process's orbax manager lists the steps
+        self.changes = changes
+        self.resume_step = step
+        for c in changes:
+            how = "accepted with --allow-change" if c.kind == "result" else f"safe: {c.reason}"
+            self.notes.append(f"resume changes {c.key}: {c.saved!r} -> {c.new!r} ({how})")
+
+    def _newest_verified(self, steps: list[int]) -> tuple[int, list[tuple[int, list[str]]]]:
+        """(newest step that verifies or has no manifest, [(newer damaged step, problems)]); process 0 hashes."""
+        damaged: list[tuple[int, list[str]]] = []
+        chosen = -1
+        if jax.process_index() == 0:
+            for step in reversed(steps):
+                problems = verify_step(self.directory / str(step))
+                if problems:
+                    damaged.append((step, problems))
+                    continue
+                chosen = step
+                if problems is None:
+                    self.notes.append(f"checkpoint step {step} has no {MANIFEST} (the run stopped before hashing "
+                                      "it, or an older tedjax wrote it): restoring it unverified")  # fmt: skip
+                else:
+                    self._verified.add(step)
+                break
+        chosen = _from_process_0(chosen)
+        if jax.process_index() != 0:
+            damaged = [(s, ["see process 0's output"]) for s in steps if s > chosen]
+        if chosen < 0:
+            detail = "; ".join(f"step {s}: {p[0]}" for s, p in damaged)
+            raise CheckpointError(f"no checkpoint step in {self.directory} verifies ({detail}); nothing was changed. "
+                                  "Move the directory aside to start afresh, or set checkpoint.dir / log.dir")
+        return chosen, damaged
+
+    def _changes_against(self, step: int) -> list[Change]:
+        meta = self.read_meta(step)
+        saved = meta.get("config") or {"model": meta.get("model", {}), "mesh": meta.get("mesh", {})}
+        changes = config_changes(saved, self.config)
+        if "config" not in meta:  # written by an older tedjax: only the model and the mesh were saved
+            changes = [c for c in changes if c.key.startswith(("model.", "mesh."))]
+        return changes
+
+    def read_meta(self, step: int) -> dict:
+        """The `meta` item (JSON) of a step, read directly: no orbax threads, nothing compiled."""
+        path = self.directory / str(step) / "meta" / "metadata"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"checkpoint step {step} in {self.directory}: cannot read {path} ({err}); "
+                                  f"move {self.directory / str(step)} aside to use the previous step") from None
 
     def existing_steps(self) -> list[int]:
         if not self.directory.is_dir():
             return []
         return sorted(int(p.name) for p in self.directory.iterdir() if p.is_dir() and p.name.isdigit())
 
-    def _write_run_file(self) -> None:
+    def begin(self, start_step: int) -> None:
+        """Record this run's full config, and the changes a resume accepted, in the run file (process 0)."""
         if jax.process_index() != 0:
             return
         path = self.directory / RUN_FILE
-        text = json.dumps({"model": dataclasses.asdict(self.config.model)}, indent=1)
-        if path.exists() and path.read_text() == text:
-            return  # resuming: leave the file (and its mtime) as it is
+        history = []
+        if self.resume_step is not None and path.exists():
+            try:
+                history = json.loads(path.read_text()).get("history", [])
+            except (ValueError, AttributeError):
+                history = []  # a damaged run file is only a record; the checkpoints hold the configs
+        history.append({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "start_step": start_step,
+                        "changes": [dataclasses.asdict(c) for c in self.changes]})  # fmt: skip
+        text = json.dumps({"config": self.config.to_dict(), "history": history}, indent=1)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(text)
         os.replace(tmp, path)
+
+    # -- saving and restoring
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state, data_state: dict, *, force: bool = False) -> bool:
-        """Start saving (asynchronously when configured); returns whether a save began."""
-        meta = {"data": data_state, "step": int(step), "model": dataclasses.asdict(self.config.model),
-                "mesh": dataclasses.asdict(self.config.mesh)}  # fmt: skip
+        """Start saving (asynchronously when configured); returns whether a save began.
+
+        The step is hashed on a background thread once orbax has committed it.
+        """
+        meta = {"data": data_state, "step": int(step), "config": self.config.to_dict(),
+                "model": dataclasses.asdict(self.config.model), "mesh": dataclasses.asdict(self.config.mesh)}  # fmt: skip
+        state = jax.tree.map(lambda x: None if _empty(x) else x, state)  # orbax cannot save zero-size arrays
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        return self.manager.save(step, args=args, force=force)
+        started = self.manager.save(step, args=args, force=force)
+        if started and jax.process_index() == 0:
+            self.hasher.add(step)
+        return started
 
     def restore(self, abstract_state, step: int | None = None):
-        """(state, meta) of `step` (default: the newest complete one), resharded to `abstract_state`."""
-        step = self.latest_step() if step is None else step
+        """(state, meta) of `step` (default: `resume_step`, else the newest), resharded to `abstract_state`.
+
+        The step's files are verified against its manifest first (CheckpointError naming the file if not).
+        """
+        step = step if step is not None else self.resume_step if self.resume_step is not None else self.latest_step()
         if step is None:
             raise CheckpointError(f"no complete checkpoint in {self.directory}")
+        step_dir = self.directory / str(step)
+        if step not in self._verified:
+            problems = verify_step(step_dir) if jax.process_index() == 0 else []
+            if _from_process_0(int(bool(problems))):
+                raise CheckpointError(f"checkpoint step {step} in {self.directory} is damaged: "
+                                      f"{'; '.join(problems or ['see process 0'])}; "
+                                      f"move {step_dir} aside to use the previous step")
+            if problems is not None:
+                self._verified.add(step)
+        meta = self.read_meta(step)
+        _quiet_closed_event_loop()  # before orbax reads: its noise about damaged files can come at once
         try:
-            meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            saved = self.manager.item_metadata(step)["state"]
         except Exception as err:  # orbax raises many types for damaged files
+            raise CheckpointError(f"checkpoint step {step} in {self.directory} cannot be read ({_brief(err)}); "
+                                  f"move {step_dir} aside to resume from the previous step") from err
+        target = jax.tree.map(lambda x: None if _empty(x) else x, abstract_state)  # saved as None (see save)
+        differences = state_differences(saved, target)
+        if differences:
             raise CheckpointError(
-                f"checkpoint step {step} in {self.directory} cannot be read ({_brief(err)}); "
-                f"delete {self.directory / str(step)} to resume from the previous step"
-            ) from err
-        saved = model_signature(ModelConfig(**meta["model"]))
-        if saved != model_signature(self.config.model):
-            raise CheckpointError(f"checkpoint step {step} in {self.directory} holds a different model: {saved}")
+                f"checkpoint step {step} in {self.directory} holds a train state of another structure "
+                f"({'; '.join(differences[:5])}{'; ...' if len(differences) > 5 else ''}): it was written by another "
+                "model or another tedjax version. Use the config that wrote it, or a new checkpoint.dir"
+            )
         try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+            restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
         except Exception as err:
             raise CheckpointError(
                 f"checkpoint step {step} in {self.directory} is damaged ({_brief(err)}); "
-                f"delete {self.directory / str(step)} to resume from the previous step"
+                f"move {step_dir} aside to resume from the previous step"
             ) from err
-        return restored["state"], meta
+        return _refill_empty(abstract_state, restored["state"]), meta
 
     def wait(self) -> None:
+        """Block until every started save is committed and hashed."""
         self.manager.wait_until_finished()
+        self.hasher.drain()
+        if self.hasher.errors:
+            errors, self.hasher.errors = self.hasher.errors, []
+            raise CheckpointError(f"hashing checkpoints in {self.directory} failed: {'; '.join(errors)}")
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.hasher.stop()
+            self.manager.close()
+
+
+def _empty(leaf) -> bool:
+    return hasattr(leaf, "shape") and 0 in tuple(leaf.shape)
+
+
+def _refill_empty(abstract_state, restored):
+    """The restored state with its zero-size leaves (saved as None) recreated in their shardings."""
+    leaves, treedef = jax.tree.flatten(abstract_state)
+    got = jax.tree.leaves(restored, is_leaf=lambda x: x is None)
+    return jax.tree.unflatten(treedef, [jnp.zeros(a.shape, a.dtype, device=a.sharding) if _empty(a) else g
+                                        for a, g in zip(leaves, got, strict=True)])  # fmt: skip
+
+
+def state_differences(saved_metadata, abstract_state) -> list[str]:
+    """Leaves whose path, shape or dtype differ between a saved state's metadata and the restore target."""
+
+    def table(tree) -> dict[tuple[str, ...], tuple]:
+        leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+        return {tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path):
+                (tuple(leaf.shape), str(leaf.dtype)) for path, leaf in leaves if hasattr(leaf, "shape")}  # fmt: skip
+
+    saved, target = table(saved_metadata), table(abstract_state)
+    name = "/".join
+    out = [f"{name(p)} is new" for p in sorted(set(target) - set(saved))]
+    out += [f"{name(p)} is gone" for p in sorted(set(saved) - set(target))]
+    out += [f"{name(p)}: saved {saved[p][0]} {saved[p][1]}, now {target[p][0]} {target[p][1]}"
+            for p in sorted(set(saved) & set(target)) if saved[p] != target[p]]  # fmt: skip
+    return out
+
+
+def _different_model(directory: Path, shape: list[Change]) -> str:
+    diff = ", ".join(f"{c.key.removeprefix('model.')}: saved {c.saved!r} vs config {c.new!r}" for c in shape)
+    return (f"checkpoint directory {directory} holds a different model ({diff}); nothing was changed. "
+            "Use a new checkpoint.dir (or log.dir), or the config that wrote it")
+
+
+def _check_allow_change(keys: Iterable[str]) -> frozenset[str]:
+    keys = frozenset(k.strip() for k in keys if k.strip())
+    unknown = sorted(keys - config_keys())
+    if unknown:
+        raise CheckpointError(f"--allow-change names unknown config keys {unknown}; use dotted keys such as "
+                              "optimizer.learning_rate,data.batch_size,seed")
+    return keys
+
+
+def _from_process_0(value: int) -> int:
+    """Process 0's `value` on every process (it alone hashes checkpoint files)."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _free_name(path: Path) -> Path:
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate

@@ -46,9 +46,18 @@ class ModelConfig:
     aux_loss_weight: float = 0.01
     z_loss_weight: float = 1e-3
     jitter_eps: float = 0.0
+    router_renormalize: bool | None = None  # combine weights over kept choices sum to 1; None = top_k > 1
     dtd: bool = False  # Duplicate Token Dropping (TED)
+    capacity_scope: str = "expert"  # "device": the experts of one device share their capacity (load balance)
+    router_bias_rate: float = 0.0  # aux-loss-free balancing: bias += rate * sign(mean load - load); 0 = off
+    shadow_experts: int = 0  # FasterMoE shadow experts per MoE layer (copied to every device); 0 = off
+    a2a_chunks: int = 1  # split each all-to-all into this many chunks that overlap with expert compute
     remat: Remat = "none"  # activation checkpointing per layer; "cac" keeps collective outputs
     rope_base: float = 10000.0
+    n_kv_heads: int = 0  # key/value heads (grouped-query attention); 0 = n_heads
+    head_dim: int = 0  # size of each attention head; 0 = d_model // n_heads
+    qk_norm: bool = False  # RMSNorm over each query / key head before RoPE (Qwen3)
+    norm_eps: float = 1e-6  # RMSNorm epsilon
 
     def __post_init__(self):
         positive = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_len",
@@ -57,7 +66,7 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"model.{name} must be an integer >= 1, got {value!r}")
-        for name in ("num_experts", "min_capacity", "group_size"):
+        for name in ("num_experts", "min_capacity", "group_size", "n_kv_heads", "head_dim"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"model.{name} must be an integer >= 0, got {value!r}")
@@ -65,7 +74,14 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"model.{name} must be a number > 0, got {value!r}; 1.0-2.0 is typical")
-        for name in ("aux_loss_weight", "z_loss_weight", "jitter_eps"):
+        _check_int("model.shadow_experts", self.shadow_experts, 0)
+        _check_int("model.a2a_chunks", self.a2a_chunks, 1)
+        if self.num_experts and self.shadow_experts >= self.num_experts:
+            raise ValueError(f"model.shadow_experts={self.shadow_experts} must be < num_experts={self.num_experts}; "
+                             "shadow a few of the hottest experts (1-2 is typical)")
+        if self.capacity_scope not in ("expert", "device"):
+            raise ValueError(f"model.capacity_scope must be 'expert' or 'device', got {self.capacity_scope!r}")
+        for name in ("aux_loss_weight", "z_loss_weight", "jitter_eps", "router_bias_rate"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"model.{name} must be a number >= 0, got {value!r}")
@@ -74,10 +90,19 @@ class ModelConfig:
         if isinstance(self.rope_base, bool) or not isinstance(self.rope_base, (int, float)) or not self.rope_base > 0:
             raise ValueError(f"model.rope_base must be a number > 0, got {self.rope_base!r}; 10000.0 is typical")
         _check_bool("model.dtd", self.dtd)
-        if self.d_model % self.n_heads:
-            raise ValueError(f"model.d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
-        if (self.d_model // self.n_heads) % 2:
-            raise ValueError(f"head size d_model/n_heads={self.d_model // self.n_heads} must be even (RoPE)")
+        _check_bool("model.qk_norm", self.qk_norm)
+        if isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float)) or not self.norm_eps > 0:
+            raise ValueError(f"model.norm_eps must be a number > 0, got {self.norm_eps!r}; 1e-6 or 1e-5 is typical")
+        if self.n_heads % self.kv_heads:
+            raise ValueError(f"model.n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads} "
+                             "(each key/value head serves n_heads / n_kv_heads query heads)")
+        if self.router_renormalize is not None:
+            _check_bool("model.router_renormalize", self.router_renormalize)
+        if not self.head_dim and self.d_model % self.n_heads:
+            raise ValueError(f"model.d_model={self.d_model} must be divisible by n_heads={self.n_heads} "
+                             "(or set model.head_dim)")
+        if self.head_size % 2:
+            raise ValueError(f"head size {self.head_size} (model.head_dim, or d_model/n_heads) must be even (RoPE)")
         if self.num_experts and self.top_k > self.num_experts:
             raise ValueError(f"model.top_k={self.top_k} exceeds num_experts={self.num_experts}; use top_k <= num_experts")
         if self.activation not in ("gelu", "swiglu"):
@@ -86,15 +111,22 @@ class ModelConfig:
             raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.remat not in ("none", "full", "cac"):
             raise ValueError(f"model.remat must be 'none', 'full' or 'cac', got {self.remat!r}")
-        if self.group_size and self.max_len % self.group_size and self.group_size % self.max_len:
-            raise ValueError(
-                f"model.group_size={self.group_size} must divide the sequence length max_len={self.max_len} "
-                "or be a multiple of it"
-            )
+        # group_size is checked against the sequence length actually used (TrainConfig, check_mesh,
+        # and Transformer at call time), not against max_len, which only bounds it.
 
     @property
     def compute_dtype(self):
         return DTYPES[self.dtype]
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: n_kv_heads, or n_heads when 0."""
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_size(self) -> int:
+        """Size of each attention head: head_dim, or d_model // n_heads when 0."""
+        return self.head_dim or self.d_model // self.n_heads
 
     def is_moe_layer(self, layer: int) -> bool:
         return (layer + 1) % self.moe_every == 0
@@ -111,7 +143,7 @@ class ModelConfig:
         """Total and active (per token) parameter counts."""
         d, f = self.d_model, self.d_ff
         ffn_mats = 3 if self.activation == "swiglu" else 2
-        attn = 4 * d * d
+        attn = 2 * d * self.head_size * (self.n_heads + self.kv_heads) + (2 * self.head_size if self.qk_norm else 0)
         dense_ffn = ffn_mats * d * f
         expert = ffn_mats * d * self.expert_d_ff
         total = active = 2 * self.vocab_size * d + (2 * self.n_layers + 1) * d
@@ -148,6 +180,9 @@ def check_mesh(config: ModelConfig, mesh: Mesh, batch_size: int | None = None, s
     if config.n_heads % tensor:
         problems.append(f"n_heads={config.n_heads} is not divisible by the tensor axis ({tensor}); "
                         "choose mesh.tensor dividing n_heads")
+    elif config.kv_heads % tensor:
+        problems.append(f"n_kv_heads={config.kv_heads} is not divisible by the tensor axis ({tensor}); "
+                        "choose mesh.tensor dividing n_kv_heads")
     if config.d_ff % tensor:
         problems.append(f"d_ff={config.d_ff} is not divisible by the tensor axis ({tensor})")
     if config.num_experts and config.expert_d_ff % tensor:
@@ -165,10 +200,17 @@ def check_mesh(config: ModelConfig, mesh: Mesh, batch_size: int | None = None, s
             group = config.group_size or seq_len
             if seq_len % group and group % seq_len:
                 problems.append(f"group_size={group} must divide seq_len={seq_len} or be a multiple of it")
+            elif batch_size * seq_len % group:
+                problems.append(f"group_size={group} does not tile a batch of {batch_size} x {seq_len} tokens; "
+                                f"use a batch size that makes batch x seq_len a multiple of {group}")
             else:
                 groups = batch_size * seq_len // group
                 if groups % data:
                     problems.append(f"{groups} routing groups are not divisible by the data axis ({data})")
+                if config.a2a_chunks > 1 and groups % (data * expert * config.a2a_chunks):
+                    problems.append(f"a2a_chunks={config.a2a_chunks} does not divide the {groups} routing groups "
+                                    f"of a micro-batch into chunks that split over data x expert = {data * expert}; "
+                                    f"use a2a_chunks dividing {groups // (data * expert)} or a larger batch")
     if seq_len is not None and seq_len > config.max_len:
         problems.append(f"seq_len={seq_len} exceeds model.max_len={config.max_len}")
     if problems:
@@ -183,15 +225,35 @@ def check_mesh(config: ModelConfig, mesh: Mesh, batch_size: int | None = None, s
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh sizes; their product must equal the device count."""
+    """Device mesh sizes; their product must equal the device count.
+
+    `mesh: auto` (YAML) or `mesh=auto` (command line) sets `auto`: the planner
+    (tedjax.plan) picks the sizes and the TED switches for the devices present.
+    """
 
     data: int = 8
     expert: int = 1
     tensor: int = 1
+    auto: bool = False
 
     def __post_init__(self):
         for name in ("data", "expert", "tensor"):
             _check_int(f"mesh.{name}", getattr(self, name), 1)
+        _check_bool("mesh.auto", self.auto)
+
+    @classmethod
+    def parse(cls, values, prefix: str = "mesh.") -> "MeshConfig":
+        """`auto`, {auto: true} or {data, expert, tensor}; auto together with explicit sizes is an error."""
+        if values == "auto" or (isinstance(values, dict) and values.get("auto") is True):
+            sizes = sorted(set(values) & {"data", "expert", "tensor"}) if isinstance(values, dict) else []
+            if sizes:
+                raise ValueError(f"mesh: auto cannot be combined with explicit sizes ({', '.join(prefix + k for k in sizes)}); "
+                                 "either let the planner choose (mesh=auto) or give data, expert and tensor")
+            return cls(auto=True)
+        if isinstance(values, str):
+            raise ValueError(f"{prefix.rstrip('.')} must be a mapping of data, expert, tensor or the word auto, "
+                             f"got {values!r}")
+        return from_dict(cls, values, prefix, parse=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -346,10 +408,46 @@ class XlaConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class BalanceConfig:
+    """SmartMoE expert placement (needs model.capacity_scope=device) and FasterMoE shadow experts
+    (model.shadow_experts > 0), both re-chosen during training from the recent expert loads.
+
+    Every `every` steps the host reads each MoE layer's recent expert load and
+    places experts greedily (heaviest first, on the least-loaded device with a
+    free slot); a layer adopts the new placement only if its largest device load
+    drops by at least `margin` (relative). Weights and their Adam moments move
+    together.
+    """
+
+    every: int = 0  # steps between placement decisions; 0 = off (SmartMoE uses 10)
+    margin: float = 0.02  # relative drop of the largest device load needed to move experts
+    shadow_every: int = 10  # steps between choices of shadow experts (with model.shadow_experts > 0)
+    # FasterMoE's cost model, per device; defaults are achieved figures on one DGX-H100 node
+    # (bf16 expert GEMMs at ~40% of 989 TFLOP/s; all-to-all over NVLink at ~100 GB/s per GPU).
+    matmul_tflops: float = 400.0
+    link_gbytes_per_s: float = 100.0
+
+    def __post_init__(self):
+        _check_int("balance.every", self.every, 0)
+        _check_int("balance.shadow_every", self.shadow_every, 1)
+        _check_float("balance.margin", self.margin, 0)
+        _check_float("balance.matmul_tflops", self.matmul_tflops, 0, strict=True)
+        _check_float("balance.link_gbytes_per_s", self.link_gbytes_per_s, 0, strict=True)
+        if self.margin >= 1:
+            raise ValueError(f"balance.margin must be in [0, 1), got {self.margin}; 0.02 is typical")
+
+    @property
+    def load_decay(self) -> float:
+        """Decay of the expert-load running mean: an average over about the last `every` steps."""
+        return 1.0 - 2.0 / (self.every + 1) if self.every > 1 else 0.9
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     steps: int = 300
     seed: int = 0
     max_bad_steps: int = 5  # consecutive non-finite steps tolerated (each skipped) before stopping
+    init_from: str = ""  # "hf:DIR": start from a Hugging Face checkpoint (model.* defaults come from its config.json)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
@@ -357,17 +455,34 @@ class TrainConfig:
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
     xla: XlaConfig = dataclasses.field(default_factory=XlaConfig)
+    balance: BalanceConfig = dataclasses.field(default_factory=BalanceConfig)
 
     def __post_init__(self):
         _check_int("steps", self.steps, 1)
         _check_int("seed", self.seed, 0)
         _check_int("max_bad_steps", self.max_bad_steps, 1)
+        _check_str("init_from", self.init_from)
+        if self.init_from and not self.init_from.startswith("hf:"):
+            raise ValueError(f"init_from must be '' or 'hf:DIR' (a Hugging Face model directory), "
+                             f"got {self.init_from!r}")
         if self.data.seq_len > self.model.max_len:
             raise ValueError(f"data.seq_len={self.data.seq_len} exceeds model.max_len={self.model.max_len}; "
                              "raise model.max_len or shorten data.seq_len")
+        if self.balance.every and self.model.capacity_scope != "device":
+            raise ValueError(f"balance.every={self.balance.every} moves experts between devices, which changes "
+                             "nothing with per-expert capacity; set model.capacity_scope=device (or balance.every=0)")
+        if self.balance.every and not self.model.num_experts:
+            raise ValueError("balance.every > 0 needs an MoE model (model.num_experts > 0)")
         if self.data.source != "synthetic" and self.model.vocab_size < 256:
             raise ValueError(f"model.vocab_size={self.model.vocab_size} is smaller than the byte tokenizer's 256 ids; "
                              "set model.vocab_size >= 256")
+        group, length = self.model.group_size, self.data.seq_len
+        if self.model.num_experts and group and length % group and group % length:
+            raise ValueError(f"model.group_size={group} must divide data.seq_len={length} or be a multiple of it "
+                             "(routing groups must not span parts of two sequences)")
+        if self.model.num_experts and group and self.data.micro_batch_size * length % group:
+            raise ValueError(f"model.group_size={group} does not tile a micro-batch of {self.data.micro_batch_size} x "
+                             f"{length} tokens; choose data.batch_size so that micro-batch x seq_len is a multiple of it")
 
     @property
     def checkpoint_dir(self) -> str:
@@ -398,8 +513,10 @@ def _check_bool(name: str, value) -> None:
         raise ValueError(f"{name} must be true or false, got {value!r}")
 
 
-def from_dict(cls, values: dict, prefix: str = ""):
+def from_dict(cls, values: dict, prefix: str = "", parse: bool = True):
     """Build a (nested) config dataclass from a dict, refusing unknown keys and wrong types."""
+    if cls is MeshConfig and parse:
+        return MeshConfig.parse(values, prefix)
     if not isinstance(values, dict):
         raise ValueError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {values!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -472,6 +589,8 @@ def parse_overrides(overrides: list[str]) -> dict:
 def _merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for key, value in extra.items():
+        if key == "mesh" and isinstance(value, dict) and out.get(key) == "auto":
+            MeshConfig.parse({"auto": True, **value})  # mesh: auto in the file, sizes on the command line: refused
         out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
 
@@ -491,5 +610,14 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConf
                 values = yaml.safe_load(f) or {}
             except yaml.YAMLError as err:
                 raise ValueError(f"config file {path} is not valid YAML: {err}") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"config file {path} must hold a mapping of keys to values at the top level "
+                             f"(e.g. `steps: 3`, `model: {{d_model: 64}}`), got a {type(values).__name__}: "
+                             f"{str(values)[:80]}" + ("; remove the leading '- ' list markers" if isinstance(values, list) else ""))
     values = _merge(values, parse_overrides(list(overrides)))
+    init_from = values.get("init_from")
+    if isinstance(init_from, str) and init_from.startswith("hf:"):
+        from tedjax.hf import model_fields  # the checkpoint fixes the architecture; other model.* keys stay yours
+
+        values["model"] = model_fields(init_from[3:], values.get("model") or {})
     return from_dict(TrainConfig, values)

@@ -66,6 +66,7 @@ __all__ = [
     "encode",
     "decode",
     "prepare",
+    "HFTokenizer",
     "prepare_stdlib",
     "stdlib_source_dir",
     "default_corpus_dir",
@@ -139,9 +140,13 @@ def _patterns(pattern: str | Sequence[str]) -> list[str]:
 
 
 def _collect_files(
-    sources: Sequence[str | os.PathLike], pattern: str | Sequence[str]
+    sources: Sequence[str | os.PathLike], pattern: str | Sequence[str], skipped: list[str] | None = None
 ) -> list[Path]:
-    """Files of `sources` in a deterministic order (see the module docstring)."""
+    """Files of `sources` in a deterministic order (see the module docstring).
+
+    Files under a directory that do not match `pattern`, and directories in
+    `_EXCLUDED_DIRS`, are appended to `skipped` (sorted), when given.
+    """
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
     if not sources:
@@ -155,12 +160,18 @@ def _collect_files(
             found = [root]  # an explicitly named file is taken whatever its name
         elif root.is_dir():
             rel: list[str] = []
+            left_out: list[str] = []
             for dirpath, dirnames, filenames in os.walk(root):
+                left_out += [str(Path(dirpath) / d) + "/" for d in dirnames if d in _EXCLUDED_DIRS]
                 dirnames[:] = [d for d in dirnames if d not in _EXCLUDED_DIRS]
                 for name in filenames:
                     if any(fnmatch.fnmatchcase(name, p) for p in pats):
                         rel.append((Path(dirpath) / name).relative_to(root).as_posix())
+                    else:
+                        left_out.append(str(Path(dirpath) / name))
             found = [root / r for r in sorted(rel)]
+            if skipped is not None:
+                skipped.extend(sorted(left_out))
         else:
             raise FileNotFoundError(
                 f"source {str(root)!r} does not exist; pass existing text files or directories "
@@ -220,6 +231,42 @@ def _fsync_replace(tmp: Path, final: Path) -> None:
         pass
 
 
+def _invalid_utf8_bytes(raw: bytes) -> int:
+    """How many bytes of `raw` are not part of valid UTF-8."""
+    count = 0
+    while raw:
+        try:
+            raw.decode("utf-8")
+            break
+        except UnicodeDecodeError as err:
+            count += err.end - err.start
+            raw = raw[err.end:]
+    return count
+
+
+def _file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+FINGERPRINT_RULE = "sha256 of the size (8 bytes little-endian) and 64 blocks of 4096 bytes at offsets i*(size-4096)//63"
+
+
+def file_fingerprint(path: str | os.PathLike, blocks: int = 64, block: int = 4096) -> str:
+    """A cheap identity of a large file: its size and `blocks` evenly spaced blocks (FINGERPRINT_RULE).
+
+    Catches a replaced, regenerated, truncated or extended token file at the
+    cost of reading 256 KiB; `prepare` verified every byte when it wrote it.
+    """
+    size = os.path.getsize(path)
+    hasher = hashlib.sha256(size.to_bytes(8, "little"))
+    with open(path, "rb") as f:
+        for i in range(blocks):
+            f.seek(i * max(size - block, 0) // (blocks - 1))
+            hasher.update(f.read(block))
+    return hasher.hexdigest()
+
+
 def _entropy_from_counts(counts: np.ndarray) -> float:
     total = counts.sum()
     if total == 0:
@@ -236,6 +283,7 @@ def prepare(
     max_bytes: int | None = None,
     dtype: str = "uint16",
     *,
+    tokenizer: str | os.PathLike | None = None,
     _kind: str = "files",
     _extra_meta: dict | None = None,
 ) -> dict:
@@ -247,18 +295,27 @@ def prepare(
     in order, and the one the cap falls in is cut after its last whole line
     that fits (a line longer than the room is cut at a UTF-8 character
     boundary); later documents are dropped. Empty files are skipped.
-    Inputs are checked before anything is written.
+    tokenizer: a Hugging Face tokenizer directory (its tokenizer.json) to use
+    instead of bytes (see `HFTokenizer`); uint16 becomes uint32 when its
+    vocabulary needs it. Inputs are checked before anything is written.
     """
     if not (isinstance(val_fraction, (int, float)) and 0.0 <= float(val_fraction) < 1.0):
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}; e.g. 0.01")
     val_fraction = float(val_fraction)
     if dtype not in _ALLOWED_DTYPES:
         raise ValueError(f"dtype must be one of {_ALLOWED_DTYPES}, got {dtype!r}")
+    encoder = HFTokenizer(tokenizer) if tokenizer is not None else None
+    vocab = BYTE_VOCAB_SIZE if encoder is None else encoder.vocab_size
+    if dtype == "uint16" and vocab > 2**16:
+        dtype = "uint32"
+    if vocab > np.iinfo(np.dtype(dtype)).max + 1:
+        raise ValueError(f"dtype {dtype} cannot hold the tokenizer's {vocab} token ids; use uint32")
     if max_bytes is not None and (not isinstance(max_bytes, (int, np.integer)) or max_bytes <= 0):
         raise ValueError(f"max_bytes must be a positive integer or None, got {max_bytes!r}")
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
-    files = _collect_files(sources, pattern)
+    skipped: list[str] = []
+    files = _collect_files(sources, pattern, skipped)
     if not files:
         raise ValueError(
             f"no files matching {pattern!r} under {[str(s) for s in sources]}; "
@@ -278,8 +335,10 @@ def prepare(
     meta_tmp = _tmp_path(meta_final)
     hashers = {s: hashlib.sha256() for s in SPLITS}
     n_tokens = {s: 0 for s in SPLITS}
-    counts = np.zeros(BYTE_VOCAB_SIZE, dtype=np.int64)
+    counts = np.zeros(vocab, dtype=np.int64)
     documents: list[str] = []
+    empty: list[str] = []
+    not_utf8: dict[str, int] = {}  # path -> bytes that were not valid UTF-8 (each became U+FFFD)
     total = 0
     ok = False
     try:
@@ -293,7 +352,10 @@ def prepare(
                 except OSError as e:
                     raise OSError(f"cannot read source file {str(path)!r}: {e}") from e
                 data = raw.decode("utf-8", errors="replace").encode("utf-8")
+                if data != raw:
+                    not_utf8[str(path)] = _invalid_utf8_bytes(raw)
                 if not data:
+                    empty.append(str(path))
                     continue
                 last = max_bytes is not None and total + len(data) + len(DOC_SEPARATOR) > max_bytes
                 if last:  # the cap falls inside this document: keep the lines that fit
@@ -306,13 +368,14 @@ def prepare(
                 for split, piece in (("train", data[:cut]), ("val", data[cut:])):
                     if not piece:
                         continue
-                    ids = np.frombuffer(piece + DOC_SEPARATOR, dtype=np.uint8)
+                    ids = np.frombuffer(piece + DOC_SEPARATOR, dtype=np.uint8) if encoder is None else (
+                        encoder.encode_document(piece))
                     buf = ids.astype(np_dtype).tobytes()
                     handles[split].write(buf)
                     hashers[split].update(buf)
                     n_tokens[split] += ids.size
                     if split == "train":
-                        counts += np.bincount(ids, minlength=BYTE_VOCAB_SIZE)
+                        counts += np.bincount(ids, minlength=vocab)
                 if last:
                     break
             for h in handles.values():
@@ -321,6 +384,9 @@ def prepare(
         finally:
             for h in handles.values():
                 h.close()
+        for s in SPLITS:  # verify what reached the disk once, here, so a run start need not
+            if _file_sha256(tmps[s]) != hashers[s].hexdigest():
+                raise OSError(f"{tmps[s]} does not read back as written (disk or file system error); run prepare again")
         if not documents:
             raise ValueError(
                 f"no text was taken: max_bytes={max_bytes} leaves no room for a line of the "
@@ -352,7 +418,14 @@ def prepare(
             "n_documents": len(documents),
             "documents": documents,
             "unigram_entropy_train": _entropy_from_counts(counts),
+            "fingerprint": {s: file_fingerprint(tmps[s]) for s in SPLITS},
+            "fingerprint_rule": FINGERPRINT_RULE,
+            "skipped_files": skipped,
+            "empty_files": empty,
+            "not_utf8_files": not_utf8,
         }
+        if encoder is not None:
+            meta.update(encoder.meta())
         if _extra_meta:
             meta.update(_extra_meta)
         with open(meta_tmp, "w", encoding="utf-8") as f:
@@ -374,6 +447,66 @@ def prepare(
                 out.rmdir()  # only succeeds if empty: a failed prepare leaves nothing behind
             except OSError:
                 pass
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer (its tokenizer.json, through the `tokenizers` library) for `prepare`.
+
+    Each document piece is encoded without special tokens and followed by the
+    end-of-text token (`eos_token` of tokenizer_config.json, else
+    `eos_token_id` of config.json / generation_config.json), or by the
+    encoding of DOC_SEPARATOR when the directory names none.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise ValueError("--tokenizer needs the `tokenizers` package: pip install tokenizers") from None
+        root = Path(path).expanduser()
+        file = root / "tokenizer.json" if root.is_dir() else root
+        if not file.is_file():
+            raise FileNotFoundError(f"tokenizer {str(root)!r} has no tokenizer.json; pass a Hugging Face model or "
+                                    "tokenizer directory (or the tokenizer.json file itself)")
+        try:
+            self.tokenizer = Tokenizer.from_file(str(file))
+        except Exception as err:  # tokenizers raises a plain Exception for a bad file
+            raise ValueError(f"{file} is not a valid tokenizers file ({err})") from None
+        self.file = file.resolve()
+        self.vocab_size: int = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        self.eos_id = self._eos_id(file.parent)
+        self.separator = [self.eos_id] if self.eos_id is not None else self.encode(DOC_SEPARATOR.decode())
+
+    def _eos_id(self, directory: Path) -> int | None:
+        try:
+            token = json.loads((directory / "tokenizer_config.json").read_text()).get("eos_token")
+            token = token.get("content") if isinstance(token, dict) else token
+            if isinstance(token, str) and self.tokenizer.token_to_id(token) is not None:
+                return self.tokenizer.token_to_id(token)
+        except (OSError, ValueError, AttributeError):
+            pass
+        for name in ("generation_config.json", "config.json"):
+            try:
+                value = json.loads((directory / name).read_text()).get("eos_token_id")
+            except (OSError, ValueError, AttributeError):
+                continue
+            value = value[0] if isinstance(value, list) and value else value
+            if isinstance(value, int) and 0 <= value < self.vocab_size:
+                return value
+        return None
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_document(self, piece: bytes) -> np.ndarray:
+        return np.asarray(self.encode(piece.decode("utf-8")) + self.separator, dtype=np.int64)
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode([int(i) for i in np.asarray(ids).reshape(-1)])
+
+    def meta(self) -> dict:
+        return {"tokenizer": f"hf:{self.file}", "tokenizer_sha256": hashlib.sha256(self.file.read_bytes()).hexdigest(),
+                "vocab_size": self.vocab_size, "doc_separator_ids": self.separator}
 
 
 def stdlib_source_dir() -> Path:
@@ -510,8 +643,11 @@ class TokenFile:
     Checks (all before returning, none writes anything): the directory and
     meta.json exist and parse; the .bin size equals n_tokens * itemsize; the
     file is not empty; it holds at least one `seq_len + 1` window when
-    `seq_len` is given; and, when `verify`, a chunked pass finds every id
-    < vocab_size and the sha256 recorded in meta.json.
+    `seq_len` is given; and, when `verify` is True, a chunked pass finds every
+    id < vocab_size and the sha256 recorded in meta.json. `verify="fingerprint"`
+    (what a run start uses) checks the cheap fingerprint `prepare` recorded
+    instead, since prepare verified every byte; directories without one (older
+    or hand-made) get the full pass.
     """
 
     def __init__(
@@ -519,8 +655,10 @@ class TokenFile:
         path_dir: str | os.PathLike,
         split: str = "train",
         seq_len: int | None = None,
-        verify: bool = True,
+        verify: bool | str = True,
     ):
+        if verify not in (True, False, "fingerprint"):
+            raise ValueError(f"verify must be True, False or 'fingerprint', got {verify!r}")
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         d = Path(path_dir).expanduser()
@@ -557,7 +695,15 @@ class TokenFile:
                 )
         tokens = np.memmap(path, dtype=dtype, mode="r", shape=(n,))
         vocab = meta["vocab_size"]
-        if verify:
+        fingerprints = meta.get("fingerprint")
+        want_fingerprint = fingerprints.get(split) if isinstance(fingerprints, dict) else None
+        if verify == "fingerprint" and want_fingerprint is not None:
+            if file_fingerprint(path) != want_fingerprint:
+                raise ValueError(
+                    f"{str(path)!r} does not match the fingerprint recorded in meta.json (the file "
+                    f"changed after prepare); re-run prepare: {_prepare_hint(d)}"
+                )
+        elif verify:
             hasher = hashlib.sha256()
             max_id = 0
             for i in range(0, n, _CHUNK_TOKENS):
@@ -842,7 +988,29 @@ def _summary(out: Path, meta: dict) -> str:
         f"{meta['n_train_tokens']:,} train + {meta['n_val_tokens']:,} val tokens "
         f"({meta['dtype']}, vocab {meta['vocab_size']}); "
         f"train unigram entropy {meta['unigram_entropy_train']:.4f} nats/token"
+        + "".join(f"\n{line}" for line in _report(meta))
     )
+
+
+def _report(meta: dict, examples: int = 5) -> list[str]:
+    """What `prepare` left out or changed: skipped and empty files, files that were not UTF-8."""
+
+    def some(names) -> str:
+        names = list(names)
+        return ", ".join(names[:examples]) + (f", ... ({len(names) - examples} more)" if len(names) > examples else "")
+
+    lines = []
+    skipped = meta.get("skipped_files") or []
+    if skipped:
+        lines.append(f"skipped {len(skipped)} files/directories not matching --pattern {meta['pattern']!r} (or in "
+                     f"{'/'.join(sorted(_EXCLUDED_DIRS))}; all listed in meta.json): {some(skipped)}")
+    if meta.get("empty_files"):
+        lines.append(f"skipped {len(meta['empty_files'])} empty files: {some(meta['empty_files'])}")
+    bad = meta.get("not_utf8_files") or {}
+    if bad:
+        lines.append(f"{len(bad)} files were not valid UTF-8; their {sum(bad.values())} invalid bytes became U+FFFD "
+                     f"(bytes EF BF BD): {some(f'{k} ({v} bytes)' for k, v in bad.items())}")
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -853,8 +1021,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("sources", nargs="+", help="text files or directories (scanned recursively)")
     p.add_argument("--val-fraction", type=float, default=0.01)
-    p.add_argument("--pattern", default=DEFAULT_PATTERN, help="'|'-separated file-name globs")
+    p.add_argument("--pattern", default=DEFAULT_PATTERN,
+                   help="'|'-separated file-name globs for files found in directories (default %(default)r); "
+                   "files named on the command line are always taken; directories named "
+                   f"{', '.join(sorted(_EXCLUDED_DIRS))} are skipped. Skipped files and files that are not "
+                   "UTF-8 (invalid bytes become U+FFFD) are reported and listed in meta.json")
     p.add_argument("--max-bytes", type=int, default=None)
+    p.add_argument("--tokenizer", default=None,
+                   help="a Hugging Face tokenizer directory (tokenizer.json) to use instead of UTF-8 bytes")
     s = sub.add_parser("stdlib", help="tokenize the Python standard library's *.py files")
     s.add_argument("--out", default=None, help=f"output directory (default {default_corpus_dir()})")
     s.add_argument("--val-fraction", type=float, default=0.01)
@@ -865,7 +1039,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             out = Path(args.out)
             meta = prepare(
                 args.sources, out, val_fraction=args.val_fraction, pattern=args.pattern,
-                max_bytes=args.max_bytes,
+                max_bytes=args.max_bytes, tokenizer=args.tokenizer,
             )
         else:
             out = Path(args.out) if args.out else default_corpus_dir()

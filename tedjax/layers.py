@@ -6,6 +6,7 @@ Every parameter is created through `param`, which records its logical axes;
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 
 import jax
@@ -13,10 +14,11 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from tedjax.mesh import constrain
+from tedjax.mesh import axes_metadata, constrain
 
 # Outputs of collectives, saved by remat="cac" so recomputation issues none.
-COLLECTIVE_OUTPUTS = ("attn_out", "ffn_out", "moe_dispatched", "moe_expert_out", "moe_returned")
+COLLECTIVE_OUTPUTS = ("attn_out", "ffn_out", "moe_dispatched", "moe_expert_out", "moe_returned",
+                      "moe_shadow_weights", "moe_shadow_out")
 
 
 def param(
@@ -25,10 +27,16 @@ def param(
     shape: Sequence[int],
     logical_axes: Sequence[str | None],
 ) -> nnx.Param:
-    """A float32 parameter that carries its logical axes (the only way tedjax makes parameters)."""
+    """A float32 parameter that declares its logical axes the Flax way (the only way tedjax makes parameters).
+
+    The axes are Flax's `out_sharding` metadata, so `nnx.get_partition_spec`
+    shows them (and maps them under `nnx.logical_axis_rules(tedjax.mesh.flax_rules())`).
+    Under a TED mesh the value is created in its sharding; outside one it is unsharded.
+    """
     if len(shape) != len(logical_axes):
         raise ValueError(f"shape {tuple(shape)} and logical axes {tuple(logical_axes)} differ in rank")
-    return nnx.Param(init(rngs.params(), tuple(shape), jnp.float32), logical_axes=tuple(logical_axes))
+    value = constrain(init(rngs.params(), tuple(shape), jnp.float32), logical_axes)
+    return nnx.Param(value, **axes_metadata(logical_axes))
 
 
 def fan_in_init(fan_in: int) -> Callable:
@@ -41,51 +49,145 @@ def activate(h: jax.Array, gate: jax.Array | None) -> jax.Array:
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, *, rngs: nnx.Rngs):
+    """x / rms(x) * scale over the last dim, in float32."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-6, rngs: nnx.Rngs):
         self.scale = param(rngs, jax.nn.initializers.ones, (dim,), ("norm",))
+        self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + 1e-6)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return (normed * self.scale[...]).astype(x.dtype)
 
 
-def rope(x_blhk: jax.Array, base: float) -> jax.Array:
-    """Rotary position embedding over the last dim of `[B, L, H, K]`."""
+def rope(x_blhk: jax.Array, base: float, positions_l: jax.Array | None = None) -> jax.Array:
+    """Rotary position embedding over the last dim of `[B, L, H, K]` (positions default to 0..L-1).
+
+    Halves convention (x1 = first half, x2 = second half), as Llama / Mixtral / Qwen in Hugging Face.
+    """
     length, half = x_blhk.shape[1], x_blhk.shape[-1] // 2
     freq_k = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angle_lk = jnp.arange(length, dtype=jnp.float32)[:, None] * freq_k[None, :]
+    pos_l = jnp.arange(length, dtype=jnp.float32) if positions_l is None else positions_l.astype(jnp.float32)
+    angle_lk = pos_l[:, None] * freq_k[None, :]
     sin, cos = jnp.sin(angle_lk)[None, :, None, :], jnp.cos(angle_lk)[None, :, None, :]
     x1, x2 = jnp.split(x_blhk.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_blhk.dtype)
 
 
-class Attention(nnx.Module):
-    """Causal self-attention, heads split over "tensor" (Megatron column / row split)."""
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """One attention layer's keys and values for T positions: `[B, H_kv, T, K]` each.
 
-    def __init__(self, d_model: int, n_heads: int, *, rope_base: float, dtype, rngs: nnx.Rngs):
-        head_dim = d_model // n_heads
-        qkv_shape, qkv_axes = (d_model, n_heads, head_dim), ("embed", "heads", "head_dim")
-        self.wq = param(rngs, fan_in_init(d_model), qkv_shape, qkv_axes)
-        self.wk = param(rngs, fan_in_init(d_model), qkv_shape, qkv_axes)
-        self.wv = param(rngs, fan_in_init(d_model), qkv_shape, qkv_axes)
-        self.wo = param(rngs, fan_in_init(d_model), (n_heads, head_dim, d_model), ("heads", "head_dim", "embed"))
+    Heads before positions: the layout the attention matmuls read, so XLA
+    updates the cache in place instead of transposing it at every step.
+    """
+
+    k_bhtk: jax.Array
+    v_bhtk: jax.Array
+
+
+class Attention(nnx.Module):
+    """Causal self-attention, heads split over "tensor" (Megatron column / row split).
+
+    Grouped-query attention: `n_kv_heads` key/value heads (0 = n_heads), query
+    head h reads key/value head h // (n_heads / n_kv_heads), as Hugging Face's
+    `repeat_kv`. `qk_norm` adds an RMSNorm over each query and key head before
+    RoPE (Qwen3). `head_dim` 0 means d_model // n_heads.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        *,
+        rope_base: float,
+        dtype,
+        rngs: nnx.Rngs,
+        n_kv_heads: int = 0,
+        head_dim: int = 0,
+        qk_norm: bool = False,
+        norm_eps: float = 1e-6,
+    ):
+        head_dim = head_dim or d_model // n_heads
+        n_kv_heads = n_kv_heads or n_heads
+        if n_heads % n_kv_heads:
+            raise ValueError(f"n_heads={n_heads} must be a multiple of n_kv_heads={n_kv_heads}")
+        qkv_axes = ("embed", "heads", "head_dim")
+        self.wq = param(rngs, fan_in_init(d_model), (d_model, n_heads, head_dim), qkv_axes)
+        self.wk = param(rngs, fan_in_init(d_model), (d_model, n_kv_heads, head_dim), qkv_axes)
+        self.wv = param(rngs, fan_in_init(d_model), (d_model, n_kv_heads, head_dim), qkv_axes)
+        wo_axes = ("heads", "head_dim", "embed")
+        self.wo = param(rngs, fan_in_init(n_heads * head_dim), (n_heads, head_dim, d_model), wo_axes)
+        self.q_norm = RMSNorm(head_dim, eps=norm_eps, rngs=rngs) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim, eps=norm_eps, rngs=rngs) if qk_norm else None
         self.rope_base, self.dtype = rope_base, dtype
 
     def __call__(self, x_bld: jax.Array) -> jax.Array:
-        dt = self.dtype
-        q_blhk = rope(jnp.einsum("bld,dhk->blhk", x_bld, self.wq[...].astype(dt)), self.rope_base)
-        k_blhk = rope(jnp.einsum("bld,dhk->blhk", x_bld, self.wk[...].astype(dt)), self.rope_base)
-        v_blhk = jnp.einsum("bld,dhk->blhk", x_bld, self.wv[...].astype(dt))
-        q_blhk = constrain(q_blhk, ("batch", "length", "act_heads", None))
-        scores_bhqs = jnp.einsum("bqhk,bshk->bhqs", q_blhk, k_blhk).astype(jnp.float32)
-        scores_bhqs = scores_bhqs * q_blhk.shape[-1] ** -0.5
         length = x_bld.shape[1]
+        q_blhk, k_blhk, v_blhk = self._project(x_bld, None)
         causal_qs = jnp.tril(jnp.ones((length, length), dtype=bool))
-        scores_bhqs = jnp.where(causal_qs, scores_bhqs, jnp.finfo(jnp.float32).min)
-        probs_bhqs = jax.nn.softmax(scores_bhqs, axis=-1).astype(dt)
-        out_blhk = jnp.einsum("bhqs,bshk->bqhk", probs_bhqs, v_blhk)
-        out_bld = jnp.einsum("blhk,hkd->bld", out_blhk, self.wo[...].astype(dt))
+        return self._output(self._attend(q_blhk, k_blhk, v_blhk, causal_qs))
+
+    def cached(self, x_bld: jax.Array, cache: KVCache, start: jax.Array) -> tuple[jax.Array, KVCache]:
+        """Attention of `[B, L, D]` tokens at positions start..start+L-1 that also sees the cache.
+
+        Writes this step's keys and values into `cache` (`[B, H_kv, T, K]`) at
+        `start` and attends over every cached position up to each query's own.
+        """
+        length, total = x_bld.shape[1], cache.k_bhtk.shape[2]
+        positions_l = start + jnp.arange(length, dtype=jnp.int32)
+        q_blhk, k_blhk, v_blhk = self._project(x_bld, positions_l)
+        cache_axes = ("batch", "act_heads", "length", None)
+        dt = cache.k_bhtk.dtype
+        k_bhtk = jax.lax.dynamic_update_slice_in_dim(cache.k_bhtk, jnp.swapaxes(k_blhk, 1, 2).astype(dt), start, axis=2)
+        v_bhtk = jax.lax.dynamic_update_slice_in_dim(cache.v_bhtk, jnp.swapaxes(v_blhk, 1, 2).astype(dt), start, axis=2)
+        k_bhtk, v_bhtk = constrain(k_bhtk, cache_axes), constrain(v_bhtk, cache_axes)
+        batch, _, heads, head_dim = q_blhk.shape
+        kv_heads = k_bhtk.shape[1]
+        q_blgrk = q_blhk.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
+        scores_bgrlt = jnp.einsum("blgrk,bgtk->bgrlt", q_blgrk, k_bhtk.astype(self.dtype)).astype(jnp.float32)
+        scores_bgrlt = scores_bgrlt * head_dim**-0.5
+        visible_lt = jnp.arange(total, dtype=jnp.int32)[None, :] <= positions_l[:, None]
+        scores_bgrlt = jnp.where(visible_lt, scores_bgrlt, jnp.finfo(jnp.float32).min)
+        probs_bgrlt = jax.nn.softmax(scores_bgrlt, axis=-1).astype(self.dtype)
+        out_blgrk = jnp.einsum("bgrlt,bgtk->blgrk", probs_bgrlt, v_bhtk.astype(self.dtype))
+        return self._output(out_blgrk.reshape(batch, length, heads, head_dim)), KVCache(k_bhtk, v_bhtk)
+
+    def _project(self, x_bld: jax.Array, positions_l: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Queries `[B, L, H, K]`, keys and values `[B, L, H_kv, K]`, RoPE applied."""
+        dt = self.dtype
+        q_blhk = jnp.einsum("bld,dhk->blhk", x_bld, self.wq[...].astype(dt))
+        k_blhk = jnp.einsum("bld,dhk->blhk", x_bld, self.wk[...].astype(dt))
+        if self.q_norm is not None:
+            q_blhk, k_blhk = self.q_norm(q_blhk), self.k_norm(k_blhk)
+        q_blhk = rope(q_blhk, self.rope_base, positions_l)
+        k_blhk = rope(k_blhk, self.rope_base, positions_l)
+        v_blhk = jnp.einsum("bld,dhk->blhk", x_bld, self.wv[...].astype(dt))
+        return constrain(q_blhk, ("batch", "length", "act_heads", None)), k_blhk, v_blhk
+
+    def _attend(self, q_bqhk: jax.Array, k_bshk: jax.Array, v_bshk: jax.Array, visible_qs: jax.Array) -> jax.Array:
+        """Softmax attention `[B, Q, H, K]`; key/value head g serves query heads g*R .. g*R+R-1."""
+        batch, queries, heads, head_dim = q_bqhk.shape
+        kv_heads = k_bshk.shape[2]
+        if kv_heads == heads:
+            scores_bhqs = jnp.einsum("bqhk,bshk->bhqs", q_bqhk, k_bshk).astype(jnp.float32)
+        else:
+            q_bqgrk = q_bqhk.reshape(batch, queries, kv_heads, heads // kv_heads, head_dim)
+            scores_bhqs = jnp.einsum("bqgrk,bsgk->bgrqs", q_bqgrk, k_bshk).astype(jnp.float32)
+            scores_bhqs = scores_bhqs.reshape(batch, heads, queries, -1)
+        scores_bhqs = scores_bhqs * head_dim**-0.5
+        scores_bhqs = jnp.where(visible_qs, scores_bhqs, jnp.finfo(jnp.float32).min)
+        probs_bhqs = jax.nn.softmax(scores_bhqs, axis=-1).astype(self.dtype)
+        if kv_heads == heads:
+            return jnp.einsum("bhqs,bshk->bqhk", probs_bhqs, v_bshk)
+        probs_bgrqs = probs_bhqs.reshape(batch, kv_heads, heads // kv_heads, queries, -1)
+        out_bqgrk = jnp.einsum("bgrqs,bsgk->bqgrk", probs_bgrqs, v_bshk)
+        return out_bqgrk.reshape(batch, queries, heads, head_dim)
+
+    def _output(self, out_blhk: jax.Array) -> jax.Array:
+        out_bld = jnp.einsum("blhk,hkd->bld", out_blhk, self.wo[...].astype(self.dtype))
         # Row-parallel output: the tensor all-reduce happens here.
         return checkpoint_name(constrain(out_bld, ("batch", "length", "act_embed")), "attn_out")
 

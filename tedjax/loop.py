@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import jax
@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding
 from tedjax import data as data_lib
 from tedjax.checkpoint import Checkpointer, check_writable
 from tedjax.config import TrainConfig, check_mesh
-from tedjax.logs import MetricsLogger, detect_peak_tflops, to_python
+from tedjax.logs import SUPERSEDED, MetricsLogger, detect_peak_tflops, to_python
 from tedjax.mesh import logical_to_spec, make_mesh
 from tedjax.trainer import Trainer, TrainState
 
@@ -51,8 +51,9 @@ class Batches:
             self._synthetic_seed = d.seed
             return
         directory = data_lib.ensure_stdlib_corpus(max_bytes=d.stdlib_max_bytes) if d.source == "stdlib" else Path(d.path)
-        train_file = data_lib.TokenFile(directory, "train", seq_len=d.seq_len)
-        val_file = data_lib.TokenFile(directory, "val", seq_len=d.seq_len)
+        # prepare verified every byte; a start checks sizes and a cheap fingerprint, not the whole corpus
+        train_file = data_lib.TokenFile(directory, "train", seq_len=d.seq_len, verify="fingerprint")
+        val_file = data_lib.TokenFile(directory, "val", seq_len=d.seq_len, verify="fingerprint")
         for name, tf in (("train", train_file), ("val", val_file)):
             if tf.vocab_size > config.model.vocab_size:
                 raise ValueError(
@@ -127,8 +128,87 @@ class _SignalFlag:
             signal.signal(sig, handler)
 
 
-def run(config: TrainConfig, *, resume: bool = False, mesh=None, stop_after: int | None = None) -> RunResult:
-    """Train `config` to `config.steps` (or `stop_after` more steps); returns the final state and losses."""
+def _announce(logger: MetricsLogger, config: TrainConfig, mesh, checkpointer: Checkpointer, start_step: int,
+              config_file: str | None) -> None:
+    """Where everything goes, printed once at the start (process 0), and the run's `start` record."""
+    counts = config.model.param_counts()
+    model = config.model
+    experts = (f"{model.num_experts} experts, top-{model.top_k}, in {model.n_moe_layers} of {model.n_layers} layers"
+               if model.num_experts else f"dense, {model.n_layers} layers")  # fmt: skip
+    ckpt = (f"every {config.checkpoint.every} steps, keep {config.checkpoint.keep}" if config.checkpoint.every
+            else "only on a signal")  # fmt: skip
+    log_dir = Path(config.log.dir)
+    lines = [
+        f"tedjax run: config {config_file or '(built in Python)'}; steps {start_step} -> {config.steps}",
+        f"  mesh data={config.mesh.data} x expert={config.mesh.expert} x tensor={config.mesh.tensor} on "
+        f"{mesh.size} {mesh.devices.flat[0].platform} devices in {jax.process_count()} process"
+        f"{'es' if jax.process_count() > 1 else ''}",
+        f"  model {experts}: {counts['total']:,} parameters, {counts['active']:,} active per token",
+        f"  metrics     {log_dir / 'metrics.jsonl'}",
+        f"  tensorboard {log_dir / 'tensorboard' if config.log.tensorboard else 'off (log.tensorboard=false)'}",
+        f"  checkpoints {checkpointer.directory} ({ckpt})",
+        *checkpointer.notes,
+    ]
+    if logger.superseded:
+        lines.append(f"  moved {logger.superseded} records of steps after {start_step} (from the run this one "
+                     f"replaces) to {log_dir / SUPERSEDED}")
+    logger.message("\n".join(lines))
+    logger.log(start_step, {"config_file": config_file, "resumed": checkpointer.resume_step is not None,
+                            "changes": [str(c) for c in checkpointer.changes], "config": config.to_dict()},
+               kind="start")  # fmt: skip
+
+
+def _router_losses_per_layer(record: dict, n_moe_layers: int) -> None:
+    """The loss's router terms are sums over MoE layers; log the mean per layer (aux 1.0 = balanced) instead."""
+    for key in ("aux_loss", "z_loss"):
+        value = record.pop(key, None)
+        if value is None or not n_moe_layers:
+            continue
+        if isinstance(value, list):  # already per layer
+            record[f"{key}_by_layer"] = value
+            value = sum(value)
+        record[f"{key}_per_layer"] = value / n_moe_layers
+
+
+def _init_from(trainer: Trainer, state: TrainState, directory: str) -> TrainState:
+    """The fresh state with a Hugging Face checkpoint's parameters (AdamW's moments start at zero either way).
+
+    The random parameters are freed first, so the peak is one copy of the model.
+    """
+    from tedjax import hf
+
+    for leaf in jax.tree.leaves(state.params):
+        leaf.delete()
+    return dataclasses.replace(state, params=hf.load_params(directory, trainer.config.model, trainer.param_shardings))
+
+
+def _rebalance(trainer: Trainer, state: TrainState, step: int, logger: MetricsLogger) -> TrainState:
+    """Shadow and placement decisions (tedjax.balance); each change is logged with its predicted or measured cost."""
+    state, done = trainer.rebalance(state, step)
+    for layer, ids, before, after in done["shadows"]:
+        logger.log(step, {"layer": layer, "shadow_ids": ids, "predicted_latency_s": before,
+                          "predicted_latency_with_shadows_s": after}, kind="shadows")  # fmt: skip
+    changes = done["placement"]
+    if changes:
+        logger.log(step, {"layers": [c.layer for c in changes], "old_max_device_load": [c.old_max_load for c in changes],
+                          "new_max_device_load": [c.new_max_load for c in changes],
+                          "experts_moved": [c.experts_moved for c in changes],
+                          "bytes_sent_per_device": trainer.move_bytes()}, kind="placement")  # fmt: skip
+    return state
+
+
+def run(config: TrainConfig, *, resume: bool = False, allow_change: Iterable[str] = (), mesh=None,
+        stop_after: int | None = None, config_file: str | None = None) -> RunResult:
+    """Train `config` to `config.steps` (or `stop_after` more steps); returns the final state and losses.
+
+    `resume` continues from the newest checkpoint that verifies; a config change that alters results is
+    refused unless its dotted key is in `allow_change` (see tedjax/checkpoint.py). `config_file` is only
+    printed and recorded.
+    """
+    if mesh is None and config.mesh.auto:  # mesh: auto -> the planner's best plan for these devices
+        from tedjax.plan import auto_config
+
+        config = auto_config(config)
     mesh = mesh or make_mesh(config.mesh.data, config.mesh.expert, config.mesh.tensor)
     check_mesh(config.model, mesh, config.data.micro_batch_size, config.data.seq_len)
     if config.data.batch_size % jax.process_count():
@@ -136,20 +216,35 @@ def run(config: TrainConfig, *, resume: bool = False, mesh=None, stop_after: int
     if jax.process_index() == 0:
         check_writable(config.log.dir, "log.dir")
     batches = Batches(config)  # validates token files before anything is written or compiled
-    checkpointer = Checkpointer(config, resume=resume)  # refuses a wrong directory before compiling
+    if config.init_from:  # checks the Hugging Face files against the model (no weight read) before compiling
+        from tedjax import hf
+
+        hf.check_checkpoint(config.init_from[3:], config.model)
+    # Refuses a wrong directory or a silent config change, and verifies checksums, before compiling.
+    checkpointer = Checkpointer(config, resume=resume, allow_change=allow_change)
+    start_step = last_checkpoint = checkpointer.resume_step
+    start_step = start_step or 0
+    end_step = config.steps if stop_after is None else min(config.steps, start_step + stop_after)
     try:
         trainer = Trainer(config, mesh)
-        start_step, last_checkpoint = 0, checkpointer.latest_step() if resume else None
-        if resume and last_checkpoint is not None:
-            state, meta = checkpointer.restore(trainer.abstract_state(), last_checkpoint)
-            start_step = int(meta["step"])
-        else:
-            state = trainer.init_state()
+        state = checkpointer.restore(trainer.abstract_state())[0] if last_checkpoint is not None else trainer.init_state()
+        if last_checkpoint is None and config.init_from:
+            state = _init_from(trainer, state, config.init_from[3:])
     except BaseException:
         checkpointer.close()  # lets orbax's background threads finish before the error propagates
         raise
+    if start_step >= end_step:  # e.g. a finished run resumed again: train, evaluate, save and log nothing
+        checkpointer.close()
+        if jax.process_index() == 0:
+            print(*checkpointer.notes, sep="\n", flush=True)
+            print(f"checkpoint step {start_step} in {checkpointer.directory} already reaches "
+                  f"{f'steps={config.steps}' if start_step >= config.steps else f'stop_after={stop_after}'}: "
+                  "nothing to do; nothing was changed (raise steps to train on)", flush=True)
+        return RunResult(state, trainer, {}, {}, False, last_checkpoint, batches.unigram_baseline)
+    checkpointer.begin(start_step)
     logger = MetricsLogger(config.log.dir, total_steps=config.steps, start_step=start_step,
                            tensorboard=config.log.tensorboard, progress=config.log.progress)  # fmt: skip
+    _announce(logger, config, mesh, checkpointer, start_step, config_file)
     if resume:
         logger.message(f"resumed from checkpoint step {last_checkpoint} in {checkpointer.directory}"
                        if last_checkpoint is not None else
@@ -159,7 +254,6 @@ def run(config: TrainConfig, *, resume: bool = False, mesh=None, stop_after: int
     flops_per_step = config.model.flops_per_token(config.data.seq_len) * tokens_per_step
     peak = config.log.peak_tflops or detect_peak_tflops()
     n_devices = mesh.size
-    end_step = config.steps if stop_after is None else min(config.steps, start_step + stop_after)
 
     train_losses, eval_losses = {}, {}
     pending: list[tuple[int, dict]] = []  # metrics fetched one step late, keeping the device busy
@@ -190,6 +284,7 @@ def run(config: TrainConfig, *, resume: bool = False, mesh=None, stop_after: int
                 if peak:
                     record["mfu"] = tflops / peak
                 record.pop("skipped_total", None)
+                _router_losses_per_layer(record, config.model.n_moe_layers)
                 logger.log(step_done, record)
                 window_start, window_steps = time.perf_counter(), 0
 
@@ -212,6 +307,8 @@ def run(config: TrainConfig, *, resume: bool = False, mesh=None, stop_after: int
                 drain(keep_last=True)
                 logger.advance()
                 done = step + 1
+                if trainer.balance_due(done) and done != end_step:
+                    state = _rebalance(trainer, state, done, logger)
                 if config.log.eval_every and done % config.log.eval_every == 0 and done != end_step:
                     drain(keep_last=False)
                     eval_losses[done] = evaluate(trainer, state, batches)["lm_loss"]

@@ -19,6 +19,10 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
+from flax import nnx
+from flax.core import meta
+from flax.core.spmd import get_logical_axis_rules
+from flax.nnx import bridge
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "expert", "tensor")
@@ -44,6 +48,7 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "ffn": "tensor",
     "vocab": "tensor",
     "router_experts": None,  # every rank scores every expert
+    "shadow_experts": None,  # shadow copies of hot experts live on every device (FasterMoE)
     "norm": None,
 }
 
@@ -138,24 +143,142 @@ def axis_size(mesh: Mesh, logical_name: str) -> int:
     return math.prod(int(mesh.shape[a]) for a in axes)
 
 
-def param_spec(variable) -> PartitionSpec:
-    """PartitionSpec of an nnx Variable from its `logical_axes` metadata (required on every Param)."""
-    axes = getattr(variable, "logical_axes", None)
-    if axes is None:
-        raise ValueError(
-            f"parameter of shape {getattr(variable, 'shape', '?')} has no logical_axes; create it with "
-            "tedjax.layers.param(...) so its sharding is declared"
+def flax_rules() -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
+    """`RULES` as Flax logical-axis rules, for `nnx.logical_axis_rules` / `nn.logical_to_mesh_sharding`.
+
+    Each mesh axis also maps to itself, so a spec that already names mesh axes
+    (`nn.Partitioned`, `nnx.with_partitioning(init, ("tensor", None))`) passes
+    through Linen's rule matching instead of being silently replicated.
+    """
+    return tuple(RULES.items()) + tuple((axis, axis) for axis in MESH_AXES)
+
+
+def axes_metadata(logical_axes: Sequence[str | None]) -> dict:
+    """Variable metadata declaring logical axes the Flax way: `nnx.Param(value, **axes_metadata(axes))`.
+
+    `out_sharding` is Flax's own key (what `nnx.with_partitioning` sets and
+    `nnx.get_partition_spec` reads). `eager_sharding=False` keeps Flax from
+    sharding the value at creation, which fails outside a mesh and on logical
+    names without a rules context; `tedjax.layers.param` constrains it itself.
+    `logical_axes` repeats the names for code that reads `variable.logical_axes`.
+    """
+    axes = tuple(logical_axes)
+    return {"out_sharding": axes, "eager_sharding": False, "logical_axes": axes}
+
+
+_HOW_TO_DECLARE = (
+    "Declare axes the Flax way: nnx.with_partitioning(init, ('embed', 'ffn')) or "
+    "nnx.Param(value, out_sharding=(...)) in NNX, nn.with_logical_partitioning(init, (...)) in Linen, "
+    "with logical axes of tedjax.mesh.RULES or mesh axes; or pass replicate_unannotated=True to "
+    "replicate such arrays on purpose"
+)
+
+
+class UndeclaredShardingError(ValueError):
+    """An array with more than 0 dims and no sharding metadata (and replication not asked for)."""
+
+
+def _declared(leaf) -> tuple[tuple | None, dict]:
+    """(declared axis names or None, the leaf's own logical rules) of an nnx Variable or a Linen box."""
+    if isinstance(leaf, nnx.Variable):
+        metadata = leaf.get_metadata()
+    elif isinstance(leaf, bridge.NNXMeta):
+        metadata = leaf.metadata
+    elif isinstance(leaf, meta.Partitioned):  # nn.Partitioned and nn.LogicallyPartitioned
+        metadata = {"out_sharding": leaf.names, "sharding_rules": getattr(leaf, "rules", None)}
+    else:
+        return None, {}
+    names = metadata.get("out_sharding") or metadata.get("logical_axes")
+    if isinstance(names, NamedSharding):
+        names = names.spec
+    return (None if names is None else tuple(names)), dict(metadata.get("sharding_rules") or ())
+
+
+def _mesh_axes(name: str, local: dict, context: dict, mesh_axes: Sequence[str], where: str) -> tuple[str, ...]:
+    """The mesh axes one declared name stands for: RULES, then the leaf's own rules, Flax's context rules,
+    and finally a mesh axis of that name."""
+    if name in RULES:
+        if name in local and _axes_of(local[name]) != _axes_of(RULES[name]):
+            raise ValueError(
+                f"{where}: its sharding_rules map logical axis {name!r} to {local[name]!r} but "
+                f"tedjax.mesh.RULES maps it to {RULES[name]!r}; rename the axis or drop the local rule"
+            )
+        return _axes_of(RULES[name])
+    for rules in (local, context):
+        if name in rules:
+            return _axes_of(rules[name])
+    if name in mesh_axes:
+        return (name,)
+    raise KeyError(
+        f"{where}: axis {name!r} is neither a logical axis of tedjax.mesh.RULES (known: {sorted(RULES)}) "
+        f"nor a mesh axis {tuple(mesh_axes)}; add it to RULES or name mesh axes directly"
+    )
+
+
+def _axes_of(target) -> tuple[str, ...]:
+    return () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+
+
+def param_spec(
+    leaf, mesh: Mesh | None = None, *, replicate_unannotated: bool = False, where: str = "parameter"
+) -> PartitionSpec:
+    """PartitionSpec of an nnx Variable, a Linen box or a plain array, from Flax's own sharding metadata.
+
+    Reads `out_sharding` (`nnx.with_partitioning`, `nnx.Param(..., out_sharding=)`,
+    tedjax's `param`), Linen's `nn.with_partitioning` / `nn.with_logical_partitioning`
+    boxes and bridged NNX variables. Each name is a logical axis of `RULES` or
+    a mesh axis (passed through). RNG state and scalars are replicated. Any
+    other array without metadata is an error unless `replicate_unannotated`.
+    """
+    names, local = _declared(leaf)
+    value = leaf.get_value() if isinstance(leaf, nnx.Variable) else getattr(leaf, "value", leaf)
+    shape = tuple(getattr(value, "shape", ()))
+    if names is None:
+        if isinstance(leaf, nnx.RngState) or not shape or replicate_unannotated:
+            return PartitionSpec()
+        raise UndeclaredShardingError(f"{where} of shape {shape} has no sharding metadata. {_HOW_TO_DECLARE}")
+    if shape and len(names) > len(shape):
+        raise ValueError(f"{where}: sharding {names} has more entries than its shape {shape} has dims")
+    context = dict(get_logical_axis_rules() or ())
+    mesh_axes = tuple(mesh.axis_names) if mesh is not None else MESH_AXES
+    spec, used = [], []
+    for entry in names:
+        parts = () if entry is None or entry is PartitionSpec.UNCONSTRAINED else _axes_of(entry)
+        axes = tuple(a for name in parts for a in _mesh_axes(name, local, context, mesh_axes, where))
+        for axis in axes:
+            if axis in used:
+                raise ValueError(f"{where}: sharding {names} puts mesh axis {axis!r} on two dims")
+            used.append(axis)
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*spec)
+
+
+def _is_sharding_leaf(x) -> bool:
+    return isinstance(x, (nnx.Variable, meta.AxisMetadata))
+
+
+def state_shardings(tree, mesh: Mesh, *, replicate_unannotated: bool = False):
+    """NamedShardings for a tree of nnx Variables (an nnx State, abstract or concrete), Linen variables
+    (boxed or bridged) or optimizer state: the same tree with each Variable, box or array replaced.
+
+    See `param_spec` for how each leaf's sharding is read.
+    """
+    undeclared = []
+
+    def one(path, leaf):
+        kind = type(leaf).__name__ if _is_sharding_leaf(leaf) else "array"
+        where = f"{kind} at {jax.tree_util.keystr(path)}"
+        try:
+            spec = param_spec(leaf, mesh, replicate_unannotated=replicate_unannotated, where=where)
+        except UndeclaredShardingError:
+            undeclared.append(f"{where} {tuple(getattr(leaf, 'shape', ()))}")
+            spec = PartitionSpec()
+        return NamedSharding(mesh, spec)
+
+    shardings = jax.tree_util.tree_map_with_path(one, tree, is_leaf=_is_sharding_leaf)
+    if undeclared:  # all of them at once, so one edit fixes the model
+        listed = ", ".join(undeclared[:8]) + (f" and {len(undeclared) - 8} more" if len(undeclared) > 8 else "")
+        raise UndeclaredShardingError(
+            f"{len(undeclared)} array(s) have no sharding metadata: {listed}. {_HOW_TO_DECLARE}"
         )
-    return logical_to_spec(axes)
-
-
-def state_shardings(state, mesh: Mesh):
-    """NamedShardings for an nnx State (abstract or concrete) from each Variable's logical axes."""
-    from flax import nnx
-
-    def one(variable):
-        if isinstance(variable, nnx.Variable) and getattr(variable, "logical_axes", None) is not None:
-            return NamedSharding(mesh, param_spec(variable))
-        return NamedSharding(mesh, PartitionSpec())
-
-    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return shardings

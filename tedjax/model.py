@@ -22,9 +22,12 @@ REMAT_POLICIES = {
 class Block(nnx.Module):
     def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs):
         dt = config.compute_dtype
-        self.attn_norm = RMSNorm(config.d_model, rngs=rngs)
-        self.attn = Attention(config.d_model, config.n_heads, rope_base=config.rope_base, dtype=dt, rngs=rngs)
-        self.ffn_norm = RMSNorm(config.d_model, rngs=rngs)
+        self.attn_norm = RMSNorm(config.d_model, eps=config.norm_eps, rngs=rngs)
+        self.attn = Attention(
+            config.d_model, config.n_heads, n_kv_heads=config.n_kv_heads, head_dim=config.head_dim,
+            qk_norm=config.qk_norm, norm_eps=config.norm_eps, rope_base=config.rope_base, dtype=dt, rngs=rngs,
+        )  # fmt: skip
+        self.ffn_norm = RMSNorm(config.d_model, eps=config.norm_eps, rngs=rngs)
         self.is_moe = bool(config.num_experts) and config.is_moe_layer(layer)
         if self.is_moe:
             self.ffn = MoE(
@@ -32,7 +35,9 @@ class Block(nnx.Module):
                 top_k=config.top_k, capacity_factor=config.capacity_factor,
                 eval_capacity_factor=config.eval_capacity_factor, min_capacity=config.min_capacity,
                 group_size=config.group_size, activation=config.activation, jitter_eps=config.jitter_eps,
-                dtd=config.dtd, dtype=dt, rngs=rngs,
+                renormalize=config.router_renormalize, dtd=config.dtd,
+                capacity_scope=config.capacity_scope, shadow_experts=config.shadow_experts,
+                a2a_chunks=config.a2a_chunks, dtype=dt, rngs=rngs,
             )  # fmt: skip
         else:
             width = config.top_k * config.expert_d_ff if config.is_moe_layer(layer) else config.d_ff
@@ -54,11 +59,12 @@ class Transformer(nnx.Module):
         self.config = config
         self.embed = param(rngs, jax.nn.initializers.normal(1.0), (config.vocab_size, config.d_model), ("vocab", "embed"))
         self.blocks = nnx.List([Block(config, i, rngs=rngs) for i in range(config.n_layers)])
-        self.final_norm = RMSNorm(config.d_model, rngs=rngs)
+        self.final_norm = RMSNorm(config.d_model, eps=config.norm_eps, rngs=rngs)
         self.head = param(rngs, fan_in_init(config.d_model), (config.d_model, config.vocab_size), ("embed", "vocab"))
 
     def __call__(self, tokens_bl: jax.Array) -> tuple[jax.Array, list[MoEStats]]:
         cfg = self.config
+        check_tokens(cfg, tokens_bl)  # shapes always, id range when concrete (see check_tokens)
         tokens_bl = constrain(tokens_bl, ("batch", "length"))
         x_bld = jnp.take(self.embed[...], tokens_bl, axis=0).astype(cfg.compute_dtype)
         x_bld = constrain(x_bld, ("batch", "length", "act_embed"))
@@ -76,14 +82,20 @@ class Transformer(nnx.Module):
         return logits_blv, all_stats
 
 
-def loss_fn(model: Transformer, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+def loss_fn(model: Transformer, batch: dict[str, jax.Array], *, check_ids: bool = False
+            ) -> tuple[jax.Array, dict[str, jax.Array]]:  # fmt: skip
     """LM cross-entropy + weighted router losses summed over MoE layers.
 
     `batch`: {"inputs": int32 [B, L], "targets": int32 [B, L], optional "mask": [B, L]}.
     Returns (total loss, metrics) where metrics hold the parts and per-layer
-    expert load `[n_moe, E]` and dropped fraction `[n_moe]`.
+    expert load `[n_moe, E]`, device load `[n_moe, X]` (X devices of the
+    "expert" axis) and dropped fraction `[n_moe]`. Ids must be in
+    [0, vocab_size): inside jit they are not checked unless `check_ids=True`
+    under `jax.experimental.checkify.checkify` (see `checkify_token_ids`).
     """
     cfg = model.config
+    if check_ids:
+        checkify_token_ids(cfg, batch)
     logits_blv, stats = model(batch["inputs"])
     token_loss_bl = optax.softmax_cross_entropy_with_integer_labels(logits_blv, batch["targets"])
     mask_bl = batch.get("mask")
@@ -103,9 +115,21 @@ def loss_fn(model: Transformer, batch: dict[str, jax.Array]) -> tuple[jax.Array,
             z_loss=z,
             expert_load=jnp.stack([s.expert_load for s in stats]),
             dropped_fraction=jnp.stack([s.dropped_fraction for s in stats]),
+            device_load=jnp.stack([s.device_load for s in stats]),
         )
     metrics["loss"] = total
     return total, metrics
+
+
+def moe_layers(model: Transformer) -> list[MoE]:
+    """The model's MoE modules in layer order (the order of its `MoEStats`)."""
+    return [block.ffn for block in model.blocks if block.is_moe]
+
+
+def update_balance(model: Transformer, expert_load_ne: jax.Array, *, bias_rate: float, load_decay: float) -> None:
+    """After a step: each MoE layer's load running mean and router bias from its load `[n_moe, E]`."""
+    for moe, load_e in zip(moe_layers(model), expert_load_ne):
+        moe.update_balance(load_e, bias_rate=bias_rate, load_decay=load_decay)
 
 
 def abstract_model(config: ModelConfig, seed: int = 0) -> Transformer:
@@ -130,3 +154,52 @@ def init_model(config: ModelConfig, mesh: Mesh, seed: int = 0) -> Transformer:
     with jax.set_mesh(mesh):
         state = jax.jit(init, out_shardings=shardings)()
     return nnx.merge(graphdef, state)
+
+
+# ---------------------------------------------------------------- input checks (issue 14)
+
+
+def check_tokens(config: ModelConfig, tokens_bl) -> None:
+    """Raise ValueError for token input the model would silently mis-handle.
+
+    Always (shapes are static, so this costs nothing under jit): `[B, L]`
+    integers, L <= max_len, and routing groups that tile the sequences.
+    When `tokens_bl` is concrete (not traced), also the id range: ids >= vocab_size
+    would give a NaN loss, and -1 would silently read the last embedding row.
+    Inside jit ids cannot be checked without a cost; see `checkify_token_ids`.
+    """
+    shape, dtype = getattr(tokens_bl, "shape", None), getattr(tokens_bl, "dtype", None)
+    if shape is None or len(shape) != 2 or not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(f"tokens must be integer ids of shape [batch, length], got shape {shape} dtype {dtype}")
+    batch, length = shape
+    if length > config.max_len:
+        raise ValueError(f"sequence length {length} exceeds model.max_len={config.max_len}; "
+                         "shorten the sequences or raise max_len")
+    group = config.group_size
+    if config.num_experts and group:
+        if length % group and group % length:
+            raise ValueError(f"model.group_size={group} must divide the sequence length {length} or be a multiple "
+                             "of it: routing groups would span parts of two sequences")
+        if batch * length % group:
+            raise ValueError(f"model.group_size={group} does not tile {batch} x {length} tokens; "
+                             f"use a batch whose batch x length is a multiple of {group}")
+    if not isinstance(tokens_bl, jax.core.Tracer) and batch * length:
+        low, high = int(jnp.min(tokens_bl)), int(jnp.max(tokens_bl))
+        if low < 0 or high >= config.vocab_size:
+            raise ValueError(f"token ids must be in [0, vocab_size={config.vocab_size}), got ids from {low} to "
+                             f"{high}; fix the tokenizer or raise model.vocab_size")
+
+
+def checkify_token_ids(config: ModelConfig, batch: dict[str, jax.Array]) -> None:
+    """`checkify` checks that every id of `batch`'s inputs and targets is in [0, vocab_size).
+
+    Run the loss under `checkify.checkify(...)` (jit inside or outside) and call
+    `err.throw()`; without checkify, jit refuses the check.
+    """
+    from jax.experimental import checkify
+
+    for name in ("inputs", "targets"):
+        ids = batch[name]
+        checkify.check(jnp.all((ids >= 0) & (ids < config.vocab_size)),
+                       f"{name} token ids must be in [0, vocab_size={config.vocab_size}), got ids from {{low}} to "
+                       "{high}", low=jnp.min(ids), high=jnp.max(ids))  # fmt: skip

@@ -101,6 +101,34 @@ def zero1_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> Parti
     return PartitionSpec(*entries)
 
 
+def zero1_shardings(abstract_params, param_shardings, mesh: Mesh, enabled: bool = True):
+    """Each parameter's optimizer-state layout: `zero1_spec` of its sharding (its own sharding if not enabled).
+
+    Shared by `Trainer` and `tedjax.train_step_fn`; gradients constrained to it
+    are reduce-scattered over each parameter's data-parallel group.
+    """
+    return jax.tree.map(
+        lambda a, s: NamedSharding(mesh, zero1_spec(s.spec, a.shape, mesh) if enabled else s.spec),
+        abstract_params,
+        param_shardings,
+    )
+
+
+def zero1_update(tx: optax.GradientTransformation, grads, opt_state, params, zero1_shardings, param_shardings):
+    """optax's update in the ZeRO-1 layout: (new params in `param_shardings`, new optimizer state).
+
+    Gradients and parameters are constrained to the optimizer-state layout (a
+    reduce-scatter of the gradients, a local slice of the parameters), the
+    update runs on each device's shard, and the new parameters are constrained
+    back to their own layout (an all-gather over the data-parallel group).
+    """
+    grads = jax.lax.with_sharding_constraint(grads, zero1_shardings)
+    params = jax.lax.with_sharding_constraint(params, zero1_shardings)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    new_params = jax.lax.with_sharding_constraint(optax.apply_updates(params, updates), param_shardings)
+    return new_params, opt_state
+
+
 def opt_state_shardings(tx: optax.GradientTransformation, abstract_params, param_shardings, mesh: Mesh, zero1: bool):
     """Shardings for `tx.init(params)`: param-shaped leaves follow ZeRO-1, scalars are replicated."""
     abstract_state = jax.eval_shape(tx.init, abstract_params)

@@ -137,3 +137,30 @@ def test_unknown_logical_axis_is_an_error_not_a_silent_replication():
         tedjax.logical_to_spec(("experts_typo", None))
     with pytest.raises(ValueError, match="put mesh axis 'tensor' on two dims"):
         tedjax.logical_to_spec(("heads", "ffn"))
+
+
+@pytest.mark.parametrize(
+    "text, kind",
+    [("- steps: 3\n", "list"), ("- [steps, 3]\n", "list"), ("steps 3\n", "str"), ("3\n", "int")],
+    ids=["list of mappings", "list of pairs", "a string", "a number"],
+)
+def test_yaml_top_level_must_be_a_mapping(tmp_path, text, kind):
+    """Bug 5: `- steps: 3` gave a Python error text and `- [steps, 3]` was silently read as steps=3."""
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=_escape(f"config file {path} must hold a mapping of keys to values at the "
+                                                 f"top level (e.g. `steps: 3`, `model: {{d_model: 64}}`), got a {kind}")):
+        load_config(str(path))
+
+
+def test_group_size_is_checked_against_the_sequence_length_used():
+    """Bug 6: group_size was checked against max_len, so a valid seq_len was refused."""
+    config = load_config("configs/tiny.yaml", ["model.max_len=128", "data.seq_len=96", "model.group_size=24"])
+    assert config.model.group_size == 24
+    check_mesh(config.model, tedjax.make_mesh(2, 2, 2), config.data.micro_batch_size, config.data.seq_len)
+    assert ModelConfig(max_len=128, group_size=24).group_size == 24  # the model alone does not know the length
+    with pytest.raises(ValueError, match=_escape("model.group_size=40 must divide data.seq_len=96 or be a multiple")):
+        load_config("configs/tiny.yaml", ["data.seq_len=96", "model.group_size=40"])
+    with pytest.raises(ValueError, match=_escape("model.group_size=192 does not tile a micro-batch of 3 x 96 tokens")):
+        load_config("configs/tiny.yaml", ["data.seq_len=96", "model.group_size=192", "data.batch_size=3"])
+    load_config("configs/tiny.yaml", ["data.seq_len=96", "model.group_size=40", "model.num_experts=0"])  # dense: unused

@@ -1,4 +1,4 @@
-"""Smoke tests: benchmarks/overhead.py, quality.py and mfu.py run end to end in --quick mode.
+"""Smoke tests: benchmarks/overhead.py, quality.py, mfu.py and load_balance.py run end to end in --quick mode.
 
 Timings are not asserted (they depend on the machine); what is checked is
 that each script runs, writes its result files with the fields the full run
@@ -109,3 +109,99 @@ def test_mfu_quick(tmp_path):
     smoke = rows["cpu_smoke_tiny"]
     assert smoke["mfu"] is None and smoke["tokens_per_s"] > 0
     assert smoke["tokens_per_s"] == pytest.approx(smoke["tokens_per_step"] / (statistics.median(smoke["times_s"])))
+
+
+def test_load_balance_quick(tmp_path):
+    run_quick("load_balance.py", tmp_path)
+    result = load(tmp_path, "load_balance")
+    main, skew = result["main_job"], result["skew"]
+    steps = result["settings"]["steps"]
+    # (a) the main job: both variants trained, every step's drops per MoE layer recorded
+    runs = {r["variant"]: r for r in main["runs"]}
+    assert set(runs) == {"baseline", "all together"}
+    for r in runs.values():
+        assert r["steps"] == list(range(1, steps + 1))
+        assert [len(d) for d in r["dropped_by_step"]] == [main["n_moe_layers"]] * steps
+        assert r["dropped_final"] == r["dropped_by_step"][-1]
+        assert all(0 <= d <= 1 for d in r["dropped_final"]) and math.isfinite(r["val_loss"])
+        assert r["val_loss"] == pytest.approx(r["val_losses"][str(steps)])
+        assert r["a2a"]["token_sent_bytes_per_layer"] > 0
+    base, pooled = runs["baseline"], runs["all together"]
+    assert base["a2a"]["counts_sent_bytes_per_layer"] == 0 and base["placement_changes"] == []
+    # device pools send the same token bytes, plus G_local x E x 4 x (X-1)/X bytes of int32 counts per layer
+    assert pooled["a2a"]["token_sent_bytes_per_layer"] == base["a2a"]["token_sent_bytes_per_layer"]
+    cfg = pooled["overrides"]
+    assert "model.capacity_scope=device" in cfg and any(o.startswith("model.router_bias_rate=") for o in cfg)
+    groups_local = 8 // (2 * 2)  # data.batch_size=8 sequences (one routing group each) over data x expert
+    assert pooled["a2a"]["counts_sent_bytes_per_layer"] == groups_local * 8 * 4 * (2 - 1) / 2
+    assert all(any(x != 0 for x in layer) for layer in pooled["router_bias_final"])  # the bias moved
+    for change in pooled["placement_changes"]:
+        assert all(new < old for new, old in zip(change["new_max_device_load"], change["old_max_device_load"]))
+    for row in main["rows"]:
+        drops = [row[f"dropped_final_L{i}"] for i in range(main["n_moe_layers"])]
+        assert row["drop_target"] == ("PASS" if max(drops) <= 0.02 else "MISS")
+    row = next(r for r in main["rows"] if r["variant"] == "all together")
+    assert row["val_target"] == ("PASS" if pooled["val_loss"] <= base["val_loss"] else "MISS")
+    assert row["bytes_target"] == "PASS"
+    # (b) controlled skew: three scopes per case, the capacity search checked against its neighbour
+    cases = {}
+    for r in skew["rows"]:
+        cases.setdefault((r["experts"], r["devices"], r["zipf_s"], r["top_k"]), {})[r["scope"]] = r
+    assert set(cases) == {(16, 8, 1.0, 1), (8, 4, 1.0, 1)}
+    for (experts, devices, s, k), scopes in cases.items():
+        assert set(scopes) == {"expert", "device", "device + placement"}
+        for r in scopes.values():
+            assert 0 <= r["dropped_cf1.25"] <= r["dropped_cf1.0"] <= 1
+            assert r["dropped_at_cf_needed"] <= 0.01 < r["dropped_one_slot_less"]
+            group_size = result["settings"]["group_size"]
+            assert r["cf_needed"] == pytest.approx(r["capacity_needed"] * experts / (k * group_size))
+            assert r["cf_ratio_vs_expert"] == pytest.approx(scopes["expert"]["cf_needed"] / r["cf_needed"])
+        verdict = skew["verdicts"][f"cf_ratio E={experts},X={devices}"]
+        assert verdict["verdict"] == ("PASS" if verdict["ratio"] >= 1.5 else "MISS")
+    timing = {(t["scope"], t["method"], t["cf"]): t for t in skew["timing"]}
+    expert, blocks, ragged = timing[("expert", "auto", 1.25)], timing[("device", "blocks", 1.25)], timing[
+        ("device", "ragged", 1.25)]
+    for t in (expert, blocks, ragged):
+        assert len(t["times_s"]) == len(t["cpu_times_s"]) == result["settings"]["reps"]
+        assert all(x > 0 for x in t["times_s"])
+        assert t["hlo_token_a2a_bytes"] == expert["hlo_token_a2a_bytes"] and t["xla_gflop_layer"] > 0
+    assert expert["ratio_vs_expert_equal_cf"] == 1.0 and expert["hlo_counts_a2a_bytes"] == 0
+    assert blocks["hlo_counts_a2a_bytes"] > 0
+    assert blocks["ratio_vs_expert_equal_cf"] == pytest.approx(
+        statistics.median(b / e for b, e in zip(blocks["times_s"], expert["times_s"])))
+    time_verdict = skew["verdicts"]["time E=8,X=4,cf=1.25"]
+    assert time_verdict["verdict"] == ("PASS" if blocks["ratio_vs_expert_equal_cf"] <= 1.15 else "MISS")
+    # shadow experts (issue 11): a placeholder, no numbers
+    assert result["shadow_experts"]["main_job_rows"] == [] == result["shadow_experts"]["skew_rows"]
+    md = (tmp_path / "load_balance.md").read_text()
+    assert md.startswith("# Load balance") and "Shadow experts" in md and "not built yet" in md
+    assert f"**{time_verdict['verdict']}**" in md
+    try:
+        import matplotlib  # noqa: F401  (optional: the notebooks extra)
+    except ImportError:
+        assert "No plot: matplotlib is not installed" in md
+        return
+    assert (tmp_path / "load_balance.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_planner_quick(tmp_path):
+    run_quick("planner.py", tmp_path)
+    result = load(tmp_path, "planner")
+    cells = result["rows"]
+    assert len(cells) == len(result["settings"]["cells"]) == 4
+    for c in cells:  # the byte model is exact and memory within 10% (benchmarks/planner.py, part 1)
+        assert c["exact"] and c["kinds_exact"] == c["kinds"] > 0, c["collectives"]
+        assert c["arguments_exact"] and abs(c["memory_error"]) <= 0.10
+        assert c["memory_error"] == pytest.approx(c["memory_predicted"] / c["memory_compiled"] - 1)
+    ted = result["ted"]
+    assert ted["ted_fits"] and ted["speedup"] == pytest.approx(1 - ted["ted_parts"]["step_s"] / ted["baseline_parts"]["step_s"])
+    assert ted["verdict"] == ("PASS" if abs(ted["speedup"] - 0.26) <= 0.10 else "MISS")
+    presets = result["presets"]
+    assert {(r["preset"], r["gpus"]) for r in presets} == {(p, g) for p in ("gpu_1.3b", "gpu_2.7b", "gpu_6.7b")
+                                                           for g in (8, 64, 512)}
+    for r in presets:
+        assert r["plan"] is None or r["memory_gib"] <= 79.6 * 0.9, r  # never a plan that does not fit
+    assert result["scale"]["gpus"] == 1024 and result["scale"]["fit"] > 0
+    md = (tmp_path / "planner.md").read_text()
+    assert md.startswith("# Planner") and f"**{ted['verdict']}**" in md
+

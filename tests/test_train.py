@@ -1,7 +1,10 @@
-"""Training end to end: loss falls on real text, exact resume, resharding restore, ZeRO-1, global norm."""
+"""Training end to end: loss falls on real text, exact resume, resharding restore, ZeRO-1, global norm;
+logs a cluster user can read, a resume that logs no step twice, a resume past the end that does nothing."""
 
 import json
 import math
+import shutil
+import struct
 from pathlib import Path
 
 import jax
@@ -12,7 +15,7 @@ from reference import FACTORIZATIONS, max_abs_diff
 
 import tedjax
 from tedjax import analysis
-from tedjax.checkpoint import Checkpointer
+from tedjax.checkpoint import CheckpointError, Checkpointer
 from tedjax.config import load_config
 from tedjax.data import synthetic_batches
 from tedjax.loop import run
@@ -48,9 +51,13 @@ def test_loss_decreases_on_real_text(straight_run):
     train_steps = [r["step"] for r in records if r["kind"] == "train"]
     assert train_steps == list(range(1, 25))
     first = next(r for r in records if r["kind"] == "train")
-    for key in ("loss", "lm_loss", "aux_loss", "z_loss", "learning_rate", "grad_norm", "tokens_per_s",
-                "tflops_per_device", "expert_load", "dropped_fraction", "skipped_steps"):  # fmt: skip
+    for key in ("loss", "lm_loss", "aux_loss_per_layer", "z_loss_per_layer", "learning_rate", "grad_norm",
+                "tokens_per_s", "tflops_per_device", "expert_load", "dropped_fraction", "skipped_steps"):  # fmt: skip
         assert key in first, key
+    # router losses are logged as means over MoE layers (aux 1.0 = balanced whatever the depth), not sums
+    assert "aux_loss" not in first and 0.9 < first["aux_loss_per_layer"] < 2.0
+    start = records[0]
+    assert start["kind"] == "start" and start["step"] == 0 and start["config"] == config.to_dict()
     assert len(first["expert_load"]) == config.model.n_moe_layers
     assert len(first["expert_load"][0]) == config.model.num_experts
     assert any(p.name.startswith("events.out.tfevents") for p in Path(config.log.dir, "tensorboard").iterdir())
@@ -63,16 +70,96 @@ def test_tiny_run_beats_unigram_baseline(straight_run):
     assert result.eval_losses[24] < result.unigram_baseline
 
 
-def test_resume_continues_exactly(straight_run, tmp_path):
+def tensorboard_events(directory: Path) -> list:
+    """Every event of the TFRecord event files in `directory` (length, crc, payload, crc per record)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    events = []
+    for path in sorted(directory.glob("events.out.tfevents.*")):
+        data, at = path.read_bytes(), 0
+        while at < len(data):
+            (length,) = struct.unpack("<Q", data[at : at + 8])
+            events.append(Event.FromString(data[at + 12 : at + 12 + length]))
+            at += 12 + length + 4
+    return events
+
+
+def test_resume_continues_exactly(straight_run, tmp_path, capsys):
     config, straight = straight_run
     config = small_config(tmp_path, "steps=24", "checkpoint.every=12", "log.eval_every=12")
     first = run(config, stop_after=12)
     assert first.last_checkpoint == 12
+    # The run that saved step 12 went on logging before it died: records of steps 13 and 14 (and a torn
+    # line) in metrics.jsonl, and a step-13 event in TensorBoard.
+    from tensorboardX import SummaryWriter
+
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.writelines(json.dumps({"kind": "train", "step": s, "loss": 99.0}) + "\n" for s in (13, 14))
+        f.write('{"kind": "train", "st')
+    writer = SummaryWriter(str(tmp_path / "tensorboard"))
+    writer.add_scalar("train/loss", 99.0, 13)
+    writer.close()
+    capsys.readouterr()
     second = run(config, resume=True)
+    out = capsys.readouterr().out
+    # where everything goes, then plain one-line records (stdout is not a terminal here)
+    assert "tedjax run: config (built in Python); steps 12 -> 24" in out
+    assert "mesh data=2 x expert=2 x tensor=2 on 8 cpu devices in 1 process" in out
+    counts = config.model.param_counts()
+    assert f"{counts['total']:,} parameters, {counts['active']:,} active per token" in out
+    assert f"metrics     {tmp_path}/metrics.jsonl" in out and f"tensorboard {tmp_path}/tensorboard" in out
+    assert f"checkpoints {tmp_path}/checkpoints (every 12 steps, keep 3)" in out
+    assert f"moved 3 records of steps after 12 (from the run this one replaces) to {tmp_path}/" in out
+    assert "step 13/24 | loss " in out and " tok/s | load max/mean " in out and "| dropped " in out
+    # every step logged once; the dead run's records kept aside, its TensorBoard events purged from step 13
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 25))
+    assert all(r["loss"] < 90 for r in records if r["kind"] == "train")
+    assert [r["step"] for r in records if r["kind"] == "start"] == [0, 12]
+    superseded = (tmp_path / "metrics.superseded.jsonl").read_text().splitlines()
+    assert len(superseded) == 3 and json.loads(superseded[0])["step"] == 13
+    starts = [e.step for e in tensorboard_events(tmp_path / "tensorboard") if e.session_log.status == 1]  # START
+    assert starts == [13]
     for step in range(13, 25):
         assert second.train_losses[step] == pytest.approx(straight.train_losses[step], rel=1e-5, abs=1e-6)
     final = jax.tree.map(np.asarray, second.state.params)
     assert max_abs_diff(final, jax.tree.map(np.asarray, straight.state.params)) < 1e-5
+
+
+def snapshot(root: Path) -> dict:
+    return {p.relative_to(root).as_posix(): (p.read_bytes() if p.is_file() else "dir") for p in sorted(root.rglob("*"))}
+
+
+def test_resume_at_or_past_the_end_does_nothing(straight_run, tmp_path, capsys):
+    """Bug 1: `steps=10 --resume` on a finished 20-step run exited 0 after writing checkpoint 10 with the
+    step-20 state, deleting checkpoint 15 by rotation and logging an eval record as step 10."""
+    config, _ = straight_run
+    shutil.copytree(config.log.dir, tmp_path / "run")
+    before = snapshot(tmp_path / "run")
+    lower = small_config(tmp_path / "run", "steps=12", "checkpoint.every=12", "log.eval_every=12")
+    with pytest.raises(CheckpointError, match=r"steps: 24 -> 12 \(lowering steps shortens the learning-rate"):
+        run(lower, resume=True)
+    same = small_config(tmp_path / "run", "steps=24", "checkpoint.every=12", "log.eval_every=12")
+    for cfg, allow in ((lower, ["steps"]), (same, [])):
+        capsys.readouterr()
+        result = run(cfg, resume=True, allow_change=allow)
+        assert (result.train_losses, result.eval_losses, result.last_checkpoint) == ({}, {}, 24)
+        assert int(result.state.step) == 24
+        assert (f"checkpoint step 24 in {tmp_path}/run/checkpoints already reaches steps={cfg.steps}: nothing to do; "
+                "nothing was changed") in capsys.readouterr().out  # fmt: skip
+    assert snapshot(tmp_path / "run") == before
+
+
+def test_plain_log_line():
+    from tedjax.logs import format_record
+
+    record = {"loss": 3.5, "lm_loss": 3.4, "aux_loss_per_layer": 1.02, "z_loss_per_layer": 0.5, "tokens_per_s": 1234.5,
+              "mfu": 0.125, "expert_load": [[0.5, 0.25, 0.25, 0.0], [0.25] * 4], "dropped_fraction": [0.1, 0.0],
+              "learning_rate": 1e-3, "skipped_steps": 2}  # fmt: skip
+    assert format_record(10, 300, record) == ("step 10/300 | loss 3.5000 (lm 3.4000, aux/layer 1.02, z/layer 0.5) | "
+                                              "1,234 tok/s | mfu 12.5% | load max/mean 2.00 | dropped 5.0% | "
+                                              "lr 1.00e-03 | skipped 2")  # fmt: skip
+    assert format_record(20, 300, {"lm_loss": 2.0}, "eval") == "step 20/300 | eval lm_loss 2.0000"
 
 
 def test_restore_onto_another_mesh_reshards(straight_run):
@@ -120,7 +207,7 @@ def test_zero1_optimizer_state_bytes_match_the_formula(layout):
     # split over its own shards, then over its data-parallel group: data x expert for
     # non-expert parameters, data for expert parameters.
     expected = 0
-    _, abstract = nnx.split(tedjax.model.abstract_model(trainer.config.model))
+    _, abstract, _ = nnx.split(tedjax.model.abstract_model(trainer.config.model), nnx.Param, ...)  # trained only
     for v in jax.tree.leaves(abstract, is_leaf=lambda x: isinstance(x, nnx.Variable)):
         spec = tedjax.logical_to_spec(v.logical_axes)
         is_expert = "experts" in v.logical_axes

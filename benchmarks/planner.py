@@ -1,0 +1,280 @@
+"""The planner (tedjax.plan) against XLA, against DeepSpeed-TED's published figure, and on the GPU presets.
+
+1. Model vs compiled program. For the tiny config and a larger one (bf16, top-2,
+   SwiGLU, routing groups of half a sequence, 2 micro-batches, DTD padding),
+   on every 8-device layout of tests/reference.py x {none, dtd, cac, full}: the
+   train step is compiled (`Trainer.lower_train_step().compile()`, XLA:CPU,
+   8 simulated devices) and `tedjax.plan.measure` reads its collectives and
+   memory_analysis. Targets: predicted bytes equal the compiled ones exactly
+   for every (kind, mesh axes); predicted memory (arguments + temporaries)
+   within 10%. The embedding and router-weight gradients, which XLA partitions
+   its own way by size, are shown apart (tedjax.plan.XLA_CHOOSES).
+2. DeepSpeed-TED's figure: DTD + CAC make a 40B MoE (6.7B base, 16 experts)
+   26% faster on 128 V100s. Predicted with the Summit-like preset: the best
+   plan with plain activation checkpointing and no DTD (TED's baseline), then
+   the same layout and micro-batching with DTD + CAC. Target 26% +- 10 points.
+3. The GPU presets on 8, 64 and 512 DGX-H100 GPUs: the plan chosen, its
+   predicted memory and step time, and the runner-up (the README table).
+4. Scale: the search for 1024 GPUs, timed.
+
+    python benchmarks/planner.py            # full run (56 compiles) -> benchmarks/results/planner.{json,md}
+    python benchmarks/planner.py --quick    # 4 tiny cells + parts 2-4 -> a temp dir unless --out
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+sys.path.insert(0, str(HERE.parent))  # _common
+sys.path.insert(0, str(HERE.parents[1]))  # tedjax
+ARGS_QUICK = "--quick" in sys.argv
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8" + (
+    " --xla_backend_optimization_level=0" if ARGS_QUICK else "")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import _common  # noqa: E402
+
+import tedjax  # noqa: E402
+from tedjax import plan  # noqa: E402
+from tedjax.config import load_config  # noqa: E402
+
+NAME = "planner"
+REPO = HERE.parents[1]
+LAYOUTS = [(8, 1, 1), (1, 8, 1), (2, 4, 1), (4, 1, 2), (2, 2, 2), (1, 4, 2), (1, 2, 4)]  # tests/reference.py
+SWITCHES = {"none": [], "dtd": ["model.dtd=true"], "cac": ["model.remat=cac"], "full": ["model.remat=full"]}
+LARGER = ["model.vocab_size=512", "model.d_model=256", "model.n_heads=8", "model.d_ff=1024", "model.num_experts=16",
+          "model.expert_d_ff=512", "model.top_k=2", "model.group_size=64", "model.activation=swiglu",
+          "model.dtype=bfloat16", "data.batch_size=16", "data.grad_accum=2"]  # fmt: skip (as tests/test_plan.py)
+QUICK_CELLS = [("tiny", (2, 2, 2), "none"), ("tiny", (2, 2, 2), "dtd"), ("tiny", (1, 2, 4), "full"),
+               ("tiny", (4, 1, 2), "cac")]
+COLUMNS = [("all-to-all", "expert"), ("all-reduce", "tensor"), ("all-reduce", "data"), ("all-reduce", "expert"),
+           ("all-reduce", "data+expert"), ("all-gather", "tensor"), ("all-gather", "data"), ("all-gather", "expert"),
+           ("all-gather", "data+expert")]  # fmt: skip
+TED_MODEL = ["model.vocab_size=50304"]  # TED's GPT-2 vocabulary; the rest is configs/gpu_6.7b.yaml
+TED_TARGET, TED_TOLERANCE = 0.26, 0.10
+PRESETS = ["gpu_1.3b", "gpu_2.7b", "gpu_6.7b"]
+PRESET_GPUS = [8, 64, 512]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="4 tiny cells instead of 56, then parts 2-4")
+    p.add_argument("--out", type=str, default=None, help="directory for planner.{json,md} (default benchmarks/results)")
+    return p.parse_args(argv)
+
+
+def cell_config(name: str, layout, switch: str):
+    sizes = [f"mesh.{axis}={n}" for axis, n in zip(plan.AXES, layout)]
+    extra = LARGER if name == "larger" else []
+    return load_config(str(REPO / "configs" / "tiny.yaml"), ["data.source=synthetic", *extra, *sizes, *SWITCHES[switch]])
+
+
+def check_cell(name: str, layout, switch: str) -> dict:
+    config = cell_config(name, layout, switch)
+    start = time.perf_counter()
+    measured = plan.measure(config, tedjax.make_mesh(*layout))
+    compile_s = time.perf_counter() - start
+    rows = plan.comparison(config, measured, layout, backend="cpu")
+    predicted = plan.memory(config, layout, backend="cpu")
+    chosen = {what: {f"{kind} {'+'.join(axes)}": v["sent_bytes"] for (kind, axes), v in rows_.items()}
+              for what, rows_ in measured.xla_choice.items()}
+    return {
+        "config": name, "layout": list(layout), "switch": switch, "compile_s": compile_s,
+        "exact": all(r["exact"] for r in rows), "kinds": len(rows), "kinds_exact": sum(r["exact"] for r in rows),
+        "collectives": rows, "xla_choice_sent": chosen,
+        "memory_predicted": predicted.total, "memory_compiled": measured.memory_bytes,
+        "memory_error": predicted.total / measured.memory_bytes - 1, "peak_at": predicted.peak_at,
+        "arguments_exact": predicted.arguments == measured.memory["argument_bytes"],
+    }  # fmt: skip
+
+
+def ted_figure() -> dict:
+    """TED's 26%: the fastest baseline plan (remat=full, no DTD) whose DTD + CAC twin (same layout, micro-batches
+    and optimizer) also fits, against that twin, on Summit-like GPUs."""
+    summit = plan.Cluster.load(str(REPO / "configs" / "clusters" / "summit.yaml"))
+    config = load_config(str(REPO / "configs" / "gpu_6.7b.yaml"), ["mesh=auto", *TED_MODEL])
+    base = plan.search(config, summit, 128, fixed={"dtd": False, "remat": "full"})
+    cluster = summit.with_devices(128)
+    pairs = ((b, plan.estimate(config, plan.dataclasses.replace(b.plan, dtd=True, remat="cac"), cluster))
+             for b in base.pool if b.plan.expert > 1 and b.plan.tensor > 1)  # where DTD acts
+    best_base, ted = next(((b, t) for b, t in pairs if t.fits), (base.best, None))
+    free = plan.search(config, summit, 128)
+    speedup = 1 - ted.step_s / best_base.step_s
+
+    def parts(est):
+        t = est.timing
+        return {"step_s": t.step_s, "compute_s": t.compute_s, **{f"comm {k} ({t.links[k]})": v for k, v in t.comm_s.items()}}
+
+    return {
+        "params_b": config.model.param_counts()["total"] / 1e9, "gpus": 128, "cluster": summit.name,
+        "baseline": best_base.plan.describe(), "baseline_parts": parts(best_base),
+        "baseline_memory_gib": best_base.memory.total / plan.GIB,
+        "ted": ted.plan.describe(), "ted_parts": parts(ted), "ted_fits": ted.fits, "ted_reason": ted.reason,
+        "ted_memory_gib": ted.memory.total / plan.GIB,
+        "speedup": speedup, "target": TED_TARGET, "tolerance": TED_TOLERANCE,
+        "verdict": "PASS" if abs(speedup - TED_TARGET) <= TED_TOLERANCE else "MISS",
+        "planner_best": free.best.plan.describe(), "planner_best_step_s": free.best.step_s,
+    }  # fmt: skip
+
+
+def ted_notes(t: dict) -> list[str]:
+    base, ted = t["baseline_parts"], t["ted_parts"]
+    a2a = [k for k in base if k.startswith("comm expert")]
+    tensor = [k for k in base if k.startswith("comm tensor")]
+    notes = []
+    if a2a and tensor:
+        notes.append(f"The expert-axis term (the all-to-alls and the expert gradients) falls "
+                     f"{1 - ted[a2a[0]] / base[a2a[0]]:.0%} with DTD + CAC (TED measured all-to-all time -64%), "
+                     f"but the tensor-parallel all-reduces take {base[tensor[0]] / base['step_s']:.0%} of the "
+                     f"baseline step and fall only {1 - ted[tensor[0]] / base[tensor[0]]:.0%} (CAC drops the "
+                     "recomputation's all-reduces). That term is why the figure is lower than TED's.")
+    notes += [
+        "The layout: tedjax keeps float32 master weights and float32 gradients on every data-parallel replica "
+        "(ZeRO-1 shards only Adam's moments), 8 bytes per parameter before the bf16 copies, where TED keeps fp16 "
+        "weights and gradients and shards the fp32 state (its eq. 5). On 16 GB V100s this forces a tensor axis "
+        "that spans Summit nodes, whose all-reduces then cross the network at the 4.2 GB/s share of one GPU.",
+        f"Compute runs at peak in the model ({t['baseline_parts']['compute_s']:.1f} s of the step); TED's runs "
+        "reached 12-37% of peak, which would make compute a larger share and the relative saving smaller still.",
+    ]
+    return notes
+
+
+def preset_rows() -> list[dict]:
+    h100 = plan.Cluster.load(str(REPO / "configs" / "clusters" / "dgx_h100.yaml"))
+    rows = []
+    for preset in PRESETS:
+        config = load_config(str(REPO / "configs" / f"{preset}.yaml"), ["mesh=auto"])
+        for gpus in PRESET_GPUS:
+            found = plan.search(config, h100, gpus)
+            row = {"preset": preset, "params_b": config.model.param_counts()["total"] / 1e9, "gpus": gpus,
+                   "fit": len(found.pool), "rejected": len(found.rejected)}
+            if found.pool:
+                best = found.pool[0]
+                row.update(plan=best.plan.describe(), memory_gib=best.memory.total / plan.GIB, step_s=best.step_s)
+                if len(found.pool) > 1:
+                    second = found.pool[1]
+                    row.update(runner_up=second.plan.describe(), runner_up_memory_gib=second.memory.total / plan.GIB,
+                               runner_up_step_s=second.step_s)
+            else:
+                closest = found.closest()
+                row.update(plan=None, closest=closest.plan.describe() if closest else None,
+                           closest_memory_gib=closest.memory.total / plan.GIB if closest else None,
+                           budget_gib=found.budget_bytes / plan.GIB)
+            rows.append(row)
+    return rows
+
+
+def scale_row() -> dict:
+    h100 = plan.Cluster.load(str(REPO / "configs" / "clusters" / "dgx_h100.yaml"))
+    config = load_config(str(REPO / "configs" / "gpu_2.7b.yaml"), ["mesh=auto"])
+    start = time.perf_counter()
+    found = plan.search(config, h100, 1024)
+    return {"gpus": 1024, "search_s": time.perf_counter() - start, "plans": len(found.pool) + len(found.rejected),
+            "fit": len(found.pool), "best": found.best.plan.describe(), "best_step_s": found.best.step_s}
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.3f}"
+
+
+def markdown(cells: list[dict], ted: dict, presets: list[dict], scale: dict, machine: dict, quick: bool) -> str:
+    exact = sum(c["exact"] for c in cells)
+    within = sum(abs(c["memory_error"]) <= 0.10 for c in cells)
+    worst = max(abs(c["memory_error"]) for c in cells)
+    lines = [
+        "# Planner: the model against XLA, TED's figure, the GPU presets",
+        "",
+        f"Machine: {machine['processor']}, {machine['cpu_count_usable']} usable cores, {machine['device_count']} "
+        f"simulated {machine['backend']} devices, jax {machine['jax_version']}, load {machine.get('load_avg')}."
+        + (" Quick mode: 4 tiny cells." if quick else ""),
+        "",
+        "## 1. Predicted vs compiled (per device, one step)",
+        "",
+        f"**{'PASS' if exact == len(cells) else 'MISS'}** collectives: {exact}/{len(cells)} cells exact on every "
+        f"(kind, mesh axes). **{'PASS' if within == len(cells) else 'MISS'}** memory: {within}/{len(cells)} cells "
+        f"within 10% (worst {worst:.1%}); arguments exact in {sum(c['arguments_exact'] for c in cells)}/{len(cells)}.",
+        "",
+        "MiB sent per device per step, predicted / compiled (`tedjax.plan.collectives(backend=\"cpu\")` / "
+        "`tedjax.plan.measure`). Memory: predicted / compiled MiB (arguments + temporaries). XLA's own: MiB sent "
+        "for the embedding and router-weight gradients, which XLA partitions by size (not in the columns).",
+        "",
+        "| config | layout | switch | " + " | ".join(f"{k} {a}" for k, a in COLUMNS)
+        + " | XLA's own | memory MiB | error | peak at |",
+        "|---|---|---|" + "---:|" * len(COLUMNS) + "---:|---:|---:|---|",
+    ]
+    for c in cells:
+        by = {(r["kind"], r["axes"]): r for r in c["collectives"]}
+        cols = []
+        for key in COLUMNS:
+            r = by.get(key)
+            cols.append("-" if r is None else f"{_mib(r['predicted_sent'])} / {_mib(r['measured_sent'])}"
+                        + ("" if r["exact"] else " **differ**"))
+        other = [k for k in by if k not in COLUMNS]
+        own = sum(v for rows in c["xla_choice_sent"].values() for v in rows.values())
+        lines.append(f"| {c['config']} | {'x'.join(map(str, c['layout']))} | {c['switch']} | " + " | ".join(cols)
+                     + f" | {_mib(own)} | {c['memory_predicted'] / 2**20:.1f} / {c['memory_compiled'] / 2**20:.1f} | "
+                     f"{c['memory_error']:+.1%} | {c['peak_at']} |" + (f" also {other}" if other else ""))
+    t = ted
+    lines += [
+        "",
+        "## 2. DeepSpeed-TED's figure: DTD + CAC, 40B MoE (6.7B base, 16 experts), 128 V100",
+        "",
+        f"**{t['verdict']}**: predicted step-time reduction {t['speedup']:.1%} (TED measured 26%; target "
+        f"{t['target']:.0%} +- {t['tolerance'] * 100:.0f} points). {t['params_b']:.1f}B parameters on 128 GPUs of the "
+        f"Summit-like preset (configs/clusters/summit.yaml).",
+        "",
+        "| plan | memory GiB | step s | compute s | communication s |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for name, parts, mem in (("baseline " + t["baseline"], t["baseline_parts"], t["baseline_memory_gib"]),
+                             ("DTD + CAC " + t["ted"], t["ted_parts"], t["ted_memory_gib"])):
+        comm = ", ".join(f"{k[5:]} {v:.3f}" for k, v in parts.items() if k.startswith("comm"))
+        lines.append(f"| {name} | {mem:.2f} | {parts['step_s']:.3f} | {parts['compute_s']:.3f} | {comm} |")
+    lines += ["", f"DTD + CAC fits: {t['ted_fits']}{' (' + t['ted_reason'] + ')' if t['ted_reason'] else ''}. "
+              f"The planner's own best on this cluster: {t['planner_best']} at {t['planner_best_step_s']:.3f} s."]
+    lines += ["", "What differs from TED's run:", ""] + [f"- {note}" for note in ted_notes(t)]
+    lines += ["", "## 3. GPU presets on DGX-H100 (configs/clusters/dgx_h100.yaml)", "",
+              "| preset | parameters | GPUs | plan chosen | memory GiB | step s | runner-up | memory GiB | step s |",
+              "|---|---:|---:|---|---:|---:|---|---:|---:|"]
+    for r in presets:
+        if r.get("plan"):
+            lines.append(f"| {r['preset']} | {r['params_b']:.1f}B | {r['gpus']} | {r['plan']} | {r['memory_gib']:.1f} | "
+                         f"{r['step_s']:.2f} | {r.get('runner_up', '-')} | {r.get('runner_up_memory_gib', 0):.1f} | "
+                         f"{r.get('runner_up_step_s', 0):.2f} |")
+        else:
+            lines.append(f"| {r['preset']} | {r['params_b']:.1f}B | {r['gpus']} | none fits (closest {r['closest']} "
+                         f"needs {r['closest_memory_gib']:.1f} of {r['budget_gib']:.1f} GiB) | | | | | |")
+    lines += ["", "## 4. Scale", "",
+              f"Search over {scale['plans']} plans for {scale['gpus']} GPUs (gpu_2.7b, DGX-H100): "
+              f"{scale['search_s']:.1f} s, {scale['fit']} fit; best {scale['best']} at {scale['best_step_s']:.2f} s."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    args = parse_args()
+    cells_plan = QUICK_CELLS if args.quick else [(n, lay, sw) for n in ("tiny", "larger") for lay in LAYOUTS
+                                                 for sw in SWITCHES]
+    out_dir = _common.output_dir(NAME, args.out, args.quick)
+    machine = _common.machine_info()
+    cells = []
+    for cell in cells_plan:
+        cells.append(check_cell(*cell))
+        c = cells[-1]
+        print(f"{cell}: {'exact' if c['exact'] else 'DIFFER'}, memory {c['memory_error']:+.1%} ({c['compile_s']:.1f} s)",
+              flush=True)
+    ted = ted_figure()
+    presets = preset_rows()
+    scale = scale_row()
+    settings = {"quick": args.quick, "cells": [[n, list(lay), sw] for n, lay, sw in cells_plan], "larger": LARGER,
+                "ted_model": "configs/gpu_6.7b.yaml + " + " ".join(TED_MODEL), "headroom": plan.HEADROOM}
+    md = markdown(cells, ted, presets, scale, machine, args.quick)
+    _common.publish(NAME, cells, settings, md, out_dir, machine, extra={"ted": ted, "presets": presets, "scale": scale})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1044 @@
+"""Auto-parallel planner: SmartMoE's offline stage for TED layouts.
+
+    python -m tedjax.plan --cluster configs/clusters/dgx_h100.yaml --config configs/gpu_2.7b.yaml [--top 5]
+
+For a model and a cluster, every (data, expert, tensor) layout of the devices
+is tried with every switch: DTD, remat none / cac / full, the tiled optimizer,
+and each micro-batch split of the global batch (`data.grad_accum`). Each plan
+gets, per device and in pure arithmetic (nothing is compiled, so 1024 GPUs
+cost the same as 8):
+
+* memory: parameters, gradients, ZeRO-1 optimizer state (TED eq. 5 as tedjax
+  shards it), activations kept for the backward pass under the remat policy,
+  and the largest temporaries;
+* collective traffic of one step by kind and mesh axis (all-to-all,
+  all-reduce, all-gather, reduce-scatter), counted the way `tedjax.analysis`
+  reads a compiled program;
+* step time: matmul FLOPs / peak plus, for each collective, bytes sent / the
+  bandwidth of the link its mesh axes cross ("tensor" is innermost, so it stays
+  inside a node first, as `make_mesh` lays devices out).
+
+Plans that do not divide or do not fit are rejected with their reason; the
+rest, ranked by step time, are the pool. `mesh: auto` in a config (or
+`mesh=auto`) takes the pool's first plan for the devices present.
+
+The byte model is exact, not approximate: on simulated CPU meshes it equals
+the collectives XLA compiles for the train step, per kind and mesh axis, on
+all 7 layouts of 8 devices and every switch (tests/test_plan.py,
+benchmarks/planner.py), except for two small gradients whose partitioning
+XLA picks by size (`XLA_CHOOSES`: the embedding's and the router weight's);
+the model predicts TED's all-reduce for them and `measure` reports XLA's
+choice apart. The memory model is calibrated on the same programs (within
+10%). What differs between XLA:CPU (where the model is checked) and XLA:GPU
+is explicit in `Backend`; the GPU side is not checked on GPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import math
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from typing import Literal
+
+from tedjax.config import ModelConfig, TrainConfig, check_mesh
+from tedjax.mesh import MESH_AXES as AXES
+
+Layout = tuple[int, int, int]  # (data, expert, tensor)
+Backend = Literal["gpu", "cpu"]
+REMATS = ("none", "cac", "full")
+DEFAULT_TILE = 1 << 24  # elements per tile of the tiled optimizer when the planner turns it on
+HEADROOM = 0.10  # fraction of GPU memory a plan must leave free (allocator fragmentation, NCCL buffers)
+GIB = 1 << 30
+
+# Two small gradients whose partitioning XLA chooses by size and layout (op-name marks in the compiled
+# program): the embedding's (the scatter-add that transposes its lookup: an all-reduce over the
+# data-parallel group, or an all-to-all of token gradients plus a permute) and the router weight's
+# (on some layouts computed with d_model split, then permuted into the ZeRO-1 layout). The model
+# predicts TED's all-reduce for both; `measure` reports what XLA chose apart from the rest.
+XLA_CHOOSES = {  # what -> op_name regex (remat wraps the router's einsum in checkpoint/...)
+    "embedding gradient": r"transpose\(jvp\(jit\(_take\)\)\)",
+    "router gradient": r"transpose\(.*gsd,de->gse",
+}
+
+
+# --------------------------------------------------------------------------- #
+# clusters
+
+
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+    """A GPU cluster: `nodes` x `gpus_per_node` GPUs. Bandwidths are per GPU, one direction, GB/s (1e9 B/s)."""
+
+    name: str
+    gpu: str
+    nodes: int
+    gpus_per_node: int
+    memory_gib: float  # per GPU
+    peak_bf16_tflops: float  # dense, per GPU
+    peak_fp32_tflops: float
+    intra_node_gbps: float  # NVLink / NVSwitch
+    inter_node_gbps: float  # network (InfiniBand) share of one GPU
+
+    FIELDS = ("name", "gpu", "nodes", "gpus_per_node", "memory_gib", "peak_bf16_tflops", "peak_fp32_tflops",
+              "intra_node_gbps", "inter_node_gbps")  # fmt: skip
+
+    def __post_init__(self):
+        for name in ("name", "gpu"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"cluster.{name} must be a non-empty string, got {getattr(self, name)!r}")
+        for name in ("nodes", "gpus_per_node"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"cluster.{name} must be an integer >= 1, got {value!r}")
+        for name in ("memory_gib", "peak_bf16_tflops", "peak_fp32_tflops", "intra_node_gbps", "inter_node_gbps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"cluster.{name} must be a number > 0, got {value!r}")
+        if self.memory_gib > 4096:
+            raise ValueError(f"cluster.memory_gib={self.memory_gib} is not a GPU's memory in GiB (e.g. 80)")
+        if self.inter_node_gbps > self.intra_node_gbps and self.nodes > 1:
+            raise ValueError(f"cluster.inter_node_gbps={self.inter_node_gbps} exceeds intra_node_gbps="
+                             f"{self.intra_node_gbps}; the network is never faster than NVLink: check the units (GB/s)")
+
+    @property
+    def devices(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    def peak_flops(self, dtype: str) -> float:
+        return (self.peak_bf16_tflops if dtype == "bfloat16" else self.peak_fp32_tflops) * 1e12
+
+    def with_devices(self, devices: int) -> Cluster:
+        """The same kind of node, as many as `devices` GPUs need (the last one partly used)."""
+        if devices <= self.gpus_per_node:
+            return dataclasses.replace(self, nodes=1, gpus_per_node=devices)
+        return dataclasses.replace(self, nodes=-(-devices // self.gpus_per_node))
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "cluster") -> Cluster:
+        if not isinstance(values, dict):
+            raise ValueError(f"{source} must be a mapping of the fields {', '.join(cls.FIELDS)}; got {values!r}")
+        missing = [f for f in cls.FIELDS if f not in values]
+        unknown = sorted(set(values) - set(cls.FIELDS))
+        if missing or unknown:
+            raise ValueError(f"{source}: " + "; ".join(
+                ([f"missing field{'s' if len(missing) > 1 else ''} {', '.join(missing)}"] if missing else [])
+                + ([f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}"] if unknown else []))
+                + f" (fields: {', '.join(cls.FIELDS)}; see configs/clusters/)")
+        try:
+            return cls(**{f: values[f] for f in cls.FIELDS})
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from None
+
+    @classmethod
+    def load(cls, path: str) -> Cluster:
+        """A cluster preset from YAML (configs/clusters/*.yaml)."""
+        import yaml
+
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"cluster file {path} does not exist; pick one from configs/clusters/")
+        with open(path) as f:
+            try:
+                values = yaml.safe_load(f)
+            except yaml.YAMLError as err:
+                raise ValueError(f"cluster file {path} is not valid YAML: {err}") from None
+        return cls.from_dict(values, source=f"cluster file {path}")
+
+
+# --------------------------------------------------------------------------- #
+# plans
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Plan:
+    """One point of the search: a layout and the switches."""
+
+    data: int
+    expert: int
+    tensor: int
+    dtd: bool = False
+    remat: str = "none"
+    tile_size: int = 0
+    grad_accum: int = 1
+
+    @property
+    def layout(self) -> Layout:
+        return (self.data, self.expert, self.tensor)
+
+    def apply(self, config: TrainConfig) -> TrainConfig:
+        """`config` run with this plan: mesh sizes, switches and micro-batching replaced."""
+        from tedjax.config import MeshConfig
+
+        return dataclasses.replace(
+            config,
+            mesh=MeshConfig(self.data, self.expert, self.tensor),
+            model=dataclasses.replace(config.model, dtd=self.dtd, remat=self.remat),
+            optimizer=dataclasses.replace(config.optimizer, tile_size=self.tile_size),
+            data=dataclasses.replace(config.data, grad_accum=self.grad_accum),
+        )
+
+    @classmethod
+    def of(cls, config: TrainConfig, layout: Layout | None = None) -> Plan:
+        """The plan `config` describes (on `layout`, default its mesh)."""
+        layout = layout or (config.mesh.data, config.mesh.expert, config.mesh.tensor)
+        return cls(*layout, dtd=config.model.dtd, remat=config.model.remat,
+                   tile_size=config.optimizer.tile_size, grad_accum=config.data.grad_accum)
+
+    def describe(self) -> str:
+        switches = [f"remat={self.remat}"] + (["dtd"] if self.dtd else []) + ([f"tile={self.tile_size}"] if self.tile_size else [])
+        return f"({self.data},{self.expert},{self.tensor}) {' '.join(switches)} accum={self.grad_accum}"
+
+
+class _MeshShape:
+    """Just enough of a Mesh (`.shape`, `.axis_names`) for check_mesh and zero1_spec: no devices needed."""
+
+    def __init__(self, layout: Layout):
+        self.shape = dict(zip(AXES, layout))
+        self.axis_names = AXES
+        self.size = math.prod(layout)
+
+
+# --------------------------------------------------------------------------- #
+# parameters
+
+
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+    """One parameter: its global shape, its PartitionSpec entries (mesh axes per dim), its block (None outside)."""
+
+    path: str
+    shape: tuple[int, ...]
+    spec: tuple[tuple[str, ...], ...]
+    layer: int | None = None
+
+
+@functools.lru_cache(maxsize=32)
+def _structure(model: ModelConfig) -> tuple[tuple[Leaf, ...], int]:
+    """(every parameter with its sharding, bytes of the non-parameter state), from the model's own declarations.
+
+    Traced with `eval_shape` (nothing allocated) on a model of one block of each
+    kind (dense, MoE), whose blocks are then repeated: the same leaves as the
+    whole model, in the time of two layers whatever its depth.
+    """
+    import jax
+    from flax import nnx
+
+    from tedjax.mesh import param_spec
+    from tedjax.model import abstract_model
+
+    probe_layers = min(model.n_layers, model.moe_every)
+    _, params, rest = nnx.split(abstract_model(dataclasses.replace(model, n_layers=probe_layers)), nnx.Param, ...)
+    first_of_kind: dict[bool, int] = {}
+    for j in range(probe_layers):
+        first_of_kind.setdefault(model.is_moe_layer(j), j)
+    copies = {j: sum(first_of_kind[model.is_moe_layer(i)] == j for i in range(model.n_layers))
+              for j in first_of_kind.values()}
+    leaves, per_block = [], {j: [] for j in first_of_kind.values()}
+    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
+    for path, var in flat:
+        shape = tuple(var.shape)
+        spec = tuple(param_spec(var))
+        spec = tuple(_axes_of(e) for e in spec + (None,) * (len(shape) - len(spec)))
+        keys = [getattr(k, "key", getattr(k, "idx", None)) for k in path]
+        if keys[0] != "blocks":
+            leaves.append(Leaf(jax.tree_util.keystr(path), shape, spec))
+        elif keys[1] in per_block:
+            per_block[keys[1]].append((jax.tree_util.keystr(path[2:]), shape, spec))
+    for i in range(model.n_layers):
+        for sub, shape, spec in per_block[first_of_kind[model.is_moe_layer(i)]]:
+            leaves.append(Leaf(f"['blocks'][{i}]{sub}", shape, spec, i))
+    other = 0
+    for path, x in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(rest))[0]:
+        keys = [getattr(k, "key", getattr(k, "idx", None)) for k in path]
+        nbytes = math.prod(x.shape) * x.dtype.itemsize
+        other += nbytes if keys[0] != "blocks" else nbytes * copies.get(keys[1], 0)
+    return tuple(leaves), other
+
+
+def parameters(model: ModelConfig) -> tuple[Leaf, ...]:
+    """Every parameter of the model with its sharding (see `_structure`)."""
+    return _structure(model)[0]
+
+
+def _axes_of(entry) -> tuple[str, ...]:
+    return () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+
+
+def _zero1(leaf: Leaf, layout: Layout, enabled: bool) -> tuple[tuple[str, ...], ...]:
+    """The leaf's optimizer-state spec (tedjax.optim.zero1_spec on a shape-only mesh)."""
+    if not enabled:
+        return leaf.spec
+    from jax.sharding import PartitionSpec
+
+    from tedjax.optim import zero1_spec
+
+    entries = [e[0] if len(e) == 1 else (e or None) for e in leaf.spec]
+    spec = zero1_spec(PartitionSpec(*entries), leaf.shape, _MeshShape(layout))
+    spec = tuple(spec) + (None,) * (len(leaf.shape) - len(spec))
+    return tuple(_axes_of(e) for e in spec)
+
+
+def _local(shape: Sequence[int], spec: Sequence[tuple[str, ...]], sizes: dict[str, int]) -> int:
+    """Elements of one device's shard (XLA pads a dim that does not divide)."""
+    return math.prod(-(-n // math.prod(sizes[a] for a in axes)) for n, axes in zip(shape, spec))
+
+
+# --------------------------------------------------------------------------- #
+# collectives
+
+
+@dataclasses.dataclass(frozen=True)
+class Traffic:
+    """One kind of collective of one step, per device: `count` ops of `result_bytes` each, over `axes`."""
+
+    kind: str  # all-to-all, all-reduce, all-gather, reduce-scatter
+    axes: tuple[str, ...]  # non-trivial mesh axes, in mesh order
+    result_bytes: int  # per op: the result on one device
+    count: int
+    what: str
+    group_size: int = 1
+
+    @property
+    def sent_bytes(self) -> float:
+        """Bytes one device sends, per op (the formulas of tedjax.analysis)."""
+        p, v = self.group_size, self.result_bytes
+        if p <= 1:
+            return 0.0
+        if self.kind in ("all-to-all", "all-gather"):
+            return v * (p - 1) / p
+        if self.kind == "all-reduce":
+            return 2.0 * v * (p - 1) / p
+        if self.kind == "reduce-scatter":
+            return float(v * (p - 1))
+        raise ValueError(self.kind)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Sizes:
+    """Per-device shapes of one micro-batch on a layout."""
+
+    data: int
+    expert: int
+    tensor: int
+    rows: int  # sequences per device
+    tokens: int  # rows x seq_len
+    groups_in: int  # routing groups per device before the dispatch all-to-all
+    groups_out: int  # after it (split over "data" only)
+    capacity: int
+    capacity_a2a: int  # slots per expert the all-to-all carries (C, or ceil(C / tensor) with DTD)
+    capacity_padded: int  # C padded to a multiple of tensor with DTD
+    dtd: bool
+
+
+def _sizes(config: TrainConfig, layout: Layout) -> _Sizes:
+    from tedjax.routing import capacity
+
+    m, dc = config.model, config.data
+    d, e, t = layout
+    micro = dc.batch_size // dc.grad_accum
+    rows = -(-micro // (d * e))
+    group = m.group_size or dc.seq_len
+    groups = micro * dc.seq_len // group
+    cap = capacity(group, m.num_experts, m.top_k, m.capacity_factor, m.min_capacity) if m.num_experts else 0
+    dtd = m.dtd and e > 1 and t > 1 and m.num_experts > 0
+    cap_a2a = -(-cap // t) if dtd else cap
+    return _Sizes(d, e, t, rows, rows * dc.seq_len, -(-groups // (d * e)), -(-groups // d), cap, cap_a2a,
+                  cap_a2a * t if dtd else cap, dtd)
+
+
+def collectives(config: TrainConfig, layout: Layout | None = None, backend: Backend = "gpu") -> list[Traffic]:
+    """Every collective of one train step, per device, from the model, the layout and the switches.
+
+    `backend="cpu"` predicts what XLA:CPU compiles: activations cross devices
+    in float32 whatever `model.dtype` (XLA:CPU computes bf16 in f32), and the
+    ZeRO-1 gradient reduce-scatter is an all-reduce plus a local slice.
+    `backend="gpu"` carries activations in the compute dtype and reduce-scatters.
+    """
+    layout = layout or (config.mesh.data, config.mesh.expert, config.mesh.tensor)
+    m = config.model
+    sz = _sizes(config, layout)
+    sizes = dict(zip(AXES, layout))
+    accum = config.data.grad_accum
+    act_b = 4 if backend == "cpu" or m.dtype == "float32" else 2  # bytes per activation element
+    d_model, e_local = m.d_model, (m.num_experts // sz.expert if m.num_experts else 0)
+    swiglu = m.activation == "swiglu"
+    n_moe = m.n_moe_layers
+    n_dense = m.n_layers - n_moe
+    out: list[Traffic] = []
+
+    def add(kind: str, axes: Iterable[str], nbytes: int, count: int, what: str) -> None:
+        axes = tuple(a for a in AXES if a in set(axes) and sizes[a] > 1)
+        if axes and count and nbytes:
+            out.append(Traffic(kind, axes, int(nbytes), int(count), what, math.prod(sizes[a] for a in axes)))
+
+    # ---- per micro-batch (inside the gradient-accumulation loop)
+    act = sz.tokens * d_model * act_b  # [B, L, D] on one device
+    batch_axes = ("data", "expert")
+    add("all-reduce", ["tensor"], sz.tokens * d_model * 4, accum, "embedding lookup (vocab split over tensor)")
+    full = m.remat == "full"
+    add("all-reduce", ["tensor"], act, accum * m.n_layers * (2 if full else 1), "attention output")
+    add("all-reduce", ["tensor"], act, accum * m.n_layers * 3, "attention input gradient (q, k, v)")
+    add("all-reduce", ["tensor"], act, accum * n_dense, "dense FFN output")
+    add("all-reduce", ["tensor"], act, accum * n_dense * (2 if swiglu else 1), "dense FFN input gradient")
+    add("all-reduce", ["tensor"], act, accum, "LM head input gradient")
+    add("all-reduce", ["tensor"], sz.tokens * 4, accum * 3, "cross-entropy max, sum and label logit")
+    if n_moe:
+        slots = sz.groups_out * e_local * sz.capacity * d_model * act_b  # [G/data, E/expert, C, D]
+        moved = sz.groups_out * e_local * sz.capacity_a2a * d_model * act_b
+        gathered = sz.groups_out * e_local * sz.capacity_padded * d_model * act_b
+        passes = 3 if full else 2  # forward, backward, recomputation
+        add("all-to-all", ["expert"], moved, accum * n_moe * 2 * passes, "MoE dispatch and return")
+        add("all-reduce", ["tensor"], slots, accum * n_moe * (passes - 1), "expert output")
+        add("all-reduce", ["tensor"], slots, accum * n_moe * (2 if swiglu else 1), "expert input gradient")
+        if sz.dtd:
+            add("all-gather", ["tensor"], gathered, accum * n_moe * 2 * passes, "DTD all-gather of slots")
+        pools = {"expert": m.num_experts, "device": sz.expert}.get(getattr(m, "capacity_scope", None), 0)
+        add("all-reduce", batch_axes, (1 + m.num_experts + pools) * 4, accum * n_moe,
+            "router statistics (drop count, expert load, pool load)")
+    add("all-reduce", batch_axes, 4, accum * (1 + 2 * n_moe), "loss scalars (LM, aux, z)")
+
+    # ---- gradients over each parameter's data-parallel group (XLA reduces them in every micro-batch),
+    # the global norm's partial sums, the all-gather of the updated ZeRO-1 shards
+    for kind, axes, nbytes, count, per_micro, what in _leaf_costs(m, layout, config.optimizer.zero1, backend).traffic:
+        add(kind, axes, nbytes, count * (accum if per_micro else 1), what)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _LeafCosts:
+    """What the parameters cost on one layout: bytes per device and their collectives."""
+
+    params: int  # float32 local shards
+    moments: int  # Adam mu + nu in the ZeRO-1 layout
+    layer_grads: int  # the largest block's (or outside leaf's) local gradient bytes
+    reduced: int  # local gradient bytes reduced over a data-parallel group
+    traffic: tuple  # (kind, axes, bytes, count, per micro-batch, what)
+
+
+@functools.lru_cache(maxsize=4096)
+def _leaf_costs(model: ModelConfig, layout: Layout, zero1: bool, backend: Backend) -> _LeafCosts:
+    sizes = dict(zip(AXES, layout))
+    batch_axes = ("data", "expert")
+    counts: dict[tuple, int] = {}
+    params = moments = reduced = 0
+    per_layer: dict = {}
+    for leaf in parameters(model):
+        used = {a for axes in leaf.spec for a in axes}
+        local = _local(leaf.shape, leaf.spec, sizes) * 4
+        state_spec = _zero1(leaf, layout, zero1)
+        params += local
+        moments += 2 * _local(leaf.shape, state_spec, sizes) * 4
+        key = leaf.layer if leaf.layer is not None else leaf.path
+        per_layer[key] = per_layer.get(key, 0) + local
+        added = tuple(a for axes in state_spec for a in axes if a not in used)
+        reduced += local if any(sizes[a] > 1 for a in batch_axes if a not in used) else 0
+        what = ("embedding gradient" if leaf.path == "['embed']" else
+                "router gradient" if leaf.path.endswith("['router']") else "gradient")
+        entries = []
+        if backend == "gpu" and any(sizes[a] > 1 for a in added):
+            p_added = math.prod(sizes[a] for a in added)
+            entries.append(("reduce-scatter", added, -(-local // p_added), True, what))
+            entries.append(("all-reduce", tuple(a for a in batch_axes if a not in used and a not in added),
+                            -(-local // p_added), True, what))
+        else:
+            entries.append(("all-reduce", tuple(a for a in batch_axes if a not in used), local, True, what))
+        # the global norm: one partial sum per sharded dim of the optimizer-state layout
+        entries += [("all-reduce", axes, 4, False, "gradient norm") for axes in state_spec]
+        entries.append(("all-gather", added, local, False, "updated parameters (ZeRO-1)"))
+        for kind, axes, nbytes, per_micro, what in entries:
+            axes = tuple(a for a in AXES if a in axes and sizes[a] > 1)
+            if axes and nbytes:
+                key = (kind, axes, nbytes, per_micro, what)
+                counts[key] = counts.get(key, 0) + 1
+    traffic = tuple((k, a, b, n, pm, w) for (k, a, b, pm, w), n in counts.items())
+    return _LeafCosts(params, moments, max(per_layer.values()), reduced, traffic)
+
+
+def summarize(traffic: Iterable[Traffic], exclude: Sequence[str] = ()) -> dict[tuple[str, tuple[str, ...]], dict]:
+    """{(kind, axes): {"count", "result_bytes", "sent_bytes"}} summed over ops, like tedjax.analysis.summarize."""
+    out: dict = {}
+    for t in traffic:
+        if t.what in exclude:
+            continue
+        row = out.setdefault((t.kind, t.axes), {"count": 0, "result_bytes": 0, "sent_bytes": 0.0})
+        row["count"] += t.count
+        row["result_bytes"] += t.count * t.result_bytes
+        row["sent_bytes"] += t.count * t.sent_bytes
+    return out
+
+
+# --------------------------------------------------------------------------- #
+# memory
+
+
+@dataclasses.dataclass(frozen=True)
+class Memory:
+    """Predicted bytes on one device. `arguments` + `temporaries` is what XLA's memory_analysis reports."""
+
+    params: int  # float32 master weights, this device's shard
+    optimizer: int  # Adam mu and nu in the ZeRO-1 layout, counters
+    batch: int  # int32 inputs and targets of every micro-batch
+    other: int  # non-parameter model state and step counters
+    gradients: int  # float32 gradients of the local shard, before the ZeRO-1 reduction
+    activations: int  # kept by the forward pass for the backward pass (the remat policy's)
+    temporaries: int  # the step's peak beyond its arguments
+    peak_at: str  # where that peak is: "backward start", "backward end" or "optimizer update"
+
+    @property
+    def arguments(self) -> int:
+        return self.params + self.optimizer + self.batch + self.other
+
+    @property
+    def total(self) -> int:
+        return self.arguments + self.temporaries
+
+
+def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend = "gpu") -> Memory:
+    """Per-device memory of one train step on `layout` (default the config's mesh).
+
+    Parameters, gradients and optimizer state follow the shardings exactly
+    (TED eq. 5 as tedjax shards it: float32 master weights and gradients split
+    over "tensor" and, for experts, "expert"; Adam's two moments also split over
+    each parameter's data-parallel group by ZeRO-1). Activations count the
+    tensors the forward pass keeps per layer (T tokens of a micro-batch on the
+    device, slots = G/data x E/expert x C):
+
+      attention   3 [T, D] + 3 [T, D / tensor] + 2 [T, H / tensor, L] (scores, probabilities)
+      dense FFN   3 [T, D] + 3 [T, F / tensor] (x 1.5 for SwiGLU)
+      MoE FFN     3 [T, D] + 3 [slots, F_expert / tensor] (x 1.5 for SwiGLU) + 1 [slots, D]
+
+    under the remat policy: "full" keeps each layer's input and recomputes one
+    layer at a time; "cac" also keeps the outputs of its collectives. The peak
+    is the largest of three moments: the start of the backward pass (every
+    kept activation and one layer's gradients), its end (every gradient and one
+    layer's activations), and the optimizer update (every gradient and, without
+    the tiled optimizer, a second copy of the Adam moments that the step's
+    non-finite guard keeps next to the old ones), each plus one layer's
+    backward working set. `backend="cpu"`: XLA:CPU's scheduler runs every
+    layer's recomputation at the start of the backward pass (measured: remat
+    saves nothing there), so activations are counted as with remat="none",
+    in float32.
+    """
+    layout = layout or (config.mesh.data, config.mesh.expert, config.mesh.tensor)
+    m, dc = config.model, config.data
+    sz = _sizes(config, layout)
+    t = sz.tensor
+    costs = _leaf_costs(m, layout, config.optimizer.zero1, backend)
+    params, moments = costs.params, costs.moments
+    counters = 3 * 4 + 2 * 4  # step, bad_steps, skipped_steps; Adam's and the schedule's counts
+    batch = 2 * dc.grad_accum * sz.rows * dc.seq_len * 4
+    other = _structure(m)[1]
+
+    act_b = 4 if backend == "cpu" or m.dtype == "float32" else 2
+    td, td_t = sz.tokens * m.d_model * act_b, sz.tokens * m.d_model // t * act_b
+    heads = sz.tokens * (m.n_heads // t) * dc.seq_len * (4 + act_b) // 2  # float32 scores, probs in compute dtype
+    e_local = m.num_experts // sz.expert if m.num_experts else 0
+    slots = sz.groups_out * e_local * sz.capacity
+    slot_d = slots * m.d_model * act_b
+    n_moe = m.n_moe_layers
+    n_dense = m.n_layers - n_moe
+    ffn_x2 = 3 if m.activation == "swiglu" else 2  # 2 x the FFN-wide tensors' factor
+    attention = 3 * td + 3 * td_t + 2 * heads
+    dense = 3 * td + 3 * sz.tokens * (m.d_ff // t) * act_b * ffn_x2 // 2
+    moe = 3 * td + 3 * slots * (m.expert_d_ff // t) * act_b * ffn_x2 // 2 + slot_d
+    one_layer = attention + (moe if n_moe else dense)
+    logits = 2 * sz.tokens * (m.vocab_size // t) * 4
+    if backend == "cpu" or m.remat == "none":
+        kept = m.n_layers * attention + n_dense * dense + n_moe * moe
+    else:  # each layer's input, plus (cac) its collectives' outputs; one layer recomputed at a time
+        kept = m.n_layers * td + one_layer
+        if m.remat == "cac":
+            kept += m.n_layers * td + n_dense * td + n_moe * 3 * slot_d
+    activations = kept + 3 * td + logits
+    layer_grads = costs.layer_grads
+    # Gradient accumulation keeps the running sum next to each micro-batch's gradients. XLA:CPU
+    # combines the data-parallel all-reduces into one op whose result is a second copy of every
+    # reduced gradient; XLA:GPU combines into buckets of tens of MiB (one layer's worth, here).
+    carry = params if dc.grad_accum > 1 else 0
+    reduced = costs.reduced if backend == "cpu" else min(costs.reduced, layer_grads)
+    tile = config.optimizer.tile_size
+    # Mixed precision: the weights cast to the compute dtype are loop invariant, so XLA computes them once
+    # and holds them for the whole step (on XLA:CPU as float32 copies of the rounded values).
+    casts = 0 if m.dtype == "float32" else params * act_b // 4
+    # With accumulation XLA also slices the parameters' ZeRO-1 shards before the loop (measured).
+    working = 3 * td + 4 * td_t + 2 * slot_d + casts + (moments // 2 if carry else 0)
+    phases = {"backward start": activations + carry + layer_grads,
+              "backward end": carry + params + (0 if casts else reduced) + one_layer + logits,
+              "optimizer update": params + (4 * 4 * tile if tile else moments)}
+    peak_at = max(phases, key=phases.get)
+    return Memory(params, moments + counters, batch, other, params, activations, working + phases[peak_at], peak_at)
+
+
+# --------------------------------------------------------------------------- #
+# step time
+
+
+def flops_per_device(config: TrainConfig, layout: Layout | None = None) -> float:
+    """Matmul FLOPs of one step on one device: forward + backward (3x the forward), and the remat recomputation.
+
+    Counts what the program computes, not the model's ideal: expert matmuls on
+    every capacity slot (empty or not), attention scores over the whole L x L
+    square (the causal mask is applied after), the LM head over the local vocab.
+    """
+    layout = layout or (config.mesh.data, config.mesh.expert, config.mesh.tensor)
+    m, dc = config.model, config.data
+    sz = _sizes(config, layout)
+    t = sz.tensor
+    head = getattr(m, "head_size", m.d_model // m.n_heads)
+    kv_heads = getattr(m, "kv_heads", m.n_heads)
+    ffn = 3 if m.activation == "swiglu" else 2
+    tokens = sz.tokens
+    attention = tokens * (m.d_model * head * (2 * m.n_heads + 2 * kv_heads) // t + 2 * dc.seq_len * m.n_heads * head // t)
+    dense = tokens * ffn * m.d_model * m.d_ff // t
+    e_local = m.num_experts // sz.expert if m.num_experts else 0
+    moe = sz.groups_out * e_local * sz.capacity * ffn * m.d_model * m.expert_d_ff // t + tokens * m.d_model * m.num_experts
+    n_moe = m.n_moe_layers
+    blocks = m.n_layers * attention + (m.n_layers - n_moe) * dense + n_moe * moe
+    lm_head = tokens * m.d_model * m.vocab_size // t
+    recompute = 1 if m.remat in ("full", "cac") else 0
+    return 2.0 * dc.grad_accum * ((3 + recompute) * blocks + 3 * lm_head)
+
+
+def _crosses_nodes(layout: Layout, axes: tuple[str, ...], gpus_per_node: int) -> bool:
+    """Whether some group of `axes` spans two nodes, with devices numbered as make_mesh lays them out."""
+    import numpy as np
+
+    ids = np.arange(math.prod(layout)).reshape(layout) // gpus_per_node
+    keep = [i for i, a in enumerate(AXES) if a not in axes]
+    moved = np.moveaxis(ids, [AXES.index(a) for a in axes], range(len(keep), 3))
+    groups = moved.reshape(math.prod(layout[i] for i in keep), -1)
+    return bool((groups != groups[:, :1]).any())
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """Predicted seconds of one step: compute at peak plus each mesh-axis group's bytes over its link."""
+
+    compute_s: float
+    comm_s: dict  # axes (joined by "+") -> seconds
+    links: dict  # axes -> "intra-node" or "inter-node"
+
+    @property
+    def step_s(self) -> float:
+        return self.compute_s + sum(self.comm_s.values())
+
+
+def step_time(config: TrainConfig, cluster: Cluster, layout: Layout | None = None,
+              traffic: Sequence[Traffic] | None = None) -> Timing:
+    """FLOPs / peak plus bytes sent / bandwidth of the link each collective's mesh axes cross (no overlap)."""
+    layout = layout or (config.mesh.data, config.mesh.expert, config.mesh.tensor)
+    traffic = collectives(config, layout) if traffic is None else traffic
+    compute = flops_per_device(config, layout) / cluster.peak_flops(config.model.dtype)
+    comm: dict[str, float] = {}
+    links: dict[str, str] = {}
+    for t in traffic:
+        key = "+".join(t.axes)
+        if key not in links:
+            links[key] = "inter-node" if _crosses_nodes(layout, t.axes, cluster.gpus_per_node) else "intra-node"
+        gbps = cluster.inter_node_gbps if links[key] == "inter-node" else cluster.intra_node_gbps
+        comm[key] = comm.get(key, 0.0) + t.count * t.sent_bytes / (gbps * 1e9)
+    return Timing(compute, comm, links)
+
+
+# --------------------------------------------------------------------------- #
+# search
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    """A plan with its predicted memory, traffic and time, and why it is rejected ("" when it is not)."""
+
+    plan: Plan
+    memory: Memory | None
+    timing: Timing | None
+    traffic: dict  # summarize(collectives(...))
+    reason: str = ""
+
+    @property
+    def fits(self) -> bool:
+        return not self.reason
+
+    @property
+    def step_s(self) -> float:
+        return self.timing.step_s if self.timing else math.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class Search:
+    """The ranked pool of plans that fit, and every rejected plan with its reason."""
+
+    config: TrainConfig
+    cluster: Cluster
+    devices: int
+    pool: list[Estimate]
+    rejected: list[Estimate]
+    budget_bytes: int
+
+    @property
+    def best(self) -> Estimate:
+        if not self.pool:
+            raise NoPlanFits(self)
+        return self.pool[0]
+
+    def closest(self) -> Estimate | None:
+        """The rejected plan that divides and needs the least memory (what to show when nothing fits)."""
+        sized = [e for e in self.rejected if e.memory is not None]
+        return min(sized, key=lambda e: e.memory.total) if sized else None
+
+
+class NoPlanFits(ValueError):
+    """No layout and switch setting fits the model on the cluster; the message says what the closest plan lacks."""
+
+    def __init__(self, search: Search):
+        self.search = search
+        super().__init__(_no_fit_message(search))
+
+
+def _no_fit_message(search: Search) -> str:
+    closest = search.closest()
+    head = (f"no plan fits the model ({search.config.model.param_counts()['total'] / 1e9:.2f}B parameters) on "
+            f"{search.devices} x {search.cluster.gpu} ({search.cluster.memory_gib:g} GiB, keeping {HEADROOM:.0%} free)")
+    if closest is None:
+        reasons = sorted({e.reason for e in search.rejected})[:3]
+        return head + ": no layout divides the model:\n  - " + "\n  - ".join(reasons)
+    m = closest.memory
+    lacks = m.total - search.budget_bytes
+    return (f"{head}. Closest: {closest.plan.describe()} needs {m.total / GIB:.1f} GiB per GPU "
+            f"(params {m.params / GIB:.1f}, optimizer {m.optimizer / GIB:.1f}, peak temporaries "
+            f"{m.temporaries / GIB:.1f} at {m.peak_at}), {lacks / GIB:.1f} GiB more than the "
+            f"{search.budget_bytes / GIB:.1f} GiB available. Use more GPUs, GPUs with more memory, "
+            "a smaller model or a shorter sequence")
+
+
+def layouts(devices: int) -> list[Layout]:
+    """Every (data, expert, tensor) whose product is `devices`."""
+    divisors = [k for k in range(1, devices + 1) if devices % k == 0]
+    return [(d, e, devices // (d * e)) for d in divisors for e in divisors if devices % (d * e) == 0]
+
+
+def candidates(config: TrainConfig, layout: Layout, tile_size: int = DEFAULT_TILE) -> list[Plan]:
+    """The switch settings worth trying on a layout (DTD only where it acts: expert > 1 and tensor > 1)."""
+    d, e, t = layout
+    batch = config.data.batch_size
+    accums = [a for a in range(1, batch + 1) if batch % a == 0 and (batch // a) % (d * e) == 0]
+    dtds = (False, True) if e > 1 and t > 1 and config.model.num_experts else (False,)
+    tiles = (0, tile_size) if tile_size else (0,)
+    return [Plan(d, e, t, dtd, remat, tile, accum)
+            for accum in accums or [1] for dtd in dtds for remat in REMATS for tile in tiles]
+
+
+def estimate(config: TrainConfig, plan: Plan, cluster: Cluster, budget_bytes: int | None = None) -> Estimate:
+    """Memory, traffic and time of `plan` for `config` on `cluster`; rejected if it does not divide or fit."""
+    planned = plan.apply(config)
+    try:
+        check_mesh(planned.model, _MeshShape(plan.layout), planned.data.micro_batch_size, planned.data.seq_len)
+    except ValueError as err:
+        problems = str(err).split(":\n", 1)[-1].split("\n")
+        return Estimate(plan, None, None, {}, "does not divide: " + "; ".join(p.strip(" -") for p in problems))
+    traffic = collectives(planned, plan.layout)
+    mem = memory(planned, plan.layout)
+    timing = step_time(planned, cluster, plan.layout, traffic)
+    budget = int(cluster.memory_gib * GIB * (1 - HEADROOM)) if budget_bytes is None else budget_bytes
+    reason = ""
+    if mem.total > budget:
+        reason = (f"needs {mem.total / GIB:.1f} GiB per GPU, {budget / GIB:.1f} GiB available "
+                  f"(peak at {mem.peak_at})")
+    return Estimate(plan, mem, timing, summarize(traffic), reason)
+
+
+def search(config: TrainConfig, cluster: Cluster, devices: int | None = None, *,
+           tile_size: int = DEFAULT_TILE, fixed: dict | None = None) -> Search:
+    """Every plan for `config` on `devices` GPUs of `cluster` (default all of them), ranked by step time.
+
+    `fixed` pins switches, e.g. {"remat": "cac", "dtd": True}, or a layout
+    {"data": 2}; the rest is searched.
+    """
+    devices = devices or cluster.devices
+    if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
+        raise ValueError(f"devices must be an integer >= 1, got {devices!r}")
+    cluster = cluster.with_devices(devices) if devices != cluster.devices else cluster
+    budget = int(cluster.memory_gib * GIB * (1 - HEADROOM))
+    fixed = fixed or {}
+    unknown = set(fixed) - {f.name for f in dataclasses.fields(Plan)}
+    if unknown:
+        raise ValueError(f"search(fixed=...) names unknown plan fields {sorted(unknown)}")
+    pool, rejected = [], []
+    untiled: dict[Plan, Estimate] = {}
+    for layout in layouts(devices):
+        for plan in candidates(config, layout, tile_size):
+            if any(getattr(plan, k) != v for k, v in fixed.items()):
+                continue
+            est = estimate(config, plan, cluster, budget)
+            base = untiled.get(dataclasses.replace(plan, tile_size=0))
+            if plan.tile_size and base is not None and base.memory is not None \
+                    and est.memory.total >= base.memory.total:
+                continue  # tiling changes nothing here: the plan without it stands for both
+            if not plan.tile_size:
+                untiled[plan] = est
+            (pool if est.fits else rejected).append(est)
+    pool.sort(key=lambda e: (e.step_s, e.memory.total, e.plan))
+    return Search(config, cluster, devices, pool, rejected, budget)
+
+
+# --------------------------------------------------------------------------- #
+# the model against a compiled program
+
+
+@dataclasses.dataclass(frozen=True)
+class Measured:
+    """What XLA compiled for one step: collectives per (kind, axes) and memory_analysis, per device."""
+
+    traffic: dict  # (kind, axes) -> {"count", "result_bytes", "sent_bytes"}: what the model predicts exactly
+    xla_choice: dict  # XLA_CHOOSES key -> {(kind, axes): {...}}: the gradients XLA partitions its own way
+    memory: dict  # tedjax.analysis.memory_report
+
+    @property
+    def memory_bytes(self) -> int:
+        """arguments + temporaries (what `Memory.total` predicts)."""
+        return self.memory["argument_bytes"] + self.memory["temp_bytes"]
+
+
+def measure(config: TrainConfig, mesh, compiled=None) -> Measured:
+    """Compile the train step for `config` on `mesh` (or read `compiled`) and split its collectives.
+
+    Each element of a combined (tuple) collective is attributed to the op that
+    produced it (its operand's op_name), so XLA's combining does not hide
+    which gradient it carries. Collectives in the gradient-accumulation loop
+    count once per micro-batch.
+    """
+    import re
+
+    from tedjax import analysis
+
+    if compiled is None:
+        from tedjax.trainer import Trainer
+
+        compiled = Trainer(config, mesh).lower_train_step().compile()
+    comps, _ = analysis._parse_module(compiled.as_text())
+    instrs = {ins.name: ins for body in comps.values() for ins in body}
+
+    def op_name(name: str) -> str:
+        ins = instrs.get(name)
+        found = analysis._OP_NAME.search(ins.attrs) if ins else None
+        return found.group(1) if found else ""
+
+    traffic: dict = {}
+    xla_choice: dict = {}
+    for c in analysis.collectives(compiled, mesh):
+        if c.trivial:
+            continue
+        weight = c.trip_count if c.in_loop and c.trip_count else 1
+        elements = analysis._tuple_elements(c.shape)
+        ins = instrs.get(c.name)
+        operands = re.findall(r"%([\w.\-]+)", ins.operands) if ins else []
+        if c.kind != "all-reduce" or len(elements) == 1 or len(operands) != len(elements):
+            elements, operands = [c.shape], [None]  # one op, one name: its own
+        for element, operand in zip(elements, operands):
+            name = (op_name(operand) if operand else "") or c.op_name  # a combined all-reduce: each producer's
+            what = next((w for w, pattern in XLA_CHOOSES.items() if re.search(pattern, name)), None)
+            nbytes = analysis.shape_bytes(element)
+            row = (xla_choice.setdefault(what, {}) if what else traffic).setdefault(
+                (c.kind, c.axes), {"count": 0, "result_bytes": 0, "sent_bytes": 0.0})
+            row["count"] += weight
+            row["result_bytes"] += weight * nbytes
+            row["sent_bytes"] += weight * analysis._sent_bytes(c.kind, nbytes, max(c.group_size, 1))
+    return Measured(traffic, xla_choice, analysis.memory_report(compiled))
+
+
+def comparison(config: TrainConfig, measured: Measured, layout: Layout | None = None,
+               backend: Backend = "cpu") -> list[dict]:
+    """Rows (kind, axes, predicted and measured result and sent bytes) over every (kind, axes) either has.
+
+    The gradients in XLA_CHOOSES are left out of both sides (see `measured.xla_choice`).
+    """
+    predicted = summarize(collectives(config, layout, backend), exclude=tuple(XLA_CHOOSES))
+    rows = []
+    for key in sorted(set(predicted) | set(measured.traffic)):
+        p = predicted.get(key, {"result_bytes": 0, "sent_bytes": 0.0})
+        q = measured.traffic.get(key, {"result_bytes": 0, "sent_bytes": 0.0})
+        rows.append({"kind": key[0], "axes": "+".join(key[1]), "predicted_bytes": p["result_bytes"],
+                     "measured_bytes": q["result_bytes"], "predicted_sent": p["sent_bytes"],
+                     "measured_sent": q["sent_bytes"], "exact": p["result_bytes"] == q["result_bytes"]})
+    return rows
+
+
+def dry_run(config: TrainConfig, devices: Sequence | None = None, log=print) -> Measured:
+    """`train.py --dry-run`: compile the step for `config` on the devices present, train nothing, write nothing.
+
+    Prints per-device memory and collectives per kind and mesh axis as XLA
+    compiled them, with the planner's prediction beside (for XLA:CPU when the
+    devices are simulated CPUs), and the predicted step time on the cluster
+    the devices form. `mesh: auto` is resolved first.
+    """
+    import time
+
+    import jax
+
+    from tedjax.mesh import make_mesh
+    from tedjax.trainer import Trainer
+
+    devices = list(jax.devices() if devices is None else devices)
+    if config.mesh.auto:
+        config = auto_config(config, devices, log=log)
+    layout = (config.mesh.data, config.mesh.expert, config.mesh.tensor)
+    mesh = make_mesh(*layout, devices=devices)
+    backend: Backend = "gpu" if devices[0].platform == "gpu" else "cpu"
+    trainer = Trainer(config, mesh)  # checks the config against the mesh before compiling
+    start = time.perf_counter()
+    compiled = trainer.lower_train_step().compile()
+    seconds = time.perf_counter() - start
+    measured = measure(config, mesh, compiled)
+    predicted = memory(config, layout, backend)
+    log(f"dry run: {Plan.of(config).describe()} on {len(devices)} {devices[0].platform} devices "
+        f"({devices[0].device_kind}); compiled in {seconds:.1f} s; nothing trained or written.")
+    log("")
+    mem = measured.memory
+    log("| per device | predicted | compiled |")
+    log("|---|---:|---:|")
+    log(f"| arguments (params {_size(predicted.params)}, optimizer {_size(predicted.optimizer)}, batch "
+        f"{_size(predicted.batch)}) | {_size(predicted.arguments)} | {_size(mem['argument_bytes'])} |")
+    log(f"| temporaries (peak at {predicted.peak_at}) | {_size(predicted.temporaries)} | {_size(mem['temp_bytes'])} |")
+    log(f"| total | {_size(predicted.total)} | {_size(measured.memory_bytes)} "
+        f"({predicted.total / measured.memory_bytes - 1:+.1%}) |")
+    log("")
+    log("| collective | mesh axes | predicted MiB sent | compiled MiB sent | bytes |")
+    log("|---|---|---:|---:|---|")
+    for row in comparison(config, measured, layout, backend):
+        log(f"| {row['kind']} | {row['axes']} | {row['predicted_sent'] / 2**20:.3f} | {row['measured_sent'] / 2**20:.3f} "
+            f"| {'equal' if row['exact'] else 'differ'} |")
+    for what, rows in sorted(measured.xla_choice.items()):
+        parts = ", ".join(f"{kind} {'+'.join(axes)} {r['sent_bytes'] / 2**20:.3f} MiB" for (kind, axes), r in sorted(rows.items()))
+        log(f"{what} (partitioned by XLA's choice, not in the table): {parts}")
+    if backend == "cpu":
+        log("(predicted for XLA:CPU: float32 activations, all-reduce instead of reduce-scatter, no remat saving)")
+    cluster = cluster_for(devices)
+    assumed = " (assumed for simulated CPU devices)" if backend == "cpu" else ""
+    log("")
+    log(f"predicted on {len(devices)} x {cluster.gpu}{assumed}: " + describe_estimate(
+        Estimate(Plan.of(config), memory(config, layout), step_time(config, cluster, layout), {})))
+    return measured
+
+
+# --------------------------------------------------------------------------- #
+# mesh: auto, reports, the command line
+
+
+def auto_config(config: TrainConfig, devices: Sequence | None = None, cluster: Cluster | None = None,
+                log=print) -> TrainConfig:
+    """`mesh: auto`: `config` with the best plan's layout and switches for `devices` (default jax.devices()).
+
+    Prints the chosen plan and the runner-up with their predicted memory and
+    time. Raises NoPlanFits (a ValueError naming the closest plan and what it
+    lacks) before anything is compiled when no plan fits.
+    """
+    import jax
+
+    devices = list(jax.devices() if devices is None else devices)
+    cluster = cluster or cluster_for(devices)
+    found = search(config, cluster, len(devices))
+    best = found.best
+    log(f"mesh: auto on {len(devices)} x {cluster.gpu} ({cluster.name}; {len(found.pool)} plans fit, "
+        f"{len(found.rejected)} rejected)")
+    log("  chosen:    " + describe_estimate(best))
+    if len(found.pool) > 1:
+        log("  runner-up: " + describe_estimate(found.pool[1]))
+    return best.plan.apply(config)
+
+
+PRESETS = {"H200": "h200.yaml", "H100": "dgx_h100.yaml", "A100": "dgx_a100_80gb.yaml", "V100": "summit.yaml"}
+CLUSTER_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "clusters")
+
+
+def cluster_for(devices: Sequence) -> Cluster:
+    """The cluster the devices present form: the preset of their GPU kind (configs/clusters/; DGX-H100
+    for other kinds, simulated CPU devices included), with the GPUs per host and the memory limit the
+    runtime reports on GPUs."""
+    kind = str(getattr(devices[0], "device_kind", "")).upper()
+    cluster = Cluster.load(os.path.join(CLUSTER_DIR, next((f for k, f in PRESETS.items() if k in kind), "dgx_h100.yaml")))
+    if getattr(devices[0], "platform", "") == "gpu":
+        per_host = sum(1 for d in devices if d.process_index == devices[0].process_index)
+        limit = (devices[0].memory_stats() or {}).get("bytes_limit")
+        cluster = dataclasses.replace(cluster, gpus_per_node=per_host,
+                                      memory_gib=limit / GIB if limit else cluster.memory_gib)
+    return cluster.with_devices(len(devices))
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:.2f}"
+
+
+def _size(n: float) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
+
+
+def describe_estimate(est: Estimate) -> str:
+    """One paragraph: the plan, its memory parts and its time parts."""
+    m, t = est.memory, est.timing
+    comm = ", ".join(f"{axes} {s * 1e3:.1f} ms ({t.links[axes]})" for axes, s in sorted(t.comm_s.items()))
+    return (f"{est.plan.describe()}: {_gib(m.total)} GiB per GPU (params {_gib(m.params)}, optimizer "
+            f"{_gib(m.optimizer)}, gradients {_gib(m.gradients)}, activations {_gib(m.activations)}, peak "
+            f"temporaries {_gib(m.temporaries)} at {m.peak_at}); step {t.step_s * 1e3:.1f} ms = compute "
+            f"{t.compute_s * 1e3:.1f} ms + {comm or 'no communication'}")
+
+
+def pool_table(found: Search, top: int = 5) -> str:
+    """The pool as a markdown table, best first."""
+    title = (f"Plans for {found.config.model.param_counts()['total'] / 1e9:.2f}B parameters on {found.devices} x "
+             f"{found.cluster.gpu} ({found.cluster.name}, {found.cluster.memory_gib:g} GiB, "
+             f"{HEADROOM:.0%} kept free): {len(found.pool)} fit, {len(found.rejected)} rejected.")
+    header = ("| rank | data | expert | tensor | dtd | remat | tile | grad_accum | memory GiB | peak at | step ms "
+              "| compute ms | communication ms |")
+    lines = [title, "", header, "|---:|---:|---:|---:|---|---|---:|---:|---:|---|---:|---:|---|"]
+    for i, est in enumerate(found.pool[:top], 1):
+        p, m, t = est.plan, est.memory, est.timing
+        comm = ", ".join(f"{axes} {s * 1e3:.1f}" for axes, s in sorted(t.comm_s.items()))
+        lines.append(f"| {i} | {p.data} | {p.expert} | {p.tensor} | {'yes' if p.dtd else 'no'} | {p.remat} | "
+                     f"{p.tile_size or '-'} | {p.grad_accum} | {_gib(m.total)} | {m.peak_at} | {t.step_s * 1e3:.1f} | "
+                     f"{t.compute_s * 1e3:.1f} | {comm or '-'} |")
+    return "\n".join(lines) + "\n"
+
+
+def rejection_summary(found: Search, limit: int = 8) -> str:
+    """Why plans were rejected: each distinct reason once, with how many plans it rejected."""
+    counts: dict[str, int] = {}
+    for est in found.rejected:
+        key = est.reason if est.reason.startswith("does not divide") else "does not fit in memory"
+        counts[key] = counts.get(key, 0) + 1
+    lines = [f"- {n} plan{'s' if n > 1 else ''}: {reason}" for reason, n in sorted(counts.items(), key=lambda kv: -kv[1])]
+    return "\n".join(lines[:limit])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tedjax.plan", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cluster", required=True, help="cluster preset (configs/clusters/*.yaml)")
+    parser.add_argument("--config", required=True, help="model/training config (configs/*.yaml)")
+    parser.add_argument("--devices", type=int, default=None, help="GPUs to plan for (default: the whole cluster)")
+    parser.add_argument("--top", type=int, default=5, help="plans to show (default 5)")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of the config")
+    args = parser.parse_args(argv)
+    from tedjax.config import load_config
+
+    try:
+        cluster = Cluster.load(args.cluster)
+        config = load_config(args.config, [o for o in args.overrides if not o.startswith("mesh")] + ["mesh=auto"])
+        if args.top < 1:
+            raise ValueError(f"--top must be >= 1, got {args.top}")
+        found = search(config, cluster, args.devices)
+        print(pool_table(found, args.top))
+        if found.rejected:
+            print("Rejected:\n" + rejection_summary(found) + "\n")
+        print("Best: " + describe_estimate(found.best))
+        if len(found.pool) > 1:
+            print("Runner-up: " + describe_estimate(found.pool[1]))
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

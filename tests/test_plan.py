@@ -1,0 +1,249 @@
+"""The planner (tedjax.plan): its byte and memory model against compiled programs, the search, mesh: auto,
+--dry-run, the cluster presets, and every bad input refused before anything compiles."""
+
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import tedjax
+from tedjax import plan
+from tedjax.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTERS = sorted((REPO / "configs" / "clusters").glob("*.yaml"))
+GPU_PRESETS = sorted((REPO / "configs").glob("gpu_*.yaml"))
+H100 = str(REPO / "configs" / "clusters" / "dgx_h100.yaml")
+
+# The larger config of the check: bf16, top-2, SwiGLU, routing groups shorter than a sequence,
+# two micro-batches, C = 10 slots (padded to 12 by DTD on tensor = 4). benchmarks/planner.py uses the same.
+LARGER = ["model.vocab_size=512", "model.d_model=256", "model.n_heads=8", "model.d_ff=1024", "model.num_experts=16",
+          "model.expert_d_ff=512", "model.top_k=2", "model.group_size=64", "model.activation=swiglu",
+          "model.dtype=bfloat16", "data.batch_size=16", "data.grad_accum=2"]  # fmt: skip
+SWITCHES = {"none": [], "dtd": ["model.dtd=true"], "cac": ["model.remat=cac"], "full": ["model.remat=full"]}
+# Every layout of tests/reference.py with every switch at least once (the full grid: benchmarks/planner.py).
+CELLS = [
+    ("tiny", (8, 1, 1), "none"), ("tiny", (1, 8, 1), "full"), ("tiny", (2, 4, 1), "cac"), ("tiny", (4, 1, 2), "none"),
+    ("tiny", (2, 2, 2), "dtd"), ("tiny", (1, 4, 2), "full"), ("tiny", (1, 2, 4), "dtd"),
+    ("larger", (2, 2, 2), "dtd"), ("larger", (1, 2, 4), "dtd"), ("larger", (1, 8, 1), "full"), ("larger", (4, 1, 2), "cac"),
+]  # fmt: skip
+
+
+def cell_config(name, layout, switch):
+    sizes = [f"mesh.{axis}={n}" for axis, n in zip(plan.AXES, layout)]
+    extra = LARGER if name == "larger" else []
+    return load_config("configs/tiny.yaml", ["data.source=synthetic", *extra, *sizes, *SWITCHES[switch]])
+
+
+@pytest.fixture(scope="module")
+def compiled_cells():
+    """plan.measure of each cell's compiled train step (one compile per cell, shared by the tests)."""
+    out = {}
+    for cell in CELLS:
+        config = cell_config(*cell)
+        out[cell] = (config, plan.measure(config, tedjax.make_mesh(*cell[1])))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cell", CELLS, ids=lambda c: f"{c[0]}-{'x'.join(map(str, c[1]))}-{c[2]}")
+def test_predicted_collectives_equal_the_compiled_program(compiled_cells, cell):
+    config, measured = compiled_cells[cell]
+    rows = plan.comparison(config, measured, cell[1], backend="cpu")
+    assert rows and all(r["exact"] for r in rows), [r for r in rows if not r["exact"]]
+    for r in rows:
+        assert r["predicted_sent"] == pytest.approx(r["measured_sent"], rel=1e-12)
+    # The model covers the step's traffic: what XLA partitions its own way is two small gradients.
+    modelled = sum(r["measured_bytes"] for r in rows)
+    chosen = sum(v["result_bytes"] for rows_ in measured.xla_choice.values() for v in rows_.values())
+    assert set(measured.xla_choice) <= set(plan.XLA_CHOOSES) and chosen < 0.05 * modelled
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cell", CELLS, ids=lambda c: f"{c[0]}-{'x'.join(map(str, c[1]))}-{c[2]}")
+def test_predicted_memory_is_within_10_percent(compiled_cells, cell):
+    config, measured = compiled_cells[cell]
+    predicted = plan.memory(config, cell[1], backend="cpu")
+    assert predicted.arguments == measured.memory["argument_bytes"]  # parameters, Adam state, batch: exact
+    assert predicted.total == pytest.approx(measured.memory_bytes, rel=0.10)
+
+
+def test_dtd_and_remat_change_the_bytes_as_ted_says():
+    """All-to-all bytes: x 1/tensor with DTD (C padded to a multiple of tensor), x 1.5 with plain remat, x 1 with CAC."""
+    base = cell_config("larger", (1, 2, 4), "none")
+
+    def a2a(config):
+        return plan.summarize(plan.collectives(config))[("all-to-all", ("expert",))]["result_bytes"]
+
+    dtd, full, cac = (cell_config("larger", (1, 2, 4), s) for s in ("dtd", "full", "cac"))
+    assert a2a(dtd) / a2a(base) == pytest.approx(math.ceil(10 / 4) / 10)  # C = 10 -> 3 slots per tensor rank
+    assert a2a(full) == 1.5 * a2a(base) and a2a(cac) == a2a(base)
+
+
+# --------------------------------------------------------------------------- search
+
+
+@pytest.fixture(scope="module")
+def h100():
+    return plan.Cluster.load(H100)
+
+
+@pytest.mark.parametrize("devices", [64, 256, 1024])
+def test_search_scales_to_1024_gpus_and_never_picks_a_plan_that_does_not_fit(h100, devices):
+    config = load_config(str(REPO / "configs" / "gpu_2.7b.yaml"), ["mesh=auto"])
+    start = time.perf_counter()
+    found = plan.search(config, h100, devices)
+    assert time.perf_counter() - start < 60
+    assert found.pool, plan.rejection_summary(found)
+    assert all(e.memory.total <= found.budget_bytes and e.fits for e in found.pool)
+    assert [e.step_s for e in found.pool] == sorted(e.step_s for e in found.pool)
+    assert all(math.prod(e.plan.layout) == devices for e in found.pool + found.rejected)
+    assert all(e.reason for e in found.rejected)  # each rejection says why
+    best = found.best.plan
+    assert config.model.num_experts % best.expert == 0 and config.model.n_heads % best.tensor == 0
+
+
+def test_tensor_stays_inside_a_node(h100):
+    """Link per mesh axis follows make_mesh's device order: tensor innermost, then expert, then data."""
+    assert not plan._crosses_nodes((16, 4, 2), ("tensor",), 8)
+    assert not plan._crosses_nodes((16, 4, 2), ("expert", "tensor"), 8)
+    assert plan._crosses_nodes((16, 4, 2), ("data",), 8)
+    assert plan._crosses_nodes((2, 8, 4), ("expert",), 8)
+    config = load_config(str(REPO / "configs" / "gpu_2.7b.yaml"), ["mesh.data=16", "mesh.expert=4", "mesh.tensor=2"])
+    timing = plan.step_time(config, h100.with_devices(128))
+    assert timing.links["tensor"] == "intra-node" and timing.links["data"] == "inter-node"
+
+
+def test_a_model_that_fits_nowhere_names_the_closest_plan_and_what_it_lacks(h100):
+    config = load_config(str(REPO / "configs" / "gpu_6.7b.yaml"), ["mesh=auto"])
+    found = plan.search(config, h100, 8)
+    assert not found.pool
+    with pytest.raises(plan.NoPlanFits, match=r"no plan fits .* Closest: \(\d+,\d+,\d+\) .* GiB more than"):
+        found.best
+
+
+def test_layouts_that_do_not_divide_are_rejected_with_the_reason(h100):
+    config = load_config("configs/tiny.yaml", ["mesh=auto"])
+    found = plan.search(config, h100, 16)
+    reasons = {e.plan.layout: e.reason for e in found.rejected}
+    assert "num_experts=8 is not divisible by the expert axis (16)" in reasons[(1, 16, 1)]
+    assert "n_heads=4 is not divisible by the tensor axis (16)" in reasons[(1, 1, 16)]
+
+
+# --------------------------------------------------------------------------- clusters and presets
+
+
+@pytest.mark.parametrize("path", CLUSTERS, ids=lambda p: p.stem)
+def test_cluster_presets_load_and_cite_sources(path):
+    cluster = plan.Cluster.load(str(path))
+    assert cluster.devices >= cluster.gpus_per_node and cluster.memory_gib > 10
+    assert "Sources:" in path.read_text()
+    assert {"dgx_a100_80gb", "dgx_h100", "h200", "summit"} <= {p.stem for p in CLUSTERS}
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"memory_gib": None}, "missing field memory_gib"),
+        ({"nodes": 0}, "cluster.nodes must be an integer >= 1"),
+        ({"peak_bf16_tflops": -5}, "cluster.peak_bf16_tflops must be a number > 0"),
+        ({"inter_node_gbps": 900}, "inter_node_gbps=900 exceeds intra_node_gbps"),
+        ({"memory_gib": 80000}, "not a GPU's memory in GiB"),
+        ({"speed": 3}, "unknown field speed"),
+    ],
+)
+def test_bad_cluster_files_are_refused_clearly(tmp_path, change, message):
+    import yaml
+
+    values = yaml.safe_load(Path(H100).read_text())
+    values.update(change)
+    values = {k: v for k, v in values.items() if v is not None}
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(values))
+    with pytest.raises(ValueError, match=message):
+        plan.Cluster.load(str(path))
+    path.write_text("- just\n- a list\n")
+    with pytest.raises(ValueError, match="must be a mapping"):
+        plan.Cluster.load(str(path))
+    with pytest.raises(FileNotFoundError, match="configs/clusters"):
+        plan.Cluster.load(str(tmp_path / "missing.yaml"))
+
+
+@pytest.mark.parametrize("path", GPU_PRESETS, ids=lambda p: p.stem)
+def test_gpu_presets_name_their_gpu_and_fit_it_with_headroom(path):
+    text = path.read_text()
+    config = load_config(str(path))
+    assert config.model.vocab_size == 256  # the byte tokenizer's ids (data.source: tokens from `prepare`)
+    cluster_file = next(c for c in CLUSTERS if c.stem in text)
+    cluster = plan.Cluster.load(str(cluster_file))
+    assert cluster.gpu in text and "headroom" in text
+    est = plan.estimate(config, plan.Plan.of(config), cluster.with_devices(8))
+    assert est.fits, est.reason
+    assert est.memory.total <= cluster.memory_gib * 2**30 * (1 - plan.HEADROOM)
+
+
+# --------------------------------------------------------------------------- mesh: auto and --dry-run
+
+
+@pytest.mark.parametrize(
+    "yaml_mesh, overrides, message",
+    [
+        ("{auto: true, tensor: 2}", [], r"auto cannot be combined with explicit sizes \(mesh.tensor\)"),
+        ("auto", ["mesh.data=2"], r"auto cannot be combined with explicit sizes \(mesh.data\)"),
+        ("{data: 2, expert: 2, tensor: 2}", ["mesh.auto=true"], "auto cannot be combined with explicit sizes"),
+        ("sideways", [], "mesh must be a mapping of data, expert, tensor or the word auto"),
+    ],
+)
+def test_mesh_auto_with_explicit_sizes_is_refused(tmp_path, yaml_mesh, overrides, message):
+    path = tmp_path / "run.yaml"
+    path.write_text(f"mesh: {yaml_mesh}\n")
+    with pytest.raises(ValueError, match=message):
+        load_config(str(path), overrides)
+    assert load_config(str(path), ["mesh=auto"]).mesh.auto  # the command line may replace the whole section
+
+
+def test_mesh_auto_picks_a_fitting_plan_for_the_devices_present(capsys):
+    config = load_config("configs/tiny.yaml", ["mesh=auto"])
+    assert config.mesh.auto
+    chosen = plan.auto_config(config)
+    out = capsys.readouterr().out
+    assert "chosen:" in out and "runner-up:" in out and "GiB per GPU" in out
+    assert math.prod(plan.Plan.of(chosen).layout) == len(__import__("jax").devices())
+    assert not chosen.mesh.auto
+    tedjax.check_mesh(chosen.model, tedjax.make_mesh(chosen.mesh.data, chosen.mesh.expert, chosen.mesh.tensor),
+                      chosen.data.micro_batch_size, chosen.data.seq_len)
+
+
+@pytest.mark.slow
+def test_dry_run_compiles_prints_and_writes_nothing(tmp_path):
+    log_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "train.py", "--config", "configs/tiny.yaml", "--dry-run", "--cpu-devices", "4",
+         "mesh.data=1", "mesh.expert=2", "mesh.tensor=2", "data.source=synthetic", f"log.dir={log_dir}"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0"},  # --cpu-devices sets the count
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    out = proc.stdout
+    assert "dry run: (1,2,2)" in out and "nothing trained or written" in out
+    assert "| all-to-all | expert |" in out and "| total |" in out and "predicted on 4 x" in out
+    assert "differ" not in out
+    assert not log_dir.exists()
+
+
+def test_train_refuses_bad_cpu_devices_before_importing_jax():
+    proc = subprocess.run([sys.executable, "train.py", "--dry-run", "--cpu-devices", "0"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--cpu-devices must be >= 1" in proc.stderr
+
+
+def test_plan_command_line(tmp_path):
+    from tedjax.plan import main
+
+    assert main(["--cluster", H100, "--config", "configs/gpu_1.3b.yaml", "--devices", "64", "--top", "3"]) == 0
+    assert main(["--cluster", str(tmp_path / "nope.yaml"), "--config", "configs/tiny.yaml"]) == 2
+    assert main(["--cluster", H100, "--config", "configs/gpu_6.7b.yaml", "--devices", "8"]) == 2
