@@ -272,16 +272,20 @@ def config_keys() -> set[str]:
 
 
 def _quiet_closed_event_loop() -> None:
-    """When orbax fails to read a damaged checkpoint, tensorstore's remaining reads finish on its own
-    threads and try to wake the asyncio loop orbax has already closed; each prints a `RuntimeError: Event
-    loop is closed` traceback around the clean error. Drop exactly those (installed once, by restore)."""
+    """When orbax fails to read a damaged checkpoint, the other reads of the same restore fail later, on
+    tensorstore's threads: each tries to wake the asyncio loop orbax has already closed (`RuntimeError: Event
+    loop is closed`, reported with no object), or ends an orbax read coroutine nobody awaits any more. Python
+    prints each as a traceback around the clean error. Drop exactly those (installed once, by restore)."""
     previous = sys.unraisablehook
     if getattr(previous, "_tedjax_filter", False):
         return
 
     def hook(unraisable):
-        err = unraisable.exc_value
-        if isinstance(err, RuntimeError) and str(err) == "Event loop is closed" and unraisable.object is None:
+        err, obj = unraisable.exc_value, unraisable.object
+        if isinstance(err, RuntimeError) and str(err) == "Event loop is closed" and obj is None:
+            return
+        code = getattr(obj, "cr_code", None)  # a coroutine
+        if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
             return
         previous(unraisable)
 

@@ -50,6 +50,9 @@ from tedjax.mesh import MESH_AXES as AXES
 Layout = tuple[int, int, int]  # (data, expert, tensor)
 Backend = Literal["gpu", "cpu"]
 REMATS = ("none", "cac", "full")
+# What a plan sets (the rest of the config is the user's): the search varies these.
+PLANNED = ("mesh", "mesh.data", "mesh.expert", "mesh.tensor", "mesh.auto", "model.dtd", "model.remat",
+           "optimizer.tile_size", "data.grad_accum")
 DEFAULT_TILE = 1 << 24  # elements per tile of the tiled optimizer when the planner turns it on
 HEADROOM = 0.10  # fraction of GPU memory a plan must leave free (allocator fragmentation, NCCL buffers)
 GIB = 1 << 30
@@ -188,7 +191,8 @@ class Plan:
                    tile_size=config.optimizer.tile_size, grad_accum=config.data.grad_accum)
 
     def describe(self) -> str:
-        switches = [f"remat={self.remat}"] + (["dtd"] if self.dtd else []) + ([f"tile={self.tile_size}"] if self.tile_size else [])
+        switches = [f"remat={self.remat}"] + (["dtd"] if self.dtd else [])
+        switches += [f"tile={self.tile_size}"] if self.tile_size else []
         return f"({self.data},{self.expert},{self.tensor}) {' '.join(switches)} accum={self.grad_accum}"
 
 
@@ -511,16 +515,21 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
       MoE FFN     3 [T, D] + 3 [slots, F_expert / tensor] (x 1.5 for SwiGLU) + 1 [slots, D]
 
     under the remat policy: "full" keeps each layer's input and recomputes one
-    layer at a time; "cac" also keeps the outputs of its collectives. The peak
-    is the largest of three moments: the start of the backward pass (every
-    kept activation and one layer's gradients), its end (every gradient and one
-    layer's activations), and the optimizer update (every gradient and, without
-    the tiled optimizer, a second copy of the Adam moments that the step's
-    non-finite guard keeps next to the old ones), each plus one layer's
-    backward working set. `backend="cpu"`: XLA:CPU's scheduler runs every
+    layer at a time; "cac" also keeps the outputs of its collectives.
+
+    The peak is the largest of three moments, each plus one layer's backward
+    working set: the start of the backward pass (every kept activation, one
+    layer's gradients), its end (every gradient, one layer's activations),
+    and the optimizer update (every gradient and, without the tiled
+    optimizer, a second copy of the Adam moments: the step's non-finite guard
+    keeps the old ones next to the new). With gradient accumulation the
+    running sum is a second set of gradients; with mixed precision the
+    weights cast to the compute dtype are held for the whole step. These
+    terms are calibrated on XLA:CPU programs (benchmarks/planner.py, within
+    10% on 56 of them). `backend="cpu"`: XLA:CPU's scheduler runs every
     layer's recomputation at the start of the backward pass (measured: remat
-    saves nothing there), so activations are counted as with remat="none",
-    in float32.
+    saves nothing there), so activations count as with remat="none", in
+    float32.
     """
     layout = layout or (config.mesh.data, config.mesh.expert, config.mesh.tensor)
     m, dc = config.model, config.data
@@ -560,8 +569,9 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
     carry = params if dc.grad_accum > 1 else 0
     reduced = costs.reduced if backend == "cpu" else min(costs.reduced, layer_grads)
     tile = config.optimizer.tile_size
-    # Mixed precision: the weights cast to the compute dtype are loop invariant, so XLA computes them once
-    # and holds them for the whole step (on XLA:CPU as float32 copies of the rounded values).
+    # Mixed precision: the weights cast to the compute dtype are loop invariant, so XLA computes them
+    # once and holds them for the whole step (on XLA:CPU as float32 copies of the rounded values).
+    # Measured: the reduction's copy then does not add to the peak.
     casts = 0 if m.dtype == "float32" else params * act_b // 4
     # With accumulation XLA also slices the parameters' ZeRO-1 shards before the loop (measured).
     working = 3 * td + 4 * td_t + 2 * slot_d + casts + (moments // 2 if carry else 0)
@@ -591,10 +601,12 @@ def flops_per_device(config: TrainConfig, layout: Layout | None = None) -> float
     kv_heads = getattr(m, "kv_heads", m.n_heads)
     ffn = 3 if m.activation == "swiglu" else 2
     tokens = sz.tokens
-    attention = tokens * (m.d_model * head * (2 * m.n_heads + 2 * kv_heads) // t + 2 * dc.seq_len * m.n_heads * head // t)
+    projections = m.d_model * head * (2 * m.n_heads + 2 * kv_heads) // t  # q, o and k, v
+    attention = tokens * (projections + 2 * dc.seq_len * m.n_heads * head // t)  # + scores and probs x values
     dense = tokens * ffn * m.d_model * m.d_ff // t
     e_local = m.num_experts // sz.expert if m.num_experts else 0
-    moe = sz.groups_out * e_local * sz.capacity * ffn * m.d_model * m.expert_d_ff // t + tokens * m.d_model * m.num_experts
+    slots = sz.groups_out * e_local * sz.capacity
+    moe = slots * ffn * m.d_model * m.expert_d_ff // t + tokens * m.d_model * m.num_experts  # experts + router
     n_moe = m.n_moe_layers
     blocks = m.n_layers * attention + (m.n_layers - n_moe) * dense + n_moe * moe
     lm_head = tokens * m.d_model * m.vocab_size // t
@@ -699,7 +711,7 @@ class NoPlanFits(ValueError):
 
 def _no_fit_message(search: Search) -> str:
     closest = search.closest()
-    head = (f"no plan fits the model ({search.config.model.param_counts()['total'] / 1e9:.2f}B parameters) on "
+    head = (f"no plan fits the model ({_count(search.config.model.param_counts()['total'])} parameters) on "
             f"{search.devices} x {search.cluster.gpu} ({search.cluster.memory_gib:g} GiB, keeping {HEADROOM:.0%} free)")
     if closest is None:
         reasons = sorted({e.reason for e in search.rejected})[:3]
@@ -907,10 +919,12 @@ def dry_run(config: TrainConfig, devices: Sequence | None = None, log=print) -> 
     log("| collective | mesh axes | predicted MiB sent | compiled MiB sent | bytes |")
     log("|---|---|---:|---:|---|")
     for row in comparison(config, measured, layout, backend):
-        log(f"| {row['kind']} | {row['axes']} | {row['predicted_sent'] / 2**20:.3f} | {row['measured_sent'] / 2**20:.3f} "
+        mib = row["predicted_sent"] / 2**20, row["measured_sent"] / 2**20
+        log(f"| {row['kind']} | {row['axes']} | {mib[0]:.3f} | {mib[1]:.3f} "
             f"| {'equal' if row['exact'] else 'differ'} |")
     for what, rows in sorted(measured.xla_choice.items()):
-        parts = ", ".join(f"{kind} {'+'.join(axes)} {r['sent_bytes'] / 2**20:.3f} MiB" for (kind, axes), r in sorted(rows.items()))
+        parts = ", ".join(f"{kind} {'+'.join(axes)} {r['sent_bytes'] / 2**20:.3f} MiB"
+                          for (kind, axes), r in sorted(rows.items()))
         log(f"{what} (partitioned by XLA's choice, not in the table): {parts}")
     if backend == "cpu":
         log("(predicted for XLA:CPU: float32 activations, all-reduce instead of reduce-scatter, no remat saving)")
@@ -940,7 +954,8 @@ def auto_config(config: TrainConfig, devices: Sequence | None = None, cluster: C
     cluster = cluster or cluster_for(devices)
     found = search(config, cluster, len(devices))
     best = found.best
-    log(f"mesh: auto on {len(devices)} x {cluster.gpu} ({cluster.name}; {len(found.pool)} plans fit, "
+    assumed = ", assumed for simulated CPU devices" if devices[0].platform != "gpu" else ""
+    log(f"mesh: auto on {len(devices)} x {cluster.gpu} ({cluster.name}{assumed}; {len(found.pool)} plans fit, "
         f"{len(found.rejected)} rejected)")
     log("  chosen:    " + describe_estimate(best))
     if len(found.pool) > 1:
@@ -957,7 +972,8 @@ def cluster_for(devices: Sequence) -> Cluster:
     for other kinds, simulated CPU devices included), with the GPUs per host and the memory limit the
     runtime reports on GPUs."""
     kind = str(getattr(devices[0], "device_kind", "")).upper()
-    cluster = Cluster.load(os.path.join(CLUSTER_DIR, next((f for k, f in PRESETS.items() if k in kind), "dgx_h100.yaml")))
+    preset = next((file for key, file in PRESETS.items() if key in kind), "dgx_h100.yaml")
+    cluster = Cluster.load(os.path.join(CLUSTER_DIR, preset))
     if getattr(devices[0], "platform", "") == "gpu":
         per_host = sum(1 for d in devices if d.process_index == devices[0].process_index)
         limit = (devices[0].memory_stats() or {}).get("bytes_limit")
@@ -977,16 +993,24 @@ def _size(n: float) -> str:
 def describe_estimate(est: Estimate) -> str:
     """One paragraph: the plan, its memory parts and its time parts."""
     m, t = est.memory, est.timing
-    comm = ", ".join(f"{axes} {s * 1e3:.1f} ms ({t.links[axes]})" for axes, s in sorted(t.comm_s.items()))
-    return (f"{est.plan.describe()}: {_gib(m.total)} GiB per GPU (params {_gib(m.params)}, optimizer "
-            f"{_gib(m.optimizer)}, gradients {_gib(m.gradients)}, activations {_gib(m.activations)}, peak "
-            f"temporaries {_gib(m.temporaries)} at {m.peak_at}); step {t.step_s * 1e3:.1f} ms = compute "
-            f"{t.compute_s * 1e3:.1f} ms + {comm or 'no communication'}")
+    comm = ", ".join(f"{axes} {_time(s)} ({t.links[axes]})" for axes, s in sorted(t.comm_s.items()))
+    return (f"{est.plan.describe()}: {_size(m.total)} per GPU (params {_size(m.params)}, optimizer "
+            f"{_size(m.optimizer)}, gradients {_size(m.gradients)}, activations {_size(m.activations)}, peak "
+            f"temporaries {_size(m.temporaries)} at {m.peak_at}); step {_time(t.step_s)} = compute "
+            f"{_time(t.compute_s)} + {comm or 'no communication'}")
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def _time(seconds: float) -> str:
+    return f"{seconds:.3g} s" if seconds >= 1 else f"{seconds * 1e3:.3g} ms"
 
 
 def pool_table(found: Search, top: int = 5) -> str:
     """The pool as a markdown table, best first."""
-    title = (f"Plans for {found.config.model.param_counts()['total'] / 1e9:.2f}B parameters on {found.devices} x "
+    title = (f"Plans for {_count(found.config.model.param_counts()['total'])} parameters on {found.devices} x "
              f"{found.cluster.gpu} ({found.cluster.name}, {found.cluster.memory_gib:g} GiB, "
              f"{HEADROOM:.0%} kept free): {len(found.pool)} fit, {len(found.rejected)} rejected.")
     header = ("| rank | data | expert | tensor | dtd | remat | tile | grad_accum | memory GiB | peak at | step ms "
@@ -994,10 +1018,10 @@ def pool_table(found: Search, top: int = 5) -> str:
     lines = [title, "", header, "|---:|---:|---:|---:|---|---|---:|---:|---:|---|---:|---:|---|"]
     for i, est in enumerate(found.pool[:top], 1):
         p, m, t = est.plan, est.memory, est.timing
-        comm = ", ".join(f"{axes} {s * 1e3:.1f}" for axes, s in sorted(t.comm_s.items()))
+        comm = ", ".join(f"{axes} {s * 1e3:.3g}" for axes, s in sorted(t.comm_s.items()))
         lines.append(f"| {i} | {p.data} | {p.expert} | {p.tensor} | {'yes' if p.dtd else 'no'} | {p.remat} | "
-                     f"{p.tile_size or '-'} | {p.grad_accum} | {_gib(m.total)} | {m.peak_at} | {t.step_s * 1e3:.1f} | "
-                     f"{t.compute_s * 1e3:.1f} | {comm or '-'} |")
+                     f"{p.tile_size or '-'} | {p.grad_accum} | {m.total / GIB:.3g} | {m.peak_at} | "
+                     f"{t.step_s * 1e3:.4g} | {t.compute_s * 1e3:.3g} | {comm or '-'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -1007,7 +1031,8 @@ def rejection_summary(found: Search, limit: int = 8) -> str:
     for est in found.rejected:
         key = est.reason if est.reason.startswith("does not divide") else "does not fit in memory"
         counts[key] = counts.get(key, 0) + 1
-    lines = [f"- {n} plan{'s' if n > 1 else ''}: {reason}" for reason, n in sorted(counts.items(), key=lambda kv: -kv[1])]
+    ranked = sorted(counts.items(), key=lambda kv: -kv[1])
+    lines = [f"- {n} plan{'s' if n > 1 else ''}: {reason}" for reason, n in ranked]
     return "\n".join(lines[:limit])
 
 
@@ -1018,13 +1043,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="model/training config (configs/*.yaml)")
     parser.add_argument("--devices", type=int, default=None, help="GPUs to plan for (default: the whole cluster)")
     parser.add_argument("--top", type=int, default=5, help="plans to show (default 5)")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of the config")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of the config (not of what the planner "
+                        "chooses: mesh, model.dtd, model.remat, optimizer.tile_size, data.grad_accum)")
     args = parser.parse_args(argv)
     from tedjax.config import load_config
 
     try:
         cluster = Cluster.load(args.cluster)
-        config = load_config(args.config, [o for o in args.overrides if not o.startswith("mesh")] + ["mesh=auto"])
+        pinned = [o for o in args.overrides if o.split("=")[0].strip() in PLANNED]
+        if pinned:
+            raise ValueError(f"the planner chooses {', '.join(sorted(PLANNED))}; drop the override(s) {pinned}")
+        config = load_config(args.config, [*args.overrides, "mesh=auto"])
         if args.top < 1:
             raise ValueError(f"--top must be >= 1, got {args.top}")
         found = search(config, cluster, args.devices)

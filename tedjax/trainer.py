@@ -88,7 +88,7 @@ class Trainer:
         self.eval_step = OnMesh(jax.jit(functools.partial(eval_step, graphdef=graphdef), out_shardings=replicated),
                                 mesh)
 
-    def _static(self) -> "_Static":
+    def _static(self) -> _Static:
         return _Static(self.mesh, self.schedule, self.zero1_shardings, self.param_shardings)
 
     def _init(self) -> TrainState:
@@ -391,11 +391,11 @@ def train_step(
             config.optimizer, static.schedule, grads, state.opt_state, params, static.zero1_shardings, static.mesh,
             finite=finite,
         )
-        keep = lambda new, old: new  # noqa: E731
+        keep = lambda new, old: new
     else:
         updates, new_opt_state = tx.update(grads, state.opt_state, params)
         new_params = optax.apply_updates(params, updates)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_params = jax.lax.with_sharding_constraint(new_params, static.param_shardings)
     if "expert_load" in metrics:  # outside the gradient: load running means and router biases
         model = _merge(graphdef, state.params, model_state)

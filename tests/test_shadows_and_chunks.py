@@ -19,13 +19,19 @@ SHADOWED_DTD = variant(POOLED, capacity_scope="expert", shadow_experts=2, dtd=Tr
 SHADOW_SETS = [np.array([3, 5]), np.array([6, 8])]  # 8 = an empty shadow slot
 
 
-def shadowed_grad_fn(config, mesh):
-    """(jitted loss-and-grads taking the non-parameter state as an argument, params, rest)."""
+def shadowed_grad_fn(config, mesh, placement_e):
+    """(jitted loss-and-grads taking the non-parameter state as an argument, params, rest), with every
+    MoE layer's experts at `placement_e` (slot placement[e] holds expert e)."""
     model = tedjax.init_model(config, mesh)
+    for moe in moe_layers(model):
+        moe.placement[...] = jnp.asarray(placement_e, jnp.int32)
+        for w in (moe.w_in, moe.w_gate, moe.w_out):
+            if w is not None:
+                w[...] = jnp.take(w[...], jnp.argsort(jnp.asarray(placement_e)), axis=0)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     def grad_fn(params, rest, batch):
-        loss_of = lambda p: tedjax.loss_fn(nnx.merge(graphdef, p, rest), batch)  # noqa: E731
+        loss_of = lambda p: tedjax.loss_fn(nnx.merge(graphdef, p, rest), batch)
         (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
         return loss, grads, metrics
 
@@ -45,7 +51,7 @@ def reference():
     batch = small_batch()
     loss, grads, metrics = placed_loss_and_grads(variant(POOLED, capacity_scope="expert"), one_device_mesh(),
                                                  batch, np.arange(8))
-    return batch, loss, grads
+    return batch, loss, grads, metrics
 
 
 @pytest.mark.slow
@@ -53,17 +59,30 @@ def reference():
                          + [(SHADOWED_DTD, layout) for layout in [(2, 2, 2), (1, 4, 2), (1, 2, 4)]],
                          ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else
                          ("dtd" if v.dtd else "pool_chunks"))  # fmt: skip
-def test_shadows_change_nothing_but_where_tokens_compute(reference, config, layout):
-    batch, ref_loss, ref_grads = reference
+def test_pools_placement_shadows_and_chunks_match_one_device(reference, config, layout):
+    """Any placement, any shadow set (changed between calls), chunks, pools or DTD: with nothing dropped,
+    the 1-device loss and gradients, and one compiled program."""
+    batch, ref_loss, ref_grads, ref_metrics = reference
     mesh = tedjax.make_mesh(*layout)
-    grad_fn, params, rest = shadowed_grad_fn(config, mesh)
+    placement = np.random.default_rng(sum(layout)).permutation(8)
+    grad_fn, params, rest = shadowed_grad_fn(config, mesh, placement)
     with jax.set_mesh(mesh):
         batch = jax.device_put(batch, tedjax.mesh.named_sharding(mesh, ("batch", None)))
         for ids in SHADOW_SETS:  # a new set between steps: same function, same compiled program
             loss, grads, metrics = grad_fn(params, with_shadows(rest, ids), batch)
+            grads = jax.tree.map(np.asarray, grads)
+            for block in grads["blocks"].values():  # slots back to logical expert order
+                for name in ("w_in", "w_gate", "w_out"):
+                    if "router" in block["ffn"] and name in block["ffn"]:
+                        block["ffn"][name] = block["ffn"][name][placement]
             assert float(np.max(metrics["dropped_fraction"])) == 0.0
             assert abs(float(loss) - ref_loss) < 1e-5 * max(1.0, abs(ref_loss))
-            assert max_abs_diff(jax.tree.map(np.asarray, grads), ref_grads) < 1e-5
+            assert max_abs_diff(grads, ref_grads) < 1e-5
+            np.testing.assert_allclose(metrics["expert_load"], ref_metrics["expert_load"], atol=1e-6)
+            # device load: what still reaches each device's pool (shadowed experts stay local)
+            pooled = np.where(np.isin(np.arange(8), ids), 0.0, ref_metrics["expert_load"][0])
+            np.testing.assert_allclose(metrics["device_load"][0], balance.device_loads(pooled, placement, layout[1]),
+                                       atol=1e-6)
     assert grad_fn._cache_size() == 1
 
 
