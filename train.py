@@ -118,6 +118,12 @@ def main(argv=None) -> int:
         return 3
     if result.stopped_by_signal:
         print(f"stopped by signal; checkpoint step {result.last_checkpoint} saved")
+        return 0
+    from tedjax.generation import sample_after_training
+
+    sample = sample_after_training(result)  # every process takes part (SPMD); process 0 prints
+    if sample is not None and jax.process_index() == 0:
+        print(f"sample: {sample!r}")
     return 0
 
 

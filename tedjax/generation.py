@@ -165,6 +165,7 @@ def prepare_for_decoding(model: Transformer) -> Transformer:
             module.group_size = 0
             module.eval_capacity_factor = module.num_experts / module.top_k
             module.min_capacity = 1
+            module.a2a_chunks = 1  # a decode step has one token per sequence: nothing to chunk
     return model
 
 
@@ -424,3 +425,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def sample_after_training(result, prompt: str = "def ", max_new_tokens: int = 80) -> str | None:
+    """A short sample from a finished `loop.run` on byte-token text; None when the run's ids are not bytes
+    (synthetic data, a Hugging Face tokenizer or checkpoint)."""
+    import json
+
+    from tedjax import data
+
+    config = result.trainer.config
+    if config.init_from or config.data.source == "synthetic":
+        return None
+    if config.data.source == "tokens":
+        try:
+            tokenizer = json.loads((Path(config.data.path) / "meta.json").read_text()).get("tokenizer")
+        except (OSError, ValueError):
+            return None
+        if tokenizer:
+            return None
+    model = nnx.merge(result.trainer.graphdef, result.state.params, result.state.model_state)
+    ids = generate(model, data.encode(prompt), max_new_tokens, temperature=0.8, top_k=20, seed=0)
+    return data.decode(ids[0])
