@@ -71,7 +71,8 @@ def parse_args(argv=None):
 def cell_config(name: str, layout, switch: str):
     sizes = [f"mesh.{axis}={n}" for axis, n in zip(plan.AXES, layout)]
     extra = LARGER if name == "larger" else []
-    return load_config(str(REPO / "configs" / "tiny.yaml"), ["data.source=synthetic", *extra, *sizes, *SWITCHES[switch]])
+    overrides = ["data.source=synthetic", *extra, *sizes, *SWITCHES[switch]]
+    return load_config(str(REPO / "configs" / "tiny.yaml"), overrides)
 
 
 def check_cell(name: str, layout, switch: str) -> dict:
@@ -108,7 +109,8 @@ def ted_figure() -> dict:
 
     def parts(est):
         t = est.timing
-        return {"step_s": t.step_s, "compute_s": t.compute_s, **{f"comm {k} ({t.links[k]})": v for k, v in t.comm_s.items()}}
+        comm = {f"comm {k} ({t.links[k]})": v for k, v in t.comm_s.items()}
+        return {"step_s": t.step_s, "compute_s": t.compute_s, **comm}
 
     return {
         "params_b": config.model.param_counts()["total"] / 1e9, "gpus": 128, "cluster": summit.name,
@@ -243,7 +245,8 @@ def markdown(cells: list[dict], ted: dict, presets: list[dict], scale: dict, mac
               "|---|---:|---:|---|---:|---:|---|---:|---:|"]
     for r in presets:
         if r.get("plan"):
-            lines.append(f"| {r['preset']} | {r['params_b']:.1f}B | {r['gpus']} | {r['plan']} | {r['memory_gib']:.1f} | "
+            lines.append(f"| {r['preset']} | {r['params_b']:.1f}B | {r['gpus']} | {r['plan']} | "
+                         f"{r['memory_gib']:.1f} | "
                          f"{r['step_s']:.2f} | {r.get('runner_up', '-')} | {r.get('runner_up_memory_gib', 0):.1f} | "
                          f"{r.get('runner_up_step_s', 0):.2f} |")
         else:
@@ -265,7 +268,8 @@ def main() -> None:
     for cell in cells_plan:
         cells.append(check_cell(*cell))
         c = cells[-1]
-        print(f"{cell}: {'exact' if c['exact'] else 'DIFFER'}, memory {c['memory_error']:+.1%} ({c['compile_s']:.1f} s)",
+        print(f"{cell}: {'exact' if c['exact'] else 'DIFFER'}, memory {c['memory_error']:+.1%} "
+              f"({c['compile_s']:.1f} s)",
               flush=True)
     ted = ted_figure()
     presets = preset_rows()

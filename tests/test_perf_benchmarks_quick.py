@@ -1,4 +1,4 @@
-"""Smoke tests: benchmarks/overhead.py, quality.py, mfu.py and load_balance.py run end to end in --quick mode.
+"""Smoke tests: benchmarks/overhead.py, quality.py, mfu.py, load_balance.py and load_balance_shadows.py run end to end in --quick mode.
 
 Timings are not asserted (they depend on the machine); what is checked is
 that each script runs, writes its result files with the fields the full run
@@ -182,6 +182,35 @@ def test_load_balance_quick(tmp_path):
         assert "No plot: matplotlib is not installed" in md
         return
     assert (tmp_path / "load_balance.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_load_balance_shadows_quick(tmp_path):
+    run_quick("load_balance_shadows.py", tmp_path)
+    result = load(tmp_path, "load_balance_shadows")
+    skew, main = result["skew"], result["main_job"]
+    rows = {(r["scope"], r["shadows"]): r for r in skew["rows"]}
+    base = rows[("expert", "hottest 0")]
+    for r in skew["rows"]:  # the exact capacity search: <= 1% dropped at C, > 1% at C - 1
+        assert r["dropped_at_cf_needed"] <= 0.01 and (r["dropped_one_slot_less"] is None or r["dropped_one_slot_less"] > 0.01)
+        assert r["bytes_ratio_vs_baseline"] == pytest.approx(r["total_bytes"] / base["a2a_bytes_fwd_bwd_at_cf_needed"])
+        assert r["num_shadows_mean"] == statistics.mean(len(ids) for ids in r["shadow_ids_per_perm"])
+        assert (r["shadow_allreduce_bytes_fwd_bwd"] == 0) == (r["num_shadows_mean"] == 0)
+    assert rows[("expert", "hottest 1")]["dropped_cf1.0"] < base["dropped_cf1.0"]
+    timing = {(t["shadows"], t["a2a_chunks"], t["cf"]): t for t in skew["timing"]}
+    one, chunked = timing[(1, 1, 1.0)], timing[(0, 2, 1.0)]
+    # shadows leave the all-to-all as it is (static shapes) and add the all-reduce the formula gives (HLO)
+    assert one["a2a_equal_to_no_shadows"] and one["formula_matches_hlo"] and one["hlo_shadow_bytes"] > 0
+    assert chunked["hlo_a2a_ops"] == 2 * timing[(0, 1, 1.0)]["hlo_a2a_ops"] and chunked["a2a_equal_to_no_shadows"]
+    assert one["ratio"] == pytest.approx(statistics.median(a / b for a, b in zip(one["times_s"],
+                                                                                 timing[(0, 1, 1.0)]["times_s"])))
+    for key, v in skew["verdicts"].items():
+        assert v["cf_verdict"] == ("PASS" if v["cf_ratio"] >= 2 else "MISS"), key
+        assert v["bytes_verdict"] == ("PASS" if v["bytes_ratio"] <= 0.6 else "MISS"), key
+    (run,) = main["runs"]
+    assert run["steps"] == list(range(1, result["settings"]["steps"] + 1)) and math.isfinite(run["val_loss"])
+    assert all(c["predicted_latency_with_shadows_s"] <= c["predicted_latency_s"] for c in run["shadow_changes"])
+    md = (tmp_path / "load_balance_shadows.md").read_text()
+    assert md.startswith("# Load balance II") and "Honest model" in md and ("**PASS**" in md or "**MISS**" in md)
 
 
 def test_planner_quick(tmp_path):

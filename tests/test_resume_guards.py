@@ -409,6 +409,13 @@ def test_closed_event_loop_noise_is_dropped_after_a_failed_read(saved, tmp_path,
     for text in ("Event loop is closed", "something else"):
         sys.unraisablehook(types.SimpleNamespace(exc_type=RuntimeError, exc_value=RuntimeError(text),
                                                  exc_traceback=None, err_msg=None, object=None))  # fmt: skip
+    # an orbax read coroutine that ends with the read's error after nobody awaits it any more
+    from orbax.checkpoint._src.serialization import serialization
+
+    coroutine = serialization._read_array_index_and_device_put.__code__
+    orbax_read = types.SimpleNamespace(cr_code=coroutine)
+    sys.unraisablehook(types.SimpleNamespace(exc_type=Exception, exc_value=Exception("reading array index"),
+                                             exc_traceback=None, err_msg=None, object=orbax_read))  # fmt: skip
     assert [str(e) for e in reported] == ["something else"]
 
 
