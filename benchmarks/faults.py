@@ -515,8 +515,8 @@ def main(argv=None) -> int:
                _common.markdown_table(rows, [("fault", "fault"), ("tried", "tried"), ("held", "held")])]
     history = summaries.get("test_faults", {}).get("kill_history", [])
     if history:
-        md += ["Kill history (each SIGKILL/SIGTERM/SIGINT, the newest complete checkpoint after it, the orbax "
-               "temporary (partial) steps present, and the step the next run resumed from):", "",
+        md += [("Kill history (each SIGKILL/SIGTERM/SIGINT, the newest complete checkpoint after it, the orbax "
+                "temporary (partial) steps present, and the step the next run resumed from):"), "",
                _common.markdown_table(history, ["signal", "when", "newest_complete", "partial_steps", "resumed_from"])]
     _common.publish("faults", rows, {"before": args.before, "quick": args.quick,
                                      "test_files": ["tests/test_faults.py", "tests/test_resume_guards.py"]},

@@ -161,11 +161,11 @@ def dropped_at(positions, shadowed, cap: int, per_pool: int, devices: int, group
 
 
 def route_dropped(logits, top_k, cf, placement, per_pool, shadow_ids, devices) -> float:
-    groups, group_size, num_experts = logits.shape
+    _, group_size, num_experts = logits.shape
     cap = routing_lib.capacity(group_size, num_experts, top_k, cf, 1)
     kw = {}
     if len(shadow_ids):
-        kw = dict(shadow_ids=jnp.asarray(shadow_ids, jnp.int32), shadow_capacity=min(group_size, devices * cap))
+        kw = {"shadow_ids": jnp.asarray(shadow_ids, jnp.int32), "shadow_capacity": min(group_size, devices * cap)}
     routed = routing_lib.route(logits, top_k=top_k, capacity_factor=cf, min_capacity=1,
                                placement=jnp.asarray(placement, jnp.int32), experts_per_pool=per_pool, **kw)
     return float(routed.dropped_fraction)
@@ -214,7 +214,7 @@ def skew_case(num_experts: int, devices: int, s: float, top_k: int, args) -> lis
                     ids = [int(e) for e in pp["hottest"][:how]]
                 else:  # FasterMoE's choice (up to 2), made on the identity placement, as rebalance does first
                     cost = reference_cost(num_experts, devices, RATES[how], args)
-                    chosen, before, after = balance.choose_shadows(load, np.arange(num_experts), 2, cost)
+                    chosen, _, _ = balance.choose_shadows(load, np.arange(num_experts), 2, cost)
                     ids = [int(e) for e in chosen if e < num_experts]
                 placement = np.arange(num_experts)
                 if scope == "device + placement":
@@ -229,8 +229,6 @@ def skew_case(num_experts: int, devices: int, s: float, top_k: int, args) -> lis
             positions = np.stack([p for p, _ in pos])
             shadowed = np.stack([m for _, m in pos])
 
-            def drops(cap):
-                return dropped_at(positions, shadowed, cap, per_pool, devices, group_size)
 
             dropped_cf = {}
             for cf in CF_POINTS:
@@ -246,7 +244,8 @@ def skew_case(num_experts: int, devices: int, s: float, top_k: int, args) -> lis
             lo, hi = 1, math.ceil(top_k * group_size / per_pool)  # hi: every choice fits
             while lo < hi:  # smallest C with drops <= limit (drops fall as C grows)
                 mid = (lo + hi) // 2
-                lo, hi = (lo, mid) if drops(mid) <= DROP_LIMIT else (mid + 1, hi)
+                fits = dropped_at(positions, shadowed, mid, per_pool, devices, group_size) <= DROP_LIMIT
+                lo, hi = (lo, mid) if fits else (mid + 1, hi)
             cap = lo
             cf_needed = lb.cf_for_capacity(cap, group_size, num_experts, top_k)
             at = np.mean([route_dropped(pp["logits"], top_k, cf_needed, pl, per_pool, ids, devices)
@@ -430,8 +429,8 @@ def render(main: dict | None, skew: dict | None, settings, machine, wall_s) -> s
             "(8/X, X, 1), f32) at the row's cf for <= 1% drops: token all-to-all (+ pool counts) + shadow all-reduces; "
             "ratio against per-expert capacity without shadows at its own cf. Pred. GPU/CPU: the model's predicted "
             "latency with the row's shadows over without (its own placement). Tokens/dev for 0.6x: tokens per "
-            "device at which this row's bytes would be 0.6x the baseline's (the all-to-all grows with tokens, the "
-            "weight copy does not).",
+            "device (here 1024) from which this row's bytes would be <= 0.6x the baseline's (the all-to-all grows "
+            "with tokens, the weight copy does not; empty: never).",
             "",
             _common.markdown_table(skew["rows"], [
                 ("E", "experts"), ("X", "devices"), ("s", "zipf_s"), ("k", "top_k"), ("scope", "scope"),
@@ -458,6 +457,24 @@ def render(main: dict | None, skew: dict | None, settings, machine, wall_s) -> s
             "evening the busiest device's compute, paid for by copying weights; under SPMD with static shapes the "
             "all-to-all bytes are fixed by the capacity, so shadows realise nothing at equal cf except the added "
             "all-reduce, and their realised gain is fewer drops, or a lower cf (smaller buffers) for the same drops.",
+            "",
+        ]
+        shape_args = argparse.Namespace(**{k: s[k] for k in ("group_size", "layer_groups", "d_model", "d_ff")})
+        for r in skew["rows"]:
+            if (r["zipf_s"], r["top_k"], r["scope"]) != (1.0, 1, "expert") or r["num_shadows_mean"] == 0:
+                continue
+            base = next(q for q in skew["rows"] if (q["experts"], q["devices"], q["zipf_s"], q["top_k"], q["scope"],
+                                                     q["shadows"]) == (r["experts"], r["devices"], 1.0, 1, "expert",
+                                                                       "hottest 0"))  # fmt: skip
+            a2a_cf1 = 4 * lb.layer_costs(r["experts"], r["devices"], 1.0, "expert", "auto", shape_args)[
+                "token_a2a_bytes_per_direction"]
+            lines.append(
+                f"- E={r['experts']},X={r['devices']}, s = 1.0, per-expert, {r['shadows']}: model predicts latency "
+                f"x{r['predicted_latency_ratio_gpu']:.2f} (GPU rates) / x{r['predicted_latency_ratio_cpu']:.2f} (CPU "
+                f"rates); realised: bytes at cf 1.0 x{1 + r['shadow_allreduce_bytes_fwd_bwd'] / a2a_cf1:.2f}, drops at "
+                f"cf 1.0 {base['dropped_cf1.0']:.1%} -> {r['dropped_cf1.0']:.1%}, at the cf for <= 1% drops "
+                f"({base['cf_needed']:.3f} -> {r['cf_needed']:.3f}) bytes x{r['bytes_ratio_vs_baseline']:.2f}")
+        lines += [
             "",
             "### Step time of one MoE layer, forward + backward (8 simulated CPU devices, per-expert capacity)",
             "",
@@ -497,7 +514,16 @@ def render(main: dict | None, skew: dict | None, settings, machine, wall_s) -> s
             f"{' '.join(lb.DEVICE_POOL)} balance.every=10. References ({main['reference_source']}): {ref_text}.",
             "",
             _common.markdown_table(main["rows"], cols),
+            "References at step 300 (dropped L0 / L1): " + "; ".join(
+                f"{k} {v['dropped_final_L0']:.2%} / {v['dropped_final_L1']:.2%}" for k, v in refs.items()
+                if "dropped_final_L0" in v and "dropped_final_L1" in v) + ".",
+            "",
         ]
+        for r in main["runs"]:
+            experts = load_config(str(lb.CONFIG), r["overrides"]).model.num_experts  # id E = an empty slot
+            active = [c for c in r["shadow_changes"] if any(i < experts for i in c["shadow_ids"])]
+            lines.append(f"- {r['variant']}: {len(active)} of {len(r['shadow_changes'])} shadow decisions set at least "
+                         "one shadow" + (f" (last at step {active[-1]['step']})" if active else ""))
         for r in main["runs"]:
             changes = r["shadow_changes"]
             if changes:
@@ -558,10 +584,6 @@ def main(argv=None) -> int:
     if args.part in ("all", "train"):
         main_result = main_job(args)
     wall_s = time.perf_counter() - start
-    with open(Path(tempfile.gettempdir()) / f"{NAME}_raw.pkl", "wb") as f:  # to re-render if rendering fails
-        import pickle
-
-        pickle.dump((main_result, skew, settings, machine, wall_s), f)
     markdown = render(main_result, skew, settings, machine, wall_s)
     rows = (skew["rows"] if skew else []) + (main_result["rows"] if main_result else [])
     _common.publish(NAME, rows, settings, markdown, out_dir, machine,

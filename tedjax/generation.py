@@ -444,6 +444,10 @@ def sample_after_training(result, prompt: str = "def ", max_new_tokens: int = 80
             return None
         if tokenizer:
             return None
+    prompt_ids = data.encode(prompt)
+    max_new_tokens = min(max_new_tokens, config.model.max_len - len(prompt_ids))
+    if max_new_tokens < 1:
+        return None
     model = nnx.merge(result.trainer.graphdef, result.state.params, result.state.model_state)
-    ids = generate(model, data.encode(prompt), max_new_tokens, temperature=0.8, top_k=20, seed=0)
+    ids = generate(model, prompt_ids, max_new_tokens, temperature=0.8, top_k=20, seed=0)
     return data.decode(ids[0])

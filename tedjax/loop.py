@@ -140,9 +140,9 @@ def _announce(logger: MetricsLogger, config: TrainConfig, mesh, checkpointer: Ch
     log_dir = Path(config.log.dir)
     lines = [
         f"tedjax run: config {config_file or '(built in Python)'}; steps {start_step} -> {config.steps}",
-        f"  mesh data={config.mesh.data} x expert={config.mesh.expert} x tensor={config.mesh.tensor} on "
-        f"{mesh.size} {mesh.devices.flat[0].platform} devices in {jax.process_count()} process"
-        f"{'es' if jax.process_count() > 1 else ''}",
+        (f"  mesh data={config.mesh.data} x expert={config.mesh.expert} x tensor={config.mesh.tensor} on "
+         f"{mesh.size} {mesh.devices.flat[0].platform} devices in {jax.process_count()} process"
+         f"{'es' if jax.process_count() > 1 else ''}"),
         f"  model {experts}: {counts['total']:,} parameters, {counts['active']:,} active per token",
         f"  metrics     {log_dir / 'metrics.jsonl'}",
         f"  tensorboard {log_dir / 'tensorboard' if config.log.tensorboard else 'off (log.tensorboard=false)'}",

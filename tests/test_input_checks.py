@@ -29,8 +29,8 @@ def tokens(length=16, batch=2, value=1):
         (tokens(value=64), "token ids must be in [0, vocab_size=64), got ids from 64 to 64"),  # was a NaN loss
         (tokens(value=-1), "token ids must be in [0, vocab_size=64), got ids from -1 to -1"),  # read the last row
         (tokens(length=17), "sequence length 17 exceeds model.max_len=16"),  # passed
-        (tokens(length=12), "model.group_size=8 must divide the sequence length 12 or be a multiple of it: routing "
-                            "groups would span parts of two sequences"),  # ran silently # fmt: skip
+        (tokens(length=12), ("model.group_size=8 must divide the sequence length 12 or be a multiple of it: routing "
+                             "groups would span parts of two sequences")),  # ran silently
         (jnp.ones((2, 16)), "tokens must be integer ids of shape [batch, length], got shape (2, 16) dtype float32"),
         (jnp.ones((32,), jnp.int32), "tokens must be integer ids of shape [batch, length], got shape (32,)"),
     ],

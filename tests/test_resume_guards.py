@@ -35,7 +35,7 @@ import numpy as np
 import pytest
 
 import tedjax.checkpoint as ckpt_lib
-from tedjax.checkpoint import MANIFEST, RUN_FILE, SAFE_CHANGES, CheckpointError, Checkpointer, config_changes, flatten
+from tedjax.checkpoint import MANIFEST, RUN_FILE, SAFE_CHANGES, Checkpointer, CheckpointError, config_changes, flatten
 from tedjax.config import TrainConfig, load_config
 from tedjax.mesh import make_mesh
 from tedjax.trainer import Trainer

@@ -15,7 +15,7 @@ from reference import FACTORIZATIONS, max_abs_diff
 
 import tedjax
 from tedjax import analysis
-from tedjax.checkpoint import CheckpointError, Checkpointer
+from tedjax.checkpoint import Checkpointer, CheckpointError
 from tedjax.config import load_config
 from tedjax.data import synthetic_batches
 from tedjax.loop import run
@@ -112,7 +112,7 @@ def test_resume_continues_exactly(straight_run, tmp_path, capsys):
     assert f"moved 3 records of steps after 12 (from the run this one replaces) to {tmp_path}/" in out
     assert "step 13/24 | loss " in out and " tok/s | load max/mean " in out and "| dropped " in out
     # every step logged once; the dead run's records kept aside, its TensorBoard events purged from step 13
-    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 25))
     assert all(r["loss"] < 90 for r in records if r["kind"] == "train")
     assert [r["step"] for r in records if r["kind"] == "start"] == [0, 12]
