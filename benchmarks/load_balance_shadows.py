@@ -522,8 +522,8 @@ def render(main: dict | None, skew: dict | None, settings, machine, wall_s) -> s
         for r in main["runs"]:
             experts = load_config(str(lb.CONFIG), r["overrides"]).model.num_experts  # id E = an empty slot
             active = [c for c in r["shadow_changes"] if any(i < experts for i in c["shadow_ids"])]
-            lines.append(f"- {r['variant']}: {len(active)} of {len(r['shadow_changes'])} shadow decisions set at least "
-                         "one shadow" + (f" (last at step {active[-1]['step']})" if active else ""))
+            lines.append(f"- {r['variant']}: {len(active)} of the {len(r['shadow_changes'])} logged shadow changes (a change "
+                         "is logged when a layer's set differs) set at least one shadow" + (f" (last at step {active[-1]['step']})" if active else ""))
         for r in main["runs"]:
             changes = r["shadow_changes"]
             if changes:
