@@ -69,7 +69,7 @@ TARGETED = "top1"
 # --------------------------------------------------------------------------- the "before" expert FFN
 
 
-def _legacy_experts(self: MoE, buf_gecd: jax.Array) -> jax.Array:
+def _legacy_experts(self: MoE, buf_gecd: jax.Array, counts_gqx=None) -> jax.Array:
     """`MoE._experts` before the change (no DTD): G-major einsums on `[G, E, C, D]`."""
     if self.dtd:
         raise ValueError("the 'before' variant reproduces the old code without DTD only; run with dtd off")

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
@@ -82,6 +83,8 @@ def generate(
             jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p), jnp.int32(-1 if eos_id is None else eos_id),
             total_len=total_bucket,
         )  # fmt: skip
+    if jax.process_count() > 1:  # every process gets the whole batch
+        out = multihost_utils.process_allgather(out, tiled=True)
     return np.asarray(out)[:batch, : length + max_new_tokens]
 
 

@@ -140,8 +140,7 @@ def route(
     kept_gsk = from_priority_order(position_gn) < bucket_cap_b[pool_gsk]
     if experts_per_pool == 1:
         slot_gsk = from_priority_order(position_gn)
-        main_kept_gn = priority_order(kept_gsk & ~shadowed_gsk)
-        slot_counts_ge = jnp.sum(jnp.where(main_kept_gn[..., None], pool_onehot_gnq[..., :num_pools], 0), axis=1)
+        slot_counts_ge = _counts_per_group(pool_gsk, kept_gsk & ~shadowed_gsk, num_pools)
     else:
         # Kept choices laid out by slot inside the pool: rank among the slot's kept
         # choices, after the kept choices of the pool's earlier slots.
@@ -166,8 +165,8 @@ def route(
     z_loss = jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)))
 
     choices = groups * group_size * top_k
-    expert_load = jnp.sum(jax.nn.one_hot(index_gsk, num_experts, dtype=jnp.float32), axis=(0, 1, 2)) / choices
-    pool_load = jnp.sum(pool_onehot_gnq[..., :num_pools], axis=(0, 1)).astype(jnp.float32) / choices
+    expert_load = jnp.sum(_counts_per_group(index_gsk, True, num_experts), axis=0).astype(jnp.float32) / choices
+    pool_load = jnp.sum(_counts_per_group(pool_gsk, ~shadowed_gsk, num_pools), axis=0).astype(jnp.float32) / choices
     dropped_fraction = jnp.sum(~kept_gsk) / kept_gsk.size  # exactly 0 when nothing drops
     return Routing(
         expert_index=index_gsk.astype(jnp.int32),
@@ -186,6 +185,17 @@ def route(
         num_shadows=num_shadows,
         shadow_capacity=shadow_capacity if num_shadows else 0,
     )
+
+
+def _counts_per_group(bucket_gsk: jax.Array, where_gsk, buckets: int) -> jax.Array:
+    """How many choices of each group fall in each bucket `[G, buckets]` (a per-group histogram: O(S * K)
+    work, not the O(S * K * buckets) of a one-hot sum). Buckets >= `buckets` are ignored."""
+    weight_gsk = jnp.broadcast_to(jnp.asarray(where_gsk, jnp.int32), bucket_gsk.shape)
+
+    def one_group(bucket_sk, weight_sk):
+        return jnp.zeros((buckets,), jnp.int32).at[bucket_sk.reshape(-1)].add(weight_sk.reshape(-1), mode="drop")
+
+    return jax.vmap(one_group)(bucket_gsk, weight_gsk)
 
 
 def _top_k(logits_gse: jax.Array, probs_gse: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
