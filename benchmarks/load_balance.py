@@ -439,6 +439,27 @@ def layer_costs(num_experts: int, devices: int, cf: float, scope: str, method: s
             "expert_gflop_fwd_bwd": flops / 1e9, "rows_per_device": rows, "padded_rows": padded}
 
 
+def compile_layer(make, mesh, args):
+    """The MoE layer `make()` builds, sharded on `mesh`, and its compiled forward + backward
+    (loss = sum(out^2), grads w.r.t. params and input): (params, x, compiled, compile seconds)."""
+    d, s = args.d_model, args.group_size
+    graphdef, ab_params, ab_rest = nnx.split(nnx.eval_shape(make), nnx.Param, ...)
+    shardings = (state_shardings(ab_params, mesh), state_shardings(ab_rest, mesh))
+    with jax.set_mesh(mesh):
+        params, rest = jax.jit(lambda: nnx.split(make(), nnx.Param, ...)[1:], out_shardings=shardings)()
+    x_sharding = NamedSharding(mesh, logical_to_spec(("batch", None, None)))
+    x = jax.device_put(jax.random.normal(jax.random.key(1), (args.layer_groups, s, d)), x_sharding)
+
+    def loss(params, x):
+        out, stats = nnx.merge(graphdef, params, rest)(x)
+        return jnp.sum(jnp.square(out)), stats.dropped_fraction
+
+    start = time.perf_counter()
+    with jax.set_mesh(mesh):
+        compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)).lower(params, x).compile()
+    return params, x, compiled, time.perf_counter() - start
+
+
 class LayerProgram:
     """A jitted MoE layer forward+backward (loss = sum(out^2), grads w.r.t. params and input) on (8/X, X, 1)."""
 
@@ -453,22 +474,7 @@ class LayerProgram:
                        capacity_scope="expert" if scope == "expert" else "device",
                        grouped_matmul=method if scope != "expert" else "auto", rngs=nnx.Rngs(0))  # fmt: skip
 
-        graphdef, ab_params, ab_rest = nnx.split(nnx.eval_shape(make), nnx.Param, ...)
-        shardings = (state_shardings(ab_params, self.mesh), state_shardings(ab_rest, self.mesh))
-        with jax.set_mesh(self.mesh):
-            self.params, rest = jax.jit(lambda: nnx.split(make(), nnx.Param, ...)[1:], out_shardings=shardings)()
-        x_sharding = NamedSharding(self.mesh, logical_to_spec(("batch", None, None)))
-        self.x = jax.device_put(jax.random.normal(jax.random.key(1), (args.layer_groups, s, d)), x_sharding)
-
-        def loss(params, x):
-            out, stats = nnx.merge(graphdef, params, rest)(x)
-            return jnp.sum(jnp.square(out)), stats.dropped_fraction
-
-        start = time.perf_counter()
-        with jax.set_mesh(self.mesh):
-            self.compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)).lower(
-                self.params, self.x).compile()
-        self.compile_s = time.perf_counter() - start
+        self.params, self.x, self.compiled, self.compile_s = compile_layer(make, self.mesh, args)
         cost = self.compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         self.xla_gflop = float(cost.get("flops", math.nan)) / 1e9 if cost else math.nan

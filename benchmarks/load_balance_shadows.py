@@ -56,18 +56,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, load_balanc
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tedjax
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
 
 import _common  # noqa: E402
 import load_balance as lb  # noqa: E402
 from tedjax import analysis, balance  # noqa: E402
 from tedjax import routing as routing_lib  # noqa: E402
 from tedjax.config import load_config  # noqa: E402
-from tedjax.mesh import logical_to_spec, make_mesh, state_shardings  # noqa: E402
+from tedjax.mesh import make_mesh  # noqa: E402
 from tedjax.moe import MoE  # noqa: E402
 
 NAME = "load_balance_shadows"
@@ -308,22 +306,7 @@ class ShadowLayerProgram(lb.LayerProgram):
                 moe.shadow_ids[...] = jnp.arange(num_shadows, dtype=jnp.int32)
             return moe
 
-        graphdef, ab_params, ab_rest = nnx.split(nnx.eval_shape(make), nnx.Param, ...)
-        shardings = (state_shardings(ab_params, self.mesh), state_shardings(ab_rest, self.mesh))
-        with jax.set_mesh(self.mesh):
-            self.params, rest = jax.jit(lambda: nnx.split(make(), nnx.Param, ...)[1:], out_shardings=shardings)()
-        x_sharding = NamedSharding(self.mesh, logical_to_spec(("batch", None, None)))
-        self.x = jax.device_put(jax.random.normal(jax.random.key(1), (args.layer_groups, s, d)), x_sharding)
-
-        def loss(params, x):
-            out, stats = nnx.merge(graphdef, params, rest)(x)
-            return jnp.sum(jnp.square(out)), stats.dropped_fraction
-
-        start = time.perf_counter()
-        with jax.set_mesh(self.mesh):
-            self.compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)).lower(
-                self.params, self.x).compile()
-        self.compile_s = time.perf_counter() - start
+        self.params, self.x, self.compiled, self.compile_s = lb.compile_layer(make, self.mesh, args)
         self.a2a_bytes, self.a2a_ops, self.expert_reduce_bytes = 0.0, 0, 0.0
         for c in analysis.collectives(self.compiled, self.mesh):
             if c.trivial:
