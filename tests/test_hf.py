@@ -313,8 +313,9 @@ def test_prepare_with_a_hugging_face_tokenizer(tmp_path):
 
 
 def test_saved_directory_loads_in_transformers(loaded, tmp_path):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    why = "torch and transformers are the optional hf-fixtures extra (pip install -e '.[hf-fixtures]'), not in CI"
+    torch = pytest.importorskip("torch", reason=why)
+    transformers = pytest.importorskip("transformers", reason=why)
     cases = [(arch, loaded[arch][(2, 2, 2)][1]) for arch in ARCHS]
     cases.append(("native", tedjax.init_model(native_config(vocab_size=512), mesh_of((1, 1, 1)), seed=1)))
     gold = golden("mixtral")["input_ids"]
