@@ -104,7 +104,11 @@ def main(argv=None) -> int:
         return 0
 
     from tedjax.checkpoint import CheckpointError
+    from tedjax.host import reuse_freed_host_memory
     from tedjax.loop import TrainingStopped, run
+
+    if jax.default_backend() == "cpu":
+        reuse_freed_host_memory()  # XLA:CPU's per-step temporaries stop page-faulting (tedjax/host.py)
 
     try:
         if args.allow_change and not args.resume:

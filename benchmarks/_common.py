@@ -27,6 +27,12 @@ from typing import Any
 
 import jax
 
+from tedjax.host import reuse_freed_host_memory
+
+# What train.py does on CPU: XLA's per-step temporaries stop page-faulting. TEDJAX_BENCH_DEFAULT_MALLOC=1
+# keeps glibc's defaults instead, to measure what the setting changes (benchmarks/moe_profile.py --default-malloc).
+HOST_MEMORY_REUSED = os.environ.get("TEDJAX_BENCH_DEFAULT_MALLOC") != "1" and reuse_freed_host_memory()
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 

@@ -91,7 +91,8 @@ def parse_args(argv=None):
 ARGS = parse_args()
 _flags = ["--xla_force_host_platform_device_count=8"]
 if ARGS.quick:
-    _flags.append("--xla_backend_optimization_level=0")  # compiles dominate a smoke run
+    # compiles dominate a smoke run (the fast-compile flags of tests/compile_flags.py)
+    _flags += ["--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false"]
 if ARGS.bucketing_child:
     _flags += json.loads(ARGS.bucketing_child)["flags"]  # XlaConfig(...).flags(), computed by the parent
 os.environ["XLA_FLAGS"] = " ".join(_flags)

@@ -47,7 +47,7 @@ def parse_args(argv=None):
 
 ARGS = parse_args()
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8" + (
-    " --xla_backend_optimization_level=0" if ARGS.quick else "")
+    " --xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false" if ARGS.quick else "")  # fast compiles
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402

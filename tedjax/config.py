@@ -58,6 +58,7 @@ class ModelConfig:
     head_dim: int = 0  # size of each attention head; 0 = d_model // n_heads
     qk_norm: bool = False  # RMSNorm over each query / key head before RoPE (Qwen3)
     norm_eps: float = 1e-6  # RMSNorm epsilon
+    attention: str = "auto"  # "auto" (cuDNN flash attention on NVIDIA GPUs in bf16/fp16, else XLA), "xla", "cudnn"
 
     def __post_init__(self):
         positive = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_len",
@@ -93,6 +94,13 @@ class ModelConfig:
         _check_bool("model.qk_norm", self.qk_norm)
         if isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float)) or not self.norm_eps > 0:
             raise ValueError(f"model.norm_eps must be a number > 0, got {self.norm_eps!r}; 1e-6 or 1e-5 is typical")
+        if self.attention not in ("auto", "xla", "cudnn"):
+            raise ValueError(f"model.attention must be 'auto', 'xla' or 'cudnn', got {self.attention!r}; 'auto' picks "
+                             "cuDNN flash attention where it runs (NVIDIA GPU, bfloat16) and XLA's elsewhere")
+        if self.attention == "cudnn" and (self.dtype not in ("bfloat16", "float16") or self.head_size % 8
+                                          or self.head_size > 256):
+            raise ValueError(f"model.attention='cudnn' needs model.dtype bfloat16 (or float16) and a head size that "
+                             f"is a multiple of 8 up to 256, got {self.dtype} and {self.head_size}; use 'auto'")
         if self.n_heads % self.kv_heads:
             raise ValueError(f"model.n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads} "
                              "(each key/value head serves n_heads / n_kv_heads query heads)")

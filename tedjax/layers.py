@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import jax
+import jax.extend.backend
 import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
@@ -88,6 +90,41 @@ class KVCache:
     v_bhtk: jax.Array
 
 
+AttentionImpl = Literal["auto", "xla", "cudnn"]
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def cudnn_head_dim_limit() -> int:
+    """Largest head size cuDNN flash attention takes on the default device: 256 from Hopper (sm 9.0) on, else 128."""
+    capability = getattr(jax.devices()[0], "compute_capability", "0.0")
+    return 256 if tuple(int(p) for p in str(capability).split(".")[:2]) >= (9, 0) else 128
+
+
+def on_cuda() -> bool:
+    """Whether the default backend is an NVIDIA GPU (cuDNN's only platform)."""
+    return jax.default_backend() == "gpu" and "cuda" in jax.extend.backend.get_backend().platform_version.lower()
+
+
+def attention_implementation(requested: str, dtype, head_dim: int) -> Literal["xla", "cudnn"]:
+    """The `implementation` to ask `jax.nn.dot_product_attention` for.
+
+    jax's own default (`None`) always means "xla" in this jax version, so
+    tedjax chooses: "auto" is cuDNN flash attention where cuDNN runs it (a CUDA
+    GPU, bfloat16/float16 compute, head size a multiple of 8 up to 128, or 256
+    from Hopper on) and the XLA implementation everywhere else (CPU, float32).
+    """
+    if requested == "cudnn" and not on_cuda():
+        raise ValueError(
+            f"attention implementation 'cudnn' needs an NVIDIA GPU, but the default backend is "
+            f"{jax.default_backend()!r}; use 'auto' or 'xla'"
+        )
+    if requested != "auto":
+        return requested  # type: ignore[return-value]
+    fits_cudnn = jnp.dtype(dtype) in CUDNN_DTYPES and head_dim % 8 == 0
+    return "cudnn" if fits_cudnn and on_cuda() and head_dim <= cudnn_head_dim_limit() else "xla"
+
+
 class Attention(nnx.Module):
     """Causal self-attention, heads split over "tensor" (Megatron column / row split).
 
@@ -95,6 +132,13 @@ class Attention(nnx.Module):
     head h reads key/value head h // (n_heads / n_kv_heads), as Hugging Face's
     `repeat_kv`. `qk_norm` adds an RMSNorm over each query and key head before
     RoPE (Qwen3). `head_dim` 0 means d_model // n_heads.
+
+    The attention itself is `jax.nn.dot_product_attention`: cuDNN flash
+    attention on an NVIDIA GPU in bfloat16 (no `[B, H, L, L]` scores in
+    memory), its XLA implementation elsewhere; `implementation` ("auto",
+    "xla", "cudnn") picks one (see `attention_implementation`). The XLA one
+    takes the logits and the softmax in float32 whatever the compute dtype and
+    casts the probabilities back to it for the product with the values.
     """
 
     def __init__(
@@ -109,11 +153,20 @@ class Attention(nnx.Module):
         head_dim: int = 0,
         qk_norm: bool = False,
         norm_eps: float = 1e-6,
+        implementation: AttentionImpl = "auto",
     ):
         head_dim = head_dim or d_model // n_heads
         n_kv_heads = n_kv_heads or n_heads
         if n_heads % n_kv_heads:
             raise ValueError(f"n_heads={n_heads} must be a multiple of n_kv_heads={n_kv_heads}")
+        if implementation not in ATTENTION_IMPLS:
+            raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLS}, got {implementation!r}")
+        if implementation == "cudnn" and (jnp.dtype(dtype) not in CUDNN_DTYPES or head_dim % 8 or head_dim > 256):
+            raise ValueError(
+                f"cuDNN flash attention needs bfloat16 or float16 compute and a head size that is a multiple "
+                f"of 8 up to 256 (128 before Hopper), got {jnp.dtype(dtype).name} and {head_dim}; "
+                "use implementation 'auto' or 'xla'"
+            )
         qkv_axes = ("embed", "heads", "head_dim")
         self.wq = param(rngs, fan_in_init(d_model), (d_model, n_heads, head_dim), qkv_axes)
         self.wk = param(rngs, fan_in_init(d_model), (d_model, n_kv_heads, head_dim), qkv_axes)
@@ -122,19 +175,23 @@ class Attention(nnx.Module):
         self.wo = param(rngs, fan_in_init(n_heads * head_dim), (n_heads, head_dim, d_model), wo_axes)
         self.q_norm = RMSNorm(head_dim, eps=norm_eps, rngs=rngs) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, eps=norm_eps, rngs=rngs) if qk_norm else None
-        self.rope_base, self.dtype = rope_base, dtype
+        self.rope_base, self.dtype, self.implementation = rope_base, dtype, implementation
 
     def __call__(self, x_bld: jax.Array) -> jax.Array:
-        length = x_bld.shape[1]
         q_blhk, k_blhk, v_blhk = self._project(x_bld, None)
-        causal_qs = jnp.tril(jnp.ones((length, length), dtype=bool))
-        return self._output(self._attend(q_blhk, k_blhk, v_blhk, causal_qs))
+        impl = attention_implementation(self.implementation, q_blhk.dtype, q_blhk.shape[-1])
+        out_blhk = jax.nn.dot_product_attention(q_blhk, k_blhk, v_blhk, is_causal=True, implementation=impl)
+        return self._output(out_blhk)
 
     def cached(self, x_bld: jax.Array, cache: KVCache, start: jax.Array) -> tuple[jax.Array, KVCache]:
         """Attention of `[B, L, D]` tokens at positions start..start+L-1 that also sees the cache.
 
         Writes this step's keys and values into `cache` (`[B, H_kv, T, K]`) at
         `start` and attends over every cached position up to each query's own.
+        Always the XLA implementation: the visible positions depend on `start`,
+        a traced value, so they are a `[L, T]` mask, which cuDNN would take as
+        a materialised additive bias; and a decode step has one query per
+        sequence, where flash attention has nothing to save.
         """
         length, total = x_bld.shape[1], cache.k_bhtk.shape[2]
         positions_l = start + jnp.arange(length, dtype=jnp.int32)
@@ -144,19 +201,16 @@ class Attention(nnx.Module):
         k_bhtk = jax.lax.dynamic_update_slice_in_dim(cache.k_bhtk, jnp.swapaxes(k_blhk, 1, 2).astype(dt), start, axis=2)
         v_bhtk = jax.lax.dynamic_update_slice_in_dim(cache.v_bhtk, jnp.swapaxes(v_blhk, 1, 2).astype(dt), start, axis=2)
         k_bhtk, v_bhtk = constrain(k_bhtk, cache_axes), constrain(v_bhtk, cache_axes)
-        batch, _, heads, head_dim = q_blhk.shape
-        kv_heads = k_bhtk.shape[1]
-        q_blgrk = q_blhk.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
-        scores_bgrlt = jnp.einsum("blgrk,bgtk->bgrlt", q_blgrk, k_bhtk.astype(self.dtype)).astype(jnp.float32)
-        scores_bgrlt = scores_bgrlt * head_dim**-0.5
         visible_lt = jnp.arange(total, dtype=jnp.int32)[None, :] <= positions_l[:, None]
-        scores_bgrlt = jnp.where(visible_lt, scores_bgrlt, jnp.finfo(jnp.float32).min)
-        probs_bgrlt = jax.nn.softmax(scores_bgrlt, axis=-1).astype(self.dtype)
-        out_blgrk = jnp.einsum("bgrlt,bgtk->blgrk", probs_bgrlt, v_bhtk.astype(self.dtype))
-        return self._output(out_blgrk.reshape(batch, length, heads, head_dim)), KVCache(k_bhtk, v_bhtk)
+        k_bthk = jnp.swapaxes(k_bhtk, 1, 2).astype(q_blhk.dtype)
+        v_bthk = jnp.swapaxes(v_bhtk, 1, 2).astype(q_blhk.dtype)
+        out_blhk = jax.nn.dot_product_attention(
+            q_blhk, k_bthk, v_bthk, mask=visible_lt[None, None], implementation="xla"
+        )
+        return self._output(out_blhk), KVCache(k_bhtk, v_bhtk)
 
     def _project(self, x_bld: jax.Array, positions_l: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Queries `[B, L, H, K]`, keys and values `[B, L, H_kv, K]`, RoPE applied."""
+        """Queries `[B, L, H, K]`, keys and values `[B, L, H_kv, K]`, RoPE applied, heads over "tensor"."""
         dt = self.dtype
         q_blhk = jnp.einsum("bld,dhk->blhk", x_bld, self.wq[...].astype(dt))
         k_blhk = jnp.einsum("bld,dhk->blhk", x_bld, self.wk[...].astype(dt))
@@ -165,28 +219,12 @@ class Attention(nnx.Module):
         q_blhk = rope(q_blhk, self.rope_base, positions_l)
         k_blhk = rope(k_blhk, self.rope_base, positions_l)
         v_blhk = jnp.einsum("bld,dhk->blhk", x_bld, self.wv[...].astype(dt))
-        return constrain(q_blhk, ("batch", "length", "act_heads", None)), k_blhk, v_blhk
-
-    def _attend(self, q_bqhk: jax.Array, k_bshk: jax.Array, v_bshk: jax.Array, visible_qs: jax.Array) -> jax.Array:
-        """Softmax attention `[B, Q, H, K]`; key/value head g serves query heads g*R .. g*R+R-1."""
-        batch, queries, heads, head_dim = q_bqhk.shape
-        kv_heads = k_bshk.shape[2]
-        if kv_heads == heads:
-            scores_bhqs = jnp.einsum("bqhk,bshk->bhqs", q_bqhk, k_bshk).astype(jnp.float32)
-        else:
-            q_bqgrk = q_bqhk.reshape(batch, queries, kv_heads, heads // kv_heads, head_dim)
-            scores_bhqs = jnp.einsum("bqgrk,bsgk->bgrqs", q_bqgrk, k_bshk).astype(jnp.float32)
-            scores_bhqs = scores_bhqs.reshape(batch, heads, queries, -1)
-        scores_bhqs = scores_bhqs * head_dim**-0.5
-        scores_bhqs = jnp.where(visible_qs, scores_bhqs, jnp.finfo(jnp.float32).min)
-        probs_bhqs = jax.nn.softmax(scores_bhqs, axis=-1).astype(self.dtype)
-        if kv_heads == heads:
-            return jnp.einsum("bhqs,bshk->bqhk", probs_bhqs, v_bshk)
-        probs_bgrqs = probs_bhqs.reshape(batch, kv_heads, heads // kv_heads, queries, -1)
-        out_bqgrk = jnp.einsum("bgrqs,bsgk->bqgrk", probs_bgrqs, v_bshk)
-        return out_bqgrk.reshape(batch, queries, heads, head_dim)
+        # cuDNN's partitioner needs queries, keys and values split alike (batch and heads only).
+        axes = ("batch", "length", "act_heads", None)
+        return constrain(q_blhk, axes), constrain(k_blhk, axes), constrain(v_blhk, axes)
 
     def _output(self, out_blhk: jax.Array) -> jax.Array:
+        out_blhk = constrain(out_blhk, ("batch", "length", "act_heads", None))
         out_bld = jnp.einsum("blhk,hkd->bld", out_blhk, self.wo[...].astype(self.dtype))
         # Row-parallel output: the tensor all-reduce happens here.
         return checkpoint_name(constrain(out_bld, ("batch", "length", "act_embed")), "attn_out")

@@ -25,7 +25,8 @@ class Block(nnx.Module):
         self.attn_norm = RMSNorm(config.d_model, eps=config.norm_eps, rngs=rngs)
         self.attn = Attention(
             config.d_model, config.n_heads, n_kv_heads=config.n_kv_heads, head_dim=config.head_dim,
-            qk_norm=config.qk_norm, norm_eps=config.norm_eps, rope_base=config.rope_base, dtype=dt, rngs=rngs,
+            qk_norm=config.qk_norm, norm_eps=config.norm_eps, rope_base=config.rope_base, dtype=dt,
+            implementation=config.attention, rngs=rngs,
         )  # fmt: skip
         self.ffn_norm = RMSNorm(config.d_model, eps=config.norm_eps, rngs=rngs)
         self.is_moe = bool(config.num_experts) and config.is_moe_layer(layer)

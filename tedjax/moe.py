@@ -174,39 +174,47 @@ class MoE(nnx.Module):
         x_gsd = x_bld.reshape(batch * length // group, group, d_model)
         x_gsd = constrain(x_gsd, ("batch", "length", "act_embed"))
 
-        router_in_gsd = x_gsd.astype(jnp.float32)
-        if self.jitter_eps > 0 and not self.deterministic:
-            router_in_gsd = routing_lib.apply_jitter(router_in_gsd, self.rngs.jitter(), self.jitter_eps)
-        logits_gse = jnp.einsum("gsd,de->gse", router_in_gsd, self.router[...])
-        placement_e = self.placement[...]
-        capacity_factor = self.eval_capacity_factor if self.deterministic else self.capacity_factor
-        expert_cap = routing_lib.capacity(group, self.num_experts, self.top_k, capacity_factor, self.min_capacity)
-        routed = routing_lib.route(
-            logits_gse,
-            top_k=self.top_k,
-            capacity_factor=capacity_factor,
-            min_capacity=self.min_capacity,
-            renormalize=self.renormalize,
-            bias=self.router_bias[...],
-            placement=placement_e,
-            experts_per_pool=self._experts_per_pool(),
-            shadow_ids=self.shadow_ids[...] if self.num_shadows else None,
-            # a shadow is on every device, so it takes the load of `expert` devices' worth of one expert
-            shadow_capacity=min(group, _ways("experts") * expert_cap),
-        )
-        buf_gnd = self._gather_slots(x_gsd, routed)
+        with jax.named_scope("moe_route"):
+            routed = self._route(x_gsd)
+        with jax.named_scope("moe_dispatch"):
+            buf_gnd = self._gather_slots(x_gsd, routed)
         groups, pool_slots = buf_gnd.shape[0], (self.num_experts // routed.experts_per_pool) * routed.capacity
         buf_gqpd = buf_gnd[:, :pool_slots].reshape(groups, -1, routed.capacity, d_model)
         out_gqpd = self._exchange(buf_gqpd, self._counts(routed))
         out_gnd = out_gqpd.reshape(groups, pool_slots, d_model)
         if routed.num_shadows:
             shadow_grcd = buf_gnd[:, pool_slots:].reshape(groups, routed.num_shadows, routed.shadow_capacity, d_model)
-            shadow_out_grcd = self._shadow_experts(shadow_grcd, placement_e)
+            with jax.named_scope("moe_shadows"):
+                shadow_out_grcd = self._shadow_experts(shadow_grcd, self.placement[...])
             out_gnd = jnp.concatenate([out_gnd, shadow_out_grcd.reshape(groups, -1, d_model)], axis=1)
-        out_gsd = self._combine(out_gnd, routed)
+        with jax.named_scope("moe_combine"):
+            out_gsd = self._combine(out_gnd, routed)
         device_load_x = jnp.sum(routed.pool_load.reshape(_ways("experts"), -1), axis=-1)
         stats = MoEStats(routed.aux_loss, routed.z_loss, routed.expert_load, routed.dropped_fraction, device_load_x)
         return out_gsd.reshape(batch, length, d_model), stats
+
+    def _route(self, x_gsd: jax.Array) -> routing_lib.Routing:
+        """Router logits and top-k routing (float32) of the tokens `[G, S, D]`."""
+        group = x_gsd.shape[1]
+        router_in_gsd = x_gsd.astype(jnp.float32)
+        if self.jitter_eps > 0 and not self.deterministic:
+            router_in_gsd = routing_lib.apply_jitter(router_in_gsd, self.rngs.jitter(), self.jitter_eps)
+        logits_gse = jnp.einsum("gsd,de->gse", router_in_gsd, self.router[...])
+        capacity_factor = self.eval_capacity_factor if self.deterministic else self.capacity_factor
+        expert_cap = routing_lib.capacity(group, self.num_experts, self.top_k, capacity_factor, self.min_capacity)
+        return routing_lib.route(
+            logits_gse,
+            top_k=self.top_k,
+            capacity_factor=capacity_factor,
+            min_capacity=self.min_capacity,
+            renormalize=self.renormalize,
+            bias=self.router_bias[...],
+            placement=self.placement[...],
+            experts_per_pool=self._experts_per_pool(),
+            shadow_ids=self.shadow_ids[...] if self.num_shadows else None,
+            # a shadow is on every device, so it takes the load of `expert` devices' worth of one expert
+            shadow_capacity=min(group, _ways("experts") * expert_cap),
+        )
 
     def update_balance(self, expert_load_e: jax.Array, *, bias_rate: float, load_decay: float) -> None:
         """After a step, outside the gradient: running mean of the load, and the router bias
@@ -288,7 +296,8 @@ class MoE(nnx.Module):
         if counts_gqx is not None:  # rows per expert in each pool: a small int32 all-to-all
             counts_gqx = constrain(counts_gqx, ("batch", None, None))
             counts_gqx = constrain(counts_gqx, ("expert_batch", "experts", None))
-        out_gqpd = self._experts(buf_gqpd, counts_gqx)
+        with jax.named_scope("moe_experts"):
+            out_gqpd = self._experts(buf_gqpd, counts_gqx)
         slots = "capacity_dtd" if self._dtd_active() else "capacity"
         out_gqpd = constrain(out_gqpd, ("batch", None, slots, "act_embed"))  # all-to-all back
         out_gqpd = checkpoint_name(out_gqpd, "moe_returned")

@@ -18,6 +18,7 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh
 
+from tedjax.host import reuse_freed_host_memory
 from tedjax.mesh import flax_rules, state_shardings
 
 T = TypeVar("T")
@@ -72,7 +73,8 @@ def simulate_cpu_devices(n: int) -> None:
 
     Call it before jax starts its backends: right after the imports, before
     anything creates an array or asks for devices. It selects the CPU platform,
-    so remove it to run on real accelerators.
+    so remove it to run on real accelerators. It also makes glibc keep freed
+    memory for XLA:CPU's next step (`tedjax.host.reuse_freed_host_memory`).
     """
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"simulate_cpu_devices needs a positive device count, got {n!r}")
@@ -89,3 +91,4 @@ def simulate_cpu_devices(n: int) -> None:
             f"XLA_FLAGS=--xla_force_host_platform_device_count={n} JAX_PLATFORMS=cpu"
         ) from None
     jax.config.update("jax_platforms", "cpu")
+    reuse_freed_host_memory()

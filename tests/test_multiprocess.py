@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from compile_flags import FAST_COMPILE_FLAGS
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 6
@@ -51,7 +52,7 @@ def _free_port() -> int:
 def _env(tmp: Path) -> dict[str, str]:
     env = dict(os.environ)
     # Our own device count per process (not conftest's 8), the same compiler flags in every run.
-    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
+    env["XLA_FLAGS"] = FAST_COMPILE_FLAGS
     env["JAX_PLATFORMS"] = "cpu"
     env["TEDJAX_DATA_DIR"] = str(tmp / "data")  # a small corpus of our own; the shared one is left alone
     env["JAX_COMPILATION_CACHE_DIR"] = str(tmp / "jax_cache")  # the resumed 1 x 8 run reuses the first's programs

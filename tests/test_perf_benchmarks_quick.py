@@ -217,7 +217,7 @@ def test_planner_quick(tmp_path):
     run_quick("planner.py", tmp_path)
     result = load(tmp_path, "planner")
     cells = result["rows"]
-    assert len(cells) == len(result["settings"]["cells"]) == 4
+    assert len(cells) == len(result["settings"]["cells"]) == 1  # tests/test_plan.py checks 11 cells
     for c in cells:  # the byte model is exact and memory within 10% (benchmarks/planner.py, part 1)
         assert c["exact"] and c["kinds_exact"] == c["kinds"] > 0, c["collectives"]
         assert c["arguments_exact"] and abs(c["memory_error"]) <= 0.10
@@ -226,10 +226,10 @@ def test_planner_quick(tmp_path):
     assert ted["ted_fits"] and ted["speedup"] == pytest.approx(1 - ted["ted_parts"]["step_s"] / ted["baseline_parts"]["step_s"])
     assert ted["verdict"] == ("PASS" if abs(ted["speedup"] - 0.26) <= 0.10 else "MISS")
     presets = result["presets"]
-    assert {(r["preset"], r["gpus"]) for r in presets} == {(p, g) for p in ("gpu_1.3b", "gpu_2.7b", "gpu_6.7b")
-                                                           for g in (8, 64, 512)}
+    assert {(r["preset"], r["gpus"]) for r in presets} == {(p, 8) for p in ("gpu_1.3b", "gpu_2.7b", "gpu_6.7b")}
     for r in presets:
         assert r["plan"] is None or r["memory_gib"] <= 79.6 * 0.9, r  # never a plan that does not fit
+    assert {r["plan"] is None for r in presets} == {True, False}  # a row that fits and one that does not
     assert result["scale"]["gpus"] == 1024 and result["scale"]["fit"] > 0
     md = (tmp_path / "planner.md").read_text()
     assert md.startswith("# Planner") and f"**{ted['verdict']}**" in md

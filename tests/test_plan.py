@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from compile_flags import FAST_COMPILE_FLAGS
 
 import tedjax
 from tedjax import plan
@@ -227,7 +228,7 @@ def test_dry_run_compiles_prints_and_writes_nothing(tmp_path):
         [sys.executable, "train.py", "--config", "configs/tiny.yaml", "--dry-run", "--cpu-devices", "4",
          "mesh.data=1", "mesh.expert=2", "mesh.tensor=2", "data.source=synthetic", f"log.dir={log_dir}"],
         check=False, cwd=REPO, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0"},  # --cpu-devices sets the count
+        env={**os.environ, "XLA_FLAGS": FAST_COMPILE_FLAGS},  # --cpu-devices sets the count
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     out = proc.stdout

@@ -85,5 +85,6 @@ def test_api_table_names_work_after_import_tedjax(tmp_path):
 
 def test_readme_commands_match_ci():
     ci = (README.parent / ".ci" / "run").read_text()
-    test_command = 'pip install -e ".[test]" && python -m pytest -q'
-    assert test_command in README.read_text() and test_command in ci
+    # 2 workers, one test file each at a time (module fixtures compile once); the 15 slowest tests printed
+    test_command = 'pip install -e ".[test]" && python -m pytest -q -n 2 --dist loadfile --durations=15'
+    assert test_command in README.read_text().splitlines() and test_command in ci.splitlines()
