@@ -49,7 +49,6 @@ if "--default-malloc" in sys.argv:  # read by _common, which otherwise applies t
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import _common  # noqa: E402

@@ -37,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -119,11 +120,18 @@ def write_manifest(step_dir: str | Path) -> int:
     step_dir = Path(step_dir)
     files = {p.relative_to(step_dir).as_posix(): [p.stat().st_size, file_sha256(p)] for p in _files(step_dir)}
     # Compact JSON without a trailing newline: any changed byte changes a token, so it cannot verify by luck.
-    text = json.dumps({"algorithm": "sha256", "files": files}, sort_keys=True, separators=(",", ":"))
+    # The manifest's own digest tells a damaged manifest (say, one hex digit of a file's digest) from a
+    # damaged file.
+    text = json.dumps({"algorithm": "sha256", "files": files, "self": _manifest_digest(files)}, sort_keys=True,
+                      separators=(",", ":"))
     tmp = step_dir / f".{MANIFEST}.tmp-{os.getpid()}"
     tmp.write_text(text)
     os.replace(tmp, step_dir / MANIFEST)
     return sum(size for size, _ in files.values())
+
+
+def _manifest_digest(files: dict) -> str:
+    return hashlib.sha256(json.dumps(files, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def verify_step(step_dir: str | Path) -> list[str] | None:
@@ -139,6 +147,8 @@ def verify_step(step_dir: str | Path) -> list[str] | None:
         files = None
     if not isinstance(files, dict):
         return [f"{MANIFEST} is damaged"]
+    if "self" in manifest and manifest["self"] != _manifest_digest(files):  # manifests before it had no "self"
+        return [f"{MANIFEST} is damaged (its own sha256 does not match)"]
     problems = []
     for name, entry in sorted(files.items()):
         p = step_dir / name
@@ -292,6 +302,9 @@ def _quiet_closed_event_loop() -> None:
 
     hook._tedjax_filter = True
     sys.unraisablehook = hook
+    # the same abandoned orbax read, when Python finalizes it as a coroutine never awaited
+    warnings.filterwarnings("ignore", message="coroutine '_read_array_index_and_device_put' was never awaited",
+                            category=RuntimeWarning)
 
 
 # ---------------------------------------------------------------- the checkpointer

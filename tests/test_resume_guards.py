@@ -165,6 +165,18 @@ def test_random_byte_flips_are_all_detected(saved, tmp_path):
     assert len({f["file"] for f in FLIPS}) >= 5  # the flips reached many files, not one
 
 
+def test_a_changed_digest_in_the_manifest_blames_the_manifest(saved, tmp_path):
+    """One hex digit of a file's digest changed leaves valid JSON: the manifest's own sha256 catches it,
+    so the report names the manifest, not the (intact) file."""
+    step_dir = tmp_path / "4"
+    shutil.copytree(saved[0] / "checkpoints" / "4", step_dir)
+    manifest = step_dir / MANIFEST
+    text = manifest.read_text()
+    name, (_, digest) = next(iter(json.loads(text)["files"].items()))
+    manifest.write_text(text.replace(digest, ("0" if digest[0] != "0" else "1") + digest[1:]))
+    assert ckpt_lib.verify_step(step_dir) == [f"{MANIFEST} is damaged (its own sha256 does not match)"], name
+
+
 def test_damaged_newest_step_falls_back_to_the_newest_that_verifies(saved, tmp_path):
     run_dir = copy_run(saved, tmp_path)
     config = tiny_config(run_dir)
