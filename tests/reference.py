@@ -55,3 +55,12 @@ def max_abs_diff(a, b) -> float:
 
 def variant(config: tedjax.ModelConfig, **changes) -> tedjax.ModelConfig:
     return dataclasses.replace(config, **changes)
+
+
+# train.py overrides for a tiny 8-device run on synthetic tokens (the fault and resume-guard tests)
+TINY_RUN_OVERRIDES = [
+    "model.vocab_size=256", "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.d_ff=64",
+    "model.expert_d_ff=64", "model.num_experts=4", "model.max_len=32", "data.seq_len=32", "data.batch_size=8",
+    "data.source=synthetic", "mesh.data=2", "mesh.expert=2", "mesh.tensor=2", "log.progress=false",
+    "log.tensorboard=false", "log.every=1", "log.eval_every=0", "log.eval_batches=1", "optimizer.warmup_steps=2",
+]  # fmt: skip

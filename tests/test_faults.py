@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from reference import TINY_RUN_OVERRIDES
 
 import tedjax
 import tedjax.trainer
@@ -50,12 +51,7 @@ from tedjax.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_YAML = str(REPO / "configs" / "tiny.yaml")
-TINY = [
-    "model.vocab_size=256", "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.d_ff=64",
-    "model.expert_d_ff=64", "model.num_experts=4", "model.max_len=32", "data.seq_len=32", "data.batch_size=8",
-    "data.source=synthetic", "mesh.data=2", "mesh.expert=2", "mesh.tensor=2", "log.progress=false",
-    "log.tensorboard=false", "log.every=1", "log.eval_every=0", "log.eval_batches=1", "optimizer.warmup_steps=2",
-]  # fmt: skip
+TINY = TINY_RUN_OVERRIDES
 
 # What was tried and what held; printed (and saved for benchmarks/faults.py) when the module ends.
 COUNTS: collections.Counter = collections.Counter()
