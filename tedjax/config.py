@@ -603,6 +603,25 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def unique_key_loader() -> type:
+    """A yaml SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last, silently)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} appears twice in one mapping; keep one of them",
+                        key_node.start_mark)  # fmt: skip
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
 def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConfig:
     """TrainConfig from a YAML file plus dotted overrides; every error names the key and the fix."""
     import os
@@ -615,7 +634,7 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConf
             raise FileNotFoundError(f"config file {path} does not exist; pick one from configs/ (e.g. configs/tiny.yaml)")
         with open(path) as f:
             try:
-                values = yaml.safe_load(f) or {}
+                values = yaml.load(f, Loader=unique_key_loader()) or {}
             except yaml.YAMLError as err:
                 raise ValueError(f"config file {path} is not valid YAML: {err}") from None
         if not isinstance(values, dict):

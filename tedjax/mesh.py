@@ -72,6 +72,9 @@ def make_mesh(
                 "set data, expert and tensor to integers >= 1 whose product is the device count"
             )
     devices = list(jax.devices() if devices is None else devices)
+    if not devices:
+        raise ValueError("make_mesh got an empty device list; pass devices=None for all of jax.devices(), "
+                         "or a non-empty list such as jax.devices()[:4]")
     wanted = data * expert * tensor
     if wanted != len(devices):
         raise ValueError(

@@ -91,12 +91,14 @@ def loss_fn(model: Transformer, batch: dict[str, jax.Array], *, check_ids: bool 
     Returns (total loss, metrics) where metrics hold the parts and per-layer
     expert load `[n_moe, E]`, device load `[n_moe, X]` (X devices of the
     "expert" axis) and dropped fraction `[n_moe]`. Ids must be in
-    [0, vocab_size): inside jit they are not checked unless `check_ids=True`
+    [0, vocab_size): concrete ids are checked (`check_tokens`, `check_targets`);
+    inside jit they are not checked unless `check_ids=True`
     under `jax.experimental.checkify.checkify` (see `checkify_token_ids`).
     """
     cfg = model.config
     if check_ids:
         checkify_token_ids(cfg, batch)
+    check_targets(cfg, batch["targets"], batch["inputs"])
     logits_blv, stats = model(batch["inputs"])
     token_loss_bl = optax.softmax_cross_entropy_with_integer_labels(logits_blv, batch["targets"])
     mask_bl = batch.get("mask")
@@ -184,11 +186,31 @@ def check_tokens(config: ModelConfig, tokens_bl) -> None:
         if batch * length % group:
             raise ValueError(f"model.group_size={group} does not tile {batch} x {length} tokens; "
                              f"use a batch whose batch x length is a multiple of {group}")
-    if not isinstance(tokens_bl, jax.core.Tracer) and batch * length:
-        low, high = int(jnp.min(tokens_bl)), int(jnp.max(tokens_bl))
+    _check_id_range(config, tokens_bl, "token")
+
+
+def check_targets(config: ModelConfig, targets_bl, inputs_bl) -> None:
+    """Raise ValueError for loss targets that would give a wrong loss or NaN silently.
+
+    Always: integer ids of the inputs' shape `[B, L]`. When concrete (as in
+    `check_tokens`): ids in [0, vocab_size), masked positions included, since an
+    id >= vocab_size turns even a masked sum into NaN.
+    """
+    shape, dtype = getattr(targets_bl, "shape", None), getattr(targets_bl, "dtype", None)
+    if shape != getattr(inputs_bl, "shape", None) or not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(f"targets must be integer ids of the inputs' shape {getattr(inputs_bl, 'shape', None)}, "
+                         f"got shape {shape} dtype {dtype}; pass the next-token ids of each input position")
+    _check_id_range(config, targets_bl, "target")
+
+
+def _check_id_range(config: ModelConfig, ids, name: str) -> None:
+    """Ids in [0, vocab_size) when `ids` is concrete; traced ids are left to `checkify_token_ids`."""
+    if not isinstance(ids, jax.core.Tracer) and ids.size:
+        low, high = int(jnp.min(ids)), int(jnp.max(ids))
         if low < 0 or high >= config.vocab_size:
-            raise ValueError(f"token ids must be in [0, vocab_size={config.vocab_size}), got ids from {low} to "
-                             f"{high}; fix the tokenizer or raise model.vocab_size")
+            fix = "give ignored positions any valid id and mask 0" if name == "target" else "fix the tokenizer"
+            raise ValueError(f"{name} ids must be in [0, vocab_size={config.vocab_size}), got ids from {low} to "
+                             f"{high}; {fix} or raise model.vocab_size")
 
 
 def checkify_token_ids(config: ModelConfig, batch: dict[str, jax.Array]) -> None:

@@ -122,8 +122,11 @@ class MoE(nnx.Module):
         dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
-        if not isinstance(num_experts, int) or num_experts < 1:
-            raise ValueError(f"num_experts={num_experts!r} must be an integer >= 1")
+        for name, value in (("d_model", d_model), ("num_experts", num_experts), ("expert_d_ff", expert_d_ff)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an integer >= 1; pass the layer's sizes as positive ints")
+        if not isinstance(min_capacity, int) or min_capacity < 0:
+            raise ValueError(f"min_capacity={min_capacity!r} must be an integer >= 0 (slots per expert per group)")
         if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k={top_k} must be between 1 and num_experts={num_experts}")
         if activation not in ("gelu", "swiglu"):
@@ -168,6 +171,7 @@ class MoE(nnx.Module):
         self.rngs = rngs if jitter_eps > 0 else None
 
     def __call__(self, x_bld: jax.Array) -> tuple[jax.Array, MoEStats]:
+        self._check_input(x_bld)
         batch, length, d_model = x_bld.shape
         group = self.group_size or length
         self._check_call(batch, length)
@@ -231,6 +235,17 @@ class MoE(nnx.Module):
     def _experts_per_pool(self) -> int:
         """Slots that share capacity: 1 (per expert), or all the experts of one device."""
         return 1 if self.capacity_scope == "expert" else self.num_experts // _ways("experts")
+
+    def _check_input(self, x_bld: jax.Array) -> None:
+        """Rank, width and dtype of the input (static, so free under jit), checked before any reshape."""
+        shape, dtype = tuple(getattr(x_bld, "shape", ())), getattr(x_bld, "dtype", None)
+        d_model = self.router.shape[0]
+        if len(shape) != 3 or shape[-1] != d_model:
+            raise ValueError(f"MoE input must have shape [batch, length, d_model={d_model}], got {shape}; "
+                             "reshape the activations (a single sequence is [1, length, d_model])")
+        if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(f"MoE input must be floating point activations, got dtype {dtype}; embed token ids "
+                            "first, or cast with x.astype(jnp.float32)")
 
     def _check_call(self, batch: int, length: int) -> None:
         """Shape and mesh errors a user can cause, raised while tracing instead of as reshape or XLA errors."""

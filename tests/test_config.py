@@ -153,6 +153,18 @@ def test_yaml_top_level_must_be_a_mapping(tmp_path, text, kind):
         load_config(str(path))
 
 
+@pytest.mark.parametrize("text, key, line", [("steps: 3\nseed: 1\nsteps: 5\n", "steps", 3),
+                                             ("model:\n  d_model: 64\n  top_k: 1\n  d_model: 32\n", "d_model", 4)],
+                         ids=["top level", "nested"])
+def test_yaml_duplicate_keys_are_refused(tmp_path, text, key, line):
+    """Issue 20 item 17: plain YAML kept the last of two equal keys, silently."""
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=_escape(f"config file {path} is not valid YAML: key {key!r} appears twice "
+                                                 f"in one mapping; keep one of them\n  in \"{path}\", line {line}")):
+        load_config(str(path))
+
+
 def test_group_size_is_checked_against_the_sequence_length_used():
     """Bug 6: group_size was checked against max_len, so a valid seq_len was refused."""
     config = load_config("configs/tiny.yaml", ["model.max_len=128", "data.seq_len=96", "model.group_size=24"])

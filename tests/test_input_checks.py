@@ -70,3 +70,59 @@ def test_loss_fn_checkify_id_check(model):
         err.throw()
     with pytest.raises(Exception, match="checkify"):  # without checkify, jit refuses the check instead of skipping it
         jax.jit(loss)(state, bad)
+
+
+# ---------------------------------------------------------------- API messages (issue 20, item 17)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(d_model=0), "d_model=0 must be an integer >= 1"),  # was ZeroDivisionError
+        (dict(expert_d_ff=-2), "expert_d_ff=-2 must be an integer >= 1"),
+        (dict(num_experts=4, top_k=5), "top_k=5 must be between 1 and num_experts=4"),
+        (dict(min_capacity=-1), "min_capacity=-1 must be an integer >= 0"),
+    ],
+    ids=["d_model 0", "d_ff negative", "top_k > experts", "min_capacity negative"],
+)
+def test_moe_constructor_refuses_bad_sizes(kwargs, message):
+    args = dict(d_model=8, num_experts=4, expert_d_ff=16) | kwargs
+    with pytest.raises(ValueError) as info:
+        tedjax.MoE(args.pop("d_model"), args.pop("num_experts"), args.pop("expert_d_ff"), **args, rngs=nnx.Rngs(0))
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "bad, error, message",
+    [
+        (jnp.ones((16, 8)), ValueError, "MoE input must have shape [batch, length, d_model=8], got (16, 8)"),
+        (jnp.ones((2, 8, 6)), ValueError, "MoE input must have shape [batch, length, d_model=8], got (2, 8, 6)"),
+        (jnp.ones((2, 8, 8), jnp.int32), TypeError, "MoE input must be floating point activations, got dtype int32"),
+    ],
+    ids=["rank 2", "wrong width", "integers"],  # were "not enough values to unpack", a reshape error, silence
+)
+def test_moe_call_refuses_bad_input(bad, error, message):
+    moe = tedjax.MoE(8, 4, 16, rngs=nnx.Rngs(0))
+    with pytest.raises(error) as info:
+        moe(bad)
+    assert message in str(info.value)
+    out, _ = moe(jnp.ones((2, 8, 8)))  # the right input still runs
+    assert out.shape == (2, 8, 8)
+
+
+def test_make_mesh_refuses_no_devices():
+    with pytest.raises(ValueError, match="make_mesh got an empty device list; pass devices=None"):  # was IndexError
+        tedjax.make_mesh(devices=[])
+
+
+@pytest.mark.parametrize("value, low, high", [(-1, -1, 1), (64, 1, 64)], ids=["-1", ">= vocab"])
+def test_loss_fn_refuses_concrete_targets_out_of_range(model, value, low, high):
+    """Concrete targets are checked as the inputs are (a -1 gave a wrong loss, an id >= vocab NaN), masked or not."""
+    batch = {"inputs": tokens(), "targets": tokens().at[0, 5].set(value), "mask": jnp.ones((2, 16)).at[0, 5].set(0)}
+    with pytest.raises(ValueError, match=rf"target ids must be in \[0, vocab_size=64\), got ids from {low} to {high}; "
+                                         "give ignored positions any valid id and mask 0"):  # fmt: skip
+        tedjax.loss_fn(model, batch)
+    with pytest.raises(ValueError, match=r"targets must be integer ids of the inputs' shape \(2, 16\)"):
+        tedjax.loss_fn(model, {"inputs": tokens(), "targets": tokens(length=8)})
+    loss, _ = tedjax.loss_fn(model, {"inputs": tokens(), "targets": tokens(value=63)})
+    assert np.isfinite(float(loss))
