@@ -445,7 +445,7 @@ def sample_after_training(result, prompt: str = "def ", max_new_tokens: int = 80
             tokenizer = json.loads((Path(config.data.path) / "meta.json").read_text()).get("tokenizer")
         except (OSError, ValueError):
             return None
-        if tokenizer:
+        if tokenizer != "utf8-bytes":  # what `prepare` writes for bytes; "hf:<tokenizer.json>" otherwise
             return None
     prompt_ids = data.encode(prompt)
     max_new_tokens = min(max_new_tokens, config.model.max_len - len(prompt_ids))

@@ -150,6 +150,31 @@ def test_resume_at_or_past_the_end_does_nothing(straight_run, tmp_path, capsys):
     assert snapshot(tmp_path / "run") == before
 
 
+def test_sample_after_a_run_on_byte_token_files(straight_run, tmp_path):
+    """Issue 20 item 19: token files from `prepare` say tokenizer "utf8-bytes", which was taken for a Hugging Face
+    tokenizer, so a data.source=tokens run printed no sample. A real HF tokenizer still gets none (ids aren't bytes)."""
+    import copy
+    import dataclasses
+
+    from tedjax import data
+    from tedjax.generation import sample_after_training
+
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "a.py").write_text("def f(x):\n    return x + 1\n" * 40)
+    meta = data.prepare([tmp_path / "text"], tmp_path / "tokens", val_fraction=0.1)
+    assert meta["tokenizer"] == "utf8-bytes"
+    config, result = straight_run
+    trainer = copy.copy(result.trainer)
+    trainer.config = dataclasses.replace(config, data=dataclasses.replace(config.data, source="tokens",
+                                                                          path=str(tmp_path / "tokens")))
+    on_tokens = dataclasses.replace(result, trainer=trainer)
+    sample = sample_after_training(on_tokens, max_new_tokens=6)
+    assert isinstance(sample, str) and sample.startswith("def ") and len(sample.encode()) >= 6
+    meta_path = tmp_path / "tokens" / "meta.json"
+    meta_path.write_text(json.dumps(dict(meta, tokenizer=f"hf:{tmp_path}/tokenizer.json")))
+    assert sample_after_training(on_tokens, max_new_tokens=6) is None
+
+
 def test_plain_log_line():
     from tedjax.logs import format_record
 
