@@ -78,18 +78,20 @@ def format_record(step: int, total: int, record: dict, kind: str = "train") -> s
         pieces += [f"{name} {record[key]:.4g}" for key, name in
                    (("aux_loss_per_layer", "aux/layer"), ("z_loss_per_layer", "z/layer")) if key in record]  # fmt: skip
         parts.append(loss + (f" ({', '.join(pieces)})" if pieces else ""))
+        if "grad_norm" in record:
+            parts.append(f"grad norm {record['grad_norm']:.3g}")
         if "tokens_per_s" in record:
             parts.append(f"{record['tokens_per_s']:,.0f} tok/s")
+        if "seconds_per_step" in record:
+            parts.append(f"{record['seconds_per_step']:.3g} s/step")
         if "mfu" in record:
             parts.append(f"mfu {record['mfu']:.1%}")
     load = record.get("expert_load")
     if load:
-        ratios = [max(layer) * len(layer) / max(sum(layer), 1e-9) for layer in load]
-        parts.append(f"load max/mean {max(ratios):.2f}")
+        parts.append(f"load max/mean {_max_over_mean(load):.2f}")
         devices = record.get("device_load")
         if devices and len(devices[0]) > 1:  # what sets the drops with device-pooled capacity
-            ratios = [max(layer) * len(layer) / max(sum(layer), 1e-9) for layer in devices]
-            parts.append(f"device max/mean {max(ratios):.2f}")
+            parts.append(f"device max/mean {_max_over_mean(devices):.2f}")
     if record.get("dropped_fraction") is not None:
         dropped = record["dropped_fraction"]
         parts.append(f"dropped {float(np.mean(dropped)):.1%}")
@@ -98,7 +100,37 @@ def format_record(step: int, total: int, record: dict, kind: str = "train") -> s
             parts.append(f"lr {record['learning_rate']:.2e}")
         if record.get("skipped_steps"):
             parts.append(f"skipped {record['skipped_steps']}")
+        if "seconds_per_step" in record and total > step:
+            parts.append(f"ETA {_clock(record['seconds_per_step'] * (total - step))}")
     return " | ".join(parts)
+
+
+def format_postfix(record: dict) -> str:
+    """The progress bar's postfix for a train record: what the plain line shows that a bar would hide."""
+    parts = [f"loss {record.get('loss', float('nan')):.4f}"]
+    if "aux_loss_per_layer" in record:
+        parts.append(f"aux {record['aux_loss_per_layer']:.3g}")
+    if record.get("expert_load"):
+        parts.append(f"load {_max_over_mean(record['expert_load']):.2f}")
+    if record.get("dropped_fraction") is not None:
+        parts.append(f"drop {float(np.mean(record['dropped_fraction'])):.1%}")
+    if "learning_rate" in record:
+        parts.append(f"lr {record['learning_rate']:.2e}")
+    if "tokens_per_s" in record:
+        parts.append(f"{record['tokens_per_s']:,.0f} tok/s")
+    if record.get("skipped_steps"):
+        parts.append(f"skipped {record['skipped_steps']}")
+    return ", ".join(parts)
+
+
+def _max_over_mean(layers: list) -> float:
+    """The worst layer's max/mean of a per-layer load `[layers][E or X]` (1.0 = balanced)."""
+    return max(max(layer) * len(layer) / max(sum(layer), 1e-9) for layer in layers)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 class MetricsLogger:
@@ -154,8 +186,7 @@ class MetricsLogger:
         if self.bar is None:
             print(format_record(step, self.total_steps, record, kind), flush=True)
         elif kind == "train":
-            self.bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}",
-                                 tok_s=f"{record.get('tokens_per_s', 0):.0f}")
+            self.bar.set_postfix_str(format_postfix(record))
         else:
             self.bar.write(format_record(step, self.total_steps, record, kind))
 
@@ -171,11 +202,16 @@ class MetricsLogger:
         else:
             print(text, flush=True)
 
+    def close_bar(self) -> None:
+        """Draw the finished bar for good; later messages print as plain lines below it."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
     def close(self) -> None:
         if not self.enabled:
             return
         self.jsonl.close()
         if self.writer is not None:
             self.writer.close()
-        if self.bar is not None:
-            self.bar.close()
+        self.close_bar()

@@ -257,11 +257,11 @@ def run(config: TrainConfig, *, resume: bool = False, allow_change: Iterable[str
 
     train_losses, eval_losses = {}, {}
     pending: list[tuple[int, dict]] = []  # metrics fetched one step late, keeping the device busy
-    window_start, window_steps = time.perf_counter(), 0
+    window_start, window_from = time.perf_counter(), start_step  # the window: steps after window_from
     stopped_by_signal = False
 
     def drain(keep_last: bool):
-        nonlocal window_start, window_steps
+        nonlocal window_start, window_from
         while len(pending) > (1 if keep_last else 0):
             step_done, metrics = pending.pop(0)
             bad = int(metrics["bad_steps"])
@@ -275,18 +275,19 @@ def run(config: TrainConfig, *, resume: bool = False, allow_change: Iterable[str
                 )
             if step_done % config.log.every == 0 or step_done == end_step:
                 jax.block_until_ready(metrics)
-                elapsed = time.perf_counter() - window_start
+                elapsed, window_steps = time.perf_counter() - window_start, step_done - window_from
                 record = to_python({k: v for k, v in metrics.items() if k != "bad_steps"})
                 tokens_per_s = tokens_per_step * window_steps / max(elapsed, 1e-9)
                 tflops = flops_per_step * window_steps / max(elapsed, 1e-9) / n_devices / 1e12
                 record.update(tokens_per_s=tokens_per_s, tflops_per_device=tflops,
+                              seconds_per_step=elapsed / window_steps,
                               skipped_steps=int(metrics["skipped_total"]))
                 if peak:
                     record["mfu"] = tflops / peak
                 record.pop("skipped_total", None)
                 _router_losses_per_layer(record, config.model.n_moe_layers)
                 logger.log(step_done, record)
-                window_start, window_steps = time.perf_counter(), 0
+                window_start, window_from = time.perf_counter(), step_done
 
     def stop_requested(step_done: int) -> bool:
         """A signal arrived. With several processes all must stop at the same step (saving is a
@@ -303,7 +304,6 @@ def run(config: TrainConfig, *, resume: bool = False, allow_change: Iterable[str
                 batch = trainer.shard_batch(batches.train_batch(step))
                 state, metrics = trainer.train_step(state, batch)
                 pending.append((step + 1, metrics))
-                window_steps += 1
                 drain(keep_last=True)
                 logger.advance()
                 done = step + 1
@@ -338,6 +338,7 @@ def run(config: TrainConfig, *, resume: bool = False, allow_change: Iterable[str
                     checkpointer.save(done, state, {"step": done}, force=True)
                     last_checkpoint = done
         checkpointer.wait()
+        logger.close_bar()  # the finished bar first, then the closing lines below it
         baseline = batches.unigram_baseline
         if eval_losses:
             final = f"final val loss {eval_losses[max(eval_losses)]:.4f} nats/token"

@@ -110,7 +110,8 @@ def test_resume_continues_exactly(straight_run, tmp_path, capsys):
     assert f"metrics     {tmp_path}/metrics.jsonl" in out and f"tensorboard {tmp_path}/tensorboard" in out
     assert f"checkpoints {tmp_path}/checkpoints (every 12 steps, keep 3)" in out
     assert f"moved 3 records of steps after 12 (from the run this one replaces) to {tmp_path}/" in out
-    assert "step 13/24 | loss " in out and " tok/s | load max/mean " in out and "| dropped " in out
+    assert "step 13/24 | loss " in out and " tok/s | " in out and " s/step | load max/mean " in out and "| dropped " in out
+    assert "| grad norm " in out and "| ETA 0:" in out
     # every step logged once; the dead run's records kept aside, its TensorBoard events purged from step 13
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 25))
@@ -176,15 +177,43 @@ def test_sample_after_a_run_on_byte_token_files(straight_run, tmp_path):
 
 
 def test_plain_log_line():
-    from tedjax.logs import format_record
+    from tedjax.logs import format_postfix, format_record
 
     record = {"loss": 3.5, "lm_loss": 3.4, "aux_loss_per_layer": 1.02, "z_loss_per_layer": 0.5, "tokens_per_s": 1234.5,
               "mfu": 0.125, "expert_load": [[0.5, 0.25, 0.25, 0.0], [0.25] * 4], "dropped_fraction": [0.1, 0.0],
-              "learning_rate": 1e-3, "skipped_steps": 2}  # fmt: skip
+              "learning_rate": 1e-3, "skipped_steps": 2, "grad_norm": 0.53214, "seconds_per_step": 12.5}  # fmt: skip
     assert format_record(10, 300, record) == ("step 10/300 | loss 3.5000 (lm 3.4000, aux/layer 1.02, z/layer 0.5) | "
-                                              "1,234 tok/s | mfu 12.5% | load max/mean 2.00 | dropped 5.0% | "
-                                              "lr 1.00e-03 | skipped 2")  # fmt: skip
+                                              "grad norm 0.532 | 1,234 tok/s | 12.5 s/step | mfu 12.5% | "
+                                              "load max/mean 2.00 | dropped 5.0% | lr 1.00e-03 | skipped 2 | "
+                                              "ETA 1:00:25")  # fmt: skip (290 steps x 12.5 s)
+    assert format_record(300, 300, record).endswith("| skipped 2")  # no ETA once done
     assert format_record(20, 300, {"lm_loss": 2.0}, "eval") == "step 20/300 | eval lm_loss 2.0000"
+    # what the bar shows on a terminal (it showed loss and tok/s only)
+    assert format_postfix(record) == "loss 3.5000, aux 1.02, load 2.00, drop 5.0%, lr 1.00e-03, 1,234 tok/s, skipped 2"
+
+
+def test_progress_bar_shows_balance_and_closes_before_the_final_lines(tmp_path, monkeypatch):
+    """Issue 20 item 21: on a terminal the bar hid drops, load, aux and lr, and its last redraw came after
+    "final val loss". stdout and stderr share one fake terminal here, so the order is what a user sees."""
+    import io
+    import sys
+
+    from reference import TINY_RUN_OVERRIDES
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stdout", terminal)
+    monkeypatch.setattr(sys, "stderr", terminal)
+    config = load_config(None, [*TINY_RUN_OVERRIDES, "steps=2", "log.progress=true", f"log.dir={tmp_path}",
+                                "mesh.data=1", "mesh.expert=1", "mesh.tensor=1"])  # fmt: skip
+    run(config, mesh=tedjax.make_mesh(devices=jax.devices()[:1]))
+    out = terminal.getvalue()
+    for shown in ("loss ", ", aux ", ", load ", ", drop ", ", lr ", " tok/s"):
+        assert shown in out.rsplit("2/2", 1)[1], shown  # in the finished bar's postfix
+    assert out.rindex("2/2") < out.index("final val loss")
 
 
 def test_restore_onto_another_mesh_reshards(straight_run):
