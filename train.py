@@ -24,7 +24,8 @@ def parse_args(argv=None):
                         help="with --resume: accept these config changes although they change results "
                              "(e.g. optimizer.learning_rate,seed); the run records them")
     parser.add_argument("--cpu-devices", type=int, help="simulated CPU devices per process when no accelerator (8); "
-                        "with --dry-run, as many as the GPUs to check a plan for (up to 64)")
+                        "with --dry-run, as many as the GPUs to check a plan for (no fixed limit: 1024 compile the "
+                        "tiny config in under a minute; time and host memory grow with N and the model)")
     parser.add_argument("--dry-run", action="store_true", help="compile the step and print its per-device memory and "
                         "collectives beside the planner's prediction; no training, nothing written")
     env = os.environ.get

@@ -124,7 +124,7 @@ def _keep_slots(new_e: np.ndarray, old_e: np.ndarray, per_device: int) -> np.nda
 
 @dataclasses.dataclass(frozen=True)
 class ShadowCostModel:
-    """FasterMoE's step-latency model (NOTES.md section 4) with tedjax's quantities, for one MoE layer.
+    """FasterMoE's step-latency model (NOTES.md section 8.4) with tedjax's quantities, for one MoE layer.
 
     Per token routed to expert e (B_e tokens per step over the expert group):
     comp = 2 m D F' / flop_rate for its forward FLOPs (m weight matrices, F' =
