@@ -201,7 +201,8 @@ def wait_until(proc: subprocess.Popen, ready, hang_guard_s: float = 300) -> bool
     raise TimeoutError("train.py hung")
 
 
-TIMING = {"time", "tokens_per_s", "tflops_per_device", "mfu", "seconds_per_step"}  # record fields that differ between runs
+# record fields that differ between runs
+TIMING = {"time", "tokens_per_s", "tflops_per_device", "mfu", "seconds_per_step"}
 
 
 @pytest.fixture(scope="module")
