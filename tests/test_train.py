@@ -111,7 +111,7 @@ def test_resume_continues_exactly(straight_run, tmp_path, capsys):
     assert f"checkpoints {tmp_path}/checkpoints (every 12 steps, keep 3)" in out
     assert f"moved 3 records of steps after 12 (from the run this one replaces) to {tmp_path}/" in out
     assert "step 13/24 | loss " in out and " tok/s | " in out and " s/step | load max/mean " in out
-    assert "| dropped " in out    assert "| grad norm " in out and "| ETA 0:" in out
+    assert "| dropped " in out and "| grad norm " in out and "| ETA 0:" in out
     # every step logged once; the dead run's records kept aside, its TensorBoard events purged from step 13
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 25))
