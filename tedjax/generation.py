@@ -42,7 +42,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from tedjax.layers import KVCache
 from tedjax.mesh import constrain, logical_to_spec, make_mesh, mesh_shape
-from tedjax.model import Transformer
+from tedjax.model import Transformer, mask_padded_vocab
 from tedjax.moe import MoE
 
 MIN_BUCKET = 16
@@ -193,7 +193,7 @@ def forward_cached(
         x_bld = constrain(x_bld + h_bld, ("batch", "length", "act_embed"))
         new_caches.append(cache)
     x_bld = model.final_norm(x_bld)
-    logits_blv = jnp.einsum("bld,dv->blv", x_bld, model.head[...].astype(cfg.compute_dtype))
+    logits_blv = mask_padded_vocab(cfg, jnp.einsum("bld,dv->blv", x_bld, model.head[...].astype(cfg.compute_dtype)))
     return constrain(logits_blv.astype(jnp.float32), ("batch", "length", "act_vocab")), new_caches
 
 
