@@ -747,6 +747,16 @@ def save(
     kind = export_kind(config)
     if tokenizer_from is not None and not (Path(tokenizer_from).expanduser() / "tokenizer.json").is_file():
         raise HFCheckpointError(f"tokenizer_from={str(tokenizer_from)!r} has no tokenizer.json")
+    out = Path(path).expanduser()
+    writer = jax.process_index() == 0
+    if out.exists() and not out.is_dir():
+        raise HFCheckpointError(f"{str(out)!r} is a file; pass a directory to save into")
+    existing = _weight_files(out) if out.is_dir() else []
+    if existing and not overwrite:
+        shown = ", ".join(p.name for p in existing[:4]) + (f" and {len(existing) - 4} more" if len(existing) > 4 else "")
+        raise HFCheckpointError(f"{str(out)!r} already holds weights ({shown}); files left from another model would "
+                                "make tedjax and transformers load different weights. Save into an empty directory, "
+                                "or pass overwrite=True to replace them (stale weight and index files are removed)")
     placement = _expert_placement(model)
     biased = [i for i, block in enumerate(model.blocks)
               if getattr(block.ffn, "router_bias", None) is not None and np.any(_to_host(block.ffn.router_bias[...]))]
@@ -758,16 +768,6 @@ def save(
     missing = sorted(set(table) - set(params))
     if missing:
         raise HFCheckpointError(f"the model lacks parameters the {kind} format needs: {missing[:5]}")
-    out = Path(path).expanduser()
-    writer = jax.process_index() == 0
-    if out.exists() and not out.is_dir():
-        raise HFCheckpointError(f"{str(out)!r} is a file; pass a directory to save into")
-    existing = _weight_files(out) if out.is_dir() else []
-    if existing and not overwrite:
-        shown = ", ".join(p.name for p in existing[:4]) + (f" and {len(existing) - 4} more" if len(existing) > 4 else "")
-        raise HFCheckpointError(f"{str(out)!r} already holds weights ({shown}); files left from another model would "
-                                "make tedjax and transformers load different weights. Save into an empty directory, "
-                                "or pass overwrite=True to replace them (stale weight and index files are removed)")
     if writer:
         out.mkdir(parents=True, exist_ok=True)
 
