@@ -167,3 +167,52 @@ def test_benchmark_quick(tmp_path):
     for row in rows.values():
         assert row["tokens_per_s"] == pytest.approx(row["batch"] * row["new_tokens"] / row["call_s"])
     assert "tokens/s" in (tmp_path / "generate.md").read_text()
+
+
+# --------------------------------------------------------------------------- issue 20
+
+
+def variant(tmp_path, name: str) -> Path:
+    """A variant fixture: the base model's files with the variant's config.json."""
+    import json
+    import shutil
+
+    base = json.loads((FIXTURES / "manifest.json").read_text())["models"][name]["base"]
+    d = Path(shutil.copytree(FIXTURES / base, tmp_path / name))
+    shutil.copy(FIXTURES / "variants" / f"{name}.json", d / "config.json")
+    return d
+
+
+@pytest.mark.parametrize("name", ["mixtral_window", "qwen3_moe_yarn"])
+def test_greedy_equals_transformers_past_the_window(tmp_path, name):
+    """Cached decoding with a window of 6 over 32 positions (and with YaRN): transformers' greedy tokens."""
+    model = hf.load(variant(tmp_path, name), mesh_of((1, 1, 1)))[1]
+    gold = np.load(FIXTURES / f"{name}_golden.npz")
+    prompt, greedy = gold["prompt"], gold["greedy"]
+    np.testing.assert_array_equal(tedjax.generate(model, prompt, greedy.shape[1] - prompt.shape[1]), greedy)
+
+
+def test_cli_without_a_tokenizer_names_the_flag(tmp_path, monkeypatch, capsys):
+    """No tokenizer.json: refused before any weight is read, naming --tokenizer; with it, it runs."""
+    import shutil
+
+    d = Path(shutil.copytree(FIXTURES / "mixtral", tmp_path / "mixtral"))
+    (d / "tokenizer.json").unlink()
+    real = hf.jax.make_array_from_callback
+    monkeypatch.setattr(hf.jax, "make_array_from_callback", lambda *a, **k: pytest.fail("a weight was read"))
+    assert generation.main(["--hf", str(d), "--prompt", "def ", "--max-new-tokens", "2"]) == 2
+    assert "has no tokenizer.json; pass --tokenizer DIR" in capsys.readouterr().err
+    assert generation.main(["--hf", str(d), "--tokenizer", str(tmp_path), "--prompt", "x"]) == 2
+    assert "--tokenizer" in capsys.readouterr().err
+    monkeypatch.setattr(hf.jax, "make_array_from_callback", real)
+    assert generation.main(["--hf", str(d), "--tokenizer", str(FIXTURES / "tokenizer"), "--prompt", "def ",
+                            "--max-new-tokens", "2"]) == 0
+    assert capsys.readouterr().out.startswith("def ")
+
+
+def test_cli_help_tells_where_the_tokenizer_comes_from(capsys):
+    with pytest.raises(SystemExit):
+        generation.main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "default: the --hf directory; for --checkpoint," in help_text
+    assert "else UTF-8 bytes, as the run trained on" in help_text
