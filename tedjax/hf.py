@@ -237,6 +237,38 @@ def _rope_fields(hf: dict, where: Path, kind: str, max_positions: int) -> dict:
             "rope_truncate": truncate}
 
 
+def capacity_note(config: ModelConfig, seq_len: int, expert_ways: int = 1) -> str:
+    """The routing capacity an imported model runs with, and a warning where it can drop tokens.
+
+    Hugging Face's Mixtral and Qwen3-MoE drop no token. A routing group of S
+    tokens can send all S to one expert, so C slots per expert are dropless
+    when C >= S; experts sharing capacity on a device (capacity_scope
+    "device", E / `expert_ways` experts per pool) when pool x C covers
+    S x min(top_k, pool). The import's defaults (capacity factors E / top_k)
+    give C = S; a YAML's capacity_factor does not.
+    """
+    from tedjax.routing import capacity
+
+    group = config.group_size or seq_len
+    pool = max(config.num_experts // max(expert_ways, 1), 1) if config.capacity_scope == "device" else 1
+    parts, dropping = [], []
+    for label, key, cf in (("training", "capacity_factor", config.capacity_factor),
+                           ("evaluation", "eval_capacity_factor", config.eval_capacity_factor)):
+        slots = capacity(group, config.num_experts, config.top_k, cf, config.min_capacity)
+        parts.append(f"{label} model.{key}={cf:g} -> {slots} slots per expert per group of {group} tokens")
+        if config.capacity_scope != "dropless" and pool * slots < group * min(config.top_k, pool):
+            dropping.append(f"model.{key}")
+    text = f"imported model routing: {'; '.join(parts)}"
+    if config.capacity_scope == "dropless":
+        return text + " (capacity_scope 'dropless': no token is dropped)"
+    if not dropping:
+        return text + " (dropless, as the Hugging Face model)"
+    dropless = config.num_experts / config.top_k
+    return (f"WARNING: {text}. Tokens past an expert's capacity are dropped, which the Hugging Face model never "
+            f"does; set {' and '.join(f'{k}={dropless:g}' for k in dropping)} (num_experts / top_k) for dropless "
+            "routing")
+
+
 def _arch_fields(hf: dict, where: Path) -> dict:
     """ARCH_FIELDS (+ max_len) from a Hugging Face config dict; unsupported features are errors."""
     kind = _kind(hf)

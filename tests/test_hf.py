@@ -519,3 +519,39 @@ def test_unused_intermediate_size_does_not_block_tensor_layouts(tmp_path):
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), params_of(loaded_model), params_of(model))
     with pytest.raises(ValueError, match="d_ff=47"):  # a dense layer uses it: still refused
         tedjax.config.check_mesh(native_config(d_ff=47), mesh_of((1, 1, 2)))
+
+
+def test_import_capacity_is_printed_and_a_dropping_one_warned(tmp_path, capsys, monkeypatch):
+    """tiny.yaml's capacity factor 1.25 drops tokens of an import; the run says so at its start (item 5)."""
+    from tedjax import loop
+
+    d = FIXTURES / "qwen3_moe"
+    dropless = load_config(None, [f"init_from=hf:{d}", "data.seq_len=16"]).model
+    assert hf.capacity_note(dropless, 16) == (
+        "imported model routing: training model.capacity_factor=4 -> 16 slots per expert per group of 16 tokens; "
+        "evaluation model.eval_capacity_factor=4 -> 16 slots per expert per group of 16 tokens (dropless, as the "
+        "Hugging Face model)")
+    tiny = load_config("configs/tiny.yaml", [f"init_from=hf:{d}", "data.seq_len=16"]).model
+    note = hf.capacity_note(tiny, 16)
+    assert note.startswith("WARNING: imported model routing: training model.capacity_factor=1.25 -> 5 slots")
+    # evaluation's 2.0 -> 8 slots drops too
+    assert note.endswith("set model.capacity_factor=4 and model.eval_capacity_factor=4 (num_experts / top_k) for "
+                         "dropless routing")
+    config = load_config("configs/tiny.yaml", [f"init_from=hf:{d}", "steps=1", "data.source=synthetic",
+                                               "data.seq_len=16", "data.batch_size=8", f"log.dir={tmp_path}",
+                                               "log.progress=false", "log.tensorboard=false", "log.eval_every=0",
+                                               "checkpoint.every=0", "mesh.data=8", "mesh.expert=1",
+                                               "mesh.tensor=1"])  # fmt: skip
+
+    class Announced(Exception):
+        pass
+
+    def announced(text):  # the run prints its start, then the capacity note: stop there, before compiling steps
+        print(text)
+        if text.startswith("WARNING: imported model routing"):
+            raise Announced
+
+    monkeypatch.setattr(loop.MetricsLogger, "message", lambda self, text: announced(text))
+    with pytest.raises(Announced):
+        loop.run(config)
+    assert note in capsys.readouterr().out
