@@ -69,9 +69,9 @@ class ModelConfig:
     rope_truncate: bool = True  # yarn: round the ramp's bounds to whole dims
     sliding_window: int = 0  # each query sees this many positions, itself included (Mistral's band); 0 = all
     vocab_multiple: int = 1  # embedding and head rows padded to a multiple of this; padded logits are -inf
-    bos_token_id: int | None = None  # a checkpoint's special token ids, kept so hf.save writes them back
-    eos_token_id: int | tuple[int, ...] | None = None
-    pad_token_id: int | None = None
+    bos_token_id: int = -1  # a checkpoint's special token ids (-1 / () = none), kept so hf.save writes them back
+    eos_token_id: tuple[int, ...] = ()
+    pad_token_id: int = -1
 
     def __post_init__(self):
         self._check_hf_fields()
@@ -146,17 +146,16 @@ class ModelConfig:
         if not self.rope_factor > 0:
             raise ValueError(f"model.rope_factor must be > 0, got {self.rope_factor!r}")
         _check_bool("model.rope_truncate", self.rope_truncate)
-        for name, low in (("rope_original_max_len", 0), ("sliding_window", 0), ("vocab_multiple", 1)):
+        for name, low in (("rope_original_max_len", 0), ("sliding_window", 0), ("vocab_multiple", 1),
+                          ("bos_token_id", -1), ("pad_token_id", -1)):
             _check_int(f"model.{name}", getattr(self, name), low)
         if self.rope_scaling == "yarn" and not self.rope_original_max_len:
             raise ValueError("model.rope_scaling='yarn' needs model.rope_original_max_len (the pretraining context)")
-        if isinstance(self.eos_token_id, list):  # JSON has no tuples
-            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
-        eos = self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
-        for name, value in (("bos_token_id", self.bos_token_id), ("pad_token_id", self.pad_token_id),
-                            *(("eos_token_id", e) for e in eos)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                raise ValueError(f"model.{name} must be a token id (an integer >= 0) or null, got {value!r}")
+        eos = self.eos_token_id
+        if not isinstance(eos, (list, tuple)) or not all(isinstance(e, int) and not isinstance(e, bool) and e >= 0
+                                                         for e in eos):
+            raise ValueError(f"model.eos_token_id must be a list of token ids (integers >= 0), got {eos!r}")
+        object.__setattr__(self, "eos_token_id", tuple(eos))  # JSON and YAML give lists
 
     @property
     def padded_vocab(self) -> int:

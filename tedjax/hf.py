@@ -138,14 +138,14 @@ def model_fields(path: str | os.PathLike, user: dict | None = None) -> dict:
     return {**defaults, **{k: v for k, v in user.items() if k not in ARCH_FIELDS}, **fields}
 
 
-def _token_ids(hf: dict, key: str, where: Path) -> int | tuple[int, ...] | None:
+def _token_ids(hf: dict, key: str, where: Path) -> int | tuple[int, ...]:
+    """A special token id of config.json as ModelConfig keeps it: -1 for none; eos as a tuple (one id or a list)."""
     value = hf.get(key)
-    if isinstance(value, list) and key == "eos_token_id":
-        value = tuple(value)
-    ids = value if isinstance(value, tuple) else (value,)
-    if not all(v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0) for v in ids):
+    ids = tuple(value) if isinstance(value, list) else () if value is None else (value,)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ids) or (
+            len(ids) > 1 and key != "eos_token_id"):
         raise HFCheckpointError(f"{where}: {key}={value!r} is not a token id (an integer >= 0, or null)")
-    return value
+    return ids if key == "eos_token_id" else ids[0] if ids else -1
 
 
 def _rope_fields(hf: dict, where: Path, kind: str, max_positions: int) -> dict:
@@ -346,7 +346,8 @@ def in_hf_terms(message: str, kind: str) -> str:
 
 def _hf_config(config: ModelConfig, kind: str) -> dict:
     """config.json for `config` as a Mixtral or Qwen3-MoE model."""
-    eos = list(config.eos_token_id) if isinstance(config.eos_token_id, tuple) else config.eos_token_id
+    eos = None if not config.eos_token_id else config.eos_token_id[0] if len(config.eos_token_id) == 1 else list(
+        config.eos_token_id)
     common = {
         "vocab_size": config.vocab_size, "hidden_size": config.d_model, "num_hidden_layers": config.n_layers,
         "num_attention_heads": config.n_heads, "num_key_value_heads": config.kv_heads,
@@ -355,7 +356,8 @@ def _hf_config(config: ModelConfig, kind: str) -> dict:
         "num_experts_per_tok": config.top_k, "hidden_act": "silu", "tie_word_embeddings": False,
         "router_aux_loss_coef": config.aux_loss_weight, "attention_dropout": 0.0, "torch_dtype": "float32",
         "dtype": "float32", "sliding_window": config.sliding_window or None, "use_cache": True,
-        "bos_token_id": config.bos_token_id, "eos_token_id": eos, "pad_token_id": config.pad_token_id,
+        "bos_token_id": None if config.bos_token_id < 0 else config.bos_token_id, "eos_token_id": eos,
+        "pad_token_id": None if config.pad_token_id < 0 else config.pad_token_id,
     }  # fmt: skip
     if kind == "mixtral":
         return {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", **common,

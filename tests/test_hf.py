@@ -459,6 +459,8 @@ def test_saved_config_keeps_the_token_ids(loaded, tmp_path):
     edit_config(d, bos_token_id=3, eos_token_id=[0, 7], pad_token_id=5)
     config, model = hf.load(d, mesh_of((1, 1, 1)))
     assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (3, (0, 7), 5)
+    assert (hf.model_config(FIXTURES / "mixtral").bos_token_id, hf.model_config(FIXTURES / "mixtral").eos_token_id) == (
+        -1, (0,))
     written = json.loads((hf.save(model, tmp_path / "out") / "config.json").read_text())
     assert (written["bos_token_id"], written["eos_token_id"], written["pad_token_id"]) == (3, [0, 7], 5)
     assert written["sliding_window"] is None
