@@ -24,6 +24,12 @@ Semantics. Mixtral renormalises its top-k router probabilities; Qwen3-MoE
 does when `norm_topk_prob` is true (`model.router_renormalize`). Neither
 drops tokens, so the imported config is dropless: both capacity factors are
 num_experts / top_k, which gives C = S per routing group (`routing.capacity`).
+RoPE settings are read wherever config.json puts them, as transformers reads
+them (`_rope_fields`): linear and YaRN scaling are implemented, any other kind
+is an error naming it. Mixtral's `sliding_window` is a band in attention
+(`model.sliding_window`), never a cap on `max_len`. A vocabulary "tensor" does
+not divide is padded in `load` and unpadded in `save`; `save` writes back the
+special token ids, the RoPE scaling and the window it read.
 """
 
 from __future__ import annotations
