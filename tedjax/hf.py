@@ -115,7 +115,8 @@ def model_config(path: str | os.PathLike, **overrides) -> ModelConfig:
         return ModelConfig(**fields)
     except ValueError as err:  # a config.json value tedjax refuses: say it in config.json's words
         hf = read_hf_config(path)
-        raise HFCheckpointError(f"{Path(path).expanduser() / 'config.json'}: {in_hf_terms(str(err), _kind(hf))}") from None
+        where = Path(path).expanduser() / "config.json"
+        raise HFCheckpointError(f"{where}: {in_hf_terms(str(err), _kind(hf))}") from None
 
 
 def model_fields(path: str | os.PathLike, user: dict | None = None) -> dict:
@@ -793,7 +794,8 @@ def save(
         raise HFCheckpointError(f"{str(out)!r} is a file; pass a directory to save into")
     existing = _weight_files(out) if out.is_dir() else []
     if existing and not overwrite:
-        shown = ", ".join(p.name for p in existing[:4]) + (f" and {len(existing) - 4} more" if len(existing) > 4 else "")
+        shown = ", ".join(p.name for p in existing[:4])
+        shown += f" and {len(existing) - 4} more" if len(existing) > 4 else ""
         raise HFCheckpointError(f"{str(out)!r} already holds weights ({shown}); files left from another model would "
                                 "make tedjax and transformers load different weights. Save into an empty directory, "
                                 "or pass overwrite=True to replace them (stale weight and index files are removed)")

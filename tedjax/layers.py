@@ -87,7 +87,8 @@ class RopeScaling:
     def frequencies(self, base: float, head_dim: int) -> tuple[np.ndarray, float]:
         """(float32 inverse frequencies `[head_dim / 2]`, cos / sin scale), computed on the host like transformers."""
         half = head_dim // 2
-        inv_freq = (1.0 / base ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim))).astype(np.float32)
+        exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+        inv_freq = (1.0 / base**exponent).astype(np.float32)
         if self.kind == "none":
             return inv_freq, 1.0
         if self.kind == "linear":
@@ -108,7 +109,7 @@ class RopeScaling:
             high += 0.001  # as transformers: no division by zero
         ramp = np.clip((np.arange(half, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
         extrapolate = (1 - ramp).astype(np.float32)
-        pos_freqs = (base ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim))).astype(np.float32)
+        pos_freqs = (base**exponent).astype(np.float32)
         interpolated = (1.0 / (np.float32(factor) * pos_freqs)).astype(np.float32)
         extrapolated = (1.0 / pos_freqs).astype(np.float32)
         return (interpolated * (1 - extrapolate) + extrapolated * extrapolate).astype(np.float32), float(scale)

@@ -149,8 +149,9 @@ def build(name: str, out: Path, tokenizer_dir: Path, input_ids: np.ndarray, prom
         model.save_pretrained(directory)
         for file in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(tokenizer_dir / file, directory / file)
-    np.savez_compressed(out / f"{name}_golden.npz", input_ids=input_ids.astype(np.int32), logits=logits.astype(np.float32),
-             prompt=prompt.astype(np.int32), greedy=greedy.astype(np.int32))
+    np.savez_compressed(out / f"{name}_golden.npz", input_ids=input_ids.astype(np.int32),
+                        logits=logits.astype(np.float32),
+                        prompt=prompt.astype(np.int32), greedy=greedy.astype(np.int32))
     info = {"architecture": arch, "seed": seed, "margins": margins, "greedy_new_tokens": 24,
             "distinct_new_tokens": distinct, **({"base": base, "changes": variant} if variant is not None else {})}
     return info, margins
