@@ -60,7 +60,7 @@ class ModelConfig:
     norm_eps: float = 1e-6  # RMSNorm epsilon
     attention: str = "auto"  # "auto" (cuDNN flash attention on NVIDIA GPUs in bf16/fp16, else XLA), "xla", "cudnn"
     # Set by Hugging Face imports (tedjax.hf); the defaults are plain RoPE, full causal attention, no padding.
-    rope_scaling: str = "none"  # "linear" or "yarn" (layers.rope_frequencies); Hugging Face's rope_type
+    rope_scaling: str = "none"  # "linear" or "yarn", as Hugging Face's rope_type (layers.RopeScaling)
     rope_factor: float = 1.0  # context extension factor of linear / yarn scaling
     rope_original_max_len: int = 0  # yarn: the pretraining context (original_max_position_embeddings)
     rope_beta_fast: float = 32.0  # yarn: the ramp's bounds, in rotations over the original context
