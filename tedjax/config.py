@@ -537,7 +537,14 @@ class TrainConfig:
         return self.checkpoint.dir or f"{self.log.dir}/checkpoints"
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain JSON values, as a saved config reads back (tuples such as model.eos_token_id as lists)."""
+        return _as_json(dataclasses.asdict(self))
+
+
+def _as_json(value):
+    if isinstance(value, dict):
+        return {k: _as_json(v) for k, v in value.items()}
+    return [_as_json(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 def _check_int(name: str, value, minimum: int) -> None:

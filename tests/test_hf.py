@@ -464,6 +464,12 @@ def test_saved_config_keeps_the_token_ids(loaded, tmp_path):
     written = json.loads((hf.save(model, tmp_path / "out") / "config.json").read_text())
     assert (written["bos_token_id"], written["eos_token_id"], written["pad_token_id"]) == (3, [0, 7], 5)
     assert written["sliding_window"] is None
+    # a run's config with them reads back from its JSON unchanged (the resume guard sees no change)
+    from tedjax.checkpoint import config_changes
+
+    run = load_config("configs/tiny.yaml", [f"init_from=hf:{d}"])
+    assert run.model.eos_token_id == (0, 7)
+    assert config_changes(json.loads(json.dumps(run.to_dict())), run) == []
 
 
 def test_save_refuses_a_folder_with_weights(loaded, tmp_path, monkeypatch):
