@@ -183,31 +183,26 @@ def variant(tmp_path, name: str) -> Path:
     return d
 
 
-@pytest.mark.parametrize("name", ["mixtral_window", "qwen3_moe_yarn"])
-def test_greedy_equals_transformers_past_the_window(tmp_path, name):
-    """Cached decoding with a window of 6 over 32 positions (and with YaRN): transformers' greedy tokens."""
-    model = hf.load(variant(tmp_path, name), mesh_of((1, 1, 1)))[1]
-    gold = np.load(FIXTURES / f"{name}_golden.npz")
+def test_greedy_equals_transformers_past_the_window(tmp_path):
+    """Cached decoding with a window of 6 over 32 positions: transformers' greedy tokens."""
+    model = hf.load(variant(tmp_path, "mixtral_window"), mesh_of((1, 1, 1)))[1]
+    gold = np.load(FIXTURES / "mixtral_window_golden.npz")
     prompt, greedy = gold["prompt"], gold["greedy"]
     np.testing.assert_array_equal(tedjax.generate(model, prompt, greedy.shape[1] - prompt.shape[1]), greedy)
 
 
 def test_cli_without_a_tokenizer_names_the_flag(tmp_path, monkeypatch, capsys):
-    """No tokenizer.json: refused before any weight is read, naming --tokenizer; with it, it runs."""
+    """No tokenizer.json: refused before any weight is read, naming --tokenizer (a run with one:
+    test_cli_with_a_hugging_face_directory)."""
     import shutil
 
     d = Path(shutil.copytree(FIXTURES / "mixtral", tmp_path / "mixtral"))
     (d / "tokenizer.json").unlink()
-    real = hf.jax.make_array_from_callback
     monkeypatch.setattr(hf.jax, "make_array_from_callback", lambda *a, **k: pytest.fail("a weight was read"))
     assert generation.main(["--hf", str(d), "--prompt", "def ", "--max-new-tokens", "2"]) == 2
-    assert "has no tokenizer.json; pass --tokenizer DIR" in capsys.readouterr().err
+    assert "--hf " + repr(str(d)) + " has no tokenizer.json; pass --tokenizer DIR" in capsys.readouterr().err
     assert generation.main(["--hf", str(d), "--tokenizer", str(tmp_path), "--prompt", "x"]) == 2
-    assert "--tokenizer" in capsys.readouterr().err
-    monkeypatch.setattr(hf.jax, "make_array_from_callback", real)
-    assert generation.main(["--hf", str(d), "--tokenizer", str(FIXTURES / "tokenizer"), "--prompt", "def ",
-                            "--max-new-tokens", "2"]) == 0
-    assert capsys.readouterr().out.startswith("def ")
+    assert "--tokenizer " + repr(str(tmp_path)) + " has no tokenizer.json" in capsys.readouterr().err
 
 
 def test_cli_help_tells_where_the_tokenizer_comes_from(capsys):
