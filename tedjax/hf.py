@@ -39,6 +39,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -344,8 +345,6 @@ HF_KEYS = {
 
 def in_hf_terms(message: str, kind: str) -> str:
     """A message about ModelConfig fields, with each field named by its config.json key."""
-    import re
-
     names = HF_KEYS[kind]
     pattern = r"(?<![\w.])(?:model\.)?(" + "|".join(sorted(names, key=len, reverse=True)) + r")\b"
     return re.sub(pattern, lambda m: f"config.json's {names[m.group(1)]}", message)
