@@ -59,8 +59,22 @@ class ModelConfig:
     qk_norm: bool = False  # RMSNorm over each query / key head before RoPE (Qwen3)
     norm_eps: float = 1e-6  # RMSNorm epsilon
     attention: str = "auto"  # "auto" (cuDNN flash attention on NVIDIA GPUs in bf16/fp16, else XLA), "xla", "cudnn"
+    # Set by Hugging Face imports (tedjax.hf); the defaults are plain RoPE, full causal attention, no padding.
+    rope_scaling: str = "none"  # "linear" or "yarn", as Hugging Face's rope_type (layers.RopeScaling)
+    rope_factor: float = 1.0  # context extension factor of linear / yarn scaling
+    rope_original_max_len: int = 0  # yarn: the pretraining context (original_max_position_embeddings)
+    rope_beta_fast: float = 32.0  # yarn: the ramp's bounds, in rotations over the original context
+    rope_beta_slow: float = 1.0
+    rope_attention_factor: float = 0.0  # yarn: scale of cos / sin; 0 = 0.1 ln(rope_factor) + 1
+    rope_truncate: bool = True  # yarn: round the ramp's bounds to whole dims
+    sliding_window: int = 0  # each query sees this many positions, itself included (Mistral's band); 0 = all
+    vocab_multiple: int = 1  # embedding and head rows padded to a multiple of this; padded logits are -inf
+    bos_token_id: int = -1  # a checkpoint's special token ids (-1 / () = none), kept so hf.save writes them back
+    eos_token_id: tuple[int, ...] = ()
+    pad_token_id: int = -1
 
     def __post_init__(self):
+        self._check_hf_fields()
         positive = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_len",
                     "expert_d_ff", "top_k", "moe_every")
         for name in positive:
@@ -121,6 +135,32 @@ class ModelConfig:
             raise ValueError(f"model.remat must be 'none', 'full' or 'cac', got {self.remat!r}")
         # group_size is checked against the sequence length actually used (TrainConfig, check_mesh,
         # and Transformer at call time), not against max_len, which only bounds it.
+
+    def _check_hf_fields(self) -> None:
+        if self.rope_scaling not in ("none", "linear", "yarn"):
+            raise ValueError(f"model.rope_scaling must be 'none', 'linear' or 'yarn', got {self.rope_scaling!r}")
+        for name in ("rope_factor", "rope_beta_fast", "rope_beta_slow", "rope_attention_factor"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+                raise ValueError(f"model.{name} must be a finite number >= 0, got {value!r}")
+        if not self.rope_factor > 0:
+            raise ValueError(f"model.rope_factor must be > 0, got {self.rope_factor!r}")
+        _check_bool("model.rope_truncate", self.rope_truncate)
+        for name, low in (("rope_original_max_len", 0), ("sliding_window", 0), ("vocab_multiple", 1),
+                          ("bos_token_id", -1), ("pad_token_id", -1)):
+            _check_int(f"model.{name}", getattr(self, name), low)
+        if self.rope_scaling == "yarn" and not self.rope_original_max_len:
+            raise ValueError("model.rope_scaling='yarn' needs model.rope_original_max_len (the pretraining context)")
+        eos = self.eos_token_id
+        if not isinstance(eos, (list, tuple)) or not all(isinstance(e, int) and not isinstance(e, bool) and e >= 0
+                                                         for e in eos):
+            raise ValueError(f"model.eos_token_id must be a list of token ids (integers >= 0), got {eos!r}")
+        object.__setattr__(self, "eos_token_id", tuple(eos))  # JSON and YAML give lists
+
+    @property
+    def padded_vocab(self) -> int:
+        """Rows of the embedding and the head: vocab_size rounded up to a multiple of vocab_multiple."""
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
     @property
     def compute_dtype(self):
@@ -191,15 +231,15 @@ def check_mesh(config: ModelConfig, mesh: Mesh, batch_size: int | None = None, s
     elif config.kv_heads % tensor:
         problems.append(f"n_kv_heads={config.kv_heads} is not divisible by the tensor axis ({tensor}); "
                         "choose mesh.tensor dividing n_kv_heads")
-    if config.d_ff % tensor:
+    if config.d_ff % tensor and not (config.num_experts and config.moe_every == 1):  # no dense layer uses d_ff
         problems.append(f"d_ff={config.d_ff} is not divisible by the tensor axis ({tensor})")
     if config.num_experts and config.expert_d_ff % tensor:
         problems.append(f"expert_d_ff={config.expert_d_ff} is not divisible by the tensor axis ({tensor})")
     if not config.num_experts and (config.top_k * config.expert_d_ff) % tensor:
         problems.append(f"dense-twin FFN width {config.top_k * config.expert_d_ff} is not divisible by tensor ({tensor})")
-    if config.vocab_size % tensor:
+    if config.padded_vocab % tensor:
         problems.append(f"vocab_size={config.vocab_size} is not divisible by the tensor axis ({tensor}); "
-                        "pad the vocabulary to a multiple of it")
+                        f"set model.vocab_multiple={tensor} to pad it (padded logits are -inf)")
     if batch_size is not None:
         if batch_size % (data * expert):
             problems.append(f"batch size {batch_size} is not divisible by data x expert = {data * expert}; "
@@ -497,7 +537,14 @@ class TrainConfig:
         return self.checkpoint.dir or f"{self.log.dir}/checkpoints"
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain JSON values, as a saved config reads back (tuples such as model.eos_token_id as lists)."""
+        return _as_json(dataclasses.asdict(self))
+
+
+def _as_json(value):
+    if isinstance(value, dict):
+        return {k: _as_json(v) for k, v in value.items()}
+    return [_as_json(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 def _check_int(name: str, value, minimum: int) -> None:

@@ -42,7 +42,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from tedjax.layers import KVCache
 from tedjax.mesh import constrain, logical_to_spec, make_mesh, mesh_shape
-from tedjax.model import Transformer
+from tedjax.model import Transformer, mask_padded_vocab
 from tedjax.moe import MoE
 
 MIN_BUCKET = 16
@@ -193,7 +193,7 @@ def forward_cached(
         x_bld = constrain(x_bld + h_bld, ("batch", "length", "act_embed"))
         new_caches.append(cache)
     x_bld = model.final_norm(x_bld)
-    logits_blv = jnp.einsum("bld,dv->blv", x_bld, model.head[...].astype(cfg.compute_dtype))
+    logits_blv = mask_padded_vocab(cfg, jnp.einsum("bld,dv->blv", x_bld, model.head[...].astype(cfg.compute_dtype)))
     return constrain(logits_blv.astype(jnp.float32), ("batch", "length", "act_vocab")), new_caches
 
 
@@ -390,8 +390,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
     parser.add_argument("--mesh", type=_parse_mesh, default=(1, 1, 1), help="DATA,EXPERT,TENSOR (default 1,1,1)")
-    parser.add_argument("--tokenizer", default=None, help="a Hugging Face tokenizer directory (default: the one "
-                        "the model was trained or imported with, else UTF-8 bytes)")
+    parser.add_argument("--tokenizer", default=None, help="a Hugging Face tokenizer directory (default: the --hf "
+                        "directory; for --checkpoint, the tokenizer the run's data was prepared with or the one it "
+                        "was imported with, else UTF-8 bytes, as the run trained on)")
     args = parser.parse_args(argv)
     devices = math.prod(args.mesh)
     if devices > 1 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
@@ -402,17 +403,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tedjax import hf
 
     try:
-        mesh = make_mesh(*args.mesh, devices=jax.devices()[:devices])
-        if args.hf:
-            config, model = hf.load(args.hf, mesh)
-        else:
-            config, model = load_trained(args.checkpoint, mesh, args.step)
+        # The tokenizer first: a missing one is an error before any weight is read.
         tokenizer_dir = args.tokenizer or args.hf or run_tokenizer(args.checkpoint)
+        if tokenizer_dir and not (Path(tokenizer_dir).expanduser() / "tokenizer.json").is_file() and not (
+                Path(tokenizer_dir).expanduser().is_file()):
+            given = "--tokenizer" if args.tokenizer else "--hf" if args.hf else "the run's tokenizer"
+            raise FileNotFoundError(f"{given} {str(tokenizer_dir)!r} has no tokenizer.json; pass --tokenizer DIR, a "
+                                    "Hugging Face directory that holds the model's tokenizer.json")
         if tokenizer_dir:
             tokenizer = data_lib.HFTokenizer(tokenizer_dir)
             encode, decode, eos = tokenizer.encode, tokenizer.decode, tokenizer.eos_id
         else:
             encode, decode, eos = (lambda t: data_lib.encode(t).tolist()), data_lib.decode, None
+        mesh = make_mesh(*args.mesh, devices=jax.devices()[:devices])
+        if args.hf:
+            config, model = hf.load(args.hf, mesh)
+        else:
+            config, model = load_trained(args.checkpoint, mesh, args.step)
         prompt = encode(args.prompt)
         out = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                        top_p=args.top_p, seed=args.seed, eos_id=eos)

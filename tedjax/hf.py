@@ -24,6 +24,12 @@ Semantics. Mixtral renormalises its top-k router probabilities; Qwen3-MoE
 does when `norm_topk_prob` is true (`model.router_renormalize`). Neither
 drops tokens, so the imported config is dropless: both capacity factors are
 num_experts / top_k, which gives C = S per routing group (`routing.capacity`).
+RoPE settings are read wherever config.json puts them, as transformers reads
+them (`_rope_fields`): linear and YaRN scaling are implemented, any other kind
+is an error naming it. Mixtral's `sliding_window` is a band in attention
+(`model.sliding_window`), never a cap on `max_len`. A vocabulary "tensor" does
+not divide is padded in `load` and unpadded in `save`; `save` writes back the
+special token ids, the RoPE scaling and the window it read.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -50,7 +57,16 @@ ARCHITECTURES = {"MixtralForCausalLM": "mixtral", "Qwen3MoeForCausalLM": "qwen3_
 # The fields a checkpoint fixes; `init_from` takes these from config.json, whatever the YAML says.
 ARCH_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "num_experts",
                "expert_d_ff", "top_k", "moe_every", "activation", "qk_norm", "norm_eps", "rope_base",
-               "router_renormalize")  # fmt: skip
+               "router_renormalize", "rope_scaling", "rope_factor", "rope_original_max_len", "rope_beta_fast",
+               "rope_beta_slow", "rope_attention_factor", "rope_truncate", "sliding_window")  # fmt: skip
+# Special token ids: taken from config.json (the YAML may change them) and written back by `save`.
+TOKEN_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+# RoPE theta when config.json gives none, per architecture (transformers' `default_theta`).
+DEFAULT_THETA = {"mixtral": 1e6, "qwen3_moe": 1e4}
+ROPE_TYPES = {"default": "none", "linear": "linear", "yarn": "yarn"}
+# Files that hold weights: `save` refuses a directory with any of them unless told to overwrite.
+WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model*.bin.index.json",
+                   "tf_model*.h5", "flax_model*.msgpack")  # fmt: skip
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
 
@@ -95,7 +111,13 @@ def model_config(path: str | os.PathLike, **overrides) -> ModelConfig:
     fixed = sorted(set(overrides) & set(ARCH_FIELDS))
     if fixed:
         raise HFCheckpointError(f"{fixed} are fixed by the checkpoint's config.json and cannot be overridden")
-    return ModelConfig(**model_fields(path, overrides))
+    fields = model_fields(path, overrides)
+    try:
+        return ModelConfig(**fields)
+    except ValueError as err:  # a config.json value tedjax refuses: say it in config.json's words
+        hf = read_hf_config(path)
+        where = Path(path).expanduser() / "config.json"
+        raise HFCheckpointError(f"{where}: {in_hf_terms(str(err), _kind(hf))}") from None
 
 
 def model_fields(path: str | os.PathLike, user: dict | None = None) -> dict:
@@ -118,9 +140,141 @@ def model_fields(path: str | os.PathLike, user: dict | None = None) -> dict:
         "min_capacity": 1,
         "aux_loss_weight": float(hf.get("router_aux_loss_coef", 0.0) or 0.0),
         "z_loss_weight": 0.0,
+        **{key: _token_ids(hf, key, where) for key in TOKEN_FIELDS},
     }
     user = dict(user or {})
     return {**defaults, **{k: v for k, v in user.items() if k not in ARCH_FIELDS}, **fields}
+
+
+def _token_ids(hf: dict, key: str, where: Path) -> int | tuple[int, ...]:
+    """A special token id of config.json as ModelConfig keeps it: -1 for none; eos as a tuple (one id or a list)."""
+    value = hf.get(key)
+    ids = tuple(value) if isinstance(value, list) else () if value is None else (value,)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ids) or (
+            len(ids) > 1 and key != "eos_token_id"):
+        raise HFCheckpointError(f"{where}: {key}={value!r} is not a token id (an integer >= 0, or null)")
+    return ids if key == "eos_token_id" else ids[0] if ids else -1
+
+
+def _rope_fields(hf: dict, where: Path, kind: str, max_positions: int) -> dict:
+    """rope_base and the model.rope_* fields, read the way transformers reads them; other RoPE kinds are errors.
+
+    RoPE settings can sit in `rope_parameters` (transformers 5), in
+    `rope_scaling` (older configs, and Qwen's documented YaRN setting beside
+    `rope_parameters`), in `rope_theta`, `partial_rotary_factor` and
+    `original_max_position_embeddings`. As in transformers, a non-empty
+    `rope_scaling` replaces `rope_parameters` whole, and a missing theta is
+    the architecture's default; where that would silently drop a value the
+    file states (another rope_theta in `rope_parameters`), it is an error.
+    """
+
+    def fail(what: str):
+        raise HFCheckpointError(f"{where}: {what}")
+
+    params, scaling = hf.get("rope_parameters"), hf.get("rope_scaling")
+    for key, value in (("rope_parameters", params), ("rope_scaling", scaling)):
+        if value is not None and not isinstance(value, dict):
+            fail(f"{key} must be a JSON object, got {value!r}")
+        nested = sorted(k for k, v in (value or {}).items() if isinstance(v, dict))
+        if nested:
+            fail(f"{key} nested per layer type ({', '.join(nested)}) is not supported by tedjax, whose layers "
+                 "all share one RoPE; write one flat block")
+    top_theta = hf.get("rope_theta")
+    if scaling:  # transformers: `rope_parameters = rope_scaling or rope_parameters`
+        chosen, source = scaling, "rope_scaling"
+        theta = scaling.get("rope_theta", top_theta if top_theta is not None else DEFAULT_THETA[kind])
+        params = params or {}
+        dropped = sorted(k for k, v in params.items()
+                         if k != "rope_theta" and not (k in ("rope_type", "type") and v == "default"))
+        if dropped:
+            fail(f"both rope_scaling and a non-default rope_parameters ({', '.join(dropped)}); transformers uses "
+                 "only rope_scaling. Keep one of them")
+        if params.get("rope_theta") is not None and float(params["rope_theta"]) != float(theta):
+            fail(f"rope_scaling replaces rope_parameters in transformers, so the model runs with rope_theta={theta} "
+                 f"(rope_scaling's, else the top-level rope_theta, else the {hf['architectures'][0]} default), "
+                 f"not rope_parameters.rope_theta={params['rope_theta']}; add \"rope_theta\" to rope_scaling")
+    else:
+        chosen, source = params or {}, "rope_parameters"
+        theta = chosen.get("rope_theta", top_theta if top_theta is not None else DEFAULT_THETA[kind])
+    for value, key in ((hf.get("partial_rotary_factor"), "partial_rotary_factor"),
+                       (chosen.get("partial_rotary_factor"), f"{source}.partial_rotary_factor")):
+        if value is not None and value != 1:
+            fail(f"{key}={value} (RoPE on part of each head) is not supported by tedjax")
+    rope_type = chosen.get("rope_type", chosen.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        fail(f"RoPE scaling rope_type {rope_type!r} (in {source}) is not supported by tedjax, which implements "
+             f"{', '.join(map(repr, ROPE_TYPES))}")
+    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or not theta > 0:
+        fail(f"rope_theta={theta!r} (in {source}) must be a number > 0")
+    fields = {"rope_base": float(theta), "rope_scaling": ROPE_TYPES[rope_type]}
+    if rope_type == "default":
+        return fields
+
+    def number(key: str, default=None, low: float = 0.0):
+        value = chosen.get(key)
+        value = default if value is None else value
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value < float("inf"):
+            fail(f"{source}.{key}={chosen.get(key)!r} must be a number > {low:g} for rope_type {rope_type!r}")
+        return float(value)
+
+    if rope_type == "linear":
+        return {**fields, "rope_factor": number("factor")}
+    top_original = hf.get("original_max_position_embeddings")
+    original = chosen.get("original_max_position_embeddings")
+    if top_original is not None and original is not None and top_original != original:
+        fail(f"original_max_position_embeddings={top_original} and {source}.original_max_position_embeddings="
+             f"{original} differ; keep one")
+    original = top_original if top_original is not None else original if original is not None else max_positions
+    if isinstance(original, bool) or not isinstance(original, int) or original < 1:
+        fail(f"original_max_position_embeddings={original!r} must be an integer >= 1")
+    factor = number("factor", max_positions / original)
+    attention = chosen.get("attention_factor")
+    mscale, mscale_all = chosen.get("mscale"), chosen.get("mscale_all_dim")
+    if attention is None and mscale and mscale_all:  # transformers: mscale ratio (DeepSeek's setting)
+        def get_mscale(m: float) -> float:
+            return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+        attention = get_mscale(float(mscale)) / get_mscale(float(mscale_all))
+    truncate = chosen.get("truncate", True)
+    if not isinstance(truncate, bool):
+        fail(f"{source}.truncate={truncate!r} must be true or false")
+    return {**fields, "rope_factor": factor, "rope_original_max_len": original,
+            "rope_beta_fast": number("beta_fast", 32.0) if chosen.get("beta_fast") else 32.0,
+            "rope_beta_slow": number("beta_slow", 1.0) if chosen.get("beta_slow") else 1.0,
+            "rope_attention_factor": 0.0 if attention is None else number("attention_factor", attention),
+            "rope_truncate": truncate}
+
+
+def capacity_note(config: ModelConfig, seq_len: int, expert_ways: int = 1) -> str:
+    """The routing capacity an imported model runs with, and a warning where it can drop tokens.
+
+    Hugging Face's Mixtral and Qwen3-MoE drop no token. A routing group of S
+    tokens can send all S to one expert, so C slots per expert are dropless
+    when C >= S; experts sharing capacity on a device (capacity_scope
+    "device", E / `expert_ways` experts per pool) when pool x C covers
+    S x min(top_k, pool). The import's defaults (capacity factors E / top_k)
+    give C = S; a YAML's capacity_factor does not.
+    """
+    from tedjax.routing import capacity
+
+    group = config.group_size or seq_len
+    pool = max(config.num_experts // max(expert_ways, 1), 1) if config.capacity_scope == "device" else 1
+    parts, dropping = [], []
+    for label, key, cf in (("training", "capacity_factor", config.capacity_factor),
+                           ("evaluation", "eval_capacity_factor", config.eval_capacity_factor)):
+        slots = capacity(group, config.num_experts, config.top_k, cf, config.min_capacity)
+        parts.append(f"{label} model.{key}={cf:g} -> {slots} slots per expert per group of {group} tokens")
+        if config.capacity_scope != "dropless" and pool * slots < group * min(config.top_k, pool):
+            dropping.append(f"model.{key}")
+    text = f"imported model routing: {'; '.join(parts)}"
+    if config.capacity_scope == "dropless":
+        return text + " (capacity_scope 'dropless': no token is dropped)"
+    if not dropping:
+        return text + " (dropless, as the Hugging Face model)"
+    dropless = config.num_experts / config.top_k
+    return (f"WARNING: {text}. Tokens past an expert's capacity are dropped, which the Hugging Face model never "
+            f"does; set {' and '.join(f'{k}={dropless:g}' for k in dropping)} (num_experts / top_k) for dropless "
+            "routing")
 
 
 def _arch_fields(hf: dict, where: Path) -> dict:
@@ -140,20 +294,16 @@ def _arch_fields(hf: dict, where: Path) -> dict:
     refuse(hf.get("hidden_act", "silu") != "silu", f"hidden_act={hf.get('hidden_act')!r} (only 'silu' / SwiGLU)")
     refuse(bool(hf.get("tie_word_embeddings", False)), "tie_word_embeddings=true")
     refuse(bool(hf.get("attention_bias", False)), "attention_bias=true")
-    rope, scaling = hf.get("rope_parameters") or {}, hf.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    refuse(rope_type != "default", f"RoPE scaling (rope_type {rope_type!r})")
-    rope_base = rope.get("rope_theta", hf.get("rope_theta"))
-    if rope_base is None:
-        raise HFCheckpointError(f"{where}: key 'rope_theta' (or rope_parameters.rope_theta) is missing")
     d_model, n_heads = int(need("hidden_size")), int(need("num_attention_heads"))
     max_len = int(need("max_position_embeddings"))
-    window = hf.get("sliding_window")
+    window = 0
     if kind == "qwen3_moe":
         refuse(bool(hf.get("use_sliding_window", False)), "use_sliding_window=true")
         refuse(bool(hf.get("mlp_only_layers")), f"mlp_only_layers={hf.get('mlp_only_layers')}")
-    elif window is not None:
-        max_len = min(max_len, int(window))  # within the window, sliding-window attention is full attention
+    elif hf.get("sliding_window") is not None:  # Mixtral: a band in attention (layers.Attention)
+        window = hf["sliding_window"]
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise HFCheckpointError(f"{where}: sliding_window={window!r} must be an integer >= 1 or null")
     fields = {
         "vocab_size": int(need("vocab_size")),
         "d_model": d_model,
@@ -165,8 +315,9 @@ def _arch_fields(hf: dict, where: Path) -> dict:
         "top_k": int(need("num_experts_per_tok")),
         "activation": "swiglu",
         "norm_eps": float(need("rms_norm_eps")),
-        "rope_base": float(rope_base),
         "max_len": max_len,
+        "sliding_window": window,
+        **_rope_fields(hf, where, kind, max_len),
     }
     if kind == "mixtral":
         fields.update(expert_d_ff=int(need("intermediate_size")), d_ff=int(need("intermediate_size")), moe_every=1,
@@ -175,20 +326,44 @@ def _arch_fields(hf: dict, where: Path) -> dict:
         fields.update(expert_d_ff=int(need("moe_intermediate_size")), d_ff=int(need("intermediate_size")),
                       moe_every=int(hf.get("decoder_sparse_step") or 1), qk_norm=True,
                       router_renormalize=bool(need("norm_topk_prob")))
-    refuse(fields["num_experts"] < 1, "num_experts=0 (a dense model)")
-    return fields
+    experts_key = "num_local_experts" if "num_local_experts" in hf else "num_experts"
+    refuse(fields["num_experts"] < 1, f"{experts_key}={fields['num_experts']} (a dense model)")
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    return {**{k: defaults[k] for k in ARCH_FIELDS if k.startswith("rope_")}, **fields}
+
+
+# config.json keys of the ModelConfig fields whose names differ, per architecture (for messages).
+HF_KEYS = {
+    "mixtral": {"n_kv_heads": "num_key_value_heads", "n_heads": "num_attention_heads",
+                "num_experts": "num_local_experts", "expert_d_ff": "intermediate_size", "d_ff": "intermediate_size",
+                "d_model": "hidden_size", "n_layers": "num_hidden_layers", "top_k": "num_experts_per_tok"},
+    "qwen3_moe": {"n_kv_heads": "num_key_value_heads", "n_heads": "num_attention_heads", "num_experts": "num_experts",
+                  "expert_d_ff": "moe_intermediate_size", "d_ff": "intermediate_size", "d_model": "hidden_size",
+                  "n_layers": "num_hidden_layers", "top_k": "num_experts_per_tok"},
+}  # fmt: skip
+
+
+def in_hf_terms(message: str, kind: str) -> str:
+    """A message about ModelConfig fields, with each field named by its config.json key."""
+    names = HF_KEYS[kind]
+    pattern = r"(?<![\w.])(?:model\.)?(" + "|".join(sorted(names, key=len, reverse=True)) + r")\b"
+    return re.sub(pattern, lambda m: f"config.json's {names[m.group(1)]}", message)
 
 
 def _hf_config(config: ModelConfig, kind: str) -> dict:
     """config.json for `config` as a Mixtral or Qwen3-MoE model."""
+    eos = None if not config.eos_token_id else config.eos_token_id[0] if len(config.eos_token_id) == 1 else list(
+        config.eos_token_id)
     common = {
         "vocab_size": config.vocab_size, "hidden_size": config.d_model, "num_hidden_layers": config.n_layers,
         "num_attention_heads": config.n_heads, "num_key_value_heads": config.kv_heads,
         "head_dim": config.head_size, "max_position_embeddings": config.max_len, "rms_norm_eps": config.norm_eps,
-        "rope_theta": config.rope_base, "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_base},
+        "rope_theta": config.rope_base, "rope_parameters": _rope_parameters(config),
         "num_experts_per_tok": config.top_k, "hidden_act": "silu", "tie_word_embeddings": False,
         "router_aux_loss_coef": config.aux_loss_weight, "attention_dropout": 0.0, "torch_dtype": "float32",
-        "dtype": "float32", "sliding_window": None, "use_cache": True,
+        "dtype": "float32", "sliding_window": config.sliding_window or None, "use_cache": True,
+        "bos_token_id": None if config.bos_token_id < 0 else config.bos_token_id, "eos_token_id": eos,
+        "pad_token_id": None if config.pad_token_id < 0 else config.pad_token_id,
     }  # fmt: skip
     if kind == "mixtral":
         return {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", **common,
@@ -198,6 +373,20 @@ def _hf_config(config: ModelConfig, kind: str) -> dict:
             "num_experts": config.num_experts, "num_local_experts": config.num_experts,
             "decoder_sparse_step": config.moe_every, "mlp_only_layers": [], "use_sliding_window": False,
             "attention_bias": False, "norm_topk_prob": _renormalizes(config)}  # fmt: skip
+
+
+def _rope_parameters(config: ModelConfig) -> dict:
+    """config.json's rope_parameters block for the model's RoPE (transformers 5's form)."""
+    kind = {v: k for k, v in ROPE_TYPES.items()}[config.rope_scaling]
+    block = {"rope_type": kind, "rope_theta": config.rope_base}
+    if kind == "linear":
+        block["factor"] = config.rope_factor
+    elif kind == "yarn":
+        block.update(factor=config.rope_factor, original_max_position_embeddings=config.rope_original_max_len,
+                     beta_fast=config.rope_beta_fast, beta_slow=config.rope_beta_slow, truncate=config.rope_truncate)
+        if config.rope_attention_factor:
+            block["attention_factor"] = config.rope_attention_factor
+    return block
 
 
 def _architecture(config: ModelConfig) -> dict:
@@ -229,6 +418,8 @@ def export_kind(config: ModelConfig) -> str:
                             "export as Qwen3-MoE, which allows dense layers)")
         if not _renormalizes(config):
             problems.append("router_renormalize is off (Mixtral renormalises its top-k weights)")
+    if config.qk_norm and config.sliding_window:
+        problems.append("sliding_window with qk_norm (Qwen3-MoE's window is not tedjax's band on every layer)")
     if problems:
         raise HFCheckpointError("this model has no exact Hugging Face equivalent: " + "; ".join(problems))
     return kind
@@ -244,7 +435,9 @@ class Source:
     `names`: one Hugging Face tensor, or one per expert (stacked as tedjax dim 0
     when `stacked`). Each tensor of shape `hf_shape` is viewed as `split` (a
     reshape that splits dims, e.g. `[H*K, D]` as `[H, K, D]`) and transposed by
-    `perm`: tedjax dim i is split dim perm[i].
+    `perm`: tedjax dim i is split dim perm[i]. `padded`: the tedjax shape when
+    it is larger (a padded vocabulary); the extra rows read as zeros and are
+    not written back.
     """
 
     names: tuple[str, ...]
@@ -252,15 +445,21 @@ class Source:
     split: tuple[int, ...]
     perm: tuple[int, ...]
     stacked: bool = False
+    padded: tuple[int, ...] | None = None
 
     @property
-    def shape(self) -> tuple[int, ...]:
+    def unpadded(self) -> tuple[int, ...]:
         inner = tuple(self.split[p] for p in self.perm)
         return (len(self.names), *inner) if self.stacked else inner
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.padded or self.unpadded
+
     def to_hf(self, value: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:
-        """(name, Hugging Face tensor) pairs of a full tedjax value."""
+        """(name, Hugging Face tensor) pairs of a full tedjax value (padding stripped)."""
         inverse = tuple(np.argsort(self.perm))
+        value = value[tuple(slice(0, n) for n in self.unpadded)]
         parts = value if self.stacked else [value]
         for name, part in zip(self.names, parts):
             yield name, np.ascontiguousarray(np.transpose(part, inverse).reshape(self.hf_shape))
@@ -290,9 +489,10 @@ def _vector(name: str, size: int) -> Source:
 def weight_table(config: ModelConfig, kind: str) -> dict[tuple, Source]:
     """tedjax parameter path (as in `nnx.to_pure_dict`) -> its Source, for `kind` "mixtral" or "qwen3_moe"."""
     d, h, hkv, k, e = config.d_model, config.n_heads, config.kv_heads, config.head_size, config.num_experts
+    v, vp = config.vocab_size, config.padded_vocab
     table = {
-        ("embed",): Source(("model.embed_tokens.weight",), (config.vocab_size, d), (config.vocab_size, d), (0, 1)),
-        ("head",): _linear("lm_head.weight", (config.vocab_size,), d),
+        ("embed",): Source(("model.embed_tokens.weight",), (v, d), (v, d), (0, 1), padded=(vp, d) if vp > v else None),
+        ("head",): dataclasses.replace(_linear("lm_head.weight", (v,), d), padded=(d, vp) if vp > v else None),
         ("final_norm", "scale"): _vector("model.norm.weight", d),
     }
     for i in range(config.n_layers):
@@ -443,7 +643,13 @@ def _reader(files: _Files, source: Source) -> Callable[[tuple[slice, ...]], np.n
     def callback(index: tuple[slice, ...]) -> np.ndarray:
         index = tuple(index) + (slice(None),) * (len(source.shape) - len(index))
         key = tuple(s.indices(n) for s, n in zip(index, source.shape))
-        if key not in cache:
+        if key not in cache and source.padded:  # the rows that exist, then zeros for the padding
+            block = np.zeros([len(range(*k)) for k in key], np.float32)
+            real = tuple(slice(min(a, n), min(b, n)) for (a, b, _), n in zip(key, source.unpadded))
+            if all(r.stop > r.start for r in real):  # a block of padding only reads nothing
+                block[tuple(slice(0, r.stop - r.start) for r in real)] = read_one(source.names[0], real)
+            cache[key] = block
+        elif key not in cache:
             if source.stacked:
                 names = source.names[index[0]]
                 cache[key] = np.stack([read_one(n, index[1:]) for n in names]) if names else np.zeros(
@@ -523,12 +729,21 @@ def load(path: str | os.PathLike, mesh: Mesh, **overrides) -> tuple[ModelConfig,
     """(ModelConfig, Transformer sharded on `mesh`) from a Hugging Face directory.
 
     `overrides` change non-architecture fields (e.g. `dtype="bfloat16"`,
-    `remat="cac"`, `capacity_factor=1.25`). Every error (no config.json, an
+    `remat="cac"`, `capacity_factor=1.25`). A vocabulary that "tensor" does
+    not divide is padded to a multiple of it (`model.vocab_multiple`; the
+    padded logits are -inf, so the logits equal transformers'). Every error (no config.json, an
     unsupported architecture, a shape that differs from the config, a mesh the
     model does not divide) is raised before any weight is read.
     """
     config = model_config(path, **overrides)
-    check_mesh(config, mesh)
+    tensor = mesh.shape["tensor"]
+    if config.padded_vocab % tensor:  # Megatron's make-vocab-divisible: pad rows, -inf logits, stripped on save
+        config = dataclasses.replace(config, vocab_multiple=math.lcm(config.vocab_multiple, tensor))
+    try:
+        check_mesh(config, mesh)
+    except ValueError as err:
+        raise HFCheckpointError(f"{Path(path).expanduser() / 'config.json'}: "
+                                f"{in_hf_terms(str(err), _kind(read_hf_config(path)))}") from None
     graphdef, abstract_params, abstract_rest = nnx.split(abstract_model(config), nnx.Param, ...)
     shardings = nnx.to_pure_dict(state_shardings(abstract_params, mesh))
     params = load_params(path, config, shardings)
@@ -551,6 +766,7 @@ def save(
     max_shard_bytes: int = 4 * 2**30,
     tokenizer_from: str | os.PathLike | None = None,
     drop_router_bias: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Write `model` as a Hugging Face directory (config.json + float32 safetensors); returns the path.
 
@@ -560,14 +776,28 @@ def save(
     several). `tokenizer_from`: a directory whose tokenizer files are copied.
     Experts are written in logical order whatever their placement. A router
     bias (aux-loss-free balancing) has no place in these formats: a nonzero
-    one is an error unless `drop_router_bias=True`. In a multi-process run
-    every process must call it; process 0 writes.
+    one is an error unless `drop_router_bias=True`. A directory that already
+    holds weights (`WEIGHT_PATTERNS`) is refused unless `overwrite=True`; then
+    the weight and index files this save does not write are removed, so no
+    loader can pick up a stale one. A padded vocabulary is written unpadded.
+    In a multi-process run every process must call it; process 0 writes.
     """
     save_file = _safetensors().numpy.save_file
     config: ModelConfig = model.config
     kind = export_kind(config)
     if tokenizer_from is not None and not (Path(tokenizer_from).expanduser() / "tokenizer.json").is_file():
         raise HFCheckpointError(f"tokenizer_from={str(tokenizer_from)!r} has no tokenizer.json")
+    out = Path(path).expanduser()
+    writer = jax.process_index() == 0
+    if out.exists() and not out.is_dir():
+        raise HFCheckpointError(f"{str(out)!r} is a file; pass a directory to save into")
+    existing = _weight_files(out) if out.is_dir() else []
+    if existing and not overwrite:
+        shown = ", ".join(p.name for p in existing[:4])
+        shown += f" and {len(existing) - 4} more" if len(existing) > 4 else ""
+        raise HFCheckpointError(f"{str(out)!r} already holds weights ({shown}); files left from another model would "
+                                "make tedjax and transformers load different weights. Save into an empty directory, "
+                                "or pass overwrite=True to replace them (stale weight and index files are removed)")
     placement = _expert_placement(model)
     biased = [i for i, block in enumerate(model.blocks)
               if getattr(block.ffn, "router_bias", None) is not None and np.any(_to_host(block.ffn.router_bias[...]))]
@@ -579,11 +809,7 @@ def save(
     missing = sorted(set(table) - set(params))
     if missing:
         raise HFCheckpointError(f"the model lacks parameters the {kind} format needs: {missing[:5]}")
-    out = Path(path).expanduser()
-    writer = jax.process_index() == 0
     if writer:
-        if out.exists() and not out.is_dir():
-            raise HFCheckpointError(f"{str(out)!r} is a file; pass a directory to save into")
         out.mkdir(parents=True, exist_ok=True)
 
     # Plan the files from the shapes, then materialise one file's tensors at a time.
@@ -615,13 +841,22 @@ def save(
         del tensors
     if writer:
         if len(shards) > 1:
-            total = sum(4 * math.prod(s.shape) for s in table.values())
+            total = sum(4 * math.prod(s.hf_shape) * len(s.names) for s in table.values())
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             _write_text(out / "model.safetensors.index.json", json.dumps(index, indent=2))
         _write_text(out / "config.json", json.dumps(_hf_config(config, kind), indent=2))
         if tokenizer_from is not None:
             _copy_tokenizer(Path(tokenizer_from).expanduser(), out)
+        written = set(names) | ({"model.safetensors.index.json"} if len(shards) > 1 else set())
+        for stale in existing:
+            if stale.name not in written:
+                stale.unlink()
     return out
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    """The files in `directory` that a loader could take weights from (safetensors, torch, index files, ...)."""
+    return sorted({p for pattern in WEIGHT_PATTERNS for p in directory.glob(pattern) if p.is_file()})
 
 
 def _expert_placement(model: Transformer) -> dict[tuple, np.ndarray]:

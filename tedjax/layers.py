@@ -7,12 +7,14 @@ Every parameter is created through `param`, which records its logical axes;
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from typing import Literal
 
 import jax
 import jax.extend.backend
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
@@ -63,16 +65,71 @@ class RMSNorm(nnx.Module):
         return (normed * self.scale[...]).astype(x.dtype)
 
 
-def rope(x_blhk: jax.Array, base: float, positions_l: jax.Array | None = None) -> jax.Array:
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling as Hugging Face's `rope_type` (transformers' modeling_rope_utils).
+
+    "none": frequencies base^(-i/half). "linear": those / `factor` (positions
+    interpolated). "yarn": per frequency, a ramp between the interpolated
+    (/ factor) and the original one over the dims whose wavelength spans
+    `beta_slow`..`beta_fast` rotations of the `original_max_len` context, and
+    cos / sin scaled by `attention_factor` (0 = 0.1 ln(factor) + 1).
+    """
+
+    kind: str = "none"
+    factor: float = 1.0
+    original_max_len: int = 0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float = 0.0
+    truncate: bool = True
+
+    def frequencies(self, base: float, head_dim: int) -> tuple[np.ndarray, float]:
+        """(float32 inverse frequencies `[head_dim / 2]`, cos / sin scale), computed on the host like transformers."""
+        half = head_dim // 2
+        exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+        inv_freq = (1.0 / base**exponent).astype(np.float32)
+        if self.kind == "none":
+            return inv_freq, 1.0
+        if self.kind == "linear":
+            return (inv_freq / np.float32(self.factor)).astype(np.float32), 1.0
+        if self.kind != "yarn":
+            raise ValueError(f"unknown RoPE scaling {self.kind!r}; tedjax implements 'none', 'linear' and 'yarn'")
+        factor = self.factor
+        scale = self.attention_factor or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
+
+        def correction_dim(rotations: float) -> float:  # the dim whose wavelength fits `rotations` times
+            return head_dim * math.log(self.original_max_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        low, high = correction_dim(self.beta_fast), correction_dim(self.beta_slow)
+        if self.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, head_dim - 1)
+        if low == high:
+            high += 0.001  # as transformers: no division by zero
+        ramp = np.clip((np.arange(half, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
+        extrapolate = (1 - ramp).astype(np.float32)
+        pos_freqs = (base**exponent).astype(np.float32)
+        interpolated = (1.0 / (np.float32(factor) * pos_freqs)).astype(np.float32)
+        extrapolated = (1.0 / pos_freqs).astype(np.float32)
+        return (interpolated * (1 - extrapolate) + extrapolated * extrapolate).astype(np.float32), float(scale)
+
+
+def rope(x_blhk: jax.Array, base: float, positions_l: jax.Array | None = None,
+         scaling: RopeScaling = RopeScaling()) -> jax.Array:  # fmt: skip
     """Rotary position embedding over the last dim of `[B, L, H, K]` (positions default to 0..L-1).
 
-    Halves convention (x1 = first half, x2 = second half), as Llama / Mixtral / Qwen in Hugging Face.
+    Halves convention (x1 = first half, x2 = second half), as Llama / Mixtral / Qwen in Hugging Face;
+    `scaling` changes the frequencies (and, for YaRN, the size of cos and sin).
     """
-    length, half = x_blhk.shape[1], x_blhk.shape[-1] // 2
-    freq_k = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    length = x_blhk.shape[1]
+    inv_freq, scale = scaling.frequencies(base, x_blhk.shape[-1])
+    freq_k = jnp.asarray(inv_freq)
     pos_l = jnp.arange(length, dtype=jnp.float32) if positions_l is None else positions_l.astype(jnp.float32)
     angle_lk = pos_l[:, None] * freq_k[None, :]
     sin, cos = jnp.sin(angle_lk)[None, :, None, :], jnp.cos(angle_lk)[None, :, None, :]
+    if scale != 1.0:
+        sin, cos = sin * scale, cos * scale
     x1, x2 = jnp.split(x_blhk.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_blhk.dtype)
 
@@ -131,7 +188,10 @@ class Attention(nnx.Module):
     Grouped-query attention: `n_kv_heads` key/value heads (0 = n_heads), query
     head h reads key/value head h // (n_heads / n_kv_heads), as Hugging Face's
     `repeat_kv`. `qk_norm` adds an RMSNorm over each query and key head before
-    RoPE (Qwen3). `head_dim` 0 means d_model // n_heads.
+    RoPE (Qwen3). `head_dim` 0 means d_model // n_heads. `rope_scaling` scales
+    RoPE's frequencies (linear, YaRN). `sliding_window` W > 0 lets each query
+    see only the W positions ending at its own (Mistral / Mixtral's band, a
+    mask in training and in cached decoding alike; 0 = every earlier position).
 
     The attention itself is `jax.nn.dot_product_attention`: cuDNN flash
     attention on an NVIDIA GPU in bfloat16 (no `[B, H, L, L]` scores in
@@ -154,6 +214,8 @@ class Attention(nnx.Module):
         qk_norm: bool = False,
         norm_eps: float = 1e-6,
         implementation: AttentionImpl = "auto",
+        rope_scaling: RopeScaling = RopeScaling(),
+        sliding_window: int = 0,
     ):
         head_dim = head_dim or d_model // n_heads
         n_kv_heads = n_kv_heads or n_heads
@@ -176,11 +238,15 @@ class Attention(nnx.Module):
         self.q_norm = RMSNorm(head_dim, eps=norm_eps, rngs=rngs) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, eps=norm_eps, rngs=rngs) if qk_norm else None
         self.rope_base, self.dtype, self.implementation = rope_base, dtype, implementation
+        self.rope_scaling, self.sliding_window = rope_scaling, sliding_window
 
     def __call__(self, x_bld: jax.Array) -> jax.Array:
         q_blhk, k_blhk, v_blhk = self._project(x_bld, None)
         impl = attention_implementation(self.implementation, q_blhk.dtype, q_blhk.shape[-1])
-        out_blhk = jax.nn.dot_product_attention(q_blhk, k_blhk, v_blhk, is_causal=True, implementation=impl)
+        # The band as jax's local window (left W-1, right 0): cuDNN takes it natively, XLA as a mask.
+        window = (self.sliding_window - 1, 0) if self.sliding_window else None
+        out_blhk = jax.nn.dot_product_attention(q_blhk, k_blhk, v_blhk, is_causal=True, local_window_size=window,
+                                                implementation=impl)
         return self._output(out_blhk)
 
     def cached(self, x_bld: jax.Array, cache: KVCache, start: jax.Array) -> tuple[jax.Array, KVCache]:
@@ -201,7 +267,10 @@ class Attention(nnx.Module):
         k_bhtk = jax.lax.dynamic_update_slice_in_dim(cache.k_bhtk, jnp.swapaxes(k_blhk, 1, 2).astype(dt), start, axis=2)
         v_bhtk = jax.lax.dynamic_update_slice_in_dim(cache.v_bhtk, jnp.swapaxes(v_blhk, 1, 2).astype(dt), start, axis=2)
         k_bhtk, v_bhtk = constrain(k_bhtk, cache_axes), constrain(v_bhtk, cache_axes)
-        visible_lt = jnp.arange(total, dtype=jnp.int32)[None, :] <= positions_l[:, None]
+        cached_t = jnp.arange(total, dtype=jnp.int32)
+        visible_lt = cached_t[None, :] <= positions_l[:, None]
+        if self.sliding_window:  # the same band as training: the W positions ending at the query's own
+            visible_lt &= cached_t[None, :] > positions_l[:, None] - self.sliding_window
         k_bthk = jnp.swapaxes(k_bhtk, 1, 2).astype(q_blhk.dtype)
         v_bthk = jnp.swapaxes(v_bhtk, 1, 2).astype(q_blhk.dtype)
         out_blhk = jax.nn.dot_product_attention(
@@ -216,8 +285,8 @@ class Attention(nnx.Module):
         k_blhk = jnp.einsum("bld,dhk->blhk", x_bld, self.wk[...].astype(dt))
         if self.q_norm is not None:
             q_blhk, k_blhk = self.q_norm(q_blhk), self.k_norm(k_blhk)
-        q_blhk = rope(q_blhk, self.rope_base, positions_l)
-        k_blhk = rope(k_blhk, self.rope_base, positions_l)
+        q_blhk = rope(q_blhk, self.rope_base, positions_l, self.rope_scaling)
+        k_blhk = rope(k_blhk, self.rope_base, positions_l, self.rope_scaling)
         v_blhk = jnp.einsum("bld,dhk->blhk", x_bld, self.wv[...].astype(dt))
         # cuDNN's partitioner needs queries, keys and values split alike (batch and heads only).
         axes = ("batch", "length", "act_heads", None)

@@ -245,6 +245,10 @@ def run(config: TrainConfig, *, resume: bool = False, allow_change: Iterable[str
     logger = MetricsLogger(config.log.dir, total_steps=config.steps, start_step=start_step,
                            tensorboard=config.log.tensorboard, progress=config.log.progress)  # fmt: skip
     _announce(logger, config, mesh, checkpointer, start_step, config_file)
+    if config.init_from and config.model.num_experts:  # the capacity the import routes with; a warning if it drops
+        from tedjax import hf
+
+        logger.message(hf.capacity_note(config.model, config.data.seq_len, mesh.shape["expert"]))
     if resume:
         logger.message(f"resumed from checkpoint step {last_checkpoint} in {checkpointer.directory}"
                        if last_checkpoint is not None else

@@ -9,7 +9,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from tedjax.config import ModelConfig, check_mesh
-from tedjax.layers import COLLECTIVE_OUTPUTS, Attention, DenseFFN, RMSNorm, fan_in_init, param
+from tedjax.layers import COLLECTIVE_OUTPUTS, Attention, DenseFFN, RMSNorm, RopeScaling, fan_in_init, param
 from tedjax.mesh import constrain, state_shardings
 from tedjax.moe import MoE, MoEStats
 
@@ -19,6 +19,12 @@ REMAT_POLICIES = {
 }
 
 
+def rope_scaling(config: ModelConfig) -> RopeScaling:
+    """The model's RoPE scaling settings (model.rope_*)."""
+    return RopeScaling(config.rope_scaling, config.rope_factor, config.rope_original_max_len, config.rope_beta_fast,
+                       config.rope_beta_slow, config.rope_attention_factor, config.rope_truncate)
+
+
 class Block(nnx.Module):
     def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs):
         dt = config.compute_dtype
@@ -26,7 +32,8 @@ class Block(nnx.Module):
         self.attn = Attention(
             config.d_model, config.n_heads, n_kv_heads=config.n_kv_heads, head_dim=config.head_dim,
             qk_norm=config.qk_norm, norm_eps=config.norm_eps, rope_base=config.rope_base, dtype=dt,
-            implementation=config.attention, rngs=rngs,
+            implementation=config.attention, rope_scaling=rope_scaling(config), sliding_window=config.sliding_window,
+            rngs=rngs,
         )  # fmt: skip
         self.ffn_norm = RMSNorm(config.d_model, eps=config.norm_eps, rngs=rngs)
         self.is_moe = bool(config.num_experts) and config.is_moe_layer(layer)
@@ -58,10 +65,11 @@ class Transformer(nnx.Module):
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
-        self.embed = param(rngs, jax.nn.initializers.normal(1.0), (config.vocab_size, config.d_model), ("vocab", "embed"))
+        vocab = config.padded_vocab  # rows past vocab_size are padding (model.vocab_multiple); their logits are -inf
+        self.embed = param(rngs, jax.nn.initializers.normal(1.0), (vocab, config.d_model), ("vocab", "embed"))
         self.blocks = nnx.List([Block(config, i, rngs=rngs) for i in range(config.n_layers)])
         self.final_norm = RMSNorm(config.d_model, eps=config.norm_eps, rngs=rngs)
-        self.head = param(rngs, fan_in_init(config.d_model), (config.d_model, config.vocab_size), ("embed", "vocab"))
+        self.head = param(rngs, fan_in_init(config.d_model), (config.d_model, vocab), ("embed", "vocab"))
 
     def __call__(self, tokens_bl: jax.Array) -> tuple[jax.Array, list[MoEStats]]:
         cfg = self.config
@@ -79,8 +87,15 @@ class Transformer(nnx.Module):
                 all_stats.append(stats)
         x_bld = self.final_norm(x_bld)
         logits_blv = jnp.einsum("bld,dv->blv", x_bld, self.head[...].astype(cfg.compute_dtype))
-        logits_blv = constrain(logits_blv.astype(jnp.float32), ("batch", "length", "act_vocab"))
+        logits_blv = constrain(mask_padded_vocab(cfg, logits_blv.astype(jnp.float32)), ("batch", "length", "act_vocab"))
         return logits_blv, all_stats
+
+
+def mask_padded_vocab(config: ModelConfig, logits_blv: jax.Array) -> jax.Array:
+    """-inf at the padded ids (>= vocab_size) of `[..., padded_vocab]` logits: no probability, no gradient."""
+    if config.padded_vocab == config.vocab_size:
+        return logits_blv
+    return jnp.where(jnp.arange(config.padded_vocab) < config.vocab_size, logits_blv, -jnp.inf)
 
 
 def loss_fn(model: Transformer, batch: dict[str, jax.Array], *, check_ids: bool = False

@@ -237,3 +237,46 @@ def test_bad_implementation_is_refused():
                      implementation="cudnn")  # fmt: skip
     with pytest.raises(ValueError, match="needs an NVIDIA GPU"):
         jax.eval_shape(attn, jnp.zeros((1, 4, D_MODEL), jnp.bfloat16))
+
+
+# ---------------------------------------------------------------- sliding window and RoPE scaling (issue 20)
+
+WINDOW = 5  # over LENGTH = 16 positions
+
+
+def test_sliding_window_is_a_band_in_training_and_in_decoding():
+    """Each query sees the WINDOW positions ending at its own: the reference with a band mask, the full
+    forward (jax's local window) and prefill + one-token decoding (a band in the cache mask) all agree."""
+    attn = Attention(D_MODEL, HEADS, n_kv_heads=4, head_dim=HEAD_DIM, rope_base=10000.0, dtype=jnp.float32,
+                     sliding_window=WINDOW, rngs=nnx.Rngs(0))  # fmt: skip
+    x_bld, _ = _inputs(jnp.float32)
+    q_blhk, k_blhk, v_blhk = attn._project(x_bld, None)
+    position = np.arange(LENGTH)
+    band_qs = (position[None, :] <= position[:, None]) & (position[None, :] > position[:, None] - WINDOW)
+    y_reference = np.asarray(attn._output(reference_attend(q_blhk, k_blhk, v_blhk, band_qs, jnp.float32)))
+    y_full = np.asarray(jax.jit(lambda x: attn(x))(x_bld))
+    assert max_diff(y_full, y_reference) <= F32_TOL
+    graphdef, state = nnx.split(attn)
+    y_cached = jax.jit(_prefill_then_decode, static_argnames=("graphdef", "prompt"))(graphdef, state, x_bld, prompt=7)
+    assert max_diff(np.asarray(y_cached), y_reference) <= F32_TOL
+    # past the window the band matters: full causal attention differs
+    causal = np.asarray(attn._output(reference_attend(q_blhk, k_blhk, v_blhk, np.tril(band_qs | True), jnp.float32)))
+    assert max_diff(causal[:, WINDOW:], y_reference[:, WINDOW:]) > 1e-2
+    np.testing.assert_allclose(causal[:, :WINDOW], y_reference[:, :WINDOW], rtol=1e-5, atol=1e-6)
+
+
+def test_rope_scaling_frequencies():
+    """Linear divides every frequency by the factor; YaRN keeps the fast ones, divides the slow ones and
+    ramps between (the dims whose wavelength spans beta_slow..beta_fast rotations of the original context)."""
+    base, dim = 10000.0, 16
+    plain, one = layers.RopeScaling().frequencies(base, dim)
+    linear, scale = layers.RopeScaling("linear", 4.0).frequencies(base, dim)
+    np.testing.assert_allclose(linear, plain / 4, rtol=1e-6)
+    assert one == scale == 1.0
+    yarn, scale = layers.RopeScaling("yarn", 4.0, original_max_len=32).frequencies(base, dim)
+    assert scale == pytest.approx(0.1 * np.log(4.0) + 1)
+    # low = floor(16 ln(32 / (32 * 2 pi)) / (2 ln 1e4)) = -2 -> 0; high = ceil(16 ln(32 / 2 pi) / (2 ln 1e4)) = 2
+    ramp = np.clip((np.arange(8) - 0) / (2 - 0), 0, 1)
+    np.testing.assert_allclose(yarn, plain / 4 * ramp + plain * (1 - ramp), rtol=1e-6)
+    with pytest.raises(ValueError, match="unknown RoPE scaling 'ntk'"):
+        layers.RopeScaling("ntk", 2.0).frequencies(base, dim)

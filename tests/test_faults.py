@@ -451,6 +451,10 @@ OUT_OF_RANGE = {
     "log.dir": "", "log.every": 0, "log.eval_every": -1, "log.eval_batches": 0, "log.peak_tflops": -1.0,
     "xla.all_reduce_combine_bytes": -1, "xla.reduce_scatter_combine_bytes": -1, "xla.all_gather_combine_bytes": -1,
     "xla.combine_count": -1,
+    "model.rope_scaling": "ntk", "model.rope_factor": 0.0, "model.rope_original_max_len": -1,
+    "model.rope_beta_fast": -1.0, "model.rope_beta_slow": -1.0, "model.rope_attention_factor": -1.0,
+    "model.sliding_window": -1, "model.vocab_multiple": 0, "model.bos_token_id": -2, "model.eos_token_id": [-1],
+    "model.pad_token_id": -2,
 }  # fmt: skip
 NO_RANGE = {
     "model.dtd": "a switch", "model.qk_norm": "a switch", "model.router_renormalize": "a switch (None = top_k > 1)",
@@ -458,6 +462,7 @@ NO_RANGE = {
     "log.tensorboard": "a switch", "log.progress": "a switch", "mesh.auto": "a switch (the planner picks the sizes)", "xla.cpu_all_reduce_combiner": "a switch",
     "data.path": "a path, checked when the run starts (see the token-directory cases below)",
     "checkpoint.dir": "a path ('' = <log.dir>/checkpoints), checked when the run starts",
+    "model.rope_truncate": "a switch",
 }  # fmt: skip
 
 

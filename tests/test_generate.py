@@ -167,3 +167,47 @@ def test_benchmark_quick(tmp_path):
     for row in rows.values():
         assert row["tokens_per_s"] == pytest.approx(row["batch"] * row["new_tokens"] / row["call_s"])
     assert "tokens/s" in (tmp_path / "generate.md").read_text()
+
+
+# --------------------------------------------------------------------------- issue 20
+
+
+def variant(tmp_path, name: str) -> Path:
+    """A variant fixture: the base model's files with the variant's config.json."""
+    import json
+    import shutil
+
+    base = json.loads((FIXTURES / "manifest.json").read_text())["models"][name]["base"]
+    d = Path(shutil.copytree(FIXTURES / base, tmp_path / name))
+    shutil.copy(FIXTURES / "variants" / f"{name}.json", d / "config.json")
+    return d
+
+
+def test_greedy_equals_transformers_past_the_window(tmp_path):
+    """Cached decoding with a window of 6 over 32 positions: transformers' greedy tokens."""
+    model = hf.load(variant(tmp_path, "mixtral_window"), mesh_of((1, 1, 1)))[1]
+    gold = np.load(FIXTURES / "mixtral_window_golden.npz")
+    prompt, greedy = gold["prompt"], gold["greedy"]
+    np.testing.assert_array_equal(tedjax.generate(model, prompt, greedy.shape[1] - prompt.shape[1]), greedy)
+
+
+def test_cli_without_a_tokenizer_names_the_flag(tmp_path, monkeypatch, capsys):
+    """No tokenizer.json: refused before any weight is read, naming --tokenizer (a run with one:
+    test_cli_with_a_hugging_face_directory)."""
+    import shutil
+
+    d = Path(shutil.copytree(FIXTURES / "mixtral", tmp_path / "mixtral"))
+    (d / "tokenizer.json").unlink()
+    monkeypatch.setattr(hf.jax, "make_array_from_callback", lambda *a, **k: pytest.fail("a weight was read"))
+    assert generation.main(["--hf", str(d), "--prompt", "def ", "--max-new-tokens", "2"]) == 2
+    assert "--hf " + repr(str(d)) + " has no tokenizer.json; pass --tokenizer DIR" in capsys.readouterr().err
+    assert generation.main(["--hf", str(d), "--tokenizer", str(tmp_path), "--prompt", "x"]) == 2
+    assert "--tokenizer " + repr(str(tmp_path)) + " has no tokenizer.json" in capsys.readouterr().err
+
+
+def test_cli_help_tells_where_the_tokenizer_comes_from(capsys):
+    with pytest.raises(SystemExit):
+        generation.main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "default: the --hf directory; for --checkpoint," in help_text
+    assert "else UTF-8 bytes, as the run trained on" in help_text

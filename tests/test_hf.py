@@ -4,6 +4,7 @@ No torch or transformers needed, except in the one test that loads a saved
 directory back into transformers (skipped where it is not installed).
 """
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -223,7 +224,8 @@ def test_unsupported_architecture(tmp_path, no_weight_read):
 
 @pytest.mark.parametrize("change, message", [
     ({"tie_word_embeddings": True}, "tie_word_embeddings=true is not supported"),
-    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}}, "RoPE scaling"),
+    ({"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e6, "factor": 4.0}},
+     "rope_type 'dynamic' \\(in rope_parameters\\) is not supported"),
     ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
     ({"num_attention_heads": None}, "'num_attention_heads' is missing"),
 ])  # fmt: skip
@@ -258,10 +260,24 @@ def test_missing_and_unmapped_tensors(tmp_path, no_weight_read):
 
 
 def test_checkpoint_that_does_not_divide_the_mesh(no_weight_read):
-    with pytest.raises(ValueError, match=r"n_kv_heads=2 is not divisible by the tensor axis \(4\)"):
+    """The messages name config.json's keys, which the user wrote, not tedjax's fields (issue 20 item 9)."""
+    with pytest.raises(ValueError, match=r"config.json's num_key_value_heads=2 is not divisible by the tensor axis "
+                                         r"\(4\); choose mesh.tensor dividing config.json's num_key_value_heads"):
         hf.load(FIXTURES / "mixtral", mesh_of((1, 2, 4)))
-    with pytest.raises(ValueError, match=r"num_experts=4 is not divisible by the expert axis \(8\)"):
+    with pytest.raises(ValueError, match=r"config.json's num_local_experts=4 is not divisible by the expert axis "
+                                         r"\(8\)"):
         hf.load(FIXTURES / "mixtral", mesh_of((1, 8, 1)))
+
+
+def test_dense_checkpoint_is_named_by_its_config_key(tmp_path, no_weight_read):
+    d = copy_fixture(tmp_path)
+    edit_config(d, num_local_experts=0)
+    with pytest.raises(hf.HFCheckpointError, match=r"num_local_experts=0 \(a dense model\) is not supported"):
+        hf.load(d, mesh_of((1, 1, 1)))
+    edit_config(d, num_local_experts=4, num_key_value_heads=3)  # 4 heads are no multiple of 3
+    with pytest.raises(hf.HFCheckpointError, match=r"config.json: config.json's num_attention_heads=4 must be a "
+                                                   r"multiple of config.json's num_key_value_heads=3"):
+        hf.load(d, mesh_of((1, 1, 1)))
 
 
 # --------------------------------------------------------------------------- fine-tuning and tokens
@@ -312,16 +328,245 @@ def test_prepare_with_a_hugging_face_tokenizer(tmp_path):
     assert len(decoded) == 2 and all(len(d) > 100 and text.startswith(d) for d, text in zip(decoded, texts))
 
 
-def test_saved_directory_loads_in_transformers(loaded, tmp_path):
+def test_saved_directory_loads_in_transformers(loaded, variants, tmp_path):
     why = "torch and transformers are the optional hf-fixtures extra (pip install -e '.[hf-fixtures]'), not in CI"
     torch = pytest.importorskip("torch", reason=why)
     transformers = pytest.importorskip("transformers", reason=why)
     cases = [(arch, loaded[arch][(2, 2, 2)][1]) for arch in ARCHS]
     cases.append(("native", tedjax.init_model(native_config(vocab_size=512), mesh_of((1, 1, 1)), seed=1)))
+    # RoPE scaling and the window as written by save; a padded vocabulary written unpadded
+    cases += [(name, hf.load(variants[name], mesh_of((1, 1, 1)))[1]) for name in VARIANTS]
+    cases.append(("odd_vocab", hf.load(odd_vocab_checkpoint(tmp_path / "odd"), mesh_of((1, 1, 2)))[1]))
     gold = golden("mixtral")["input_ids"]
     for name, model in cases:
         out = hf.save(model, tmp_path / name)
         theirs = transformers.AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
         with torch.no_grad():
             reference = theirs(torch.tensor(gold, dtype=torch.long)).logits.numpy()
-        assert_close_to(logits_of(model, gold), reference)
+        assert_close_to(logits_of(model, gold)[..., : reference.shape[-1]], reference)
+
+
+# --------------------------------------------------------------------------- issue 20: RoPE scaling, window, ...
+
+MANIFEST = json.loads((FIXTURES / "manifest.json").read_text())["models"]
+VARIANTS = ("qwen3_moe_yarn", "mixtral_linear", "mixtral_window")  # tools/make_hf_fixtures.py VARIANTS
+VARIANT_LAYOUTS = [(2, 2, 2)]  # every axis split; test_saved_config_writes_what_was_read checks (1, 1, 1)
+
+
+def variant_dir(root: Path, name: str) -> Path:
+    """The base fixture's files with the variant's config.json (the fixtures store only what differs)."""
+    d = Path(shutil.copytree(FIXTURES / MANIFEST[name]["base"], root / name))
+    shutil.copy(FIXTURES / "variants" / f"{name}.json", d / "config.json")
+    return d
+
+
+@pytest.fixture(scope="module")
+def variants(tmp_path_factory):
+    root = tmp_path_factory.mktemp("variants")
+    return {name: variant_dir(root, name) for name in VARIANTS}
+
+
+@pytest.mark.parametrize("layout", VARIANT_LAYOUTS, ids=lambda layout: "x".join(map(str, layout)))
+@pytest.mark.parametrize("name", VARIANTS)
+def test_variant_logits_equal_transformers(variants, name, layout):
+    """YaRN in `rope_scaling` beside `rope_parameters` (Qwen's documented form), linear scaling in
+    `rope_parameters`, and a Mixtral window of 6 over 16 positions: transformers' logits at every position."""
+    config, model = hf.load(variants[name], mesh_of(layout))
+    gold = golden(name)
+    assert_close_to(logits_of(model, gold["input_ids"]), gold["logits"])
+    # and they are not the base model's: each setting changes the logits a lot
+    base = golden(MANIFEST[name]["base"])["logits"]
+    assert np.max(np.abs(gold["logits"] - base)) > 0.1 * np.max(np.abs(base))
+
+
+def test_variant_configs(variants):
+    for name, expected in [
+        ("qwen3_moe_yarn", dict(rope_scaling="yarn", rope_factor=4.0, rope_original_max_len=32, rope_base=1e4,
+                                rope_attention_factor=0.0, rope_beta_fast=32.0, rope_beta_slow=1.0)),
+        ("mixtral_linear", dict(rope_scaling="linear", rope_factor=2.0, rope_base=1e6)),
+        ("mixtral_window", dict(sliding_window=6, rope_scaling="none", max_len=128)),
+    ]:
+        config = hf.model_fields(variants[name])
+        assert {k: config[k] for k in expected} == expected, name
+
+
+def test_window_is_no_context_cap(variants):
+    """No max_len switches the window off, directly or through init_from with a YAML (issue 20 item 2)."""
+    d = variants["mixtral_window"]
+    config = hf.model_config(d, max_len=16)
+    assert config.sliding_window == 6 and config.max_len == 16
+    _, model = hf.load(d, mesh_of((1, 1, 1)), max_len=16)
+    gold = golden("mixtral_window")
+    assert_close_to(logits_of(model, gold["input_ids"]), gold["logits"])
+    train = load_config("configs/tiny.yaml", [f"init_from=hf:{d}", "model.max_len=128"])
+    assert train.model.sliding_window == 6
+    with pytest.raises(hf.HFCheckpointError, match="sliding_window"):
+        hf.model_config(d, sliding_window=0)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"rope_scaling": {"rope_type": "longrope", "factor": 2.0}}, r"rope_type 'longrope' \(in rope_scaling\)"),
+    ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, r"rope_type 'dynamic' \(in rope_scaling\)"),
+    ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 1e6}}, r"rope_type 'llama3'"),
+    ({"rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 2.0}}},
+     r"rope_parameters nested per layer type \(full_attention\)"),
+    ({"partial_rotary_factor": 0.5}, r"partial_rotary_factor=0.5"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4}, "rope_scaling": {"type": "linear", "factor": 2}},
+     r"rope_theta=1000000.0 .*not rope_parameters.rope_theta=10000.0"),
+    ({"rope_scaling": {"rope_type": "linear"}}, r"rope_scaling.factor=None must be a number"),
+    ({"sliding_window": 0}, r"sliding_window=0 must be an integer >= 1"),
+])  # fmt: skip
+def test_rope_settings_tedjax_cannot_honour_are_refused(tmp_path, no_weight_read, change, message):
+    """Every place a config.json carries RoPE settings is read; what tedjax does not implement is named."""
+    d = copy_fixture(tmp_path)
+    edit_config(d, **change)
+    with pytest.raises(hf.HFCheckpointError, match=message):
+        hf.load(d, mesh_of((1, 1, 1)))
+
+
+def test_rope_read_as_transformers_reads_it(tmp_path):
+    """Legacy `type`, a top-level rope_theta and no rope_parameters: the values transformers 5 would use."""
+    d = copy_fixture(tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    del cfg["rope_parameters"]
+    (d / "config.json").write_text(json.dumps({**cfg, "rope_theta": 5e5, "rope_scaling": {"type": "linear",
+                                                                                          "factor": 3}}))
+    config = hf.model_config(d)
+    assert (config.rope_base, config.rope_scaling, config.rope_factor) == (5e5, "linear", 3.0)
+    edit_config(d, rope_scaling={"rope_type": "yarn", "factor": 2.0, "mscale": 0.5, "mscale_all_dim": 1.0,
+                                 "beta_fast": 16, "truncate": False})
+    config = hf.model_config(d)
+    assert (config.rope_original_max_len, config.rope_beta_fast, config.rope_beta_slow, config.rope_truncate) == (
+        128, 16.0, 1.0, False)
+    mscale = lambda m: 0.1 * m * np.log(2.0) + 1  # noqa: E731
+    assert config.rope_attention_factor == pytest.approx(mscale(0.5) / mscale(1.0))
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe_yarn", "mixtral_window"])
+def test_saved_config_writes_what_was_read(variants, name, tmp_path):
+    """bos / eos / pad ids, the RoPE scaling and the window round-trip through save (issue 20 item 4)."""
+    d = variants[name]
+    config, model = hf.load(d, mesh_of((1, 1, 1)))
+    out = hf.save(model, tmp_path / "out")
+    written, read = json.loads((out / "config.json").read_text()), json.loads((d / "config.json").read_text())
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id", "sliding_window", "max_position_embeddings"):
+        assert written[key] == read[key], key
+    assert hf.model_config(out) == config
+    assert_close_to(logits_of(hf.load(out, mesh_of((1, 1, 1)))[1], golden(name)["input_ids"]), golden(name)["logits"])
+
+
+def test_saved_config_keeps_the_token_ids(tmp_path):
+    d = copy_fixture(tmp_path, "mixtral")
+    edit_config(d, bos_token_id=3, eos_token_id=[0, 7], pad_token_id=5)
+    config, model = hf.load(d, mesh_of((1, 1, 1)))
+    assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (3, (0, 7), 5)
+    assert (hf.model_config(FIXTURES / "mixtral").bos_token_id, hf.model_config(FIXTURES / "mixtral").eos_token_id) == (
+        -1, (0,))
+    written = json.loads((hf.save(model, tmp_path / "out") / "config.json").read_text())
+    assert (written["bos_token_id"], written["eos_token_id"], written["pad_token_id"]) == (3, [0, 7], 5)
+    assert written["sliding_window"] is None
+    # a run's config with them reads back from its JSON unchanged (the resume guard sees no change)
+    from tedjax.checkpoint import config_changes
+
+    run = load_config("configs/tiny.yaml", [f"init_from=hf:{d}"])
+    assert run.model.eos_token_id == (0, 7)
+    assert config_changes(json.loads(json.dumps(run.to_dict())), run) == []
+
+
+def test_save_refuses_a_folder_with_weights(loaded, tmp_path, monkeypatch):
+    """Stale weight files would make tedjax and transformers load different models (issue 20 item 3)."""
+    _, model = loaded["mixtral"][(1, 1, 1)]
+    out = hf.save(model, tmp_path / "out", max_shard_bytes=60_000)  # several files and an index
+    many = sorted(p.name for p in out.iterdir())
+    assert "model.safetensors.index.json" in many and len([n for n in many if n.endswith(".safetensors")]) > 2
+    (out / "pytorch_model.bin").write_bytes(b"stale")
+    (out / "notes.txt").write_text("mine")
+    monkeypatch.setattr(hf, "_to_host", lambda a: pytest.fail("a weight was gathered before the refusal"))
+    with pytest.raises(hf.HFCheckpointError, match=r"already holds weights .*overwrite=True"):
+        hf.save(model, out)
+    assert sorted(p.name for p in out.iterdir()) == sorted([*many, "pytorch_model.bin", "notes.txt"])
+    monkeypatch.undo()
+    hf.save(model, out, overwrite=True)  # one file now: the shards, the index and the .bin are stale
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "notes.txt"]
+    assert hf.model_config(out) == hf.model_config(FIXTURES / "mixtral")
+
+
+def odd_vocab_checkpoint(root: Path) -> Path:
+    """The Mixtral fixture with its last vocabulary row removed: transformers' logits are the golden ones
+    without the last column (an embedding row and a head row per id)."""
+    d = copy_fixture(root)
+    tensors = load_file(d / "model.safetensors")
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        tensors[name] = np.ascontiguousarray(tensors[name][:511])
+    save_file(tensors, str(d / "model.safetensors"))
+    edit_config(d, vocab_size=511)
+    return d
+
+
+def test_odd_vocabulary_is_padded_to_tensor(tmp_path):
+    """Megatron's make-vocab-divisible in hf.load: padded rows, -inf logits, stripped on save (issue 20 item 6)."""
+    d = odd_vocab_checkpoint(tmp_path)
+    config, model = hf.load(d, mesh_of((2, 2, 2)))
+    assert (config.vocab_size, config.vocab_multiple, config.padded_vocab) == (511, 2, 512)
+    assert model.embed[...].shape == (512, 32) and model.head[...].sharding.spec[1] == "tensor"
+    gold = golden("mixtral")
+    logits = logits_of(model, gold["input_ids"])
+    assert np.all(logits[..., 511] == -np.inf)
+    assert_close_to(logits[..., :511], gold["logits"][..., :511])
+    out = hf.save(model, tmp_path / "out")
+    written, original = load_file(out / "model.safetensors"), load_file(d / "model.safetensors")
+    assert all(np.array_equal(written[k], original[k]) for k in original)
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 511
+    # fine-tuning it: a finite loss, and no gradient reaches the padded head column
+    tokens = jnp.asarray(gold["input_ids"], jnp.int32)
+    (loss, _), grads = jax.jit(nnx.value_and_grad(lambda m, b: tedjax.model.loss_fn(m, b), has_aux=True))(
+        model, {"inputs": tokens, "targets": jnp.roll(tokens, -1, axis=1)})
+    head_grad = np.asarray(grads.head[...])
+    assert np.isfinite(float(loss)) and np.all(np.isfinite(head_grad)) and not np.any(head_grad[:, 511])
+
+
+def test_unused_intermediate_size_does_not_block_tensor_layouts(tmp_path):
+    """A Qwen3-MoE with every layer MoE never uses intermediate_size, so "tensor" need not divide it (item 7)."""
+    d = copy_fixture(tmp_path, "qwen3_moe")
+    edit_config(d, decoder_sparse_step=1, intermediate_size=47)  # config.json is all the mesh check reads
+    config = hf.model_config(d)
+    assert (config.moe_every, config.d_ff) == (1, 47)
+    tedjax.config.check_mesh(config, mesh_of((1, 2, 2)))
+    with pytest.raises(ValueError, match="d_ff=47"):  # a dense layer uses it: still refused
+        tedjax.config.check_mesh(dataclasses.replace(config, moe_every=2), mesh_of((1, 1, 2)))
+
+
+def test_import_capacity_is_printed_and_a_dropping_one_warned(tmp_path, capsys, monkeypatch):
+    """tiny.yaml's capacity factor 1.25 drops tokens of an import; the run says so at its start (item 5)."""
+    from tedjax import loop
+
+    d = FIXTURES / "qwen3_moe"
+    dropless = load_config(None, [f"init_from=hf:{d}", "data.seq_len=16"]).model
+    assert hf.capacity_note(dropless, 16) == (
+        "imported model routing: training model.capacity_factor=4 -> 16 slots per expert per group of 16 tokens; "
+        "evaluation model.eval_capacity_factor=4 -> 16 slots per expert per group of 16 tokens (dropless, as the "
+        "Hugging Face model)")
+    tiny = load_config("configs/tiny.yaml", [f"init_from=hf:{d}", "data.seq_len=16"]).model
+    note = hf.capacity_note(tiny, 16)
+    assert note.startswith("WARNING: imported model routing: training model.capacity_factor=1.25 -> 5 slots")
+    # evaluation's 2.0 -> 8 slots drops too
+    assert note.endswith("set model.capacity_factor=4 and model.eval_capacity_factor=4 (num_experts / top_k) for "
+                         "dropless routing")
+    config = load_config("configs/tiny.yaml", [f"init_from=hf:{d}", "steps=1", "data.source=synthetic",
+                                               "data.seq_len=16", "data.batch_size=8", f"log.dir={tmp_path}",
+                                               "log.progress=false", "log.tensorboard=false", "log.eval_every=0",
+                                               "checkpoint.every=0", "mesh.data=8", "mesh.expert=1",
+                                               "mesh.tensor=1"])  # fmt: skip
+
+    class Announced(Exception):
+        pass
+
+    def announced(text):  # the run prints its start, then the capacity note: stop there, before compiling steps
+        print(text)
+        if text.startswith("WARNING: imported model routing"):
+            raise Announced
+
+    monkeypatch.setattr(loop.MetricsLogger, "message", lambda self, text: announced(text))
+    with pytest.raises(Announced):
+        loop.run(config)
+    assert note in capsys.readouterr().out

@@ -13,6 +13,12 @@ Writes, all small (< 2 MB together):
 - <name>_golden.npz: fixed input ids [2, 16] and transformers' float32 logits
   for them, a prompt [1, 8] and transformers' greedy continuation (24 new
   tokens, no end token);
+- variants/<variant>.json + <variant>_golden.npz: the same weights under a
+  changed config.json (VARIANTS): Qwen's documented YaRN `rope_scaling` beside
+  the `rope_parameters` block, linear scaling in `rope_parameters`, and a
+  Mixtral `sliding_window` of 6, shorter than the 16 input and 32 generated
+  positions. Only config.json differs, so only it is stored (the tests copy
+  the base directory's weights next to it);
 - manifest.json: versions, seeds and the decision margins checked below.
 
 The tests compare tedjax with these numbers without torch. A comparison is
@@ -75,6 +81,15 @@ def configs():
     return {"mixtral": (mixtral, "MixtralForCausalLM"), "qwen3_moe": (qwen, "Qwen3MoeForCausalLM")}
 
 
+# variant -> (base model, config.json changes). Weights are the base model's (same seed).
+VARIANTS = {
+    "qwen3_moe_yarn": ("qwen3_moe", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0,
+                                                      "original_max_position_embeddings": 32}}),
+    "mixtral_linear": ("mixtral", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}}),
+    "mixtral_window": ("mixtral", {"sliding_window": 6}),
+}
+
+
 def router_margin(router_logits, top_k: int) -> float:
     """Smallest gap between the k-th and (k+1)-th router logit over all tokens and MoE layers."""
     gaps = []
@@ -84,13 +99,28 @@ def router_margin(router_logits, top_k: int) -> float:
     return float(min(gaps))
 
 
-def build(name: str, out: Path, tokenizer_dir: Path, input_ids: np.ndarray, prompt: np.ndarray, seed: int):
+def build(name: str, out: Path, tokenizer_dir: Path, input_ids: np.ndarray, prompt: np.ndarray, seed: int,
+          variant: dict | None = None):
     import torch
     import transformers
 
-    config, arch = configs()[name]
+    base = VARIANTS[name][0] if variant is not None else name
+    config, arch = configs()[base]
+    if variant is not None:  # the base model's config.json as written, with the variant's keys changed
+        written = {**json.loads((out / base / "config.json").read_text()), **variant}
+        config = type(config).from_dict(written)
     torch.manual_seed(seed)
     model = getattr(transformers, arch)(config).eval()
+    if variant is not None:  # as saved, the weights must be the base model's, tensor for tensor
+        import tempfile
+
+        from safetensors.numpy import load_file
+
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            mine, weights = load_file(Path(tmp) / "model.safetensors"), load_file(out / base / "model.safetensors")
+        assert sorted(mine) == sorted(weights) and all(np.array_equal(mine[k], weights[k]) for k in weights), \
+            f"{name}: the seed no longer gives the weights of {base}"
     with torch.no_grad():
         result = model(torch.tensor(input_ids), output_router_logits=True)
         logits = result.logits.float().numpy()
@@ -109,16 +139,21 @@ def build(name: str, out: Path, tokenizer_dir: Path, input_ids: np.ndarray, prom
     distinct = len(set(greedy[0, prompt.shape[1]:].tolist()))
     if min(margins.values()) < MIN_MARGIN or distinct < MIN_DISTINCT:  # a continuation that repeats tests little
         return None, dict(margins, distinct_new_tokens=distinct)
-    directory = out / name
-    if directory.exists():
-        shutil.rmtree(directory)
-    model.save_pretrained(directory)
-    for file in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tokenizer_dir / file, directory / file)
-    np.savez(out / f"{name}_golden.npz", input_ids=input_ids.astype(np.int32), logits=logits.astype(np.float32),
-             prompt=prompt.astype(np.int32), greedy=greedy.astype(np.int32))
+    if variant is not None:
+        (out / "variants").mkdir(exist_ok=True)
+        (out / "variants" / f"{name}.json").write_text(json.dumps(written, indent=2) + "\n")
+    else:
+        directory = out / name
+        if directory.exists():
+            shutil.rmtree(directory)
+        model.save_pretrained(directory)
+        for file in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(tokenizer_dir / file, directory / file)
+    np.savez_compressed(out / f"{name}_golden.npz", input_ids=input_ids.astype(np.int32),
+                        logits=logits.astype(np.float32),
+                        prompt=prompt.astype(np.int32), greedy=greedy.astype(np.int32))
     info = {"architecture": arch, "seed": seed, "margins": margins, "greedy_new_tokens": 24,
-            "distinct_new_tokens": distinct}
+            "distinct_new_tokens": distinct, **({"base": base, "changes": variant} if variant is not None else {})}
     return info, margins
 
 
@@ -149,6 +184,14 @@ def main() -> None:
                 break
         else:
             raise SystemExit(f"no seed in 0..99 gave margins >= {MIN_MARGIN} for {name}")
+    for name, (base, changes) in VARIANTS.items():
+        seed = manifest["models"][base]["seed"]
+        info, margins = build(name, out, tokenizer_dir, input_ids, prompt, seed, variant=changes)
+        print(f"{name} (weights of {base}, seed {seed}): margins {margins}")
+        if info is None:
+            raise SystemExit(f"{name}: the weights of {base} give margins < {MIN_MARGIN} or a repetitive continuation "
+                             "under this config; change the variant's settings")
+        manifest["models"][name] = info
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"wrote {out} ({total / 1e6:.2f} MB)")
