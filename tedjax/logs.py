@@ -20,18 +20,35 @@ from pathlib import Path
 import jax
 import numpy as np
 
-# Dense bf16 peak FLOP/s per device, for MFU when log.peak_tflops is 0.
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "V100": 125.0,
-               "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5p": 459.0, "TPU v6": 918.0}  # fmt: skip
+# Dense (no sparsity) peak TFLOP/s per device and compute dtype, from the vendors' data sheets; the first
+# entry whose name is in the device kind wins, so the specific names (PCIe, NVL) come before the family.
+# No float32 entries: XLA's float32 matmuls run at a precision (TF32 or full fp32) these sheets do not pin
+# down, and an fp32 run measured against a bf16 peak would understate MFU; set log.peak_tflops for those.
+PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
+    ("H100 PCIe", {"bfloat16": 756.0}),
+    ("H100 NVL", {"bfloat16": 835.0}),
+    ("H200 NVL", {"bfloat16": 835.0}),
+    ("H100", {"bfloat16": 989.0}),  # SXM ("NVIDIA H100 80GB HBM3")
+    ("H200", {"bfloat16": 989.0}),
+    ("GH200", {"bfloat16": 989.0}),
+    ("A100", {"bfloat16": 312.0}),  # SXM and PCIe alike
+    ("L40S", {"bfloat16": 362.0}),
+    ("A10G", {"bfloat16": 125.0}),
+    ("TPU v4", {"bfloat16": 275.0}),
+    ("TPU v5 lite", {"bfloat16": 197.0}),
+    ("TPU v5p", {"bfloat16": 459.0}),
+    ("TPU v5", {"bfloat16": 459.0}),
+    ("TPU v6", {"bfloat16": 918.0}),
+)
 SUPERSEDED = "metrics.superseded.jsonl"
 
 
-def detect_peak_tflops(device: jax.Device | None = None) -> float | None:
-    """Peak bf16 TFLOP/s of `device` from its kind, or None when unknown (e.g. CPU)."""
-    kind = (device or jax.devices()[0]).device_kind
-    for name, tflops in PEAK_TFLOPS.items():
-        if name.lower() in kind.lower():
-            return tflops
+def detect_peak_tflops(device: jax.Device | None = None, dtype: str = "bfloat16") -> float | None:
+    """Peak dense TFLOP/s of `device` for `dtype` compute, or None when unknown (CPU, float32, unlisted cards)."""
+    kind = (device or jax.devices()[0]).device_kind.lower()
+    for name, peaks in PEAK_TFLOPS:
+        if name.lower() in kind:
+            return peaks.get(dtype)
     return None
 
 

@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding
 
 from tedjax import data as data_lib
 from tedjax.checkpoint import Checkpointer, check_writable
-from tedjax.config import TrainConfig, check_mesh
+from tedjax.config import TrainConfig, check_mesh, resolve_dtype
 from tedjax.logs import SUPERSEDED, MetricsLogger, detect_peak_tflops, to_python
 from tedjax.mesh import logical_to_spec, make_mesh
 from tedjax.trainer import Trainer, TrainState
@@ -252,7 +252,7 @@ def run(config: TrainConfig, *, resume: bool = False, allow_change: Iterable[str
 
     tokens_per_step = config.data.batch_size * config.data.seq_len
     flops_per_step = config.model.flops_per_token(config.data.seq_len) * tokens_per_step
-    peak = config.log.peak_tflops or detect_peak_tflops()
+    peak = config.log.peak_tflops or detect_peak_tflops(dtype=resolve_dtype(config.model.dtype))
     n_devices = mesh.size
 
     train_losses, eval_losses = {}, {}
