@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import signal
 import time
@@ -158,6 +159,40 @@ def _announce(logger: MetricsLogger, config: TrainConfig, mesh, checkpointer: Ch
                kind="start")  # fmt: skip
 
 
+class StepProfiler:
+    """A jax.profiler trace of steps [start, stop) (log.profile_steps) in `directory`; off when `steps` is empty.
+
+    Each traced step is a StepTraceAnnotation (the profile tool's step view); the trace stops once step
+    stop - 1 has finished on the device, so it holds whole steps. The MoE layer's named scopes
+    (moe_route, moe_dispatch, moe_experts, moe_combine, moe_shadows) name its ops in the trace.
+    """
+
+    def __init__(self, steps: tuple[int, ...], directory: Path, logger: MetricsLogger):
+        self.start, self.stop = steps if steps else (-1, -1)
+        self.directory, self.logger, self.active = directory, logger, False
+
+    def before(self, step: int) -> None:
+        if not self.active and self.start <= step < self.stop:  # a resumed run starts inside the range
+            self.directory.mkdir(parents=True, exist_ok=True)
+            jax.profiler.start_trace(str(self.directory))
+            self.active = True
+
+    def annotate(self, step: int):
+        return jax.profiler.StepTraceAnnotation("train", step_num=step) if self.active else contextlib.nullcontext()
+
+    def after(self, step: int, state) -> None:
+        if self.active and step + 1 >= self.stop:
+            jax.block_until_ready(state)
+            self.close()
+            self.logger.message(f"profile of steps {self.start}..{self.stop - 1} written to {self.directory} "
+                                f"(open it with: xprof --logdir {self.directory}, or TensorBoard's profile tab)")
+
+    def close(self) -> None:
+        if self.active:
+            self.active = False
+            jax.profiler.stop_trace()
+
+
 def _router_losses_per_layer(record: dict, n_moe_layers: int) -> None:
     """The loss's router terms are sums over MoE layers; log the mean per layer (aux 1.0 = balanced) instead."""
     for key in ("aux_loss", "z_loss"):
@@ -297,11 +332,15 @@ def run(config: TrainConfig, *, resume: bool = False, allow_change: Iterable[str
             return False
         return bool(np.any(multihost_utils.process_allgather(np.int32(signals.received is not None))))
 
+    profiler = StepProfiler(config.log.profile_steps, Path(config.log.dir) / "profile", logger)
     try:
         with _SignalFlag() as signals, jax.set_mesh(mesh):
             for step in range(start_step, end_step):
                 batch = trainer.shard_batch(batches.train_batch(step))
-                state, metrics = trainer.train_step(state, batch)
+                profiler.before(step)
+                with profiler.annotate(step):
+                    state, metrics = trainer.train_step(state, batch)
+                profiler.after(step, state)
                 pending.append((step + 1, metrics))
                 window_steps += 1
                 drain(keep_last=True)
@@ -343,6 +382,7 @@ def run(config: TrainConfig, *, resume: bool = False, allow_change: Iterable[str
             final = f"final val loss {eval_losses[max(eval_losses)]:.4f} nats/token"
             logger.message(final + (f" (unigram baseline {baseline:.4f})" if baseline else ""))
     finally:
+        profiler.close()
         checkpointer.close()
         logger.close()
     return RunResult(state, trainer, train_losses, eval_losses, stopped_by_signal, last_checkpoint, baseline)
