@@ -118,15 +118,56 @@ def format_record(step: int, total: int, record: dict, kind: str = "train") -> s
     return " | ".join(parts)
 
 
+def require_wandb() -> None:
+    """Raise ValueError naming the fix when log.wandb is set but wandb is not installed (checked before compiling)."""
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        raise ValueError("log.wandb.project is set but the wandb package is not installed; "
+                         "pip install 'tedjax[wandb]' (or leave log.wandb.project empty)") from None
+
+
+class WandbTracker:
+    """Mirrors the records MetricsLogger writes to a Weights & Biases run (`log.wandb`), as TensorBoard gets them.
+
+    mode=offline writes the run under `<log.dir>/wandb` without any network access; `wandb sync` uploads it later.
+    """
+
+    def __init__(self, project: str, name: str, mode: str, log_dir: Path, config: dict | None = None):
+        import wandb
+
+        self.run = wandb.init(project=project, name=name or None, mode=mode, dir=str(log_dir), config=config,
+                              settings=wandb.Settings(silent=True))  # fmt: skip
+
+    def log(self, step: int, record: dict, kind: str) -> None:
+        data = {}
+        for key, value in record.items():
+            if key in ("kind", "step", "time"):
+                continue
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                data[f"{kind}/{key}"] = value
+            elif isinstance(value, list):  # per-layer lists, as in TensorBoard
+                for layer, entry in enumerate(value):
+                    if isinstance(entry, list):
+                        data[f"{kind}/{key}/layer{layer}_max_over_mean"] = max(entry) * len(entry) / max(sum(entry), 1e-9)
+                    elif isinstance(entry, (int, float)):
+                        data[f"{kind}/{key}/layer{layer}"] = entry
+        if data:
+            self.run.log(data, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
 class MetricsLogger:
     """Writes one JSON line per record to `<dir>/metrics.jsonl` and mirrors scalars to TensorBoard."""
 
     def __init__(self, log_dir: str | Path, *, total_steps: int, start_step: int = 0,
-                 tensorboard: bool = True, progress: bool = True):  # fmt: skip
+                 tensorboard: bool = True, progress: bool = True, wandb: dict | None = None):  # fmt: skip
         self.enabled = jax.process_index() == 0
         self.dir = Path(log_dir)
         self.total_steps = total_steps
-        self.writer = self.bar = None
+        self.writer = self.bar = self.wandb = None
         self.superseded = 0
         if not self.enabled:
             return
@@ -140,6 +181,8 @@ class MetricsLogger:
             # Events of steps > start_step from an earlier run are dropped by TensorBoard (a SessionLog.START).
             purge = start_step + 1 if tb_dir.exists() else None
             self.writer = SummaryWriter(str(tb_dir), purge_step=purge)
+        if wandb:  # {project, name, mode, config}: log.wandb with a project
+            self.wandb = WandbTracker(log_dir=self.dir, **wandb)
         if progress and sys.stdout.isatty():
             from tqdm import tqdm
 
@@ -152,7 +195,9 @@ class MetricsLogger:
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
         if kind == "start":
-            return  # the run's config and accepted changes: JSONL only
+            return  # the run's config and accepted changes: JSONL only (and wandb's run config)
+        if self.wandb is not None:
+            self.wandb.log(step, record, kind)
         if self.writer is not None:
             for key, value in record.items():
                 if key in ("kind", "step", "time"):
@@ -194,5 +239,7 @@ class MetricsLogger:
         self.jsonl.close()
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.close()
         if self.bar is not None:
             self.bar.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import signal
 import time
 from collections.abc import Iterable, Iterator
@@ -20,7 +21,7 @@ from jax.sharding import NamedSharding
 from tedjax import data as data_lib
 from tedjax.checkpoint import Checkpointer, check_writable
 from tedjax.config import TrainConfig, check_mesh, resolve_dtype
-from tedjax.logs import SUPERSEDED, MetricsLogger, detect_peak_tflops, to_python
+from tedjax.logs import SUPERSEDED, MetricsLogger, detect_peak_tflops, require_wandb, to_python
 from tedjax.mesh import logical_to_spec, make_mesh
 from tedjax.trainer import Trainer, TrainState
 
@@ -148,6 +149,10 @@ def _announce(logger: MetricsLogger, config: TrainConfig, mesh, checkpointer: Ch
         f"  metrics     {log_dir / 'metrics.jsonl'}",
         f"  tensorboard {log_dir / 'tensorboard' if config.log.tensorboard else 'off (log.tensorboard=false)'}",
         f"  checkpoints {checkpointer.directory} ({ckpt})",
+        *([f"  profile     {log_dir / 'profile'} (steps {config.log.profile_steps[0]}..{config.log.profile_steps[1] - 1})"]
+          if config.log.profile_steps else []),
+        *([f"  wandb       project {config.log.wandb.project} ({config.log.wandb.mode}, under {log_dir / 'wandb'})"]
+          if config.log.wandb.project else []),
         *checkpointer.notes,
     ]
     if logger.superseded:
@@ -155,6 +160,7 @@ def _announce(logger: MetricsLogger, config: TrainConfig, mesh, checkpointer: Ch
                      f"replaces) to {log_dir / SUPERSEDED}")
     logger.message("\n".join(lines))
     logger.log(start_step, {"config_file": config_file, "resumed": checkpointer.resume_step is not None,
+                            "xla_flags": os.environ.get("XLA_FLAGS", ""), "compute_dtype": resolve_dtype(model.dtype),
                             "changes": [str(c) for c in checkpointer.changes], "config": config.to_dict()},
                kind="start")  # fmt: skip
 
@@ -250,6 +256,8 @@ def run(config: TrainConfig, *, resume: bool = False, allow_change: Iterable[str
         raise ValueError(f"data.batch_size={config.data.batch_size} must divide evenly over {jax.process_count()} processes")
     if jax.process_index() == 0:
         check_writable(config.log.dir, "log.dir")
+        if config.log.wandb.project:
+            require_wandb()
     batches = Batches(config)  # validates token files before anything is written or compiled
     if config.init_from:  # checks the Hugging Face files against the model (no weight read) before compiling
         from tedjax import hf
@@ -277,8 +285,11 @@ def run(config: TrainConfig, *, resume: bool = False, allow_change: Iterable[str
                   "nothing to do; nothing was changed (raise steps to train on)", flush=True)
         return RunResult(state, trainer, {}, {}, False, last_checkpoint, batches.unigram_baseline)
     checkpointer.begin(start_step)
+    wb = config.log.wandb
     logger = MetricsLogger(config.log.dir, total_steps=config.steps, start_step=start_step,
-                           tensorboard=config.log.tensorboard, progress=config.log.progress)  # fmt: skip
+                           tensorboard=config.log.tensorboard, progress=config.log.progress,
+                           wandb=dict(project=wb.project, name=wb.name, mode=wb.mode, config=config.to_dict())
+                           if wb.project else None)  # fmt: skip
     _announce(logger, config, mesh, checkpointer, start_step, config_file)
     if resume:
         logger.message(f"resumed from checkpoint step {last_checkpoint} in {checkpointer.directory}"

@@ -450,6 +450,8 @@ OUT_OF_RANGE = {
     "log.dir": "", "log.every": 0, "log.eval_every": -1, "log.eval_batches": 0, "log.peak_tflops": -1.0,
     "xla.all_reduce_combine_bytes": -1, "xla.reduce_scatter_combine_bytes": -1, "xla.all_gather_combine_bytes": -1,
     "xla.combine_count": -1,
+    "optimizer.schedule": "step", "optimizer.decay_fraction": 1.5, "optimizer.state_dtype": "float16",
+    "log.profile_steps": [3, 1], "log.wandb.mode": "sometimes", "xla.gpu_profile": "fast",
 }  # fmt: skip
 NO_RANGE = {
     "model.dtd": "a switch", "model.qk_norm": "a switch", "model.router_renormalize": "a switch (None = top_k > 1)",
@@ -457,6 +459,7 @@ NO_RANGE = {
     "log.tensorboard": "a switch", "log.progress": "a switch", "mesh.auto": "a switch (the planner picks the sizes)", "xla.cpu_all_reduce_combiner": "a switch",
     "data.path": "a path, checked when the run starts (see the token-directory cases below)",
     "checkpoint.dir": "a path ('' = <log.dir>/checkpoints), checked when the run starts",
+    "log.wandb.project": "a name ('' = off)", "log.wandb.name": "a name ('' = wandb picks one)",
 }  # fmt: skip
 
 
