@@ -97,11 +97,11 @@ def test_prepare_meta_and_counts(prepared):
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
     on_disk = json.loads((out / "meta.json").read_text())
     assert on_disk == meta
-    assert meta["vocab_size"] == 256 and meta["dtype"] == "uint16"
+    assert meta["vocab_size"] == 256 and meta["dtype"] == "uint8"  # the smallest dtype for 256 byte ids
     # documents: sorted by relative path, pattern-filtered, empty file skipped
     assert meta["documents"] == [str(root / r) for r in ["a.txt", "sub/b.py", "sub/deeper/c.md", "z.txt"]]
     sizes = {s: (out / f"{s}.bin").stat().st_size for s in ("train", "val")}
-    assert sizes["train"] == 2 * meta["n_train_tokens"] and sizes["val"] == 2 * meta["n_val_tokens"]
+    assert sizes["train"] == meta["n_train_tokens"] and sizes["val"] == meta["n_val_tokens"]  # 1 byte each
     # every document here has a train and a val piece, each followed by the separator
     n_text = sum(len(f.read_bytes()) for f in files)
     assert meta["n_train_tokens"] + meta["n_val_tokens"] == n_text + 2 * len(files) * len(data.DOC_SEPARATOR)
@@ -117,7 +117,7 @@ def test_prepare_meta_and_counts(prepared):
         val_ref += b[cut:] + data.DOC_SEPARATOR
     train = data.load_tokens(out, "train")
     val = data.load_tokens(out, "val")
-    assert train.dtype == np.dtype("<u2")
+    assert train.dtype == np.dtype("u1")
     assert train.astype(np.uint8).tobytes() == train_ref
     assert val.astype(np.uint8).tobytes() == val_ref
     assert data.decode(train[: len(files[0].read_bytes()) // 2]) in files[0].read_text("utf-8")
@@ -318,8 +318,8 @@ def test_hash_mismatch(prepared, tmp_path):
     d.mkdir()
     for name in ("train.bin", "val.bin", "meta.json"):
         (d / name).write_bytes((out / name).read_bytes())
-    t = np.fromfile(d / "train.bin", dtype="<u2")
-    t[5] = (t[5] + 1) % 256
+    t = np.fromfile(d / "train.bin", dtype=json.loads((d / "meta.json").read_text())["dtype"])
+    t[5] = (int(t[5]) + 1) % 256
     t.tofile(d / "train.bin")
     with pytest.raises(ValueError, match=r"sha256.*re-run prepare"):
         data.load_tokens(d, "train")
