@@ -516,3 +516,93 @@ def test_default_corpus_dir(monkeypatch, tmp_path):
     assert d.parent == tmp_path and d.name.startswith("stdlib-py")
     monkeypatch.delenv("TEDJAX_DATA_DIR")
     assert data.default_corpus_dir().name == d.name
+
+
+# --------------------------------------------------------------------------- record files (issue 25)
+
+
+def _record_texts() -> list[str]:
+    rng = np.random.default_rng(1)
+    words = ["alpha", "beta", "délta", "日本", "def", "import"]
+    return ["\n".join(" ".join(rng.choice(words, size=6)) for _ in range(30 + 10 * i)) + "\n" for i in range(5)]
+
+
+def _write_records(root: Path, texts: list[str], field: str = "text") -> dict[str, Path]:
+    """The same rows as .jsonl, .parquet and .arrow (stream format, as `datasets.save_to_disk` writes), with an
+    extra column and a null row, which is skipped like an empty file."""
+    root.mkdir(parents=True, exist_ok=True)
+    rows = [{"id": i, field: t} for i, t in enumerate(texts)] + [{"id": len(texts), field: None}]
+    paths = {"jsonl": root / "rows.jsonl"}
+    paths["jsonl"].write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    pa = pytest.importorskip("pyarrow", reason="parquet / arrow records need pyarrow (the datasets extra)")
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pylist(rows)
+    paths["parquet"] = root / "rows.parquet"
+    pq.write_table(table, paths["parquet"], row_group_size=2)  # several row groups
+    paths["arrow"] = root / "data-00000-of-00001.arrow"
+    with pa.OSFile(str(paths["arrow"]), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        for batch in table.to_batches(max_chunksize=2):
+            writer.write_batch(batch)
+    return paths
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet", "arrow"])
+def test_prepare_record_files_equal_the_same_text_files(tmp_path, kind):
+    texts = _record_texts()
+    text_dir = tmp_path / "txt"
+    text_dir.mkdir()
+    for i, t in enumerate(texts):
+        (text_dir / f"{i}.txt").write_text(t, encoding="utf-8")
+    reference = data.prepare([text_dir], tmp_path / "ref", val_fraction=0.1)
+    records = _write_records(tmp_path / "rec", texts, field="content")
+    meta = data.prepare([records[kind]], tmp_path / kind, val_fraction=0.1, text_field="content")
+    for split in ("train", "val"):  # one document per row, split by the same rule: the same bytes
+        assert (tmp_path / kind / f"{split}.bin").read_bytes() == (tmp_path / "ref" / f"{split}.bin").read_bytes()
+    assert meta["n_documents"] == reference["n_documents"] == len(texts)
+    assert meta["documents"] == [str(records[kind])] and meta["dtype"] == "uint8"
+
+
+def test_record_file_errors_name_the_row_and_the_fix(tmp_path):
+    records = _write_records(tmp_path / "rec", _record_texts()[:2])
+    for path in records.values():
+        with pytest.raises(ValueError, match=r"no (field|column) 'body'.*--text-field"):
+            data.prepare([path], tmp_path / "out", text_field="body")
+        with pytest.raises(ValueError, match=r"field 'id' is a int, not text.*--text-field"):
+            data.prepare([path], tmp_path / "out", text_field="id")
+    assert not (tmp_path / "out").exists()  # nothing written
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": \n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2 is not valid JSON"):
+        data.prepare([bad], tmp_path / "out")
+
+
+def test_prepare_cli_reads_records_with_text_field(tmp_path, capsys):
+    records = _write_records(tmp_path / "rec", _record_texts(), field="content")
+    assert data.main(["prepare", "--out", str(tmp_path / "out"), "--text-field", "content", "--val-fraction", "0.1",
+                      "--no-progress", str(records["jsonl"])]) == 0
+    assert "5 documents" in capsys.readouterr().out
+    assert data.read_meta(tmp_path / "out")["dtype"] == "uint8"
+
+
+def test_tokenizer_workers_write_the_same_files(tmp_path, monkeypatch):
+    pytest.importorskip("tokenizers")
+    monkeypatch.setattr(data, "_BATCH_BYTES", 2048)  # many small encoding batches, several in flight at once
+    texts = _record_texts() * 4
+    records = _write_records(tmp_path / "rec", texts)
+    fixture = REPO / "tests" / "fixtures" / "hf" / "mixtral"
+    one = data.prepare([records["jsonl"]], tmp_path / "one", tokenizer=fixture, workers=1)
+    two = data.prepare([records["jsonl"]], tmp_path / "two", tokenizer=fixture, workers=2)
+    assert one["sha256"] == two["sha256"] and one["dtype"] == "uint16"  # 512 ids: uint16, the smallest that fits
+    for split in ("train", "val"):
+        assert (tmp_path / "one" / f"{split}.bin").read_bytes() == (tmp_path / "two" / f"{split}.bin").read_bytes()
+
+
+def test_older_uint16_token_files_give_the_same_batches(tmp_path):
+    tokens = np.random.default_rng(0).integers(0, 256, size=4000)
+    old = data.TokenFile(_write_token_dir(tmp_path / "old", tokens, dtype="uint16"), "train")
+    new = data.TokenFile(_write_token_dir(tmp_path / "new", tokens, dtype="uint8"), "train")
+    a, b = (data.BatchIterator(t.tokens, 8, 32, seed=3) for t in (old, new))
+    for step in (0, 5, 40):
+        assert all(np.array_equal(a.batch(step)[k], b.batch(step)[k]) for k in ("inputs", "targets"))
+    assert [data.smallest_dtype(v) for v in (2, 256, 257, 65536, 65537)] == ["uint8", "uint8", "uint16", "uint16", "uint32"]
