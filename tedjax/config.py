@@ -589,7 +589,9 @@ class TrainConfig:
         return self.checkpoint.dir or f"{self.log.dir}/checkpoints"
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain dicts and lists (tuples such as log.profile_steps as lists), as JSON and YAML give them back."""
+        return dataclasses.asdict(self, dict_factory=lambda items: {k: list(v) if isinstance(v, tuple) else v
+                                                                    for k, v in items})
 
 
 def _check_int(name: str, value, minimum: int) -> None:

@@ -252,6 +252,8 @@ def _changed(value):
         return value + 1
     if isinstance(value, float):
         return value * 2 + 1
+    if isinstance(value, list):
+        return value + [1]
     return value + "x"
 
 
