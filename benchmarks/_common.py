@@ -101,7 +101,7 @@ def cpu_info() -> dict[str, Any]:
     From /proc/cpuinfo on Linux; `cpu_model` falls back to platform.processor() elsewhere.
     `cpu_threads` is the affinity mask's size (what XLA:CPU's thread pool sizes itself by).
     """
-    model, flags = None, set()
+    model, flags, per_package = None, set(), {}
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -113,6 +113,8 @@ def cpu_info() -> dict[str, Any]:
             model = value.strip()
         elif key in ("flags", "Features") and not flags:
             flags = set(value.split())
+        elif key in ("siblings", "cpu cores") and key not in per_package:
+            per_package[key] = int(value)
     try:
         threads = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not on Linux
@@ -121,6 +123,9 @@ def cpu_info() -> dict[str, Any]:
         "cpu_model": model or platform.processor() or platform.machine(),
         "cpu_vector_flags": [f for f in VECTOR_FLAGS if f in flags],
         "cpu_threads": threads,
+        # hardware threads per core (2 = SMT: two vCPUs may share one core's vector units)
+        "cpu_threads_per_core": (per_package["siblings"] // per_package["cpu cores"]
+                                 if per_package.get("cpu cores") else None),
         "thread_env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "TF_NUM_INTEROP_THREADS", "TF_NUM_INTRAOP_THREADS")
                        if k in os.environ},
     }
@@ -129,7 +134,8 @@ def cpu_info() -> dict[str, Any]:
 def cpu_line(machine: dict) -> str:
     """One markdown line naming the CPU, its vector flags and thread count (ends every results file)."""
     flags = ", ".join(machine.get("cpu_vector_flags") or []) or "unknown"
-    return (f"CPU: {machine.get('cpu_model', 'unknown')} ({flags}); {machine.get('cpu_threads', '?')} threads; "
+    return (f"CPU: {machine.get('cpu_model', 'unknown')} ({flags}); {machine.get('cpu_threads', '?')} threads "
+            f"({machine.get('cpu_threads_per_core') or '?'} per core); "
             f"jax {machine.get('jax_version', '?')}, {machine.get('device_count', '?')} {machine.get('backend', '?')} devices.")
 
 
