@@ -12,15 +12,19 @@ Tokenizer
 
 On-disk format (a directory written by `prepare`)
     train.bin, val.bin  flat little-endian token arrays of `meta["dtype"]`
-                        (uint16 by default, so larger vocabularies fit later),
-                        no header; n tokens = file size / itemsize.
+                        (the smallest unsigned dtype that holds the
+                        vocabulary: uint8 for bytes; directories written
+                        with uint16 before still load), no header;
+                        n tokens = file size / itemsize.
     meta.json           {"format": "tedjax-tokens", "version": 1,
                          "tokenizer": "utf8-bytes", "vocab_size": 256,
-                         "dtype": "uint16", "n_train_tokens", "n_val_tokens",
+                         "dtype": "uint8", "n_train_tokens", "n_val_tokens",
                          "sha256": {"train", "val"} (of the .bin bytes),
                          "val_fraction", "split_rule", "doc_separator",
                          "sources", "documents", "n_documents",
                          "unigram_entropy_train", ...}
+    Record files (.jsonl, .parquet, .arrow: what Hugging Face `datasets`
+    writes) give one document per row, the `text_field` column.
     Every file is written to a temporary name, fsync'ed and then moved into
     place with os.replace, meta.json last: a crash never leaves a half file
     under a final name, and two processes preparing the same directory from
