@@ -136,7 +136,8 @@ def cpu_line(machine: dict) -> str:
     flags = ", ".join(machine.get("cpu_vector_flags") or []) or "unknown"
     return (f"CPU: {machine.get('cpu_model', 'unknown')} ({flags}); {machine.get('cpu_threads', '?')} threads "
             f"({machine.get('cpu_threads_per_core') or '?'} per core); "
-            f"jax {machine.get('jax_version', '?')}, {machine.get('device_count', '?')} {machine.get('backend', '?')} devices.")
+            f"jax {machine.get('jax_version', '?')}, "
+            f"{machine.get('device_count', '?')} {machine.get('backend', '?')} devices.")
 
 
 def load_avg() -> list[float] | None:

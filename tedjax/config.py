@@ -58,7 +58,7 @@ class ModelConfig:
     moe_every: int = 2
     group_size: int = 0  # tokens per routing group; 0 = one sequence
     activation: Activation = "gelu"  # dense and expert FFNs
-    dtype: str = "auto"  # compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU), float32, bfloat16; parameters stay float32
+    dtype: str = "auto"  # compute: auto (bfloat16 on GPU/TPU, float32 on CPU), float32, bfloat16; params stay float32
     aux_loss_weight: float = 0.01
     z_loss_weight: float = 1e-3
     jitter_eps: float = 0.0
@@ -310,7 +310,8 @@ class OptimizerConfig:
             raise ValueError(f"optimizer.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         _check_float("optimizer.decay_fraction", self.decay_fraction, 0)
         if self.decay_fraction > 1:
-            raise ValueError(f"optimizer.decay_fraction must be in [0, 1], got {self.decay_fraction}; 0.1-0.2 is typical")
+            raise ValueError(f"optimizer.decay_fraction must be in [0, 1], got {self.decay_fraction}; "
+                             "0.1-0.2 is typical")
         if self.state_dtype not in DTYPES:
             raise ValueError(f"optimizer.state_dtype must be float32 or bfloat16, got {self.state_dtype!r}")
         if self.state_dtype != "float32" and self.tile_size:
@@ -405,8 +406,8 @@ class LogConfig:
     tensorboard: bool = True
     progress: bool = True
     peak_tflops: float = 0.0  # peak FLOP/s per device (TFLOP/s) for MFU; 0 = detect from the device
-    profile_steps: tuple = ()  # [start, stop]: a jax.profiler trace of steps start..stop-1 in <dir>/profile
-    wandb: WandbConfig = dataclasses.field(default_factory=lambda: WandbConfig())  # off unless wandb.project is set
+    profile_steps: tuple[int, ...] = ()  # [start, stop]: a jax.profiler trace of steps start..stop-1 in <dir>/profile
+    wandb: WandbConfig = dataclasses.field(default_factory=WandbConfig)  # off unless wandb.project is set
 
     def __post_init__(self):
         steps = self.profile_steps

@@ -250,8 +250,10 @@ def read_records(path: str | os.PathLike, text_field: str = "text") -> Iterator[
         except pa.ArrowInvalid:
             reader = pa.ipc.open_file(pa.memory_map(str(path)))
         names = reader.schema.names
-        batches = (lambda: iter(reader)) if hasattr(reader, "read_next_batch") and not hasattr(reader, "num_record_batches") \
-            else (lambda: (reader.get_batch(i) for i in range(reader.num_record_batches)))  # fmt: skip
+        if hasattr(reader, "num_record_batches"):  # the IPC file format
+            batches = lambda: (reader.get_batch(i) for i in range(reader.num_record_batches))  # noqa: E731
+        else:  # the stream format (save_to_disk)
+            batches = lambda: iter(reader)  # noqa: E731
     if text_field not in names:
         raise ValueError(f"{path} has no column {text_field!r} (columns: {', '.join(names)}); pass --text-field NAME")
     row = 0
@@ -1211,7 +1213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="a Hugging Face tokenizer directory (tokenizer.json) to use instead of UTF-8 bytes")
     p.add_argument("--text-field", default="text",
                    help="the column holding the text in .jsonl/.parquet/.arrow record files (default %(default)r)")
-    p.add_argument("--workers", type=int, default=max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)),
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    p.add_argument("--workers", type=int, default=max(1, min(8, usable)),
                    help="processes encoding with --tokenizer (default: the usable CPUs, up to 8)")
     p.add_argument("--dtype", default="auto", choices=("auto", *_ALLOWED_DTYPES),
                    help="token file dtype; auto = the smallest that holds the vocabulary (uint8 for bytes)")

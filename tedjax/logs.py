@@ -149,7 +149,8 @@ class WandbTracker:
             elif isinstance(value, list):  # per-layer lists, as in TensorBoard
                 for layer, entry in enumerate(value):
                     if isinstance(entry, list):
-                        data[f"{kind}/{key}/layer{layer}_max_over_mean"] = max(entry) * len(entry) / max(sum(entry), 1e-9)
+                        ratio = max(entry) * len(entry) / max(sum(entry), 1e-9)
+                        data[f"{kind}/{key}/layer{layer}_max_over_mean"] = ratio
                     elif isinstance(entry, (int, float)):
                         data[f"{kind}/{key}/layer{layer}"] = entry
         if data:

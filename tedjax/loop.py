@@ -149,8 +149,8 @@ def _announce(logger: MetricsLogger, config: TrainConfig, mesh, checkpointer: Ch
         f"  metrics     {log_dir / 'metrics.jsonl'}",
         f"  tensorboard {log_dir / 'tensorboard' if config.log.tensorboard else 'off (log.tensorboard=false)'}",
         f"  checkpoints {checkpointer.directory} ({ckpt})",
-        *([f"  profile     {log_dir / 'profile'} (steps {config.log.profile_steps[0]}..{config.log.profile_steps[1] - 1})"]
-          if config.log.profile_steps else []),
+        *([f"  profile     {log_dir / 'profile'} (steps {config.log.profile_steps[0]}.."
+           f"{config.log.profile_steps[1] - 1})"] if config.log.profile_steps else []),
         *([f"  wandb       project {config.log.wandb.project} ({config.log.wandb.mode}, under {log_dir / 'wandb'})"]
           if config.log.wandb.project else []),
         *checkpointer.notes,

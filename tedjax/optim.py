@@ -35,12 +35,13 @@ from tedjax.mesh import MESH_AXES
 
 
 def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
-    """Step -> learning rate: linear warmup from 0, then `cfg.schedule` (see OptimizerConfig), from optax's schedules."""
+    """Step -> learning rate: linear warmup from 0, then `cfg.schedule` (see OptimizerConfig), from optax schedules."""
     warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
     peak, end = cfg.learning_rate, cfg.learning_rate * cfg.min_lr_ratio
     if cfg.schedule == "cosine":  # unchanged from before schedules were configurable: same numbers
         return optax.warmup_cosine_decay_schedule(
-            init_value=0.0, peak_value=peak, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1), end_value=end,
+            init_value=0.0, peak_value=peak, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1),
+            end_value=end,
         )  # fmt: skip
     after = max(total_steps - warmup, 1)  # steps after the warmup
     if cfg.schedule == "linear":

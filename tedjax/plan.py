@@ -643,7 +643,8 @@ def step_time(config: TrainConfig, cluster: Cluster, layout: Layout | None = Non
     """FLOPs / peak plus bytes sent / bandwidth of the link each collective's mesh axes cross (no overlap)."""
     layout = layout or (config.mesh.data, config.mesh.expert, config.mesh.tensor)
     traffic = collectives(config, layout) if traffic is None else traffic
-    compute = flops_per_device(config, layout) / cluster.peak_flops(resolve_dtype(config.model.dtype, "gpu"))  # clusters are GPU nodes
+    # clusters are GPU nodes: model.dtype auto is bfloat16 there
+    compute = flops_per_device(config, layout) / cluster.peak_flops(resolve_dtype(config.model.dtype, "gpu"))
     comm: dict[str, float] = {}
     links: dict[str, str] = {}
     for t in traffic:

@@ -544,10 +544,13 @@ def _write_records(root: Path, texts: list[str], field: str = "text") -> dict[st
     with pa.OSFile(str(paths["arrow"]), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
         for batch in table.to_batches(max_chunksize=2):
             writer.write_batch(batch)
+    paths["arrow-file"] = root / "rows.arrow"  # the Arrow IPC file format (random access), as pyarrow writes
+    with pa.OSFile(str(paths["arrow-file"]), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table, max_chunksize=2)
     return paths
 
 
-@pytest.mark.parametrize("kind", ["jsonl", "parquet", "arrow"])
+@pytest.mark.parametrize("kind", ["jsonl", "parquet", "arrow", "arrow-file"])
 def test_prepare_record_files_equal_the_same_text_files(tmp_path, kind):
     texts = _record_texts()
     text_dir = tmp_path / "txt"
@@ -605,4 +608,5 @@ def test_older_uint16_token_files_give_the_same_batches(tmp_path):
     a, b = (data.BatchIterator(t.tokens, 8, 32, seed=3) for t in (old, new))
     for step in (0, 5, 40):
         assert all(np.array_equal(a.batch(step)[k], b.batch(step)[k]) for k in ("inputs", "targets"))
-    assert [data.smallest_dtype(v) for v in (2, 256, 257, 65536, 65537)] == ["uint8", "uint8", "uint16", "uint16", "uint32"]
+    sizes = (2, 256, 257, 65536, 65537)
+    assert [data.smallest_dtype(v) for v in sizes] == ["uint8", "uint8", "uint16", "uint16", "uint32"]

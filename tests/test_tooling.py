@@ -190,7 +190,8 @@ def test_bfloat16_adam_moments_converge_like_float32():
     loss = lambda p: jnp.mean(jnp.square(x @ p["w"] + p["b"] - y))  # noqa: E731
     finals = {}
     for dtype in ("float32", "bfloat16"):
-        tx = make_optimizer(OptimizerConfig(learning_rate=0.05, warmup_steps=10, weight_decay=0.0, state_dtype=dtype), 300)
+        cfg = OptimizerConfig(learning_rate=0.05, warmup_steps=10, weight_decay=0.0, state_dtype=dtype)
+        tx = make_optimizer(cfg, 300)
         params = {"w": jnp.zeros((64, 32)), "b": jnp.zeros(32)}
 
         def step(carry, _):
