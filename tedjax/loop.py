@@ -343,7 +343,10 @@ def run(config: TrainConfig, *, resume: bool = False, allow_change: Iterable[str
             return False
         return bool(np.any(multihost_utils.process_allgather(np.int32(signals.received is not None))))
 
-    profiler = StepProfiler(config.log.profile_steps, Path(config.log.dir) / "profile", logger)
+    profile_dir = Path(config.log.dir) / "profile"
+    if jax.process_count() > 1:  # the trace files are named by host, and processes may share one
+        profile_dir = profile_dir / f"process_{jax.process_index()}"
+    profiler = StepProfiler(config.log.profile_steps, profile_dir, logger)
     try:
         with _SignalFlag() as signals, jax.set_mesh(mesh):
             for step in range(start_step, end_step):
