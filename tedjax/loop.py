@@ -168,8 +168,9 @@ def _announce(logger: MetricsLogger, config: TrainConfig, mesh, checkpointer: Ch
 class StepProfiler:
     """A jax.profiler trace of steps [start, stop) (log.profile_steps) in `directory`; off when `steps` is empty.
 
-    Each traced step is a StepTraceAnnotation (the profile tool's step view); the trace stops once step
-    stop - 1 has finished on the device, so it holds whole steps. The MoE layer's named scopes
+    Steps are 0-based indices (step i makes the record of step i + 1 in metrics.jsonl). Each traced step
+    is a StepTraceAnnotation (the profile tool's step view); the trace stops once step stop - 1 has
+    finished on the device, so it holds whole steps. The MoE layer's named scopes
     (moe_route, moe_dispatch, moe_experts, moe_combine, moe_shadows) name its ops in the trace.
     """
 
@@ -186,12 +187,17 @@ class StepProfiler:
     def annotate(self, step: int):
         return jax.profiler.StepTraceAnnotation("train", step_num=step) if self.active else contextlib.nullcontext()
 
-    def after(self, step: int, state) -> None:
-        if self.active and step + 1 >= self.stop:
-            jax.block_until_ready(state)
-            self.close()
-            self.logger.message(f"profile of steps {self.start}..{self.stop - 1} written to {self.directory} "
-                                f"(open it with: xprof --logdir {self.directory}, or TensorBoard's profile tab)")
+    def after(self, step: int, state) -> float:
+        """Stops the trace after its last step; returns the seconds that took (kept out of tokens/s)."""
+        if not (self.active and step + 1 >= self.stop):
+            return 0.0
+        jax.block_until_ready(state)
+        begin = time.perf_counter()
+        self.close()
+        self.logger.message(f"profile of steps {self.start}..{self.stop - 1} (the records of steps {self.start + 1}.."
+                            f"{self.stop}) written to {self.directory} (open it with: xprof --logdir "
+                            f"{self.directory}, or TensorBoard's profile tab)")
+        return time.perf_counter() - begin
 
     def close(self) -> None:
         if self.active:
@@ -354,7 +360,7 @@ def run(config: TrainConfig, *, resume: bool = False, allow_change: Iterable[str
                 profiler.before(step)
                 with profiler.annotate(step):
                     state, metrics = trainer.train_step(state, batch)
-                profiler.after(step, state)
+                window_start += profiler.after(step, state)  # writing the trace is not training time
                 pending.append((step + 1, metrics))
                 window_steps += 1
                 drain(keep_last=True)
