@@ -77,6 +77,7 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "cpu_count": os.cpu_count(),
         "cpu_count_usable": cpus_usable,
+        **cpu_info(),
         "jax_version": jax.__version__,
         "jaxlib_version": _jaxlib_version(),
         "flax_version": flax_version,
@@ -87,6 +88,56 @@ def machine_info() -> dict[str, Any]:
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "git_commit": _git_commit(),
     }
+
+
+# x86 vector extensions that decide which kernels XLA:CPU (LLVM, oneDNN, YNNPACK) can use.
+VECTOR_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+                "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve")
+
+
+def cpu_info() -> dict[str, Any]:
+    """The CPU model, its vector flags and the threads this process may use (XLA:CPU speed depends on all three).
+
+    From /proc/cpuinfo on Linux; `cpu_model` falls back to platform.processor() elsewhere.
+    `cpu_threads` is the affinity mask's size (what XLA:CPU's thread pool sizes itself by).
+    """
+    model, flags, per_package = None, set(), {}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if model is None and key in ("model name", "Model", "CPU part"):
+            model = value.strip()
+        elif key in ("flags", "Features") and not flags:
+            flags = set(value.split())
+        elif key in ("siblings", "cpu cores") and key not in per_package:
+            per_package[key] = int(value)
+    try:
+        threads = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        threads = os.cpu_count()
+    return {
+        "cpu_model": model or platform.processor() or platform.machine(),
+        "cpu_vector_flags": [f for f in VECTOR_FLAGS if f in flags],
+        "cpu_threads": threads,
+        # hardware threads per core (2 = SMT: two vCPUs may share one core's vector units)
+        "cpu_threads_per_core": (per_package["siblings"] // per_package["cpu cores"]
+                                 if per_package.get("cpu cores") else None),
+        "thread_env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "TF_NUM_INTEROP_THREADS", "TF_NUM_INTRAOP_THREADS")
+                       if k in os.environ},
+    }
+
+
+def cpu_line(machine: dict) -> str:
+    """One markdown line naming the CPU, its vector flags and thread count (ends every results file)."""
+    flags = ", ".join(machine.get("cpu_vector_flags") or []) or "unknown"
+    return (f"CPU: {machine.get('cpu_model', 'unknown')} ({flags}); {machine.get('cpu_threads', '?')} threads "
+            f"({machine.get('cpu_threads_per_core') or '?'} per core); "
+            f"jax {machine.get('jax_version', '?')}, "
+            f"{machine.get('device_count', '?')} {machine.get('backend', '?')} devices.")
 
 
 def load_avg() -> list[float] | None:
@@ -202,7 +253,8 @@ def save_results(
     }
     json_path, md_path = out / f"{name}.json", out / f"{name}.md"
     json_path.write_text(json.dumps(_jsonable(payload), indent=2, allow_nan=False) + "\n")
-    md_path.write_text(markdown if markdown.endswith("\n") else markdown + "\n")
+    markdown = (markdown if markdown.endswith("\n") else markdown + "\n") + "\n" + cpu_line(payload["machine"]) + "\n"
+    md_path.write_text(markdown)
     return json_path, md_path
 
 

@@ -48,6 +48,7 @@ from tedjax.config import (  # noqa: E402
     TrainConfig,
     load_config,
 )
+from tedjax.config import resolve_dtype  # noqa: E402
 from tedjax.logs import detect_peak_tflops  # noqa: E402
 from tedjax.mesh import make_mesh  # noqa: E402
 from tedjax.trainer import Trainer  # noqa: E402
@@ -159,7 +160,7 @@ def measure(candidate: Candidate, device, reps: int, warmup: int) -> dict:
     step_s = _common.median(times)
     tokens_per_s = candidate.tokens_per_step / step_s
     flops_per_token = config.model.flops_per_token(d.seq_len)
-    peak = detect_peak_tflops(device)
+    peak = detect_peak_tflops(device, resolve_dtype(config.model.dtype))  # none for float32 (no bf16 peak)
     row.update(
         step_ms=step_s * 1e3,
         times_s=times,

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from tedjax.config import TrainConfig
+from tedjax.config import TrainConfig, resolve_dtype
 
 RUN_FILE = "tedjax_run.json"  # in the checkpoint directory: the current config and every resume's changes
 MANIFEST = "tedjax_checksums.json"  # in each step directory: {relative path: [size, sha256]}
@@ -254,6 +254,8 @@ def config_changes(saved: dict, config: TrainConfig) -> list[Change]:
     A key the saved config lacks (a field added since) counts as its default value.
     """
     new, old, default = flatten(config.to_dict()), flatten(saved), flatten(TrainConfig().to_dict())
+    for tree in (new, old, default):  # model.dtype auto is the dtype it resolves to here (float32 on CPU)
+        tree["model.dtype"] = resolve_dtype(tree.get("model.dtype", "auto"))
     dense = not config.model.num_experts
     shape_keys = {f"model.{k}" for k in SHAPE_FIELDS + (("top_k",) if dense else ())}
     changes = []

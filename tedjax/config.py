@@ -17,6 +17,22 @@ from tedjax.mesh import mesh_shape
 Activation = Literal["gelu", "swiglu"]
 Remat = Literal["none", "full", "cac"]
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+SCHEDULES = ("cosine", "linear", "constant", "wsd", "inverse_sqrt")
+GPU_PROFILES = ("default", "throughput")
+
+
+def resolve_dtype(name: str, backend: str | None = None) -> str:
+    """model.dtype with "auto" resolved: bfloat16 on GPU and TPU, float32 elsewhere (CPU results stay as they were).
+
+    `backend` defaults to jax.default_backend(), so call this after jax is set up (not while parsing a config).
+    """
+    if name != "auto":
+        return name
+    if backend is None:
+        import jax
+
+        backend = jax.default_backend()
+    return "bfloat16" if backend in ("gpu", "cuda", "rocm", "tpu") else "float32"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +58,7 @@ class ModelConfig:
     moe_every: int = 2
     group_size: int = 0  # tokens per routing group; 0 = one sequence
     activation: Activation = "gelu"  # dense and expert FFNs
-    dtype: str = "float32"  # compute dtype; parameters stay float32
+    dtype: str = "auto"  # compute: auto (bfloat16 on GPU/TPU, float32 on CPU), float32, bfloat16; params stay float32
     aux_loss_weight: float = 0.01
     z_loss_weight: float = 1e-3
     jitter_eps: float = 0.0
@@ -111,7 +127,7 @@ class ModelConfig:
         if self.attention not in ("auto", "xla", "cudnn"):
             raise ValueError(f"model.attention must be 'auto', 'xla' or 'cudnn', got {self.attention!r}; 'auto' picks "
                              "cuDNN flash attention where it runs (NVIDIA GPU, bfloat16) and XLA's elsewhere")
-        if self.attention == "cudnn" and (self.dtype not in ("bfloat16", "float16") or self.head_size % 8
+        if self.attention == "cudnn" and (self.dtype not in ("bfloat16", "float16", "auto") or self.head_size % 8
                                           or self.head_size > 256):
             raise ValueError(f"model.attention='cudnn' needs model.dtype bfloat16 (or float16) and a head size that "
                              f"is a multiple of 8 up to 256, got {self.dtype} and {self.head_size}; use 'auto'")
@@ -129,8 +145,8 @@ class ModelConfig:
             raise ValueError(f"model.top_k={self.top_k} exceeds num_experts={self.num_experts}; use top_k <= num_experts")
         if self.activation not in ("gelu", "swiglu"):
             raise ValueError(f"model.activation must be 'gelu' or 'swiglu', got {self.activation!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in DTYPES and self.dtype != "auto":
+            raise ValueError(f"model.dtype must be one of {['auto', *sorted(DTYPES)]}, got {self.dtype!r}")
         if self.remat not in ("none", "full", "cac"):
             raise ValueError(f"model.remat must be 'none', 'full' or 'cac', got {self.remat!r}")
         # group_size is checked against the sequence length actually used (TrainConfig, check_mesh,
@@ -164,7 +180,8 @@ class ModelConfig:
 
     @property
     def compute_dtype(self):
-        return DTYPES[self.dtype]
+        """The jnp dtype of activations and matmuls ("auto" resolved for the default backend)."""
+        return DTYPES[resolve_dtype(self.dtype)]
 
     @property
     def kv_heads(self) -> int:
@@ -306,7 +323,13 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-    """AdamW, linear warmup then cosine decay, global-norm clipping, ZeRO-1 state sharding."""
+    """AdamW, linear warmup then a decay `schedule`, global-norm clipping, ZeRO-1 state sharding.
+
+    Schedules (after `warmup_steps` of linear warmup from 0): cosine to learning_rate * min_lr_ratio;
+    linear to the same; constant; wsd (warmup-stable-decay: constant, then a linear decay to
+    learning_rate * min_lr_ratio over the last `decay_fraction` of the steps); inverse_sqrt
+    (learning_rate * sqrt(max(warmup_steps, 1) / step)).
+    """
 
     learning_rate: float = 3e-3
     min_lr_ratio: float = 0.1  # final lr = learning_rate * min_lr_ratio
@@ -318,8 +341,22 @@ class OptimizerConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 disables
     zero1: bool = True  # shard optimizer state over each parameter's data-parallel group
     tile_size: int = 0  # tiled optimizer: update large parameters this many elements at a time; 0 = off
+    schedule: str = "cosine"  # cosine | linear | constant | wsd | inverse_sqrt
+    decay_fraction: float = 0.2  # wsd: the last fraction of the steps that decays
+    state_dtype: str = "float32"  # Adam's moments: float32 or bfloat16 (half the state memory)
 
     def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"optimizer.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        _check_float("optimizer.decay_fraction", self.decay_fraction, 0)
+        if self.decay_fraction > 1:
+            raise ValueError(f"optimizer.decay_fraction must be in [0, 1], got {self.decay_fraction}; "
+                             "0.1-0.2 is typical")
+        if self.state_dtype not in DTYPES:
+            raise ValueError(f"optimizer.state_dtype must be float32 or bfloat16, got {self.state_dtype!r}")
+        if self.state_dtype != "float32" and self.tile_size:
+            raise ValueError("optimizer.state_dtype=bfloat16 does not combine with the tiled optimizer "
+                             "(optimizer.tile_size > 0); keep one of them")
         _check_float("optimizer.learning_rate", self.learning_rate, 0, strict=True)
         _check_float("optimizer.min_lr_ratio", self.min_lr_ratio, 0)
         _check_int("optimizer.warmup_steps", self.warmup_steps, 0)
@@ -386,6 +423,21 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class WandbConfig:
+    """Weights & Biases tracking (the optional `wandb` extra); on when `project` is set. TensorBoard stays on too."""
+
+    project: str = ""
+    name: str = ""  # run name; "" = wandb picks one
+    mode: str = "online"  # online | offline (written under <log.dir>/wandb, synced later) | disabled
+
+    def __post_init__(self):
+        _check_str("log.wandb.project", self.project)
+        _check_str("log.wandb.name", self.name)
+        if self.mode not in ("online", "offline", "disabled"):
+            raise ValueError(f"log.wandb.mode must be online, offline or disabled, got {self.mode!r}")
+
+
+@dataclasses.dataclass(frozen=True)
 class LogConfig:
     dir: str = "runs/tiny"
     every: int = 10  # steps between metric logs
@@ -394,8 +446,18 @@ class LogConfig:
     tensorboard: bool = True
     progress: bool = True
     peak_tflops: float = 0.0  # peak FLOP/s per device (TFLOP/s) for MFU; 0 = detect from the device
+    profile_steps: tuple[int, ...] = ()  # [start, stop]: a jax.profiler trace of steps start..stop-1 in <dir>/profile
+    wandb: WandbConfig = dataclasses.field(default_factory=WandbConfig)  # off unless wandb.project is set
 
     def __post_init__(self):
+        steps = self.profile_steps
+        if not isinstance(steps, (list, tuple)) or (steps and (
+                len(steps) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in steps)
+                or not 0 <= steps[0] < steps[1])):  # fmt: skip
+            raise ValueError(f"log.profile_steps must be [] or [start, stop] with 0 <= start < stop, got {steps!r}; "
+                             "e.g. log.profile_steps=[10,13] traces steps 10, 11 and 12")
+        object.__setattr__(self, "profile_steps", tuple(steps))
+
         _check_str("log.dir", self.dir)
         if not self.dir:
             raise ValueError("log.dir must be a non-empty path, got ''; e.g. log.dir=runs/tiny")
@@ -405,6 +467,28 @@ class LogConfig:
         _check_float("log.peak_tflops", self.peak_tflops, 0)
         _check_bool("log.tensorboard", self.tensorboard)
         _check_bool("log.progress", self.progress)
+
+
+# xla.gpu_profile=throughput: the XLA:GPU flags MaxText sets for its GPU runs
+# (src/MaxText/configs/a3/llama_2_7b/*.sh), less --xla_gpu_graph_level (gone from jaxlib 0.10) and
+# --xla_disable_hlo_passes=rematerialization (it trades memory for speed; remat is model.remat here).
+# The latency-hiding scheduler overlaps collectives with compute; the pipelined collectives and
+# double-buffered loops let it start next layers' all-gathers/reduce-scatters early. XLA:CPU accepts
+# and ignores them.
+GPU_THROUGHPUT_FLAGS = (
+    "--xla_gpu_enable_latency_hiding_scheduler=true",
+    "--xla_gpu_enable_highest_priority_async_stream=true",
+    "--xla_gpu_enable_pipelined_all_gather=true",
+    "--xla_gpu_enable_pipelined_reduce_scatter=true",
+    "--xla_gpu_enable_pipelined_all_reduce=true",
+    "--xla_gpu_enable_while_loop_double_buffering=true",
+    "--xla_gpu_enable_all_gather_combine_by_dim=false",
+    "--xla_gpu_enable_reduce_scatter_combine_by_dim=false",
+    "--xla_gpu_all_reduce_combine_threshold_bytes=536870912",
+    "--xla_gpu_all_gather_combine_threshold_bytes=134217728",
+    "--xla_gpu_reduce_scatter_combine_threshold_bytes=67108864",
+    "--xla_gpu_enable_triton_gemm=false",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -435,8 +519,11 @@ class XlaConfig:
     all_gather_combine_bytes: int = 0
     combine_count: int = 0  # most collectives per combined op (GPU); 0 = XLA's default
     cpu_all_reduce_combiner: bool = True
+    gpu_profile: str = "default"  # "throughput": MaxText's XLA:GPU scheduling flags (GPU_THROUGHPUT_FLAGS)
 
     def __post_init__(self):
+        if self.gpu_profile not in GPU_PROFILES:
+            raise ValueError(f"xla.gpu_profile must be one of {', '.join(GPU_PROFILES)}, got {self.gpu_profile!r}")
         for name in ("all_reduce_combine_bytes", "reduce_scatter_combine_bytes", "all_gather_combine_bytes",
                      "combine_count"):
             _check_int(f"xla.{name}", getattr(self, name), 0)
@@ -450,6 +537,9 @@ class XlaConfig:
             "combine_count": "--xla_gpu_collective_combine_threshold_count",
         }
         flags = [f"{flag}={getattr(self, key)}" for key, flag in names.items() if getattr(self, key)]
+        if self.gpu_profile == "throughput":  # explicit thresholds above win over the profile's
+            given = {f.split("=")[0] for f in flags}
+            flags += [f for f in GPU_THROUGHPUT_FLAGS if f.split("=")[0] not in given]
         if not self.cpu_all_reduce_combiner:
             flags.append("--xla_disable_hlo_passes=cpu-all-reduce-combiner")
         return flags
@@ -516,6 +606,9 @@ class TrainConfig:
         if self.data.seq_len > self.model.max_len:
             raise ValueError(f"data.seq_len={self.data.seq_len} exceeds model.max_len={self.model.max_len}; "
                              "raise model.max_len or shorten data.seq_len")
+        if self.log.profile_steps and self.log.profile_steps[1] > self.steps:
+            raise ValueError(f"log.profile_steps={list(self.log.profile_steps)} ends after steps={self.steps}; "
+                             f"pick a range inside the run, e.g. [{max(self.steps - 3, 0)}, {self.steps}]")
         if self.balance.every and self.model.capacity_scope != "device":
             raise ValueError(f"balance.every={self.balance.every} moves experts between devices, which changes "
                              "nothing with per-expert capacity; set model.capacity_scope=device (or balance.every=0)")

@@ -12,15 +12,19 @@ Tokenizer
 
 On-disk format (a directory written by `prepare`)
     train.bin, val.bin  flat little-endian token arrays of `meta["dtype"]`
-                        (uint16 by default, so larger vocabularies fit later),
-                        no header; n tokens = file size / itemsize.
+                        (the smallest unsigned dtype that holds the
+                        vocabulary: uint8 for bytes; directories written
+                        with uint16 before still load), no header;
+                        n tokens = file size / itemsize.
     meta.json           {"format": "tedjax-tokens", "version": 1,
                          "tokenizer": "utf8-bytes", "vocab_size": 256,
-                         "dtype": "uint16", "n_train_tokens", "n_val_tokens",
+                         "dtype": "uint8", "n_train_tokens", "n_val_tokens",
                          "sha256": {"train", "val"} (of the .bin bytes),
                          "val_fraction", "split_rule", "doc_separator",
                          "sources", "documents", "n_documents",
                          "unigram_entropy_train", ...}
+    Record files (.jsonl, .parquet, .arrow: what Hugging Face `datasets`
+    writes) give one document per row, the `text_field` column.
     Every file is written to a temporary name, fsync'ed and then moved into
     place with os.replace, meta.json last: a crash never leaves a half file
     under a final name, and two processes preparing the same directory from
@@ -97,6 +101,10 @@ _ALLOWED_DTYPES = ("uint8", "uint16", "uint32")
 _EXCLUDED_DIRS = frozenset({"__pycache__", "site-packages", "dist-packages", ".git"})
 # Tokens read per chunk when scanning a whole file (max id, hash, counts).
 _CHUNK_TOKENS = 1 << 22
+# Record files (one document per row): what Hugging Face `datasets` writes (to_json, parquet shards, save_to_disk).
+RECORD_SUFFIXES = (".jsonl", ".parquet", ".arrow")
+# Text bytes per encoding task sent to a worker process.
+_BATCH_BYTES = 1 << 20
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -183,6 +191,148 @@ def _collect_files(
                 seen.add(key)
                 files.append(f)
     return files
+
+
+def smallest_dtype(vocab_size: int) -> str:
+    """The smallest unsigned dtype that holds ids 0 .. vocab_size - 1: uint8 for bytes, uint16 up to 65536."""
+    for name in _ALLOWED_DTYPES:
+        if vocab_size <= np.iinfo(np.dtype(name)).max + 1:
+            return name
+    raise ValueError(f"a vocabulary of {vocab_size} ids does not fit uint32")
+
+
+def read_records(path: str | os.PathLike, text_field: str = "text") -> Iterator[str | None]:
+    """The `text_field` value of every row of a .jsonl, .parquet or .arrow file, in order (None for a null).
+
+    .jsonl is read with the standard library; .parquet and .arrow (Arrow IPC
+    stream or file, as `datasets.save_to_disk` writes) need pyarrow, read one
+    record batch at a time. A missing field or a non-string value raises a
+    ValueError naming the file, the row and the fix (--text-field).
+    """
+    path = Path(path)
+
+    def check(value, where: str, fields) -> str | None:
+        if value is None or isinstance(value, str):
+            return value
+        raise ValueError(f"{where}: field {text_field!r} is a {type(value).__name__}, not text; "
+                         f"pass --text-field naming a text column (fields: {', '.join(map(str, fields))})")
+
+    if path.suffix == ".jsonl":
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for row, line in enumerate(f):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{row + 1} is not valid JSON ({e}); fix or drop that line") from None
+                if not isinstance(record, dict) or text_field not in record:
+                    fields = list(record) if isinstance(record, dict) else []
+                    raise ValueError(f"{path}:{row + 1} has no field {text_field!r} (fields: "
+                                     f"{', '.join(fields) or 'none, not an object'}); pass --text-field NAME")
+                yield check(record[text_field], f"{path}:{row + 1}", list(record))
+        return
+    if path.suffix not in RECORD_SUFFIXES:
+        raise ValueError(f"{path} is not a record file ({', '.join(RECORD_SUFFIXES)})")
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError(f"reading {path.suffix} files needs pyarrow: pip install 'tedjax[datasets]' "
+                         "(or convert to .jsonl)") from None
+    if path.suffix == ".parquet":
+        reader = pq.ParquetFile(path)
+        names = reader.schema_arrow.names
+        batches = lambda: reader.iter_batches(columns=[text_field], batch_size=4096)  # noqa: E731
+    else:
+        try:
+            reader = pa.ipc.open_stream(pa.memory_map(str(path)))
+        except pa.ArrowInvalid:
+            reader = pa.ipc.open_file(pa.memory_map(str(path)))
+        names = reader.schema.names
+        if hasattr(reader, "num_record_batches"):  # the IPC file format
+            batches = lambda: (reader.get_batch(i) for i in range(reader.num_record_batches))  # noqa: E731
+        else:  # the stream format (save_to_disk)
+            batches = lambda: iter(reader)  # noqa: E731
+    if text_field not in names:
+        raise ValueError(f"{path} has no column {text_field!r} (columns: {', '.join(names)}); pass --text-field NAME")
+    row = 0
+    for batch in batches():
+        for value in batch.column(batch.schema.get_field_index(text_field)).to_pylist():
+            yield check(value, f"{path} row {row}", names)
+            row += 1
+
+
+def _documents(files: Sequence[Path], text_field: str, not_utf8: dict[str, int], empty: list[str]
+               ) -> Iterator[tuple[str, bytes]]:
+    """(source name, UTF-8 bytes) of every non-empty document, in order: a text file is one document,
+    a record file one per row. Empty documents are skipped (text files listed in `empty`)."""
+    for path in files:
+        if path.suffix in RECORD_SUFFIXES:
+            for text in read_records(path, text_field):
+                if text:
+                    yield str(path), text.encode("utf-8", errors="replace")
+            continue
+        try:
+            raw = path.read_bytes()
+        except OSError as e:
+            raise OSError(f"cannot read source file {str(path)!r}: {e}") from e
+        data = raw.decode("utf-8", errors="replace").encode("utf-8")
+        if data != raw:
+            not_utf8[str(path)] = _invalid_utf8_bytes(raw)
+        if not data:
+            empty.append(str(path))
+            continue
+        yield str(path), data
+
+
+_WORKER_ENCODER = None
+
+
+def _init_worker(tokenizer: str) -> None:
+    global _WORKER_ENCODER
+    _WORKER_ENCODER = HFTokenizer(tokenizer)
+
+
+def _encode_pieces(pieces: list[tuple[str, bytes]], encoder=None) -> list[tuple[str, np.ndarray]]:
+    """[(split, piece)] -> [(split, ids of piece + separator)], with `encoder` (a worker's own when None)."""
+    encoder = encoder or _WORKER_ENCODER
+    if encoder is None:  # bytes
+        return [(split, np.frombuffer(piece + DOC_SEPARATOR, dtype=np.uint8)) for split, piece in pieces]
+    return [(split, encoder.encode_document(piece)) for split, piece in pieces]
+
+
+class _EncoderPool:
+    """Encodes batches of document pieces in order: inline, or in `workers` processes (Hugging Face tokenizers).
+
+    At most 2 x workers batches are in flight, so memory stays bounded however large the corpus.
+    """
+
+    def __init__(self, tokenizer, encoder, workers: int):
+        self.encoder, self.pending, self.pool = encoder, [], None
+        if tokenizer is not None and workers > 1:
+            import multiprocessing
+
+            # spawn: the caller may have threads (jax) that a fork would copy half-way
+            self.pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (str(tokenizer),))
+            self.limit = 2 * workers
+
+    def submit(self, pieces: list[tuple[str, bytes]], write) -> None:
+        if self.pool is None:
+            write(_encode_pieces(pieces, self.encoder))
+            return
+        self.pending.append(self.pool.apply_async(_encode_pieces, (pieces,)))
+        while len(self.pending) >= self.limit:
+            write(self.pending.pop(0).get())
+
+    def finish(self, write) -> None:
+        while self.pending:
+            write(self.pending.pop(0).get())
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
 
 
 def _split_point(data: bytes, val_fraction: float) -> int:
@@ -281,9 +431,12 @@ def prepare(
     val_fraction: float = 0.01,
     pattern: str | Sequence[str] = DEFAULT_PATTERN,
     max_bytes: int | None = None,
-    dtype: str = "uint16",
+    dtype: str = "auto",
     *,
     tokenizer: str | os.PathLike | None = None,
+    text_field: str = "text",
+    workers: int = 1,
+    progress: bool = False,
     _kind: str = "files",
     _extra_meta: dict | None = None,
 ) -> dict:
@@ -296,26 +449,37 @@ def prepare(
     that fits (a line longer than the room is cut at a UTF-8 character
     boundary); later documents are dropped. Empty files are skipped.
     tokenizer: a Hugging Face tokenizer directory (its tokenizer.json) to use
-    instead of bytes (see `HFTokenizer`); uint16 becomes uint32 when its
-    vocabulary needs it. Inputs are checked before anything is written.
+    instead of bytes (see `HFTokenizer`). dtype "auto" picks the smallest
+    unsigned dtype that holds the vocabulary (uint8 for bytes), recorded in
+    meta.json. Files ending in .jsonl, .parquet or .arrow (what Hugging Face
+    `datasets` writes: shards, `save_to_disk` files) are record files: each
+    row's `text_field` string is one document (see `read_records`).
+    `workers` > 1 encodes with a Hugging Face tokenizer in that many
+    processes (the order, and so the output, is the same); `progress` shows
+    a tqdm bar on stderr. Inputs are checked before anything is written.
     """
     if not (isinstance(val_fraction, (int, float)) and 0.0 <= float(val_fraction) < 1.0):
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}; e.g. 0.01")
     val_fraction = float(val_fraction)
-    if dtype not in _ALLOWED_DTYPES:
-        raise ValueError(f"dtype must be one of {_ALLOWED_DTYPES}, got {dtype!r}")
+    if dtype not in (*_ALLOWED_DTYPES, "auto"):
+        raise ValueError(f"dtype must be 'auto' or one of {_ALLOWED_DTYPES}, got {dtype!r}")
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
     encoder = HFTokenizer(tokenizer) if tokenizer is not None else None
     vocab = BYTE_VOCAB_SIZE if encoder is None else encoder.vocab_size
-    if dtype == "uint16" and vocab > 2**16:
-        dtype = "uint32"
+    if dtype == "auto":
+        dtype = smallest_dtype(vocab)
     if vocab > np.iinfo(np.dtype(dtype)).max + 1:
-        raise ValueError(f"dtype {dtype} cannot hold the tokenizer's {vocab} token ids; use uint32")
+        raise ValueError(f"dtype {dtype} cannot hold the tokenizer's {vocab} token ids; use {smallest_dtype(vocab)}")
     if max_bytes is not None and (not isinstance(max_bytes, (int, np.integer)) or max_bytes <= 0):
         raise ValueError(f"max_bytes must be a positive integer or None, got {max_bytes!r}")
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
     skipped: list[str] = []
     files = _collect_files(sources, pattern, skipped)
+    for path in files:  # a missing column or reader fails here, before anything is written
+        if path.suffix in RECORD_SUFFIXES:
+            next(iter(read_records(path, text_field)), None)
     if not files:
         raise ValueError(
             f"no files matching {pattern!r} under {[str(s) for s in sources]}; "
@@ -336,52 +500,70 @@ def prepare(
     hashers = {s: hashlib.sha256() for s in SPLITS}
     n_tokens = {s: 0 for s in SPLITS}
     counts = np.zeros(vocab, dtype=np.int64)
-    documents: list[str] = []
+    documents: list[str] = []  # text files, and record files with at least one document taken
+    n_documents = 0
     empty: list[str] = []
     not_utf8: dict[str, int] = {}  # path -> bytes that were not valid UTF-8 (each became U+FFFD)
     total = 0
     ok = False
+    bar = None
     try:
         handles = {}
+        pool = _EncoderPool(tokenizer if encoder is not None else None, encoder, workers)
         try:
             for s in SPLITS:
                 handles[s] = open(tmps[s], "wb")
-            for path in files:
-                try:
-                    raw = path.read_bytes()
-                except OSError as e:
-                    raise OSError(f"cannot read source file {str(path)!r}: {e}") from e
-                data = raw.decode("utf-8", errors="replace").encode("utf-8")
-                if data != raw:
-                    not_utf8[str(path)] = _invalid_utf8_bytes(raw)
-                if not data:
-                    empty.append(str(path))
-                    continue
-                last = max_bytes is not None and total + len(data) + len(DOC_SEPARATOR) > max_bytes
-                if last:  # the cap falls inside this document: keep the lines that fit
-                    data = _truncate(data, max_bytes - total - len(DOC_SEPARATOR))
-                    if not data:
-                        break
-                total += len(data) + len(DOC_SEPARATOR)
-                documents.append(str(path))
-                cut = _split_point(data, val_fraction)
-                for split, piece in (("train", data[:cut]), ("val", data[cut:])):
-                    if not piece:
-                        continue
-                    ids = np.frombuffer(piece + DOC_SEPARATOR, dtype=np.uint8) if encoder is None else (
-                        encoder.encode_document(piece))
+            if progress:
+                from tqdm import tqdm
+
+                bar = tqdm(unit=" docs", desc=f"prepare {out.name}", file=sys.stderr, dynamic_ncols=True)
+
+            def write(results) -> None:
+                nonlocal counts
+                for split, ids in results:
                     buf = ids.astype(np_dtype).tobytes()
                     handles[split].write(buf)
                     hashers[split].update(buf)
                     n_tokens[split] += ids.size
                     if split == "train":
                         counts += np.bincount(ids, minlength=vocab)
+
+            batch: list[tuple[str, bytes]] = []
+            batch_bytes = batch_docs = 0
+            for name, data in _documents(files, text_field, not_utf8, empty):
+                last = max_bytes is not None and total + len(data) + len(DOC_SEPARATOR) > max_bytes
+                if last:  # the cap falls inside this document: keep the lines that fit
+                    data = _truncate(data, max_bytes - total - len(DOC_SEPARATOR))
+                    if not data:
+                        break
+                total += len(data) + len(DOC_SEPARATOR)
+                if not documents or documents[-1] != name:
+                    documents.append(name)
+                n_documents += 1
+                cut = _split_point(data, val_fraction)
+                batch += [(split, piece) for split, piece in (("train", data[:cut]), ("val", data[cut:])) if piece]
+                batch_bytes += len(data)
+                batch_docs += 1
+                if batch_bytes >= _BATCH_BYTES:
+                    pool.submit(batch, write)
+                    if bar is not None:
+                        bar.update(batch_docs)
+                    batch, batch_bytes, batch_docs = [], 0, 0
                 if last:
                     break
+            if batch:
+                pool.submit(batch, write)
+                if bar is not None:
+                    bar.update(batch_docs)
+            pool.finish(write)
             for h in handles.values():
                 h.flush()
                 os.fsync(h.fileno())
         finally:
+            pool.close()
+            if bar is not None:
+                bar.set_postfix(tokens=f"{n_tokens['train'] + n_tokens['val']:,}")
+                bar.close()
             for h in handles.values():
                 h.close()
         for s in SPLITS:  # verify what reached the disk once, here, so a run start need not
@@ -415,7 +597,7 @@ def prepare(
             "max_bytes": None if max_bytes is None else int(max_bytes),
             "kind": _kind,
             "sources": [str(Path(s).expanduser().resolve()) for s in sources],
-            "n_documents": len(documents),
+            "n_documents": n_documents,
             "documents": documents,
             "unigram_entropy_train": _entropy_from_counts(counts),
             "fingerprint": {s: file_fingerprint(tmps[s]) for s in SPLITS},
@@ -1029,6 +1211,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-bytes", type=int, default=None)
     p.add_argument("--tokenizer", default=None,
                    help="a Hugging Face tokenizer directory (tokenizer.json) to use instead of UTF-8 bytes")
+    p.add_argument("--text-field", default="text",
+                   help="the column holding the text in .jsonl/.parquet/.arrow record files (default %(default)r)")
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    p.add_argument("--workers", type=int, default=max(1, min(8, usable)),
+                   help="processes encoding with --tokenizer (default: the usable CPUs, up to 8)")
+    p.add_argument("--dtype", default="auto", choices=("auto", *_ALLOWED_DTYPES),
+                   help="token file dtype; auto = the smallest that holds the vocabulary (uint8 for bytes)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     s = sub.add_parser("stdlib", help="tokenize the Python standard library's *.py files")
     s.add_argument("--out", default=None, help=f"output directory (default {default_corpus_dir()})")
     s.add_argument("--val-fraction", type=float, default=0.01)
@@ -1039,7 +1229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             out = Path(args.out)
             meta = prepare(
                 args.sources, out, val_fraction=args.val_fraction, pattern=args.pattern,
-                max_bytes=args.max_bytes, tokenizer=args.tokenizer,
+                max_bytes=args.max_bytes, tokenizer=args.tokenizer, text_field=args.text_field,
+                workers=args.workers, dtype=args.dtype, progress=not args.no_progress and sys.stderr.isatty(),
             )
         else:
             out = Path(args.out) if args.out else default_corpus_dir()

@@ -20,18 +20,35 @@ from pathlib import Path
 import jax
 import numpy as np
 
-# Dense bf16 peak FLOP/s per device, for MFU when log.peak_tflops is 0.
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "V100": 125.0,
-               "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5p": 459.0, "TPU v6": 918.0}  # fmt: skip
+# Dense (no sparsity) peak TFLOP/s per device and compute dtype, from the vendors' data sheets; the first
+# entry whose name is in the device kind wins, so the specific names (PCIe, NVL) come before the family.
+# No float32 entries: XLA's float32 matmuls run at a precision (TF32 or full fp32) these sheets do not pin
+# down, and an fp32 run measured against a bf16 peak would understate MFU; set log.peak_tflops for those.
+PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
+    ("H100 PCIe", {"bfloat16": 756.0}),
+    ("H100 NVL", {"bfloat16": 835.0}),
+    ("H200 NVL", {"bfloat16": 835.0}),
+    ("H100", {"bfloat16": 989.0}),  # SXM ("NVIDIA H100 80GB HBM3")
+    ("H200", {"bfloat16": 989.0}),
+    ("GH200", {"bfloat16": 989.0}),
+    ("A100", {"bfloat16": 312.0}),  # SXM and PCIe alike
+    ("L40S", {"bfloat16": 362.0}),
+    ("A10G", {"bfloat16": 125.0}),
+    ("TPU v4", {"bfloat16": 275.0}),
+    ("TPU v5 lite", {"bfloat16": 197.0}),
+    ("TPU v5p", {"bfloat16": 459.0}),
+    ("TPU v5", {"bfloat16": 459.0}),
+    ("TPU v6", {"bfloat16": 918.0}),
+)
 SUPERSEDED = "metrics.superseded.jsonl"
 
 
-def detect_peak_tflops(device: jax.Device | None = None) -> float | None:
-    """Peak bf16 TFLOP/s of `device` from its kind, or None when unknown (e.g. CPU)."""
-    kind = (device or jax.devices()[0]).device_kind
-    for name, tflops in PEAK_TFLOPS.items():
-        if name.lower() in kind.lower():
-            return tflops
+def detect_peak_tflops(device: jax.Device | None = None, dtype: str = "bfloat16") -> float | None:
+    """Peak dense TFLOP/s of `device` for `dtype` compute, or None when unknown (CPU, float32, unlisted cards)."""
+    kind = (device or jax.devices()[0]).device_kind.lower()
+    for name, peaks in PEAK_TFLOPS:
+        if name.lower() in kind:
+            return peaks.get(dtype)
     return None
 
 
@@ -131,17 +148,57 @@ def _max_over_mean(layers: list) -> float:
 def _clock(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+def require_wandb() -> None:
+    """Raise ValueError naming the fix when log.wandb is set but wandb is not installed (checked before compiling)."""
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        raise ValueError("log.wandb.project is set but the wandb package is not installed; "
+                         "pip install 'tedjax[wandb]' (or leave log.wandb.project empty)") from None
+
+
+class WandbTracker:
+    """Mirrors the records MetricsLogger writes to a Weights & Biases run (`log.wandb`), as TensorBoard gets them.
+
+    mode=offline writes the run under `<log.dir>/wandb` without any network access; `wandb sync` uploads it later.
+    """
+
+    def __init__(self, project: str, name: str, mode: str, log_dir: Path, config: dict | None = None):
+        import wandb
+
+        self.run = wandb.init(project=project, name=name or None, mode=mode, dir=str(log_dir), config=config,
+                              settings=wandb.Settings(silent=True))  # fmt: skip
+
+    def log(self, step: int, record: dict, kind: str) -> None:
+        data = {}
+        for key, value in record.items():
+            if key in ("kind", "step", "time"):
+                continue
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                data[f"{kind}/{key}"] = value
+            elif isinstance(value, list):  # per-layer lists, as in TensorBoard
+                for layer, entry in enumerate(value):
+                    if isinstance(entry, list):
+                        ratio = max(entry) * len(entry) / max(sum(entry), 1e-9)
+                        data[f"{kind}/{key}/layer{layer}_max_over_mean"] = ratio
+                    elif isinstance(entry, (int, float)):
+                        data[f"{kind}/{key}/layer{layer}"] = entry
+        if data:
+            self.run.log(data, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
 
 
 class MetricsLogger:
     """Writes one JSON line per record to `<dir>/metrics.jsonl` and mirrors scalars to TensorBoard."""
 
     def __init__(self, log_dir: str | Path, *, total_steps: int, start_step: int = 0,
-                 tensorboard: bool = True, progress: bool = True):  # fmt: skip
+                 tensorboard: bool = True, progress: bool = True, wandb: dict | None = None):  # fmt: skip
         self.enabled = jax.process_index() == 0
         self.dir = Path(log_dir)
         self.total_steps = total_steps
-        self.writer = self.bar = None
+        self.writer = self.bar = self.wandb = None
         self.superseded = 0
         if not self.enabled:
             return
@@ -155,6 +212,8 @@ class MetricsLogger:
             # Events of steps > start_step from an earlier run are dropped by TensorBoard (a SessionLog.START).
             purge = start_step + 1 if tb_dir.exists() else None
             self.writer = SummaryWriter(str(tb_dir), purge_step=purge)
+        if wandb:  # {project, name, mode, config}: log.wandb with a project
+            self.wandb = WandbTracker(log_dir=self.dir, **wandb)
         if progress and sys.stdout.isatty():
             from tqdm import tqdm
 
@@ -167,7 +226,9 @@ class MetricsLogger:
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
         if kind == "start":
-            return  # the run's config and accepted changes: JSONL only
+            return  # the run's config and accepted changes: JSONL only (and wandb's run config)
+        if self.wandb is not None:
+            self.wandb.log(step, record, kind)
         if self.writer is not None:
             for key, value in record.items():
                 if key in ("kind", "step", "time"):
@@ -214,4 +275,6 @@ class MetricsLogger:
         self.jsonl.close()
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.close()
         self.close_bar()

@@ -5,7 +5,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import signal
 import time
 from collections.abc import Iterable, Iterator
@@ -18,8 +20,8 @@ from jax.sharding import NamedSharding
 
 from tedjax import data as data_lib
 from tedjax.checkpoint import Checkpointer, check_writable
-from tedjax.config import TrainConfig, check_mesh
-from tedjax.logs import SUPERSEDED, MetricsLogger, detect_peak_tflops, to_python
+from tedjax.config import TrainConfig, check_mesh, resolve_dtype
+from tedjax.logs import SUPERSEDED, MetricsLogger, detect_peak_tflops, require_wandb, to_python
 from tedjax.mesh import logical_to_spec, make_mesh
 from tedjax.trainer import Trainer, TrainState
 
@@ -147,6 +149,10 @@ def _announce(logger: MetricsLogger, config: TrainConfig, mesh, checkpointer: Ch
         f"  metrics     {log_dir / 'metrics.jsonl'}",
         f"  tensorboard {log_dir / 'tensorboard' if config.log.tensorboard else 'off (log.tensorboard=false)'}",
         f"  checkpoints {checkpointer.directory} ({ckpt})",
+        *([f"  profile     {log_dir / 'profile'} (steps {config.log.profile_steps[0]}.."
+           f"{config.log.profile_steps[1] - 1})"] if config.log.profile_steps else []),
+        *([f"  wandb       project {config.log.wandb.project} ({config.log.wandb.mode}, under {log_dir / 'wandb'})"]
+          if config.log.wandb.project else []),
         *checkpointer.notes,
     ]
     if logger.superseded:
@@ -154,8 +160,49 @@ def _announce(logger: MetricsLogger, config: TrainConfig, mesh, checkpointer: Ch
                      f"replaces) to {log_dir / SUPERSEDED}")
     logger.message("\n".join(lines))
     logger.log(start_step, {"config_file": config_file, "resumed": checkpointer.resume_step is not None,
+                            "xla_flags": os.environ.get("XLA_FLAGS", ""), "compute_dtype": resolve_dtype(model.dtype),
                             "changes": [str(c) for c in checkpointer.changes], "config": config.to_dict()},
                kind="start")  # fmt: skip
+
+
+class StepProfiler:
+    """A jax.profiler trace of steps [start, stop) (log.profile_steps) in `directory`; off when `steps` is empty.
+
+    Steps are 0-based indices (step i makes the record of step i + 1 in metrics.jsonl). Each traced step
+    is a StepTraceAnnotation (the profile tool's step view); the trace stops once step stop - 1 has
+    finished on the device, so it holds whole steps. The MoE layer's named scopes
+    (moe_route, moe_dispatch, moe_experts, moe_combine, moe_shadows) name its ops in the trace.
+    """
+
+    def __init__(self, steps: tuple[int, ...], directory: Path, logger: MetricsLogger):
+        self.start, self.stop = steps if steps else (-1, -1)
+        self.directory, self.logger, self.active = directory, logger, False
+
+    def before(self, step: int) -> None:
+        if not self.active and self.start <= step < self.stop:  # a resumed run starts inside the range
+            self.directory.mkdir(parents=True, exist_ok=True)
+            jax.profiler.start_trace(str(self.directory))
+            self.active = True
+
+    def annotate(self, step: int):
+        return jax.profiler.StepTraceAnnotation("train", step_num=step) if self.active else contextlib.nullcontext()
+
+    def after(self, step: int, state) -> float:
+        """Stops the trace after its last step; returns the seconds that took (kept out of tokens/s)."""
+        if not (self.active and step + 1 >= self.stop):
+            return 0.0
+        jax.block_until_ready(state)
+        begin = time.perf_counter()
+        self.close()
+        self.logger.message(f"profile of steps {self.start}..{self.stop - 1} (the records of steps {self.start + 1}.."
+                            f"{self.stop}) written to {self.directory} (open it with: xprof --logdir "
+                            f"{self.directory}, or TensorBoard's profile tab)")
+        return time.perf_counter() - begin
+
+    def close(self) -> None:
+        if self.active:
+            self.active = False
+            jax.profiler.stop_trace()
 
 
 def _router_losses_per_layer(record: dict, n_moe_layers: int) -> None:
@@ -215,6 +262,8 @@ def run(config: TrainConfig, *, resume: bool = False, allow_change: Iterable[str
         raise ValueError(f"data.batch_size={config.data.batch_size} must divide evenly over {jax.process_count()} processes")
     if jax.process_index() == 0:
         check_writable(config.log.dir, "log.dir")
+        if config.log.wandb.project:
+            require_wandb()
     batches = Batches(config)  # validates token files before anything is written or compiled
     if config.init_from:  # checks the Hugging Face files against the model (no weight read) before compiling
         from tedjax import hf
@@ -242,8 +291,11 @@ def run(config: TrainConfig, *, resume: bool = False, allow_change: Iterable[str
                   "nothing to do; nothing was changed (raise steps to train on)", flush=True)
         return RunResult(state, trainer, {}, {}, False, last_checkpoint, batches.unigram_baseline)
     checkpointer.begin(start_step)
+    wb = config.log.wandb
     logger = MetricsLogger(config.log.dir, total_steps=config.steps, start_step=start_step,
-                           tensorboard=config.log.tensorboard, progress=config.log.progress)  # fmt: skip
+                           tensorboard=config.log.tensorboard, progress=config.log.progress,
+                           wandb=dict(project=wb.project, name=wb.name, mode=wb.mode, config=config.to_dict())
+                           if wb.project else None)  # fmt: skip
     _announce(logger, config, mesh, checkpointer, start_step, config_file)
     if config.init_from and config.model.num_experts:  # the capacity the import routes with; a warning if it drops
         from tedjax import hf
@@ -256,7 +308,7 @@ def run(config: TrainConfig, *, resume: bool = False, allow_change: Iterable[str
 
     tokens_per_step = config.data.batch_size * config.data.seq_len
     flops_per_step = config.model.flops_per_token(config.data.seq_len) * tokens_per_step
-    peak = config.log.peak_tflops or detect_peak_tflops()
+    peak = config.log.peak_tflops or detect_peak_tflops(dtype=resolve_dtype(config.model.dtype))
     n_devices = mesh.size
 
     train_losses, eval_losses = {}, {}
@@ -302,11 +354,18 @@ def run(config: TrainConfig, *, resume: bool = False, allow_change: Iterable[str
             return False
         return bool(np.any(multihost_utils.process_allgather(np.int32(signals.received is not None))))
 
+    profile_dir = Path(config.log.dir) / "profile"
+    if jax.process_count() > 1:  # the trace files are named by host, and processes may share one
+        profile_dir = profile_dir / f"process_{jax.process_index()}"
+    profiler = StepProfiler(config.log.profile_steps, profile_dir, logger)
     try:
         with _SignalFlag() as signals, jax.set_mesh(mesh):
             for step in range(start_step, end_step):
                 batch = trainer.shard_batch(batches.train_batch(step))
-                state, metrics = trainer.train_step(state, batch)
+                profiler.before(step)
+                with profiler.annotate(step):
+                    state, metrics = trainer.train_step(state, batch)
+                window_start += profiler.after(step, state)  # writing the trace is not training time
                 pending.append((step + 1, metrics))
                 drain(keep_last=True)
                 logger.advance()
@@ -348,6 +407,7 @@ def run(config: TrainConfig, *, resume: bool = False, allow_change: Iterable[str
             final = f"final val loss {eval_losses[max(eval_losses)]:.4f} nats/token"
             logger.message(final + (f" (unigram baseline {baseline:.4f})" if baseline else ""))
     finally:
+        profiler.close()
         checkpointer.close()
         logger.close()
     return RunResult(state, trainer, train_losses, eval_losses, stopped_by_signal, last_checkpoint, baseline)

@@ -30,19 +30,38 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from tedjax.config import OptimizerConfig
+from tedjax.config import DTYPES, OptimizerConfig
 from tedjax.mesh import MESH_AXES
 
 
 def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
+    """Step -> learning rate: linear warmup from 0, then `cfg.schedule` (see OptimizerConfig), from optax schedules."""
     warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=cfg.learning_rate,
-        warmup_steps=warmup,
-        decay_steps=max(total_steps, warmup + 1),
-        end_value=cfg.learning_rate * cfg.min_lr_ratio,
-    )
+    peak, end = cfg.learning_rate, cfg.learning_rate * cfg.min_lr_ratio
+    if cfg.schedule == "cosine":  # unchanged from before schedules were configurable: same numbers
+        return optax.warmup_cosine_decay_schedule(
+            init_value=0.0, peak_value=peak, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1),
+            end_value=end,
+        )  # fmt: skip
+    after = max(total_steps - warmup, 1)  # steps after the warmup
+    if cfg.schedule == "linear":
+        rest = optax.linear_schedule(peak, end, after)
+    elif cfg.schedule == "constant":
+        rest = optax.constant_schedule(peak)
+    elif cfg.schedule == "wsd":
+        decay = min(round(cfg.decay_fraction * total_steps), after)
+        stable = after - decay
+        rest = (optax.constant_schedule(peak) if decay == 0 else optax.linear_schedule(peak, end, decay)
+                if stable == 0 else optax.join_schedules(
+                    [optax.constant_schedule(peak), optax.linear_schedule(peak, end, decay)], [stable]))  # fmt: skip
+    elif cfg.schedule == "inverse_sqrt":
+        scale = max(warmup, 1)
+        rest = lambda count: peak * jnp.sqrt(scale / jnp.maximum(count + warmup, scale))  # noqa: E731
+    else:  # OptimizerConfig refuses other names
+        raise ValueError(f"unknown optimizer.schedule {cfg.schedule!r}")
+    if not warmup:
+        return rest
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), rest], [warmup])
 
 
 def weight_decay_mask(params):
@@ -52,10 +71,31 @@ def weight_decay_mask(params):
 
 def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
     """AdamW with the schedule; clipping is applied by the train step (it needs the global norm)."""
-    return optax.adamw(
+    tx = optax.adamw(
         learning_rate_schedule(cfg, total_steps),
         b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=weight_decay_mask,
     )  # fmt: skip
+    return tx if cfg.state_dtype == "float32" else _moments_stored_as(tx, DTYPES[cfg.state_dtype])
+
+
+def _moments_stored_as(tx: optax.GradientTransformation, dtype) -> optax.GradientTransformation:
+    """`tx` with Adam's mu and nu kept in `dtype` between steps; the update itself computes in float32
+    (the stored moments are promoted by the float32 gradients) and rounds the new moments once."""
+
+    def cast(state):
+        def leaf(x):
+            if isinstance(x, optax.ScaleByAdamState):
+                to = lambda t: jax.tree.map(lambda a: a.astype(dtype), t)  # noqa: E731
+                return x._replace(mu=to(x.mu), nu=to(x.nu))
+            return x
+
+        return jax.tree.map(leaf, state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+
+    def update(updates, state, params=None):
+        updates, state = tx.update(updates, state, params)
+        return updates, cast(state)
+
+    return optax.GradientTransformation(lambda params: cast(tx.init(params)), update)
 
 
 def global_norm(tree) -> jax.Array:

@@ -44,7 +44,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from typing import Literal
 
-from tedjax.config import ModelConfig, TrainConfig, check_mesh
+from tedjax.config import ModelConfig, TrainConfig, check_mesh, resolve_dtype
 from tedjax.mesh import MESH_AXES as AXES
 
 Layout = tuple[int, int, int]  # (data, expert, tensor)
@@ -366,7 +366,7 @@ def collectives(config: TrainConfig, layout: Layout | None = None, backend: Back
     sz = _sizes(config, layout)
     sizes = dict(zip(AXES, layout))
     accum = config.data.grad_accum
-    act_b = 4 if backend == "cpu" or m.dtype == "float32" else 2  # bytes per activation element
+    act_b = 4 if backend == "cpu" or resolve_dtype(m.dtype, backend) == "float32" else 2  # bytes per activation element
     d_model, e_local = m.d_model, (m.num_experts // sz.expert if m.num_experts else 0)
     swiglu = m.activation == "swiglu"
     n_moe = m.n_moe_layers
@@ -541,7 +541,7 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
     batch = 2 * dc.grad_accum * sz.rows * dc.seq_len * 4
     other = _structure(m)[1]
 
-    act_b = 4 if backend == "cpu" or m.dtype == "float32" else 2
+    act_b = 4 if backend == "cpu" or resolve_dtype(m.dtype, backend) == "float32" else 2
     td, td_t = sz.tokens * m.d_model * act_b, sz.tokens * m.d_model // t * act_b
     heads = sz.tokens * (m.n_heads // t) * dc.seq_len * (4 + act_b) // 2  # float32 scores, probs in compute dtype
     e_local = m.num_experts // sz.expert if m.num_experts else 0
@@ -572,7 +572,7 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
     # Mixed precision: the weights cast to the compute dtype are loop invariant, so XLA computes them
     # once and holds them for the whole step (on XLA:CPU as float32 copies of the rounded values).
     # Measured: the reduction's copy then does not add to the peak.
-    casts = 0 if m.dtype == "float32" else params * act_b // 4
+    casts = 0 if resolve_dtype(m.dtype, backend) == "float32" else params * act_b // 4
     # With accumulation XLA also slices the parameters' ZeRO-1 shards before the loop (measured).
     working = 3 * td + 4 * td_t + 2 * slot_d + casts + (moments // 2 if carry else 0)
     phases = {"backward start": activations + carry + layer_grads,
@@ -643,7 +643,8 @@ def step_time(config: TrainConfig, cluster: Cluster, layout: Layout | None = Non
     """FLOPs / peak plus bytes sent / bandwidth of the link each collective's mesh axes cross (no overlap)."""
     layout = layout or (config.mesh.data, config.mesh.expert, config.mesh.tensor)
     traffic = collectives(config, layout) if traffic is None else traffic
-    compute = flops_per_device(config, layout) / cluster.peak_flops(config.model.dtype)
+    # clusters are GPU nodes: model.dtype auto is bfloat16 there
+    compute = flops_per_device(config, layout) / cluster.peak_flops(resolve_dtype(config.model.dtype, "gpu"))
     comm: dict[str, float] = {}
     links: dict[str, str] = {}
     for t in traffic:

@@ -97,11 +97,11 @@ def test_prepare_meta_and_counts(prepared):
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
     on_disk = json.loads((out / "meta.json").read_text())
     assert on_disk == meta
-    assert meta["vocab_size"] == 256 and meta["dtype"] == "uint16"
+    assert meta["vocab_size"] == 256 and meta["dtype"] == "uint8"  # the smallest dtype for 256 byte ids
     # documents: sorted by relative path, pattern-filtered, empty file skipped
     assert meta["documents"] == [str(root / r) for r in ["a.txt", "sub/b.py", "sub/deeper/c.md", "z.txt"]]
     sizes = {s: (out / f"{s}.bin").stat().st_size for s in ("train", "val")}
-    assert sizes["train"] == 2 * meta["n_train_tokens"] and sizes["val"] == 2 * meta["n_val_tokens"]
+    assert sizes["train"] == meta["n_train_tokens"] and sizes["val"] == meta["n_val_tokens"]  # 1 byte each
     # every document here has a train and a val piece, each followed by the separator
     n_text = sum(len(f.read_bytes()) for f in files)
     assert meta["n_train_tokens"] + meta["n_val_tokens"] == n_text + 2 * len(files) * len(data.DOC_SEPARATOR)
@@ -117,7 +117,7 @@ def test_prepare_meta_and_counts(prepared):
         val_ref += b[cut:] + data.DOC_SEPARATOR
     train = data.load_tokens(out, "train")
     val = data.load_tokens(out, "val")
-    assert train.dtype == np.dtype("<u2")
+    assert train.dtype == np.dtype("u1")
     assert train.astype(np.uint8).tobytes() == train_ref
     assert val.astype(np.uint8).tobytes() == val_ref
     assert data.decode(train[: len(files[0].read_bytes()) // 2]) in files[0].read_text("utf-8")
@@ -318,8 +318,8 @@ def test_hash_mismatch(prepared, tmp_path):
     d.mkdir()
     for name in ("train.bin", "val.bin", "meta.json"):
         (d / name).write_bytes((out / name).read_bytes())
-    t = np.fromfile(d / "train.bin", dtype="<u2")
-    t[5] = (t[5] + 1) % 256
+    t = np.fromfile(d / "train.bin", dtype=json.loads((d / "meta.json").read_text())["dtype"])
+    t[5] = (int(t[5]) + 1) % 256
     t.tofile(d / "train.bin")
     with pytest.raises(ValueError, match=r"sha256.*re-run prepare"):
         data.load_tokens(d, "train")
@@ -516,3 +516,97 @@ def test_default_corpus_dir(monkeypatch, tmp_path):
     assert d.parent == tmp_path and d.name.startswith("stdlib-py")
     monkeypatch.delenv("TEDJAX_DATA_DIR")
     assert data.default_corpus_dir().name == d.name
+
+
+# --------------------------------------------------------------------------- record files (issue 25)
+
+
+def _record_texts() -> list[str]:
+    rng = np.random.default_rng(1)
+    words = ["alpha", "beta", "délta", "日本", "def", "import"]
+    return ["\n".join(" ".join(rng.choice(words, size=6)) for _ in range(30 + 10 * i)) + "\n" for i in range(5)]
+
+
+def _write_records(root: Path, texts: list[str], field: str = "text") -> dict[str, Path]:
+    """The same rows as .jsonl, .parquet and .arrow (stream format, as `datasets.save_to_disk` writes), with an
+    extra column and a null row, which is skipped like an empty file."""
+    root.mkdir(parents=True, exist_ok=True)
+    rows = [{"id": i, field: t} for i, t in enumerate(texts)] + [{"id": len(texts), field: None}]
+    paths = {"jsonl": root / "rows.jsonl"}
+    paths["jsonl"].write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    pa = pytest.importorskip("pyarrow", reason="parquet / arrow records need pyarrow (the datasets extra)")
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pylist(rows)
+    paths["parquet"] = root / "rows.parquet"
+    pq.write_table(table, paths["parquet"], row_group_size=2)  # several row groups
+    paths["arrow"] = root / "data-00000-of-00001.arrow"
+    with pa.OSFile(str(paths["arrow"]), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        for batch in table.to_batches(max_chunksize=2):
+            writer.write_batch(batch)
+    paths["arrow-file"] = root / "rows.arrow"  # the Arrow IPC file format (random access), as pyarrow writes
+    with pa.OSFile(str(paths["arrow-file"]), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table, max_chunksize=2)
+    return paths
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet", "arrow", "arrow-file"])
+def test_prepare_record_files_equal_the_same_text_files(tmp_path, kind):
+    texts = _record_texts()
+    text_dir = tmp_path / "txt"
+    text_dir.mkdir()
+    for i, t in enumerate(texts):
+        (text_dir / f"{i}.txt").write_text(t, encoding="utf-8")
+    reference = data.prepare([text_dir], tmp_path / "ref", val_fraction=0.1)
+    records = _write_records(tmp_path / "rec", texts, field="content")
+    meta = data.prepare([records[kind]], tmp_path / kind, val_fraction=0.1, text_field="content")
+    for split in ("train", "val"):  # one document per row, split by the same rule: the same bytes
+        assert (tmp_path / kind / f"{split}.bin").read_bytes() == (tmp_path / "ref" / f"{split}.bin").read_bytes()
+    assert meta["n_documents"] == reference["n_documents"] == len(texts)
+    assert meta["documents"] == [str(records[kind])] and meta["dtype"] == "uint8"
+
+
+def test_record_file_errors_name_the_row_and_the_fix(tmp_path):
+    records = _write_records(tmp_path / "rec", _record_texts()[:2])
+    for path in records.values():
+        with pytest.raises(ValueError, match=r"no (field|column) 'body'.*--text-field"):
+            data.prepare([path], tmp_path / "out", text_field="body")
+        with pytest.raises(ValueError, match=r"field 'id' is a int, not text.*--text-field"):
+            data.prepare([path], tmp_path / "out", text_field="id")
+    assert not (tmp_path / "out").exists()  # nothing written
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": \n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2 is not valid JSON"):
+        data.prepare([bad], tmp_path / "out")
+
+
+def test_prepare_cli_reads_records_with_text_field(tmp_path, capsys):
+    records = _write_records(tmp_path / "rec", _record_texts(), field="content")
+    assert data.main(["prepare", "--out", str(tmp_path / "out"), "--text-field", "content", "--val-fraction", "0.1",
+                      "--no-progress", str(records["jsonl"])]) == 0
+    assert "5 documents" in capsys.readouterr().out
+    assert data.read_meta(tmp_path / "out")["dtype"] == "uint8"
+
+
+def test_tokenizer_workers_write_the_same_files(tmp_path, monkeypatch):
+    pytest.importorskip("tokenizers")
+    monkeypatch.setattr(data, "_BATCH_BYTES", 2048)  # many small encoding batches, several in flight at once
+    texts = _record_texts() * 4
+    records = _write_records(tmp_path / "rec", texts)
+    fixture = REPO / "tests" / "fixtures" / "hf" / "mixtral"
+    one = data.prepare([records["jsonl"]], tmp_path / "one", tokenizer=fixture, workers=1)
+    two = data.prepare([records["jsonl"]], tmp_path / "two", tokenizer=fixture, workers=2)
+    assert one["sha256"] == two["sha256"] and one["dtype"] == "uint16"  # 512 ids: uint16, the smallest that fits
+    for split in ("train", "val"):
+        assert (tmp_path / "one" / f"{split}.bin").read_bytes() == (tmp_path / "two" / f"{split}.bin").read_bytes()
+
+
+def test_older_uint16_token_files_give_the_same_batches(tmp_path):
+    tokens = np.random.default_rng(0).integers(0, 256, size=4000)
+    old = data.TokenFile(_write_token_dir(tmp_path / "old", tokens, dtype="uint16"), "train")
+    new = data.TokenFile(_write_token_dir(tmp_path / "new", tokens, dtype="uint8"), "train")
+    a, b = (data.BatchIterator(t.tokens, 8, 32, seed=3) for t in (old, new))
+    for step in (0, 5, 40):
+        assert all(np.array_equal(a.batch(step)[k], b.batch(step)[k]) for k in ("inputs", "targets"))
+    sizes = (2, 256, 257, 65536, 65537)
+    assert [data.smallest_dtype(v) for v in sizes] == ["uint8", "uint8", "uint16", "uint16", "uint32"]

@@ -455,6 +455,8 @@ OUT_OF_RANGE = {
     "model.rope_beta_fast": -1.0, "model.rope_beta_slow": -1.0, "model.rope_attention_factor": -1.0,
     "model.sliding_window": -1, "model.vocab_multiple": 0, "model.bos_token_id": -2, "model.eos_token_id": [-1],
     "model.pad_token_id": -2,
+    "optimizer.schedule": "step", "optimizer.decay_fraction": 1.5, "optimizer.state_dtype": "float16",
+    "log.profile_steps": [3, 1], "log.wandb.mode": "sometimes", "xla.gpu_profile": "fast",
 }  # fmt: skip
 NO_RANGE = {
     "model.dtd": "a switch", "model.qk_norm": "a switch", "model.router_renormalize": "a switch (None = top_k > 1)",
@@ -463,6 +465,7 @@ NO_RANGE = {
     "data.path": "a path, checked when the run starts (see the token-directory cases below)",
     "checkpoint.dir": "a path ('' = <log.dir>/checkpoints), checked when the run starts",
     "model.rope_truncate": "a switch",
+    "log.wandb.project": "a name ('' = off)", "log.wandb.name": "a name ('' = wandb picks one)",
 }  # fmt: skip
 
 

@@ -53,7 +53,7 @@ def test_start_checks_a_fingerprint_not_every_byte(tmp_path, monkeypatch):
     text = "".join(f"line {i}: {'x' * (i % 50)}\n" for i in range(100_000))  # ~3.5 MB of tokens (uint16: x2)
     (tmp_path / "big.txt").write_text(text)
     out = tmp_path / "tokens"
-    data.prepare([tmp_path / "big.txt"], out, val_fraction=0.01)
+    data.prepare([tmp_path / "big.txt"], out, val_fraction=0.01, dtype="uint16")
     hashed = []
 
     class Counting:
