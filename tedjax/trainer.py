@@ -389,7 +389,7 @@ def train_step(
         # state for a where() afterwards would hold a full copy next to the in-place update.
         new_params, new_opt_state = tiled_adamw_update(
             config.optimizer, static.schedule, grads, state.opt_state, params, static.zero1_shardings, static.mesh,
-            finite=finite,
+            finite=finite, param_shardings=static.param_shardings,
         )
         keep = lambda new, old: new
     else:
