@@ -18,7 +18,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 from reference import FACTORIZATIONS, SMALL, max_abs_diff, one_device_mesh, variant
 
 import tedjax
@@ -171,3 +173,24 @@ def test_memory_scale_quick(tmp_path):
         assert by[3]["sharded_params"] < by[2]["sharded_params"] == by[1]["sharded_params"]
         assert by[3]["step_argument"] < by[1]["step_argument"]
     assert (tmp_path / "memory_scale.md").read_text().startswith("# Memory per device by ZeRO level")
+
+
+def test_custom_loop_step_zero3_stores_the_model_split():
+    """`train_step_fn(..., zero=3)`: the model holds its parameters split between steps, and steps as at ZeRO 1."""
+    mesh = tedjax.make_mesh(2, 2, 2)
+    batch = {"x": np.random.default_rng(0).standard_normal((8, 8, 16)).astype(np.float32)}
+    losses, params = {}, {}
+    for zero in (1, 3):
+        moe = tedjax.MoE(16, 8, 32, rngs=nnx.Rngs(0))
+        step = tedjax.train_step_fn(lambda m, b: jnp.mean(m(b["x"])[0] ** 2), optax.sgd(0.5), mesh, zero=zero)
+        opt_state = step.init(moe)
+        shardings = step.param_shardings(moe)
+        losses[zero] = [float(step(moe, opt_state, batch)[0]) for _ in range(2)]
+        assert moe.w_in[...].sharding.spec == shardings["zero1" if zero == 3 else "model"]["w_in"].spec
+        params[zero] = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(moe, nnx.Param)))
+    assert shardings["zero1"]["w_in"].spec != shardings["model"]["w_in"].spec  # "data" added: really split
+    np.testing.assert_allclose(losses[3], losses[1], rtol=1e-6)
+    assert losses[3][1] < losses[3][0]
+    assert max_abs_diff(params[3], params[1]) < 1e-6
+    with pytest.raises(ValueError, match="zero1=False turns off"):
+        tedjax.train_step_fn(lambda m, b: 0.0, optax.sgd(0.1), mesh, zero1=False, zero=3)
