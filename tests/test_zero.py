@@ -78,6 +78,15 @@ def test_matches_one_device(layout, zero):
         [True] * len(jax.tree.leaves(expected))
 
 
+def test_four_micro_batches_match_one_device():
+    """grad_accum = 4 at ZeRO 2 on (2, 4, 1): the gradients summed in the optimizer's shards equal 1 device's."""
+    ref_loss, ref_norm, ref_mu, *_ = one_step((1, 1, 1), 1, 4)
+    loss, norm, mu, *_ = one_step((2, 4, 1), 2, 4)
+    assert abs(loss - ref_loss) < 1e-5 * max(1.0, abs(ref_loss))
+    assert abs(norm - ref_norm) < 1e-5 * ref_norm
+    assert max_abs_diff(mu, ref_mu) < 1e-7
+
+
 @pytest.mark.parametrize("zero", [2, 3])
 def test_composes_with_dtd_cac_and_the_tiled_optimizer(zero):
     """DTD + CAC + 100-element tiles on (1, 2, 4): the same loss and gradients as one device."""
