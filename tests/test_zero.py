@@ -115,6 +115,10 @@ def test_zero3_stores_parameters_in_the_optimizer_shards():
     assert per_device_bytes(state3.params) == expected < per_device_bytes(state1.params) / 3
     expert_w = state3.params["blocks"][1]["ffn"]["w_in"]
     assert "data" in str(expert_w.sharding.spec)  # expert weights split over their own group, "data"
+    batch = jax.tree.map(lambda x: x[0], trainer3.shard_batch(tokens()))  # one micro-batch [B, L]
+    evals = [float(t.eval_step(s.params, s.model_state, batch)["loss"]) for t, s in ((trainer1, state1),
+                                                                                   (trainer3, state3))]
+    assert evals[1] == pytest.approx(evals[0], rel=1e-5)  # evaluation reads the split parameters as they are
 
 
 def test_checkpoint_restores_across_levels_and_layouts(tmp_path):
