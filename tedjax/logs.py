@@ -93,6 +93,9 @@ def format_record(step: int, total: int, record: dict, kind: str = "train") -> s
     if record.get("dropped_fraction") is not None:
         dropped = record["dropped_fraction"]
         parts.append(f"dropped {float(np.mean(dropped)):.1%}")
+    if record.get("shadow_ids") and load:  # the shadows this step used (E = an empty slot)
+        parts.append("shadows " + " ".join(f"L{i} {','.join(str(e) for e in ids if e < len(load[i])) or 'none'}"
+                                           for i, ids in enumerate(record["shadow_ids"])))
     if kind == "train":
         if "learning_rate" in record:
             parts.append(f"lr {record['learning_rate']:.2e}")

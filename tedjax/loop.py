@@ -129,7 +129,7 @@ class _SignalFlag:
 
 
 def _announce(logger: MetricsLogger, config: TrainConfig, mesh, checkpointer: Checkpointer, start_step: int,
-              config_file: str | None) -> None:
+              config_file: str | None, trainer: Trainer) -> None:
     """Where everything goes, printed once at the start (process 0), and the run's `start` record."""
     counts = config.model.param_counts()
     model = config.model
@@ -148,6 +148,7 @@ def _announce(logger: MetricsLogger, config: TrainConfig, mesh, checkpointer: Ch
         f"  tensorboard {log_dir / 'tensorboard' if config.log.tensorboard else 'off (log.tensorboard=false)'}",
         f"  checkpoints {checkpointer.directory} ({ckpt})",
         *checkpointer.notes,
+        *_balance_lines(config, mesh, trainer),
     ]
     if logger.superseded:
         lines.append(f"  moved {logger.superseded} records of steps after {start_step} (from the run this one "
@@ -156,6 +157,22 @@ def _announce(logger: MetricsLogger, config: TrainConfig, mesh, checkpointer: Ch
     logger.log(start_step, {"config_file": config_file, "resumed": checkpointer.resume_step is not None,
                             "changes": [str(c) for c in checkpointer.changes], "config": config.to_dict()},
                kind="start")  # fmt: skip
+
+
+def _balance_lines(config: TrainConfig, mesh, trainer: Trainer) -> list[str]:
+    """The start banner's load-balance lines: the shadow cost model's rates and where they came from, and a
+    warning for each switch that cannot act on this mesh."""
+    from tedjax import balance
+
+    lines = []
+    if config.model.shadow_experts:
+        lines.append(f"  shadows     up to {config.model.shadow_experts} per MoE layer, chosen every "
+                     f"{config.balance.shadow_every} steps by FasterMoE's cost model at "
+                     f"{trainer.balance_rates().describe()}")
+    if config.balance.every:
+        lines.append(f"  placement   every {config.balance.every} steps, adopted when the largest device load "
+                     f"drops by >= {config.balance.margin:.0%}")
+    return lines + [f"  warning: {w}" for w in balance.cannot_act(config, int(mesh.shape["expert"]))]
 
 
 def _router_losses_per_layer(record: dict, n_moe_layers: int) -> None:
@@ -183,17 +200,32 @@ def _init_from(trainer: Trainer, state: TrainState, directory: str) -> TrainStat
 
 
 def _rebalance(trainer: Trainer, state: TrainState, step: int, logger: MetricsLogger) -> TrainState:
-    """Shadow and placement decisions (tedjax.balance); each change is logged with its predicted or measured cost."""
+    """Shadow and placement decisions (tedjax.balance): each one, adopted or not, is a record (kind "shadows" or
+    "placement") and a line, with its reasons."""
+    from tedjax import balance
+
     state, done = trainer.rebalance(state, step)
-    for layer, ids, before, after in done["shadows"]:
-        logger.log(step, {"layer": layer, "shadow_ids": ids, "predicted_latency_s": before,
-                          "predicted_latency_with_shadows_s": after}, kind="shadows")  # fmt: skip
-    changes = done["placement"]
-    if changes:
-        logger.log(step, {"layers": [c.layer for c in changes], "old_max_device_load": [c.old_max_load for c in changes],
-                          "new_max_device_load": [c.new_max_load for c in changes],
-                          "experts_moved": [c.experts_moved for c in changes],
+    shadows = done["shadows"]
+    if shadows:
+        rates = trainer.balance_rates()
+        logger.log(step, {"layers": [d.layer for d in shadows], "shadow_ids": [d.ids.tolist() for d in shadows],
+                          "chosen": "; ".join(f"L{d.layer}: {list(d.chosen) if d.chosen else 'none'}" for d in shadows),
+                          "num_shadows": [len(d.chosen) for d in shadows], "changed": [d.changed for d in shadows],
+                          "predicted_latency_s": [d.latency_s for d in shadows],
+                          "predicted_latency_with_shadows_s": [d.with_shadows_s for d in shadows],
+                          "predicted_latency_one_more_s": [d.one_more_s for d in shadows],
+                          "matmul_tflops": rates.matmul_tflops, "link_gbytes_per_s": rates.link_gbytes_per_s,
+                          "rates_source": rates.source}, kind="shadows")  # fmt: skip
+        logger.message(balance.describe_shadows(step, shadows))
+    placement = done["placement"]
+    if placement:
+        logger.log(step, {"layers": [d.layer for d in placement], "adopted": [d.adopted for d in placement],
+                          "old_max_device_load": [d.old_max_load for d in placement],
+                          "new_max_device_load": [d.new_max_load for d in placement],
+                          "experts_moved": [d.experts_moved if d.adopted else 0 for d in placement],
+                          "move_bytes_per_device": done["move_bytes"],
                           "bytes_sent_per_device": trainer.move_bytes()}, kind="placement")  # fmt: skip
+        logger.message(balance.describe_placement(step, placement, trainer.config.balance.margin, done["move_bytes"]))
     return state
 
 
@@ -211,6 +243,10 @@ def run(config: TrainConfig, *, resume: bool = False, allow_change: Iterable[str
         config = auto_config(config)
     mesh = mesh or make_mesh(config.mesh.data, config.mesh.expert, config.mesh.tensor)
     check_mesh(config.model, mesh, config.data.micro_batch_size, config.data.seq_len)
+    if config.balance.cluster:  # a wrong cluster preset is refused before anything is written or compiled
+        from tedjax.plan import Cluster
+
+        Cluster.load(config.balance.cluster)
     if config.data.batch_size % jax.process_count():
         raise ValueError(f"data.batch_size={config.data.batch_size} must divide evenly over {jax.process_count()} processes")
     if jax.process_index() == 0:
@@ -244,7 +280,7 @@ def run(config: TrainConfig, *, resume: bool = False, allow_change: Iterable[str
     checkpointer.begin(start_step)
     logger = MetricsLogger(config.log.dir, total_steps=config.steps, start_step=start_step,
                            tensorboard=config.log.tensorboard, progress=config.log.progress)  # fmt: skip
-    _announce(logger, config, mesh, checkpointer, start_step, config_file)
+    _announce(logger, config, mesh, checkpointer, start_step, config_file, trainer)
     if resume:
         logger.message(f"resumed from checkpoint step {last_checkpoint} in {checkpointer.directory}"
                        if last_checkpoint is not None else
@@ -259,6 +295,8 @@ def run(config: TrainConfig, *, resume: bool = False, allow_change: Iterable[str
     pending: list[tuple[int, dict]] = []  # metrics fetched one step late, keeping the device busy
     window_start, window_steps = time.perf_counter(), 0
     stopped_by_signal = False
+    # each train record shows the shadows its step used (int [n_moe, R], E = empty), kept on the host
+    shadows_now = trainer.shadow_ids(state).tolist() if config.model.shadow_experts else None
 
     def drain(keep_last: bool):
         nonlocal window_start, window_steps
@@ -302,13 +340,14 @@ def run(config: TrainConfig, *, resume: bool = False, allow_change: Iterable[str
             for step in range(start_step, end_step):
                 batch = trainer.shard_batch(batches.train_batch(step))
                 state, metrics = trainer.train_step(state, batch)
-                pending.append((step + 1, metrics))
+                pending.append((step + 1, metrics if shadows_now is None else dict(metrics, shadow_ids=shadows_now)))
                 window_steps += 1
                 drain(keep_last=True)
                 logger.advance()
                 done = step + 1
                 if trainer.balance_due(done) and done != end_step:
                     state = _rebalance(trainer, state, done, logger)
+                    shadows_now = trainer.shadow_ids(state).tolist() if shadows_now is not None else None
                 if config.log.eval_every and done % config.log.eval_every == 0 and done != end_step:
                     drain(keep_last=False)
                     eval_losses[done] = evaluate(trainer, state, batches)["lm_loss"]

@@ -85,6 +85,7 @@ class Trainer:
         self.move_experts = OnMesh(jax.jit(self._move_experts, donate_argnums=0, out_shardings=self.state_shardings),
                                    mesh)
         self._move_compiled = None
+        self._rates = None  # the shadow cost model's (tedjax.balance.Rates), resolved on first use
         self.eval_step = OnMesh(jax.jit(functools.partial(eval_step, graphdef=graphdef), out_shardings=replicated),
                                 mesh)
 
@@ -152,17 +153,25 @@ class Trainer:
         shadows = cfg.model.shadow_experts and step % cfg.balance.shadow_every == 0
         return bool(shadows or (cfg.balance.every and step % cfg.balance.every == 0))
 
+    def balance_rates(self):
+        """The shadow cost model's rates (`tedjax.balance.Rates`): resolved, and measured if need be, once."""
+        from tedjax import balance
+
+        if self._rates is None:
+            self._rates = balance.resolve_rates(self.config, self.mesh)
+        return self._rates
+
     def shadow_cost_model(self):
         """FasterMoE's latency model for this config and mesh (tedjax.balance.ShadowCostModel)."""
         from tedjax import balance
 
         cfg, data, (_, expert, tensor) = self.config, self.config.data, tuple(self.mesh.shape[a] for a in MESH_AXES)
-        m = cfg.model
+        m, rates = cfg.model, self.balance_rates()
         return balance.ShadowCostModel(
             d_model=m.d_model, expert_d_ff=m.expert_d_ff // tensor, weight_matrices=3 if m.activation == "swiglu" else 2,
             bytes_per_element=jnp.dtype(m.compute_dtype).itemsize, num_devices=expert,
             tokens_per_step=m.top_k * data.batch_size * data.seq_len / self.mesh.shape["data"],
-            flop_rate=cfg.balance.matmul_tflops * 1e12, link_bytes_per_s=cfg.balance.link_gbytes_per_s * 1e9,
+            flop_rate=rates.matmul_tflops * 1e12, link_bytes_per_s=rates.link_gbytes_per_s * 1e9,
         )  # fmt: skip
 
     def rebalance(self, state: TrainState, step: int) -> tuple[TrainState, dict]:
@@ -172,37 +181,42 @@ class Trainer:
         a new set is only an int array in the state. Then placement (SmartMoE,
         every balance.every steps) on the loads that still reach the pools,
         shadowed experts counting 0: shadows take the hottest experts out of
-        the pools, placement spreads the rest. Returns the new state and what
-        changed: {"shadows": [(layer, ids, predicted latency before, after)],
-        "placement": [PlacementChange]}.
+        the pools, placement spreads the rest. Returns the new state and every
+        layer's decision, adopted or not: {"shadows": [ShadowDecision],
+        "placement": [PlacementChange], "move_bytes": bytes one device sends
+        per move (from the compiled move; 0 without a placement decision)}.
         """
         from tedjax import balance
 
         cfg, loads = self.config, self.load_means(state)
-        done: dict = {"shadows": [], "placement": []}
+        done: dict = {"shadows": [], "placement": [], "move_bytes": 0.0}
         shadow_ne = self.shadow_ids(state)
         if cfg.model.shadow_experts and step % cfg.balance.shadow_every == 0:
             cost, placements = self.shadow_cost_model(), self.placements(state)
             for layer, (load_e, placement_e) in enumerate(zip(loads, placements)):
-                ids, before, after = balance.choose_shadows(load_e, placement_e, cfg.model.shadow_experts, cost)
-                if not np.array_equal(ids, shadow_ne[layer]):
-                    done["shadows"].append((layer, ids.tolist(), before, after))
-                shadow_ne[layer] = ids
+                decision = balance.decide_shadows(layer, load_e, placement_e, cfg.model.shadow_experts, cost,
+                                                  shadow_ne[layer])
+                done["shadows"].append(decision)
+                shadow_ne[layer] = decision.ids
             state = self._set_balance(state, "shadow_ids", shadow_ne)
         if cfg.balance.every and step % cfg.balance.every == 0:
             experts = cfg.model.num_experts
             pool_loads = np.stack([np.where(np.isin(np.arange(experts), ids), 0.0, load)
                                    for load, ids in zip(loads, shadow_ne)])
-            placements, changes = balance.propose(pool_loads, self.placements(state), int(self.mesh.shape["expert"]),
+            decisions = balance.decide_placements(pool_loads, self.placements(state), int(self.mesh.shape["expert"]),
                                                   cfg.balance.margin)
-            if changes:
-                placements = jax.device_put(self.check_placements(placements),
-                                            NamedSharding(self.mesh, PartitionSpec()))
-                if self._move_compiled is None:
-                    self._move_compiled = self.move_experts.lower(state, placements).compile()
+            placements = self.placements(state)
+            for d in decisions:
+                if d.adopted:
+                    placements[d.layer] = d.placement
+            placements = jax.device_put(self.check_placements(placements), NamedSharding(self.mesh, PartitionSpec()))
+            if decisions and self._move_compiled is None:
+                self._move_compiled = self.move_experts.lower(state, placements).compile()
+            if any(d.adopted for d in decisions):
                 with jax.set_mesh(self.mesh):
                     state = self._move_compiled(state, placements)
-            done["placement"] = changes
+            done["placement"] = decisions
+            done["move_bytes"] = float(sum(self.move_bytes().values()))
         return state, done
 
     def shadow_ids(self, state: TrainState) -> np.ndarray:
@@ -218,7 +232,8 @@ class Trainer:
         return dataclasses.replace(state, model_state=model_state)
 
     def move_bytes(self) -> dict[str, float]:
-        """Bytes one device sends per placement move, by collective kind, from the compiled HLO (after a move)."""
+        """Bytes one device sends per placement move, by collective kind, from the compiled HLO (compiled at the
+        first placement decision; {} before)."""
         from tedjax import analysis
 
         if self._move_compiled is None:
