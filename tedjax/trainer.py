@@ -172,6 +172,7 @@ class Trainer:
             bytes_per_element=jnp.dtype(m.compute_dtype).itemsize, num_devices=expert,
             tokens_per_step=m.top_k * data.batch_size * data.seq_len / self.mesh.shape["data"],
             flop_rate=rates.matmul_tflops * 1e12, link_bytes_per_s=rates.link_gbytes_per_s * 1e9,
+            buffers=m.capacity_scope,  # static capacity: the busiest expert's or device's buffer sets the time
         )  # fmt: skip
 
     def rebalance(self, state: TrainState, step: int) -> tuple[TrainState, dict]:
