@@ -404,13 +404,13 @@ def describe_shadows(step: int, decisions: list[ShadowDecision]) -> str:
     return f"step {step} shadows: " + "; ".join(parts)
 
 
-def describe_placement(step: int, decisions: list[PlacementChange], margin: float, move_bytes: float) -> str:
+def describe_placement(step: int, decisions: list[PlacementChange], margin: float, layer_bytes: float) -> str:
     """One log line for a placement decision: each layer's largest device load now and under the greedy, adopted
-    or kept, and the bytes a move sends per device."""
+    or kept, and the bytes per device that moving one layer sends (only adopting layers move)."""
     parts = []
     for d in decisions:
         verdict = (f"adopted, {d.experts_moved} experts move" if d.adopted else
                    f"kept (gain under the {margin:.0%} margin)" if d.new_max_load < d.old_max_load else "kept")
         parts.append(f"L{d.layer} max device load {d.old_max_load:.3f} -> {d.new_max_load:.3f} {verdict}")
     return (f"step {step} placement: " + "; ".join(parts)
-            + f"; a move sends {move_bytes / 2**20:.3g} MiB per device")
+            + f"; moving a layer sends {layer_bytes / 2**20:.3g} MiB per device")

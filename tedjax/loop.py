@@ -225,7 +225,8 @@ def _rebalance(trainer: Trainer, state: TrainState, step: int, logger: MetricsLo
                           "experts_moved": [d.experts_moved if d.adopted else 0 for d in placement],
                           "move_bytes_per_device": done["move_bytes"],
                           "bytes_sent_per_device": trainer.move_bytes()}, kind="placement")  # fmt: skip
-        logger.message(balance.describe_placement(step, placement, trainer.config.balance.margin, done["move_bytes"]))
+        logger.message(balance.describe_placement(step, placement, trainer.config.balance.margin,
+                                                  sum(trainer.move_bytes().values())))
     return state
 
 

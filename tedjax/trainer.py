@@ -84,7 +84,10 @@ class Trainer:
         self.moe_paths = [path for path, module in nnx.iter_modules(abstract) if module in moe_layers(abstract)]
         self.move_experts = OnMesh(jax.jit(self._move_experts, donate_argnums=0, out_shardings=self.state_shardings),
                                    mesh)
-        self._move_compiled = None
+        # one layer's move (rebalance moves only the layers that adopt a placement); compiled on first use
+        self._move_layer = OnMesh(jax.jit(self._move_layers, static_argnums=2, donate_argnums=0,
+                                          out_shardings=self.state_shardings), mesh)
+        self._move_compiled: dict[int, Any] = {}
         self._rates = None  # the shadow cost model's (tedjax.balance.Rates), resolved on first use
         self.eval_step = OnMesh(jax.jit(functools.partial(eval_step, graphdef=graphdef), out_shardings=replicated),
                                 mesh)
@@ -121,7 +124,12 @@ class Trainer:
         return np.stack([np.asarray(_at(state.model_state, path)["load_mean"]) for path in self.moe_paths])
 
     def _move_experts(self, state: TrainState, placement_ne: jax.Array) -> TrainState:
-        """Adopt new placements `[n_moe, E]`: permute every expert weight AND its Adam moments.
+        """Adopt new placements `[n_moe, E]`: permute every expert weight AND its Adam moments (every layer;
+        `_move_layers` for some)."""
+        return self._move_layers(state, placement_ne, tuple(range(len(self.moe_paths))))
+
+    def _move_layers(self, state: TrainState, placement_ne: jax.Array, layers: tuple[int, ...]) -> TrainState:
+        """Adopt the placements `[n_moe, E]` of MoE `layers` (static): permute their expert weights AND Adam moments.
 
         Slot s of the new layout takes the expert that placement_ne puts there,
         from the slot it holds now. Optimizer-state leaves of a parameter move
@@ -129,19 +137,21 @@ class Trainer:
         would belong to another expert after a move). Jitted once; placements
         are runtime values.
         """
-        perms = []
+        perms = {}
         model_state = jax.tree.map(lambda x: x, state.model_state)
         for layer, path in enumerate(self.moe_paths):
+            if layer not in layers:
+                continue
             balance = _at(model_state, path)
             old_e, new_e = balance["placement"], placement_ne[layer].astype(jnp.int32)
-            perms.append(old_e[jnp.argsort(new_e)])  # new slot -> the slot its expert leaves
+            perms[layer] = old_e[jnp.argsort(new_e)]  # new slot -> the slot its expert leaves
             balance["placement"] = new_e
         layer_of = _expert_layer_tree(state.params, self.moe_paths)
         opt_layer_of = optax.tree_map_params(self.tx, lambda _, layer: layer, state.opt_state, layer_of,
                                              transform_non_params=lambda _: -1)
 
         def move(leaf, layer, sharding):
-            return leaf if layer < 0 else _permute_slots(leaf, perms[layer], sharding.spec, self.mesh)
+            return leaf if layer not in perms else _permute_slots(leaf, perms[layer], sharding.spec, self.mesh)
 
         params = jax.tree.map(move, state.params, layer_of, self.param_shardings)
         opt_state = jax.tree.map(move, state.opt_state, opt_layer_of, self.opt_shardings)
@@ -184,8 +194,8 @@ class Trainer:
         shadowed experts counting 0: shadows take the hottest experts out of
         the pools, placement spreads the rest. Returns the new state and every
         layer's decision, adopted or not: {"shadows": [ShadowDecision],
-        "placement": [PlacementChange], "move_bytes": bytes one device sends
-        per move (from the compiled move; 0 without a placement decision)}.
+        "placement": [PlacementChange], "move_bytes": bytes one device sent
+        moving the adopted layers (only those move; from the compiled move)}.
         """
         from tedjax import balance
 
@@ -211,13 +221,15 @@ class Trainer:
                 if d.adopted:
                     placements[d.layer] = d.placement
             placements = jax.device_put(self.check_placements(placements), NamedSharding(self.mesh, PartitionSpec()))
-            if decisions and self._move_compiled is None:
-                self._move_compiled = self.move_experts.lower(state, placements).compile()
-            if any(d.adopted for d in decisions):
+            moved = [d.layer for d in decisions if d.adopted]
+            for layer in moved or [0] * bool(decisions):  # (layer 0's program, for the bytes, if none moves)
+                if layer not in self._move_compiled:
+                    self._move_compiled[layer] = self._move_layer.lower(state, placements, (layer,)).compile()
+            for layer in moved:  # only the layers that change send their experts
                 with jax.set_mesh(self.mesh):
-                    state = self._move_compiled(state, placements)
+                    state = self._move_compiled[layer](state, placements)
             done["placement"] = decisions
-            done["move_bytes"] = float(sum(self.move_bytes().values()))
+            done["move_bytes"] = float(sum(self.move_bytes().values())) * len(moved)
         return state, done
 
     def shadow_ids(self, state: TrainState) -> np.ndarray:
@@ -233,14 +245,14 @@ class Trainer:
         return dataclasses.replace(state, model_state=model_state)
 
     def move_bytes(self) -> dict[str, float]:
-        """Bytes one device sends per placement move, by collective kind, from the compiled HLO (compiled at the
-        first placement decision; {} before)."""
+        """Bytes one device sends to move one MoE layer's experts, by collective kind, from the compiled HLO
+        (compiled at the first placement decision; {} before). Every MoE layer has the same shapes."""
         from tedjax import analysis
 
-        if self._move_compiled is None:
+        if not self._move_compiled:
             return {}
         sent: dict[str, float] = {}
-        for c in analysis.collectives(self._move_compiled, self.mesh):
+        for c in analysis.collectives(next(iter(self._move_compiled.values())), self.mesh):
             sent[c.kind] = sent.get(c.kind, 0.0) + c.sent_bytes * (c.trip_count or 1)
         return sent
 

@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 
+import jax
 import numpy as np
 import pytest
 from test_load_balance import TINY_RUN
@@ -61,8 +62,10 @@ def test_every_decision_is_a_record_with_its_reasons(decided):
         old, new, adopted = r["old_max_device_load"][0], r["new_max_device_load"][0], r["adopted"][0]
         assert adopted == (new < old)  # balance.margin=0
         assert (r["experts_moved"][0] > 0) == adopted
-        # the bytes a move sends per device, from the compiled move (every expert leaf and its Adam moments)
-        assert r["move_bytes_per_device"] == sum(result.trainer.move_bytes().values()) > 0
+        # what the move sent per device, from the compiled one-layer move (every expert leaf and its Adam moments)
+        layer_bytes = sum(r["bytes_sent_per_device"].values())
+        assert layer_bytes == sum(result.trainer.move_bytes().values()) > 0
+        assert r["move_bytes_per_device"] == layer_bytes * sum(r["adopted"])
 
 
 def test_train_records_and_lines_show_the_shadows_each_step_used(decided):
@@ -178,3 +181,36 @@ def test_a_group_size_that_does_not_split_over_the_batch_devices_is_refused_befo
     with pytest.raises(ValueError, match="group_size=128 makes 2 routing groups per micro-batch, which do not split "
                                          "over data x expert = 4 devices; use a group_size dividing the 64 tokens"):
         Trainer(config, tedjax.make_mesh(2, 2, 2))
+
+
+def test_only_the_layers_that_adopt_a_placement_move():
+    """Two MoE layers; layer 0 adopts a new placement, layer 1 keeps its own: only layer 0's experts (weights and
+    Adam moments) move, and the one-layer move sends half the bytes of moving both."""
+    from test_load_balance import _at, batches, run_steps, tiny_trainer
+
+    trainer = tiny_trainer("model.n_layers=4", "balance.every=1", "balance.margin=0")
+    state, _ = run_steps(trainer, trainer.init_state(), batches(trainer, 1))
+    load = np.array([0.4, 0.3, 0.1, 0.05, 0.05, 0.04, 0.03, 0.03])
+    for layer, path in enumerate(trainer.moe_paths):  # layer 0 skewed (adopts), layer 1 uniform (keeps)
+        leaf = _at(state.model_state, path)["load_mean"]
+        _at(state.model_state, path)["load_mean"] = jax.device_put(load if layer == 0 else np.full(8, 1 / 8),
+                                                                  leaf.sharding).astype(leaf.dtype)
+    before = jax.tree.map(np.asarray, (state.params, state.opt_state))
+    state, done = trainer.rebalance(state, 1)
+    assert [d.adopted for d in done["placement"]] == [True, False]
+    after = jax.tree.map(np.asarray, (state.params, state.opt_state))
+    new_placement, paths = trainer.placements(state), trainer.moe_paths
+    np.testing.assert_array_equal(new_placement[1], np.arange(8))
+    flat_before = dict(jax.tree_util.tree_flatten_with_path(before)[0])
+    for key, leaf in jax.tree_util.tree_flatten_with_path(after)[0]:
+        name = jax.tree_util.keystr(key)
+        old = flat_before[key]
+        if "".join(f"[{k!r}]" for k in paths[0]) + "['w_" in name:  # layer 0's expert weights and moments
+            np.testing.assert_array_equal(leaf[new_placement[0]], old)  # slot placement[e] now holds expert e
+        else:
+            np.testing.assert_array_equal(leaf, old)
+    one = sum(trainer.move_bytes().values())
+    with jax.set_mesh(trainer.mesh):
+        both = trainer.move_experts.lower(state, trainer.check_placements(new_placement)).compile()
+    assert done["move_bytes"] == one and 2 * one == sum(c.sent_bytes * (c.trip_count or 1)
+                                                        for c in analysis.collectives(both, trainer.mesh))
