@@ -851,7 +851,8 @@ def plot_balance_decisions(metrics_path: Any, path: Any = None) -> Any:
         records = decisions[kind]
         steps = [r["step"] for r in records]
         if kind == "shadows":
-            before, after, label = "predicted_latency_s", "predicted_latency_with_shadows_s", "predicted layer time (ms)"
+            before, after = "predicted_latency_s", "predicted_latency_with_shadows_s"
+            label = "predicted layer time (ms)"
             acted = [[n > 0 for n in r["num_shadows"]] for r in records]
         else:
             before, after, label = "old_max_device_load", "new_max_device_load", "largest device load"

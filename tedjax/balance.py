@@ -229,7 +229,8 @@ def choose_shadows(load_e: np.ndarray, placement_e: np.ndarray, max_shadows: int
         walk.append(min((cost.latency(load_e, placement_e, (*walk, e)), e) for e in range(experts) if e not in walk)[1])
     load_e = np.asarray(load_e, np.float64)
     by_load = [int(e) for e in np.argsort(-load_e, kind="stable")[:max_shadows]]
-    device_e = device_loads(load_e, placement_e, cost.num_devices)[np.asarray(placement_e) // (experts // cost.num_devices)]
+    per_device = experts // cost.num_devices
+    device_e = device_loads(load_e, placement_e, cost.num_devices)[np.asarray(placement_e) // per_device]
     by_device = [int(e) for e in np.lexsort((-load_e, -device_e))[:max_shadows]]  # the busiest device's, hottest first
     chosen, best = [], base
     for order in (walk, by_load, by_device):
@@ -286,7 +287,8 @@ class Rates:
     source: str
 
     def describe(self) -> str:
-        return f"matmul {self.matmul_tflops:.4g} TFLOP/s, link {self.link_gbytes_per_s:.4g} GB/s per device ({self.source})"
+        return (f"matmul {self.matmul_tflops:.4g} TFLOP/s, link {self.link_gbytes_per_s:.4g} GB/s per device "
+                f"({self.source})")
 
 
 def cluster_rates(path: str, dtype: str, layout: tuple[int, int, int]) -> tuple[float, float, str]:
@@ -367,7 +369,8 @@ def resolve_rates(config: Any, mesh: Any) -> Rates:
         matmul, link = matmul or measured[0], link or measured[1]
         sources.setdefault("matmul", where)
         sources.setdefault("link", where)
-    source = sources["matmul"] if sources["matmul"] == sources["link"] else         f"matmul: {sources['matmul']}; link: {sources['link']}"
+    source = sources["matmul"] if sources["matmul"] == sources["link"] else (
+        f"matmul: {sources['matmul']}; link: {sources['link']}")
     return Rates(float(matmul), float(link), source)
 
 
