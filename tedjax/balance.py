@@ -70,16 +70,20 @@ class PlacementChange:
     experts_moved: int
     placement: np.ndarray  # int [E]: the greedy placement (adopted or not), devices matched to the current one
     adopted: bool = True
+    gain_s: float = 0.0  # predicted layer time saved per step (with a cost model)
 
 
-def decide_placements(load_ne: np.ndarray, placement_ne: np.ndarray, num_devices: int, margin: float
+def decide_placements(load_ne: np.ndarray, placement_ne: np.ndarray, num_devices: int, margin: float,
+                      cost: ShadowCostModel | None = None, window: int = 0, move_s: float = 0.0
                       ) -> list[PlacementChange]:
     """Every MoE layer's decision for recent loads `[n_moe, E]` at placements `[n_moe, E]` (empty on one device).
 
     A layer adopts the greedy placement only if it lowers the layer's largest
-    device load by at least `margin` (relative): moving experts costs an
-    all-to-all of their weights and optimizer state, so small gains are not
-    worth it.
+    device load by at least `margin` (relative) and, given a `cost` model,
+    only if the layer time it saves per step over `window` steps exceeds
+    `move_s`, the time of moving one layer's experts and optimizer state
+    (hysteresis: a placement that pays back only after the next decision is
+    not worth its move).
     """
     load_ne, placement_ne = np.asarray(load_ne, np.float64), np.asarray(placement_ne)
     decisions = []
@@ -94,8 +98,11 @@ def decide_placements(load_ne: np.ndarray, placement_ne: np.ndarray, num_devices
         # already holds most of them, and keep experts that stay on their device in their old slot.
         candidate = _keep_slots(_match_devices(candidate, placement_e, per_device), placement_e, per_device)
         adopted = new_max <= (1.0 - margin) * old_max and new_max < old_max
+        gain = cost.latency(load_e, placement_e) - cost.latency(load_e, candidate) if cost is not None else 0.0
+        if cost is not None:
+            adopted = adopted and gain * window > move_s
         decisions.append(PlacementChange(layer, old_max, new_max, int(np.sum(candidate != placement_e)), candidate,
-                                         bool(adopted)))
+                                         bool(adopted), float(gain)))
     return decisions
 
 
@@ -407,13 +414,19 @@ def describe_shadows(step: int, decisions: list[ShadowDecision]) -> str:
     return f"step {step} shadows: " + "; ".join(parts)
 
 
-def describe_placement(step: int, decisions: list[PlacementChange], margin: float, layer_bytes: float) -> str:
+def describe_placement(step: int, decisions: list[PlacementChange], margin: float, layer_bytes: float,
+                       window: int = 0, move_s: float = 0.0) -> str:
     """One log line for a placement decision: each layer's largest device load now and under the greedy, adopted
-    or kept, and the bytes per device that moving one layer sends (only adopting layers move)."""
+    or kept and why, and the bytes per device that moving one layer sends (only adopting layers move)."""
     parts = []
     for d in decisions:
-        verdict = (f"adopted, {d.experts_moved} experts move" if d.adopted else
-                   f"kept (gain under the {margin:.0%} margin)" if d.new_max_load < d.old_max_load else "kept")
+        ms = lambda s: f"{s * 1e3:.3g} ms"  # noqa: E731
+        if d.adopted:
+            verdict = f"adopted, {d.experts_moved} experts move"
+        elif d.new_max_load >= d.old_max_load or d.new_max_load > (1.0 - margin) * d.old_max_load:
+            verdict = f"kept (gain under the {margin:.0%} margin)"
+        else:
+            verdict = f"kept (saves {ms(d.gain_s)}/step x {window} steps < a move's {ms(move_s)})"
         parts.append(f"L{d.layer} max device load {d.old_max_load:.3f} -> {d.new_max_load:.3f} {verdict}")
     return (f"step {step} placement: " + "; ".join(parts)
             + f"; moving a layer sends {layer_bytes / 2**20:.3g} MiB per device")

@@ -171,7 +171,8 @@ def _balance_lines(config: TrainConfig, mesh, trainer: Trainer) -> list[str]:
                      f"{trainer.balance_rates().describe()}")
     if config.balance.every:
         lines.append(f"  placement   every {config.balance.every} steps, adopted when the largest device load "
-                     f"drops by >= {config.balance.margin:.0%}")
+                     f"drops by >= {config.balance.margin:.0%} and the layer time it saves over {config.balance.every} "
+                     f"steps exceeds its move's, at {trainer.balance_rates().describe()}")
     return lines + [f"  warning: {w}" for w in balance.cannot_act(config, int(mesh.shape["expert"]))]
 
 
@@ -223,10 +224,13 @@ def _rebalance(trainer: Trainer, state: TrainState, step: int, logger: MetricsLo
                           "old_max_device_load": [d.old_max_load for d in placement],
                           "new_max_device_load": [d.new_max_load for d in placement],
                           "experts_moved": [d.experts_moved if d.adopted else 0 for d in placement],
+                          "predicted_gain_s_per_step": [d.gain_s for d in placement],
+                          "move_s": done["move_s"], "window_steps": trainer.config.balance.every,
                           "move_bytes_per_device": done["move_bytes"],
                           "bytes_sent_per_device": trainer.move_bytes()}, kind="placement")  # fmt: skip
         logger.message(balance.describe_placement(step, placement, trainer.config.balance.margin,
-                                                  sum(trainer.move_bytes().values())))
+                                                  sum(trainer.move_bytes().values()), trainer.config.balance.every,
+                                                  done["move_s"]))
     return state
 
 

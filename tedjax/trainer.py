@@ -214,21 +214,25 @@ class Trainer:
             experts = cfg.model.num_experts
             pool_loads = np.stack([np.where(np.isin(np.arange(experts), ids), 0.0, load)
                                    for load, ids in zip(loads, shadow_ne)])
-            decisions = balance.decide_placements(pool_loads, self.placements(state), int(self.mesh.shape["expert"]),
-                                                  cfg.balance.margin)
             placements = self.placements(state)
+            if self.mesh.shape["expert"] > 1 and 0 not in self._move_compiled:  # its bytes price every move
+                self._move_compiled[0] = self._move_layer.lower(state, placements, (0,)).compile()
+            move_s = sum(self.move_bytes().values()) / (self.balance_rates().link_gbytes_per_s * 1e9)
+            decisions = balance.decide_placements(pool_loads, placements, int(self.mesh.shape["expert"]),
+                                                  cfg.balance.margin, self.shadow_cost_model(), cfg.balance.every,
+                                                  move_s)
             for d in decisions:
                 if d.adopted:
                     placements[d.layer] = d.placement
             placements = jax.device_put(self.check_placements(placements), NamedSharding(self.mesh, PartitionSpec()))
             moved = [d.layer for d in decisions if d.adopted]
-            for layer in moved or [0] * bool(decisions):  # (layer 0's program, for the bytes, if none moves)
+            for layer in moved:
                 if layer not in self._move_compiled:
                     self._move_compiled[layer] = self._move_layer.lower(state, placements, (layer,)).compile()
             for layer in moved:  # only the layers that change send their experts
                 with jax.set_mesh(self.mesh):
                     state = self._move_compiled[layer](state, placements)
-            done["placement"] = decisions
+            done["placement"], done["move_s"] = decisions, move_s
             done["move_bytes"] = float(sum(self.move_bytes().values())) * len(moved)
         return state, done
 

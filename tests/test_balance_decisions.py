@@ -61,7 +61,9 @@ def test_every_decision_is_a_record_with_its_reasons(decided):
     assert any(r["num_shadows"][0] for r in shadows), "compute-bound rates: the cost model must choose a shadow"
     for r in placement:
         old, new, adopted = r["old_max_device_load"][0], r["new_max_device_load"][0], r["adopted"][0]
-        assert adopted == (new < old)  # balance.margin=0
+        gain, move_s, window = r["predicted_gain_s_per_step"][0], r["move_s"], r["window_steps"]
+        assert move_s == sum(r["bytes_sent_per_device"].values()) / 100e9 and window == 2
+        assert adopted == (new < old and gain * window > move_s)  # balance.margin=0, and the hysteresis
         assert (r["experts_moved"][0] > 0) == adopted
         # what the move sent per device, from the compiled one-layer move (every expert leaf and its Adam moments)
         layer_bytes = sum(r["bytes_sent_per_device"].values())
@@ -189,7 +191,8 @@ def test_only_the_layers_that_adopt_a_placement_move():
     Adam moments) move, and the one-layer move sends half the bytes of moving both."""
     from test_load_balance import _at, batches, run_steps, tiny_trainer
 
-    trainer = tiny_trainer("model.n_layers=4", "balance.every=1", "balance.margin=0")
+    trainer = tiny_trainer("model.n_layers=4", "balance.every=1", "balance.margin=0", "balance.matmul_tflops=0.001",
+                           "balance.link_gbytes_per_s=100")  # moving pays
     state, _ = run_steps(trainer, trainer.init_state(), batches(trainer, 1))
     load = np.array([0.4, 0.3, 0.1, 0.05, 0.05, 0.04, 0.03, 0.03])
     for layer, path in enumerate(trainer.moe_paths):  # layer 0 skewed (adopts), layer 1 uniform (keeps)
@@ -215,3 +218,18 @@ def test_only_the_layers_that_adopt_a_placement_move():
         both = trainer.move_experts.lower(state, trainer.check_placements(new_placement)).compile()
     assert done["move_bytes"] == one and 2 * one == sum(c.sent_bytes * (c.trip_count or 1)
                                                         for c in analysis.collectives(both, trainer.mesh))
+
+
+def test_a_placement_that_does_not_pay_back_its_move_within_the_window_is_kept():
+    load = np.array([[0.30, 0.20, 0.15, 0.10, 0.10, 0.05, 0.05, 0.05]])
+    cost = balance.ShadowCostModel(d_model=128, expert_d_ff=256, weight_matrices=2, bytes_per_element=4, num_devices=4,
+                                   tokens_per_step=2048, flop_rate=1e10, link_bytes_per_s=1e9, buffers="device")
+    (free,) = balance.decide_placements(load, np.arange(8)[None], 4, 0.02)
+    (priced,) = balance.decide_placements(load, np.arange(8)[None], 4, 0.02, cost, window=10, move_s=0.0)
+    assert free.adopted and priced.adopted and priced.gain_s > 0
+    gain = priced.gain_s
+    (short,) = balance.decide_placements(load, np.arange(8)[None], 4, 0.02, cost, window=10, move_s=11 * gain)
+    (long,) = balance.decide_placements(load, np.arange(8)[None], 4, 0.02, cost, window=12, move_s=11 * gain)
+    assert not short.adopted and long.adopted
+    line = balance.describe_placement(10, [short], 0.02, 2**20, 10, 11 * gain)
+    assert "kept (saves" in line and "x 10 steps < a move's" in line
