@@ -427,8 +427,9 @@ class BalanceConfig:
     Every `every` steps the host reads each MoE layer's recent expert load and
     places experts greedily (heaviest first, on the least-loaded device with a
     free slot); a layer adopts the new placement only if its largest device load
-    drops by at least `margin` (relative). Weights and their Adam moments move
-    together.
+    drops by at least `margin` (relative) and the layer time it is predicted
+    to save over `every` steps exceeds the move's time (tedjax.balance). Only
+    adopting layers move; weights and their Adam moments move together.
     """
 
     every: int = 0  # steps between placement decisions; 0 = off (SmartMoE uses 10)
