@@ -133,7 +133,7 @@ def read_metrics(path: Path) -> dict:
             train[rec["step"]] = rec
         elif rec.get("kind") == "eval":
             evals[rec["step"]] = rec
-        elif rec.get("kind") == "placement":
+        elif rec.get("kind") == "placement" and any(rec["adopted"]):  # every decision is logged; these moved
             placements.append(rec)
     return {"train": train, "eval": evals, "placement": placements}
 

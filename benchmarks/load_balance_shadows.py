@@ -88,8 +88,10 @@ REFERENCE_VAL = {"baseline": 1.5690, "device pool": 1.5473}  # README / helper-5
 
 def shadow_records(log_dir: Path) -> list[dict]:
     recs = [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: r[k] for k in ("step", "layer", "shadow_ids", "predicted_latency_s", "predicted_latency_with_shadows_s")}
-            for r in recs if r.get("kind") == "shadows"]  # fmt: skip
+    keys = ("layer", "shadow_ids", "changed", "predicted_latency_s", "predicted_latency_with_shadows_s")
+    per_layer = ((r["step"], dict(zip(keys, v))) for r in recs if r.get("kind") == "shadows"
+                 for v in zip(*(r[k + "s" if k == "layer" else k] for k in keys)))  # one record per decision
+    return [{"step": step, **{k: v[k] for k in keys if k != "changed"}} for step, v in per_layer if v["changed"]]
 
 
 def references() -> tuple[dict, str]:

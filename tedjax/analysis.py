@@ -10,6 +10,9 @@ Usage::
     memory_report(compiled)  # {"argument_bytes": ..., "temp_bytes": ..., ...}
     print(report(compiled, mesh))  # markdown tables of both
 
+Also the load-balance decisions a run logged (`balance_decisions`,
+`plot_balance_decisions` over a run's metrics.jsonl).
+
 What is read from the HLO text (``compiled.as_text()``, the program after SPMD
 partitioning, i.e. per device):
 
@@ -812,3 +815,64 @@ def report(compiled: Any, mesh: Any) -> str:
     else:
         lines.append("(no memory analysis from this backend)")
     return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- load-balance decisions of a run
+
+
+def balance_decisions(metrics_path: Any) -> dict[str, list[dict]]:
+    """The shadow and placement decision records of a run's `metrics.jsonl`, in step order:
+    {"shadows": [...], "placement": [...]} (every decision, adopted or not; the fields are in the README)."""
+    import json
+    from pathlib import Path
+
+    out: dict[str, list[dict]] = {"shadows": [], "placement": []}
+    for line in Path(metrics_path).read_text().splitlines():
+        record = json.loads(line)
+        if record.get("kind") in out:
+            out[record["kind"]].append(record)
+    return out
+
+
+def plot_balance_decisions(metrics_path: Any, path: Any = None) -> Any:
+    """Decisions over steps (needs matplotlib): each MoE layer's predicted layer time without and with its
+    shadows (a filled marker where some were chosen), and its largest device load now and under the greedy
+    placement (a filled marker where adopted). Returns the figure; saves it to `path` if given."""
+    import matplotlib
+
+    if path is not None:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    decisions = balance_decisions(metrics_path)
+    kinds = [k for k in ("shadows", "placement") if decisions[k]] or ["shadows"]
+    fig, axes = plt.subplots(len(kinds), 1, figsize=(7, 3 * len(kinds)), squeeze=False)
+    for ax, kind in zip(axes[:, 0], kinds):
+        records = decisions[kind]
+        steps = [r["step"] for r in records]
+        if kind == "shadows":
+            before, after = "predicted_latency_s", "predicted_latency_with_shadows_s"
+            label = "predicted layer time (ms)"
+            acted = [[n > 0 for n in r["num_shadows"]] for r in records]
+        else:
+            before, after, label = "old_max_device_load", "new_max_device_load", "largest device load"
+            acted = [r["adopted"] for r in records]
+        scale = 1e3 if kind == "shadows" else 1.0
+        for layer in range(len(records[0]["layers"]) if records else 0):
+            line, = ax.plot(steps, [r[before][layer] * scale for r in records], label=f"L{layer} now")
+            ys = [r[after][layer] * scale for r in records]
+            ax.plot(steps, ys, "--", color=line.get_color(),
+                    label=f"L{layer} {'with shadows' if kind == 'shadows' else 'greedy'}")
+            done = [(s, y) for s, y, a in zip(steps, ys, acted) if a[layer]]
+            if done:
+                ax.plot(*zip(*done), "o", color=line.get_color())
+        ax.set_title(f"{kind} decisions ({'filled: chosen' if kind == 'shadows' else 'filled: adopted'})")
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        if records:
+            ax.legend(fontsize="small")
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path)
+    return fig
+

@@ -1,6 +1,8 @@
-"""Host-side load-balance policy: where each expert should live (SmartMoE's placement).
+"""Host-side load-balance policy: where each expert should live (SmartMoE's placement) and which experts
+to copy to every device (FasterMoE's shadows), with the reasons for each decision.
 
-Nothing here is traced or jitted. The train state keeps each MoE layer's
+Nothing here is traced into the train step (`measure_rates` times two small
+programs once at start). The train state keeps each MoE layer's
 recent expert load (`MoE.load_mean`) and its placement (logical expert ->
 physical slot; slot s lives on device s // experts_per_device of the "expert"
 axis). Every `balance.every` steps the loop reads both, asks `propose` for new
@@ -17,6 +19,10 @@ capacity factor (so bytes and FLOPs) needed for a target drop rate.
 from __future__ import annotations
 
 import dataclasses
+import math
+import statistics
+import time
+from typing import Any
 
 import numpy as np
 
@@ -55,40 +61,59 @@ def greedy_placement(load_e: np.ndarray, num_devices: int) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class PlacementChange:
-    """One MoE layer's adopted placement: its largest device load before and after, as fractions of all choices."""
+    """One MoE layer's placement decision: its largest device load now and under the greedy placement (fractions
+    of all choices), and whether it was adopted. `propose` returns the adopted ones; `decide_placements` all."""
 
     layer: int
     old_max_load: float
     new_max_load: float
     experts_moved: int
-    placement: np.ndarray  # int [E]
+    placement: np.ndarray  # int [E]: the greedy placement (adopted or not), devices matched to the current one
+    adopted: bool = True
+    gain_s: float = 0.0  # predicted layer time saved per step (with a cost model)
 
 
-def propose(load_ne: np.ndarray, placement_ne: np.ndarray, num_devices: int, margin: float
-            ) -> tuple[np.ndarray, list[PlacementChange]]:
-    """New placements `[n_moe, E]` for recent loads `[n_moe, E]`, and the layers that change.
+def decide_placements(load_ne: np.ndarray, placement_ne: np.ndarray, num_devices: int, margin: float,
+                      cost: ShadowCostModel | None = None, window: int = 0, move_s: float = 0.0
+                      ) -> list[PlacementChange]:
+    """Every MoE layer's decision for recent loads `[n_moe, E]` at placements `[n_moe, E]` (empty on one device).
 
-    A layer keeps its placement unless the greedy one lowers its largest device
-    load by at least `margin` (relative): moving experts costs an all-to-all of
-    their weights and optimizer state, so small gains are not worth it.
+    A layer adopts the greedy placement only if it lowers the layer's largest
+    device load by at least `margin` (relative) and, given a `cost` model,
+    only if the layer time it saves per step over `window` steps exceeds
+    `move_s`, the time of moving one layer's experts and optimizer state
+    (hysteresis: a placement that pays back only after the next decision is
+    not worth its move).
     """
     load_ne, placement_ne = np.asarray(load_ne, np.float64), np.asarray(placement_ne)
-    new_ne = placement_ne.copy()
-    changes = []
+    decisions = []
     if num_devices <= 1:
-        return new_ne, changes
+        return decisions
+    per_device = load_ne.shape[1] // num_devices
     for layer, (load_e, placement_e) in enumerate(zip(load_ne, placement_ne)):
         old_max = float(device_loads(load_e, placement_e, num_devices).max())
         candidate = greedy_placement(load_e, num_devices)
         new_max = float(device_loads(load_e, candidate, num_devices).max())
-        if new_max <= (1.0 - margin) * old_max and new_max < old_max:
-            per_device = len(load_e) // num_devices
-            # The greedy's device numbering is arbitrary: give each new group of experts the device that
-            # already holds most of them, and keep experts that stay on their device in their old slot.
-            candidate = _keep_slots(_match_devices(candidate, placement_e, per_device), placement_e, per_device)
-            moved = int(np.sum(candidate != placement_e))
-            new_ne[layer] = candidate
-            changes.append(PlacementChange(layer, old_max, new_max, moved, candidate))
+        # The greedy's device numbering is arbitrary: give each new group of experts the device that
+        # already holds most of them, and keep experts that stay on their device in their old slot.
+        candidate = _keep_slots(_match_devices(candidate, placement_e, per_device), placement_e, per_device)
+        adopted = new_max <= (1.0 - margin) * old_max and new_max < old_max
+        gain = cost.latency(load_e, placement_e) - cost.latency(load_e, candidate) if cost is not None else 0.0
+        if cost is not None:
+            adopted = adopted and gain * window > move_s
+        decisions.append(PlacementChange(layer, old_max, new_max, int(np.sum(candidate != placement_e)), candidate,
+                                         bool(adopted), float(gain)))
+    return decisions
+
+
+def propose(load_ne: np.ndarray, placement_ne: np.ndarray, num_devices: int, margin: float
+            ) -> tuple[np.ndarray, list[PlacementChange]]:
+    """New placements `[n_moe, E]` for recent loads `[n_moe, E]`, and the layers that adopt a new one
+    (`decide_placements`)."""
+    new_ne = np.asarray(placement_ne).copy()
+    changes = [d for d in decide_placements(load_ne, placement_ne, num_devices, margin) if d.adopted]
+    for change in changes:
+        new_ne[change.layer] = change.placement
     return new_ne, changes
 
 
@@ -134,6 +159,16 @@ class ShadowCostModel:
     per matrix, sent 2 (X-1)/X times) and the one that reduces its gradients:
     4 model (X-1)/X, model = m D F' b / link. Shadowed tokens are computed
     where they are, spread evenly over the X devices.
+
+    `buffers` says what a device computes and sends. "routed" (FasterMoE's
+    own model, dynamic shapes): the tokens routed to it. Under tedjax's static
+    capacity every buffer has one size, so an imbalance costs either drops (at
+    a fixed capacity factor) or time (at the capacity that keeps every
+    token). "expert" and "device" price the second: each expert's buffer holds
+    as many tokens as the busiest expert gets (per-expert capacity), or each
+    device's pool as many as the busiest device gets (device pools). A shadow
+    then pays when it lowers that busiest buffer by more than its copy costs,
+    which is how it cuts drops at a fixed capacity factor.
     """
 
     d_model: int
@@ -144,6 +179,11 @@ class ShadowCostModel:
     tokens_per_step: float  # choices per step over the whole expert group (k x tokens)
     flop_rate: float  # FLOP/s per device, achieved on the expert matmuls
     link_bytes_per_s: float  # bytes/s per device across the expert axis
+    buffers: str = "routed"  # "routed" (FasterMoE), "expert" or "device" (static capacity that keeps every token)
+
+    def __post_init__(self):
+        if self.buffers not in ("routed", "expert", "device"):
+            raise ValueError(f"buffers must be 'routed', 'expert' or 'device', got {self.buffers!r}")
 
     def latency(self, load_e: np.ndarray, placement_e: np.ndarray, shadows: tuple[int, ...] = ()) -> float:
         """Predicted seconds of one layer's expert compute and communication with `shadows` copied."""
@@ -154,34 +194,57 @@ class ShadowCostModel:
         comp = 2.0 * self.weight_matrices * self.d_model * self.expert_d_ff / self.flop_rate
         feat = self.d_model * self.bytes_per_element / self.link_bytes_per_s
         model = self.weight_matrices * self.d_model * self.expert_d_ff * self.bytes_per_element / self.link_bytes_per_s
-        own = device_loads(np.where(shadowed, 0.0, tokens_e), placement_e, x)
-        busiest = float(np.max(own + tokens_e[shadowed].sum() / x))
-        # tokens one device sends to the other devices' experts: its 1/x of the tokens, (x-1)/x off-device
-        sent = float(tokens_e[~shadowed].sum()) / x * (x - 1) / x
+        pooled_e = np.where(shadowed, 0.0, tokens_e)
+        local = tokens_e[shadowed].sum() / x
+        if self.buffers == "routed":
+            busiest = float(np.max(device_loads(pooled_e, placement_e, x))) + local
+            rows = float(pooled_e.sum())  # over the expert group: each device sends (x-1)/x of its 1/x
+        elif self.buffers == "expert":  # E buffers of the busiest expert's size, E/x of them per device
+            busiest = len(tokens_e) / x * float(pooled_e.max()) + local
+            rows = len(tokens_e) * float(pooled_e.max())
+        else:  # x pools of the busiest device's size, one per device
+            busiest = float(np.max(device_loads(pooled_e, placement_e, x))) + local
+            rows = x * (busiest - local)
+        # tokens one device sends to the other devices' experts: its 1/x of the rows, (x-1)/x off-device
+        sent = rows / x * (x - 1) / x
         return 3.0 * comp * busiest + 4.0 * feat * sent + 4.0 * model * (x - 1) / x * len(shadows)
 
 
-def choose_shadows(load_e: np.ndarray, placement_e: np.ndarray, max_shadows: int, cost: ShadowCostModel
-                   ) -> tuple[np.ndarray, float, float]:
+def choose_shadows(load_e: np.ndarray, placement_e: np.ndarray, max_shadows: int, cost: ShadowCostModel,
+                   exact_up_to: int = 4096) -> tuple[np.ndarray, float, float]:
     """Shadow ids `[max_shadows]` minimising the predicted latency, greedily, and the latency without
     and with them.
 
     FasterMoE walks experts in load order and stops at the first that does not
-    pay. Here each step adds whichever expert lowers the predicted latency most,
-    and stops when none does: on 300 random 8-expert cases the load-order walk
-    missed the brute-force optimum 17 times (by up to 17%), this one never
-    (tests/test_load_balance.py). Unused slots hold `E` (no expert): the id
-    array keeps its length, so a new set never recompiles.
+    pay. Here each step adds whichever expert lowers the predicted latency
+    most, walking on to `max_shadows` even through a step that does not pay
+    (with static buffers two hot experts of one size only pay together), and
+    the best prefix of that walk, of the load-order walk or of the busiest
+    device's experts wins. Up to `exact_up_to` candidate sets are searched
+    exactly instead (tests/test_shadows_and_chunks.py measures the walks). Unused slots hold `E` (no expert): the
+    id array keeps its length, so a new set never recompiles.
     """
     experts = len(load_e)
-    chosen: list[int] = []
-    base = best = cost.latency(load_e, placement_e, ())
-    while len(chosen) < max_shadows:
-        trials = [(cost.latency(load_e, placement_e, (*chosen, e)), e) for e in range(experts) if e not in chosen]
-        latency, expert = min(trials)
-        if latency >= best:
-            break
-        chosen, best = [*chosen, expert], latency
+    base = cost.latency(load_e, placement_e, ())
+    if sum(math.comb(experts, r) for r in range(max_shadows + 1)) <= exact_up_to:
+        # where compute dominates it is a partition problem (which experts to spread): the walks below miss the
+        # optimum by up to 19% on random 8-expert cases, so small cases (E = 64, R = 2: 2081 sets) are exact
+        best_set, best = best_shadows_brute_force(load_e, placement_e, max_shadows, cost)
+        return np.array([*best_set] + [experts] * (max_shadows - len(best_set)), np.int32), base, best
+    walk: list[int] = []
+    while len(walk) < max_shadows:
+        walk.append(min((cost.latency(load_e, placement_e, (*walk, e)), e) for e in range(experts) if e not in walk)[1])
+    load_e = np.asarray(load_e, np.float64)
+    by_load = [int(e) for e in np.argsort(-load_e, kind="stable")[:max_shadows]]
+    per_device = experts // cost.num_devices
+    device_e = device_loads(load_e, placement_e, cost.num_devices)[np.asarray(placement_e) // per_device]
+    by_device = [int(e) for e in np.lexsort((-load_e, -device_e))[:max_shadows]]  # the busiest device's, hottest first
+    chosen, best = [], base
+    for order in (walk, by_load, by_device):
+        for r in range(1, max_shadows + 1):
+            latency = cost.latency(load_e, placement_e, tuple(order[:r]))
+            if latency < best:
+                chosen, best = order[:r], latency
     return np.array(chosen + [experts] * (max_shadows - len(chosen)), np.int32), base, best
 
 
@@ -193,3 +256,177 @@ def best_shadows_brute_force(load_e: np.ndarray, placement_e: np.ndarray, max_sh
     experts = range(len(load_e))
     candidates = (s for r in range(max_shadows + 1) for s in itertools.combinations(experts, r))
     return min(((s, cost.latency(load_e, placement_e, s)) for s in candidates), key=lambda t: t[1])
+
+
+@dataclasses.dataclass(frozen=True)
+class ShadowDecision:
+    """One MoE layer's shadow choice and its reasons: the predicted layer time without shadows, with the chosen
+    ones, and with one expert more (the best one not chosen: what made the greedy stop)."""
+
+    layer: int
+    ids: np.ndarray  # int [R]: the chosen experts, then E for each empty slot (the state's `shadow_ids`)
+    chosen: tuple[int, ...]  # the chosen experts; () = none
+    changed: bool  # differs from the set the layer had
+    latency_s: float
+    with_shadows_s: float  # = latency_s when none is chosen
+    one_more_s: float
+
+
+def decide_shadows(layer: int, load_e: np.ndarray, placement_e: np.ndarray, max_shadows: int, cost: ShadowCostModel,
+                   current_e: np.ndarray) -> ShadowDecision:
+    """`choose_shadows` for one layer whose shadows are now `current_e` `[R]`, with the predicted times that
+    explain it."""
+    ids, before, after = choose_shadows(load_e, placement_e, max_shadows, cost)
+    chosen = tuple(int(e) for e in ids if e < len(load_e))
+    one_more = min(cost.latency(load_e, placement_e, (*chosen, e)) for e in range(len(load_e)) if e not in chosen)
+    return ShadowDecision(layer, ids, chosen, not np.array_equal(ids, current_e), before, after, one_more)
+
+
+# ----------------------------------------------------------------------------- the cost model's rates
+
+
+@dataclasses.dataclass(frozen=True)
+class Rates:
+    """The shadow cost model's per-device rates and where each came from (said at start and in every record)."""
+
+    matmul_tflops: float  # achieved on the expert matmuls
+    link_gbytes_per_s: float  # one device's bytes/s to the others of the "expert" axis
+    source: str
+
+    def describe(self) -> str:
+        return (f"matmul {self.matmul_tflops:.4g} TFLOP/s, link {self.link_gbytes_per_s:.4g} GB/s per device "
+                f"({self.source})")
+
+
+def cluster_rates(path: str, dtype: str, layout: tuple[int, int, int]) -> tuple[float, float, str]:
+    """(TFLOP/s, GB/s, source) of a cluster preset, read as the planner reads it (`tedjax.plan.Cluster`):
+    the peak matmul rate of `dtype`, and NVLink's bandwidth if one "expert" group of `layout` fits in a node,
+    else the network's."""
+    from tedjax.plan import Cluster, _crosses_nodes
+
+    cluster = Cluster.load(path)
+    inter = _crosses_nodes(layout, ("expert",), cluster.gpus_per_node)
+    link = cluster.inter_node_gbps if inter else cluster.intra_node_gbps
+    source = (f"cluster {cluster.name} from {path}: peak {dtype} matmul, "
+              f"{'network' if inter else 'NVLink'} bandwidth for the expert axis")
+    return cluster.peak_flops(dtype) / 1e12, float(link), source
+
+
+def measure_rates(mesh: Any, d_model: int, d_ff: int, rows: int, weight_matrices: int, dtype: Any,
+                  repeats: int = 5) -> tuple[float, float]:
+    """(TFLOP/s, GB/s) per device, achieved on `mesh`'s devices all at once (as in a step), median of `repeats`.
+
+    Matmul: each device multiplies `[rows, D] x [D, F']` (the expert GEMM).
+    Link: each device sends one expert's weights (`weight_matrices` x D x F',
+    what a shadow copies) to its neighbour on "expert" (a ppermute). Costs two
+    small compiles and about a second on 8 CPU devices.
+    """
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    axes = tuple(mesh.axis_names)
+    split = PartitionSpec(axes)
+    sharding = NamedSharding(mesh, split)
+    rows = int(max(8, min(rows, 4096)))
+    x = jax.device_put(jnp.ones((mesh.size * rows, d_model), dtype), sharding)
+    w = jax.device_put(jnp.ones((mesh.size * d_model, d_ff), dtype), sharding)
+    matmul = jax.jit(jax.shard_map(lambda x, w: x @ w, mesh=mesh, in_specs=(split, split), out_specs=split))
+    ring = [(i, (i + 1) % mesh.shape["expert"]) for i in range(mesh.shape["expert"])]
+    block = jax.device_put(jnp.ones((mesh.size * weight_matrices * d_model, d_ff), dtype), sharding)
+    send = jax.jit(jax.shard_map(lambda b: jax.lax.ppermute(b, "expert", ring), mesh=mesh, in_specs=split,
+                                 out_specs=split))
+
+    def seconds(fn, *args):
+        jax.block_until_ready(fn(*args))  # compile and warm up
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    flops = 2.0 * rows * d_model * d_ff
+    sent = weight_matrices * d_model * d_ff * jnp.dtype(dtype).itemsize
+    return flops / seconds(matmul, x, w) / 1e12, sent / seconds(send, block) / 1e9
+
+
+def resolve_rates(config: Any, mesh: Any) -> Rates:
+    """The rates for `config` (a TrainConfig) on `mesh`, each from the first that applies:
+    `balance.matmul_tflops` / `balance.link_gbytes_per_s` (> 0), `balance.cluster`, or measured here."""
+    b, m = config.balance, config.model
+    layout = tuple(int(mesh.shape[a]) for a in ("data", "expert", "tensor"))
+    sources = {}
+    matmul, link = b.matmul_tflops, b.link_gbytes_per_s
+    if matmul:
+        sources["matmul"] = "balance.matmul_tflops"
+    if link:
+        sources["link"] = "balance.link_gbytes_per_s"
+    if (not matmul or not link) and b.cluster:
+        c_matmul, c_link, source = cluster_rates(b.cluster, m.dtype, layout)
+        matmul, link = matmul or c_matmul, link or c_link
+        sources.setdefault("matmul", source)
+        sources.setdefault("link", source)
+    if not matmul or not link:
+        tokens = m.top_k * config.data.micro_batch_size * config.data.seq_len / (layout[0] * layout[1])
+        measured = measure_rates(mesh, m.d_model, m.expert_d_ff // layout[2], int(tokens),
+                                 3 if m.activation == "swiglu" else 2, m.compute_dtype)
+        where = (f"measured at start on these {mesh.size} {mesh.devices.flat[0].platform} devices; "
+                 "set balance.cluster for a target cluster's")
+        matmul, link = matmul or measured[0], link or measured[1]
+        sources.setdefault("matmul", where)
+        sources.setdefault("link", where)
+    source = sources["matmul"] if sources["matmul"] == sources["link"] else (
+        f"matmul: {sources['matmul']}; link: {sources['link']}")
+    return Rates(float(matmul), float(link), source)
+
+
+def cannot_act(config: Any, expert_devices: int) -> list[str]:
+    """Warnings for the balance switches of `config` (a TrainConfig) that cannot act with `expert_devices` on
+    the "expert" axis. (Switches that cannot act on any mesh are refused by the config itself.) They are
+    warnings, not errors: a run may resume onto a mesh where they act again."""
+    m, b = config.model, config.balance
+    out = []
+    if m.shadow_experts and expert_devices == 1:
+        out.append(f'model.shadow_experts={m.shadow_experts} cannot act: one device on "expert" (mesh.expert=1) '
+                   "holds every expert, so a shadow keeps no token off a link and the cost model never chooses "
+                   "one; use mesh.expert > 1, or model.shadow_experts=0")
+    if b.every and expert_devices == 1:
+        out.append(f'balance.every={b.every} cannot act: with one device on "expert" (mesh.expert=1) there is '
+                   "nowhere to move an expert; use mesh.expert > 1, or balance.every=0")
+    if not m.shadow_experts and (b.cluster or b.matmul_tflops or b.link_gbytes_per_s):
+        out.append("balance.cluster / matmul_tflops / link_gbytes_per_s set the shadow cost model's rates, and "
+                   "model.shadow_experts=0: they are not used")
+    return out
+
+
+def describe_shadows(step: int, decisions: list[ShadowDecision]) -> str:
+    """One log line for a shadow decision: each layer's choice and the predicted layer times behind it."""
+    parts = []
+    for d in decisions:
+        ms = lambda s: f"{s * 1e3:.3g} ms"  # noqa: E731
+        if d.chosen:
+            parts.append(f"L{d.layer} {list(d.chosen)}{' (new)' if d.changed else ''}: predicted {ms(d.latency_s)} "
+                         f"without, {ms(d.with_shadows_s)} with")
+        else:
+            parts.append(f"L{d.layer} none chosen: predicted {ms(d.latency_s)} without, {ms(d.one_more_s)} with "
+                         "the best one")
+    return f"step {step} shadows: " + "; ".join(parts)
+
+
+def describe_placement(step: int, decisions: list[PlacementChange], margin: float, layer_bytes: float,
+                       window: int = 0, move_s: float = 0.0) -> str:
+    """One log line for a placement decision: each layer's largest device load now and under the greedy, adopted
+    or kept and why, and the bytes per device that moving one layer sends (only adopting layers move)."""
+    parts = []
+    for d in decisions:
+        ms = lambda s: f"{s * 1e3:.3g} ms"  # noqa: E731
+        if d.adopted:
+            verdict = f"adopted, {d.experts_moved} experts move"
+        elif d.new_max_load >= d.old_max_load or d.new_max_load > (1.0 - margin) * d.old_max_load:
+            verdict = f"kept (gain under the {margin:.0%} margin)"
+        else:
+            verdict = f"kept (saves {ms(d.gain_s)}/step x {window} steps < a move's {ms(move_s)})"
+        parts.append(f"L{d.layer} max device load {d.old_max_load:.3f} -> {d.new_max_load:.3f} {verdict}")
+    return (f"step {step} placement: " + "; ".join(parts)
+            + f"; moving a layer sends {layer_bytes / 2**20:.3g} MiB per device")

@@ -270,8 +270,12 @@ def check_mesh(config: ModelConfig, mesh: Mesh, batch_size: int | None = None, s
                                 f"use a batch size that makes batch x seq_len a multiple of {group}")
             else:
                 groups = batch_size * seq_len // group
-                if groups % data:
-                    problems.append(f"{groups} routing groups are not divisible by the data axis ({data})")
+                if groups % (data * expert):  # each device of the batch layout routes whole groups
+                    per_device = batch_size // (data * expert) * seq_len if batch_size % (data * expert) == 0 else 0
+                    fix = (f"use a group_size dividing the {per_device} tokens of one device's batch"
+                           if per_device else "use a batch size that splits evenly first")
+                    problems.append(f"group_size={group} makes {groups} routing groups per micro-batch, which do not "
+                                    f"split over data x expert = {data * expert} devices; {fix} (0 = one sequence)")
                 if config.a2a_chunks > 1 and groups % (data * expert * config.a2a_chunks):
                     problems.append(f"a2a_chunks={config.a2a_chunks} does not divide the {groups} routing groups "
                                     f"of a micro-batch into chunks that split over data x expert = {data * expert}; "
@@ -561,24 +565,28 @@ class BalanceConfig:
     Every `every` steps the host reads each MoE layer's recent expert load and
     places experts greedily (heaviest first, on the least-loaded device with a
     free slot); a layer adopts the new placement only if its largest device load
-    drops by at least `margin` (relative). Weights and their Adam moments move
-    together.
+    drops by at least `margin` (relative) and the layer time it is predicted
+    to save over `every` steps exceeds the move's time (tedjax.balance). Only
+    adopting layers move; weights and their Adam moments move together.
     """
 
     every: int = 0  # steps between placement decisions; 0 = off (SmartMoE uses 10)
     margin: float = 0.02  # relative drop of the largest device load needed to move experts
     shadow_every: int = 10  # steps between choices of shadow experts (with model.shadow_experts > 0)
-    # FasterMoE's cost model, per device; defaults are achieved figures on one DGX-H100 node
-    # (bf16 expert GEMMs at ~40% of 989 TFLOP/s; all-to-all over NVLink at ~100 GB/s per GPU).
-    matmul_tflops: float = 400.0
-    link_gbytes_per_s: float = 100.0
+    # FasterMoE's cost model, per device. Each rate comes from the first that applies: the explicit rate (> 0);
+    # `cluster`, a configs/clusters/*.yaml preset read as the planner reads it (peak matmul of model.dtype,
+    # NVLink or network bandwidth); else measured at start on the devices present (tedjax.balance.measure_rates).
+    cluster: str = ""
+    matmul_tflops: float = 0.0  # achieved TFLOP/s on the expert matmuls; 0 = from cluster or measured
+    link_gbytes_per_s: float = 0.0  # GB/s one device sends across "expert"; 0 = from cluster or measured
 
     def __post_init__(self):
         _check_int("balance.every", self.every, 0)
         _check_int("balance.shadow_every", self.shadow_every, 1)
         _check_float("balance.margin", self.margin, 0)
-        _check_float("balance.matmul_tflops", self.matmul_tflops, 0, strict=True)
-        _check_float("balance.link_gbytes_per_s", self.link_gbytes_per_s, 0, strict=True)
+        _check_str("balance.cluster", self.cluster)
+        _check_float("balance.matmul_tflops", self.matmul_tflops, 0)
+        _check_float("balance.link_gbytes_per_s", self.link_gbytes_per_s, 0)
         if self.margin >= 1:
             raise ValueError(f"balance.margin must be in [0, 1), got {self.margin}; 0.02 is typical")
 
@@ -617,11 +625,19 @@ class TrainConfig:
         if self.log.profile_steps and self.log.profile_steps[1] > self.steps:
             raise ValueError(f"log.profile_steps={list(self.log.profile_steps)} ends after steps={self.steps}; "
                              f"pick a range inside the run, e.g. [{max(self.steps - 3, 0)}, {self.steps}]")
+        if not self.model.num_experts and (self.balance.every or self.model.shadow_experts):
+            switch = (f"balance.every={self.balance.every}" if self.balance.every
+                      else f"model.shadow_experts={self.model.shadow_experts}")
+            raise ValueError(f"{switch} balances experts, and this model is dense (model.num_experts=0): set "
+                             f"{switch.split('=')[0]}=0, or give the model experts (e.g. model.num_experts=8"
+                             f"{' model.capacity_scope=device' if self.balance.every else ''})")
         if self.balance.every and self.model.capacity_scope != "device":
             raise ValueError(f"balance.every={self.balance.every} moves experts between devices, which changes "
                              "nothing with per-expert capacity; set model.capacity_scope=device (or balance.every=0)")
-        if self.balance.every and not self.model.num_experts:
-            raise ValueError("balance.every > 0 needs an MoE model (model.num_experts > 0)")
+        if self.model.num_experts and self.model.router_bias_rate and self.model.top_k == self.model.num_experts:
+            raise ValueError(f"model.router_bias_rate={self.model.router_bias_rate} cannot act with top_k = "
+                             f"num_experts = {self.model.top_k}: every token goes to every expert, so each load is "
+                             "1/E and the bias never moves; set model.router_bias_rate=0 or top_k < num_experts")
         if self.data.source != "synthetic" and self.model.vocab_size < 256:
             raise ValueError(f"model.vocab_size={self.model.vocab_size} is smaller than the byte tokenizer's 256 ids; "
                              "set model.vocab_size >= 256")

@@ -112,6 +112,8 @@ def format_record(step: int, total: int, record: dict, kind: str = "train") -> s
     if record.get("dropped_fraction") is not None:
         dropped = record["dropped_fraction"]
         parts.append(f"dropped {float(np.mean(dropped)):.1%}")
+    if record.get("shadow_ids") and load:
+        parts.append(_shadows(record))
     if kind == "train":
         if "learning_rate" in record:
             parts.append(f"lr {record['learning_rate']:.2e}")
@@ -131,6 +133,8 @@ def format_postfix(record: dict) -> str:
         parts.append(f"load {_max_over_mean(record['expert_load']):.2f}")
     if record.get("dropped_fraction") is not None:
         parts.append(f"drop {float(np.mean(record['dropped_fraction'])):.1%}")
+    if record.get("shadow_ids") and record.get("expert_load"):
+        parts.append(_shadows(record))
     if "learning_rate" in record:
         parts.append(f"lr {record['learning_rate']:.2e}")
     if "tokens_per_s" in record:
@@ -138,6 +142,13 @@ def format_postfix(record: dict) -> str:
     if record.get("skipped_steps"):
         parts.append(f"skipped {record['skipped_steps']}")
     return ", ".join(parts)
+
+
+def _shadows(record: dict) -> str:
+    """The shadows a step used, per MoE layer ("shadows L0 3,5 L1 none"); ids >= E are empty slots."""
+    load = record["expert_load"]
+    return "shadows " + " ".join(f"L{i} {','.join(str(e) for e in ids if e < len(load[i])) or 'none'}"
+                                 for i, ids in enumerate(record["shadow_ids"]))
 
 
 def _max_over_mean(layers: list) -> float:

@@ -131,7 +131,7 @@ class _SignalFlag:
 
 
 def _announce(logger: MetricsLogger, config: TrainConfig, mesh, checkpointer: Checkpointer, start_step: int,
-              config_file: str | None) -> None:
+              config_file: str | None, trainer: Trainer) -> None:
     """Where everything goes, printed once at the start (process 0), and the run's `start` record."""
     counts = config.model.param_counts()
     model = config.model
@@ -154,6 +154,7 @@ def _announce(logger: MetricsLogger, config: TrainConfig, mesh, checkpointer: Ch
         *([f"  wandb       project {config.log.wandb.project} ({config.log.wandb.mode}, under {log_dir / 'wandb'})"]
           if config.log.wandb.project else []),
         *checkpointer.notes,
+        *_balance_lines(config, mesh, trainer),
     ]
     if logger.superseded:
         lines.append(f"  moved {logger.superseded} records of steps after {start_step} (from the run this one "
@@ -203,6 +204,21 @@ class StepProfiler:
         if self.active:
             self.active = False
             jax.profiler.stop_trace()
+def _balance_lines(config: TrainConfig, mesh, trainer: Trainer) -> list[str]:
+    """The start banner's load-balance lines: the shadow cost model's rates and where they came from, and a
+    warning for each switch that cannot act on this mesh."""
+    from tedjax import balance
+
+    lines = []
+    if config.model.shadow_experts:
+        lines.append(f"  shadows     up to {config.model.shadow_experts} per MoE layer, chosen every "
+                     f"{config.balance.shadow_every} steps by FasterMoE's cost model at "
+                     f"{trainer.balance_rates().describe()}")
+    if config.balance.every:
+        lines.append(f"  placement   every {config.balance.every} steps, adopted when the largest device load "
+                     f"drops by >= {config.balance.margin:.0%} and the layer time it saves over {config.balance.every} "
+                     f"steps exceeds its move's, at {trainer.balance_rates().describe()}")
+    return lines + [f"  warning: {w}" for w in balance.cannot_act(config, int(mesh.shape["expert"]))]
 
 
 def _router_losses_per_layer(record: dict, n_moe_layers: int) -> None:
@@ -230,17 +246,36 @@ def _init_from(trainer: Trainer, state: TrainState, directory: str) -> TrainStat
 
 
 def _rebalance(trainer: Trainer, state: TrainState, step: int, logger: MetricsLogger) -> TrainState:
-    """Shadow and placement decisions (tedjax.balance); each change is logged with its predicted or measured cost."""
+    """Shadow and placement decisions (tedjax.balance): each one, adopted or not, is a record (kind "shadows" or
+    "placement") and a line, with its reasons."""
+    from tedjax import balance
+
     state, done = trainer.rebalance(state, step)
-    for layer, ids, before, after in done["shadows"]:
-        logger.log(step, {"layer": layer, "shadow_ids": ids, "predicted_latency_s": before,
-                          "predicted_latency_with_shadows_s": after}, kind="shadows")  # fmt: skip
-    changes = done["placement"]
-    if changes:
-        logger.log(step, {"layers": [c.layer for c in changes], "old_max_device_load": [c.old_max_load for c in changes],
-                          "new_max_device_load": [c.new_max_load for c in changes],
-                          "experts_moved": [c.experts_moved for c in changes],
+    shadows = done["shadows"]
+    if shadows:
+        rates = trainer.balance_rates()
+        logger.log(step, {"layers": [d.layer for d in shadows], "shadow_ids": [d.ids.tolist() for d in shadows],
+                          "chosen": "; ".join(f"L{d.layer}: {list(d.chosen) if d.chosen else 'none'}" for d in shadows),
+                          "num_shadows": [len(d.chosen) for d in shadows], "changed": [d.changed for d in shadows],
+                          "predicted_latency_s": [d.latency_s for d in shadows],
+                          "predicted_latency_with_shadows_s": [d.with_shadows_s for d in shadows],
+                          "predicted_latency_one_more_s": [d.one_more_s for d in shadows],
+                          "matmul_tflops": rates.matmul_tflops, "link_gbytes_per_s": rates.link_gbytes_per_s,
+                          "rates_source": rates.source}, kind="shadows")  # fmt: skip
+        logger.message(balance.describe_shadows(step, shadows))
+    placement = done["placement"]
+    if placement:
+        logger.log(step, {"layers": [d.layer for d in placement], "adopted": [d.adopted for d in placement],
+                          "old_max_device_load": [d.old_max_load for d in placement],
+                          "new_max_device_load": [d.new_max_load for d in placement],
+                          "experts_moved": [d.experts_moved if d.adopted else 0 for d in placement],
+                          "predicted_gain_s_per_step": [d.gain_s for d in placement],
+                          "move_s": done["move_s"], "window_steps": trainer.config.balance.every,
+                          "move_bytes_per_device": done["move_bytes"],
                           "bytes_sent_per_device": trainer.move_bytes()}, kind="placement")  # fmt: skip
+        logger.message(balance.describe_placement(step, placement, trainer.config.balance.margin,
+                                                  sum(trainer.move_bytes().values()), trainer.config.balance.every,
+                                                  done["move_s"]))
     return state
 
 
@@ -258,6 +293,10 @@ def run(config: TrainConfig, *, resume: bool = False, allow_change: Iterable[str
         config = auto_config(config)
     mesh = mesh or make_mesh(config.mesh.data, config.mesh.expert, config.mesh.tensor)
     check_mesh(config.model, mesh, config.data.micro_batch_size, config.data.seq_len)
+    if config.balance.cluster:  # a wrong cluster preset is refused before anything is written or compiled
+        from tedjax.plan import Cluster
+
+        Cluster.load(config.balance.cluster)
     if config.data.batch_size % jax.process_count():
         raise ValueError(f"data.batch_size={config.data.batch_size} must divide evenly over {jax.process_count()} processes")
     if jax.process_index() == 0:
@@ -296,7 +335,7 @@ def run(config: TrainConfig, *, resume: bool = False, allow_change: Iterable[str
                            tensorboard=config.log.tensorboard, progress=config.log.progress,
                            wandb=dict(project=wb.project, name=wb.name, mode=wb.mode, config=config.to_dict())
                            if wb.project else None)  # fmt: skip
-    _announce(logger, config, mesh, checkpointer, start_step, config_file)
+    _announce(logger, config, mesh, checkpointer, start_step, config_file, trainer)
     if config.init_from and config.model.num_experts:  # the capacity the import routes with; a warning if it drops
         from tedjax import hf
 
@@ -315,6 +354,8 @@ def run(config: TrainConfig, *, resume: bool = False, allow_change: Iterable[str
     pending: list[tuple[int, dict]] = []  # metrics fetched one step late, keeping the device busy
     window_start, window_from = time.perf_counter(), start_step  # the window: steps after window_from
     stopped_by_signal = False
+    # each train record shows the shadows its step used (int [n_moe, R], E = empty), kept on the host
+    shadows_now = trainer.shadow_ids(state).tolist() if config.model.shadow_experts else None
 
     def drain(keep_last: bool):
         nonlocal window_start, window_from
@@ -366,12 +407,13 @@ def run(config: TrainConfig, *, resume: bool = False, allow_change: Iterable[str
                 with profiler.annotate(step):
                     state, metrics = trainer.train_step(state, batch)
                 window_start += profiler.after(step, state)  # writing the trace is not training time
-                pending.append((step + 1, metrics))
+                pending.append((step + 1, metrics if shadows_now is None else dict(metrics, shadow_ids=shadows_now)))
                 drain(keep_last=True)
                 logger.advance()
                 done = step + 1
                 if trainer.balance_due(done) and done != end_step:
                     state = _rebalance(trainer, state, done, logger)
+                    shadows_now = trainer.shadow_ids(state).tolist() if shadows_now is not None else None
                 if config.log.eval_every and done % config.log.eval_every == 0 and done != end_step:
                     drain(keep_last=False)
                     eval_losses[done] = evaluate(trainer, state, batches)["lm_loss"]

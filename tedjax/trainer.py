@@ -93,7 +93,11 @@ class Trainer:
         self.moe_paths = [path for path, module in nnx.iter_modules(abstract) if module in moe_layers(abstract)]
         self.move_experts = OnMesh(jax.jit(self._move_experts, donate_argnums=0, out_shardings=self.state_shardings),
                                    mesh)
-        self._move_compiled = None
+        # one layer's move (rebalance moves only the layers that adopt a placement); compiled on first use
+        self._move_layer = OnMesh(jax.jit(self._move_layers, static_argnums=2, donate_argnums=0,
+                                          out_shardings=self.state_shardings), mesh)
+        self._move_compiled: dict[int, Any] = {}
+        self._rates = None  # the shadow cost model's (tedjax.balance.Rates), resolved on first use
         self.eval_step = OnMesh(jax.jit(functools.partial(eval_step, graphdef=graphdef), out_shardings=replicated),
                                 mesh)
 
@@ -129,7 +133,12 @@ class Trainer:
         return np.stack([np.asarray(_at(state.model_state, path)["load_mean"]) for path in self.moe_paths])
 
     def _move_experts(self, state: TrainState, placement_ne: jax.Array) -> TrainState:
-        """Adopt new placements `[n_moe, E]`: permute every expert weight AND its Adam moments.
+        """Adopt new placements `[n_moe, E]`: permute every expert weight AND its Adam moments (every layer;
+        `_move_layers` for some)."""
+        return self._move_layers(state, placement_ne, tuple(range(len(self.moe_paths))))
+
+    def _move_layers(self, state: TrainState, placement_ne: jax.Array, layers: tuple[int, ...]) -> TrainState:
+        """Adopt the placements `[n_moe, E]` of MoE `layers` (static): permute their expert weights AND Adam moments.
 
         Slot s of the new layout takes the expert that placement_ne puts there,
         from the slot it holds now. Optimizer-state leaves of a parameter move
@@ -137,19 +146,21 @@ class Trainer:
         would belong to another expert after a move). Jitted once; placements
         are runtime values.
         """
-        perms = []
+        perms = {}
         model_state = jax.tree.map(lambda x: x, state.model_state)
         for layer, path in enumerate(self.moe_paths):
+            if layer not in layers:
+                continue
             balance = _at(model_state, path)
             old_e, new_e = balance["placement"], placement_ne[layer].astype(jnp.int32)
-            perms.append(old_e[jnp.argsort(new_e)])  # new slot -> the slot its expert leaves
+            perms[layer] = old_e[jnp.argsort(new_e)]  # new slot -> the slot its expert leaves
             balance["placement"] = new_e
         layer_of = _expert_layer_tree(state.params, self.moe_paths)
         opt_layer_of = optax.tree_map_params(self.tx, lambda _, layer: layer, state.opt_state, layer_of,
                                              transform_non_params=lambda _: -1)
 
         def move(leaf, layer, sharding):
-            return leaf if layer < 0 else _permute_slots(leaf, perms[layer], sharding.spec, self.mesh)
+            return leaf if layer not in perms else _permute_slots(leaf, perms[layer], sharding.spec, self.mesh)
 
         params = jax.tree.map(move, state.params, layer_of, self.param_shardings)
         opt_state = jax.tree.map(move, state.opt_state, opt_layer_of, self.opt_shardings)
@@ -161,17 +172,26 @@ class Trainer:
         shadows = cfg.model.shadow_experts and step % cfg.balance.shadow_every == 0
         return bool(shadows or (cfg.balance.every and step % cfg.balance.every == 0))
 
+    def balance_rates(self):
+        """The shadow cost model's rates (`tedjax.balance.Rates`): resolved, and measured if need be, once."""
+        from tedjax import balance
+
+        if self._rates is None:
+            self._rates = balance.resolve_rates(self.config, self.mesh)
+        return self._rates
+
     def shadow_cost_model(self):
         """FasterMoE's latency model for this config and mesh (tedjax.balance.ShadowCostModel)."""
         from tedjax import balance
 
         cfg, data, (_, expert, tensor) = self.config, self.config.data, tuple(self.mesh.shape[a] for a in MESH_AXES)
-        m = cfg.model
+        m, rates = cfg.model, self.balance_rates()
         return balance.ShadowCostModel(
             d_model=m.d_model, expert_d_ff=m.expert_d_ff // tensor, weight_matrices=3 if m.activation == "swiglu" else 2,
             bytes_per_element=jnp.dtype(m.compute_dtype).itemsize, num_devices=expert,
             tokens_per_step=m.top_k * data.batch_size * data.seq_len / self.mesh.shape["data"],
-            flop_rate=cfg.balance.matmul_tflops * 1e12, link_bytes_per_s=cfg.balance.link_gbytes_per_s * 1e9,
+            flop_rate=rates.matmul_tflops * 1e12, link_bytes_per_s=rates.link_gbytes_per_s * 1e9,
+            buffers=m.capacity_scope,  # static capacity: the busiest expert's or device's buffer sets the time
         )  # fmt: skip
 
     def rebalance(self, state: TrainState, step: int) -> tuple[TrainState, dict]:
@@ -181,37 +201,48 @@ class Trainer:
         a new set is only an int array in the state. Then placement (SmartMoE,
         every balance.every steps) on the loads that still reach the pools,
         shadowed experts counting 0: shadows take the hottest experts out of
-        the pools, placement spreads the rest. Returns the new state and what
-        changed: {"shadows": [(layer, ids, predicted latency before, after)],
-        "placement": [PlacementChange]}.
+        the pools, placement spreads the rest. Returns the new state and every
+        layer's decision, adopted or not: {"shadows": [ShadowDecision],
+        "placement": [PlacementChange], "move_bytes": bytes one device sent
+        moving the adopted layers (only those move; from the compiled move)}.
         """
         from tedjax import balance
 
         cfg, loads = self.config, self.load_means(state)
-        done: dict = {"shadows": [], "placement": []}
+        done: dict = {"shadows": [], "placement": [], "move_bytes": 0.0}
         shadow_ne = self.shadow_ids(state)
         if cfg.model.shadow_experts and step % cfg.balance.shadow_every == 0:
             cost, placements = self.shadow_cost_model(), self.placements(state)
             for layer, (load_e, placement_e) in enumerate(zip(loads, placements)):
-                ids, before, after = balance.choose_shadows(load_e, placement_e, cfg.model.shadow_experts, cost)
-                if not np.array_equal(ids, shadow_ne[layer]):
-                    done["shadows"].append((layer, ids.tolist(), before, after))
-                shadow_ne[layer] = ids
+                decision = balance.decide_shadows(layer, load_e, placement_e, cfg.model.shadow_experts, cost,
+                                                  shadow_ne[layer])
+                done["shadows"].append(decision)
+                shadow_ne[layer] = decision.ids
             state = self._set_balance(state, "shadow_ids", shadow_ne)
         if cfg.balance.every and step % cfg.balance.every == 0:
             experts = cfg.model.num_experts
             pool_loads = np.stack([np.where(np.isin(np.arange(experts), ids), 0.0, load)
                                    for load, ids in zip(loads, shadow_ne)])
-            placements, changes = balance.propose(pool_loads, self.placements(state), int(self.mesh.shape["expert"]),
-                                                  cfg.balance.margin)
-            if changes:
-                placements = jax.device_put(self.check_placements(placements),
-                                            NamedSharding(self.mesh, PartitionSpec()))
-                if self._move_compiled is None:
-                    self._move_compiled = self.move_experts.lower(state, placements).compile()
+            placements = self.placements(state)
+            if self.mesh.shape["expert"] > 1 and 0 not in self._move_compiled:  # its bytes price every move
+                self._move_compiled[0] = self._move_layer.lower(state, placements, (0,)).compile()
+            move_s = sum(self.move_bytes().values()) / (self.balance_rates().link_gbytes_per_s * 1e9)
+            decisions = balance.decide_placements(pool_loads, placements, int(self.mesh.shape["expert"]),
+                                                  cfg.balance.margin, self.shadow_cost_model(), cfg.balance.every,
+                                                  move_s)
+            for d in decisions:
+                if d.adopted:
+                    placements[d.layer] = d.placement
+            placements = jax.device_put(self.check_placements(placements), NamedSharding(self.mesh, PartitionSpec()))
+            moved = [d.layer for d in decisions if d.adopted]
+            for layer in moved:
+                if layer not in self._move_compiled:
+                    self._move_compiled[layer] = self._move_layer.lower(state, placements, (layer,)).compile()
+            for layer in moved:  # only the layers that change send their experts
                 with jax.set_mesh(self.mesh):
-                    state = self._move_compiled(state, placements)
-            done["placement"] = changes
+                    state = self._move_compiled[layer](state, placements)
+            done["placement"], done["move_s"] = decisions, move_s
+            done["move_bytes"] = float(sum(self.move_bytes().values())) * len(moved)
         return state, done
 
     def shadow_ids(self, state: TrainState) -> np.ndarray:
@@ -227,13 +258,14 @@ class Trainer:
         return dataclasses.replace(state, model_state=model_state)
 
     def move_bytes(self) -> dict[str, float]:
-        """Bytes one device sends per placement move, by collective kind, from the compiled HLO (after a move)."""
+        """Bytes one device sends to move one MoE layer's experts, by collective kind, from the compiled HLO
+        (compiled at the first placement decision; {} before). Every MoE layer has the same shapes."""
         from tedjax import analysis
 
-        if self._move_compiled is None:
+        if not self._move_compiled:
             return {}
         sent: dict[str, float] = {}
-        for c in analysis.collectives(self._move_compiled, self.mesh):
+        for c in analysis.collectives(next(iter(self._move_compiled.values())), self.mesh):
             sent[c.kind] = sent.get(c.kind, 0.0) + c.sent_bytes * (c.trip_count or 1)
         return sent
 

@@ -439,8 +439,8 @@ OUT_OF_RANGE = {
     "model.aux_loss_weight": -0.1, "model.z_loss_weight": -0.1, "model.jitter_eps": 1.5, "model.remat": "sometimes",
     "model.rope_base": 0.0, "model.capacity_scope": "everywhere", "model.router_bias_rate": -0.1,
     "model.n_kv_heads": -1, "model.head_dim": -1, "model.norm_eps": 0.0, "model.attention": "flash", "init_from": "somewhere",
-    "balance.every": -1, "balance.margin": 1.5, "balance.shadow_every": 0, "balance.matmul_tflops": 0.0,
-    "balance.link_gbytes_per_s": 0.0, "model.a2a_chunks": 0, "model.shadow_experts": -1,
+    "balance.every": -1, "balance.margin": 1.5, "balance.shadow_every": 0, "balance.matmul_tflops": -1.0,
+    "balance.link_gbytes_per_s": -1.0, "model.a2a_chunks": 0, "model.shadow_experts": -1,
     "mesh.data": 0, "mesh.expert": 0, "mesh.tensor": 0,
     "optimizer.learning_rate": 0.0, "optimizer.min_lr_ratio": 1.5, "optimizer.warmup_steps": -1,
     "optimizer.weight_decay": -0.1, "optimizer.b1": 1.0, "optimizer.b2": -0.5, "optimizer.eps": 0.0,
@@ -466,6 +466,7 @@ NO_RANGE = {
     "checkpoint.dir": "a path ('' = <log.dir>/checkpoints), checked when the run starts",
     "model.rope_truncate": "a switch",
     "log.wandb.project": "a name ('' = off)", "log.wandb.name": "a name ('' = wandb picks one)",
+    "balance.cluster": "a path ('' = measured rates), checked when the run starts",
 }  # fmt: skip
 
 

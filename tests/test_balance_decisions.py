@@ -1,0 +1,235 @@
+"""Every load-balance decision is a record in metrics.jsonl and a line in the log, with its reasons; the shadow
+cost model's rates come from an explicit value, a cluster preset or a measurement; a switch that cannot act is
+refused before compiling or named at start."""
+
+import contextlib
+import io
+import json
+
+import jax
+import numpy as np
+import pytest
+from test_load_balance import TINY_RUN
+
+import tedjax
+from tedjax import analysis, balance
+from tedjax.config import check_mesh, load_config
+from tedjax.loop import run
+from tedjax.trainer import Trainer
+
+# Step ~80 of the main job (configs/tiny.yaml, no shadows): each MoE layer's expert load, from its metrics.jsonl.
+MAIN_JOB_LOAD = np.array([
+    [0.1777, 0.1445, 0.1582, 0.1079, 0.0984, 0.1499, 0.1089, 0.0544],
+    [0.0879, 0.1023, 0.3049, 0.1104, 0.1028, 0.0825, 0.0967, 0.1125],
+])  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def decided(tmp_path_factory):
+    """A 5-step run deciding shadows and placement every 2 steps (at steps 2 and 4), with its printed lines.
+    The rates make compute dominate, so that shadows pay."""
+    log_dir = tmp_path_factory.mktemp("decisions")
+    config = load_config(None, [*TINY_RUN, "model.shadow_experts=1", "balance.shadow_every=2", "balance.every=2",
+                                "balance.margin=0", "balance.matmul_tflops=0.001", "balance.link_gbytes_per_s=100",
+                                "model.capacity_factor=1.0",
+                                "model.aux_loss_weight=0", "steps=5", "log.every=1", "log.eval_every=0",
+                                "log.eval_batches=1",
+                                "checkpoint.every=0", f"log.dir={log_dir}"])  # fmt: skip
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        result = run(config)
+    records = [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
+    return result, records, out.getvalue(), log_dir / "metrics.jsonl"
+
+
+def test_every_decision_is_a_record_with_its_reasons(decided):
+    result, _, _, path = decided
+    decisions = analysis.balance_decisions(path)
+    shadows, placement = decisions["shadows"], decisions["placement"]
+    assert [r["step"] for r in shadows] == [2, 4] == [r["step"] for r in placement]
+    for r in shadows:
+        assert r["layers"] == [0] and len(r["shadow_ids"][0]) == 1
+        chosen = [e for e in r["shadow_ids"][0] if e < 8]
+        assert r["num_shadows"] == [len(chosen)] and r["chosen"] == f"L0: {chosen if chosen else 'none'}"
+        without, with_, one_more = (r[k][0] for k in ("predicted_latency_s", "predicted_latency_with_shadows_s",
+                                                      "predicted_latency_one_more_s"))
+        assert 0 < with_ <= without and (with_ < without) == bool(chosen)
+        if not chosen:
+            assert one_more >= without  # why none: the best one would not pay
+        assert (r["matmul_tflops"], r["link_gbytes_per_s"]) == (0.001, 100.0)
+        assert r["rates_source"] == "matmul: balance.matmul_tflops; link: balance.link_gbytes_per_s"
+    assert any(r["num_shadows"][0] for r in shadows), "compute-bound rates: the cost model must choose a shadow"
+    for r in placement:
+        old, new, adopted = r["old_max_device_load"][0], r["new_max_device_load"][0], r["adopted"][0]
+        gain, move_s, window = r["predicted_gain_s_per_step"][0], r["move_s"], r["window_steps"]
+        assert move_s == sum(r["bytes_sent_per_device"].values()) / 100e9 and window == 2
+        assert adopted == (new < old and gain * window > move_s)  # balance.margin=0, and the hysteresis
+        assert (r["experts_moved"][0] > 0) == adopted
+        # what the move sent per device, from the compiled one-layer move (every expert leaf and its Adam moments)
+        layer_bytes = sum(r["bytes_sent_per_device"].values())
+        assert layer_bytes == sum(result.trainer.move_bytes().values()) > 0
+        assert r["move_bytes_per_device"] == layer_bytes * sum(r["adopted"])
+
+
+def test_train_records_and_lines_show_the_shadows_each_step_used(decided):
+    result, records, printed, _ = decided
+    decided_ids = {r["step"]: r["shadow_ids"] for r in records if r["kind"] == "shadows"}
+    used = {r["step"]: r["shadow_ids"] for r in records if r["kind"] == "train"}
+    assert used[1] == used[2] == [[8]]  # no shadow before the first decision
+    assert used[3] == used[4] == decided_ids[2] and used[5] == decided_ids[4]
+    np.testing.assert_array_equal(result.trainer.shadow_ids(result.state), decided_ids[4])
+    lines = printed.splitlines()
+    step3 = next(line for line in lines if line.startswith("step 3/5 |"))
+    chosen = [e for e in decided_ids[2][0] if e < 8]
+    assert f"shadows L0 {','.join(map(str, chosen)) or 'none'}" in step3
+    assert any(line.startswith("step 2 shadows: L0 ") for line in lines)
+    assert any(line.startswith("step 4 placement: L0 max device load ") and "MiB per device" in line for line in lines)
+    banner = next(line for line in lines if line.startswith("  shadows"))
+    assert "matmul 0.001 TFLOP/s, link 100 GB/s per device" in banner
+
+
+def test_decisions_plot_over_steps(decided, tmp_path):
+    pytest.importorskip("matplotlib")
+    fig = analysis.plot_balance_decisions(decided[3], tmp_path / "decisions.png")
+    assert (tmp_path / "decisions.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [ax.get_title().split()[0] for ax in fig.axes] == ["shadows", "placement"]
+
+
+# ----------------------------------------------------------------------------- rates
+
+
+@pytest.fixture(scope="module")
+def main_job_trainer():
+    config = load_config("configs/tiny.yaml", ["model.shadow_experts=2", "model.dtype=bfloat16",
+                                               "balance.cluster=configs/clusters/dgx_h100.yaml"])
+    return Trainer(config, tedjax.make_mesh(2, 2, 2))
+
+
+def test_dgx_h100_rates_on_the_main_job_say_why(main_job_trainer):
+    """At a DGX-H100's rates, layer 0 (hottest expert 0.178, next 0.158) gains less from a shadow than its copy
+    costs: "none chosen", with both predicted times. Layer 1's expert at 0.305 pads every expert's buffer to
+    2.8x the mean, which costs more than copying its 131 KB: shadowed."""
+    rates = main_job_trainer.balance_rates()
+    assert (rates.matmul_tflops, rates.link_gbytes_per_s) == (989.0, 450.0)  # bf16 peak, NVLink: 2 GPUs, 1 node
+    assert rates.source.startswith("cluster DGX-H100 from configs/clusters/dgx_h100.yaml")
+    cost = main_job_trainer.shadow_cost_model()
+    assert cost.buffers == "expert"
+    first, second = (balance.decide_shadows(layer, load, np.arange(8), 2, cost, np.full(2, 8))
+                     for layer, load in enumerate(MAIN_JOB_LOAD))
+    assert first.chosen == () and first.with_shadows_s == first.latency_s < first.one_more_s
+    line = balance.describe_shadows(80, [first, second])
+    assert line.startswith(f"step 80 shadows: L0 none chosen: predicted {first.latency_s * 1e3:.3g} ms without, "
+                           f"{first.one_more_s * 1e3:.3g} ms with the best one; L1 [2] (new): predicted ")
+    assert second.chosen == (2,) and second.with_shadows_s < second.latency_s
+
+
+def test_explicit_rates_override_the_cluster(main_job_trainer):
+    config = load_config("configs/tiny.yaml", ["model.shadow_experts=2", "balance.cluster=configs/clusters/dgx_h100.yaml",
+                                               "balance.matmul_tflops=0.01"])  # fmt: skip
+    rates = balance.resolve_rates(config, main_job_trainer.mesh)
+    assert (rates.matmul_tflops, rates.link_gbytes_per_s) == (0.01, 450.0)
+    assert rates.source.startswith("matmul: balance.matmul_tflops; link: cluster DGX-H100")
+
+
+def test_without_a_cluster_or_rates_they_are_measured_here(main_job_trainer):
+    config = load_config("configs/tiny.yaml", ["model.shadow_experts=2"])
+    rates = balance.resolve_rates(config, main_job_trainer.mesh)
+    assert rates.matmul_tflops > 0 and rates.link_gbytes_per_s > 0
+    assert rates.source.startswith("measured at start on these 8 cpu devices")
+
+
+def test_a_missing_cluster_file_is_refused_before_anything_is_written(tmp_path):
+    config = load_config(None, [*TINY_RUN, "model.shadow_experts=1", "balance.cluster=configs/clusters/nope.yaml",
+                                f"log.dir={tmp_path / 'run'}"])
+    with pytest.raises(FileNotFoundError, match="cluster file configs/clusters/nope.yaml does not exist"):
+        run(config)
+    assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- switches that cannot act
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model.num_experts=0", "model.shadow_experts=2"], "model.shadow_experts=2 balances experts, and this model is dense"),
+    (["model.num_experts=0", "balance.every=10"], "balance.every=10 balances experts, and this model is dense"),
+    (["model.num_experts=4", "model.top_k=4", "model.router_bias_rate=0.001"], "router_bias_rate=0.001 cannot act"),
+])  # fmt: skip
+def test_a_switch_that_cannot_act_on_any_mesh_is_refused(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, [*TINY_RUN, *overrides])
+
+
+def test_the_dense_placement_message_leads_to_a_working_command():
+    with pytest.raises(ValueError) as err:
+        load_config("configs/tiny_dense.yaml", ["balance.every=10"])
+    suggested = str(err.value).split("(e.g. ")[1].rstrip(")").split()
+    config = load_config("configs/tiny_dense.yaml", ["balance.every=10", *suggested])
+    check_mesh(config.model, tedjax.make_mesh(2, 2, 2), config.data.micro_batch_size, config.data.seq_len)
+
+
+def test_a_switch_that_cannot_act_on_this_mesh_is_named_at_start():
+    config = load_config(None, [*TINY_RUN, "model.shadow_experts=1", "balance.every=10"])
+    warnings = balance.cannot_act(config, expert_devices=1)
+    assert len(warnings) == 2
+    assert warnings[0].startswith("model.shadow_experts=1 cannot act: one device on \"expert\"")
+    assert warnings[1].startswith("balance.every=10 cannot act: with one device on \"expert\"")
+    assert balance.cannot_act(config, expert_devices=2) == []
+    unused = load_config(None, [*TINY_RUN, "balance.matmul_tflops=1.0"])
+    assert "they are not used" in balance.cannot_act(unused, expert_devices=2)[0]
+
+
+def test_a_group_size_that_does_not_split_over_the_batch_devices_is_refused_before_compiling():
+    # 16 x 16 tokens in groups of 128: 2 groups, which data x expert = 4 devices cannot share
+    config = load_config(None, [*TINY_RUN, "model.group_size=128"])
+    with pytest.raises(ValueError, match="group_size=128 makes 2 routing groups per micro-batch, which do not split "
+                                         "over data x expert = 4 devices; use a group_size dividing the 64 tokens"):
+        Trainer(config, tedjax.make_mesh(2, 2, 2))
+
+
+def test_only_the_layers_that_adopt_a_placement_move():
+    """Two MoE layers; layer 0 adopts a new placement, layer 1 keeps its own: only layer 0's experts (weights and
+    Adam moments) move, and the one-layer move sends half the bytes of moving both."""
+    from test_load_balance import _at, batches, run_steps, tiny_trainer
+
+    trainer = tiny_trainer("model.n_layers=4", "balance.every=1", "balance.margin=0", "balance.matmul_tflops=0.001",
+                           "balance.link_gbytes_per_s=100")  # moving pays
+    state, _ = run_steps(trainer, trainer.init_state(), batches(trainer, 1))
+    load = np.array([0.4, 0.3, 0.1, 0.05, 0.05, 0.04, 0.03, 0.03])
+    for layer, path in enumerate(trainer.moe_paths):  # layer 0 skewed (adopts), layer 1 uniform (keeps)
+        leaf = _at(state.model_state, path)["load_mean"]
+        _at(state.model_state, path)["load_mean"] = jax.device_put(load if layer == 0 else np.full(8, 1 / 8),
+                                                                  leaf.sharding).astype(leaf.dtype)
+    before = jax.tree.map(np.asarray, (state.params, state.opt_state))
+    state, done = trainer.rebalance(state, 1)
+    assert [d.adopted for d in done["placement"]] == [True, False]
+    after = jax.tree.map(np.asarray, (state.params, state.opt_state))
+    new_placement, paths = trainer.placements(state), trainer.moe_paths
+    np.testing.assert_array_equal(new_placement[1], np.arange(8))
+    flat_before = dict(jax.tree_util.tree_flatten_with_path(before)[0])
+    for key, leaf in jax.tree_util.tree_flatten_with_path(after)[0]:
+        name = jax.tree_util.keystr(key)
+        old = flat_before[key]
+        if "".join(f"[{k!r}]" for k in paths[0]) + "['w_" in name:  # layer 0's expert weights and moments
+            np.testing.assert_array_equal(leaf[new_placement[0]], old)  # slot placement[e] now holds expert e
+        else:
+            np.testing.assert_array_equal(leaf, old)
+    one = sum(trainer.move_bytes().values())
+    with jax.set_mesh(trainer.mesh):
+        both = trainer.move_experts.lower(state, trainer.check_placements(new_placement)).compile()
+    assert done["move_bytes"] == one and 2 * one == sum(c.sent_bytes * (c.trip_count or 1)
+                                                        for c in analysis.collectives(both, trainer.mesh))
+
+
+def test_a_placement_that_does_not_pay_back_its_move_within_the_window_is_kept():
+    load = np.array([[0.30, 0.20, 0.15, 0.10, 0.10, 0.05, 0.05, 0.05]])
+    cost = balance.ShadowCostModel(d_model=128, expert_d_ff=256, weight_matrices=2, bytes_per_element=4, num_devices=4,
+                                   tokens_per_step=2048, flop_rate=1e10, link_bytes_per_s=1e9, buffers="device")
+    (free,) = balance.decide_placements(load, np.arange(8)[None], 4, 0.02)
+    (priced,) = balance.decide_placements(load, np.arange(8)[None], 4, 0.02, cost, window=10, move_s=0.0)
+    assert free.adopted and priced.adopted and priced.gain_s > 0
+    gain = priced.gain_s
+    (short,) = balance.decide_placements(load, np.arange(8)[None], 4, 0.02, cost, window=10, move_s=11 * gain)
+    (long,) = balance.decide_placements(load, np.arange(8)[None], 4, 0.02, cost, window=12, move_s=11 * gain)
+    assert not short.adopted and long.adopted
+    line = balance.describe_placement(10, [short], 0.02, 2**20, 10, 11 * gain)
+    assert "kept (saves" in line and "x 10 steps < a move's" in line
