@@ -190,6 +190,10 @@ def test_plain_log_line():
     assert format_record(20, 300, {"lm_loss": 2.0}, "eval") == "step 20/300 | eval lm_loss 2.0000"
     # what the bar shows on a terminal (it showed loss and tok/s only)
     assert format_postfix(record) == "loss 3.5000, aux 1.02, load 2.00, drop 5.0%, lr 1.00e-03, 1,234 tok/s, skipped 2"
+    # the shadows a step used (issue 26), on the bar and the plain line; 4 = an empty slot of E = 4
+    shadowed = dict(record, shadow_ids=[[0, 4], [4, 4]])
+    assert "drop 5.0%, shadows L0 0 L1 none, lr" in format_postfix(shadowed)
+    assert "| dropped 5.0% | shadows L0 0 L1 none | lr" in format_record(10, 300, shadowed)
 
 
 def test_progress_bar_shows_balance_and_closes_before_the_final_lines(tmp_path, monkeypatch):
