@@ -38,7 +38,8 @@ class Block(nnx.Module):
                 group_size=config.group_size, activation=config.activation, jitter_eps=config.jitter_eps,
                 renormalize=config.router_renormalize, dtd=config.dtd,
                 capacity_scope=config.capacity_scope, shadow_experts=config.shadow_experts,
-                a2a_chunks=config.a2a_chunks, dtype=dt, rngs=rngs,
+                a2a_chunks=config.a2a_chunks, dropless_buffer_factor=config.dropless_buffer_factor,
+                dtype=dt, rngs=rngs,
             )  # fmt: skip
         else:
             width = config.top_k * config.expert_d_ff if config.is_moe_layer(layer) else config.d_ff
