@@ -118,6 +118,10 @@ def loss_fn(model: Transformer, batch: dict[str, jax.Array], *, check_ids: bool 
             expert_load=jnp.stack([s.expert_load for s in stats]),
             dropped_fraction=jnp.stack([s.dropped_fraction for s in stats]),
             device_load=jnp.stack([s.device_load for s in stats]),
+            device_rows=jnp.stack([s.device_rows for s in stats]),
+            # the busiest device's rows over the mean: the step-time bound once compute follows rows (dropless)
+            rows_max_over_mean=jnp.stack([jnp.max(s.device_rows) / jnp.maximum(jnp.mean(s.device_rows), 1e-9)
+                                          for s in stats]),
         )
     metrics["loss"] = total
     return total, metrics

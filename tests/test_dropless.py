@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from reference import FACTORIZATIONS, SMALL, max_abs_diff, one_device_mesh, small_batch, variant
-from test_load_balance import np_pooled_route
+from test_load_balance import batches, np_pooled_route, run_steps, tiny_trainer
 
 import tedjax
 from tedjax import ragged, routing
@@ -131,7 +131,35 @@ def test_dropless_matches_one_device(references, name, features, layout):
             assert abs(float(loss) - ref_loss) < 1e-5 * max(1.0, abs(ref_loss))
             assert max_abs_diff(grads, ref_grads) < 1e-5
             np.testing.assert_allclose(metrics["expert_load"], ref_metrics["expert_load"], atol=1e-6)
+            # every choice is a row of exactly one device; with no shadow, its pool's (the device load)
+            np.testing.assert_allclose(metrics["device_rows"].sum(-1), 1.0, atol=1e-6)
+            if features != "shadows+chunks":
+                np.testing.assert_allclose(metrics["device_rows"], metrics["device_load"], atol=1e-7)
+            rows = metrics["device_rows"]
+            np.testing.assert_allclose(metrics["rows_max_over_mean"], rows.max(-1) / rows.mean(-1), rtol=1e-6)
     assert fn._cache_size() == 1  # new routing (skew), shadow set: no recompilation
+
+
+def test_placement_and_shadows_train_with_dropless():
+    """balance.every and shadows on dropless: the host moves experts to shorten the busiest device's rows and
+    picks shadows; nothing drops, one compiled step."""
+    trainer = tiny_trainer("model.capacity_scope=dropless", "model.shadow_experts=1", "balance.every=2",
+                           "balance.shadow_every=2", "balance.margin=0.0", "balance.matmul_tflops=0.001",
+                           "model.router_bias_rate=0.0")
+    state = trainer.init_state()
+    state = trainer._set_balance(state, "router_bias", np.tile(SKEW, (len(trainer.moe_paths), 1)))
+    data = batches(trainer, 4)
+    state, _ = run_steps(trainer, state, data[:2])
+    with jax.set_mesh(trainer.mesh):
+        state, done = trainer.rebalance(state, 2)
+    assert done["placement"] and done["shadows"]  # the skewed load is worth a move and a shadow
+    for change in done["placement"]:
+        assert change.new_max_load < change.old_max_load  # objective: the busiest device's rows
+    with jax.set_mesh(trainer.mesh):
+        for batch in data[2:]:
+            state, metrics = trainer.train_step(state, batch)
+            assert float(np.max(metrics["dropped_fraction"])) == 0.0 and np.isfinite(float(metrics["loss"]))
+    assert trainer.train_step._cache_size() == 1
 
 
 # ----------------------------------------------------------------------------- the ragged exchange's bookkeeping
