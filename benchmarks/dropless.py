@@ -234,6 +234,79 @@ def main_job(args) -> list[dict]:
     return rows
 
 
+def gpu_check(args) -> int:
+    """On a GPU (benchmarks/gpu_session.sh): the ragged exchange against its CPU emulation and against the
+    static exchange (equal outputs and gradients), and the grouped GEMM's work on the worst-case buffer
+    against the routed rows (`ragged_dot` time on a buffer filled to the expected rows / on the routed rows)."""
+    from jax.sharding import NamedSharding
+
+    from tedjax import ragged
+
+    devices = jax.devices()
+    n, machine, rows = len(devices), _common.machine_info(), []
+    mesh = jax.make_mesh((n,), ("x",), devices=devices)
+    rng = np.random.default_rng(0)
+    groups, slots, d = 4, 64, 128
+    counts = jnp.asarray(rng.integers(0, slots // 2 + 1, (n * n, groups)), jnp.int32)  # [devices x regions, B]
+    x = jnp.asarray(rng.normal(size=(n * n, groups, slots, d)), jnp.float32)
+    x = x * (np.arange(slots)[None, None, :, None] < np.asarray(counts)[..., None, None])
+    spec = jax.P("x")
+
+    def both(x, send, recv_all):
+        recv = recv_all  # [n, B]: region a = what device a sends here
+        real = ragged.exchange(x, send, recv, "x")
+        emulated = ragged.exchange(x, send, recv, "x", ragged.emulated_ragged_all_to_all)
+        return real, emulated
+
+    recv = jnp.asarray(np.asarray(counts).reshape(n, n, groups).transpose(1, 0, 2).reshape(n * n, groups))
+    put = lambda a: jax.device_put(a, NamedSharding(mesh, spec))  # noqa: E731
+    fn = jax.jit(jax.shard_map(both, mesh=mesh, in_specs=(spec, spec, spec), out_specs=(spec, spec)))
+    real, emulated = fn(put(x), put(counts), put(recv))
+    grad = jax.jit(jax.grad(lambda x, c, r, w: jnp.sum(fn(x, c, r)[w] ** 2)), static_argnums=3)
+    g_real, g_emu = grad(put(x), put(counts), put(recv), 0), grad(put(x), put(counts), put(recv), 1)
+    rows.append({"check": f"ragged_all_to_all vs emulation ({n} device(s))",
+                 "max_abs_diff": float(jnp.max(jnp.abs(real - emulated))),
+                 "grad_max_abs_diff": float(jnp.max(jnp.abs(g_real - g_emu)))})
+    if n > 1:  # the layer on ("expert" = all devices): ragged against static
+        outs = {}
+        lay = make_mesh(1, n, 1)
+        for exchange in ("ragged", "static"):
+            def make(exchange=exchange):
+                return MoE(d, 8 * n, 256, top_k=2, group_size=64, capacity_scope="dropless", activation="swiglu",
+                           exchange=exchange, rngs=nnx.Rngs(0))
+            params, xs, compiled, _ = load_balance.compile_layer(
+                make, lay, argparse.Namespace(d_model=d, group_size=64, layer_groups=4 * n))
+            with jax.set_mesh(lay):
+                outs[exchange] = compiled(params, xs)
+        (lr, _), gr = outs["ragged"]
+        (ls, _), gs = outs["static"]
+        rows.append({"check": f"dropless layer, ragged vs static exchange on {n} devices",
+                     "max_abs_diff": abs(float(lr) - float(ls)) / max(abs(float(ls)), 1.0),
+                     "grad_max_abs_diff": max(float(jnp.max(jnp.abs(a - b)))
+                                              for a, b in zip(jax.tree.leaves(gr), jax.tree.leaves(gs)))})
+    # Grouped GEMM work: E_local = 16, k = 8 of E = 128 on 8 devices -> the worst-case pool is 8x the routed rows
+    e_local, s, ff = (16, 32, 64) if args.quick else (16, 256, 1024)
+    routed, worst = s, 8 * s  # per group: S k / X routed rows, S x min(E_local, k) worst case
+    key = jax.random.key(0)
+    w_in, w_out = jax.random.normal(key, (e_local, d, ff), jnp.bfloat16), jax.random.normal(key, (e_local, ff, d), jnp.bfloat16)
+    timings = {}
+    for name, pool in (("worst-case buffer", worst), ("routed rows only", routed)):
+        buf = jax.random.normal(key, (16, 1, pool, d), jnp.bfloat16)
+        cnt = jnp.full((16, 1, e_local), routed // e_local, jnp.int32)  # the same routed rows, in a larger buffer
+        f = jax.jit(lambda b, wi, wo: grouped.pool_ffn(b, cnt, wi, None, wo, method="ragged"))
+        timings[name] = _common.median(_common.time_fn(f, buf, w_in, w_out, reps=20, warmup=2))
+    ratio = timings["worst-case buffer"] / timings["routed rows only"]
+    rows.append({"check": "ragged_dot grouped FFN: time on the worst-case buffer / on the routed rows "
+                          "(target <= 1.3)", "ratio": ratio, "verdict": "PASS" if ratio <= 1.3 else "MISS",
+                 **{f"{k} s": v for k, v in timings.items()}})
+    for r in rows:
+        print(r, flush=True)
+    md = "# Dropless on GPU\n\n" + f"{machine['device_kind']} x {n}, jax {machine['jax_version']}\n\n" + \
+        _common.markdown_table(rows, ["check", "max_abs_diff", "grad_max_abs_diff", "ratio", "verdict"])
+    _common.publish("dropless_gpu", rows, {"gpu_check": True}, md, args.out or _common.RESULTS_DIR, machine)
+    return 0
+
+
 def markdown(layer_rows, verdicts, zipf, job_rows, machine, quick) -> str:
     lines = ["# Dropless MoE (`model.capacity_scope=dropless`)", "",
              f"Machine: {machine['processor']}, {machine['cpu_count']} CPUs, jax {machine['jax_version']}, "
@@ -290,7 +363,10 @@ def main(argv=None) -> int:
     p.add_argument("--groups", type=int, default=256, help="(b) routing groups per sample")
     p.add_argument("--zipf-group-size", type=int, default=256, help="(b) tokens per routing group")
     p.add_argument("--perms", type=int, default=4, help="(b) random assignments of Zipf ranks to experts")
+    p.add_argument("--gpu-check", action="store_true", help="the GPU checks (benchmarks/gpu_session.sh)")
     args = p.parse_args(argv)
+    if args.gpu_check:
+        return gpu_check(args)
     if args.quick:
         args.groups, args.zipf_group_size, args.perms = 16, 64, 2
     start = time.perf_counter()
