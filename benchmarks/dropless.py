@@ -32,6 +32,7 @@ exchange + grouped GEMM (<= 1.3x the routed rows) is measured on a GPU only
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -62,8 +63,7 @@ SHAPES = {  # name: (E, k, D, F, group size S, routing groups, mesh, activation)
     "main job E=8 k=1": (8, 1, 128, 512, 128, 32, (2, 2, 2), "gelu"),
 }
 QUICK_SHAPES = {"qwen3-like E=128 k=8": (128, 8, 16, 16, 16, 8, (1, 8, 1), "swiglu")}
-MAIN_JOB = {"baseline": [], "device pool": ["model.capacity_scope=device"],
-            "dropless": ["model.capacity_scope=dropless"]}  # fmt: skip
+MAIN_JOB = {"baseline": [], "dropless": ["model.capacity_scope=dropless"]}  # device pool: load_balance.json
 BASELINE_VAL, DEVICE_POOL_VAL = 1.569, 1.547  # issue 23's reference figures
 
 
@@ -231,6 +231,15 @@ def main_job(args) -> list[dict]:
     base = rows[0]["median_step_s"]
     for r in rows:
         r["step_time_vs_baseline"] = r["median_step_s"] / base
+    earlier = _common.RESULTS_DIR / "load_balance.json"
+    if earlier.exists():  # the device pool as benchmarks/load_balance.py measured it (another session's load)
+        lb = json.loads(earlier.read_text())
+        pool = {r["variant"]: r for r in lb["rows"]}
+        if "device pool" in pool and "baseline" in pool:
+            rows.append({"variant": "device pool (load_balance.json)", "val_loss": pool["device pool"]["val_loss"],
+                         "median_step_s": pool["device pool"]["median_step_s"],
+                         "step_time_vs_baseline": pool["device pool"]["median_step_s"]
+                         / pool["baseline"]["median_step_s"], "reused_run": True})
     return rows
 
 
@@ -364,6 +373,8 @@ def main(argv=None) -> int:
     p.add_argument("--zipf-group-size", type=int, default=256, help="(b) tokens per routing group")
     p.add_argument("--perms", type=int, default=4, help="(b) random assignments of Zipf ranks to experts")
     p.add_argument("--gpu-check", action="store_true", help="the GPU checks (benchmarks/gpu_session.sh)")
+    p.add_argument("--part", choices=("all", "layer", "job"), default="all",
+                   help="run (a)+(b), or (c), keeping the other part of an earlier dropless.json in the out dir")
     args = p.parse_args(argv)
     if args.gpu_check:
         return gpu_check(args)
@@ -372,19 +383,20 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     machine = _common.machine_info()
     shapes = QUICK_SHAPES if args.quick else SHAPES
-    layer_rows = []
-    for shape_name, shape in shapes.items():
+    out_dir = _common.output_dir("dropless", args.out, args.quick)
+    earlier = json.loads((out_dir / "dropless.json").read_text()) if (out_dir / "dropless.json").exists() else {}
+    layer_rows = [] if args.part != "job" else earlier.get("rows", [])
+    for shape_name, shape in shapes.items() if args.part != "job" else ():
         for name, kind in variants(shape[0], shape[1]).items():
             layer_rows.append(layer_row(shape_name, shape, name, kind, args.quick))
             r = layer_rows[-1]
             print(f"{shape_name} {name}: temp {r['temp_bytes'] / 1e6:.2f} MB, expert {r['expert_flops'] / 1e9:.3f} "
                   f"GFLOP, a2a {r['a2a_bytes'] / 1e6:.2f} MB, dropped {r['dropped_fraction']:.2%}", flush=True)
-    verdicts = judge_layers(layer_rows)
-    zipf = zipf_rows(args)
-    job_rows = [] if args.quick else main_job(args)
+    verdicts = judge_layers(layer_rows) if args.part != "job" else earlier.get("verdicts", [])
+    zipf = zipf_rows(args) if args.part != "job" else earlier.get("zipf")
+    job_rows = [] if args.quick else main_job(args) if args.part != "layer" else earlier.get("main_job", [])
     settings = {"quick": args.quick, "shapes": {k: list(v) for k, v in shapes.items()}, "steps": args.steps,
                 "groups": args.groups, "zipf_group_size": args.zipf_group_size, "perms": args.perms}
-    out_dir = _common.output_dir("dropless", args.out, args.quick)
     md = markdown(layer_rows, verdicts, zipf, job_rows, machine, args.quick)
     _common.publish("dropless", layer_rows, settings, md, out_dir, machine,
                     extra={"verdicts": verdicts, "zipf": zipf, "main_job": job_rows,
