@@ -236,3 +236,30 @@ def test_bad_dropless_settings_are_refused():
         tedjax.ModelConfig(capacity_scope="dropless", dropless_buffer_factor=-1.0)
     with pytest.raises(ValueError, match="'dropless'"):
         tedjax.ModelConfig(capacity_scope="droples")
+
+
+def test_planner_models_dropless_buffers_and_ragged_rows():
+    """E = 128, k = 8 on "expert" = 8: the static buffer is S x min(16, 8) = 8 S rows per group (half of
+    cf = E/k's 16 S), the ragged exchange expects S (uniform routing); the dispatch all-to-all carries the
+    buffer, and a buffer factor 2 bounds it to 2 S."""
+    from tedjax import plan
+    from tedjax.config import DataConfig, MeshConfig, TrainConfig
+
+    def config(**model):
+        m = tedjax.ModelConfig(d_model=64, n_heads=2, num_experts=128, top_k=8, expert_d_ff=64, max_len=64,
+                               moe_every=1, n_layers=1, **model)
+        return TrainConfig(model=m, data=DataConfig(seq_len=64, batch_size=16, source="synthetic"),
+                           mesh=MeshConfig(1, 8, 1))
+
+    rows = plan.dropless_rows(config(capacity_scope="dropless"), backend="cpu")
+    assert rows["buffer_rows"] == rows["worst_rows"] == 16 * 64 * 8 and rows["expected_rows"] == 16 * 64
+    assert rows["ragged_bytes_expected"] == 16 * 64 * 64 * 4 and rows["grouped_flops_expected"] == 16 * 64 * 2 * 2 * 64 * 64
+    bounded = plan.dropless_rows(config(capacity_scope="dropless", dropless_buffer_factor=2.0), backend="cpu")
+    assert bounded["buffer_rows"] == 16 * 64 * 2
+
+    def dispatch(cfg):
+        (t,) = [t for t in plan.collectives(cfg, backend="cpu") if t.what == "MoE dispatch and return"]
+        return t.result_bytes
+
+    assert dispatch(config(capacity_scope="dropless")) == rows["static_bytes"]
+    assert dispatch(config(capacity_scope="expert", capacity_factor=16.0)) == 2 * rows["static_bytes"]
