@@ -31,7 +31,12 @@ there is no all-to-all to shrink, only all-gathers to add).
 Load balance (NOTES.md section 8). The buffer's second dim is Q pools of P
 slots: E pools of C slots (per-expert capacity), or one pool of E_local x C
 slots per device of the "expert" axis (`capacity_scope="device"`), whose
-rows `grouped.pool_ffn` computes per expert inside `shard_map`. Expert weights
+rows `grouped.pool_ffn` computes per expert inside `shard_map`; with
+`capacity_scope="dropless"` each device's pool holds the worst case, S x
+min(E_local, k) rows per group (or `dropless_buffer_factor` x the rows of
+uniform routing), so nothing drops, and on GPU/TPU the pools cross the
+"expert" axis filled rows only (`jax.lax.ragged_all_to_all`, `tedjax.ragged`;
+XLA:CPU sends the static blocks, same results). Expert weights
 sit in physical slots given by the runtime `placement`. Shadow experts add R
 buffers after the pools that never leave their device: the shadowed weights
 come to every device (one all-reduce of R experts per weight). With
@@ -100,7 +105,11 @@ class MoE(nnx.Module):
     weights are copied to every device each step, so their tokens are computed
     where they are and skip the all-to-all; id E marks an empty shadow slot.
     `a2a_chunks=n` splits the all-to-all into n chunks that can overlap with
-    the experts' compute.
+    the experts' compute. `capacity_scope="dropless"` computes every choice
+    (`dropless_buffer_factor` > 0 bounds its pools); `exchange` says how its
+    pools cross the "expert" axis: "auto" (ragged on GPU/TPU, static on CPU),
+    "static", "ragged", or "emulated" (the ragged bookkeeping with the
+    primitive emulated by ordinary collectives, for CPU tests).
     """
 
     def __init__(

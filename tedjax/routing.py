@@ -34,6 +34,11 @@ slot (each expert's tokens contiguous, in priority order), and `slot_counts`
 says how many each slot holds, so the receiving device can compute each
 expert on its own rows without sending an expert id per token.
 
+Dropless pools. With `pool_capacity` = S x min(experts_per_pool, k) (one
+pool per device, `dropless_capacity`) no pool can overflow: a token's k
+choices are distinct experts. A smaller `pool_capacity` (a buffer factor)
+drops in the same priority order.
+
 Router bias (aux-loss-free balancing, DeepSeek-V3). `bias[e]` is added to the
 logits used to *choose* experts only; gates and losses use the unbiased
 probabilities.
