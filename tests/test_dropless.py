@@ -176,6 +176,20 @@ def test_emulated_ragged_all_to_all_follows_the_documented_example():
     np.testing.assert_array_equal(np.asarray(fn(*args)), [1, 3, 0, 0, 2, 2, 4, 0])
 
 
+@pytest.mark.parametrize("exchange,ops", [("ragged", 8), ("static", 0)])
+def test_the_ragged_exchange_lowers_to_ragged_all_to_all(exchange, ops):
+    """What runs on GPU/TPU (XLA:CPU cannot compile it): forward + backward of 2 chunks lower to 2 x (dispatch,
+    return, and their transposes) ragged all-to-alls; the static exchange has none."""
+    mesh = tedjax.make_mesh(2, 2, 2)
+    with jax.set_mesh(mesh):
+        moe = MoE(16, 8, 32, top_k=2, group_size=8, capacity_scope="dropless", exchange=exchange, a2a_chunks=2,
+                  rngs=nnx.Rngs(0))
+        graphdef, params, rest = nnx.split(moe, nnx.Param, ...)
+        loss = lambda p, x: jnp.sum(nnx.merge(graphdef, p, rest)(x)[0] ** 2)  # noqa: E731
+        text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, jnp.ones((8, 16, 16))).as_text()
+    assert text.count("ragged_all_to_all(") == ops
+
+
 def test_pack_and_unpack_are_inverse_and_keep_only_filled_rows():
     rng = np.random.default_rng(0)
     counts = jnp.asarray(rng.integers(0, 5, (3, 4)), jnp.int32)  # [A, B], P = 4
