@@ -78,7 +78,8 @@ def variants(num_experts: int, top_k: int) -> dict[str, dict]:
 
 def expert_flops(kind: dict, e_local: int, groups_out: int, rows_per_group: int, d: int, f: int, swiglu: bool) -> float:
     """XLA's FLOPs of one device's expert FFN alone, forward + backward (loss = sum(out^2)), on the buffer
-    the layer gives it: per-expert `[E_local, G/data * C, D]` einsums, or the grouped pool FFN."""
+    the layer gives it: per-expert `[E_local, G/data * C, D]` einsums, or the grouped pool FFN; `f` is the
+    device's slice of the FFN dim (F / tensor)."""
     key = jax.random.key(0)
     w_in = jax.random.normal(key, (e_local, d, f))
     w_gate = jax.random.normal(key, (e_local, d, f)) if swiglu else None
@@ -131,7 +132,7 @@ def layer_row(shape_name: str, shape: tuple, name: str, kind: dict, quick: bool)
     row = {
         "shape": shape_name, "variant": name, "experts": num_experts, "top_k": top_k, "mesh": list(layout),
         "temp_bytes": int(compiled.memory_analysis().temp_size_in_bytes),
-        "expert_flops": expert_flops(kind, e_local, groups_out, ex_rows, d, f, activation == "swiglu"),
+        "expert_flops": expert_flops(kind, e_local, groups_out, ex_rows, d, f // layout[2], activation == "swiglu"),
         "layer_flops": float(cost["flops"]), "a2a_bytes": float(token_bytes),
         "buffer_rows": groups_out * rows_per_group, "routed_rows": groups_out * s * top_k / x_devices,
         "dropped_fraction": float(dropped), "compile_s": compile_s,
@@ -358,7 +359,7 @@ def markdown(layer_rows, verdicts, zipf, job_rows, machine, quick) -> str:
             ("token a2a B/layer", "token_a2a_bytes_per_layer", ".0f")]))
         lines.append(f"Issue 23's reference: baseline {BASELINE_VAL}, device pool {DEVICE_POOL_VAL}.")
     else:
-        lines.append("Skipped (--quick).")
+        lines.append("Skipped (--quick)." if quick else "Not run yet (`--part job` runs it).")
     return "\n".join(lines) + "\n"
 
 
