@@ -235,7 +235,7 @@ def main_job(args) -> list[dict]:
     earlier = _common.RESULTS_DIR / "load_balance.json"
     if earlier.exists():  # the device pool as benchmarks/load_balance.py measured it (another session's load)
         lb = json.loads(earlier.read_text())
-        pool = {r["variant"]: r for r in lb["rows"]}
+        pool = {r["variant"]: r for r in lb["main_job"]["rows"]}
         if "device pool" in pool and "baseline" in pool:
             rows.append({"variant": "device pool (load_balance.json)", "val_loss": pool["device pool"]["val_loss"],
                          "median_step_s": pool["device pool"]["median_step_s"],
