@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import tempfile
@@ -207,7 +206,8 @@ def zipf_rows(args) -> dict:
             hot = int(np.argmax(calib_load))
             pooled, calib_pooled = load.copy(), calib_load.copy()
             pooled[hot] = calib_pooled[hot] = 0.0
-            rows = balance.device_loads(pooled, balance.greedy_placement(calib_pooled, devices), devices) + load[hot] / devices
+            placed = balance.greedy_placement(calib_pooled, devices)
+            rows = balance.device_loads(pooled, placed, devices) + load[hot] / devices
             shadowed.append(rows.max() / rows.mean())
         case = {"top_k": top_k, "max_over_mean_identity": float(np.mean(before)),
                 "max_over_mean_placed": float(np.mean(after)),
@@ -298,7 +298,8 @@ def gpu_check(args) -> int:
     e_local, s, ff = (16, 32, 64) if args.quick else (16, 256, 1024)
     routed, worst = s, 8 * s  # per group: S k / X routed rows, S x min(E_local, k) worst case
     key = jax.random.key(0)
-    w_in, w_out = jax.random.normal(key, (e_local, d, ff), jnp.bfloat16), jax.random.normal(key, (e_local, ff, d), jnp.bfloat16)
+    w_in = jax.random.normal(key, (e_local, d, ff), jnp.bfloat16)
+    w_out = jax.random.normal(key, (e_local, ff, d), jnp.bfloat16)
     timings = {}
     for name, pool in (("worst-case buffer", worst), ("routed rows only", routed)):
         buf = jax.random.normal(key, (16, 1, pool, d), jnp.bfloat16)

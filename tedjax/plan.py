@@ -401,7 +401,8 @@ def collectives(config: TrainConfig, layout: Layout | None = None, backend: Back
         add("all-reduce", ["tensor"], slots, accum * n_moe * (2 if swiglu else 1), "expert input gradient")
         if sz.dtd:
             add("all-gather", ["tensor"], gathered, accum * n_moe * 2 * passes, "DTD all-gather of slots")
-        pools = {"expert": m.num_experts, "device": sz.expert, "dropless": sz.expert}.get(getattr(m, "capacity_scope", None), 0)
+        pools = {"expert": m.num_experts, "device": sz.expert, "dropless": sz.expert}.get(
+            getattr(m, "capacity_scope", None), 0)
         add("all-reduce", batch_axes, (1 + m.num_experts + pools) * 4, accum * n_moe,
             "router statistics (drop count, expert load, pool load)")
     add("all-reduce", batch_axes, 4, accum * (1 + 2 * n_moe), "loss scalars (LM, aux, z)")

@@ -42,7 +42,8 @@ def packed_rows(counts_ab: jax.Array, slots: int) -> tuple[jax.Array, jax.Array]
     regions, segments = counts_ab.shape
     total = regions * segments * slots
     counts_ab = counts_ab.astype(jnp.int32)
-    start_ab = jnp.cumsum(counts_ab, axis=1) - counts_ab + (jnp.arange(regions, dtype=jnp.int32) * segments * slots)[:, None]
+    region_start_a = jnp.arange(regions, dtype=jnp.int32) * segments * slots
+    start_ab = jnp.cumsum(counts_ab, axis=1) - counts_ab + region_start_a[:, None]
     p = jnp.arange(slots, dtype=jnp.int32)
     row_abp = jnp.where(p < counts_ab[..., None], start_ab[..., None] + p, total).reshape(total)
     slot_m = jnp.full((total,), total, jnp.int32).at[row_abp].set(jnp.arange(total, dtype=jnp.int32), mode="drop")

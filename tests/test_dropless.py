@@ -267,7 +267,8 @@ def test_planner_models_dropless_buffers_and_ragged_rows():
 
     rows = plan.dropless_rows(config(capacity_scope="dropless"), backend="cpu")
     assert rows["buffer_rows"] == rows["worst_rows"] == 16 * 64 * 8 and rows["expected_rows"] == 16 * 64
-    assert rows["ragged_bytes_expected"] == 16 * 64 * 64 * 4 and rows["grouped_flops_expected"] == 16 * 64 * 2 * 2 * 64 * 64
+    assert rows["ragged_bytes_expected"] == 16 * 64 * 64 * 4  # rows x D x float32
+    assert rows["grouped_flops_expected"] == 16 * 64 * 2 * 2 * 64 * 64  # rows x 2 x (w_in, w_out) x D x F
     bounded = plan.dropless_rows(config(capacity_scope="dropless", dropless_buffer_factor=2.0), backend="cpu")
     assert bounded["buffer_rows"] == 16 * 64 * 2
 

@@ -45,7 +45,8 @@ def _eval_logits(graphdef, state, tokens_bl, train=False):
     return model(tokens_bl)[0]
 
 
-_eval_logits_jit = jax.jit(_eval_logits, static_argnames=("graphdef", "train"))  # functional: the model is left as it is
+# functional: the model is left as it is
+_eval_logits_jit = jax.jit(_eval_logits, static_argnames=("graphdef", "train"))
 
 
 def logits_of(model, tokens_bl, train=False) -> np.ndarray:
