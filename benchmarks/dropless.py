@@ -103,7 +103,7 @@ def expert_flops(kind: dict, e_local: int, groups_out: int, rows_per_group: int,
     return float(cost["flops"])
 
 
-def layer_row(shape_name: str, shape: tuple, name: str, kind: dict, quick: bool) -> dict:
+def layer_row(shape_name: str, shape: tuple, name: str, kind: dict) -> dict:
     num_experts, top_k, d, f, s, groups, layout, activation = shape
     mesh = make_mesh(*layout)
     x_devices = layout[1]
@@ -390,7 +390,7 @@ def main(argv=None) -> int:
     layer_rows = [] if args.part != "job" else earlier.get("rows", [])
     for shape_name, shape in shapes.items() if args.part != "job" else ():
         for name, kind in variants(shape[0], shape[1]).items():
-            layer_rows.append(layer_row(shape_name, shape, name, kind, args.quick))
+            layer_rows.append(layer_row(shape_name, shape, name, kind))
             r = layer_rows[-1]
             print(f"{shape_name} {name}: temp {r['temp_bytes'] / 1e6:.2f} MB, expert {r['expert_flops'] / 1e9:.3f} "
                   f"GFLOP, a2a {r['a2a_bytes'] / 1e6:.2f} MB, dropped {r['dropped_fraction']:.2%}", flush=True)
