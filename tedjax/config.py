@@ -85,7 +85,10 @@ class ModelConfig:
         if self.capacity_scope not in ("expert", "device", "dropless"):
             raise ValueError(f"model.capacity_scope must be 'expert', 'device' or 'dropless', "
                              f"got {self.capacity_scope!r}")
-        _check_float("model.dropless_buffer_factor", self.dropless_buffer_factor, 0)
+        factor = self.dropless_buffer_factor
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor >= 0:
+            raise ValueError(f"model.dropless_buffer_factor must be a number >= 0, got {factor!r}; 0 = the worst "
+                             "case (never drops), 2 = pools of 2x the rows of uniform routing")
         for name in ("aux_loss_weight", "z_loss_weight", "jitter_eps", "router_bias_rate"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
