@@ -17,8 +17,10 @@
     dropless layer without and with SmartMoE placement (greedy on a
     calibration sample's load, scored on a fresh sample).
 (c) The main job (configs/tiny.yaml, 300 steps) with dropless: validation
-    loss and CPU step time against the baseline and the device pool
-    (benchmarks/load_balance.py's runner). Skipped with --quick.
+    loss and CPU step time against the baseline (benchmarks/load_balance.py's
+    runner; the device pool's figures from results/load_balance.json), and
+    both step times again timed in turn, step by step, so that other work on
+    the machine weighs on each alike. Skipped with --quick.
 
 Targets (issue 23), at E = 128, k = 8 on "expert" = 8: static dropless
 <= 0.5x cf = E/k in memory, expert FLOPs and all-to-all bytes; buffer factor
@@ -52,7 +54,7 @@ import _common  # noqa: E402
 import load_balance  # noqa: E402
 from tedjax import analysis, balance, grouped, plan  # noqa: E402
 from tedjax import routing as routing_lib  # noqa: E402
-from tedjax.config import DataConfig, MeshConfig, ModelConfig, TrainConfig  # noqa: E402
+from tedjax.config import DataConfig, MeshConfig, ModelConfig, TrainConfig, load_config  # noqa: E402
 from tedjax.layers import activate  # noqa: E402
 from tedjax.mesh import make_mesh  # noqa: E402
 from tedjax.moe import MoE  # noqa: E402
@@ -230,8 +232,11 @@ def main_job(args) -> list[dict]:
                      "dropped_final": r["dropped_final"], "token_a2a_bytes_per_layer":
                      r["a2a"]["token_sent_bytes_per_layer"], "reused_run": r["reused_run"], "wall_s": r["wall_s"]})
     base = rows[0]["median_step_s"]
+    paired = paired_step_times(args)
     for r in rows:
         r["step_time_vs_baseline"] = r["median_step_s"] / base
+        r["paired_step_s"] = paired[r["variant"]]
+        r["paired_vs_baseline"] = paired[r["variant"]] / paired["baseline"]
     earlier = _common.RESULTS_DIR / "load_balance.json"
     if earlier.exists():  # the device pool as benchmarks/load_balance.py measured it (another session's load)
         lb = json.loads(earlier.read_text())
@@ -318,6 +323,34 @@ def gpu_check(args) -> int:
     return 0
 
 
+def paired_step_times(args, reps: int = 15) -> dict[str, float]:
+    """Median train-step seconds of the main job's variants timed in turn, step by step (ABAB...), so that the
+    machine's load (other work) weighs on each the same: a fairer ratio than two runs at different times."""
+    from tedjax.data import synthetic_batches
+    from tedjax.trainer import Trainer
+
+    trainers, states = {}, {}
+    for name, extra in MAIN_JOB.items():
+        config = load_config(str(load_balance.CONFIG), [*extra, "log.progress=false"])
+        mesh = make_mesh(config.mesh.data, config.mesh.expert, config.mesh.tensor)
+        trainers[name] = Trainer(config, mesh)
+        states[name] = trainers[name].init_state()
+    d = next(iter(trainers.values())).config.data
+    stream = synthetic_batches(256, d.batch_size, d.seq_len, seed=0)
+    batches = [next(stream) for _ in range(4)]
+    times = {name: [] for name in trainers}
+    for i in range(reps + 2):  # 2 warm-up rounds (compilation)
+        for name, trainer in trainers.items():
+            batch = trainer.shard_batch(batches[i % len(batches)])
+            with jax.set_mesh(trainer.mesh):
+                start = time.perf_counter()
+                states[name], metrics = trainer.train_step(states[name], batch)
+                jax.block_until_ready(metrics)
+            if i >= 2:
+                times[name].append(time.perf_counter() - start)
+    return {name: _common.median(t) for name, t in times.items()}
+
+
 def markdown(layer_rows, verdicts, zipf, job_rows, machine, quick) -> str:
     lines = ["# Dropless MoE (`model.capacity_scope=dropless`)", "",
              f"Machine: {machine['processor']}, {machine['cpu_count']} CPUs, jax {machine['jax_version']}, "
@@ -356,7 +389,9 @@ def markdown(layer_rows, verdicts, zipf, job_rows, machine, quick) -> str:
     if job_rows:
         lines.append(_common.markdown_table(job_rows, [
             "variant", ("val loss", "val_loss", ".4f"), ("median step s", "median_step_s", ".3f"),
-            ("step time / baseline", "step_time_vs_baseline", ".2f"), ("dropped at the end", "dropped_final"),
+            ("step time / baseline", "step_time_vs_baseline", ".2f"),
+            ("paired step s", "paired_step_s", ".3f"), ("paired / baseline", "paired_vs_baseline", ".2f"),
+            ("dropped at the end", "dropped_final"),
             ("token a2a B/layer", "token_a2a_bytes_per_layer", ".0f")]))
         lines.append(f"Issue 23's reference: baseline {BASELINE_VAL}, device pool {DEVICE_POOL_VAL}.")
     else:
