@@ -23,8 +23,8 @@ Experts are loaded in their logical order.
 Semantics. Mixtral renormalises its top-k router probabilities; Qwen3-MoE
 does when `norm_topk_prob` is true (`model.router_renormalize`). Neither
 drops tokens, so the imported config is dropless (`capacity_scope="dropless"`:
-every choice computed, buffers and FLOPs that follow the routed rows, not the
-E / top_k times larger per-expert capacity of C = S).
+every choice computed, in device pools of S x min(E_local, top_k) rows per
+routing group rather than per-expert capacity C = S, E x S rows).
 """
 
 from __future__ import annotations
