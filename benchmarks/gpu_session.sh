@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check, prepared to run in one go when a GPU is lent (device time is short: ~15 minutes in all,
 # start-up included). Records the card, then MFU (benchmarks/mfu.py), the MoE step vs its dense twin
-# (benchmarks/overhead.py) and the MoE-layer profile (benchmarks/moe_profile.py) on one GPU.
+# (benchmarks/overhead.py), the MoE-layer profile (benchmarks/moe_profile.py) and the dropless checks
+# (benchmarks/dropless.py --gpu-check: the ragged exchange and grouped GEMM) on one GPU.
 #
 #   OUT=/dir/for/results bash benchmarks/gpu_session.sh     # in the repository root, on the GPU machine
 #
@@ -51,3 +52,7 @@ for name in ("default", "throughput"):
           f"| {start.get('compute_dtype')} |")
 PYEOF
 ls -R "$OUT/run_default/profile" 2>/dev/null | head -5
+
+# Dropless (issue 23): ragged_all_to_all against its emulation (and the static exchange with > 1 GPU), equal
+# outputs and gradients; the ragged_dot grouped FFN's time on the worst-case buffer over the routed rows (<= 1.3)
+step 120 "$PY" benchmarks/dropless.py --gpu-check --out "$OUT"

@@ -64,7 +64,9 @@ class ModelConfig:
     jitter_eps: float = 0.0
     router_renormalize: bool | None = None  # combine weights over kept choices sum to 1; None = top_k > 1
     dtd: bool = False  # Duplicate Token Dropping (TED)
-    capacity_scope: str = "expert"  # "device": the experts of one device share their capacity (load balance)
+    capacity_scope: str = "expert"  # "device": the experts of one device share their capacity (load balance);
+    #                                  "dropless": every choice is computed (device pools of the worst case)
+    dropless_buffer_factor: float = 0.0  # dropless: pool rows <= factor x the rows of uniform routing; 0 = worst case
     router_bias_rate: float = 0.0  # aux-loss-free balancing: bias += rate * sign(mean load - load); 0 = off
     shadow_experts: int = 0  # FasterMoE shadow experts per MoE layer (copied to every device); 0 = off
     a2a_chunks: int = 1  # split each all-to-all into this many chunks that overlap with expert compute
@@ -110,8 +112,13 @@ class ModelConfig:
         if self.num_experts and self.shadow_experts >= self.num_experts:
             raise ValueError(f"model.shadow_experts={self.shadow_experts} must be < num_experts={self.num_experts}; "
                              "shadow a few of the hottest experts (1-2 is typical)")
-        if self.capacity_scope not in ("expert", "device"):
-            raise ValueError(f"model.capacity_scope must be 'expert' or 'device', got {self.capacity_scope!r}")
+        if self.capacity_scope not in ("expert", "device", "dropless"):
+            raise ValueError(f"model.capacity_scope must be 'expert', 'device' or 'dropless', "
+                             f"got {self.capacity_scope!r}")
+        factor = self.dropless_buffer_factor
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor >= 0:
+            raise ValueError(f"model.dropless_buffer_factor must be a number >= 0, got {factor!r}; 0 = the worst "
+                             "case (never drops), 2 = pools of 2x the rows of uniform routing")
         for name in ("aux_loss_weight", "z_loss_weight", "jitter_eps", "router_bias_rate"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
@@ -631,9 +638,10 @@ class TrainConfig:
             raise ValueError(f"{switch} balances experts, and this model is dense (model.num_experts=0): set "
                              f"{switch.split('=')[0]}=0, or give the model experts (e.g. model.num_experts=8"
                              f"{' model.capacity_scope=device' if self.balance.every else ''})")
-        if self.balance.every and self.model.capacity_scope != "device":
+        if self.balance.every and self.model.capacity_scope == "expert":
             raise ValueError(f"balance.every={self.balance.every} moves experts between devices, which changes "
-                             "nothing with per-expert capacity; set model.capacity_scope=device (or balance.every=0)")
+                             "nothing with per-expert capacity; set model.capacity_scope=device or dropless "
+                             "(or balance.every=0)")
         if self.model.num_experts and self.model.router_bias_rate and self.model.top_k == self.model.num_experts:
             raise ValueError(f"model.router_bias_rate={self.model.router_bias_rate} cannot act with top_k = "
                              f"num_experts = {self.model.top_k}: every token goes to every expert, so each load is "

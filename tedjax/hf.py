@@ -22,8 +22,9 @@ Experts are loaded in their logical order.
 
 Semantics. Mixtral renormalises its top-k router probabilities; Qwen3-MoE
 does when `norm_topk_prob` is true (`model.router_renormalize`). Neither
-drops tokens, so the imported config is dropless: both capacity factors are
-num_experts / top_k, which gives C = S per routing group (`routing.capacity`).
+drops tokens, so the imported config is dropless (`capacity_scope="dropless"`:
+every choice computed, in device pools of S x min(E_local, top_k) rows per
+routing group rather than per-expert capacity C = S, E x S rows).
 RoPE settings are read wherever config.json puts them, as transformers reads
 them (`_rope_fields`): linear and YaRN scaling are implemented, any other kind
 is an error naming it. Mixtral's `sliding_window` is a band in attention
@@ -124,19 +125,17 @@ def model_fields(path: str | os.PathLike, user: dict | None = None) -> dict:
     """ModelConfig fields for a Hugging Face checkpoint: its architecture, then `user`'s other keys.
 
     The architecture (`ARCH_FIELDS`) always comes from config.json. The rest
-    defaults to no dropped tokens (capacity factors `E / top_k`, so C = S, as
-    the Hugging Face model computes), the checkpoint's router aux-loss weight
-    and no z-loss; `user` (the YAML's `model:` section) may change any of it,
-    e.g. a lower `capacity_factor` to fine-tune faster.
+    defaults to no dropped tokens (`capacity_scope="dropless"`, as the Hugging
+    Face model computes), the checkpoint's router aux-loss weight and no
+    z-loss; `user` (the YAML's `model:` section) may change any of it, e.g.
+    `capacity_scope: expert` with a `capacity_factor` to bound the buffers.
     """
     hf = read_hf_config(path)
     where = Path(path).expanduser() / "config.json"
     fields = _arch_fields(hf, where)
-    experts, top_k = fields["num_experts"], fields["top_k"]
     defaults = {
         "max_len": fields.pop("max_len"),
-        "capacity_factor": experts / top_k,
-        "eval_capacity_factor": experts / top_k,
+        "capacity_scope": "dropless",
         "min_capacity": 1,
         "aux_loss_weight": float(hf.get("router_aux_loss_coef", 0.0) or 0.0),
         "z_loss_weight": 0.0,
@@ -729,7 +728,7 @@ def load(path: str | os.PathLike, mesh: Mesh, **overrides) -> tuple[ModelConfig,
     """(ModelConfig, Transformer sharded on `mesh`) from a Hugging Face directory.
 
     `overrides` change non-architecture fields (e.g. `dtype="bfloat16"`,
-    `remat="cac"`, `capacity_factor=1.25`). A vocabulary that "tensor" does
+    `remat="cac"`, `capacity_scope="expert"`). A vocabulary that "tensor" does
     not divide is padded to a multiple of it (`model.vocab_multiple`; the
     padded logits are -inf, so the logits equal transformers'). Every error (no config.json, an
     unsupported architecture, a shape that differs from the config, a mesh the

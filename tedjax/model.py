@@ -45,7 +45,8 @@ class Block(nnx.Module):
                 group_size=config.group_size, activation=config.activation, jitter_eps=config.jitter_eps,
                 renormalize=config.router_renormalize, dtd=config.dtd,
                 capacity_scope=config.capacity_scope, shadow_experts=config.shadow_experts,
-                a2a_chunks=config.a2a_chunks, dtype=dt, rngs=rngs,
+                a2a_chunks=config.a2a_chunks, dropless_buffer_factor=config.dropless_buffer_factor,
+                dtype=dt, rngs=rngs,
             )  # fmt: skip
         else:
             width = config.top_k * config.expert_d_ff if config.is_moe_layer(layer) else config.d_ff
@@ -134,6 +135,10 @@ def loss_fn(model: Transformer, batch: dict[str, jax.Array], *, check_ids: bool 
             expert_load=jnp.stack([s.expert_load for s in stats]),
             dropped_fraction=jnp.stack([s.dropped_fraction for s in stats]),
             device_load=jnp.stack([s.device_load for s in stats]),
+            device_rows=jnp.stack([s.device_rows for s in stats]),
+            # the busiest device's rows over the mean: the step-time bound once compute follows rows (dropless)
+            rows_max_over_mean=jnp.stack([jnp.max(s.device_rows) / jnp.maximum(jnp.mean(s.device_rows), 1e-9)
+                                          for s in stats]),
         )
     metrics["loss"] = total
     return total, metrics

@@ -31,7 +31,12 @@ there is no all-to-all to shrink, only all-gathers to add).
 Load balance (NOTES.md section 8). The buffer's second dim is Q pools of P
 slots: E pools of C slots (per-expert capacity), or one pool of E_local x C
 slots per device of the "expert" axis (`capacity_scope="device"`), whose
-rows `grouped.pool_ffn` computes per expert inside `shard_map`. Expert weights
+rows `grouped.pool_ffn` computes per expert inside `shard_map`; with
+`capacity_scope="dropless"` each device's pool holds the worst case, S x
+min(E_local, k) rows per group (or `dropless_buffer_factor` x the rows of
+uniform routing), so nothing drops, and on GPU/TPU the pools cross the
+"expert" axis filled rows only (`jax.lax.ragged_all_to_all`, `tedjax.ragged`;
+XLA:CPU sends the static blocks, same results). Expert weights
 sit in physical slots given by the runtime `placement`. Shadow experts add R
 buffers after the pools that never leave their device: the shadowed weights
 come to every device (one all-reduce of R experts per weight). With
@@ -50,11 +55,13 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from tedjax import grouped
+from tedjax import ragged as ragged_lib
 from tedjax import routing as routing_lib
 from tedjax.layers import activate, fan_in_init, param
 from tedjax.mesh import MESH_AXES, RULES, axes_metadata, axis_size, constrain, logical_to_spec
 
-CAPACITY_SCOPES = ("expert", "device")
+CAPACITY_SCOPES = ("expert", "device", "dropless")
+EXCHANGES = ("auto", "static", "ragged", "emulated")  # dropless pools over the "expert" axis
 EXPERT_IN_AXES = ("experts", "embed", "ffn")  # w_in, w_gate [E, D, F]
 EXPERT_OUT_AXES = ("experts", "ffn", "embed")  # w_out [E, F, D]
 EXPERT_WEIGHTS = ("w_in", "w_gate", "w_out")
@@ -75,6 +82,7 @@ class MoEStats:
     expert_load: jax.Array  # f32 [E]   fraction of choices per (logical) expert, before drops
     dropped_fraction: jax.Array  # f32 []
     device_load: jax.Array  # f32 [X]   fraction of choices per device of the "expert" axis, before drops
+    device_rows: jax.Array  # f32 [X]   fraction of choices each device computes: its pool's kept rows + own shadows
 
 
 class MoE(nnx.Module):
@@ -97,7 +105,11 @@ class MoE(nnx.Module):
     weights are copied to every device each step, so their tokens are computed
     where they are and skip the all-to-all; id E marks an empty shadow slot.
     `a2a_chunks=n` splits the all-to-all into n chunks that can overlap with
-    the experts' compute.
+    the experts' compute. `capacity_scope="dropless"` computes every choice
+    (`dropless_buffer_factor` > 0 bounds its pools); `exchange` says how its
+    pools cross the "expert" axis: "auto" (ragged on GPU/TPU, static on CPU),
+    "static", "ragged", or "emulated" (the ragged bookkeeping with the
+    primitive emulated by ordinary collectives, for CPU tests).
     """
 
     def __init__(
@@ -119,6 +131,8 @@ class MoE(nnx.Module):
         shadow_experts: int = 0,
         a2a_chunks: int = 1,
         grouped_matmul: str = "auto",
+        dropless_buffer_factor: float = 0.0,
+        exchange: str = "auto",
         dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
@@ -167,6 +181,10 @@ class MoE(nnx.Module):
         self.jitter_eps, self.dtd, self.dtype = jitter_eps, dtd, dtype
         self.renormalize, self.capacity_scope, self.grouped_matmul = renormalize, capacity_scope, grouped_matmul
         self.num_shadows, self.a2a_chunks = shadow_experts, a2a_chunks
+        if not dropless_buffer_factor >= 0 or exchange not in EXCHANGES:
+            raise ValueError(f"dropless_buffer_factor={dropless_buffer_factor} must be >= 0 (0 = worst case) and "
+                             f"exchange={exchange!r} one of {EXCHANGES}")
+        self.dropless_buffer_factor, self.exchange = dropless_buffer_factor, exchange
         self.deterministic = False
         self.rngs = rngs if jitter_eps > 0 else None
 
@@ -194,7 +212,8 @@ class MoE(nnx.Module):
         with jax.named_scope("moe_combine"):
             out_gsd = self._combine(out_gnd, routed)
         device_load_x = jnp.sum(routed.pool_load.reshape(_ways("experts"), -1), axis=-1)
-        stats = MoEStats(routed.aux_loss, routed.z_loss, routed.expert_load, routed.dropped_fraction, device_load_x)
+        stats = MoEStats(routed.aux_loss, routed.z_loss, routed.expert_load, routed.dropped_fraction, device_load_x,
+                         self._device_rows(routed))
         return out_gsd.reshape(batch, length, d_model), stats
 
     def _route(self, x_gsd: jax.Array) -> routing_lib.Routing:
@@ -206,6 +225,11 @@ class MoE(nnx.Module):
         logits_gse = jnp.einsum("gsd,de->gse", router_in_gsd, self.router[...])
         capacity_factor = self.eval_capacity_factor if self.deterministic else self.capacity_factor
         expert_cap = routing_lib.capacity(group, self.num_experts, self.top_k, capacity_factor, self.min_capacity)
+        pool_cap = 0
+        if self.capacity_scope == "dropless":  # train and eval alike: the pool takes every choice (or the bound)
+            pool_cap = routing_lib.dropless_capacity(group, self.num_experts, self.top_k, _ways("experts"),
+                                                     self.dropless_buffer_factor)
+            expert_cap = group  # a shadow takes each token at most once
         return routing_lib.route(
             logits_gse,
             top_k=self.top_k,
@@ -218,6 +242,7 @@ class MoE(nnx.Module):
             shadow_ids=self.shadow_ids[...] if self.num_shadows else None,
             # a shadow is on every device, so it takes the load of `expert` devices' worth of one expert
             shadow_capacity=min(group, _ways("experts") * expert_cap),
+            pool_capacity=pool_cap,
         )
 
     def update_balance(self, expert_load_e: jax.Array, *, bias_rate: float, load_decay: float) -> None:
@@ -231,6 +256,19 @@ class MoE(nnx.Module):
         self.load_steps[...] = steps
         if bias_rate:
             self.router_bias[...] = self.router_bias[...] + bias_rate * jnp.sign(1.0 / self.num_experts - load_e)
+
+    def _device_rows(self, routed: routing_lib.Routing) -> jax.Array:
+        """Fraction of all choices each device of the "expert" axis computes `[X]`: the kept rows of its pool,
+        plus the kept shadow rows of its own routing groups (computed where they are). With dropless pools its
+        max / mean is the step-time bound of the expert compute."""
+        devices = _ways("experts")
+        rows_x = jnp.sum(routed.slot_counts, axis=0).reshape(devices, -1).sum(axis=-1)  # slots are device-major
+        if routed.num_shadows:
+            shadow_g = jnp.sum(routed.kept & (routed.pool_index >= self.num_experts // routed.experts_per_pool),
+                               axis=(1, 2))
+            # "batch" splits the groups into contiguous blocks over ("data", "expert"), "expert" the minor axis
+            rows_x = rows_x + shadow_g.reshape(-1, devices, shadow_g.shape[0] // _ways("batch")).sum(axis=(0, 2))
+        return rows_x.astype(jnp.float32) / routed.kept.size
 
     def _experts_per_pool(self) -> int:
         """Slots that share capacity: 1 (per expert), or all the experts of one device."""
@@ -299,6 +337,8 @@ class MoE(nnx.Module):
 
     def _round_trip(self, buf_gqpd: jax.Array, counts_gqx: jax.Array | None) -> jax.Array:
         cap = buf_gqpd.shape[2]
+        if self._ragged_exchange():
+            return self._ragged_round_trip(buf_gqpd, counts_gqx)
         if not self._dtd_active():
             buf_gqpd = constrain(buf_gqpd, ("batch", None, "capacity", "act_embed"))
             buf_gqpd = constrain(buf_gqpd, ("expert_batch", "experts", "capacity", "act_embed"))  # all-to-all
@@ -320,11 +360,54 @@ class MoE(nnx.Module):
             out_gqpd = constrain(out_gqpd, ("batch", None, "capacity", "act_embed"))[:, :, :cap]  # all-gather
         return out_gqpd
 
+    def _ragged_exchange(self) -> str | None:
+        """Which ragged all-to-all carries dropless pools: "ragged" (the primitive; GPU/TPU by default),
+        "emulated" (its semantics from ordinary collectives, for CPU tests), or None (the static all-to-all).
+        DTD's split of the slots over "tensor" keeps the static exchange."""
+        if self.capacity_scope != "dropless" or _ways("experts") == 1 or self._dtd_active():
+            return None
+        if self.exchange == "auto":
+            return None if jax.default_backend() == "cpu" else "ragged"
+        return None if self.exchange == "static" else self.exchange
+
+    def _ragged_round_trip(self, buf_gqpd: jax.Array, counts_gqx: jax.Array) -> jax.Array:
+        """`_round_trip` with only the filled rows of each pool sent, both ways (`tedjax.ragged`), the
+        expert FFN between: one `shard_map`, the same `[G, Q, P, D]` result as the static exchange."""
+        dt = self.dtype
+        w_gate = None if self.w_gate is None else self.w_gate[...].astype(dt)
+        w_in, w_out = self.w_in[...].astype(dt), self.w_out[...].astype(dt)
+        all_to_all = (jax.lax.ragged_all_to_all if self._ragged_exchange() == "ragged"
+                      else ragged_lib.emulated_ragged_all_to_all)
+        axis, reduce_axes = RULES["experts"], RULES["ffn"]
+        ffn = functools.partial(grouped.pool_ffn, method=self.grouped_matmul)
+
+        def local(buf_gxpd, counts_gxe, w_in, w_gate, w_out):
+            groups, devices, slots, d_model = buf_gxpd.shape
+            counts_in = jax.lax.all_to_all(counts_gxe, axis, 1, 0, tiled=True)  # [X * G, 1, E_local]
+            sent_xg = jnp.sum(counts_gxe, axis=-1).T
+            got_xg = jnp.sum(counts_in, axis=-1).reshape(devices, groups)
+            rows = ragged_lib.exchange(jnp.swapaxes(buf_gxpd, 0, 1), sent_xg, got_xg, axis, all_to_all)
+            rows = checkpoint_name(rows.reshape(devices * groups, 1, slots, d_model), "moe_dispatched")
+            with jax.named_scope("moe_experts"):
+                out = ffn(rows, counts_in, w_in, w_gate, w_out)
+                out = out if reduce_axes is None else jax.lax.psum(out, reduce_axes)  # the FFN's all-reduce
+            out = ragged_lib.exchange(out.reshape(devices, groups, slots, d_model), got_xg, sent_xg, axis, all_to_all)
+            return checkpoint_name(jnp.swapaxes(out, 0, 1), "moe_returned")
+
+        buf_spec = logical_to_spec(("batch", None, "capacity", "act_embed"))
+        in_spec, out_spec = logical_to_spec(EXPERT_IN_AXES), logical_to_spec(EXPERT_OUT_AXES)
+        return jax.shard_map(
+            local,
+            in_specs=(buf_spec, logical_to_spec(("batch", None, None)), in_spec,
+                      None if w_gate is None else in_spec, out_spec),
+            out_specs=buf_spec,
+        )(buf_gqpd, counts_gqx, w_in, w_gate, w_out)
+
     def _counts(self, routed: routing_lib.Routing) -> jax.Array | None:
         """Rows per expert in each pool `[G, Q, X]` (X experts per pool), moved with the pools: 4 X bytes
-        per pool of P x D elements. None for per-expert capacity."""
+        per pool of P x D elements. None for per-expert capacity (or one expert per device pool)."""
         per_pool = routed.experts_per_pool
-        if per_pool == 1:
+        if per_pool == 1 and self.capacity_scope != "dropless":  # dropless pools always say their rows
             return None
         return routed.slot_counts.reshape(routed.slot_counts.shape[0], -1, per_pool)
 

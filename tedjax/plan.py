@@ -347,6 +347,8 @@ def _sizes(config: TrainConfig, layout: Layout) -> _Sizes:
     group = m.group_size or dc.seq_len
     groups = micro * dc.seq_len // group
     cap = capacity(group, m.num_experts, m.top_k, m.capacity_factor, m.min_capacity) if m.num_experts else 0
+    if m.num_experts and getattr(m, "capacity_scope", None) == "dropless":  # P rows per device pool, per expert
+        cap = -(-_dropless_pool(config, e) // (m.num_experts // e))  # (rounded up: < 1 row per expert more)
     dtd = m.dtd and e > 1 and t > 1 and m.num_experts > 0
     cap_a2a = -(-cap // t) if dtd else cap
     return _Sizes(d, e, t, rows, rows * dc.seq_len, -(-groups // (d * e)), -(-groups // d), cap, cap_a2a,
@@ -399,7 +401,8 @@ def collectives(config: TrainConfig, layout: Layout | None = None, backend: Back
         add("all-reduce", ["tensor"], slots, accum * n_moe * (2 if swiglu else 1), "expert input gradient")
         if sz.dtd:
             add("all-gather", ["tensor"], gathered, accum * n_moe * 2 * passes, "DTD all-gather of slots")
-        pools = {"expert": m.num_experts, "device": sz.expert}.get(getattr(m, "capacity_scope", None), 0)
+        pools = {"expert": m.num_experts, "device": sz.expert, "dropless": sz.expert}.get(
+            getattr(m, "capacity_scope", None), 0)
         add("all-reduce", batch_axes, (1 + m.num_experts + pools) * 4, accum * n_moe,
             "router statistics (drop count, expert load, pool load)")
     add("all-reduce", batch_axes, 4, accum * (1 + 2 * n_moe), "loss scalars (LM, aux, z)")
@@ -612,6 +615,40 @@ def flops_per_device(config: TrainConfig, layout: Layout | None = None) -> float
     lm_head = tokens * m.d_model * m.vocab_size // t
     recompute = 1 if m.remat in ("full", "cac") else 0
     return 2.0 * dc.grad_accum * ((3 + recompute) * blocks + 3 * lm_head)
+
+
+def _dropless_pool(config: TrainConfig, expert: int) -> int:
+    from tedjax.routing import dropless_capacity
+
+    m = config.model
+    group = m.group_size or config.data.seq_len
+    return dropless_capacity(group, m.num_experts, m.top_k, expert, m.dropless_buffer_factor)
+
+
+def dropless_rows(config: TrainConfig, layout: Layout | None = None, backend: Backend = "gpu") -> dict[str, float]:
+    """Dropless MoE (`model.capacity_scope=dropless`) on one device, per MoE layer and micro-batch, forward.
+
+    `buffer_rows`: the receive buffer, G/data groups x P rows (worst case
+    S x min(E_local, k), or bounded by `dropless_buffer_factor`); the static
+    exchange (CPU) sends all of it each way and the expert FFN computes all
+    of it (what `collectives` and `flops_per_device` count). `expected_rows`:
+    the routed rows under uniform routing (k S / X per group), what the ragged
+    exchange sends and a grouped GEMM computes; `worst_rows`: the most it can
+    be (= buffer_rows). Bytes are per direction, FLOPs the expert matmuls.
+    """
+    layout = layout or (config.mesh.data, config.mesh.expert, config.mesh.tensor)
+    m, dc = config.model, config.data
+    sz = _sizes(config, layout)
+    group = m.group_size or dc.seq_len
+    act_b = 4 if backend == "cpu" or m.dtype == "float32" else 2
+    buffer_rows = sz.groups_out * _dropless_pool(config, sz.expert)
+    expected_rows = sz.groups_out * group * m.top_k / sz.expert
+    row_bytes = m.d_model * act_b
+    row_flops = 2 * (3 if m.activation == "swiglu" else 2) * m.d_model * m.expert_d_ff / sz.tensor
+    return {"buffer_rows": buffer_rows, "expected_rows": expected_rows, "worst_rows": buffer_rows,
+            "static_bytes": buffer_rows * row_bytes, "ragged_bytes_expected": expected_rows * row_bytes,
+            "ragged_bytes_worst": buffer_rows * row_bytes, "static_flops": buffer_rows * row_flops,
+            "grouped_flops_expected": expected_rows * row_flops}
 
 
 def _crosses_nodes(layout: Layout, axes: tuple[str, ...], gpus_per_node: int) -> bool:

@@ -34,6 +34,11 @@ slot (each expert's tokens contiguous, in priority order), and `slot_counts`
 says how many each slot holds, so the receiving device can compute each
 expert on its own rows without sending an expert id per token.
 
+Dropless pools. With `pool_capacity` = S x min(experts_per_pool, k) (one
+pool per device, `dropless_capacity`) no pool can overflow: a token's k
+choices are distinct experts. A smaller `pool_capacity` (a buffer factor)
+drops in the same priority order.
+
 Router bias (aux-loss-free balancing, DeepSeek-V3). `bias[e]` is added to the
 logits used to *choose* experts only; gates and losses use the unbiased
 probabilities.
@@ -76,6 +81,22 @@ def capacity(group_size: int, num_experts: int, top_k: int, capacity_factor: flo
     return max(math.ceil(top_k * capacity_factor * group_size / num_experts), min_capacity)
 
 
+def dropless_capacity(group_size: int, num_experts: int, top_k: int, num_devices: int,
+                      buffer_factor: float = 0.0) -> int:
+    """Rows P of one device's pool per routing group with dropless routing.
+
+    A token's k choices are k distinct experts, so at most min(E_local, k) of
+    them land on one device: P = S x min(E_local, k) never drops. With
+    `buffer_factor` f > 0 the pool is bounded to ceil(f x S x k / X) rows (f
+    times the rows of uniform routing, MaxText's buffer factor), never more
+    than the worst case; choices past it drop in priority order.
+    """
+    worst = group_size * min(num_experts // num_devices, top_k)
+    if buffer_factor <= 0:
+        return worst
+    return max(1, min(worst, math.ceil(buffer_factor * group_size * top_k / num_devices)))
+
+
 def route(
     logits: jax.Array,
     *,
@@ -88,6 +109,7 @@ def route(
     experts_per_pool: int = 1,
     shadow_ids: jax.Array | None = None,
     shadow_capacity: int = 0,
+    pool_capacity: int = 0,
 ) -> Routing:
     """Route tokens given float32 router logits `[G, S, E]`.
 
@@ -98,6 +120,8 @@ def route(
     `shadow_ids` `[R]` int32 (logical experts, runtime) are shadowed: their
     choices go to shadow buffers R of `shadow_capacity` slots, indexed Q..Q+R-1
     after the Q pools in `pool_index`, and never count against a pool.
+    `pool_capacity` > 0 sets P directly in place of `experts_per_pool x C`
+    (dropless pools, `dropless_capacity`).
     """
     groups, group_size, num_experts = logits.shape
     if not 1 <= top_k <= num_experts:
@@ -108,7 +132,7 @@ def route(
         raise ValueError(f"experts_per_pool={experts_per_pool} must be >= 1 and divide num_experts={num_experts}")
     renormalize = top_k > 1 if renormalize is None else renormalize
     cap = capacity(group_size, num_experts, top_k, capacity_factor, min_capacity)
-    pool_cap, num_pools = experts_per_pool * cap, num_experts // experts_per_pool
+    pool_cap, num_pools = pool_capacity or experts_per_pool * cap, num_experts // experts_per_pool
 
     logits = logits.astype(jnp.float32)
     probs_gse = jax.nn.softmax(logits, axis=-1)

@@ -40,24 +40,26 @@ def loaded():
     return {arch: {layout: hf.load(FIXTURES / arch, mesh_of(layout)) for layout in LAYOUTS} for arch in ARCHS}
 
 
-def _eval_logits(graphdef, state, tokens_bl):
+def _eval_logits(graphdef, state, tokens_bl, train=False):
     model = nnx.merge(graphdef, state)
-    model.eval()
+    model.train() if train else model.eval()
     return model(tokens_bl)[0]
 
 
-_eval_logits_jit = jax.jit(_eval_logits, static_argnames="graphdef")  # functional: the model is left as it is
+# functional: the model is left as it is
+_eval_logits_jit = jax.jit(_eval_logits, static_argnames=("graphdef", "train"))
 
 
-def logits_of(model, tokens_bl) -> np.ndarray:
-    """Logits in evaluation mode (dropless for imported models); the batch tiled to 8 rows (divides every layout)."""
+def logits_of(model, tokens_bl, train=False) -> np.ndarray:
+    """Logits in evaluation (or training) mode, dropless for imported models; the batch tiled to 8 rows (divides
+    every layout)."""
     mesh = model.embed[...].sharding.mesh
     rows = tokens_bl.shape[0]
     tiled = np.tile(tokens_bl, (8 // rows, 1))
     graphdef, state = nnx.split(model)
     with jax.set_mesh(mesh):
         batch = jax.device_put(jnp.asarray(tiled, jnp.int32), tedjax.named_sharding(mesh, ("batch", None)))
-        logits = _eval_logits_jit(graphdef, state, batch)
+        logits = _eval_logits_jit(graphdef, state, batch, train)
     return np.asarray(logits)[:rows]
 
 
@@ -78,6 +80,7 @@ def test_logits_equal_transformers(loaded, arch, layout):
     config, model = loaded[arch][layout]
     gold = golden(arch)
     assert_close_to(logits_of(model, gold["input_ids"]), gold["logits"])
+    assert_close_to(logits_of(model, gold["input_ids"], train=True), gold["logits"])  # dropless in training too
     # loaded straight into TED's layout: experts over "expert", heads and expert FFN over "tensor"
     moe = next(block.ffn for block in model.blocks if block.is_moe)
     assert moe.w_in[...].sharding.spec[0] == "expert"
@@ -93,10 +96,8 @@ def test_imported_configs():
     qwen = hf.model_config(FIXTURES / "qwen3_moe")
     assert (qwen.head_size, qwen.qk_norm, qwen.router_renormalize, qwen.moe_every) == (16, True, False, 2)
     assert qwen.d_ff == 48
-    for config in (mixtral, qwen):  # dropless: C = S per routing group
-        assert config.eval_capacity_factor == config.capacity_factor == config.num_experts / config.top_k
-        assert tedjax.routing.capacity(64, config.num_experts, config.top_k, config.eval_capacity_factor,
-                                       config.min_capacity) == 64
+    for config in (mixtral, qwen):  # as transformers computes: no choice is ever dropped
+        assert config.capacity_scope == "dropless"
     assert hf.model_config(FIXTURES / "mixtral", dtype="bfloat16").dtype == "bfloat16"
     with pytest.raises(hf.HFCheckpointError, match="d_model"):
         hf.model_config(FIXTURES / "mixtral", d_model=64)

@@ -234,3 +234,21 @@ def test_planner_quick(tmp_path):
     md = (tmp_path / "planner.md").read_text()
     assert md.startswith("# Planner") and f"**{ted['verdict']}**" in md
 
+
+
+def test_dropless_quick(tmp_path):
+    run_quick("dropless.py", tmp_path)
+    result = load(tmp_path, "dropless")
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert set(rows) == {"dropless", "dropless f=2", "cf=E/k", "cf 1.25"}
+    assert rows["dropless"]["dropped_fraction"] == rows["cf=E/k"]["dropped_fraction"] == 0.0
+    assert rows["cf 1.25"]["dropped_fraction"] > 0  # the case is one where capacity drops
+    assert rows["dropless"]["a2a_bytes"] == pytest.approx(rows["cf=E/k"]["a2a_bytes"] / 2)  # 8 x, not 16 x routed
+    for v in result["verdicts"]:
+        assert v["verdict"] == ("PASS" if max(v["measured"]) <= (0.5 if "0.5x" in v["target"] else 2.2) else "MISS")
+    for r in (rows["dropless"], rows["dropless f=2"]):  # the ragged rows: at least the mean, never past the buffer
+        assert r["ragged_rows_expected"] * (1 - r["dropped_fraction"]) - 1e-6 <= r["ragged_rows_actual_max"]
+        assert r["ragged_rows_actual_max"] <= r["ragged_rows_worst"] == r["buffer_rows"]
+    for case in result["zipf"]["cases"]:
+        assert case["verdict"] == ("PASS" if case["cut"] >= 1.3 else "MISS")
+    assert (tmp_path / "dropless.md").read_text().startswith("# Dropless MoE")
