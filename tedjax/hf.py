@@ -247,33 +247,41 @@ def _rope_fields(hf: dict, where: Path, kind: str, max_positions: int) -> dict:
 def capacity_note(config: ModelConfig, seq_len: int, expert_ways: int = 1) -> str:
     """The routing capacity an imported model runs with, and a warning where it can drop tokens.
 
-    Hugging Face's Mixtral and Qwen3-MoE drop no token. A routing group of S
-    tokens can send all S to one expert, so C slots per expert are dropless
-    when C >= S; experts sharing capacity on a device (capacity_scope
-    "device", E / `expert_ways` experts per pool) when pool x C covers
-    S x min(top_k, pool). The import's defaults (capacity factors E / top_k)
-    give C = S; a YAML's capacity_factor does not.
+    Hugging Face's Mixtral and Qwen3-MoE drop no token, and an import is
+    dropless by default (`capacity_scope="dropless"`). A bounded dropless
+    buffer (`dropless_buffer_factor` > 0) or a capacity the user chose can
+    drop: per-expert capacity C is dropless only when C >= S (a group of S
+    tokens can all pick one expert); device pools ("device", E / `expert_ways`
+    experts a pool) only when pool x C covers S x min(top_k, pool).
     """
-    from tedjax.routing import capacity
+    from tedjax.routing import capacity, dropless_capacity
 
     group = config.group_size or seq_len
+    if config.capacity_scope == "dropless":
+        rows = dropless_capacity(group, config.num_experts, config.top_k, expert_ways, config.dropless_buffer_factor)
+        worst = dropless_capacity(group, config.num_experts, config.top_k, expert_ways)
+        text = (f"imported model routing: capacity_scope 'dropless', {rows} rows per device pool per group of "
+                f"{group} tokens")
+        if rows >= worst:
+            return text + " (the worst case: no token is dropped, as in the Hugging Face model)"
+        return (f"WARNING: {text}, below the worst case {worst} (model.dropless_buffer_factor="
+                f"{config.dropless_buffer_factor:g}). Choices past it are dropped, which the Hugging Face model "
+                "never does; set model.dropless_buffer_factor=0 for no drops")
     pool = max(config.num_experts // max(expert_ways, 1), 1) if config.capacity_scope == "device" else 1
     parts, dropping = [], []
     for label, key, cf in (("training", "capacity_factor", config.capacity_factor),
                            ("evaluation", "eval_capacity_factor", config.eval_capacity_factor)):
         slots = capacity(group, config.num_experts, config.top_k, cf, config.min_capacity)
         parts.append(f"{label} model.{key}={cf:g} -> {slots} slots per expert per group of {group} tokens")
-        if config.capacity_scope != "dropless" and pool * slots < group * min(config.top_k, pool):
+        if pool * slots < group * min(config.top_k, pool):
             dropping.append(f"model.{key}")
-    text = f"imported model routing: {'; '.join(parts)}"
-    if config.capacity_scope == "dropless":
-        return text + " (capacity_scope 'dropless': no token is dropped)"
+    text = f"imported model routing: capacity_scope {config.capacity_scope!r}, {'; '.join(parts)}"
     if not dropping:
         return text + " (dropless, as the Hugging Face model)"
     dropless = config.num_experts / config.top_k
     return (f"WARNING: {text}. Tokens past an expert's capacity are dropped, which the Hugging Face model never "
-            f"does; set {' and '.join(f'{k}={dropless:g}' for k in dropping)} (num_experts / top_k) for dropless "
-            "routing")
+            f"does; set model.capacity_scope=dropless (the import's default), or "
+            f"{' and '.join(f'{k}={dropless:g}' for k in dropping)} (num_experts / top_k)")
 
 
 def _arch_fields(hf: dict, where: Path) -> dict:

@@ -544,16 +544,24 @@ def test_import_capacity_is_printed_and_a_dropping_one_warned(tmp_path, capsys, 
     d = FIXTURES / "qwen3_moe"
     dropless = load_config(None, [f"init_from=hf:{d}", "data.seq_len=16"]).model
     assert hf.capacity_note(dropless, 16) == (
-        "imported model routing: training model.capacity_factor=4 -> 16 slots per expert per group of 16 tokens; "
-        "evaluation model.eval_capacity_factor=4 -> 16 slots per expert per group of 16 tokens (dropless, as the "
-        "Hugging Face model)")
+        "imported model routing: capacity_scope 'dropless', 32 rows per device pool per group of 16 tokens "
+        "(the worst case: no token is dropped, as in the Hugging Face model)")  # S x min(E_local, k) = 16 x 2
+    bounded = load_config(None, [f"init_from=hf:{d}", "data.seq_len=16", "model.dropless_buffer_factor=1"]).model
+    assert hf.capacity_note(bounded, 16, expert_ways=2).startswith(
+        "WARNING: imported model routing: capacity_scope 'dropless', 16 rows per device pool per group of 16 "
+        "tokens, below the worst case 32")
     tiny = load_config("configs/tiny.yaml", [f"init_from=hf:{d}", "data.seq_len=16"]).model
-    note = hf.capacity_note(tiny, 16)
-    assert note.startswith("WARNING: imported model routing: training model.capacity_factor=1.25 -> 5 slots")
+    assert tiny.capacity_scope == "dropless"  # tiny.yaml's capacity factor 1.25 no longer drops an import
+    capped = load_config("configs/tiny.yaml", [f"init_from=hf:{d}", "data.seq_len=16",
+                                               "model.capacity_scope=expert"]).model
+    note = hf.capacity_note(capped, 16)
+    assert note.startswith("WARNING: imported model routing: capacity_scope 'expert', training "
+                           "model.capacity_factor=1.25 -> 5 slots")
     # evaluation's 2.0 -> 8 slots drops too
-    assert note.endswith("set model.capacity_factor=4 and model.eval_capacity_factor=4 (num_experts / top_k) for "
-                         "dropless routing")
-    config = load_config("configs/tiny.yaml", [f"init_from=hf:{d}", "steps=1", "data.source=synthetic",
+    assert note.endswith("set model.capacity_scope=dropless (the import's default), or model.capacity_factor=4 and "
+                         "model.eval_capacity_factor=4 (num_experts / top_k)")
+    config = load_config("configs/tiny.yaml", [f"init_from=hf:{d}", "model.capacity_scope=expert", "steps=1",
+                                               "data.source=synthetic",
                                                "data.seq_len=16", "data.batch_size=8", f"log.dir={tmp_path}",
                                                "log.progress=false", "log.tensorboard=false", "log.eval_every=0",
                                                "checkpoint.every=0", "mesh.data=8", "mesh.expert=1",
