@@ -331,10 +331,36 @@ class _Sizes:
     tokens: int  # rows x seq_len
     groups_in: int  # routing groups per device before the dispatch all-to-all
     groups_out: int  # after it (split over "data" only)
-    capacity: int
-    capacity_a2a: int  # slots per expert the all-to-all carries (C, or ceil(C / tensor) with DTD)
-    capacity_padded: int  # C padded to a multiple of tensor with DTD
+    capacity: int  # C: slots per expert and routing group
+    pools: int  # pools per device after the all-to-all: its E/expert experts, or 1 (capacity_scope=device)
+    pool: int  # slots per pool: C, or E/expert x C
+    pool_a2a: int  # slots per pool the all-to-all carries (pool, or ceil(pool / tensor) with DTD)
+    pool_padded: int  # pool padded to a multiple of tensor with DTD
     dtd: bool
+    chunks: int  # a2a_chunks
+    shadows: int  # shadow experts R
+    shadow_capacity: int  # slots per shadow and routing group
+
+    @property
+    def slots(self) -> int:
+        """Expert slots on one device after the all-to-all: G/data x E/expert x C."""
+        return self.groups_out * self.pools * self.pool
+
+    @property
+    def pooled(self) -> bool:
+        return self.pool != self.capacity
+
+    def sorted_rows(self, backend: Backend) -> int:
+        """Rows `grouped.pool_ffn` multiplies per chunk: the slots (ragged_dot, on GPUs), or, with
+        XLA:CPU's `blocks` method, each expert's run padded to whole blocks."""
+        from tedjax.grouped import block_rows
+
+        rows = self.slots // self.chunks
+        if backend == "gpu":
+            return rows
+        experts = self.pool // self.capacity
+        block = block_rows(rows, experts)
+        return (-(-rows // block) + experts) * block
 
 
 def _sizes(config: TrainConfig, layout: Layout) -> _Sizes:
@@ -347,10 +373,14 @@ def _sizes(config: TrainConfig, layout: Layout) -> _Sizes:
     group = m.group_size or dc.seq_len
     groups = micro * dc.seq_len // group
     cap = capacity(group, m.num_experts, m.top_k, m.capacity_factor, m.min_capacity) if m.num_experts else 0
+    e_local = m.num_experts // e if m.num_experts else 0
+    pooled = m.capacity_scope == "device" and e_local > 1
+    pools, pool = (1, e_local * cap) if pooled else (e_local, cap)
     dtd = m.dtd and e > 1 and t > 1 and m.num_experts > 0
-    cap_a2a = -(-cap // t) if dtd else cap
-    return _Sizes(d, e, t, rows, rows * dc.seq_len, -(-groups // (d * e)), -(-groups // d), cap, cap_a2a,
-                  cap_a2a * t if dtd else cap, dtd)
+    pool_a2a = -(-pool // t) if dtd else pool
+    shadows = m.shadow_experts if m.num_experts else 0
+    return _Sizes(d, e, t, rows, rows * dc.seq_len, -(-groups // (d * e)), -(-groups // d), cap, pools, pool,
+                  pool_a2a, pool_a2a * t if dtd else pool, dtd, m.a2a_chunks, shadows, min(group, e * cap))
 
 
 def collectives(config: TrainConfig, layout: Layout | None = None, backend: Backend = "gpu") -> list[Traffic]:
@@ -390,15 +420,35 @@ def collectives(config: TrainConfig, layout: Layout | None = None, backend: Back
     add("all-reduce", ["tensor"], act, accum, "LM head input gradient")
     add("all-reduce", ["tensor"], sz.tokens * 4, accum * 3, "cross-entropy max, sum and label logit")
     if n_moe:
-        slots = sz.groups_out * e_local * sz.capacity * d_model * act_b  # [G/data, E/expert, C, D]
-        moved = sz.groups_out * e_local * sz.capacity_a2a * d_model * act_b
-        gathered = sz.groups_out * e_local * sz.capacity_padded * d_model * act_b
+        slots = sz.slots * d_model * act_b  # [G/data, E/expert, C, D]
+        moved = sz.groups_out * sz.pools * sz.pool_a2a * d_model * act_b
+        gathered = sz.groups_out * sz.pools * sz.pool_padded * d_model * act_b
         passes = 3 if full else 2  # forward, backward, recomputation
         add("all-to-all", ["expert"], moved, accum * n_moe * 2 * passes, "MoE dispatch and return")
         add("all-reduce", ["tensor"], slots, accum * n_moe * (passes - 1), "expert output")
-        add("all-reduce", ["tensor"], slots, accum * n_moe * (2 if swiglu else 1), "expert input gradient")
+        if sz.pooled:  # grouped.pool_ffn inside shard_map: one psum of the rows' input gradient per chunk
+            add("all-reduce", ["tensor"], sz.chunks * sz.sorted_rows(backend) * d_model * act_b,
+                accum * n_moe * (2 if swiglu else 1), "expert input gradient")
+            # computed again in the backward pass under either remat policy (it is no collective's output)
+            add("all-to-all", ["expert"], sz.groups_in * m.num_experts * 4, accum * n_moe * (1 if m.remat == "none" else 2),
+                "rows per expert of each pool (int32)")
+        else:
+            add("all-reduce", ["tensor"], slots, accum * n_moe * (2 if swiglu else 1), "expert input gradient")
         if sz.dtd:
             add("all-gather", ["tensor"], gathered, accum * n_moe * 2 * passes, "DTD all-gather of slots")
+        if sz.shadows:
+            # FasterMoE's shadows: R experts' weights all-reduced to every device of "expert" (jnp.take of
+            # the expert-split weights: loop invariant, so once per step; again per micro-batch under full
+            # remat), their gradients all-reduced back over the batch axes; their tokens stay local.
+            shadow_w = sz.shadows * d_model * (m.expert_d_ff // sz.tensor) * 4
+            weights = 3 if swiglu else 2
+            add("all-reduce", ["expert"], shadow_w, n_moe * weights * (1 + (accum if full else 0)),
+                "shadow expert weights")
+            add("all-reduce", batch_axes, shadow_w, accum * n_moe * weights, "shadow expert weight gradients")
+            shadow_rows = sz.shadows * sz.groups_in * sz.shadow_capacity * d_model * act_b
+            add("all-reduce", ["tensor"], shadow_rows, accum * n_moe * (passes - 1), "shadow expert output")
+            add("all-reduce", ["tensor"], shadow_rows, accum * n_moe * (2 if swiglu else 1),
+                "shadow expert input gradient")
         pools = {"expert": m.num_experts, "device": sz.expert}.get(getattr(m, "capacity_scope", None), 0)
         add("all-reduce", batch_axes, (1 + m.num_experts + pools) * 4, accum * n_moe,
             "router statistics (drop count, expert load, pool load)")
@@ -406,7 +456,7 @@ def collectives(config: TrainConfig, layout: Layout | None = None, backend: Back
 
     # ---- gradients over each parameter's data-parallel group (XLA reduces them in every micro-batch),
     # the global norm's partial sums, the all-gather of the updated ZeRO-1 shards
-    for kind, axes, nbytes, count, per_micro, what in _leaf_costs(m, layout, config.optimizer.zero1, backend).traffic:
+    for kind, axes, nbytes, count, per_micro, what in _leaf_costs(m, layout, config.optimizer.zero1, backend, config.optimizer.tile_size).traffic:
         add(kind, axes, nbytes, count * (accum if per_micro else 1), what)
     return out
 
@@ -423,7 +473,7 @@ class _LeafCosts:
 
 
 @functools.lru_cache(maxsize=4096)
-def _leaf_costs(model: ModelConfig, layout: Layout, zero1: bool, backend: Backend) -> _LeafCosts:
+def _leaf_costs(model: ModelConfig, layout: Layout, zero1: bool, backend: Backend, tile_size: int = 0) -> _LeafCosts:
     sizes = dict(zip(AXES, layout))
     batch_axes = ("data", "expert")
     counts: dict[tuple, int] = {}
@@ -441,17 +491,18 @@ def _leaf_costs(model: ModelConfig, layout: Layout, zero1: bool, backend: Backen
         reduced += local if any(sizes[a] > 1 for a in batch_axes if a not in used) else 0
         what = ("embedding gradient" if leaf.path == "['embed']" else
                 "router gradient" if leaf.path.endswith("['router']") else "gradient")
+        # With a2a_chunks = n each chunk's expert FFN adds its own partial gradient of the expert weights,
+        # and XLA reduces each before the sum (measured): n reductions per micro-batch.
+        expert_weight = len(leaf.shape) == 3 and "expert" in leaf.spec[0]
         entries = []
-        if backend == "gpu" and any(sizes[a] > 1 for a in added):
-            p_added = math.prod(sizes[a] for a in added)
-            entries.append(("reduce-scatter", added, -(-local // p_added), True, what))
-            entries.append(("all-reduce", tuple(a for a in batch_axes if a not in used and a not in added),
-                            -(-local // p_added), True, what))
-        else:
-            entries.append(("all-reduce", tuple(a for a in batch_axes if a not in used), local, True, what))
+        for _ in range(model.a2a_chunks if expert_weight else 1):
+            entries += _gradient_reduction(local, used, added, sizes, backend, what)
         # the global norm: one partial sum per sharded dim of the optimizer-state layout
         entries += [("all-reduce", axes, 4, False, "gradient norm") for axes in state_spec]
-        entries.append(("all-gather", added, local, False, "updated parameters (ZeRO-1)"))
+        # The tiled optimizer updates a leaf of at most one tile with optax's arithmetic under the step's
+        # where(finite, new, old) guard: XLA all-gathers both operands of the where (measured).
+        gathers = 2 if tile_size and math.prod(leaf.shape) <= tile_size else 1
+        entries += [("all-gather", added, local, False, "updated parameters (ZeRO-1)")] * gathers
         for kind, axes, nbytes, per_micro, what in entries:
             axes = tuple(a for a in AXES if a in axes and sizes[a] > 1)
             if axes and nbytes:
@@ -459,6 +510,21 @@ def _leaf_costs(model: ModelConfig, layout: Layout, zero1: bool, backend: Backen
                 counts[key] = counts.get(key, 0) + 1
     traffic = tuple((k, a, b, n, pm, w) for (k, a, b, pm, w), n in counts.items())
     return _LeafCosts(params, moments, max(per_layer.values()), reduced, traffic)
+
+
+def _gradient_reduction(local: int, used: set, added: tuple, sizes: dict, backend: Backend, what: str) -> list:
+    """A gradient's reduction over its data-parallel group: reduce-scatter into the ZeRO-1 shard on GPUs
+    (all-reduce over the rest of the group), one all-reduce on XLA:CPU."""
+    batch_axes = ("data", "expert")
+    entries = []
+    if backend == "gpu" and any(sizes[a] > 1 for a in added):
+        p_added = math.prod(sizes[a] for a in added)
+        entries.append(("reduce-scatter", added, -(-local // p_added), True, what))
+        entries.append(("all-reduce", tuple(a for a in batch_axes if a not in used and a not in added),
+                        -(-local // p_added), True, what))
+    else:
+        entries.append(("all-reduce", tuple(a for a in batch_axes if a not in used), local, True, what))
+    return entries
 
 
 def summarize(traffic: Iterable[Traffic], exclude: Sequence[str] = ()) -> dict[tuple[str, tuple[str, ...]], dict]:
@@ -535,7 +601,7 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
     m, dc = config.model, config.data
     sz = _sizes(config, layout)
     t = sz.tensor
-    costs = _leaf_costs(m, layout, config.optimizer.zero1, backend)
+    costs = _leaf_costs(m, layout, config.optimizer.zero1, backend, config.optimizer.tile_size)
     params, moments = costs.params, costs.moments
     counters = 3 * 4 + 2 * 4  # step, bad_steps, skipped_steps; Adam's and the schedule's counts
     batch = 2 * dc.grad_accum * sz.rows * dc.seq_len * 4
@@ -858,6 +924,52 @@ def measure(config: TrainConfig, mesh, compiled=None) -> Measured:
             row["result_bytes"] += weight * nbytes
             row["sent_bytes"] += weight * analysis._sent_bytes(c.kind, nbytes, max(c.group_size, 1))
     return Measured(traffic, xla_choice, analysis.memory_report(compiled))
+
+
+# The held-out check's space: every switch a config can set, each with the values it is drawn from.
+# The base model is configs/tiny.yaml (8 simulated devices); "larger" swaps in a bf16, SwiGLU, top-2 model.
+HELD_OUT_LAYOUTS = ((8, 1, 1), (1, 8, 1), (2, 4, 1), (4, 1, 2), (2, 2, 2), (1, 4, 2), (1, 2, 4))
+HELD_OUT_SWITCHES = {
+    "model.dtd": (False, True),
+    "model.remat": REMATS,
+    "model.capacity_scope": ("expert", "device"),
+    "model.shadow_experts": (0, 1, 2),
+    "model.a2a_chunks": (1, 2),
+    "model.top_k": (1, 2),
+    "model.group_size": (0, 64),
+    "model.activation": ("gelu", "swiglu"),
+    "model.dtype": ("float32", "bfloat16"),
+    "optimizer.tile_size": (0, 4096, 1 << 16),
+    "data.grad_accum": (1, 2),
+    # the model's shape, so that parameters (d_model) or activations (batch) dominate in some cells
+    "model.d_model": (128, 256),
+    "data.batch_size": (16, 32),
+}
+
+
+def held_out_cells(count: int, seed: int = 0) -> list[tuple[Layout, tuple[str, ...]]]:
+    """`count` random (layout, overrides of configs/tiny.yaml) over every switch, each one that divides.
+
+    Deterministic in `seed`: tests/test_plan.py checks a fixed sample, benchmarks/planner.py the sweep.
+    """
+    import random
+
+    from tedjax.config import load_config
+
+    rng = random.Random(seed)
+    base = os.path.join(os.path.dirname(CLUSTER_DIR), "tiny.yaml")
+    cells: list = []
+    while len(cells) < count:
+        layout = rng.choice(HELD_OUT_LAYOUTS)
+        overrides = ["data.source=synthetic", *(f"mesh.{a}={n}" for a, n in zip(AXES, layout))]
+        overrides += [f"{key}={str(rng.choice(values)).lower()}" for key, values in HELD_OUT_SWITCHES.items()]
+        try:
+            config = load_config(base, overrides)
+            check_mesh(config.model, _MeshShape(layout), config.data.micro_batch_size, config.data.seq_len)
+        except ValueError:
+            continue  # e.g. chunks that do not split the routing groups: draw again
+        cells.append((layout, tuple(overrides[4:])))
+    return cells
 
 
 def comparison(config: TrainConfig, measured: Measured, layout: Layout | None = None,
