@@ -85,9 +85,16 @@ class Cluster:
     peak_fp32_tflops: float
     intra_node_gbps: float  # NVLink / NVSwitch
     inter_node_gbps: float  # network (InfiniBand) share of one GPU
+    # Latency (alpha) of a ring collective: a fixed cost per op plus one per ring step (an all-reduce
+    # takes 2 (p - 1) steps, the other kinds p - 1), by the link the step crosses. Defaults: NCCL's own
+    # cost model (src/graph/tuning.cc, ring algorithm, Simple protocol).
+    collective_latency_us: float = 8.4
+    intra_node_step_us: float = 3.4
+    inter_node_step_us: float = 14.0
 
     FIELDS = ("name", "gpu", "nodes", "gpus_per_node", "memory_gib", "peak_bf16_tflops", "peak_fp32_tflops",
               "intra_node_gbps", "inter_node_gbps")  # fmt: skip
+    OPTIONAL = ("collective_latency_us", "intra_node_step_us", "inter_node_step_us")
 
     def __post_init__(self):
         for name in ("name", "gpu"):
@@ -101,6 +108,10 @@ class Cluster:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
                 raise ValueError(f"cluster.{name} must be a number > 0, got {value!r}")
+        for name in self.OPTIONAL:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e6:
+                raise ValueError(f"cluster.{name} must be a number of microseconds >= 0, got {value!r}")
         if self.memory_gib > 4096:
             raise ValueError(f"cluster.memory_gib={self.memory_gib} is not a GPU's memory in GiB (e.g. 80)")
         if self.inter_node_gbps > self.intra_node_gbps and self.nodes > 1:
@@ -125,14 +136,14 @@ class Cluster:
         if not isinstance(values, dict):
             raise ValueError(f"{source} must be a mapping of the fields {', '.join(cls.FIELDS)}; got {values!r}")
         missing = [f for f in cls.FIELDS if f not in values]
-        unknown = sorted(set(values) - set(cls.FIELDS))
+        unknown = sorted(set(values) - set(cls.FIELDS) - set(cls.OPTIONAL))
         if missing or unknown:
             raise ValueError(f"{source}: " + "; ".join(
                 ([f"missing field{'s' if len(missing) > 1 else ''} {', '.join(missing)}"] if missing else [])
                 + ([f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}"] if unknown else []))
-                + f" (fields: {', '.join(cls.FIELDS)}; see configs/clusters/)")
+                + f" (fields: {', '.join(cls.FIELDS + cls.OPTIONAL)}; see configs/clusters/)")
         try:
-            return cls(**{f: values[f] for f in cls.FIELDS})
+            return cls(**{f: values[f] for f in cls.FIELDS + cls.OPTIONAL if f in values})
         except ValueError as err:
             raise ValueError(f"{source}: {err}") from None
 
@@ -149,6 +160,72 @@ class Cluster:
             except yaml.YAMLError as err:
                 raise ValueError(f"cluster file {path} is not valid YAML: {err}") from None
         return cls.from_dict(values, source=f"cluster file {path}")
+
+
+# --------------------------------------------------------------------------- #
+# what the model covers
+
+# Every config key the step's collectives or memory depend on, which the model reads, and the keys that
+# change neither (the rest of a run). A key in neither list (a switch added since) with a value other
+# than its default is reported as not modelled, so the planner never passes one over silently.
+MODELLED = {
+    "model": ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_len", "num_experts", "expert_d_ff",
+              "top_k", "capacity_factor", "min_capacity", "moe_every", "group_size", "activation", "dtype", "dtd",
+              "capacity_scope", "shadow_experts", "a2a_chunks", "remat", "n_kv_heads", "head_dim", "qk_norm",
+              "attention"),
+    "optimizer": ("zero1", "tile_size"),
+    "data": ("seq_len", "batch_size", "grad_accum"),
+    "mesh": ("data", "expert", "tensor", "auto"),
+    "xla": ("all_reduce_combine_bytes", "reduce_scatter_combine_bytes", "all_gather_combine_bytes", "combine_count"),
+}  # fmt: skip
+NO_EFFECT = {
+    "": ("steps", "seed", "max_bad_steps", "init_from"),
+    "model": ("eval_capacity_factor", "aux_loss_weight", "z_loss_weight", "jitter_eps", "router_renormalize",
+              "router_bias_rate", "rope_base", "norm_eps"),
+    "optimizer": ("learning_rate", "min_lr_ratio", "warmup_steps", "weight_decay", "b1", "b2", "eps", "grad_clip"),
+    "data": ("source", "path", "seed", "stdlib_max_bytes"),
+    "checkpoint": ("dir", "every", "keep", "async_save"),
+    "log": ("dir", "every", "eval_every", "eval_batches", "tensorboard", "progress", "peak_tflops"),
+    "balance": ("every", "margin", "shadow_every", "matmul_tflops", "link_gbytes_per_s"),
+    "xla": ("cpu_all_reduce_combiner",),  # no effect on GPUs; on XLA:CPU `unmodelled` names it
+}  # fmt: skip
+
+
+def unmodelled(config: TrainConfig, backend: Backend = "gpu") -> list[str]:
+    """The settings of `config` the planner does not model ("key=value"); [] when it models them all.
+
+    Values it knows it cannot predict: model.attention=cudnn on GPUs (flash attention keeps no [L, L]
+    scores), xla.cpu_all_reduce_combiner=false on XLA:CPU. Any key in neither MODELLED nor NO_EFFECT
+    (a switch newer than the planner) counts when it differs from its default.
+    """
+    out = []
+    known = {(section, key) for table in (MODELLED, NO_EFFECT) for section, keys in table.items() for key in keys}
+    default = type(config)()
+    for section, node, base in [("", config, default)] + [
+            (f.name, getattr(config, f.name), getattr(default, f.name)) for f in dataclasses.fields(config)
+            if dataclasses.is_dataclass(getattr(config, f.name))]:
+        for f in dataclasses.fields(node):
+            value = getattr(node, f.name)
+            if dataclasses.is_dataclass(value) or (section, f.name) in known or value == getattr(base, f.name):
+                continue
+            out.append(f"{section + '.' if section else ''}{f.name}={_show(value)}")
+    attention = config.model.attention
+    if backend == "gpu" and (attention == "cudnn" or (attention == "auto" and config.model.dtype == "bfloat16")):
+        out.append(f"model.attention={attention} (cuDNN flash attention on GPUs: the [L, L] scores are "
+                   "predicted as if kept)")
+    if backend == "cpu" and not config.xla.cpu_all_reduce_combiner:
+        out.append("xla.cpu_all_reduce_combiner=false")
+    return out
+
+
+def _show(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def unmodelled_line(config: TrainConfig, backend: Backend = "gpu") -> str:
+    """"not modelled: a, b" (what `tedjax.plan`, --dry-run and mesh: auto print), or "" when all are."""
+    missing = unmodelled(config, backend)
+    return f"not modelled: {', '.join(missing)}" if missing else ""
 
 
 # --------------------------------------------------------------------------- #
@@ -693,11 +770,13 @@ def _crosses_nodes(layout: Layout, axes: tuple[str, ...], gpus_per_node: int) ->
 
 @dataclasses.dataclass(frozen=True)
 class Timing:
-    """Predicted seconds of one step: compute at peak plus each mesh-axis group's bytes over its link."""
+    """Predicted seconds of one step: compute at peak plus, per mesh-axis group, each collective's latency
+    and its bytes over the link."""
 
     compute_s: float
-    comm_s: dict  # axes (joined by "+") -> seconds
+    comm_s: dict  # axes (joined by "+") -> seconds, latency included
     links: dict  # axes -> "intra-node" or "inter-node"
+    latency_s: float = 0.0  # the latency part of sum(comm_s): ops x (fixed + per ring step)
 
     @property
     def step_s(self) -> float:
@@ -706,19 +785,26 @@ class Timing:
 
 def step_time(config: TrainConfig, cluster: Cluster, layout: Layout | None = None,
               traffic: Sequence[Traffic] | None = None) -> Timing:
-    """FLOPs / peak plus bytes sent / bandwidth of the link each collective's mesh axes cross (no overlap)."""
+    """FLOPs / peak plus, for each collective, its latency (alpha: a fixed cost and one per ring step) and
+    bytes sent / bandwidth (beta) of the link its mesh axes cross. Nothing overlaps."""
     layout = layout or (config.mesh.data, config.mesh.expert, config.mesh.tensor)
     traffic = collectives(config, layout) if traffic is None else traffic
     compute = flops_per_device(config, layout) / cluster.peak_flops(config.model.dtype)
     comm: dict[str, float] = {}
     links: dict[str, str] = {}
+    latency = 0.0
     for t in traffic:
         key = "+".join(t.axes)
         if key not in links:
             links[key] = "inter-node" if _crosses_nodes(layout, t.axes, cluster.gpus_per_node) else "intra-node"
-        gbps = cluster.inter_node_gbps if links[key] == "inter-node" else cluster.intra_node_gbps
-        comm[key] = comm.get(key, 0.0) + t.count * t.sent_bytes / (gbps * 1e9)
-    return Timing(compute, comm, links)
+        inter = links[key] == "inter-node"
+        gbps = cluster.inter_node_gbps if inter else cluster.intra_node_gbps
+        steps = (2 if t.kind == "all-reduce" else 1) * (t.group_size - 1)
+        alpha = t.count * (cluster.collective_latency_us
+                           + steps * (cluster.inter_node_step_us if inter else cluster.intra_node_step_us)) * 1e-6
+        latency += alpha
+        comm[key] = comm.get(key, 0.0) + alpha + t.count * t.sent_bytes / (gbps * 1e9)
+    return Timing(compute, comm, links, latency)
 
 
 # --------------------------------------------------------------------------- #
@@ -781,7 +867,11 @@ def _no_fit_message(search: Search) -> str:
             f"{search.devices} x {search.cluster.gpu} ({search.cluster.memory_gib:g} GiB, keeping {HEADROOM:.0%} free)")
     if closest is None:
         reasons = sorted({e.reason for e in search.rejected})[:3]
-        return head + ": no layout divides the model:\n  - " + "\n  - ".join(reasons)
+        fewer = next((n for n in range(search.devices - 1, 0, -1) if any(
+            estimate(search.config, p, search.cluster.with_devices(n)).memory is not None
+            for layout in layouts(n) for p in candidates(search.config, layout, 0)[:1])), None)
+        hint = (f"\n{fewer} GPUs divide it (--devices {fewer}, or that many devices)" if fewer else "")
+        return head + ": no layout divides the model:\n  - " + "\n  - ".join(reasons) + hint
     m = closest.memory
     lacks = m.total - search.budget_bytes
     return (f"{head}. Closest: {closest.plan.describe()} needs {m.total / GIB:.1f} GiB per GPU "
@@ -989,13 +1079,14 @@ def comparison(config: TrainConfig, measured: Measured, layout: Layout | None = 
     return rows
 
 
-def dry_run(config: TrainConfig, devices: Sequence | None = None, log=print) -> Measured:
+def dry_run(config: TrainConfig, devices: Sequence | None = None, log=print, cluster: Cluster | None = None) -> Measured:
     """`train.py --dry-run`: compile the step for `config` on the devices present, train nothing, write nothing.
 
     Prints per-device memory and collectives per kind and mesh axis as XLA
     compiled them, with the planner's prediction beside (for XLA:CPU when the
-    devices are simulated CPUs), and the predicted step time on the cluster
-    the devices form. `mesh: auto` is resolved first.
+    devices are simulated CPUs), and the predicted step time and memory on
+    `cluster` (default: the cluster the devices form), with a warning when
+    that memory exceeds its GPUs'. `mesh: auto` is resolved first.
     """
     import time
 
@@ -1006,7 +1097,7 @@ def dry_run(config: TrainConfig, devices: Sequence | None = None, log=print) -> 
 
     devices = list(jax.devices() if devices is None else devices)
     if config.mesh.auto:
-        config = auto_config(config, devices, log=log)
+        config = auto_config(config, devices, cluster=cluster, log=log)
     layout = (config.mesh.data, config.mesh.expert, config.mesh.tensor)
     mesh = make_mesh(*layout, devices=devices)
     backend: Backend = "gpu" if devices[0].platform == "gpu" else "cpu"
@@ -1018,34 +1109,52 @@ def dry_run(config: TrainConfig, devices: Sequence | None = None, log=print) -> 
     predicted = memory(config, layout, backend)
     log(f"dry run: {Plan.of(config).describe()} on {len(devices)} {devices[0].platform} devices "
         f"({devices[0].device_kind}); compiled in {seconds:.1f} s; nothing trained or written.")
+    missing = unmodelled_line(config, backend)
+    if missing:
+        log(missing + " (the predictions below leave them out)")
     log("")
     mem = measured.memory
-    log("| per device | predicted | compiled |")
-    log("|---|---:|---:|")
-    log(f"| arguments (params {_size(predicted.params)}, optimizer {_size(predicted.optimizer)}, batch "
-        f"{_size(predicted.batch)}) | {_size(predicted.arguments)} | {_size(mem['argument_bytes'])} |")
-    log(f"| temporaries (peak at {predicted.peak_at}) | {_size(predicted.temporaries)} | {_size(mem['temp_bytes'])} |")
-    log(f"| total | {_size(predicted.total)} | {_size(measured.memory_bytes)} "
-        f"({predicted.total / measured.memory_bytes - 1:+.1%}) |")
+    log("| per device | predicted MiB | compiled MiB | predicted / compiled |")
+    log("|---|---:|---:|---:|")
+    parts = (f"arguments (params {_mib(predicted.params)}, optimizer {_mib(predicted.optimizer)}, batch "
+             f"{_mib(predicted.batch)})", predicted.arguments, mem["argument_bytes"])
+    for name, p, q in (parts, (f"temporaries (peak at {predicted.peak_at})", predicted.temporaries, mem["temp_bytes"]),
+                       ("total", predicted.total, measured.memory_bytes)):
+        log(f"| {name} | {_mib(p)} | {_mib(q)} | {p / q - 1:+.1%} |" if q else f"| {name} | {_mib(p)} | {_mib(q)} | - |")
     log("")
     log("| collective | mesh axes | predicted MiB sent | compiled MiB sent | bytes |")
     log("|---|---|---:|---:|---|")
     for row in comparison(config, measured, layout, backend):
-        mib = row["predicted_sent"] / 2**20, row["measured_sent"] / 2**20
-        log(f"| {row['kind']} | {row['axes']} | {mib[0]:.3f} | {mib[1]:.3f} "
-            f"| {'equal' if row['exact'] else 'differ'} |")
+        same = row["exact"]
+        verdict = "equal" if same else (f"differ: {row['predicted_bytes']:,} vs {row['measured_bytes']:,} B "
+                                         f"({row['measured_bytes'] - row['predicted_bytes']:+,})")
+        log(f"| {row['kind']} | {row['axes']} | {_mib(row['predicted_sent'])} | {_mib(row['measured_sent'])} "
+            f"| {verdict} |")
     for what, rows in sorted(measured.xla_choice.items()):
-        parts = ", ".join(f"{kind} {'+'.join(axes)} {r['sent_bytes'] / 2**20:.3f} MiB"
-                          for (kind, axes), r in sorted(rows.items()))
-        log(f"{what} (partitioned by XLA's choice, not in the table): {parts}")
+        parts_ = ", ".join(f"{kind} {'+'.join(axes)} {_mib(r['sent_bytes'])} MiB" for (kind, axes), r in sorted(rows.items()))
+        log(_wrap(f"{what} (partitioned by XLA's choice, not in the table): {parts_}"))
     if backend == "cpu":
         log("(predicted for XLA:CPU: float32 activations, all-reduce instead of reduce-scatter, no remat saving)")
-    cluster = cluster_for(devices)
-    assumed = " (assumed for simulated CPU devices)" if backend == "cpu" else ""
+    named = cluster is not None
+    cluster = (cluster.with_devices(len(devices)) if named else cluster_for(devices))
+    assumed = "" if named or backend == "gpu" else " (assumed for simulated CPU devices; --cluster to choose)"
+    est = Estimate(Plan.of(config), memory(config, layout), step_time(config, cluster, layout), {})
     log("")
-    log(f"predicted on {len(devices)} x {cluster.gpu}{assumed}: " + describe_estimate(
-        Estimate(Plan.of(config), memory(config, layout), step_time(config, cluster, layout), {})))
+    log(_wrap(f"predicted on {len(devices)} x {cluster.gpu} ({cluster.name}){assumed}: " + describe_estimate(est)))
+    warning = memory_warning(est.memory, cluster)
+    if warning:
+        log("warning: " + warning)
     return measured
+
+
+def memory_warning(mem: Memory, cluster: Cluster) -> str:
+    """A sentence when `mem` exceeds one GPU of `cluster` ("" when it fits)."""
+    limit = cluster.memory_gib * GIB
+    if mem.total <= limit:
+        return ""
+    return (f"predicted {mem.total / GIB:.2f} GiB per GPU exceeds the {cluster.memory_gib:g} GiB of a {cluster.gpu} "
+            f"by {(mem.total - limit) / GIB:.2f} GiB (peak at {mem.peak_at}): it would run out of memory there. "
+            "Plan with mesh=auto or `python -m tedjax.plan`.")
 
 
 # --------------------------------------------------------------------------- #
@@ -1056,22 +1165,27 @@ def auto_config(config: TrainConfig, devices: Sequence | None = None, cluster: C
                 log=print) -> TrainConfig:
     """`mesh: auto`: `config` with the best plan's layout and switches for `devices` (default jax.devices()).
 
-    Prints the chosen plan and the runner-up with their predicted memory and
-    time. Raises NoPlanFits (a ValueError naming the closest plan and what it
-    lacks) before anything is compiled when no plan fits.
+    Plans for `cluster` (default: the cluster the devices form). Prints the
+    chosen plan, the runner-up and any setting the planner does not model.
+    Raises NoPlanFits (a ValueError naming the closest plan and what it
+    lacks) before anything is compiled when no plan fits the GPUs' memory.
     """
     import jax
 
     devices = list(jax.devices() if devices is None else devices)
-    cluster = cluster or cluster_for(devices)
+    named = cluster is not None
+    cluster = cluster.with_devices(len(devices)) if named else cluster_for(devices)
     found = search(config, cluster, len(devices))
+    assumed = ", assumed for simulated CPU devices; --cluster to choose" if devices[0].platform != "gpu" and not named else ""
+    missing = unmodelled_line(config)
+    if missing:
+        log(_wrap(missing + " (plans are ranked without them)"))
     best = found.best
-    assumed = ", assumed for simulated CPU devices" if devices[0].platform != "gpu" else ""
     log(f"mesh: auto on {len(devices)} x {cluster.gpu} ({cluster.name}{assumed}; {len(found.pool)} plans fit, "
         f"{len(found.rejected)} rejected)")
-    log("  chosen:    " + describe_estimate(best))
+    log(_wrap("  chosen:    " + describe_estimate(best), indent="             "))
     if len(found.pool) > 1:
-        log("  runner-up: " + describe_estimate(found.pool[1]))
+        log(_wrap("  runner-up: " + describe_estimate(found.pool[1]), indent="             "))
     return best.plan.apply(config)
 
 
@@ -1094,46 +1208,62 @@ def cluster_for(devices: Sequence) -> Cluster:
     return cluster.with_devices(len(devices))
 
 
-def _gib(n: float) -> str:
-    return f"{n / GIB:.2f}"
+WIDTH = 110  # wrap printed paragraphs at this many characters
+
+
+def _wrap(text: str, indent: str = "  ") -> str:
+    import textwrap
+
+    return textwrap.fill(text, WIDTH, subsequent_indent=indent, break_on_hyphens=False, break_long_words=False)
+
+
+def _mib(n: float) -> str:
+    """Every size the planner prints: MiB with 3 decimals."""
+    return f"{n / 2**20:,.3f}"
 
 
 def _size(n: float) -> str:
-    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
+    return f"{n / GIB:,.2f} GiB"
+
+
+def _ms(seconds: float) -> str:
+    """Every time the planner prints: milliseconds with 2 decimals."""
+    return f"{seconds * 1e3:,.2f}"
 
 
 def describe_estimate(est: Estimate) -> str:
-    """One paragraph: the plan, its memory parts and its time parts."""
+    """One paragraph: the plan, its memory parts (GiB) and its time parts (ms)."""
     m, t = est.memory, est.timing
-    comm = ", ".join(f"{axes} {_time(s)} ({t.links[axes]})" for axes, s in sorted(t.comm_s.items()))
+    comm = ", ".join(f"{axes} {_ms(s)} ({t.links[axes]})" for axes, s in sorted(t.comm_s.items()))
     return (f"{est.plan.describe()}: {_size(m.total)} per GPU (params {_size(m.params)}, optimizer "
             f"{_size(m.optimizer)}, gradients {_size(m.gradients)}, activations {_size(m.activations)}, peak "
-            f"temporaries {_size(m.temporaries)} at {m.peak_at}); step {_time(t.step_s)} = compute "
-            f"{_time(t.compute_s)} + {comm or 'no communication'}")
+            f"temporaries {_size(m.temporaries)} at {m.peak_at}); step {_ms(t.step_s)} ms = compute "
+            f"{_ms(t.compute_s)} ms + communication {_ms(sum(t.comm_s.values()))} ms "
+            f"({comm or 'none'}; latency {_ms(t.latency_s)} ms of it)")
 
 
 def _count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
 
-def _time(seconds: float) -> str:
-    return f"{seconds:.3g} s" if seconds >= 1 else f"{seconds * 1e3:.3g} ms"
-
-
 def pool_table(found: Search, top: int = 5) -> str:
-    """The pool as a markdown table, best first."""
+    """The pool as a markdown table, best first: memory in GiB, times in ms, both with 2 decimals."""
     title = (f"Plans for {_count(found.config.model.param_counts()['total'])} parameters on {found.devices} x "
              f"{found.cluster.gpu} ({found.cluster.name}, {found.cluster.memory_gib:g} GiB, "
              f"{HEADROOM:.0%} kept free): {len(found.pool)} fit, {len(found.rejected)} rejected.")
     header = ("| rank | data | expert | tensor | dtd | remat | tile | grad_accum | memory GiB | peak at | step ms "
-              "| compute ms | communication ms |")
-    lines = [title, "", header, "|---:|---:|---:|---:|---|---|---:|---:|---:|---|---:|---:|---|"]
+              "| compute ms | communication ms (latency ms) |")
+    lines = [_wrap(title, indent=""), "", header,
+             "|---:|---:|---:|---:|---|---|---:|---:|---:|---|---:|---:|---:|"]
     for i, est in enumerate(found.pool[:top], 1):
         p, m, t = est.plan, est.memory, est.timing
-        comm = ", ".join(f"{axes} {s * 1e3:.3g}" for axes, s in sorted(t.comm_s.items()))
         lines.append(f"| {i} | {p.data} | {p.expert} | {p.tensor} | {'yes' if p.dtd else 'no'} | {p.remat} | "
-                     f"{p.tile_size or '-'} | {p.grad_accum} | {m.total / GIB:.3g} | {m.peak_at} | "
-                     f"{t.step_s * 1e3:.4g} | {t.compute_s * 1e3:.3g} | {comm or '-'} |")
+                     f"{p.tile_size or '-'} | {p.grad_accum} | {m.total / GIB:,.2f} | {m.peak_at} | "
+                     f"{_ms(t.step_s)} | {_ms(t.compute_s)} | {_ms(sum(t.comm_s.values()))} ({_ms(t.latency_s)}) |")
+    if found.pool:
+        best = found.pool[0].timing
+        lines += ["", _wrap("Communication of rank 1 by mesh axes: " + ", ".join(
+            f"{axes} {_ms(sec)} ms ({best.links[axes]})" for axes, sec in sorted(best.comm_s.items())), indent="")]
     return "\n".join(lines) + "\n"
 
 
@@ -1153,7 +1283,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cluster", required=True, help="cluster preset (configs/clusters/*.yaml)")
     parser.add_argument("--config", required=True, help="model/training config (configs/*.yaml)")
-    parser.add_argument("--devices", type=int, default=None, help="GPUs to plan for (default: the whole cluster)")
+    parser.add_argument("--devices", type=int, default=None,
+                        help="GPUs to plan for (default: one node of the cluster, gpus_per_node)")
     parser.add_argument("--top", type=int, default=5, help="plans to show (default 5)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of the config (not of what the planner "
                         "chooses: mesh, model.dtd, model.remat, optimizer.tile_size, data.grad_accum)")
@@ -1168,13 +1299,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.config, [*args.overrides, "mesh=auto"])
         if args.top < 1:
             raise ValueError(f"--top must be >= 1, got {args.top}")
-        found = search(config, cluster, args.devices)
+        devices = args.devices or cluster.gpus_per_node
+        if args.devices is None:
+            print(f"Planning for {devices} GPUs: one node of {cluster.name} ({cluster.nodes} nodes of "
+                  f"{cluster.gpus_per_node}); --devices N for more.")
+        missing = unmodelled_line(config)
+        if missing:
+            print(_wrap(missing + " (plans are ranked without them)", indent=""))
+        found = search(config, cluster, devices)
         print(pool_table(found, args.top))
         if found.rejected:
             print("Rejected:\n" + rejection_summary(found) + "\n")
-        print("Best: " + describe_estimate(found.best))
+        print(_wrap("Best: " + describe_estimate(found.best)))
         if len(found.pool) > 1:
-            print("Runner-up: " + describe_estimate(found.pool[1]))
+            print(_wrap("Runner-up: " + describe_estimate(found.pool[1])))
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
