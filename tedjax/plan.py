@@ -440,6 +440,13 @@ class _Sizes:
         return (-(-rows // block) + experts) * block
 
 
+def _block(sz: _Sizes) -> int:
+    """Rows per block of `grouped.pool_ffn`'s `blocks` method (XLA:CPU)."""
+    from tedjax.grouped import block_rows
+
+    return block_rows(sz.slots // sz.chunks, sz.pool // sz.capacity)
+
+
 def _sizes(config: TrainConfig, layout: Layout) -> _Sizes:
     from tedjax.routing import capacity
 
@@ -687,15 +694,27 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
     act_b = 4 if backend == "cpu" or m.dtype == "float32" else 2
     td, td_t = sz.tokens * m.d_model * act_b, sz.tokens * m.d_model // t * act_b
     heads = sz.tokens * (m.n_heads // t) * dc.seq_len * (4 + act_b) // 2  # float32 scores, probs in compute dtype
-    e_local = m.num_experts // sz.expert if m.num_experts else 0
-    slots = sz.groups_out * e_local * sz.capacity
+    slots = sz.slots
     slot_d = slots * m.d_model * act_b
     n_moe = m.n_moe_layers
     n_dense = m.n_layers - n_moe
     ffn_x2 = 3 if m.activation == "swiglu" else 2  # 2 x the FFN-wide tensors' factor
+    weights = ffn_x2  # expert weight matrices: w_in, w_out (and w_gate)
+    f_t = m.expert_d_ff // t
     attention = 3 * td + 3 * td_t + 2 * heads
     dense = 3 * td + 3 * sz.tokens * (m.d_ff // t) * act_b * ffn_x2 // 2
-    moe = 3 * td + 3 * slots * (m.expert_d_ff // t) * act_b * ffn_x2 // 2 + slot_d
+    # Device pools: grouped.pool_ffn multiplies rows sorted by expert; XLA:CPU's `blocks` method pads
+    # them to whole blocks and keeps one copy of the expert weights per block, per chunk.
+    rows = sz.chunks * sz.sorted_rows(backend) if sz.pooled else slots
+    copies = sz.chunks * (sz.sorted_rows(backend) // _block(sz)) if sz.pooled and backend == "cpu" else 0
+    # (in bf16 on XLA:CPU both the float32 product and its bf16 rounding are kept, 1.5 x, unless full
+    # remat recomputes them: measured)
+    copy_b = act_b * 3 // 2 if backend == "cpu" and m.dtype != "float32" and m.remat != "full" else act_b
+    moe = 3 * td + 3 * rows * f_t * act_b * ffn_x2 // 2 + slot_d + copies * m.d_model * f_t * copy_b * weights
+    # Shadow experts: R more FFNs on each device's own tokens, with a copy of their weights.
+    shadow_rows = sz.shadows * sz.groups_in * sz.shadow_capacity
+    moe += (3 * shadow_rows * f_t * act_b * ffn_x2 // 2 + shadow_rows * m.d_model * act_b
+            + sz.shadows * m.d_model * f_t * act_b * weights) if n_moe else 0
     one_layer = attention + (moe if n_moe else dense)
     logits = 2 * sz.tokens * (m.vocab_size // t) * 4
     if backend == "cpu" or m.remat == "none":
