@@ -738,7 +738,7 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
     # With accumulation XLA also slices the parameters' ZeRO-1 shards before the loop (measured).
     working = 3 * td + 4 * td_t + 2 * slot_d + casts + (moments // 2 if carry else 0)
     phases = {"backward start": activations + carry + layer_grads,
-              "backward end": carry + params + (0 if casts else reduced) + one_layer + logits,
+              "backward end": carry + params + one_layer + logits,
               "optimizer update": params + (4 * 4 * tile if tile else moments)}
     peak_at = max(phases, key=phases.get)
     return Memory(params, moments + counters, batch, other, params, activations, working + phases[peak_at], peak_at)
