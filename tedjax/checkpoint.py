@@ -59,6 +59,7 @@ SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "num_exp
 # Fields that do not change what the run computes, with the reason; all others do (new fields included).
 SAFE_CHANGES = {
     "mesh.": "the checkpoint is resharded onto the new mesh on restore",
+    "optimizer.zero": "where the state is stored only: restored into the new level's shards",
     "log.": "logging only",
     "checkpoint.every": "checkpoint frequency only",
     "checkpoint.keep": "checkpoint retention only",

@@ -278,6 +278,7 @@ class OptimizerConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 disables
     zero1: bool = True  # shard optimizer state over each parameter's data-parallel group
     tile_size: int = 0  # tiled optimizer: update large parameters this many elements at a time; 0 = off
+    zero: int = 1  # 1: optimizer state split; 2: + gradients; 3: + parameters (FSDP). README "Memory"
 
     def __post_init__(self):
         _check_float("optimizer.learning_rate", self.learning_rate, 0, strict=True)
@@ -288,6 +289,13 @@ class OptimizerConfig:
         _check_float("optimizer.grad_clip", self.grad_clip, 0)
         _check_int("optimizer.tile_size", self.tile_size, 0)
         _check_bool("optimizer.zero1", self.zero1)
+        if self.zero not in (1, 2, 3) or isinstance(self.zero, bool):
+            raise ValueError(f"optimizer.zero must be 1, 2 or 3 (what ZeRO splits over each parameter's "
+                             f"data-parallel group: optimizer state, + gradients, + parameters), got {self.zero!r}")
+        if self.zero > 1 and not self.zero1:
+            raise ValueError(f"optimizer.zero={self.zero} splits gradients{' and parameters' if self.zero == 3 else ''}"
+                             " into the optimizer state's shards, which optimizer.zero1=false turns off; "
+                             "set optimizer.zero1=true or optimizer.zero=1")
         for name in ("b1", "b2"):
             value = getattr(self, name)
             _check_float(f"optimizer.{name}", value, 0)

@@ -157,6 +157,7 @@ def tiled_adamw_update(
     state_shardings,
     mesh: Mesh,
     finite: jax.Array | None = None,
+    param_shardings=None,
 ):
     """optax.adamw's update, with every parameter bigger than a tile updated tile by tile.
 
@@ -165,6 +166,11 @@ def tiled_adamw_update(
     tile keeps its old values and the counts do not advance. The caller can then
     drop its own `where(finite, new, old)` over the state, which would keep the
     whole old state alive next to the in-place update (an E-proportional copy).
+
+    With `param_shardings`, the new parameters come back all-gathered into
+    their own layout, each leaf once: an untiled leaf guards its update, not
+    its value (`p + where(finite, delta, 0)`), because `where(finite, new, p)`
+    before the gather makes XLA gather both operands.
     """
     adam_state, decay_state, sched_state = opt_state
     count = adam_state.count
@@ -178,11 +184,12 @@ def tiled_adamw_update(
     def moments(g, m, v):
         return cfg.b1 * m + (1 - cfg.b1) * g, cfg.b2 * v + (1 - cfg.b2) * jnp.square(g)
 
-    def new_param(p, m, v, decay):
+    def step_of(p, m, v, decay):
         step = (m / bc1) / (jnp.sqrt(v / bc2) + cfg.eps)
-        if decay:
-            step = step + cfg.weight_decay * p
-        return p - lr * step
+        return step + cfg.weight_decay * p if decay else step
+
+    def new_param(p, m, v, decay):
+        return p - lr * step_of(p, m, v, decay)
 
     def leaf_update(g, m, v, p, decay):
         # The parameter reads the moments as returned (guarded): recomputing them from the old
@@ -224,28 +231,40 @@ def tiled_adamw_update(
         m, v, p = jax.lax.fori_loop(0, -(-n // tile), body, (m, v, p))
         return p.reshape(shape), m.reshape(shape), v.reshape(shape)
 
-    def per_leaf(g, m, v, p, decay, sharding):
+    gather = param_shardings is not None
+
+    def per_leaf(g, m, v, p, decay, sharding, param_sharding):
         if g.size <= cfg.tile_size:
-            return leaf_update(g, m, v, p, decay)
+            if not gather:
+                return leaf_update(g, m, v, p, decay)
+            # Guard the update, not the parameter: XLA would gather both operands of where(finite, new, p).
+            new_m, new_v = moments(g, m, v)
+            new_m, new_v = guard(new_m, m), guard(new_v, v)
+            new_p = p - guard(lr * step_of(p, new_m, new_v, decay), jnp.zeros_like(p))
+            return jax.lax.with_sharding_constraint(new_p, param_sharding), new_m, new_v
         spec = sharding.spec
-        return jax.shard_map(
+        new_p, new_m, new_v = jax.shard_map(
             lambda g, m, v, p: tiled(g, m, v, p, decay),
             mesh=mesh,
             in_specs=(spec, spec, spec, spec),
             out_specs=(spec, spec, spec),
             check_vma=False,
         )(g, m, v, p)
+        if gather:
+            new_p = jax.lax.with_sharding_constraint(new_p, param_sharding)
+        return new_p, new_m, new_v
 
     leaves_g, treedef = jax.tree.flatten(grads)
     results = [
-        per_leaf(g, m, v, p, d, s)
-        for g, m, v, p, d, s in zip(
+        per_leaf(g, m, v, p, d, s, ps)
+        for g, m, v, p, d, s, ps in zip(
             leaves_g,
             treedef.flatten_up_to(adam_state.mu),
             treedef.flatten_up_to(adam_state.nu),
             treedef.flatten_up_to(params),
             treedef.flatten_up_to(decay_mask),
             treedef.flatten_up_to(state_shardings),
+            treedef.flatten_up_to(param_shardings) if gather else [None] * treedef.num_leaves,
         )
     ]
     new_params = treedef.unflatten([r[0] for r in results])

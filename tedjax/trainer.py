@@ -52,16 +52,19 @@ class Trainer:
         check_mesh(config.model, mesh, config.data.micro_batch_size, config.data.seq_len)
         graphdef, abstract_params, abstract_rest = nnx.split(abstract_model(config.model, config.seed), nnx.Param, ...)
         self.graphdef = graphdef
-        self.param_shardings = nnx.to_pure_dict(state_shardings(abstract_params, mesh))
+        self.model_shardings = nnx.to_pure_dict(state_shardings(abstract_params, mesh))  # the layers' own layout
         self.abstract_params = jax.tree.map(
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), nnx.to_pure_dict(abstract_params)
         )
         self.rest_shardings = nnx.to_pure_dict(state_shardings(abstract_rest, mesh))
         self.schedule = learning_rate_schedule(config.optimizer, config.steps)
         self.tx = make_optimizer(config.optimizer, config.steps)
-        self.zero1_shardings = zero1_shardings(self.abstract_params, self.param_shardings, mesh, config.optimizer.zero1)
+        self.zero1_shardings = zero1_shardings(self.abstract_params, self.model_shardings, mesh, config.optimizer.zero1)
+        # Where the state's parameters live: ZeRO-3 stores them in the optimizer state's shards, and XLA
+        # all-gathers each where the forward and backward use it.
+        self.param_shardings = self.zero1_shardings if config.optimizer.zero == 3 else self.model_shardings
         self.opt_shardings = opt_state_shardings(
-            self.tx, self.abstract_params, self.param_shardings, mesh, config.optimizer.zero1
+            self.tx, self.abstract_params, self.model_shardings, mesh, config.optimizer.zero1
         )
         replicated = NamedSharding(mesh, PartitionSpec())
         self.state_shardings = TrainState(
@@ -355,27 +358,33 @@ def train_step(
     """One optimizer step on `batch` = {"inputs", "targets"}: int32 `[grad_accum, micro_batch, L]`."""
     static = trainer_static
 
-    def micro_grads(model_state, micro):
+    def micro_grads(model_state, micro, params=state.params):
         def loss_of(params):
             model = _merge(graphdef, params, model_state)
             loss, metrics = loss_fn(model, micro)
             return loss, (metrics, nnx.to_pure_dict(nnx.split(model, nnx.Param, ...)[2]))
 
-        (_, (metrics, model_state)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+        (_, (metrics, model_state)), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
         return grads, metrics, model_state
 
-    accum = batch["inputs"].shape[0]
+    accum, zero = batch["inputs"].shape[0], config.optimizer.zero
     if accum == 1:
         grads, metrics, model_state = micro_grads(state.model_state, jax.tree.map(lambda x: x[0], batch))
     else:
 
         def body(carry, micro):
-            grads_sum, model_state = carry
-            grads, metrics, model_state = micro_grads(model_state, micro)
-            return (jax.tree.map(jnp.add, grads_sum, grads), model_state), metrics
+            grads_sum, model_state, params = carry
+            if zero == 3:  # a loop-variant copy: XLA would hoist the (loop-invariant) all-gathers out of the
+                params = jax.lax.optimization_barrier(params)  # loop and keep the whole model gathered
+            grads, metrics, model_state = micro_grads(model_state, micro, params)
+            if zero > 1:  # each micro-batch's gradients reduce-scattered into the optimizer's shards
+                grads = jax.lax.with_sharding_constraint(grads, static.zero1_shardings)
+            return (jax.tree.map(jnp.add, grads_sum, grads), model_state, params), metrics
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        (grads, model_state), metrics = jax.lax.scan(body, (zeros, state.model_state), batch)
+        if zero > 1:  # ZeRO-2/3 accumulate in the optimizer's shards: no full gradient lives across micro-batches
+            zeros = jax.lax.with_sharding_constraint(zeros, static.zero1_shardings)
+        (grads, model_state, _), metrics = jax.lax.scan(body, (zeros, state.model_state, state.params), batch)
         grads = jax.tree.map(lambda g: g / accum, grads)
         metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
 
@@ -389,7 +398,7 @@ def train_step(
         # state for a where() afterwards would hold a full copy next to the in-place update.
         new_params, new_opt_state = tiled_adamw_update(
             config.optimizer, static.schedule, grads, state.opt_state, params, static.zero1_shardings, static.mesh,
-            finite=finite,
+            finite=finite, param_shardings=static.param_shardings,
         )
         keep = lambda new, old: new
     else:

@@ -443,7 +443,7 @@ OUT_OF_RANGE = {
     "mesh.data": 0, "mesh.expert": 0, "mesh.tensor": 0,
     "optimizer.learning_rate": 0.0, "optimizer.min_lr_ratio": 1.5, "optimizer.warmup_steps": -1,
     "optimizer.weight_decay": -0.1, "optimizer.b1": 1.0, "optimizer.b2": -0.5, "optimizer.eps": 0.0,
-    "optimizer.grad_clip": -1.0, "optimizer.tile_size": -1,
+    "optimizer.grad_clip": -1.0, "optimizer.tile_size": -1, "optimizer.zero": 4,
     "data.source": "web", "data.seq_len": 0, "data.batch_size": 0, "data.grad_accum": 0, "data.seed": -1,
     "data.stdlib_max_bytes": 0,
     "checkpoint.every": -1, "checkpoint.keep": 0,

@@ -197,7 +197,9 @@ def test_tiled_step_matches_untiled(layout):
     # 10 full tiles and a partial one; attention and embedding weights are tiled too, norms are not.
     before, (params_t, opt_t) = first_step(layout, tile_size=100)
     _, (params_u, opt_u) = first_step(layout, tile_size=0)
-    assert max_abs_diff(params_t, params_u) < 1e-6
+    # Adam's first step is lr * g / (|g| + eps): the two programs' roundoff in a 1e-7 gradient
+    # (a different reduction order) moves such an element by ~1e-6 (lr = 3e-3).
+    assert max_abs_diff(params_t, params_u) < 1e-5
     assert max_abs_diff(opt_t, opt_u) < 1e-6
     assert max_abs_diff(params_t, before) > 1e-4  # the step did move the parameters
 
@@ -227,6 +229,28 @@ def isolated_update(layout, num_experts: int, tile_size: int):
         compiled = jax.jit(update, donate_argnums=(1, 2)).lower(
             abstract, trainer.abstract_state().opt_state, abstract, finite).compile()
     return compiled, trainer
+
+
+def test_tiled_step_gathers_each_parameter_once():
+    """The train step all-gathers each ZeRO-split parameter once, tiled or not.
+
+    A 1M-element tile holds every leaf of the test model, so all take the
+    untiled branch, whose `where(finite, new, old)` guard used to make XLA
+    gather both operands (2 gathers per leaf).
+    """
+    layout = (2, 2, 2)
+    mesh = tedjax.make_mesh(*layout)
+    gathered = {}
+    for tile in (0, 1 << 20):
+        trainer = Trainer(train_config(layout, tile), mesh)
+        colls = analysis.collectives(trainer.lower_train_step().compile(), mesh)
+        gathered[tile] = sorted(c.shape.split("{")[0] for c in colls
+                                if c.kind == "all-gather" and not c.trivial and c.shape.startswith("f32"))
+    split = [a for a, s, z in zip(jax.tree.leaves(trainer.abstract_params), jax.tree.leaves(trainer.param_shardings),
+                                  jax.tree.leaves(trainer.zero1_shardings)) if s.spec != z.spec]
+    assert len(split) > 10
+    assert gathered[1 << 20] == gathered[0]
+    assert len(gathered[0]) == len(split)
 
 
 @pytest.mark.parametrize("finite", [True, False])
