@@ -306,6 +306,8 @@ def main() -> None:
         for layout, overrides in plan.held_out_cells(QUICK_CELLS if args.quick else CELLS,
                                                      QUICK_SEED if args.quick else SEED):
             measured.append(measure_cell(layout, overrides))
+            print(f"compiled {len(measured)}: {layout} {switches(overrides)} ({measured[-1]['compile_s']:.1f} s)",
+                  flush=True)
     keep = ("layout", "overrides", "compile_s", "measured_traffic", "xla_choice", "memory")
     cells = [score_cell({k: c[k] for k in keep}) for c in measured]
     for c in cells:

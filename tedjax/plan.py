@@ -583,10 +583,7 @@ def _leaf_costs(model: ModelConfig, layout: Layout, zero1: bool, backend: Backen
             entries += _gradient_reduction(local, used, added, sizes, backend, what)
         # the global norm: one partial sum per sharded dim of the optimizer-state layout
         entries += [("all-reduce", axes, 4, False, "gradient norm") for axes in state_spec]
-        # The tiled optimizer updates a leaf of at most one tile with optax's arithmetic under the step's
-        # where(finite, new, old) guard: XLA all-gathers both operands of the where (measured).
-        gathers = 2 if tile_size and math.prod(leaf.shape) <= tile_size else 1
-        entries += [("all-gather", added, local, False, "updated parameters (ZeRO-1)")] * gathers
+        entries.append(("all-gather", added, local, False, "updated parameters (ZeRO-1)"))
         for kind, axes, nbytes, per_micro, what in entries:
             axes = tuple(a for a in AXES if a in axes and sizes[a] > 1)
             if axes and nbytes:
@@ -1049,6 +1046,7 @@ HELD_OUT_SWITCHES = {
     "model.activation": ("gelu", "swiglu"),
     "model.dtype": ("float32", "bfloat16"),
     "optimizer.tile_size": (0, 4096, 1 << 16),
+    "optimizer.zero": (1, 2, 3),
     "data.grad_accum": (1, 2),
     # the model's shape, so that parameters (d_model) or activations (batch) dominate in some cells
     "model.d_model": (128, 256),
