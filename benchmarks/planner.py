@@ -37,8 +37,9 @@ HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent))  # _common
 sys.path.insert(0, str(HERE.parents[1]))  # tedjax
 ARGS_QUICK = "--quick" in sys.argv
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8" + (
-    " --xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false" if ARGS_QUICK else "")  # fast compiles
+# Fast compiles (tests/compile_flags.py): the same HLO, collectives and buffer sizes, a fraction of the CPU time.
+os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
+                           "--xla_cpu_use_fusion_emitters=false")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import _common  # noqa: E402
@@ -308,6 +309,8 @@ def main() -> None:
             measured.append(measure_cell(layout, overrides))
             print(f"compiled {len(measured)}: {layout} {switches(overrides)} ({measured[-1]['compile_s']:.1f} s)",
                   flush=True)
+            # kept as it goes: an interrupted sweep can still be re-predicted (--rescore)
+            _common.save_results(NAME, measured, {"partial": True}, "", out_dir, machine=machine)
     keep = ("layout", "overrides", "compile_s", "measured_traffic", "xla_choice", "memory")
     cells = [score_cell({k: c[k] for k in keep}) for c in measured]
     for c in cells:

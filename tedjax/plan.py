@@ -65,6 +65,8 @@ GIB = 1 << 30
 XLA_CHOOSES = {  # what -> op_name regex (remat wraps the router's einsum in checkpoint/...)
     "embedding gradient": r"transpose\(jvp\(jit\(_take\)\)\)",
     "router gradient": r"transpose\(.*gsd,de->gse",
+    # with ZeRO-3 the lookup's table is stored split, and XLA gathers it over the axes it picks
+    "embedding lookup": r"jvp\(jit\(_take\)\)",
 }
 
 
@@ -173,7 +175,7 @@ MODELLED = {
               "top_k", "capacity_factor", "min_capacity", "moe_every", "group_size", "activation", "dtype", "dtd",
               "capacity_scope", "shadow_experts", "a2a_chunks", "remat", "n_kv_heads", "head_dim", "qk_norm",
               "attention"),
-    "optimizer": ("zero1", "tile_size"),
+    "optimizer": ("zero1", "zero", "tile_size"),
     "data": ("seq_len", "batch_size", "grad_accum"),
     "mesh": ("data", "expert", "tensor", "auto"),
     "xla": ("all_reduce_combine_bytes", "reduce_scatter_combine_bytes", "all_gather_combine_bytes", "combine_count"),
@@ -495,7 +497,8 @@ def collectives(config: TrainConfig, layout: Layout | None = None, backend: Back
     # ---- per micro-batch (inside the gradient-accumulation loop)
     act = sz.tokens * d_model * act_b  # [B, L, D] on one device
     batch_axes = ("data", "expert")
-    add("all-reduce", ["tensor"], sz.tokens * d_model * 4, accum, "embedding lookup (vocab split over tensor)")
+    if config.optimizer.zero < 3 or not config.optimizer.zero1:
+        add("all-reduce", ["tensor"], sz.tokens * d_model * 4, accum, "embedding lookup")  # vocab split over tensor
     full = m.remat == "full"
     add("all-reduce", ["tensor"], act, accum * m.n_layers * (2 if full else 1), "attention output")
     add("all-reduce", ["tensor"], act, accum * m.n_layers * 3, "attention input gradient (q, k, v)")
@@ -540,7 +543,7 @@ def collectives(config: TrainConfig, layout: Layout | None = None, backend: Back
 
     # ---- gradients over each parameter's data-parallel group (XLA reduces them in every micro-batch),
     # the global norm's partial sums, the all-gather of the updated ZeRO-1 shards
-    for kind, axes, nbytes, count, per_micro, what in _leaf_costs(m, layout, config.optimizer.zero1, backend, config.optimizer.tile_size).traffic:
+    for kind, axes, nbytes, count, per_micro, what in _costs(config, layout, backend).traffic:
         add(kind, axes, nbytes, count * (accum if per_micro else 1), what)
     return out
 
@@ -554,21 +557,29 @@ class _LeafCosts:
     layer_grads: int  # the largest block's (or outside leaf's) local gradient bytes
     reduced: int  # local gradient bytes reduced over a data-parallel group
     traffic: tuple  # (kind, axes, bytes, count, per micro-batch, what)
+    gathered: int = 0  # float32 parameters in their own layout (what ZeRO-3 gathers for a micro-batch)
+
+
+def _costs(config: TrainConfig, layout: Layout, backend: Backend) -> _LeafCosts:
+    opt = config.optimizer
+    return _leaf_costs(config.model, layout, opt.zero1, backend, opt.zero if opt.zero1 else 1)
 
 
 @functools.lru_cache(maxsize=4096)
-def _leaf_costs(model: ModelConfig, layout: Layout, zero1: bool, backend: Backend, tile_size: int = 0) -> _LeafCosts:
+def _leaf_costs(model: ModelConfig, layout: Layout, zero1: bool, backend: Backend, zero: int = 1) -> _LeafCosts:
     sizes = dict(zip(AXES, layout))
     batch_axes = ("data", "expert")
     counts: dict[tuple, int] = {}
-    params = moments = reduced = 0
+    params = moments = reduced = gathered = 0
     per_layer: dict = {}
     for leaf in parameters(model):
         used = {a for axes in leaf.spec for a in axes}
         local = _local(leaf.shape, leaf.spec, sizes) * 4
         state_spec = _zero1(leaf, layout, zero1)
-        params += local
-        moments += 2 * _local(leaf.shape, state_spec, sizes) * 4
+        shard = _local(leaf.shape, state_spec, sizes) * 4
+        params += shard if zero == 3 else local  # ZeRO-3 stores parameters in the optimizer state's shards
+        gathered += local
+        moments += 2 * shard
         key = leaf.layer if leaf.layer is not None else leaf.path
         per_layer[key] = per_layer.get(key, 0) + local
         added = tuple(a for axes in state_spec for a in axes if a not in used)
@@ -583,14 +594,20 @@ def _leaf_costs(model: ModelConfig, layout: Layout, zero1: bool, backend: Backen
             entries += _gradient_reduction(local, used, added, sizes, backend, what)
         # the global norm: one partial sum per sharded dim of the optimizer-state layout
         entries += [("all-reduce", axes, 4, False, "gradient norm") for axes in state_spec]
-        entries.append(("all-gather", added, local, False, "updated parameters (ZeRO-1)"))
+        if zero < 3:
+            entries.append(("all-gather", added, local, False, "updated parameters (ZeRO-1)"))
+        elif leaf.path != "['embed']":  # the lookup's table: partitioned as XLA chooses (XLA_CHOOSES)
+            # ZeRO-3 gathers each parameter where a micro-batch's forward uses it and keeps it for the
+            # backward pass; a norm's scale is gathered again there (measured).
+            for _ in range(2 if len(leaf.shape) == 1 else 1):
+                entries.append(("all-gather", added, local, True, "parameters (ZeRO-3)"))
         for kind, axes, nbytes, per_micro, what in entries:
             axes = tuple(a for a in AXES if a in axes and sizes[a] > 1)
             if axes and nbytes:
                 key = (kind, axes, nbytes, per_micro, what)
                 counts[key] = counts.get(key, 0) + 1
     traffic = tuple((k, a, b, n, pm, w) for (k, a, b, pm, w), n in counts.items())
-    return _LeafCosts(params, moments, max(per_layer.values()), reduced, traffic)
+    return _LeafCosts(params, moments, max(per_layer.values()), reduced, traffic, gathered)
 
 
 def _gradient_reduction(local: int, used: set, added: tuple, sizes: dict, backend: Backend, what: str) -> list:
@@ -682,7 +699,7 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
     m, dc = config.model, config.data
     sz = _sizes(config, layout)
     t = sz.tensor
-    costs = _leaf_costs(m, layout, config.optimizer.zero1, backend, config.optimizer.tile_size)
+    costs = _costs(config, layout, backend)
     params, moments = costs.params, costs.moments
     counters = 3 * 4 + 2 * 4  # step, bad_steps, skipped_steps; Adam's and the schedule's counts
     batch = 2 * dc.grad_accum * sz.rows * dc.seq_len * 4
