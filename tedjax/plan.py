@@ -52,7 +52,7 @@ Backend = Literal["gpu", "cpu"]
 REMATS = ("none", "cac", "full")
 # What a plan sets (the rest of the config is the user's): the search varies these.
 PLANNED = ("mesh", "mesh.data", "mesh.expert", "mesh.tensor", "mesh.auto", "model.dtd", "model.remat",
-           "optimizer.tile_size", "data.grad_accum")
+           "optimizer.tile_size", "optimizer.zero", "data.grad_accum")
 DEFAULT_TILE = 1 << 24  # elements per tile of the tiled optimizer when the planner turns it on
 HEADROOM = 0.10  # fraction of GPU memory a plan must leave free (allocator fragmentation, NCCL buffers)
 GIB = 1 << 30
@@ -196,8 +196,8 @@ NO_EFFECT = {
 def unmodelled(config: TrainConfig, backend: Backend = "gpu") -> list[str]:
     """The settings of `config` the planner does not model ("key=value"); [] when it models them all.
 
-    Values it knows it cannot predict: model.attention=cudnn on GPUs (flash attention keeps no [L, L]
-    scores), xla.cpu_all_reduce_combiner=false on XLA:CPU. Any key in neither MODELLED nor NO_EFFECT
+    Values it knows it cannot predict: xla.cpu_all_reduce_combiner=false on XLA:CPU (its combined
+    all-reduce's buffers are calibrated in). Any key in neither MODELLED nor NO_EFFECT
     (a switch newer than the planner) counts when it differs from its default.
     """
     out = []
@@ -211,10 +211,6 @@ def unmodelled(config: TrainConfig, backend: Backend = "gpu") -> list[str]:
             if dataclasses.is_dataclass(value) or (section, f.name) in known or value == getattr(base, f.name):
                 continue
             out.append(f"{section + '.' if section else ''}{f.name}={_show(value)}")
-    attention = config.model.attention
-    if backend == "gpu" and (attention == "cudnn" or (attention == "auto" and config.model.dtype == "bfloat16")):
-        out.append(f"model.attention={attention} (cuDNN flash attention on GPUs: the [L, L] scores are "
-                   "predicted as if kept)")
     if backend == "cpu" and not config.xla.cpu_all_reduce_combiner:
         out.append("xla.cpu_all_reduce_combiner=false")
     return out
@@ -245,6 +241,7 @@ class Plan:
     remat: str = "none"
     tile_size: int = 0
     grad_accum: int = 1
+    zero: int = 1  # optimizer.zero
 
     @property
     def layout(self) -> Layout:
@@ -258,7 +255,8 @@ class Plan:
             config,
             mesh=MeshConfig(self.data, self.expert, self.tensor),
             model=dataclasses.replace(config.model, dtd=self.dtd, remat=self.remat),
-            optimizer=dataclasses.replace(config.optimizer, tile_size=self.tile_size),
+            optimizer=dataclasses.replace(config.optimizer, tile_size=self.tile_size, zero=self.zero,
+                                          zero1=config.optimizer.zero1 or self.zero > 1),
             data=dataclasses.replace(config.data, grad_accum=self.grad_accum),
         )
 
@@ -267,11 +265,13 @@ class Plan:
         """The plan `config` describes (on `layout`, default its mesh)."""
         layout = layout or (config.mesh.data, config.mesh.expert, config.mesh.tensor)
         return cls(*layout, dtd=config.model.dtd, remat=config.model.remat,
-                   tile_size=config.optimizer.tile_size, grad_accum=config.data.grad_accum)
+                   tile_size=config.optimizer.tile_size, grad_accum=config.data.grad_accum,
+                   zero=config.optimizer.zero if config.optimizer.zero1 else 1)
 
     def describe(self) -> str:
         switches = [f"remat={self.remat}"] + (["dtd"] if self.dtd else [])
         switches += [f"tile={self.tile_size}"] if self.tile_size else []
+        switches += [f"zero={self.zero}"] if self.zero > 1 else []
         return f"({self.data},{self.expert},{self.tensor}) {' '.join(switches)} accum={self.grad_accum}"
 
 
@@ -701,6 +701,8 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
     t = sz.tensor
     costs = _costs(config, layout, backend)
     params, moments = costs.params, costs.moments
+    full = costs.gathered  # float32 parameters (and gradients) in their own layout
+    zero = config.optimizer.zero if config.optimizer.zero1 else 1
     counters = 3 * 4 + 2 * 4  # step, bad_steps, skipped_steps; Adam's and the schedule's counts
     batch = 2 * dc.grad_accum * sz.rows * dc.seq_len * 4
     other = _structure(m)[1]
@@ -708,6 +710,10 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
     act_b = 4 if backend == "cpu" or m.dtype == "float32" else 2
     td, td_t = sz.tokens * m.d_model * act_b, sz.tokens * m.d_model // t * act_b
     heads = sz.tokens * (m.n_heads // t) * dc.seq_len * (4 + act_b) // 2  # float32 scores, probs in compute dtype
+    flash = backend == "gpu" and (m.attention == "cudnn" or (
+        m.attention == "auto" and m.dtype == "bfloat16" and m.head_size % 8 == 0 and m.head_size <= 128))
+    if flash:  # cuDNN flash attention (model.attention, tedjax.layers) keeps a float32 log-sum-exp, no scores
+        heads = sz.tokens * (m.n_heads // t) * 4 // 2
     slots = sz.slots
     slot_d = slots * m.d_model * act_b
     n_moe = m.n_moe_layers
@@ -739,23 +745,24 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
             kept += m.n_layers * td + n_dense * td + n_moe * 3 * slot_d
     activations = kept + 3 * td + logits
     layer_grads = costs.layer_grads
-    # Gradient accumulation keeps the running sum next to each micro-batch's gradients. XLA:CPU
-    # combines the data-parallel all-reduces into one op whose result is a second copy of every
-    # reduced gradient; XLA:GPU combines into buckets of tens of MiB (one layer's worth, here).
-    carry = params if dc.grad_accum > 1 else 0
-    reduced = costs.reduced if backend == "cpu" else min(costs.reduced, layer_grads)
+    # Gradient accumulation keeps the running sum next to each micro-batch's gradients (ZeRO-2/3: in the
+    # optimizer's shards). The data-parallel reduction writes in place: measured on XLA:CPU, a second
+    # copy of the reduced gradients at the end of the backward pass over-predicted data-heavy layouts
+    # by up to 30%.
+    carry = (moments // 2 if zero > 1 else full) if dc.grad_accum > 1 else 0
     tile = config.optimizer.tile_size
     # Mixed precision: the weights cast to the compute dtype are loop invariant, so XLA computes them
     # once and holds them for the whole step (on XLA:CPU as float32 copies of the rounded values).
     # Measured: the reduction's copy then does not add to the peak.
-    casts = 0 if m.dtype == "float32" else params * act_b // 4
+    casts = 0 if m.dtype == "float32" else full * act_b // 4
     # With accumulation XLA also slices the parameters' ZeRO-1 shards before the loop (measured).
     working = 3 * td + 4 * td_t + 2 * slot_d + casts + (moments // 2 if carry else 0)
+    working += full if zero == 3 else 0  # ZeRO-3: the gathered parameters, kept for the backward pass
     phases = {"backward start": activations + carry + layer_grads,
-              "backward end": carry + params + one_layer + logits,
-              "optimizer update": params + (4 * 4 * tile if tile else moments)}
+              "backward end": carry + full + one_layer + logits,
+              "optimizer update": full + (4 * 4 * tile if tile else moments)}
     peak_at = max(phases, key=phases.get)
-    return Memory(params, moments + counters, batch, other, params, activations, working + phases[peak_at], peak_at)
+    return Memory(params, moments + counters, batch, other, full, activations, working + phases[peak_at], peak_at)
 
 
 # --------------------------------------------------------------------------- #
@@ -927,8 +934,11 @@ def candidates(config: TrainConfig, layout: Layout, tile_size: int = DEFAULT_TIL
     accums = [a for a in range(1, batch + 1) if batch % a == 0 and (batch // a) % (d * e) == 0]
     dtds = (False, True) if e > 1 and t > 1 and config.model.num_experts else (False,)
     tiles = (0, tile_size) if tile_size else (0,)
-    return [Plan(d, e, t, dtd, remat, tile, accum)
-            for accum in accums or [1] for dtd in dtds for remat in REMATS for tile in tiles]
+    # ZeRO-2 differs from ZeRO-1 only with micro-batches (the running sum); zero1=false pins ZeRO off.
+    zeros = (1, 2, 3) if config.optimizer.zero1 else (1,)
+    return [Plan(d, e, t, dtd, remat, tile, accum, zero)
+            for accum in accums or [1] for dtd in dtds for remat in REMATS for tile in tiles for zero in zeros
+            if zero != 2 or accum > 1]
 
 
 def estimate(config: TrainConfig, plan: Plan, cluster: Cluster, budget_bytes: int | None = None) -> Estimate:
@@ -1285,14 +1295,14 @@ def pool_table(found: Search, top: int = 5) -> str:
     title = (f"Plans for {_count(found.config.model.param_counts()['total'])} parameters on {found.devices} x "
              f"{found.cluster.gpu} ({found.cluster.name}, {found.cluster.memory_gib:g} GiB, "
              f"{HEADROOM:.0%} kept free): {len(found.pool)} fit, {len(found.rejected)} rejected.")
-    header = ("| rank | data | expert | tensor | dtd | remat | tile | grad_accum | memory GiB | peak at | step ms "
+    header = ("| rank | data | expert | tensor | dtd | remat | tile | zero | grad_accum | memory GiB | peak at | step ms "
               "| compute ms | communication ms (latency ms) |")
     lines = [_wrap(title, indent=""), "", header,
-             "|---:|---:|---:|---:|---|---|---:|---:|---:|---|---:|---:|---:|"]
+             "|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---|---:|---:|---:|"]
     for i, est in enumerate(found.pool[:top], 1):
         p, m, t = est.plan, est.memory, est.timing
         lines.append(f"| {i} | {p.data} | {p.expert} | {p.tensor} | {'yes' if p.dtd else 'no'} | {p.remat} | "
-                     f"{p.tile_size or '-'} | {p.grad_accum} | {m.total / GIB:,.2f} | {m.peak_at} | "
+                     f"{p.tile_size or '-'} | {p.zero} | {p.grad_accum} | {m.total / GIB:,.2f} | {m.peak_at} | "
                      f"{_ms(t.step_s)} | {_ms(t.compute_s)} | {_ms(sum(t.comm_s.values()))} ({_ms(t.latency_s)}) |")
     if found.pool:
         best = found.pool[0].timing
@@ -1321,7 +1331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="GPUs to plan for (default: one node of the cluster, gpus_per_node)")
     parser.add_argument("--top", type=int, default=5, help="plans to show (default 5)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of the config (not of what the planner "
-                        "chooses: mesh, model.dtd, model.remat, optimizer.tile_size, data.grad_accum)")
+                        "chooses: mesh, model.dtd, model.remat, optimizer.tile_size, optimizer.zero, data.grad_accum)")
     args = parser.parse_args(argv)
     from tedjax.config import load_config
 
