@@ -319,7 +319,8 @@ def main() -> None:
     ted = ted_figure()
     presets = preset_rows(QUICK_PRESET_GPUS if args.quick else PRESET_GPUS)
     scale = scale_row()
-    settings = {"quick": args.quick, "cells": len(cells), "seed": QUICK_SEED if args.quick else SEED,
+    settings = {"quick": args.quick, "cells": [[c["layout"], c["overrides"]] for c in cells],
+                "seed": QUICK_SEED if args.quick else SEED,
                 "switches": {k: [str(v) for v in vs] for k, vs in plan.HELD_OUT_SWITCHES.items()},
                 "ted_model": "configs/gpu_6.7b.yaml + " + " ".join(TED_MODEL), "headroom": plan.HEADROOM}
     md = markdown(cells, ted, presets, scale, machine, args.quick)
