@@ -48,18 +48,32 @@ class TrainStep:
         zero1: bool = True,
         has_aux: bool = False,
         replicate_unannotated: bool = False,
+        zero: int = 1,
     ):
+        if zero not in (1, 2, 3) or isinstance(zero, bool):
+            raise ValueError(f"zero must be 1, 2 or 3, got {zero!r}")
+        if zero > 1 and not zero1:
+            raise ValueError(f"zero={zero} splits into the optimizer state's shards, which zero1=False turns off; "
+                             "pass zero1=True or zero=1")
         self.loss_fn, self.tx, self.mesh = loss_fn, tx, mesh
         self.zero1, self.has_aux, self.replicate_unannotated = zero1, has_aux, replicate_unannotated
+        self.zero = zero
         self.batch_sharding = NamedSharding(mesh, logical_to_spec(("batch",)))
         self._bound: tuple | None = None  # (graphdef, shardings, jitted step) of the model last seen
         self._batch_shapes: tuple | None = None
 
     def init(self, model: nnx.Module) -> Any:
-        """Shard `model` in place and return `tx.init` of its parameters, created in the ZeRO-1 shardings."""
+        """Shard `model` in place and return `tx.init` of its parameters, created in the ZeRO-1 shardings.
+
+        With `zero=3` the model's parameters are then stored in those shards too.
+        """
         shard(model, self.mesh, replicate_unannotated=self.replicate_unannotated)
+        shardings = self._bind(model)[1]
+        if self.zero == 3:
+            _, params, _ = self._split(model)
+            nnx.update(model, jax.device_put(params, shardings["params"]))
         _, params, _ = self._split(model)
-        opt_shardings = self._bind(model)[1]["opt_state"]
+        opt_shardings = shardings["opt_state"]
         with use_mesh(self.mesh):
             return jax.jit(self.tx.init, out_shardings=opt_shardings)(params)
 
@@ -84,7 +98,9 @@ class TrainStep:
             return jitted.lower(params, rest, opt_state, batch)
 
     def param_shardings(self, model: nnx.Module) -> dict:
-        """{"params", "zero1", "rest", "opt_state"}: the NamedShardings the step pins, as pure dicts / optax trees."""
+        """{"params", "model", "zero1", "rest", "opt_state"}: the NamedShardings the step pins, as pure dicts /
+        optax trees. "params" is where the parameters live between steps: "model" (the layers' own layout), or
+        "zero1" with `zero=3`."""
         return self._bind(model)[1]
 
     @staticmethod
@@ -100,14 +116,17 @@ class TrainStep:
         mesh = self.mesh
         with use_mesh(mesh):
             flag = self.replicate_unannotated
-            param_sh = nnx.to_pure_dict(state_shardings(params_state, mesh, replicate_unannotated=flag))
+            model_sh = nnx.to_pure_dict(state_shardings(params_state, mesh, replicate_unannotated=flag))
             rest_sh = nnx.to_pure_dict(state_shardings(rest_state, mesh, replicate_unannotated=flag))
         abstract_params = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(params_state)
         )
-        zero1_sh = zero1_shardings(abstract_params, param_sh, mesh, self.zero1)
-        opt_sh = opt_state_shardings(self.tx, abstract_params, param_sh, mesh, self.zero1)
-        shardings = {"params": param_sh, "zero1": zero1_sh, "rest": rest_sh, "opt_state": opt_sh}
+        zero1_sh = zero1_shardings(abstract_params, model_sh, mesh, self.zero1)
+        opt_sh = opt_state_shardings(self.tx, abstract_params, model_sh, mesh, self.zero1)
+        # ZeRO-3: parameters stored in the optimizer's shards, all-gathered by XLA where the layers use them.
+        # ZeRO-2 is ZeRO-1 here: with no accumulation, the gradients go straight into those shards already.
+        param_sh = zero1_sh if self.zero == 3 else model_sh
+        shardings = {"params": param_sh, "model": model_sh, "zero1": zero1_sh, "rest": rest_sh, "opt_state": opt_sh}
         loss_fn, tx, has_aux = self.loss_fn, self.tx, self.has_aux
 
         def step(params, rest, opt_state, batch):
@@ -158,12 +177,16 @@ def train_step_fn(
     zero1: bool = True,
     has_aux: bool = False,
     replicate_unannotated: bool = False,
+    zero: int = 1,
 ) -> TrainStep:
     """A `TrainStep` for `loss_fn(model, batch)`: compiles once, donates, and keeps optax state ZeRO-1 sharded.
 
     `zero1=True` splits each parameter's optimizer state over its
     data-parallel group (non-expert parameters over ("data", "expert"), expert
     parameters over "data"), as `Trainer` does. `replicate_unannotated=True`
-    replicates parameters that declare no sharding instead of raising.
+    replicates parameters that declare no sharding instead of raising. `zero=3`
+    also stores the parameters split over that group (FSDP; the model holds
+    them so between steps), `zero=2` is `zero=1` here (no accumulation).
     """
-    return TrainStep(loss_fn, tx, mesh, zero1=zero1, has_aux=has_aux, replicate_unannotated=replicate_unannotated)
+    return TrainStep(loss_fn, tx, mesh, zero1=zero1, has_aux=has_aux, replicate_unannotated=replicate_unannotated,
+                     zero=zero)

@@ -1,9 +1,15 @@
 """The training state and the pure, jitted train and eval steps.
 
 `train_step(state, batch) -> (state, metrics)` is one optimizer step: gradient
-accumulation over micro-batches, global-norm clipping, the ZeRO-1 (optionally
+accumulation over micro-batches, global-norm clipping, the ZeRO (optionally
 tiled) AdamW update, and a guard that skips a step whose loss or gradients are
 not finite. Evaluation, checkpoints and logging live outside it.
+
+ZeRO levels (`optimizer.zero`): 1 splits Adam's moments over each parameter's
+data-parallel group; 2 also accumulates the gradients in those shards (each
+micro-batch's reduce-scattered there); 3 also stores the parameters there
+(`Trainer.param_shardings`), and XLA all-gathers each where the forward and
+the backward use it. `Trainer.model_shardings` is the layers' own layout.
 """
 
 from __future__ import annotations

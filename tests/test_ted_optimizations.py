@@ -355,3 +355,6 @@ def test_tiled_optimizer_quick(tmp_path):
     isolated = [r for r in result["rows"] if r["program"] == "update"]
     tiled = {r["num_experts"]: r["temp_bytes"] for r in isolated if r["variant"] == "tiled"}
     assert len(tiled) >= 2 and len(set(tiled.values())) == 1
+    steps = {(r["variant"], r["num_experts"]): r for r in result["rows"] if r["program"] == "train_step"}
+    for (variant, experts), r in steps.items():  # tiled or not, each split parameter is gathered once
+        assert r["all_gathers"] == steps[("untiled", experts)]["all_gathers"] >= r["split_params"] > 0

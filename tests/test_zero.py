@@ -8,20 +8,27 @@ read from Adam's first moment after one step: mu = (1 - b1) * clipped grads.
 
 import dataclasses
 import functools
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 from reference import FACTORIZATIONS, SMALL, max_abs_diff, one_device_mesh, variant
 
 import tedjax
-from tedjax import analysis
 from tedjax.checkpoint import Checkpointer
 from tedjax.config import DataConfig, MeshConfig, OptimizerConfig, TrainConfig
 from tedjax.trainer import Trainer
 
+REPO = Path(__file__).resolve().parents[1]
 MICRO, SEQ, ACCUM = 8, 16, 2
 MODEL = variant(SMALL, capacity_factor=2.0)
 
@@ -47,10 +54,10 @@ def tokens(accum: int = ACCUM) -> dict:
 
 
 @functools.cache
-def one_step(layout, zero: int, accum: int = ACCUM, tile_size: int = 0):
+def one_step(layout, zero: int, accum: int = ACCUM, tile_size: int = 0, **model):
     """(loss, grad norm, mu, new params, trainer, state after) of one train step."""
     mesh = one_device_mesh() if layout == (1, 1, 1) else tedjax.make_mesh(*layout)
-    trainer = Trainer(train_config(layout, zero, accum, tile_size), mesh)
+    trainer = Trainer(train_config(layout, zero, accum, tile_size, **model), mesh)
     state = trainer.init_state()
     state, metrics = trainer.train_step(state, trainer.shard_batch(tokens(accum)))
     to_np = lambda t: jax.tree.map(np.asarray, t)  # noqa: E731
@@ -69,6 +76,16 @@ def test_matches_one_device(layout, zero):
     expected = trainer.zero1_shardings if zero == 3 else trainer.model_shardings
     assert jax.tree.leaves(jax.tree.map(lambda a, s: a.sharding.spec == s.spec, state.params, expected)) == \
         [True] * len(jax.tree.leaves(expected))
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_composes_with_dtd_cac_and_the_tiled_optimizer(zero):
+    """DTD + CAC + 100-element tiles on (1, 2, 4): the same loss and gradients as one device."""
+    ref_loss, ref_norm, ref_mu, _, _, _ = one_step((1, 1, 1), 1)
+    loss, norm, mu, *_ = one_step((1, 2, 4), zero, ACCUM, 100, dtd=True, remat="cac")
+    assert abs(loss - ref_loss) < 1e-5 * max(1.0, abs(ref_loss))
+    assert abs(norm - ref_norm) < 1e-5 * ref_norm
+    assert max_abs_diff(mu, ref_mu) < 1e-7
 
 
 def per_device_bytes(tree) -> int:
@@ -131,3 +148,49 @@ def test_zero3_placement_move_carries_the_split_state():
         for tree, old in ((params, before[0]), (mu, before[1])):
             np.testing.assert_array_equal(tree["blocks"][1]["ffn"]["w_in"], old["blocks"][1]["ffn"]["w_in"][perm])
             np.testing.assert_array_equal(tree["blocks"][0]["attn"]["wq"], old["blocks"][0]["attn"]["wq"])
+
+
+@pytest.mark.slow
+def test_memory_scale_quick(tmp_path):
+    """benchmarks/memory_scale.py --quick: ZeRO 3's split leaves take 1/|group| of an unsplit copy (target)."""
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)  # the script sets its own, before importing jax
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "memory_scale.py"), "--quick", "--out",
+                           str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "memory_scale.json").read_text())
+    assert result["settings"]["quick"] is True and result["machine"]["jax_version"]
+    rows = {(r["layout"], r["zero"]): r for r in result["rows"]}
+    assert {z for _, z in rows} == {0, 1, 2, 3}
+    for target in result["settings"]["targets"]:
+        by = {z: rows[(target["layout"], z)] for z in range(4)}
+        assert target["zero0_is_unsplit"]  # memory_analysis agrees with the shard shapes
+        assert target["ratio"] == pytest.approx(by[3]["sharded_total"] / by[3]["ideal_sharded_total"])
+        assert target["verdict"] == ("PASS" if abs(target["ratio"] - 1) <= 0.05 else "MISS")
+        assert by[1]["sharded_optimizer"] == by[2]["sharded_optimizer"] == by[3]["sharded_optimizer"] \
+            < by[0]["sharded_optimizer"]
+        assert by[2]["sharded_grads"] == by[3]["sharded_grads"] < by[1]["sharded_grads"] == by[0]["sharded_grads"]
+        assert by[3]["sharded_params"] < by[2]["sharded_params"] == by[1]["sharded_params"]
+        assert by[3]["step_argument"] < by[1]["step_argument"]
+    assert (tmp_path / "memory_scale.md").read_text().startswith("# Memory per device by ZeRO level")
+
+
+def test_custom_loop_step_zero3_stores_the_model_split():
+    """`train_step_fn(..., zero=3)`: the model holds its parameters split between steps, and steps as at ZeRO 1."""
+    mesh = tedjax.make_mesh(2, 2, 2)
+    batch = {"x": np.random.default_rng(0).standard_normal((8, 8, 16)).astype(np.float32)}
+    losses, params = {}, {}
+    for zero in (1, 3):
+        moe = tedjax.MoE(16, 8, 32, rngs=nnx.Rngs(0))
+        step = tedjax.train_step_fn(lambda m, b: jnp.mean(m(b["x"])[0] ** 2), optax.sgd(0.5), mesh, zero=zero)
+        opt_state = step.init(moe)
+        shardings = step.param_shardings(moe)
+        losses[zero] = [float(step(moe, opt_state, batch)[0]) for _ in range(2)]
+        assert moe.w_in[...].sharding.spec == shardings["zero1" if zero == 3 else "model"]["w_in"].spec
+        params[zero] = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(moe, nnx.Param)))
+    assert shardings["zero1"]["w_in"].spec != shardings["model"]["w_in"].spec  # "data" added: really split
+    np.testing.assert_allclose(losses[3], losses[1], rtol=1e-6)
+    assert losses[3][1] < losses[3][0]
+    assert max_abs_diff(params[3], params[1]) < 1e-6
+    with pytest.raises(ValueError, match="zero1=False turns off"):
+        tedjax.train_step_fn(lambda m, b: 0.0, optax.sgd(0.1), mesh, zero1=False, zero=3)
