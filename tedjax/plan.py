@@ -598,8 +598,10 @@ def _leaf_costs(model: ModelConfig, layout: Layout, zero1: bool, backend: Backen
             entries.append(("all-gather", added, local, False, "updated parameters (ZeRO-1)"))
         elif leaf.path != "['embed']":  # the lookup's table: partitioned as XLA chooses (XLA_CHOOSES)
             # ZeRO-3 gathers each parameter where a micro-batch's forward uses it and keeps it for the
-            # backward pass; a norm's scale is gathered again there (measured).
-            for _ in range(2 if len(leaf.shape) == 1 else 1):
+            # backward pass; a norm's scale is gathered again there, and remat gathers again what it
+            # recomputes (expert weights twice under full remat). Measured on XLA:CPU.
+            again = 0 if model.remat == "none" else (2 if model.remat == "full" and expert_weight else 1)
+            for _ in range(1 + again + (1 if len(leaf.shape) == 1 else 0)):
                 entries.append(("all-gather", added, local, True, "parameters (ZeRO-3)"))
         for kind, axes, nbytes, per_micro, what in entries:
             axes = tuple(a for a in AXES if a in axes and sizes[a] > 1)
