@@ -197,7 +197,8 @@ def unmodelled(config: TrainConfig, backend: Backend = "gpu") -> list[str]:
     """The settings of `config` the planner does not model ("key=value"); [] when it models them all.
 
     Values it knows it cannot predict: xla.cpu_all_reduce_combiner=false on XLA:CPU (its combined
-    all-reduce's buffers are calibrated in). Any key in neither MODELLED nor NO_EFFECT
+    all-reduce's buffers are calibrated in) and ZeRO-3 with shadow experts (the shadows' weights come
+    from split parameters; XLA's gathers for them are not in the model). Any key in neither MODELLED nor NO_EFFECT
     (a switch newer than the planner) counts when it differs from its default.
     """
     out = []
@@ -213,6 +214,9 @@ def unmodelled(config: TrainConfig, backend: Backend = "gpu") -> list[str]:
             out.append(f"{section + '.' if section else ''}{f.name}={_show(value)}")
     if backend == "cpu" and not config.xla.cpu_all_reduce_combiner:
         out.append("xla.cpu_all_reduce_combiner=false")
+    if config.optimizer.zero == 3 and config.optimizer.zero1 and config.model.shadow_experts and config.model.num_experts:
+        # the shadows' jnp.take from split expert weights: XLA gathers and reduces them its own way (measured)
+        out.append(f"optimizer.zero=3 with model.shadow_experts={config.model.shadow_experts}")
     return out
 
 
@@ -598,11 +602,16 @@ def _leaf_costs(model: ModelConfig, layout: Layout, zero1: bool, backend: Backen
             entries.append(("all-gather", added, local, False, "updated parameters (ZeRO-1)"))
         elif leaf.path != "['embed']":  # the lookup's table: partitioned as XLA chooses (XLA_CHOOSES)
             # ZeRO-3 gathers each parameter where a micro-batch's forward uses it and keeps it for the
-            # backward pass; a norm's scale is gathered again there, and remat gathers again what it
-            # recomputes (expert weights twice under full remat). Measured on XLA:CPU.
-            again = 0 if model.remat == "none" else (2 if model.remat == "full" and expert_weight else 1)
-            for _ in range(1 + again + (1 if len(leaf.shape) == 1 else 0)):
-                entries.append(("all-gather", added, local, True, "parameters (ZeRO-3)"))
+            # backward pass; a norm's scale is gathered again there, remat gathers again what it recomputes
+            # (a block's weights but its router's; expert weights twice under full remat), and each chunk of
+            # a chunked all-to-all gathers the expert weights for its own FFN (device pools: once for all
+            # chunks). Measured on XLA:CPU.
+            recomputed = model.remat != "none" and leaf.layer is not None and not leaf.path.endswith("['router']")
+            again = (2 if model.remat == "full" and expert_weight else 1) if recomputed else 0
+            pooled = model.capacity_scope == "device" and model.num_experts // sizes["expert"] > 1  # one shard_map
+            per_chunk = model.a2a_chunks if expert_weight and not pooled else 1
+            times = (1 + again + (1 if len(leaf.shape) == 1 else 0)) * per_chunk
+            entries += [("all-gather", added, local, True, "parameters (ZeRO-3)")] * times
         for kind, axes, nbytes, per_micro, what in entries:
             axes = tuple(a for a in AXES if a in axes and sizes[a] > 1)
             if axes and nbytes:
