@@ -738,10 +738,7 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
     # them to whole blocks and keeps one copy of the expert weights per block, per chunk.
     rows = sz.chunks * sz.sorted_rows(backend) if sz.pooled else slots
     copies = sz.chunks * (sz.sorted_rows(backend) // _block(sz)) if sz.pooled and backend == "cpu" else 0
-    # (in bf16 on XLA:CPU both the float32 product and its bf16 rounding are kept, 1.5 x, unless full
-    # remat recomputes them: measured)
-    copy_b = act_b * 3 // 2 if backend == "cpu" and m.dtype != "float32" and m.remat != "full" else act_b
-    moe = 3 * td + 3 * rows * f_t * act_b * ffn_x2 // 2 + slot_d + copies * m.d_model * f_t * copy_b * weights
+    moe = 3 * td + 3 * rows * f_t * act_b * ffn_x2 // 2 + slot_d + copies * m.d_model * f_t * act_b * weights
     # Shadow experts: R more FFNs on each device's own tokens, with a copy of their weights.
     shadow_rows = sz.shadows * sz.groups_in * sz.shadow_capacity
     moe += (3 * shadow_rows * f_t * act_b * ffn_x2 // 2 + shadow_rows * m.d_model * act_b
