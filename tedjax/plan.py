@@ -842,6 +842,17 @@ def step_time(config: TrainConfig, cluster: Cluster, layout: Layout | None = Non
     comm: dict[str, float] = {}
     links: dict[str, str] = {}
     latency = 0.0
+    # XLA's combiners merge the per-parameter collectives into buckets (xla.*_combine_bytes; XLA:GPU's
+    # default threshold is taken as 30 MiB): one latency per bucket, at least one per micro-batch.
+    accum = config.data.grad_accum
+    bucket = config.xla.all_reduce_combine_bytes or 30 * 2**20
+    combined: dict[tuple, list] = {}
+    for t in traffic:
+        if t.what in COMBINED:
+            row = combined.setdefault((t.kind, t.axes, t.group_size), [0, 0])
+            row[0] += t.count * t.result_bytes
+            row[1] += t.count
+    ops = {key: max(-(-nbytes // bucket), min(count, accum)) for key, (nbytes, count) in combined.items()}
     for t in traffic:
         key = "+".join(t.axes)
         if key not in links:
@@ -849,11 +860,17 @@ def step_time(config: TrainConfig, cluster: Cluster, layout: Layout | None = Non
         inter = links[key] == "inter-node"
         gbps = cluster.inter_node_gbps if inter else cluster.intra_node_gbps
         steps = (2 if t.kind == "all-reduce" else 1) * (t.group_size - 1)
-        alpha = t.count * (cluster.collective_latency_us
-                           + steps * (cluster.inter_node_step_us if inter else cluster.intra_node_step_us)) * 1e-6
+        per_op = (cluster.collective_latency_us
+                  + steps * (cluster.inter_node_step_us if inter else cluster.intra_node_step_us)) * 1e-6
+        alpha = per_op * (ops.pop((t.kind, t.axes, t.group_size), 0) if t.what in COMBINED else t.count)
         latency += alpha
         comm[key] = comm.get(key, 0.0) + alpha + t.count * t.sent_bytes / (gbps * 1e9)
     return Timing(compute, comm, links, latency)
+
+
+# The per-parameter collectives XLA combines into buckets (one latency per bucket in `step_time`).
+COMBINED = frozenset({"gradient", "embedding gradient", "router gradient", "gradient norm",
+                      "updated parameters (ZeRO-1)", "parameters (ZeRO-3)", "shadow expert weight gradients"})
 
 
 # --------------------------------------------------------------------------- #
