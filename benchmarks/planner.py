@@ -258,10 +258,11 @@ def markdown(cells: list[dict], ted: dict, presets: list[dict], scale: dict, mac
     lines += ["", "Cells with both right, by switch value: " + ", ".join(by_switch) + "."]
     unmodelled = [c for c in cells if c["unmodelled"]]
     if unmodelled:
+        rest = [c for c in cells if not c["unmodelled"]]
+        good = sum(c["exact"] and abs(c["memory_error"]) <= 0.10 for c in rest)
         lines += ["", f"{len(unmodelled)} cell(s) hold a combination the planner reports as not modelled "
                   f"({'; '.join(sorted({', '.join(c['unmodelled']) for c in unmodelled}))}); they count against the "
-                  f"target. Without them: {sum(c['exact'] and abs(c['memory_error']) <= 0.10 for c in cells if not c['unmodelled'])}"
-                  f"/{len(cells) - len(unmodelled)}."]
+                  f"target. Without them: {good}/{len(rest)}."]
     t = ted
     lines += [
         "",

@@ -214,7 +214,8 @@ def unmodelled(config: TrainConfig, backend: Backend = "gpu") -> list[str]:
             out.append(f"{section + '.' if section else ''}{f.name}={_show(value)}")
     if backend == "cpu" and not config.xla.cpu_all_reduce_combiner:
         out.append("xla.cpu_all_reduce_combiner=false")
-    if config.optimizer.zero == 3 and config.optimizer.zero1 and config.model.shadow_experts and config.model.num_experts:
+    m, opt = config.model, config.optimizer
+    if opt.zero == 3 and opt.zero1 and m.shadow_experts and m.num_experts:
         # the shadows' jnp.take from split expert weights: XLA gathers and reduces them its own way (measured)
         out.append(f"optimizer.zero=3 with model.shadow_experts={config.model.shadow_experts}")
     return out
@@ -521,8 +522,8 @@ def collectives(config: TrainConfig, layout: Layout | None = None, backend: Back
             add("all-reduce", ["tensor"], sz.chunks * sz.sorted_rows(backend) * d_model * act_b,
                 accum * n_moe * (2 if swiglu else 1), "expert input gradient")
             # computed again in the backward pass under either remat policy (it is no collective's output)
-            add("all-to-all", ["expert"], sz.groups_in * m.num_experts * 4, accum * n_moe * (1 if m.remat == "none" else 2),
-                "rows per expert of each pool (int32)")
+            add("all-to-all", ["expert"], sz.groups_in * m.num_experts * 4,
+                accum * n_moe * (1 if m.remat == "none" else 2), "rows per expert of each pool (int32)")
         else:
             add("all-reduce", ["tensor"], slots, accum * n_moe * (2 if swiglu else 1), "expert input gradient")
         if sz.dtd:
@@ -1149,7 +1150,8 @@ def comparison(config: TrainConfig, measured: Measured, layout: Layout | None = 
     return rows
 
 
-def dry_run(config: TrainConfig, devices: Sequence | None = None, log=print, cluster: Cluster | None = None) -> Measured:
+def dry_run(config: TrainConfig, devices: Sequence | None = None, log=print,
+            cluster: Cluster | None = None) -> Measured:
     """`train.py --dry-run`: compile the step for `config` on the devices present, train nothing, write nothing.
 
     Prints per-device memory and collectives per kind and mesh axis as XLA
@@ -1190,7 +1192,7 @@ def dry_run(config: TrainConfig, devices: Sequence | None = None, log=print, clu
              f"{_mib(predicted.batch)})", predicted.arguments, mem["argument_bytes"])
     for name, p, q in (parts, (f"temporaries (peak at {predicted.peak_at})", predicted.temporaries, mem["temp_bytes"]),
                        ("total", predicted.total, measured.memory_bytes)):
-        log(f"| {name} | {_mib(p)} | {_mib(q)} | {p / q - 1:+.1%} |" if q else f"| {name} | {_mib(p)} | {_mib(q)} | - |")
+        log(f"| {name} | {_mib(p)} | {_mib(q)} | {f'{p / q - 1:+.1%}' if q else '-'} |")
     log("")
     log("| collective | mesh axes | predicted MiB sent | compiled MiB sent | bytes |")
     log("|---|---|---:|---:|---|")
@@ -1201,7 +1203,8 @@ def dry_run(config: TrainConfig, devices: Sequence | None = None, log=print, clu
         log(f"| {row['kind']} | {row['axes']} | {_mib(row['predicted_sent'])} | {_mib(row['measured_sent'])} "
             f"| {verdict} |")
     for what, rows in sorted(measured.xla_choice.items()):
-        parts_ = ", ".join(f"{kind} {'+'.join(axes)} {_mib(r['sent_bytes'])} MiB" for (kind, axes), r in sorted(rows.items()))
+        parts_ = ", ".join(f"{kind} {'+'.join(axes)} {_mib(r['sent_bytes'])} MiB"
+                           for (kind, axes), r in sorted(rows.items()))
         log(_wrap(f"{what} (partitioned by XLA's choice, not in the table): {parts_}"))
     if backend == "cpu":
         log("(predicted for XLA:CPU: float32 activations, all-reduce instead of reduce-scatter, no remat saving)")
@@ -1246,7 +1249,8 @@ def auto_config(config: TrainConfig, devices: Sequence | None = None, cluster: C
     named = cluster is not None
     cluster = cluster.with_devices(len(devices)) if named else cluster_for(devices)
     found = search(config, cluster, len(devices))
-    assumed = ", assumed for simulated CPU devices; --cluster to choose" if devices[0].platform != "gpu" and not named else ""
+    simulated = devices[0].platform != "gpu" and not named
+    assumed = ", assumed for simulated CPU devices; --cluster to choose" if simulated else ""
     missing = unmodelled_line(config)
     if missing:
         log(_wrap(missing + " (plans are ranked without them)"))
@@ -1321,8 +1325,8 @@ def pool_table(found: Search, top: int = 5) -> str:
     title = (f"Plans for {_count(found.config.model.param_counts()['total'])} parameters on {found.devices} x "
              f"{found.cluster.gpu} ({found.cluster.name}, {found.cluster.memory_gib:g} GiB, "
              f"{HEADROOM:.0%} kept free): {len(found.pool)} fit, {len(found.rejected)} rejected.")
-    header = ("| rank | data | expert | tensor | dtd | remat | tile | zero | grad_accum | memory GiB | peak at | step ms "
-              "| compute ms | communication ms (latency ms) |")
+    header = ("| rank | data | expert | tensor | dtd | remat | tile | zero | grad_accum | memory GiB | peak at "
+              "| step ms | compute ms | communication ms (latency ms) |")
     lines = [_wrap(title, indent=""), "", header,
              "|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---|---:|---:|---:|"]
     for i, est in enumerate(found.pool[:top], 1):
