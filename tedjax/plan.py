@@ -768,8 +768,11 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
     working = 3 * td + 4 * td_t + 2 * slot_d + casts + (moments // 2 if carry else 0)
     # ZeRO-3's gathered parameters add nothing measurable to the peak on XLA:CPU: each is gathered where a
     # layer uses it, and the backward pass frees them layer by layer as it frees the activations.
+    # XLA:CPU turns ZeRO-2/3's per-micro-batch reduce-scatter into an all-reduce plus a slice: the running
+    # sum saves nothing there, and the all-reduce's full result (float32 runs) adds to the peak (measured).
+    cpu_zero2 = (full - carry + (0 if casts else costs.reduced)) if backend == "cpu" and zero > 1 and carry else 0
     phases = {"backward start": activations + carry + layer_grads,
-              "backward end": carry + full + one_layer + logits,
+              "backward end": carry + full + one_layer + logits + cpu_zero2,
               "optimizer update": full + (4 * 4 * tile if tile else moments)}
     peak_at = max(phases, key=phases.get)
     return Memory(params, moments + counters, batch, other, full, activations, working + phases[peak_at], peak_at)
