@@ -139,6 +139,7 @@ def markdown(rows, settings, machine) -> str:
         ("optimizer MiB", mib("sharded_optimizer"), ".3f"), ("total MiB", mib("sharded_total"), ".3f"),
         ("rest MiB", lambda r: (r["rest_params"] + r["rest_grads"] + r["rest_optimizer"]) / 2**20, ".3f"),
         ("step args MiB", mib("step_argument"), ".3f"), ("step temp MiB", mib("step_temp"), ".3f"),
+        ("step args + temp MiB", lambda r: (r["step_argument"] + r["step_temp"]) / 2**20, ".3f"),
         ("all-gather MiB", mib("all_gather_bytes"), ".3f"), ("reduce MiB", mib("reduction_bytes"), ".3f"),
     ])  # fmt: skip
     lines = [
@@ -148,7 +149,8 @@ def markdown(rows, settings, machine) -> str:
         f"{machine['platform']}; {'--quick' if settings['quick'] else 'full run'}. Model: {settings['model']}; "
         f"micro-batch {MICRO} x {SEQ} tokens, grad_accum {ACCUM}. Bytes per device from "
         "`compiled.memory_analysis()`: params / grads / optimizer of the sharded leaves (those a data-parallel "
-        "group splits), the rest (norm scales and leaves no group divides), and the whole train step.",
+        "group splits), the rest (norm scales and leaves no group divides), and the whole train step "
+        "(arguments: the state and the batch; temp: XLA's temporaries, the gathered ZeRO-3 parameters included).",
         "",
         table,
         "## Target: ZeRO 3 within 5% of 1/|group| of an unsplit copy",
@@ -181,8 +183,9 @@ def main() -> None:
                         "zero0_sharded_total": by[0]["sharded_total"],
                         "zero0_is_unsplit": by[0]["sharded_total"] == by[0]["unsplit_sharded_total"]})
     notes = [
-        "ZeRO 1 splits Adam's two moments; ZeRO 2 also accumulates and keeps the gradients in those shards "
-        "(one reduce-scatter per micro-batch); ZeRO 3 also stores the parameters there and XLA all-gathers each "
+        "ZeRO 1 splits Adam's two moments; ZeRO 2 also pins the gradients to those shards from each micro-batch's "
+        "reduction on (grads column: the layout each level pins; on XLA:CPU sharding propagation gives ZeRO 1's "
+        "accumulator the same shards, hence the same step figures for 1 and 2); ZeRO 3 also stores the parameters there and XLA all-gathers each "
         "where the forward and the backward use it, so its all-gather bytes grow by the parameters' size per "
         "micro-batch.",
         "Expert weights split over \"data\" (their \"expert\" axis already splits the expert dim), the rest over "

@@ -5,7 +5,9 @@ parameter's data-parallel group (NOTES.md section 1): non-expert parameters
 over ("data", "expert"), expert parameters over "data" alone (their "expert"
 axis already splits the expert dim). Gradients are constrained to that layout
 before the update, so XLA reduce-scatters them; the updated shard is
-all-gathered back into the parameter's own layout.
+all-gathered back into the parameter's own layout. ZeRO 2 and 3 use the same
+layout for the accumulated gradients and the stored parameters
+(`optimizer.zero`, tedjax.trainer).
 
 Tiled optimizer (TED). Expert state is split over E-times fewer ranks than the
 rest, so the update's float32 temporaries of a big expert weight dominate the

@@ -78,6 +78,15 @@ def test_matches_one_device(layout, zero):
         [True] * len(jax.tree.leaves(expected))
 
 
+def test_four_micro_batches_match_one_device():
+    """grad_accum = 4 at ZeRO 2 on (2, 4, 1): the gradients summed in the optimizer's shards equal 1 device's."""
+    ref_loss, ref_norm, ref_mu, *_ = one_step((1, 1, 1), 1, 4)
+    loss, norm, mu, *_ = one_step((2, 4, 1), 2, 4)
+    assert abs(loss - ref_loss) < 1e-5 * max(1.0, abs(ref_loss))
+    assert abs(norm - ref_norm) < 1e-5 * ref_norm
+    assert max_abs_diff(mu, ref_mu) < 1e-7
+
+
 @pytest.mark.parametrize("zero", [2, 3])
 def test_composes_with_dtd_cac_and_the_tiled_optimizer(zero):
     """DTD + CAC + 100-element tiles on (1, 2, 4): the same loss and gradients as one device."""
@@ -106,6 +115,10 @@ def test_zero3_stores_parameters_in_the_optimizer_shards():
     assert per_device_bytes(state3.params) == expected < per_device_bytes(state1.params) / 3
     expert_w = state3.params["blocks"][1]["ffn"]["w_in"]
     assert "data" in str(expert_w.sharding.spec)  # expert weights split over their own group, "data"
+    batch = jax.tree.map(lambda x: x[0], trainer3.shard_batch(tokens()))  # one micro-batch [B, L]
+    evals = [float(t.eval_step(s.params, s.model_state, batch)["loss"]) for t, s in ((trainer1, state1),
+                                                                                   (trainer3, state3))]
+    assert evals[1] == pytest.approx(evals[0], rel=1e-5)  # evaluation reads the split parameters as they are
 
 
 def test_checkpoint_restores_across_levels_and_layouts(tmp_path):
