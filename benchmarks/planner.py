@@ -209,7 +209,8 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:.3f}"
 
 
-def markdown(cells: list[dict], ted: dict, presets: list[dict], scale: dict, machine: dict, quick: bool) -> str:
+def markdown(cells: list[dict], ted: dict, presets: list[dict], scale: dict, machine: dict, quick: bool,
+             rescored: bool = False) -> str:
     exact = sum(c["exact"] for c in cells)
     within = sum(abs(c["memory_error"]) <= 0.10 for c in cells)
     both = sum(c["exact"] and abs(c["memory_error"]) <= 0.10 for c in cells)
@@ -220,7 +221,9 @@ def markdown(cells: list[dict], ted: dict, presets: list[dict], scale: dict, mac
         "",
         f"Machine: {machine['processor']}, {machine['cpu_count_usable']} usable cores, {machine['device_count']} "
         f"simulated {machine['backend']} devices, jax {machine['jax_version']}, load {machine.get('load_avg')}."
-        + (f" Quick mode: {len(cells)} cell(s)." if quick else ""),
+        + (f" Quick mode: {len(cells)} cell(s)." if quick else "")
+        + (" The cells were compiled on that machine; the predictions are the current model's (`--rescore`)."
+           if rescored else ""),
         "",
         "## 1. Predicted vs compiled, held out (per device, one step)",
         "",
@@ -331,7 +334,7 @@ def main() -> None:
                 "seed": QUICK_SEED if args.quick else SEED,
                 "switches": {k: [str(v) for v in vs] for k, vs in plan.HELD_OUT_SWITCHES.items()},
                 "ted_model": "configs/gpu_6.7b.yaml + " + " ".join(TED_MODEL), "headroom": plan.HEADROOM}
-    md = markdown(cells, ted, presets, scale, machine, args.quick)
+    md = markdown(cells, ted, presets, scale, machine, args.quick, args.rescore)
     _common.publish(NAME, cells, settings, md, out_dir, machine, extra={"ted": ted, "presets": presets, "scale": scale})
 
 
