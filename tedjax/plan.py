@@ -4,7 +4,9 @@
 
 For a model and a cluster, every (data, expert, tensor) layout of the devices
 is tried with every switch: DTD, remat none / cac / full, the tiled optimizer,
-and each micro-batch split of the global batch (`data.grad_accum`). Each plan
+the ZeRO level (`optimizer.zero`) and each micro-batch split of the global
+batch (`data.grad_accum`); the config's own device pools, shadow experts and
+chunked all-to-all are modelled as given. Each plan
 gets, per device and in pure arithmetic (nothing is compiled, so 1024 GPUs
 cost the same as 8):
 
@@ -14,9 +16,10 @@ cost the same as 8):
 * collective traffic of one step by kind and mesh axis (all-to-all,
   all-reduce, all-gather, reduce-scatter), counted the way `tedjax.analysis`
   reads a compiled program;
-* step time: matmul FLOPs / peak plus, for each collective, bytes sent / the
-  bandwidth of the link its mesh axes cross ("tensor" is innermost, so it stays
-  inside a node first, as `make_mesh` lays devices out).
+* step time: matmul FLOPs / peak plus, for each collective, its latency (the
+  cluster's alpha per op and per ring step) and bytes sent / the bandwidth of
+  the link its mesh axes cross ("tensor" is innermost, so it stays inside a
+  node first, as `make_mesh` lays devices out).
 
 Plans that do not divide or do not fit are rejected with their reason; the
 rest, ranked by step time, are the pool. `mesh: auto` in a config (or
@@ -24,13 +27,16 @@ rest, ranked by step time, are the pool. `mesh: auto` in a config (or
 
 The byte model is exact, not approximate: on simulated CPU meshes it equals
 the collectives XLA compiles for the train step, per kind and mesh axis, on
-all 7 layouts of 8 devices and every switch (tests/test_plan.py,
-benchmarks/planner.py), except for two small gradients whose partitioning
-XLA picks by size (`XLA_CHOOSES`: the embedding's and the router weight's);
-the model predicts TED's all-reduce for them and `measure` reports XLA's
-choice apart. The memory model is calibrated on the same programs (within
-10%). What differs between XLA:CPU (where the model is checked) and XLA:GPU
-is explicit in `Backend`; the GPU side is not checked on GPUs.
+random held-out configs over every switch (`held_out_cells`; tests/test_plan.py,
+benchmarks/planner.py), except for the embedding's and the router weight's
+gradients and the ZeRO-3 embedding lookup, whose partitioning XLA picks by
+size (`XLA_CHOOSES`; `measure` reports XLA's choice apart), and the settings
+`unmodelled` names (ZeRO-3 with shadow experts), which every entry point prints
+as "not modelled". The memory model is calibrated on the same programs:
+arguments exact, the total within 10% on most cells and 25% on all
+(benchmarks/results/planner.md has the figures). What differs between XLA:CPU
+(where the model is checked) and XLA:GPU is explicit in `Backend`; the GPU
+side is not checked on GPUs.
 """
 
 from __future__ import annotations
