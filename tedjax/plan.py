@@ -28,7 +28,8 @@ rest, ranked by step time, are the pool. `mesh: auto` in a config (or
 The byte model is exact, not approximate: on simulated CPU meshes it equals
 the collectives XLA compiles for the train step, per kind and mesh axis, on
 random held-out configs over every switch (`held_out_cells`; tests/test_plan.py,
-benchmarks/planner.py), except for the embedding's and the router weight's
+benchmarks/planner.py; 2 of 64 sweep cells, ZeRO-3 on a (1, 2, 4) mesh, differ
+by a few small leaves XLA gathers over another axis), except for the embedding's and the router weight's
 gradients and the ZeRO-3 embedding lookup, whose partitioning XLA picks by
 size (`XLA_CHOOSES`; `measure` reports XLA's choice apart), and the settings
 `unmodelled` names (ZeRO-3 with shadow experts), which every entry point prints
