@@ -2,6 +2,7 @@
 
     python train.py --config configs/tiny.yaml [key.sub=value ...] [--resume]
     python train.py --config configs/gpu_2.7b.yaml --dry-run --cpu-devices 64   # check a plan, no training
+    python train.py --config configs/gpu_6.7b.yaml --dry-run --cluster configs/clusters/h200.yaml
 
 With no accelerator it runs on simulated CPU devices (8 unless --cpu-devices
 says otherwise). On GPU hosts it runs unchanged; for several hosts start one process per host with
@@ -28,6 +29,8 @@ def parse_args(argv=None):
                         "tiny config in under a minute; time and host memory grow with N and the model)")
     parser.add_argument("--dry-run", action="store_true", help="compile the step and print its per-device memory and "
                         "collectives beside the planner's prediction; no training, nothing written")
+    parser.add_argument("--cluster", help="cluster preset (configs/clusters/*.yaml) that --dry-run and mesh=auto plan "
+                        "for (default: the GPUs present; DGX-H100 for simulated CPU devices)")
     env = os.environ.get
     parser.add_argument("--coordinator", default=env("JAX_COORDINATOR_ADDRESS"),
                         help="host:port of process 0, for multi-process runs ($JAX_COORDINATOR_ADDRESS)")
@@ -94,15 +97,23 @@ def main(argv=None) -> int:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
 
-    if args.dry_run:
-        from tedjax.plan import dry_run
+    if args.dry_run or args.cluster:
+        from tedjax import plan
 
         try:
-            dry_run(config)
+            cluster = plan.Cluster.load(args.cluster) if args.cluster else None
+            if args.dry_run:
+                plan.dry_run(config, cluster=cluster)
+                return 0
+            if config.mesh.auto:  # refuses (NoPlanFits) when no plan fits the cluster's GPUs
+                config = plan.auto_config(config, cluster=cluster)
+            else:
+                warning = plan.memory_warning(plan.memory(config), cluster.with_devices(jax.device_count()))
+                if warning:
+                    print(f"warning: {warning}", file=sys.stderr)
         except (ValueError, FileNotFoundError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-        return 0
 
     from tedjax.checkpoint import CheckpointError
     from tedjax.host import reuse_freed_host_memory

@@ -4,7 +4,9 @@
 
 For a model and a cluster, every (data, expert, tensor) layout of the devices
 is tried with every switch: DTD, remat none / cac / full, the tiled optimizer,
-and each micro-batch split of the global batch (`data.grad_accum`). Each plan
+the ZeRO level (`optimizer.zero`) and each micro-batch split of the global
+batch (`data.grad_accum`); the config's own device pools, shadow experts and
+chunked all-to-all are modelled as given. Each plan
 gets, per device and in pure arithmetic (nothing is compiled, so 1024 GPUs
 cost the same as 8):
 
@@ -14,9 +16,10 @@ cost the same as 8):
 * collective traffic of one step by kind and mesh axis (all-to-all,
   all-reduce, all-gather, reduce-scatter), counted the way `tedjax.analysis`
   reads a compiled program;
-* step time: matmul FLOPs / peak plus, for each collective, bytes sent / the
-  bandwidth of the link its mesh axes cross ("tensor" is innermost, so it stays
-  inside a node first, as `make_mesh` lays devices out).
+* step time: matmul FLOPs / peak plus, for each collective, its latency (the
+  cluster's alpha per op and per ring step) and bytes sent / the bandwidth of
+  the link its mesh axes cross ("tensor" is innermost, so it stays inside a
+  node first, as `make_mesh` lays devices out).
 
 Plans that do not divide or do not fit are rejected with their reason; the
 rest, ranked by step time, are the pool. `mesh: auto` in a config (or
@@ -24,13 +27,17 @@ rest, ranked by step time, are the pool. `mesh: auto` in a config (or
 
 The byte model is exact, not approximate: on simulated CPU meshes it equals
 the collectives XLA compiles for the train step, per kind and mesh axis, on
-all 7 layouts of 8 devices and every switch (tests/test_plan.py,
-benchmarks/planner.py), except for two small gradients whose partitioning
-XLA picks by size (`XLA_CHOOSES`: the embedding's and the router weight's);
-the model predicts TED's all-reduce for them and `measure` reports XLA's
-choice apart. The memory model is calibrated on the same programs (within
-10%). What differs between XLA:CPU (where the model is checked) and XLA:GPU
-is explicit in `Backend`; the GPU side is not checked on GPUs.
+random held-out configs over every switch (`held_out_cells`; tests/test_plan.py,
+benchmarks/planner.py; 2 of 64 sweep cells, ZeRO-3 on a (1, 2, 4) mesh, differ
+by a few small leaves XLA gathers over another axis), except for the embedding's and the router weight's
+gradients and the ZeRO-3 embedding lookup, whose partitioning XLA picks by
+size (`XLA_CHOOSES`; `measure` reports XLA's choice apart), and the settings
+`unmodelled` names (ZeRO-3 with shadow experts), which every entry point prints
+as "not modelled". The memory model is calibrated on the same programs:
+arguments exact, the total within 10% on most cells and 25% on all
+(benchmarks/results/planner.md has the figures). What differs between XLA:CPU
+(where the model is checked) and XLA:GPU is explicit in `Backend`; the GPU
+side is not checked on GPUs.
 """
 
 from __future__ import annotations
@@ -52,7 +59,7 @@ Backend = Literal["gpu", "cpu"]
 REMATS = ("none", "cac", "full")
 # What a plan sets (the rest of the config is the user's): the search varies these.
 PLANNED = ("mesh", "mesh.data", "mesh.expert", "mesh.tensor", "mesh.auto", "model.dtd", "model.remat",
-           "optimizer.tile_size", "data.grad_accum")
+           "optimizer.tile_size", "optimizer.zero", "data.grad_accum")
 DEFAULT_TILE = 1 << 24  # elements per tile of the tiled optimizer when the planner turns it on
 HEADROOM = 0.10  # fraction of GPU memory a plan must leave free (allocator fragmentation, NCCL buffers)
 GIB = 1 << 30
@@ -65,6 +72,8 @@ GIB = 1 << 30
 XLA_CHOOSES = {  # what -> op_name regex (remat wraps the router's einsum in checkpoint/...)
     "embedding gradient": r"transpose\(jvp\(jit\(_take\)\)\)",
     "router gradient": r"transpose\(.*gsd,de->gse",
+    # with ZeRO-3 the lookup's table is stored split, and XLA gathers it over the axes it picks
+    "embedding lookup": r"jvp\(jit\(_take\)\)",
 }
 
 
@@ -85,9 +94,16 @@ class Cluster:
     peak_fp32_tflops: float
     intra_node_gbps: float  # NVLink / NVSwitch
     inter_node_gbps: float  # network (InfiniBand) share of one GPU
+    # Latency (alpha) of a ring collective: a fixed cost per op plus one per ring step (an all-reduce
+    # takes 2 (p - 1) steps, the other kinds p - 1), by the link the step crosses. Defaults: NCCL's own
+    # cost model (src/graph/tuning.cc, ring algorithm, Simple protocol).
+    collective_latency_us: float = 8.4
+    intra_node_step_us: float = 3.4
+    inter_node_step_us: float = 14.0
 
     FIELDS = ("name", "gpu", "nodes", "gpus_per_node", "memory_gib", "peak_bf16_tflops", "peak_fp32_tflops",
               "intra_node_gbps", "inter_node_gbps")  # fmt: skip
+    OPTIONAL = ("collective_latency_us", "intra_node_step_us", "inter_node_step_us")
 
     def __post_init__(self):
         for name in ("name", "gpu"):
@@ -101,6 +117,10 @@ class Cluster:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
                 raise ValueError(f"cluster.{name} must be a number > 0, got {value!r}")
+        for name in self.OPTIONAL:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e6:
+                raise ValueError(f"cluster.{name} must be a number of microseconds >= 0, got {value!r}")
         if self.memory_gib > 4096:
             raise ValueError(f"cluster.memory_gib={self.memory_gib} is not a GPU's memory in GiB (e.g. 80)")
         if self.inter_node_gbps > self.intra_node_gbps and self.nodes > 1:
@@ -125,14 +145,14 @@ class Cluster:
         if not isinstance(values, dict):
             raise ValueError(f"{source} must be a mapping of the fields {', '.join(cls.FIELDS)}; got {values!r}")
         missing = [f for f in cls.FIELDS if f not in values]
-        unknown = sorted(set(values) - set(cls.FIELDS))
+        unknown = sorted(set(values) - set(cls.FIELDS) - set(cls.OPTIONAL))
         if missing or unknown:
             raise ValueError(f"{source}: " + "; ".join(
                 ([f"missing field{'s' if len(missing) > 1 else ''} {', '.join(missing)}"] if missing else [])
                 + ([f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}"] if unknown else []))
-                + f" (fields: {', '.join(cls.FIELDS)}; see configs/clusters/)")
+                + f" (fields: {', '.join(cls.FIELDS + cls.OPTIONAL)}; see configs/clusters/)")
         try:
-            return cls(**{f: values[f] for f in cls.FIELDS})
+            return cls(**{f: values[f] for f in cls.FIELDS + cls.OPTIONAL if f in values})
         except ValueError as err:
             raise ValueError(f"{source}: {err}") from None
 
@@ -152,6 +172,83 @@ class Cluster:
 
 
 # --------------------------------------------------------------------------- #
+# what the model covers
+
+# Every config key the step's collectives or memory depend on, which the model reads, and the keys that
+# change neither (the rest of a run). A key in neither list (a switch added since) with a value other
+# than its default is reported as not modelled, so the planner never passes one over silently.
+MODELLED = {
+    "model": ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_len", "num_experts", "expert_d_ff",
+              "top_k", "capacity_factor", "min_capacity", "moe_every", "group_size", "activation", "dtype", "dtd",
+              "capacity_scope", "shadow_experts", "a2a_chunks", "remat", "n_kv_heads", "head_dim", "qk_norm",
+              "attention", "vocab_multiple", "dropless_buffer_factor"),
+    "optimizer": ("zero1", "zero", "tile_size"),
+    "data": ("seq_len", "batch_size", "grad_accum"),
+    "mesh": ("data", "expert", "tensor", "auto"),
+    "xla": ("all_reduce_combine_bytes", "reduce_scatter_combine_bytes", "all_gather_combine_bytes", "combine_count"),
+}  # fmt: skip
+NO_EFFECT = {
+    "": ("steps", "seed", "max_bad_steps", "init_from"),
+    "model": ("eval_capacity_factor", "aux_loss_weight", "z_loss_weight", "jitter_eps", "router_renormalize",
+              "router_bias_rate", "rope_base", "norm_eps", "rope_scaling", "rope_factor", "rope_original_max_len",
+              "rope_beta_fast", "rope_beta_slow", "rope_attention_factor", "rope_truncate", "sliding_window",
+              "bos_token_id", "eos_token_id", "pad_token_id"),
+    "optimizer": ("learning_rate", "min_lr_ratio", "warmup_steps", "weight_decay", "b1", "b2", "eps", "grad_clip",
+                  "schedule", "decay_fraction"),
+    "data": ("source", "path", "seed", "stdlib_max_bytes"),
+    "checkpoint": ("dir", "every", "keep", "async_save"),
+    "log": ("dir", "every", "eval_every", "eval_batches", "tensorboard", "progress", "peak_tflops", "profile_steps",
+            "wandb"),
+    "balance": ("every", "margin", "shadow_every", "matmul_tflops", "link_gbytes_per_s", "cluster"),
+    "xla": ("cpu_all_reduce_combiner",),  # no effect on GPUs; on XLA:CPU `unmodelled` names it
+}  # fmt: skip
+# Keys that change bytes or memory in ways the model does not follow yet: always named when set. bf16 Adam
+# moments halve the optimizer state; the throughput flags move XLA:GPU's scheduling (and its live ranges).
+NOT_MODELLED = {
+    "optimizer": ("state_dtype",),
+    "xla": ("gpu_profile",),
+}
+
+
+def unmodelled(config: TrainConfig, backend: Backend = "gpu") -> list[str]:
+    """The settings of `config` the planner does not model ("key=value"); [] when it models them all.
+
+    Values it knows it cannot predict: xla.cpu_all_reduce_combiner=false on XLA:CPU (its combined
+    all-reduce's buffers are calibrated in) and ZeRO-3 with shadow experts (the shadows' weights come
+    from split parameters; XLA's gathers for them are not in the model). Any key in neither MODELLED nor NO_EFFECT
+    (a switch newer than the planner) counts when it differs from its default.
+    """
+    out = []
+    known = {(section, key) for table in (MODELLED, NO_EFFECT) for section, keys in table.items() for key in keys}
+    default = type(config)()
+    for section, node, base in [("", config, default)] + [
+            (f.name, getattr(config, f.name), getattr(default, f.name)) for f in dataclasses.fields(config)
+            if dataclasses.is_dataclass(getattr(config, f.name))]:
+        for f in dataclasses.fields(node):
+            value = getattr(node, f.name)
+            if dataclasses.is_dataclass(value) or (section, f.name) in known or value == getattr(base, f.name):
+                continue
+            out.append(f"{section + '.' if section else ''}{f.name}={_show(value)}")
+    if backend == "cpu" and not config.xla.cpu_all_reduce_combiner:
+        out.append("xla.cpu_all_reduce_combiner=false")
+    m, opt = config.model, config.optimizer
+    if opt.zero == 3 and opt.zero1 and m.shadow_experts and m.num_experts:
+        # the shadows' jnp.take from split expert weights: XLA gathers and reduces them its own way (measured)
+        out.append(f"optimizer.zero=3 with model.shadow_experts={config.model.shadow_experts}")
+    return out
+
+
+def _show(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def unmodelled_line(config: TrainConfig, backend: Backend = "gpu") -> str:
+    """"not modelled: a, b" (what `tedjax.plan`, --dry-run and mesh: auto print), or "" when all are."""
+    missing = unmodelled(config, backend)
+    return f"not modelled: {', '.join(missing)}" if missing else ""
+
+
+# --------------------------------------------------------------------------- #
 # plans
 
 
@@ -166,6 +263,7 @@ class Plan:
     remat: str = "none"
     tile_size: int = 0
     grad_accum: int = 1
+    zero: int = 1  # optimizer.zero
 
     @property
     def layout(self) -> Layout:
@@ -179,7 +277,8 @@ class Plan:
             config,
             mesh=MeshConfig(self.data, self.expert, self.tensor),
             model=dataclasses.replace(config.model, dtd=self.dtd, remat=self.remat),
-            optimizer=dataclasses.replace(config.optimizer, tile_size=self.tile_size),
+            optimizer=dataclasses.replace(config.optimizer, tile_size=self.tile_size, zero=self.zero,
+                                          zero1=config.optimizer.zero1 or self.zero > 1),
             data=dataclasses.replace(config.data, grad_accum=self.grad_accum),
         )
 
@@ -188,11 +287,13 @@ class Plan:
         """The plan `config` describes (on `layout`, default its mesh)."""
         layout = layout or (config.mesh.data, config.mesh.expert, config.mesh.tensor)
         return cls(*layout, dtd=config.model.dtd, remat=config.model.remat,
-                   tile_size=config.optimizer.tile_size, grad_accum=config.data.grad_accum)
+                   tile_size=config.optimizer.tile_size, grad_accum=config.data.grad_accum,
+                   zero=config.optimizer.zero if config.optimizer.zero1 else 1)
 
     def describe(self) -> str:
         switches = [f"remat={self.remat}"] + (["dtd"] if self.dtd else [])
         switches += [f"tile={self.tile_size}"] if self.tile_size else []
+        switches += [f"zero={self.zero}"] if self.zero > 1 else []
         return f"({self.data},{self.expert},{self.tensor}) {' '.join(switches)} accum={self.grad_accum}"
 
 
@@ -331,10 +432,43 @@ class _Sizes:
     tokens: int  # rows x seq_len
     groups_in: int  # routing groups per device before the dispatch all-to-all
     groups_out: int  # after it (split over "data" only)
-    capacity: int
-    capacity_a2a: int  # slots per expert the all-to-all carries (C, or ceil(C / tensor) with DTD)
-    capacity_padded: int  # C padded to a multiple of tensor with DTD
+    capacity: int  # C: slots per expert and routing group
+    pools: int  # pools per device after the all-to-all: its E/expert experts, or 1 (capacity_scope=device)
+    pool: int  # slots per pool: C, or E/expert x C
+    pool_a2a: int  # slots per pool the all-to-all carries (pool, or ceil(pool / tensor) with DTD)
+    pool_padded: int  # pool padded to a multiple of tensor with DTD
     dtd: bool
+    chunks: int  # a2a_chunks
+    shadows: int  # shadow experts R
+    shadow_capacity: int  # slots per shadow and routing group
+
+    @property
+    def slots(self) -> int:
+        """Expert slots on one device after the all-to-all: G/data x E/expert x C."""
+        return self.groups_out * self.pools * self.pool
+
+    @property
+    def pooled(self) -> bool:
+        return self.pool != self.capacity
+
+    def sorted_rows(self, backend: Backend) -> int:
+        """Rows `grouped.pool_ffn` multiplies per chunk: the slots (ragged_dot, on GPUs), or, with
+        XLA:CPU's `blocks` method, each expert's run padded to whole blocks."""
+        from tedjax.grouped import block_rows
+
+        rows = self.slots // self.chunks
+        if backend == "gpu":
+            return rows
+        experts = self.pool // self.capacity
+        block = block_rows(rows, experts)
+        return (-(-rows // block) + experts) * block
+
+
+def _block(sz: _Sizes) -> int:
+    """Rows per block of `grouped.pool_ffn`'s `blocks` method (XLA:CPU)."""
+    from tedjax.grouped import block_rows
+
+    return block_rows(sz.slots // sz.chunks, sz.pool // sz.capacity)
 
 
 def _sizes(config: TrainConfig, layout: Layout) -> _Sizes:
@@ -347,12 +481,16 @@ def _sizes(config: TrainConfig, layout: Layout) -> _Sizes:
     group = m.group_size or dc.seq_len
     groups = micro * dc.seq_len // group
     cap = capacity(group, m.num_experts, m.top_k, m.capacity_factor, m.min_capacity) if m.num_experts else 0
-    if m.num_experts and getattr(m, "capacity_scope", None) == "dropless":  # P rows per device pool, per expert
-        cap = -(-_dropless_pool(config, e) // (m.num_experts // e))  # (rounded up: < 1 row per expert more)
+    e_local = m.num_experts // e if m.num_experts else 0
+    if m.num_experts and m.capacity_scope == "dropless":  # P rows per device pool, per expert
+        cap = -(-_dropless_pool(config, e) // e_local)  # (rounded up: < 1 row per expert more)
+    pooled = m.capacity_scope in ("device", "dropless") and e_local > 1
+    pools, pool = (1, e_local * cap) if pooled else (e_local, cap)
     dtd = m.dtd and e > 1 and t > 1 and m.num_experts > 0
-    cap_a2a = -(-cap // t) if dtd else cap
-    return _Sizes(d, e, t, rows, rows * dc.seq_len, -(-groups // (d * e)), -(-groups // d), cap, cap_a2a,
-                  cap_a2a * t if dtd else cap, dtd)
+    pool_a2a = -(-pool // t) if dtd else pool
+    shadows = m.shadow_experts if m.num_experts else 0
+    return _Sizes(d, e, t, rows, rows * dc.seq_len, -(-groups // (d * e)), -(-groups // d), cap, pools, pool,
+                  pool_a2a, pool_a2a * t if dtd else pool, dtd, m.a2a_chunks, shadows, min(group, e * cap))
 
 
 def collectives(config: TrainConfig, layout: Layout | None = None, backend: Backend = "gpu") -> list[Traffic]:
@@ -383,7 +521,8 @@ def collectives(config: TrainConfig, layout: Layout | None = None, backend: Back
     # ---- per micro-batch (inside the gradient-accumulation loop)
     act = sz.tokens * d_model * act_b  # [B, L, D] on one device
     batch_axes = ("data", "expert")
-    add("all-reduce", ["tensor"], sz.tokens * d_model * 4, accum, "embedding lookup (vocab split over tensor)")
+    if config.optimizer.zero < 3 or not config.optimizer.zero1:
+        add("all-reduce", ["tensor"], sz.tokens * d_model * 4, accum, "embedding lookup")  # vocab split over tensor
     full = m.remat == "full"
     add("all-reduce", ["tensor"], act, accum * m.n_layers * (2 if full else 1), "attention output")
     add("all-reduce", ["tensor"], act, accum * m.n_layers * 3, "attention input gradient (q, k, v)")
@@ -392,24 +531,43 @@ def collectives(config: TrainConfig, layout: Layout | None = None, backend: Back
     add("all-reduce", ["tensor"], act, accum, "LM head input gradient")
     add("all-reduce", ["tensor"], sz.tokens * 4, accum * 3, "cross-entropy max, sum and label logit")
     if n_moe:
-        slots = sz.groups_out * e_local * sz.capacity * d_model * act_b  # [G/data, E/expert, C, D]
-        moved = sz.groups_out * e_local * sz.capacity_a2a * d_model * act_b
-        gathered = sz.groups_out * e_local * sz.capacity_padded * d_model * act_b
+        slots = sz.slots * d_model * act_b  # [G/data, E/expert, C, D]
+        moved = sz.groups_out * sz.pools * sz.pool_a2a * d_model * act_b
+        gathered = sz.groups_out * sz.pools * sz.pool_padded * d_model * act_b
         passes = 3 if full else 2  # forward, backward, recomputation
         add("all-to-all", ["expert"], moved, accum * n_moe * 2 * passes, "MoE dispatch and return")
         add("all-reduce", ["tensor"], slots, accum * n_moe * (passes - 1), "expert output")
-        add("all-reduce", ["tensor"], slots, accum * n_moe * (2 if swiglu else 1), "expert input gradient")
+        if sz.pooled:  # grouped.pool_ffn inside shard_map: one psum of the rows' input gradient per chunk
+            add("all-reduce", ["tensor"], sz.chunks * sz.sorted_rows(backend) * d_model * act_b,
+                accum * n_moe * (2 if swiglu else 1), "expert input gradient")
+            # computed again in the backward pass under either remat policy (it is no collective's output)
+            add("all-to-all", ["expert"], sz.groups_in * m.num_experts * 4,
+                accum * n_moe * (1 if m.remat == "none" else 2), "rows per expert of each pool (int32)")
+        else:
+            add("all-reduce", ["tensor"], slots, accum * n_moe * (2 if swiglu else 1), "expert input gradient")
         if sz.dtd:
             add("all-gather", ["tensor"], gathered, accum * n_moe * 2 * passes, "DTD all-gather of slots")
-        pools = {"expert": m.num_experts, "device": sz.expert, "dropless": sz.expert}.get(
-            getattr(m, "capacity_scope", None), 0)
+        if sz.shadows:
+            # FasterMoE's shadows: R experts' weights all-reduced to every device of "expert" (jnp.take of
+            # the expert-split weights: loop invariant, so once per step; again per micro-batch under full
+            # remat), their gradients all-reduced back over the batch axes; their tokens stay local.
+            shadow_w = sz.shadows * d_model * (m.expert_d_ff // sz.tensor) * 4
+            weights = 3 if swiglu else 2
+            add("all-reduce", ["expert"], shadow_w, n_moe * weights * (1 + (accum if full else 0)),
+                "shadow expert weights")
+            add("all-reduce", batch_axes, shadow_w, accum * n_moe * weights, "shadow expert weight gradients")
+            shadow_rows = sz.shadows * sz.groups_in * sz.shadow_capacity * d_model * act_b
+            add("all-reduce", ["tensor"], shadow_rows, accum * n_moe * (passes - 1), "shadow expert output")
+            add("all-reduce", ["tensor"], shadow_rows, accum * n_moe * (2 if swiglu else 1),
+                "shadow expert input gradient")
+        pools = {"expert": m.num_experts, "device": sz.expert, "dropless": sz.expert}.get(getattr(m, "capacity_scope", None), 0)
         add("all-reduce", batch_axes, (1 + m.num_experts + pools) * 4, accum * n_moe,
             "router statistics (drop count, expert load, pool load)")
     add("all-reduce", batch_axes, 4, accum * (1 + 2 * n_moe), "loss scalars (LM, aux, z)")
 
     # ---- gradients over each parameter's data-parallel group (XLA reduces them in every micro-batch),
     # the global norm's partial sums, the all-gather of the updated ZeRO-1 shards
-    for kind, axes, nbytes, count, per_micro, what in _leaf_costs(m, layout, config.optimizer.zero1, backend).traffic:
+    for kind, axes, nbytes, count, per_micro, what in _costs(config, layout, backend).traffic:
         add(kind, axes, nbytes, count * (accum if per_micro else 1), what)
     return out
 
@@ -423,45 +581,79 @@ class _LeafCosts:
     layer_grads: int  # the largest block's (or outside leaf's) local gradient bytes
     reduced: int  # local gradient bytes reduced over a data-parallel group
     traffic: tuple  # (kind, axes, bytes, count, per micro-batch, what)
+    gathered: int = 0  # float32 parameters in their own layout (what ZeRO-3 gathers for a micro-batch)
+
+
+def _costs(config: TrainConfig, layout: Layout, backend: Backend) -> _LeafCosts:
+    opt = config.optimizer
+    return _leaf_costs(config.model, layout, opt.zero1, backend, opt.zero if opt.zero1 else 1)
 
 
 @functools.lru_cache(maxsize=4096)
-def _leaf_costs(model: ModelConfig, layout: Layout, zero1: bool, backend: Backend) -> _LeafCosts:
+def _leaf_costs(model: ModelConfig, layout: Layout, zero1: bool, backend: Backend, zero: int = 1) -> _LeafCosts:
     sizes = dict(zip(AXES, layout))
     batch_axes = ("data", "expert")
     counts: dict[tuple, int] = {}
-    params = moments = reduced = 0
+    params = moments = reduced = gathered = 0
     per_layer: dict = {}
     for leaf in parameters(model):
         used = {a for axes in leaf.spec for a in axes}
         local = _local(leaf.shape, leaf.spec, sizes) * 4
         state_spec = _zero1(leaf, layout, zero1)
-        params += local
-        moments += 2 * _local(leaf.shape, state_spec, sizes) * 4
+        shard = _local(leaf.shape, state_spec, sizes) * 4
+        params += shard if zero == 3 else local  # ZeRO-3 stores parameters in the optimizer state's shards
+        gathered += local
+        moments += 2 * shard
         key = leaf.layer if leaf.layer is not None else leaf.path
         per_layer[key] = per_layer.get(key, 0) + local
         added = tuple(a for axes in state_spec for a in axes if a not in used)
         reduced += local if any(sizes[a] > 1 for a in batch_axes if a not in used) else 0
         what = ("embedding gradient" if leaf.path == "['embed']" else
                 "router gradient" if leaf.path.endswith("['router']") else "gradient")
+        # With a2a_chunks = n each chunk's expert FFN adds its own partial gradient of the expert weights,
+        # and XLA reduces each before the sum (measured): n reductions per micro-batch.
+        expert_weight = len(leaf.shape) == 3 and "expert" in leaf.spec[0]
         entries = []
-        if backend == "gpu" and any(sizes[a] > 1 for a in added):
-            p_added = math.prod(sizes[a] for a in added)
-            entries.append(("reduce-scatter", added, -(-local // p_added), True, what))
-            entries.append(("all-reduce", tuple(a for a in batch_axes if a not in used and a not in added),
-                            -(-local // p_added), True, what))
-        else:
-            entries.append(("all-reduce", tuple(a for a in batch_axes if a not in used), local, True, what))
+        for _ in range(model.a2a_chunks if expert_weight else 1):
+            entries += _gradient_reduction(local, used, added, sizes, backend, what)
         # the global norm: one partial sum per sharded dim of the optimizer-state layout
         entries += [("all-reduce", axes, 4, False, "gradient norm") for axes in state_spec]
-        entries.append(("all-gather", added, local, False, "updated parameters (ZeRO-1)"))
+        if zero < 3:
+            entries.append(("all-gather", added, local, False, "updated parameters (ZeRO-1)"))
+        elif leaf.path != "['embed']":  # the lookup's table: partitioned as XLA chooses (XLA_CHOOSES)
+            # ZeRO-3 gathers each parameter where a micro-batch's forward uses it and keeps it for the
+            # backward pass; a norm's scale is gathered again there, remat gathers again what it recomputes
+            # (a block's weights but its router's; expert weights twice under full remat), and each chunk of
+            # a chunked all-to-all gathers the expert weights for its own FFN (device pools: once for all
+            # chunks). Measured on XLA:CPU.
+            recomputed = model.remat != "none" and leaf.layer is not None and not leaf.path.endswith("['router']")
+            again = (2 if model.remat == "full" and expert_weight else 1) if recomputed else 0
+            pooled = model.capacity_scope == "device" and model.num_experts // sizes["expert"] > 1  # one shard_map
+            per_chunk = model.a2a_chunks if expert_weight and not pooled else 1
+            times = (1 + again + (1 if len(leaf.shape) == 1 else 0)) * per_chunk
+            entries += [("all-gather", added, local, True, "parameters (ZeRO-3)")] * times
         for kind, axes, nbytes, per_micro, what in entries:
             axes = tuple(a for a in AXES if a in axes and sizes[a] > 1)
             if axes and nbytes:
                 key = (kind, axes, nbytes, per_micro, what)
                 counts[key] = counts.get(key, 0) + 1
     traffic = tuple((k, a, b, n, pm, w) for (k, a, b, pm, w), n in counts.items())
-    return _LeafCosts(params, moments, max(per_layer.values()), reduced, traffic)
+    return _LeafCosts(params, moments, max(per_layer.values()), reduced, traffic, gathered)
+
+
+def _gradient_reduction(local: int, used: set, added: tuple, sizes: dict, backend: Backend, what: str) -> list:
+    """A gradient's reduction over its data-parallel group: reduce-scatter into the ZeRO-1 shard on GPUs
+    (all-reduce over the rest of the group), one all-reduce on XLA:CPU."""
+    batch_axes = ("data", "expert")
+    entries = []
+    if backend == "gpu" and any(sizes[a] > 1 for a in added):
+        p_added = math.prod(sizes[a] for a in added)
+        entries.append(("reduce-scatter", added, -(-local // p_added), True, what))
+        entries.append(("all-reduce", tuple(a for a in batch_axes if a not in used and a not in added),
+                        -(-local // p_added), True, what))
+    else:
+        entries.append(("all-reduce", tuple(a for a in batch_axes if a not in used), local, True, what))
+    return entries
 
 
 def summarize(traffic: Iterable[Traffic], exclude: Sequence[str] = ()) -> dict[tuple[str, tuple[str, ...]], dict]:
@@ -538,8 +730,10 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
     m, dc = config.model, config.data
     sz = _sizes(config, layout)
     t = sz.tensor
-    costs = _leaf_costs(m, layout, config.optimizer.zero1, backend)
+    costs = _costs(config, layout, backend)
     params, moments = costs.params, costs.moments
+    full = costs.gathered  # float32 parameters (and gradients) in their own layout
+    zero = config.optimizer.zero if config.optimizer.zero1 else 1
     counters = 3 * 4 + 2 * 4  # step, bad_steps, skipped_steps; Adam's and the schedule's counts
     batch = 2 * dc.grad_accum * sz.rows * dc.seq_len * 4
     other = _structure(m)[1]
@@ -547,17 +741,30 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
     act_b = 4 if backend == "cpu" or resolve_dtype(m.dtype, backend) == "float32" else 2
     td, td_t = sz.tokens * m.d_model * act_b, sz.tokens * m.d_model // t * act_b
     heads = sz.tokens * (m.n_heads // t) * dc.seq_len * (4 + act_b) // 2  # float32 scores, probs in compute dtype
-    e_local = m.num_experts // sz.expert if m.num_experts else 0
-    slots = sz.groups_out * e_local * sz.capacity
+    flash = backend == "gpu" and (m.attention == "cudnn" or (
+        m.attention == "auto" and m.dtype == "bfloat16" and m.head_size % 8 == 0 and m.head_size <= 128))
+    if flash:  # cuDNN flash attention (model.attention, tedjax.layers) keeps a float32 log-sum-exp, no scores
+        heads = sz.tokens * (m.n_heads // t) * 4 // 2
+    slots = sz.slots
     slot_d = slots * m.d_model * act_b
     n_moe = m.n_moe_layers
     n_dense = m.n_layers - n_moe
     ffn_x2 = 3 if m.activation == "swiglu" else 2  # 2 x the FFN-wide tensors' factor
+    weights = ffn_x2  # expert weight matrices: w_in, w_out (and w_gate)
+    f_t = m.expert_d_ff // t
     attention = 3 * td + 3 * td_t + 2 * heads
     dense = 3 * td + 3 * sz.tokens * (m.d_ff // t) * act_b * ffn_x2 // 2
-    moe = 3 * td + 3 * slots * (m.expert_d_ff // t) * act_b * ffn_x2 // 2 + slot_d
+    # Device pools: grouped.pool_ffn multiplies rows sorted by expert; XLA:CPU's `blocks` method pads
+    # them to whole blocks and keeps one copy of the expert weights per block, per chunk.
+    rows = sz.chunks * sz.sorted_rows(backend) if sz.pooled else slots
+    copies = sz.chunks * (sz.sorted_rows(backend) // _block(sz)) if sz.pooled and backend == "cpu" else 0
+    moe = 3 * td + 3 * rows * f_t * act_b * ffn_x2 // 2 + slot_d + copies * m.d_model * f_t * act_b * weights
+    # Shadow experts: R more FFNs on each device's own tokens, with a copy of their weights.
+    shadow_rows = sz.shadows * sz.groups_in * sz.shadow_capacity
+    moe += (3 * shadow_rows * f_t * act_b * ffn_x2 // 2 + shadow_rows * m.d_model * act_b
+            + sz.shadows * m.d_model * f_t * act_b * weights) if n_moe else 0
     one_layer = attention + (moe if n_moe else dense)
-    logits = 2 * sz.tokens * (m.vocab_size // t) * 4
+    logits = 2 * sz.tokens * (m.padded_vocab // t) * 4
     if backend == "cpu" or m.remat == "none":
         kept = m.n_layers * attention + n_dense * dense + n_moe * moe
     else:  # each layer's input, plus (cac) its collectives' outputs; one layer recomputed at a time
@@ -566,23 +773,28 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
             kept += m.n_layers * td + n_dense * td + n_moe * 3 * slot_d
     activations = kept + 3 * td + logits
     layer_grads = costs.layer_grads
-    # Gradient accumulation keeps the running sum next to each micro-batch's gradients. XLA:CPU
-    # combines the data-parallel all-reduces into one op whose result is a second copy of every
-    # reduced gradient; XLA:GPU combines into buckets of tens of MiB (one layer's worth, here).
-    carry = params if dc.grad_accum > 1 else 0
-    reduced = costs.reduced if backend == "cpu" else min(costs.reduced, layer_grads)
+    # Gradient accumulation keeps the running sum next to each micro-batch's gradients (ZeRO-2/3: in the
+    # optimizer's shards). The data-parallel reduction writes in place: measured on XLA:CPU, a second
+    # copy of the reduced gradients at the end of the backward pass over-predicted data-heavy layouts
+    # by up to 30%.
+    carry = (moments // 2 if zero > 1 else full) if dc.grad_accum > 1 else 0
     tile = config.optimizer.tile_size
     # Mixed precision: the weights cast to the compute dtype are loop invariant, so XLA computes them
     # once and holds them for the whole step (on XLA:CPU as float32 copies of the rounded values).
     # Measured: the reduction's copy then does not add to the peak.
-    casts = 0 if resolve_dtype(m.dtype, backend) == "float32" else params * act_b // 4
+    casts = 0 if resolve_dtype(m.dtype, backend) == "float32" else full * act_b // 4
     # With accumulation XLA also slices the parameters' ZeRO-1 shards before the loop (measured).
     working = 3 * td + 4 * td_t + 2 * slot_d + casts + (moments // 2 if carry else 0)
+    # ZeRO-3's gathered parameters add nothing measurable to the peak on XLA:CPU: each is gathered where a
+    # layer uses it, and the backward pass frees them layer by layer as it frees the activations.
+    # XLA:CPU turns ZeRO-2/3's per-micro-batch reduce-scatter into an all-reduce plus a slice: the running
+    # sum saves nothing there, and the all-reduce's full result (float32 runs) adds to the peak (measured).
+    cpu_zero2 = (full - carry + (0 if casts else costs.reduced)) if backend == "cpu" and zero > 1 and carry else 0
     phases = {"backward start": activations + carry + layer_grads,
-              "backward end": carry + params + (0 if casts else reduced) + one_layer + logits,
-              "optimizer update": params + (4 * 4 * tile if tile else moments)}
+              "backward end": carry + full + one_layer + logits + cpu_zero2,
+              "optimizer update": full + (4 * 4 * tile if tile else moments)}
     peak_at = max(phases, key=phases.get)
-    return Memory(params, moments + counters, batch, other, params, activations, working + phases[peak_at], peak_at)
+    return Memory(params, moments + counters, batch, other, full, activations, working + phases[peak_at], peak_at)
 
 
 # --------------------------------------------------------------------------- #
@@ -612,7 +824,7 @@ def flops_per_device(config: TrainConfig, layout: Layout | None = None) -> float
     moe = slots * ffn * m.d_model * m.expert_d_ff // t + tokens * m.d_model * m.num_experts  # experts + router
     n_moe = m.n_moe_layers
     blocks = m.n_layers * attention + (m.n_layers - n_moe) * dense + n_moe * moe
-    lm_head = tokens * m.d_model * m.vocab_size // t
+    lm_head = tokens * m.d_model * m.padded_vocab // t
     recompute = 1 if m.remat in ("full", "cac") else 0
     return 2.0 * dc.grad_accum * ((3 + recompute) * blocks + 3 * lm_head)
 
@@ -664,11 +876,13 @@ def _crosses_nodes(layout: Layout, axes: tuple[str, ...], gpus_per_node: int) ->
 
 @dataclasses.dataclass(frozen=True)
 class Timing:
-    """Predicted seconds of one step: compute at peak plus each mesh-axis group's bytes over its link."""
+    """Predicted seconds of one step: compute at peak plus, per mesh-axis group, each collective's latency
+    and its bytes over the link."""
 
     compute_s: float
-    comm_s: dict  # axes (joined by "+") -> seconds
+    comm_s: dict  # axes (joined by "+") -> seconds, latency included
     links: dict  # axes -> "intra-node" or "inter-node"
+    latency_s: float = 0.0  # the latency part of sum(comm_s): ops x (fixed + per ring step)
 
     @property
     def step_s(self) -> float:
@@ -677,20 +891,44 @@ class Timing:
 
 def step_time(config: TrainConfig, cluster: Cluster, layout: Layout | None = None,
               traffic: Sequence[Traffic] | None = None) -> Timing:
-    """FLOPs / peak plus bytes sent / bandwidth of the link each collective's mesh axes cross (no overlap)."""
+    """FLOPs / peak plus, for each collective, its latency (alpha: a fixed cost and one per ring step) and
+    bytes sent / bandwidth (beta) of the link its mesh axes cross. Nothing overlaps."""
     layout = layout or (config.mesh.data, config.mesh.expert, config.mesh.tensor)
     traffic = collectives(config, layout) if traffic is None else traffic
     # clusters are GPU nodes: model.dtype auto is bfloat16 there
     compute = flops_per_device(config, layout) / cluster.peak_flops(resolve_dtype(config.model.dtype, "gpu"))
     comm: dict[str, float] = {}
     links: dict[str, str] = {}
+    latency = 0.0
+    # XLA's combiners merge the per-parameter collectives into buckets (xla.*_combine_bytes; XLA:GPU's
+    # default threshold is taken as 30 MiB): one latency per bucket, at least one per micro-batch.
+    accum = config.data.grad_accum
+    bucket = config.xla.all_reduce_combine_bytes or 30 * 2**20
+    combined: dict[tuple, list] = {}
+    for t in traffic:
+        if t.what in COMBINED:
+            row = combined.setdefault((t.kind, t.axes, t.group_size), [0, 0])
+            row[0] += t.count * t.result_bytes
+            row[1] += t.count
+    ops = {key: max(-(-nbytes // bucket), min(count, accum)) for key, (nbytes, count) in combined.items()}
     for t in traffic:
         key = "+".join(t.axes)
         if key not in links:
             links[key] = "inter-node" if _crosses_nodes(layout, t.axes, cluster.gpus_per_node) else "intra-node"
-        gbps = cluster.inter_node_gbps if links[key] == "inter-node" else cluster.intra_node_gbps
-        comm[key] = comm.get(key, 0.0) + t.count * t.sent_bytes / (gbps * 1e9)
-    return Timing(compute, comm, links)
+        inter = links[key] == "inter-node"
+        gbps = cluster.inter_node_gbps if inter else cluster.intra_node_gbps
+        steps = (2 if t.kind == "all-reduce" else 1) * (t.group_size - 1)
+        per_op = (cluster.collective_latency_us
+                  + steps * (cluster.inter_node_step_us if inter else cluster.intra_node_step_us)) * 1e-6
+        alpha = per_op * (ops.pop((t.kind, t.axes, t.group_size), 0) if t.what in COMBINED else t.count)
+        latency += alpha
+        comm[key] = comm.get(key, 0.0) + alpha + t.count * t.sent_bytes / (gbps * 1e9)
+    return Timing(compute, comm, links, latency)
+
+
+# The per-parameter collectives XLA combines into buckets (one latency per bucket in `step_time`).
+COMBINED = frozenset({"gradient", "embedding gradient", "router gradient", "gradient norm",
+                      "updated parameters (ZeRO-1)", "parameters (ZeRO-3)", "shadow expert weight gradients"})
 
 
 # --------------------------------------------------------------------------- #
@@ -753,7 +991,11 @@ def _no_fit_message(search: Search) -> str:
             f"{search.devices} x {search.cluster.gpu} ({search.cluster.memory_gib:g} GiB, keeping {HEADROOM:.0%} free)")
     if closest is None:
         reasons = sorted({e.reason for e in search.rejected})[:3]
-        return head + ": no layout divides the model:\n  - " + "\n  - ".join(reasons)
+        fewer = next((n for n in range(search.devices - 1, 0, -1) if any(
+            estimate(search.config, p, search.cluster.with_devices(n)).memory is not None
+            for layout in layouts(n) for p in candidates(search.config, layout, 0)[:1])), None)
+        hint = (f"\n{fewer} GPUs divide it (--devices {fewer}, or that many devices)" if fewer else "")
+        return head + ": no layout divides the model:\n  - " + "\n  - ".join(reasons) + hint
     m = closest.memory
     lacks = m.total - search.budget_bytes
     return (f"{head}. Closest: {closest.plan.describe()} needs {m.total / GIB:.1f} GiB per GPU "
@@ -776,8 +1018,11 @@ def candidates(config: TrainConfig, layout: Layout, tile_size: int = DEFAULT_TIL
     accums = [a for a in range(1, batch + 1) if batch % a == 0 and (batch // a) % (d * e) == 0]
     dtds = (False, True) if e > 1 and t > 1 and config.model.num_experts else (False,)
     tiles = (0, tile_size) if tile_size else (0,)
-    return [Plan(d, e, t, dtd, remat, tile, accum)
-            for accum in accums or [1] for dtd in dtds for remat in REMATS for tile in tiles]
+    # ZeRO-2 differs from ZeRO-1 only with micro-batches (the running sum); zero1=false pins ZeRO off.
+    zeros = (1, 2, 3) if config.optimizer.zero1 else (1,)
+    return [Plan(d, e, t, dtd, remat, tile, accum, zero)
+            for accum in accums or [1] for dtd in dtds for remat in REMATS for tile in tiles for zero in zeros
+            if zero != 2 or accum > 1]
 
 
 def estimate(config: TrainConfig, plan: Plan, cluster: Cluster, budget_bytes: int | None = None) -> Estimate:
@@ -898,6 +1143,53 @@ def measure(config: TrainConfig, mesh, compiled=None) -> Measured:
     return Measured(traffic, xla_choice, analysis.memory_report(compiled))
 
 
+# The held-out check's space: every switch a config can set, each with the values it is drawn from.
+# The base model is configs/tiny.yaml (8 simulated devices); "larger" swaps in a bf16, SwiGLU, top-2 model.
+HELD_OUT_LAYOUTS = ((8, 1, 1), (1, 8, 1), (2, 4, 1), (4, 1, 2), (2, 2, 2), (1, 4, 2), (1, 2, 4))
+HELD_OUT_SWITCHES = {
+    "model.dtd": (False, True),
+    "model.remat": REMATS,
+    "model.capacity_scope": ("expert", "device"),
+    "model.shadow_experts": (0, 1, 2),
+    "model.a2a_chunks": (1, 2),
+    "model.top_k": (1, 2),
+    "model.group_size": (0, 64),
+    "model.activation": ("gelu", "swiglu"),
+    "model.dtype": ("float32", "bfloat16"),
+    "optimizer.tile_size": (0, 4096, 1 << 16),
+    "optimizer.zero": (1, 2, 3),
+    "data.grad_accum": (1, 2),
+    # the model's shape, so that parameters (d_model) or activations (batch) dominate in some cells
+    "model.d_model": (128, 256),
+    "data.batch_size": (16, 32),
+}
+
+
+def held_out_cells(count: int, seed: int = 0) -> list[tuple[Layout, tuple[str, ...]]]:
+    """`count` random (layout, overrides of configs/tiny.yaml) over every switch, each one that divides.
+
+    Deterministic in `seed`: tests/test_plan.py checks a fixed sample, benchmarks/planner.py the sweep.
+    """
+    import random
+
+    from tedjax.config import load_config
+
+    rng = random.Random(seed)
+    base = os.path.join(os.path.dirname(CLUSTER_DIR), "tiny.yaml")
+    cells: list = []
+    while len(cells) < count:
+        layout = rng.choice(HELD_OUT_LAYOUTS)
+        overrides = ["data.source=synthetic", *(f"mesh.{a}={n}" for a, n in zip(AXES, layout))]
+        overrides += [f"{key}={str(rng.choice(values)).lower()}" for key, values in HELD_OUT_SWITCHES.items()]
+        try:
+            config = load_config(base, overrides)
+            check_mesh(config.model, _MeshShape(layout), config.data.micro_batch_size, config.data.seq_len)
+        except ValueError:
+            continue  # e.g. chunks that do not split the routing groups: draw again
+        cells.append((layout, tuple(overrides[4:])))
+    return cells
+
+
 def comparison(config: TrainConfig, measured: Measured, layout: Layout | None = None,
                backend: Backend = "cpu") -> list[dict]:
     """Rows (kind, axes, predicted and measured result and sent bytes) over every (kind, axes) either has.
@@ -915,13 +1207,15 @@ def comparison(config: TrainConfig, measured: Measured, layout: Layout | None = 
     return rows
 
 
-def dry_run(config: TrainConfig, devices: Sequence | None = None, log=print) -> Measured:
+def dry_run(config: TrainConfig, devices: Sequence | None = None, log=print,
+            cluster: Cluster | None = None) -> Measured:
     """`train.py --dry-run`: compile the step for `config` on the devices present, train nothing, write nothing.
 
     Prints per-device memory and collectives per kind and mesh axis as XLA
     compiled them, with the planner's prediction beside (for XLA:CPU when the
-    devices are simulated CPUs), and the predicted step time on the cluster
-    the devices form. `mesh: auto` is resolved first.
+    devices are simulated CPUs), and the predicted step time and memory on
+    `cluster` (default: the cluster the devices form), with a warning when
+    that memory exceeds its GPUs'. `mesh: auto` is resolved first.
     """
     import time
 
@@ -932,7 +1226,7 @@ def dry_run(config: TrainConfig, devices: Sequence | None = None, log=print) -> 
 
     devices = list(jax.devices() if devices is None else devices)
     if config.mesh.auto:
-        config = auto_config(config, devices, log=log)
+        config = auto_config(config, devices, cluster=cluster, log=log)
     layout = (config.mesh.data, config.mesh.expert, config.mesh.tensor)
     mesh = make_mesh(*layout, devices=devices)
     backend: Backend = "gpu" if devices[0].platform == "gpu" else "cpu"
@@ -944,34 +1238,53 @@ def dry_run(config: TrainConfig, devices: Sequence | None = None, log=print) -> 
     predicted = memory(config, layout, backend)
     log(f"dry run: {Plan.of(config).describe()} on {len(devices)} {devices[0].platform} devices "
         f"({devices[0].device_kind}); compiled in {seconds:.1f} s; nothing trained or written.")
+    missing = unmodelled_line(config, backend)
+    if missing:
+        log(missing + " (the predictions below leave them out)")
     log("")
     mem = measured.memory
-    log("| per device | predicted | compiled |")
-    log("|---|---:|---:|")
-    log(f"| arguments (params {_size(predicted.params)}, optimizer {_size(predicted.optimizer)}, batch "
-        f"{_size(predicted.batch)}) | {_size(predicted.arguments)} | {_size(mem['argument_bytes'])} |")
-    log(f"| temporaries (peak at {predicted.peak_at}) | {_size(predicted.temporaries)} | {_size(mem['temp_bytes'])} |")
-    log(f"| total | {_size(predicted.total)} | {_size(measured.memory_bytes)} "
-        f"({predicted.total / measured.memory_bytes - 1:+.1%}) |")
+    log("| per device | predicted MiB | compiled MiB | predicted / compiled |")
+    log("|---|---:|---:|---:|")
+    parts = (f"arguments (params {_mib(predicted.params)}, optimizer {_mib(predicted.optimizer)}, batch "
+             f"{_mib(predicted.batch)})", predicted.arguments, mem["argument_bytes"])
+    for name, p, q in (parts, (f"temporaries (peak at {predicted.peak_at})", predicted.temporaries, mem["temp_bytes"]),
+                       ("total", predicted.total, measured.memory_bytes)):
+        log(f"| {name} | {_mib(p)} | {_mib(q)} | {f'{p / q - 1:+.1%}' if q else '-'} |")
     log("")
     log("| collective | mesh axes | predicted MiB sent | compiled MiB sent | bytes |")
     log("|---|---|---:|---:|---|")
     for row in comparison(config, measured, layout, backend):
-        mib = row["predicted_sent"] / 2**20, row["measured_sent"] / 2**20
-        log(f"| {row['kind']} | {row['axes']} | {mib[0]:.3f} | {mib[1]:.3f} "
-            f"| {'equal' if row['exact'] else 'differ'} |")
+        same = row["exact"]
+        verdict = "equal" if same else (f"differ: {row['predicted_bytes']:,} vs {row['measured_bytes']:,} B "
+                                         f"({row['measured_bytes'] - row['predicted_bytes']:+,})")
+        log(f"| {row['kind']} | {row['axes']} | {_mib(row['predicted_sent'])} | {_mib(row['measured_sent'])} "
+            f"| {verdict} |")
     for what, rows in sorted(measured.xla_choice.items()):
-        parts = ", ".join(f"{kind} {'+'.join(axes)} {r['sent_bytes'] / 2**20:.3f} MiB"
-                          for (kind, axes), r in sorted(rows.items()))
-        log(f"{what} (partitioned by XLA's choice, not in the table): {parts}")
+        parts_ = ", ".join(f"{kind} {'+'.join(axes)} {_mib(r['sent_bytes'])} MiB"
+                           for (kind, axes), r in sorted(rows.items()))
+        log(_wrap(f"{what} (partitioned by XLA's choice, not in the table): {parts_}"))
     if backend == "cpu":
         log("(predicted for XLA:CPU: float32 activations, all-reduce instead of reduce-scatter, no remat saving)")
-    cluster = cluster_for(devices)
-    assumed = " (assumed for simulated CPU devices)" if backend == "cpu" else ""
+    named = cluster is not None
+    cluster = (cluster.with_devices(len(devices)) if named else cluster_for(devices))
+    assumed = "" if named or backend == "gpu" else " (assumed for simulated CPU devices; --cluster to choose)"
+    est = Estimate(Plan.of(config), memory(config, layout), step_time(config, cluster, layout), {})
     log("")
-    log(f"predicted on {len(devices)} x {cluster.gpu}{assumed}: " + describe_estimate(
-        Estimate(Plan.of(config), memory(config, layout), step_time(config, cluster, layout), {})))
+    log(_wrap(f"predicted on {len(devices)} x {cluster.gpu} ({cluster.name}){assumed}: " + describe_estimate(est)))
+    warning = memory_warning(est.memory, cluster)
+    if warning:
+        log("warning: " + warning)
     return measured
+
+
+def memory_warning(mem: Memory, cluster: Cluster) -> str:
+    """A sentence when `mem` exceeds one GPU of `cluster` ("" when it fits)."""
+    limit = cluster.memory_gib * GIB
+    if mem.total <= limit:
+        return ""
+    return (f"predicted {mem.total / GIB:.2f} GiB per GPU exceeds the {cluster.memory_gib:g} GiB of a {cluster.gpu} "
+            f"by {(mem.total - limit) / GIB:.2f} GiB (peak at {mem.peak_at}): it would run out of memory there. "
+            "Plan with mesh=auto or `python -m tedjax.plan`.")
 
 
 # --------------------------------------------------------------------------- #
@@ -982,22 +1295,28 @@ def auto_config(config: TrainConfig, devices: Sequence | None = None, cluster: C
                 log=print) -> TrainConfig:
     """`mesh: auto`: `config` with the best plan's layout and switches for `devices` (default jax.devices()).
 
-    Prints the chosen plan and the runner-up with their predicted memory and
-    time. Raises NoPlanFits (a ValueError naming the closest plan and what it
-    lacks) before anything is compiled when no plan fits.
+    Plans for `cluster` (default: the cluster the devices form). Prints the
+    chosen plan, the runner-up and any setting the planner does not model.
+    Raises NoPlanFits (a ValueError naming the closest plan and what it
+    lacks) before anything is compiled when no plan fits the GPUs' memory.
     """
     import jax
 
     devices = list(jax.devices() if devices is None else devices)
-    cluster = cluster or cluster_for(devices)
+    named = cluster is not None
+    cluster = cluster.with_devices(len(devices)) if named else cluster_for(devices)
     found = search(config, cluster, len(devices))
+    simulated = devices[0].platform != "gpu" and not named
+    assumed = ", assumed for simulated CPU devices; --cluster to choose" if simulated else ""
+    missing = unmodelled_line(config)
+    if missing:
+        log(_wrap(missing + " (plans are ranked without them)"))
     best = found.best
-    assumed = ", assumed for simulated CPU devices" if devices[0].platform != "gpu" else ""
     log(f"mesh: auto on {len(devices)} x {cluster.gpu} ({cluster.name}{assumed}; {len(found.pool)} plans fit, "
         f"{len(found.rejected)} rejected)")
-    log("  chosen:    " + describe_estimate(best))
+    log(_wrap("  chosen:    " + describe_estimate(best), indent="             "))
     if len(found.pool) > 1:
-        log("  runner-up: " + describe_estimate(found.pool[1]))
+        log(_wrap("  runner-up: " + describe_estimate(found.pool[1]), indent="             "))
     return best.plan.apply(config)
 
 
@@ -1020,46 +1339,62 @@ def cluster_for(devices: Sequence) -> Cluster:
     return cluster.with_devices(len(devices))
 
 
-def _gib(n: float) -> str:
-    return f"{n / GIB:.2f}"
+WIDTH = 110  # wrap printed paragraphs at this many characters
+
+
+def _wrap(text: str, indent: str = "  ") -> str:
+    import textwrap
+
+    return textwrap.fill(text, WIDTH, subsequent_indent=indent, break_on_hyphens=False, break_long_words=False)
+
+
+def _mib(n: float) -> str:
+    """Every size the planner prints: MiB with 3 decimals."""
+    return f"{n / 2**20:,.3f}"
 
 
 def _size(n: float) -> str:
-    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
+    return f"{n / GIB:,.2f} GiB"
+
+
+def _ms(seconds: float) -> str:
+    """Every time the planner prints: milliseconds with 2 decimals."""
+    return f"{seconds * 1e3:,.2f}"
 
 
 def describe_estimate(est: Estimate) -> str:
-    """One paragraph: the plan, its memory parts and its time parts."""
+    """One paragraph: the plan, its memory parts (GiB) and its time parts (ms)."""
     m, t = est.memory, est.timing
-    comm = ", ".join(f"{axes} {_time(s)} ({t.links[axes]})" for axes, s in sorted(t.comm_s.items()))
+    comm = ", ".join(f"{axes} {_ms(s)} ({t.links[axes]})" for axes, s in sorted(t.comm_s.items()))
     return (f"{est.plan.describe()}: {_size(m.total)} per GPU (params {_size(m.params)}, optimizer "
             f"{_size(m.optimizer)}, gradients {_size(m.gradients)}, activations {_size(m.activations)}, peak "
-            f"temporaries {_size(m.temporaries)} at {m.peak_at}); step {_time(t.step_s)} = compute "
-            f"{_time(t.compute_s)} + {comm or 'no communication'}")
+            f"temporaries {_size(m.temporaries)} at {m.peak_at}); step {_ms(t.step_s)} ms = compute "
+            f"{_ms(t.compute_s)} ms + communication {_ms(sum(t.comm_s.values()))} ms "
+            f"({comm or 'none'}; latency {_ms(t.latency_s)} ms of it)")
 
 
 def _count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
 
-def _time(seconds: float) -> str:
-    return f"{seconds:.3g} s" if seconds >= 1 else f"{seconds * 1e3:.3g} ms"
-
-
 def pool_table(found: Search, top: int = 5) -> str:
-    """The pool as a markdown table, best first."""
+    """The pool as a markdown table, best first: memory in GiB, times in ms, both with 2 decimals."""
     title = (f"Plans for {_count(found.config.model.param_counts()['total'])} parameters on {found.devices} x "
              f"{found.cluster.gpu} ({found.cluster.name}, {found.cluster.memory_gib:g} GiB, "
              f"{HEADROOM:.0%} kept free): {len(found.pool)} fit, {len(found.rejected)} rejected.")
-    header = ("| rank | data | expert | tensor | dtd | remat | tile | grad_accum | memory GiB | peak at | step ms "
-              "| compute ms | communication ms |")
-    lines = [title, "", header, "|---:|---:|---:|---:|---|---|---:|---:|---:|---|---:|---:|---|"]
+    header = ("| rank | data | expert | tensor | dtd | remat | tile | zero | grad_accum | memory GiB | peak at "
+              "| step ms | compute ms | communication ms (latency ms) |")
+    lines = [_wrap(title, indent=""), "", header,
+             "|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---|---:|---:|---:|"]
     for i, est in enumerate(found.pool[:top], 1):
         p, m, t = est.plan, est.memory, est.timing
-        comm = ", ".join(f"{axes} {s * 1e3:.3g}" for axes, s in sorted(t.comm_s.items()))
         lines.append(f"| {i} | {p.data} | {p.expert} | {p.tensor} | {'yes' if p.dtd else 'no'} | {p.remat} | "
-                     f"{p.tile_size or '-'} | {p.grad_accum} | {m.total / GIB:.3g} | {m.peak_at} | "
-                     f"{t.step_s * 1e3:.4g} | {t.compute_s * 1e3:.3g} | {comm or '-'} |")
+                     f"{p.tile_size or '-'} | {p.zero} | {p.grad_accum} | {m.total / GIB:,.2f} | {m.peak_at} | "
+                     f"{_ms(t.step_s)} | {_ms(t.compute_s)} | {_ms(sum(t.comm_s.values()))} ({_ms(t.latency_s)}) |")
+    if found.pool:
+        best = found.pool[0].timing
+        lines += ["", _wrap("Communication of rank 1 by mesh axes: " + ", ".join(
+            f"{axes} {_ms(sec)} ms ({best.links[axes]})" for axes, sec in sorted(best.comm_s.items())), indent="")]
     return "\n".join(lines) + "\n"
 
 
@@ -1079,10 +1414,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cluster", required=True, help="cluster preset (configs/clusters/*.yaml)")
     parser.add_argument("--config", required=True, help="model/training config (configs/*.yaml)")
-    parser.add_argument("--devices", type=int, default=None, help="GPUs to plan for (default: the whole cluster)")
+    parser.add_argument("--devices", type=int, default=None,
+                        help="GPUs to plan for (default: one node of the cluster, gpus_per_node)")
     parser.add_argument("--top", type=int, default=5, help="plans to show (default 5)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of the config (not of what the planner "
-                        "chooses: mesh, model.dtd, model.remat, optimizer.tile_size, data.grad_accum)")
+                        "chooses: mesh, model.dtd, model.remat, optimizer.tile_size, optimizer.zero, data.grad_accum)")
     args = parser.parse_args(argv)
     from tedjax.config import load_config
 
@@ -1094,13 +1430,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.config, [*args.overrides, "mesh=auto"])
         if args.top < 1:
             raise ValueError(f"--top must be >= 1, got {args.top}")
-        found = search(config, cluster, args.devices)
+        devices = args.devices or cluster.gpus_per_node
+        if args.devices is None:
+            print(f"Planning for {devices} GPUs: one node of {cluster.name} ({cluster.nodes} nodes of "
+                  f"{cluster.gpus_per_node}); --devices N for more.")
+        missing = unmodelled_line(config)
+        if missing:
+            print(_wrap(missing + " (plans are ranked without them)", indent=""))
+        found = search(config, cluster, devices)
         print(pool_table(found, args.top))
         if found.rejected:
             print("Rejected:\n" + rejection_summary(found) + "\n")
-        print("Best: " + describe_estimate(found.best))
+        print(_wrap("Best: " + describe_estimate(found.best)))
         if len(found.pool) > 1:
-            print("Runner-up: " + describe_estimate(found.pool[1]))
+            print(_wrap("Runner-up: " + describe_estimate(found.pool[1])))
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
