@@ -525,6 +525,24 @@ def test_config_field_refused(cls, path, name, default, compiles):
     assert compiles == []
 
 
+FLOAT_FIELDS = [f for f in FIELDS if isinstance(f[3], float)]
+
+
+@pytest.mark.parametrize("cls, path, name, default", FLOAT_FIELDS, ids=[f[1] for f in FLOAT_FIELDS])
+def test_non_finite_float_field_refused(cls, path, name, default, compiles):
+    """Issue 20 item 10: nan passes every range check written as a comparison, and inf every lower bound;
+    a learning rate of nan trained NaN weights. Every float field refuses nan, inf and -inf by name."""
+    assert len(FLOAT_FIELDS) >= 19
+    for value, text in ((float("nan"), "nan"), (float("inf"), "inf"), (float("-inf"), "-.inf")):
+        COUNTS["bad_input_tried"] += 1
+        with pytest.raises(ValueError, match=rf"^{re.escape(path)} must be a finite number, got {value!r}$"):
+            load_config(TINY_YAML, [*TINY, f"{path}={text}"])
+        with pytest.raises(ValueError, match=rf"^{re.escape(path)} must be a finite number"):
+            cls(**{name: value})
+        COUNTS["bad_input_rejected"] += 1
+    assert compiles == []
+
+
 # ---------------------------------------------------------------- run-level bad input (in process)
 
 
