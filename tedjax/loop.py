@@ -182,6 +182,14 @@ def _init_from(trainer: Trainer, state: TrainState, directory: str) -> TrainStat
     return dataclasses.replace(state, params=hf.load_params(directory, trainer.config.model, trainer.param_shardings))
 
 
+def _last_good(checkpointer: Checkpointer) -> str:
+    """Where the newest checkpoint is (the loop saves only finite states), for a message."""
+    step = checkpointer.latest_step()
+    if step is None:
+        return f"No checkpoint was saved in {checkpointer.directory}."
+    return f"The last good checkpoint is step {step} in {checkpointer.directory}."
+
+
 def _rebalance(trainer: Trainer, state: TrainState, step: int, logger: MetricsLogger) -> TrainState:
     """Shadow and placement decisions (tedjax.balance); each change is logged with its predicted or measured cost."""
     state, done = trainer.rebalance(state, step)
@@ -267,11 +275,18 @@ def run(config: TrainConfig, *, resume: bool = False, allow_change: Iterable[str
             bad = int(metrics["bad_steps"])
             loss = float(metrics["loss"])
             train_losses[step_done] = loss
+            # Every pending step is checked here before any save: a non-finite state is never saved.
+            if not bool(metrics.pop("params_finite")):
+                raise TrainingStopped(
+                    f"step {step_done} left non-finite parameters (an update that could not be undone: "
+                    f"optimizer.tile_size > 0, or non-finite weights loaded); stopping, nothing of it was saved. "
+                    f"{_last_good(checkpointer)} Lower optimizer.learning_rate or check the loaded weights"
+                )
             if bad >= config.max_bad_steps:
                 raise TrainingStopped(
-                    f"{bad} consecutive steps (up to step {step_done}) had a non-finite loss or gradient and were "
-                    f"skipped; stopping. The last good checkpoint is step {checkpointer.latest_step()} in "
-                    f"{checkpointer.directory}. Lower optimizer.learning_rate, check the data, or raise max_bad_steps"
+                    f"{bad} consecutive steps (up to step {step_done}) had a non-finite loss, gradient or update and "
+                    f"were skipped; stopping. {_last_good(checkpointer)} Lower optimizer.learning_rate, check the "
+                    "data, or raise max_bad_steps"
                 )
             if step_done % config.log.every == 0 or step_done == end_step:
                 jax.block_until_ready(metrics)

@@ -407,7 +407,7 @@ def test_too_many_bad_steps_stop_with_the_checkpoints_intact(monkeypatch, tmp_pa
     err = capsys.readouterr().err
     ckpt = tmp_path / "checkpoints"
     assert rc == 3, err
-    assert (f"stopped: 3 consecutive steps (up to step 7) had a non-finite loss or gradient and were skipped; "
+    assert (f"stopped: 3 consecutive steps (up to step 7) had a non-finite loss, gradient or update and were skipped; "
             f"stopping. The last good checkpoint is step 6 in {ckpt}. Lower optimizer.learning_rate") in err
     COUNTS["nan_injected"] += 3
     # the skips are in the logs
@@ -424,6 +424,35 @@ def test_too_many_bad_steps_stop_with_the_checkpoints_intact(monkeypatch, tmp_pa
     assert not bit_identical(states[4].params, states[2].params)
     assert (int(states[6].bad_steps), int(states[6].skipped_steps), int(states[6].step)) == (2, 2, 6)
     COUNTS["nan_skipped"] += 3
+
+
+def test_non_finite_updates_are_skipped_and_never_saved(monkeypatch, tmp_path, capsys):
+    """Issue 20 item 10: from step 4 on the learning rate is nan (as a nan setting gave), so the loss and the
+    gradients stay finite while the update is not. The guard checked only the loss and the gradient norm:
+    checkpoint 4 held NaN weights, and the stop message called it "the last good checkpoint"."""
+    import tedjax.optim
+
+    real_schedule = tedjax.optim.learning_rate_schedule
+    monkeypatch.setattr(tedjax.optim, "learning_rate_schedule", lambda cfg, steps: (
+        lambda count: jnp.where(count >= 3, jnp.nan, real_schedule(cfg, steps)(count))))  # fmt: skip
+    extra = ["steps=12", "max_bad_steps=2", "checkpoint.every=2", "checkpoint.keep=10", f"log.dir={tmp_path}"]
+    rc = _load_train_module().main(["--config", TINY_YAML, *TINY, *extra])
+    err = capsys.readouterr().err
+    ckpt = tmp_path / "checkpoints"
+    assert rc == 3, err
+    assert (f"stopped: 2 consecutive steps (up to step 5) had a non-finite loss, gradient or update and were "
+            f"skipped; stopping. The last good checkpoint is step 4 in {ckpt}.") in err, err
+    COUNTS["nan_injected"] += 2
+    records = {r["step"]: r for r in train_records(tmp_path)}
+    assert [records[s]["skipped"] for s in range(1, 5)] == [0, 0, 0, 1]
+    assert all(np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"]) for r in records.values())
+    states = restore_all(tiny_config(tmp_path, *extra))
+    assert sorted(states) == [2, 4]
+    for state in states.values():  # never a non-finite state on disk
+        assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves((state.params, state.opt_state)))
+    assert not bit_identical(states[4].params, states[2].params)  # step 3 trained; step 4 was skipped
+    assert (int(states[4].skipped_steps), int(states[4].bad_steps)) == (1, 1)
+    COUNTS["nan_skipped"] += 2
 
 
 # =========================================================================== bad input
