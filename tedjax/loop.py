@@ -6,7 +6,11 @@
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import json
+import os
 import signal
+import socket
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -17,7 +21,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
 from tedjax import data as data_lib
-from tedjax.checkpoint import Checkpointer, check_writable
+from tedjax.checkpoint import Checkpointer, CheckpointError, check_writable
 from tedjax.config import TrainConfig, check_mesh
 from tedjax.logs import SUPERSEDED, MetricsLogger, detect_peak_tflops, to_python
 from tedjax.mesh import logical_to_spec, make_mesh
@@ -205,14 +209,132 @@ def _rebalance(trainer: Trainer, state: TrainState, step: int, logger: MetricsLo
     return state
 
 
+LOCK_FILE = ".tedjax.lock"
+
+
+class RunLock:
+    """An exclusive `flock` on a run directory, so two runs never write one log.dir (checkpoints, metrics).
+
+    The lock file records the holder's host, PID and start time, for the refusal. The kernel releases a
+    flock when its process dies, so a lock file left by a killed run is stale by construction: the next
+    run takes it over and says so. On NFS, Linux maps flock to NFS byte-range locks (NFSv4: a crashed
+    client's lock lapses with its lease). Only process 0 of a multi-process run locks.
+    """
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory).absolute()
+        self.path = self.directory / LOCK_FILE
+        self.fd: int | None = None
+        self.stale: dict | None = None  # the holder a killed run left in the file
+        self._created: list[Path] = []  # directories made for the lock, removed again if they stay empty
+
+    def acquire(self) -> RunLock:
+        """Take the lock, or raise CheckpointError naming the run that holds it."""
+        self._created = [p for p in (self.directory, *self.directory.parents) if not p.exists()]
+        self.directory.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _lock_holder(fd)
+                os.close(fd)
+                self._remove_created()
+                who = (f"pid {holder.get('pid')} on host {holder.get('host')}, since {holder.get('started')}"
+                       if holder else "a process that has not yet recorded itself")  # fmt: skip
+                raise CheckpointError(
+                    f"{self.directory} is in use by another tedjax run ({who}; lock file {self.path}); nothing "
+                    "was changed. Wait for that run to end (or stop it), or set log.dir / checkpoint.dir to "
+                    "another directory"
+                ) from None
+            try:  # the holder may have removed the file between our open and our lock: lock the file there now
+                current = os.stat(self.path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current == os.fstat(fd).st_ino:
+                break
+            os.close(fd)
+        self.stale = _lock_holder(fd) or None
+        record = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(record).encode(), 0)
+        self.fd = fd
+        return self
+
+    def note(self) -> str | None:
+        """What to tell the user about a stale lock taken over, if any."""
+        if not self.stale:
+            return None
+        return (f"  lock {self.path} was left by pid {self.stale.get('pid')} on host {self.stale.get('host')} "
+                f"(since {self.stale.get('started')}), which no longer holds it (killed?); this run took it over")
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.unlink(self.path)  # before unlocking: a run that opened it meanwhile retries on the new file
+        except FileNotFoundError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+        self._remove_created()
+
+    def _remove_created(self) -> None:
+        for directory in self._created:  # deepest first; only directories left empty
+            try:
+                directory.rmdir()
+            except OSError:
+                break
+
+
+def _lock_holder(fd: int) -> dict:
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except ValueError:
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _lock_run(config: TrainConfig) -> list[RunLock]:
+    """Locks on log.dir and on checkpoint.dir when it lies elsewhere (process 0 only; [] elsewhere)."""
+    if jax.process_index() != 0:
+        return []
+    log_dir = Path(config.log.dir).absolute()
+    directories = [(log_dir, "log.dir")]
+    checkpoint_dir = Path(config.checkpoint_dir).absolute()
+    if log_dir not in (checkpoint_dir, *checkpoint_dir.parents):
+        directories.append((checkpoint_dir, "checkpoint.dir (or log.dir)"))
+    locks: list[RunLock] = []
+    try:
+        for directory, key in directories:
+            check_writable(directory, key)
+            locks.append(RunLock(directory).acquire())
+    except BaseException:
+        for lock in reversed(locks):
+            lock.release()
+        raise
+    return locks
+
+
 def run(config: TrainConfig, *, resume: bool = False, allow_change: Iterable[str] = (), mesh=None,
         stop_after: int | None = None, config_file: str | None = None) -> RunResult:
     """Train `config` to `config.steps` (or `stop_after` more steps); returns the final state and losses.
 
     `resume` continues from the newest checkpoint that verifies; a config change that alters results is
     refused unless its dotted key is in `allow_change` (see tedjax/checkpoint.py). `config_file` is only
-    printed and recorded.
+    printed and recorded. The run holds an exclusive lock on its log.dir (RunLock) from start to end.
     """
+    locks = _lock_run(config)
+    try:
+        return _run(config, resume=resume, allow_change=allow_change, mesh=mesh, stop_after=stop_after,
+                    config_file=config_file, lock_notes=[n for n in (lock.note() for lock in locks) if n])
+    finally:
+        for lock in reversed(locks):
+            lock.release()
+
+
+def _run(config: TrainConfig, *, resume: bool, allow_change: Iterable[str], mesh, stop_after: int | None,
+         config_file: str | None, lock_notes: list[str]) -> RunResult:
     if mesh is None and config.mesh.auto:  # mesh: auto -> the planner's best plan for these devices
         from tedjax.plan import auto_config
 
@@ -230,6 +352,7 @@ def run(config: TrainConfig, *, resume: bool = False, allow_change: Iterable[str
         hf.check_checkpoint(config.init_from[3:], config.model)
     # Refuses a wrong directory or a silent config change, and verifies checksums, before compiling.
     checkpointer = Checkpointer(config, resume=resume, allow_change=allow_change)
+    checkpointer.notes[:0] = lock_notes
     start_step = last_checkpoint = checkpointer.resume_step
     start_step = start_step or 0
     end_step = config.steps if stop_after is None else min(config.steps, start_step + stop_after)
