@@ -50,6 +50,7 @@ class Batches:
         d = config.data
         self.config = config
         self.unigram_baseline = None
+        self.fingerprint: str | None = None  # of the token files (data.corpus_fingerprint); a resume compares it
         if d.source == "synthetic":
             self.train = self.val = None
             self._synthetic_seed = d.seed
@@ -69,6 +70,7 @@ class Batches:
         self.val = data_lib.BatchIterator(val_file.tokens, d.micro_batch_size, d.seq_len, d.seed, shuffle=False,
                                           process_index=jax.process_index(), process_count=jax.process_count())
         self.unigram_baseline = train_file.meta.get("unigram_entropy_train")
+        self.fingerprint = data_lib.corpus_fingerprint(directory)
 
     def train_batch(self, step: int) -> dict[str, np.ndarray]:
         d = self.config.data
@@ -351,7 +353,7 @@ def _run(config: TrainConfig, *, resume: bool, allow_change: Iterable[str], mesh
 
         hf.check_checkpoint(config.init_from[3:], config.model)
     # Refuses a wrong directory or a silent config change, and verifies checksums, before compiling.
-    checkpointer = Checkpointer(config, resume=resume, allow_change=allow_change)
+    checkpointer = Checkpointer(config, resume=resume, allow_change=allow_change, data_fingerprint=batches.fingerprint)
     checkpointer.notes[:0] = lock_notes
     start_step = last_checkpoint = checkpointer.resume_step
     start_step = start_step or 0
