@@ -6,12 +6,16 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fcntl
 import json
+import logging
 import os
+import re
 import signal
 import socket
 import time
+import traceback
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -30,6 +34,11 @@ from tedjax.trainer import Trainer, TrainState
 
 class TrainingStopped(RuntimeError):
     """Training stopped on purpose (too many non-finite steps); the message says why and what to do."""
+
+
+class WriteFailed(TrainingStopped):
+    """Writing the run's files failed mid-run (disk full, quota, permissions): one line naming the file,
+    what is intact, and how to go on; the orbax tracebacks behind it are not printed."""
 
 
 @dataclasses.dataclass
@@ -188,6 +197,27 @@ def _init_from(trainer: Trainer, state: TrainState, directory: str) -> TrainStat
     return dataclasses.replace(state, params=hf.load_params(directory, trainer.config.model, trainer.param_shardings))
 
 
+def _check_metrics_file(path: Path) -> None:
+    """An existing metrics.jsonl must open for appending (a directory there, a read-only file): before compiling."""
+    if not (path.exists() or path.is_symlink()):
+        return  # the directory is writable (check_writable); the logger creates the file
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as err:
+        raise CheckpointError(f"cannot write {path} ({err.strerror}); move it aside or make it a writable file, "
+                              "or set log.dir to another directory") from None
+
+
+def _close(checkpointer: Checkpointer, logger: MetricsLogger | None) -> None:
+    """Close both, the logger even when the checkpointer's close fails (the first error propagates)."""
+    try:
+        checkpointer.close()
+    finally:
+        if logger is not None:
+            logger.close()
+
+
 def _last_good(checkpointer: Checkpointer) -> str:
     """Where the newest checkpoint is (the loop saves only finite states), for a message."""
     step = checkpointer.latest_step()
@@ -327,16 +357,103 @@ def run(config: TrainConfig, *, resume: bool = False, allow_change: Iterable[str
     printed and recorded. The run holds an exclusive lock on its log.dir (RunLock) from start to end.
     """
     locks = _lock_run(config)
+    progress: dict = {"step": None}  # the last step trained, for a failure's message
+    for name in _NOISY_LOGGERS:
+        logging.getLogger(name).addFilter(_QUIET)
+    failed = False
     try:
         return _run(config, resume=resume, allow_change=allow_change, mesh=mesh, stop_after=stop_after,
-                    config_file=config_file, lock_notes=[n for n in (lock.note() for lock in locks) if n])
+                    config_file=config_file, lock_notes=[n for n in (lock.note() for lock in locks) if n],
+                    progress=progress)
+    except Exception as err:
+        failure = _write_failure(err)
+        if failure is None:
+            raise
+        failed = _QUIET.failed = True
+        raise WriteFailed(_write_failure_message(config, progress["step"], *failure)) from None
     finally:
+        if not failed:  # after a failure orbax's abandoned writes report it again until the process exits
+            for name in _NOISY_LOGGERS:
+                logging.getLogger(name).removeFilter(_QUIET)
         for lock in reversed(locks):
             lock.release()
 
 
+# errno values that mean the run's files cannot be written, and what to do about each
+_WRITE_ERRORS = {
+    errno.ENOSPC: ("the disk is full", "free space (or set log.dir / checkpoint.dir elsewhere)"),
+    errno.EDQUOT: ("the disk quota is exceeded", "free space or raise the quota"),
+    errno.EFBIG: ("a file reached the file-size limit", "raise the limit (ulimit -f)"),
+    errno.EROFS: ("the file system is read-only", "make log.dir and checkpoint.dir writable"),
+    errno.EACCES: ("permission was denied", "make log.dir and checkpoint.dir writable"),
+    errno.EPERM: ("permission was denied", "make log.dir and checkpoint.dir writable"),
+    errno.EIO: ("the disk reported an I/O error", "check the disk"),
+}
+
+
+def _write_failure(err: BaseException | None) -> tuple[int, str | None] | None:
+    """(errno, file) when `err`, or an error in its chain, is a failed write; orbax and the checksum thread
+    report them as text ("[os_error_code='28']", "[Errno 28]"), so that is read too."""
+    seen, stack = set(), [err]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _WRITE_ERRORS:
+            return e.errno, e.filename or _file_written_in(e)
+        text = str(e)
+        code = re.search(r"\[Errno (\d+)\]|os_error_code='(\d+)'", text)
+        if code and int(code.group(1) or code.group(2)) in _WRITE_ERRORS:
+            path = re.search(r'Failed writing: "([^"]+)"|\] [^:]*: \'([^\']+)\'', text)
+            return int(code.group(1) or code.group(2)), path and (path.group(1) or path.group(2))
+        stack += [e.__cause__, e.__context__]
+    return None
+
+
+def _file_written_in(err: BaseException) -> str | None:
+    """The file a buffered write failed on (flush names none): the metrics file, when the logger wrote it."""
+    for frame, _ in traceback.walk_tb(err.__traceback__):
+        jsonl = getattr(frame.f_locals.get("self"), "jsonl", None)
+        if jsonl is not None:
+            return jsonl.name
+    return None
+
+
+def _write_failure_message(config: TrainConfig, step: int | None, code: int, path: str | None) -> str:
+    what, fix = _WRITE_ERRORS[code]
+    directory = Path(config.checkpoint_dir).absolute()
+    saved = sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit()) if (
+        directory.is_dir()) else []  # fmt: skip
+    kept = f"checkpoint step {saved[-1]} in {directory} is complete" if saved else f"no checkpoint was saved in {directory}"
+    at = f"at step {step}" if step is not None else "before the first step"
+    return (f"{at}: {what} ({os.strerror(code)} writing {path or 'the run files'}); stopping. Nothing written before "
+            f"is lost: {kept}, and metrics.jsonl holds every step logged. {fix[0].upper()}{fix[1:]}, then "
+            "continue with --resume")
+
+
+class _QuietWriteFailures(logging.Filter):
+    """Drops orbax's reports of a failed write from its threads and tasks (absl and asyncio ERROR records
+    with tracebacks, hundreds of lines when the disk is full): the run stops on it with one line
+    (WriteFailed). After such a failure, also the reports of orbax's writes cut off by the exit."""
+
+    failed = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        err = record.exc_info[1] if record.exc_info else None
+        text = f"{record.getMessage()} {err}"
+        if _write_failure(err) is not None or _write_failure(RuntimeError(text)) is not None:
+            self.failed = True
+            return False
+        return not (self.failed and "cannot schedule new futures after shutdown" in text)
+
+
+_QUIET = _QuietWriteFailures()
+_NOISY_LOGGERS = ("absl", "asyncio")
+
+
 def _run(config: TrainConfig, *, resume: bool, allow_change: Iterable[str], mesh, stop_after: int | None,
-         config_file: str | None, lock_notes: list[str]) -> RunResult:
+         config_file: str | None, lock_notes: list[str], progress: dict) -> RunResult:
     if mesh is None and config.mesh.auto:  # mesh: auto -> the planner's best plan for these devices
         from tedjax.plan import auto_config
 
@@ -352,6 +469,8 @@ def _run(config: TrainConfig, *, resume: bool, allow_change: Iterable[str], mesh
         from tedjax import hf
 
         hf.check_checkpoint(config.init_from[3:], config.model)
+    if jax.process_index() == 0:
+        _check_metrics_file(Path(config.log.dir) / "metrics.jsonl")
     # Refuses a wrong directory or a silent config change, and verifies checksums, before compiling.
     checkpointer = Checkpointer(config, resume=resume, allow_change=allow_change, data_fingerprint=batches.fingerprint)
     checkpointer.notes[:0] = lock_notes
@@ -374,14 +493,20 @@ def _run(config: TrainConfig, *, resume: bool, allow_change: Iterable[str], mesh
                   f"{f'steps={config.steps}' if start_step >= config.steps else f'stop_after={stop_after}'}: "
                   "nothing to do; nothing was changed (raise steps to train on)", flush=True)
         return RunResult(state, trainer, {}, {}, False, last_checkpoint, batches.unigram_baseline)
-    checkpointer.begin(start_step)
-    logger = MetricsLogger(config.log.dir, total_steps=config.steps, start_step=start_step,
-                           tensorboard=config.log.tensorboard, progress=config.log.progress)  # fmt: skip
-    _announce(logger, config, mesh, checkpointer, start_step, config_file)
-    if resume:
-        logger.message(f"resumed from checkpoint step {last_checkpoint} in {checkpointer.directory}"
-                       if last_checkpoint is not None else
-                       f"--resume: no checkpoint in {checkpointer.directory} yet, starting from step 0")
+    logger = None
+    try:
+        checkpointer.begin(start_step)
+        logger = MetricsLogger(config.log.dir, total_steps=config.steps, start_step=start_step,
+                               tensorboard=config.log.tensorboard, progress=config.log.progress)  # fmt: skip
+        _announce(logger, config, mesh, checkpointer, start_step, config_file)
+        if resume:
+            logger.message(f"resumed from checkpoint step {last_checkpoint} in {checkpointer.directory}"
+                           if last_checkpoint is not None else
+                           f"--resume: no checkpoint in {checkpointer.directory} yet, starting from step 0")
+    except BaseException:
+        _close(checkpointer, logger)
+        raise
+    progress["step"] = start_step
 
     tokens_per_step = config.data.batch_size * config.data.seq_len
     flops_per_step = config.model.flops_per_token(config.data.seq_len) * tokens_per_step
@@ -446,7 +571,7 @@ def _run(config: TrainConfig, *, resume: bool, allow_change: Iterable[str], mesh
                 window_steps += 1
                 drain(keep_last=True)
                 logger.advance()
-                done = step + 1
+                done = progress["step"] = step + 1
                 if trainer.balance_due(done) and done != end_step:
                     state = _rebalance(trainer, state, done, logger)
                 if config.log.eval_every and done % config.log.eval_every == 0 and done != end_step:
@@ -477,12 +602,19 @@ def _run(config: TrainConfig, *, resume: bool, allow_change: Iterable[str], mesh
                 if config.checkpoint.every and last_checkpoint != done:
                     checkpointer.save(done, state, {"step": done}, force=True)
                     last_checkpoint = done
-        checkpointer.wait()
+            checkpointer.wait()  # still under the signal flag: a SIGINT now lets the final save finish
+            if signals.received is not None and not stopped_by_signal:  # it came during the final eval or save
+                if last_checkpoint != done:
+                    checkpointer.save(done, state, {"step": done}, force=True)
+                    checkpointer.wait()
+                    last_checkpoint = done
+                stopped_by_signal = True
+                logger.message(f"received signal {signals.received} while finishing: the run completed and "
+                               f"checkpoint step {done} in {checkpointer.directory} is complete")
         baseline = batches.unigram_baseline
         if eval_losses:
             final = f"final val loss {eval_losses[max(eval_losses)]:.4f} nats/token"
             logger.message(final + (f" (unigram baseline {baseline:.4f})" if baseline else ""))
     finally:
-        checkpointer.close()
-        logger.close()
+        _close(checkpointer, logger)
     return RunResult(state, trainer, train_losses, eval_losses, stopped_by_signal, last_checkpoint, baseline)

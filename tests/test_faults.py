@@ -42,6 +42,8 @@ from flax import nnx
 from reference import TINY_RUN_OVERRIDES
 
 import tedjax
+import tedjax.checkpoint as ckpt_lib
+import tedjax.loop
 import tedjax.trainer
 from tedjax.checkpoint import Checkpointer
 from tedjax.config import TrainConfig, load_config
@@ -453,6 +455,82 @@ def test_non_finite_updates_are_skipped_and_never_saved(monkeypatch, tmp_path, c
     assert not bit_identical(states[4].params, states[2].params)  # step 3 trained; step 4 was skipped
     assert (int(states[4].skipped_steps), int(states[4].bad_steps)) == (1, 1)
     COUNTS["nan_skipped"] += 2
+
+
+@pytest.fixture(scope="module")
+def trainers():
+    """Trainers by (config minus its directories, mesh): runs of one tiny config in this module compile once."""
+    cache: dict = {}
+
+    def make(config, mesh):
+        key = (dataclasses.replace(config, log=dataclasses.replace(config.log, dir="-")), tuple(mesh.shape.items()))
+        if key not in cache:
+            cache[key] = Trainer(config, mesh)
+        return cache[key]
+
+    return make
+
+
+ENDINGS = ["steps=4", "checkpoint.every=2", "checkpoint.keep=10"]
+
+
+def test_a_failed_write_mid_run_ends_in_one_line(trainers, monkeypatch, tmp_path, capsys):
+    """Issue 20 item 16: the disk filling up mid-run ended in hundreds of lines of tracebacks. Here the metrics
+    file turns into /dev/full after step 2 (every later write fails with ENOSPC, as on a full disk)."""
+    from tedjax.logs import MetricsLogger
+
+    monkeypatch.setattr(tedjax.loop, "Trainer", trainers)
+    real_log = MetricsLogger.log
+
+    def log(self, step, record, *, kind="train"):
+        if step == 3 and kind == "train":
+            self.jsonl.close()
+            self.jsonl = open("/dev/full", "a")
+        real_log(self, step, record, kind=kind)
+
+    monkeypatch.setattr(MetricsLogger, "log", log)
+    rc = _load_train_module().main(["--config", TINY_YAML, *TINY, *ENDINGS, f"log.dir={tmp_path}"])
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.strip()]
+    COUNTS["write_failure_tried"] += 1
+    assert rc == 3 and "Traceback" not in err and len(lines) == 1, err
+    ckpt = tmp_path / "checkpoints"
+    assert lines[0].startswith(f"stopped: at step 3: the disk is full (No space left on device writing /dev/full); "
+                               f"stopping. Nothing written before is lost: checkpoint step 2 in {ckpt} is complete, "
+                               "and metrics.jsonl holds every step logged. Free space"), lines[0]  # fmt: skip
+    assert [r["step"] for r in train_records(tmp_path)] == [1, 2]
+    assert step_dirs(ckpt) == ({2}, set()) and not (tmp_path / ".tedjax.lock").exists()
+    COUNTS["write_failure_one_line"] += 1
+
+
+def test_a_signal_during_the_final_save_ends_in_one_line(trainers, monkeypatch, tmp_path, capsys):
+    """Issue 20 item 16: SIGINT while the final checkpoint was being written raised KeyboardInterrupt (the
+    signal handler was already gone). Now the save finishes, and the run ends as a clean stop."""
+    from tedjax.checkpoint import Checkpointer as RealCheckpointer
+
+    monkeypatch.setattr(tedjax.loop, "Trainer", trainers)
+    real_wait, sent = RealCheckpointer.wait, []
+
+    def wait(self):
+        if not sent:  # the first wait is the final save's (no signal stopped the loop)
+            sent.append(os.getpid())
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_wait(self)
+
+    monkeypatch.setattr(RealCheckpointer, "wait", wait)
+    COUNTS["signal_tried"] += 1
+    try:
+        rc = _load_train_module().main(["--config", TINY_YAML, *TINY, *ENDINGS, f"log.dir={tmp_path}"])
+    except KeyboardInterrupt:
+        pytest.fail("SIGINT during the final save raised KeyboardInterrupt")
+    out, err = capsys.readouterr()
+    ckpt = tmp_path / "checkpoints"
+    assert rc == 0 and sent and not err.strip(), err
+    assert (f"received signal {int(signal.SIGINT)} while finishing: the run completed and checkpoint step 4 in "
+            f"{ckpt} is complete") in out
+    assert out.strip().splitlines()[-1] == "stopped by signal; checkpoint step 4 saved"
+    assert step_dirs(ckpt) == ({2, 4}, set()) and ckpt_lib.verify_step(ckpt / "4") == []
+    COUNTS["signal_survived"] += 1
 
 
 # =========================================================================== bad input
