@@ -711,6 +711,8 @@ RUN_CASES = {
     "checkpoint.dir in /proc": (["checkpoint.dir=/proc/tedjax/ckpt"], "cannot write under /proc (No such file or "
                                 "directory); set checkpoint.dir (or log.dir) to a writable directory"),
     "log.dir in /proc": (["log.dir=/proc/tedjax"], "cannot write under /proc"),
+    "metrics.jsonl unwritable (a directory)": (["log.dir={tmp}/mdir"], "cannot write {tmp}/mdir/metrics.jsonl (Is a "
+                                               "directory); move it aside or make it a writable file"),
     # checkpoint directories (a real saved run; see the `saved_run` fixture)
     "steps exist, no --resume": (["log.dir={saved}"], "checkpoint directory {saved}/checkpoints already holds steps "
                                  "[2]; nothing was changed. Pass --resume to continue that run, or set checkpoint.dir"),
@@ -737,6 +739,7 @@ def bad_inputs(tmp_path, saved_run):
     paths["big_id"] = write_tokens(tmp_path / "big_id", big)
     paths["big_vocab"] = write_tokens(tmp_path / "big_vocab", np.arange(4000) % 256, vocab=512)
     (tmp_path / "a_file").write_text("not a directory")
+    (tmp_path / "mdir" / "metrics.jsonl").mkdir(parents=True)
     paths["saved"] = tmp_path / "saved"
     shutil.copytree(saved_run, paths["saved"])
     paths["damaged"] = tmp_path / "damaged"
