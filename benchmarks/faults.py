@@ -536,19 +536,20 @@ def _stderr_summary(proc: subprocess.CompletedProcess) -> str:
 
 
 def scenario_disk_full(tree: Path, work: Path) -> dict:
-    """Item 16: a 40-step run whose disk fills up mid-run (a tmpfs with ~2.6 MB free: two checkpoints fit);
-    then the space is freed and the run resumed."""
+    """Item 16: a 40-step run whose disk fills up mid-run (a tmpfs with 2.7 MB free: two checkpoints of 1.3 MB
+    fit); then the space is freed and the run resumed."""
     disk = work / "disk"
     disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], capture_output=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], capture_output=True)
     if mounted.returncode:
         return {"outcome": "not run: mounting a tmpfs needs root", "ok": None}
     try:
         filler = disk / "filler"
-        filler.write_bytes(b"\0" * ((8 << 20) - 2_700_000))
+        filler.write_bytes(b"\0" * ((16 << 20) - 2_700_000))
         log = disk / "run"
-        args = ["steps=40", "checkpoint.every=2", "checkpoint.keep=100", f"log.dir={log}"]
+        args = ["steps=40", "checkpoint.every=2", "checkpoint.keep=3", f"log.dir={log}"]
         full = _train(tree, work, *args)
+        (work / "disk_full.stderr").write_text(full.stderr)
         filler.unlink()  # space freed
         again = _train(tree, work, *args, "--resume")
         steps = [r["step"] for r in map(json.loads, (log / "metrics.jsonl").read_text().splitlines())
@@ -557,7 +558,9 @@ def scenario_disk_full(tree: Path, work: Path) -> dict:
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True)
     lines = [x for x in full.stderr.splitlines() if x.strip()]
-    outcome = (f"{_stderr_summary(full)}; resumed after freeing space: exit {again.returncode}, steps 1-40 logged "
+    others = [x[:80] for x in lines if not x.startswith("stopped: ")][:2]
+    outcome = (f"{_stderr_summary(full)}" + (f" (besides: {' | '.join(others)})" if others and len(lines) < 20 else "")
+               + f"; resumed after freeing space: exit {again.returncode}, steps 1-40 logged "
                + ("once each" if once else f"as {steps[:3]}...{steps[-3:]}"))
     return {"outcome": outcome, "ok": full.returncode == 3 and len(lines) == 1 and again.returncode == 0 and once}
 
