@@ -367,7 +367,8 @@ def run(config: TrainConfig, *, resume: bool = False, allow_change: Iterable[str
                     progress=progress)
     except Exception as err:
         failure = _write_failure(err)
-        if failure is None:
+        # before training, only a full disk is a write failure (a permission error may be a read's)
+        if failure is None or (progress["step"] is None and failure[0] not in _FULL):
             raise
         failed = _QUIET.failed = True
         raise WriteFailed(_write_failure_message(config, progress["step"], *failure)) from None
@@ -379,6 +380,7 @@ def run(config: TrainConfig, *, resume: bool = False, allow_change: Iterable[str
             lock.release()
 
 
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 # errno values that mean the run's files cannot be written, and what to do about each
 _WRITE_ERRORS = {
     errno.ENOSPC: ("the disk is full", "free space (or set log.dir / checkpoint.dir elsewhere)"),
@@ -603,13 +605,17 @@ def _run(config: TrainConfig, *, resume: bool, allow_change: Iterable[str], mesh
                     checkpointer.save(done, state, {"step": done}, force=True)
                     last_checkpoint = done
             checkpointer.wait()  # still under the signal flag: a SIGINT now lets the final save finish
-            if signals.received is not None and not stopped_by_signal:  # it came during the final eval or save
+            signalled = signals.received is not None
+            if jax.process_count() > 1 and not stopped_by_signal:  # all are here; a save is collective: agree first
+                signalled = bool(np.any(multihost_utils.process_allgather(np.int32(signalled))))
+            if signalled and not stopped_by_signal:  # it came during the final evaluation or save
                 if last_checkpoint != done:
                     checkpointer.save(done, state, {"step": done}, force=True)
                     checkpointer.wait()
                     last_checkpoint = done
                 stopped_by_signal = True
-                logger.message(f"received signal {signals.received} while finishing: the run completed and "
+                logger.message(f"received signal {signals.received or 'in another process'} while finishing: the run "
+                               f"completed and "
                                f"checkpoint step {done} in {checkpointer.directory} is complete")
         baseline = batches.unigram_baseline
         if eval_losses:
