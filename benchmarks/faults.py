@@ -739,6 +739,8 @@ def main(argv=None) -> int:
     parser.add_argument("--before", default=BEFORE, help=f"commit to reproduce issue 14's bugs on ({BEFORE})")
     parser.add_argument("--before20", default=BEFORE20, help=f"commit to reproduce issue 20's on ({BEFORE20})")
     parser.add_argument("--quick", action="store_true", help="in-process scenarios on this tree and 32 MiB hashing")
+    parser.add_argument("--skip14", action="store_true", help="keep issue 14's table from the previous faults.json "
+                        "(its scenarios take ~30 min on a loaded 2-core machine) and run the rest")
     parser.add_argument("--scenario", help=argparse.SUPPRESS)
     parser.add_argument("--tree", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -763,7 +765,12 @@ def main(argv=None) -> int:
             trees = {"before": tmp / "before", "after": REPO}
             trees20 = {"before": tmp / "before20", "after": REPO}
         bugs, bugs20 = [], []
-        for names, tree_set, rows, work in ((QUICK if args.quick else SCENARIOS, trees, bugs, "14"),
+        previous14 = None
+        if args.skip14:
+            previous = json.loads((Path(out_dir) / "faults.json").read_text())
+            bugs[:] = previous["bugs"]
+            previous14 = f"{previous['machine']['date'][:10]}, commit {previous['machine'].get('git_commit', '?')[:7]}"
+        for names, tree_set, rows, work in ((() if args.skip14 else QUICK if args.quick else SCENARIOS, trees, bugs, "14"),
                                             (QUICK20 if args.quick else ISSUE20, trees20, bugs20, "20")):
             for name in names:
                 row = {"bug": name}
@@ -818,7 +825,8 @@ def main(argv=None) -> int:
         "",
         (f"Each scenario ran in its own process on the code at `{args.before}` (before) and on this tree (after); "
          f"`python benchmarks/faults.py`. Reproduced before: {reproduced} of {len(bugs)}; right after: {fixed} of "
-         f"{len(bugs)}.") if not args.quick else "`--quick`: this tree only.",
+         f"{len(bugs)}." + (f" Not re-run here (`--skip14`): this table is from the run of {previous14}."
+                             if previous14 else "")) if not args.quick else "`--quick`: this tree only.",
         "",
         _common.markdown_table(bugs, [("bug", "bug"), *([("before", "before")] if not args.quick else []),
                                       ("after", "after"), ("fixed", lambda b: "yes" if b["after_ok"] else "NO")]),
