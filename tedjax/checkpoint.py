@@ -12,15 +12,20 @@ file of it (sha256) into `tedjax_checksums.json` inside the step, off the
 training step's critical path. Resuming verifies the newest step first; a
 step whose files do not match is moved aside (renamed `damaged-<step>`, never
 deleted) and the newest step that verifies is used instead, saying so. A step
-without a manifest (the run was killed while hashing it, or an older tedjax
-wrote it) is restored unverified, with a note.
+folder whose saved step number is not its name (copied or renamed) counts as
+damaged. A step without a manifest (the run was killed while hashing it, or an
+older tedjax wrote it) is restored unverified, with a note, and hashed once the
+run has started from it.
 
 Resume guards: the config saved in the step is compared field by field with
-the new one. Fields in `SAFE_CHANGES` (mesh, log.*, checkpoint frequency,
-steps upward, ...) may change and are logged; fields that fix parameter
-shapes can never change; every other field, including ones added later,
-changes results and is refused unless named in `allow_change`
-(`--allow-change key1,key2`), in which case the run records it.
+the new one. Fields in `SAFE_CHANGES` (mesh, log.*, checkpoint frequency, ...)
+may change and are logged; a larger `steps` is allowed but logged as a change
+of results, with the learning rate at the resumed step before and after; fields
+that fix the state's shapes (`SHAPE_FIELDS`) can never change; every other
+field, including ones added later, changes results and is refused unless named
+in `allow_change` (`--allow-change key1,key2`), in which case the run records
+it. The token files' fingerprint (tedjax.data.corpus_fingerprint) is saved
+too: another corpus at the same `data.path` is a change of `data.path`.
 
 Restoring takes the target's shardings, so a checkpoint saved on one mesh
 (say (2, 2, 2)) restores onto another ((1, 4, 2)) by resharding on read.
