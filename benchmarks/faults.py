@@ -41,7 +41,6 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(REPO))  # this tree's tedjax, not an installed one
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -751,6 +750,7 @@ def main(argv=None) -> int:
         print(json.dumps(result))
         return 0
 
+    sys.path.insert(0, str(REPO))  # the main process measures this tree's tedjax (scenarios pick theirs by PYTHONPATH)
     import _common
 
     machine = _common.machine_info()
