@@ -14,6 +14,9 @@
   unwritable output directories: refused with a message naming the problem
   and the fix, before anything is compiled or written.
 - Routing under stress, through the whole MoE layer (forward and backward).
+- Issue 20: nan / inf in every float setting refused; an update that makes the
+  weights non-finite (finite loss and gradients) skipped, and never saved; a
+  failed write mid-run and SIGINT during the final save each end in one line.
 
 `COUNTS` tallies what was tried and what held; the module prints it when it
 ends, and `benchmarks/faults.py` runs this file to save it.

@@ -9,6 +9,11 @@
   explicit allow-list of safe ones; parameter shapes never change; a train
   state of another structure is refused by name, whatever leaves it has.
 - A run that saved no checkpoint does not lock its directory.
+- Issue 20: a step folder holding another step is set aside; an unverified
+  step is hashed after the next start; another corpus at the same data.path
+  is a change; shadow_experts fixes shapes; a mesh change says when drops
+  change; more steps is a change with the learning rate before and after;
+  `python -m tedjax.generate --checkpoint` verifies as --resume does.
 
 `COUNTS` (flips tried / detected, resume changes refused / allowed) is saved
 for `benchmarks/faults.py` when TEDJAX_FAULTS_SUMMARY_DIR is set.
