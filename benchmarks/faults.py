@@ -1,6 +1,6 @@
-"""Reliability evidence: faults tried and held, issue 14's bugs before and after, and the cost of checksums.
+"""Reliability evidence: faults tried and held, issues 14 and 20's bugs before and after, the cost of checksums.
 
-    python benchmarks/faults.py [--out DIR] [--before COMMIT] [--quick]
+    python benchmarks/faults.py [--out DIR] [--before COMMIT] [--before20 COMMIT] [--quick]
 
 1. Runs tests/test_faults.py and tests/test_resume_guards.py. Their `COUNTS`,
    saved when each module ends, are exactly what the assertions checked: kill
@@ -10,7 +10,13 @@
 2. Reproduces each bug of issue 14 in a subprocess, once on the code at
    `--before` (default e058db0, the commit before the fixes, extracted with
    `git archive`; nothing in the repository changes) and once on this working
-   tree, with the same scenario code, and records what each did.
+   tree, with the same scenario code, and records what each did. Issue 20's
+   run scenarios (nan settings and updates, two runs in one log.dir, generate
+   on a damaged step, another corpus at one path, a step folder holding
+   another step, unverified steps, disk full, SIGINT in the final save, an
+   unwritable metrics file, the resume guard's labels) run the same way on
+   `--before20` (default d355633). The disk-full scenario mounts a tmpfs, so
+   it needs root; elsewhere it is reported as not run.
 3. Measures sha256 hashing and verification per GiB of checkpoint files, and
    how long `save` blocks compared with the commit and the hashing after it.
 
@@ -39,6 +45,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 BEFORE = "e058db0"
+BEFORE20 = "d355633"  # the commit before issue 20's run fixes
 TINY = [
     "model.vocab_size=256", "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.d_ff=64",
     "model.expert_d_ff=64", "model.num_experts=4", "model.max_len=32", "data.seq_len=32", "data.batch_size=8",
@@ -332,6 +339,306 @@ def scenario_log_duplicates(tree: Path, work: Path) -> dict:
     return {"outcome": outcome, "ok": again.returncode == 0 and not duplicated}
 
 
+# =========================================================================== issue 20: held-out checks of runs
+# Same contract as above; run on `--before20` (the commit before issue 20's run fixes) and on this tree.
+
+FLOAT_OVERRIDES = [
+    "model.capacity_factor", "model.eval_capacity_factor", "model.aux_loss_weight", "model.z_loss_weight",
+    "model.jitter_eps", "model.router_bias_rate", "model.rope_base", "model.norm_eps", "optimizer.learning_rate",
+    "optimizer.min_lr_ratio", "optimizer.weight_decay", "optimizer.b1", "optimizer.b2", "optimizer.eps",
+    "optimizer.grad_clip", "log.peak_tflops", "balance.margin", "balance.matmul_tflops", "balance.link_gbytes_per_s",
+]  # fmt: skip
+
+
+def scenario_non_finite_settings(tree: Path, work: Path) -> dict:
+    """Item 10: nan, inf and -inf in every float setting."""
+    from tedjax.config import load_config
+
+    accepted = []
+    for key in FLOAT_OVERRIDES:
+        for text in ("nan", "inf", "-.inf"):
+            try:
+                load_config(None, [*TINY, f"{key}={text}"])
+                accepted.append(f"{key}={text}")
+            except ValueError:
+                pass
+    tried = 3 * len(FLOAT_OVERRIDES)
+    outcome = f"{tried - len(accepted)} of {tried} refused" + (f"; accepted {len(accepted)}, e.g. {', '.join(accepted[:4])}"
+                                                              if accepted else "")  # fmt: skip
+    return {"outcome": outcome, "ok": not accepted, "tried": tried, "held": tried - len(accepted)}
+
+
+def scenario_nan_update_saved(tree: Path, work: Path) -> dict:
+    """Item 10: a learning rate that turns nan at step 4 (loss and gradients stay finite), checkpoints every 2."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import tedjax.optim
+    from tedjax.checkpoint import Checkpointer
+    from tedjax.config import load_config
+    from tedjax.loop import TrainingStopped, run
+    from tedjax.mesh import make_mesh
+    from tedjax.trainer import Trainer
+
+    real = tedjax.optim.learning_rate_schedule
+    tedjax.optim.learning_rate_schedule = lambda cfg, steps: (
+        lambda count: jnp.where(count >= 3, jnp.nan, real(cfg, steps)(count)))  # fmt: skip
+    config = load_config(None, [*TINY, f"log.dir={work / 'run'}", "steps=12", "max_bad_steps=2", "checkpoint.every=2",
+                                "checkpoint.keep=10"])  # fmt: skip
+    try:
+        run(config)
+        said = "no stop"
+    except TrainingStopped as err:
+        said = re.search(r"[Tt]he last good checkpoint is step (\d+)", str(err))
+        said = f"the stop calls step {said.group(1)} the last good checkpoint" if said else str(err)[:80]
+    abstract = Trainer(config, make_mesh(2, 2, 2)).abstract_state()
+    checkpointer = Checkpointer(config, resume=True)
+    non_finite = []
+    try:
+        for step in checkpointer.existing_steps():
+            state = checkpointer.restore(abstract, step)[0]
+            if not all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.tree.leaves((state.params, state.opt_state))):
+                non_finite.append(step)
+    finally:
+        checkpointer.close()
+    steps = checkpointer.existing_steps()
+    outcome = f"checkpoints {steps}, non-finite: {non_finite or 'none'}; {said}"
+    return {"outcome": outcome, "ok": not non_finite}
+
+
+def scenario_two_runs(tree: Path, work: Path) -> dict:
+    """Item 11: a second train.py in the log.dir of a running one; then the first killed (SIGKILL) and a third."""
+    import signal
+
+    log = work / "run"
+    env = dict(os.environ, PYTHONPATH=str(tree), JAX_COMPILATION_CACHE_DIR=str(work.parent / "xla-cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")  # fmt: skip
+    cmd = [sys.executable, str(tree / "train.py"), "--config", str(tree / "configs" / "tiny.yaml"), *TINY,
+           f"log.dir={log}", "checkpoint.every=0"]  # fmt: skip
+    first = subprocess.Popen([*cmd, "steps=100000"], cwd=tree, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 600
+        while not ((log / "metrics.jsonl").exists() and '"kind": "train"' in (log / "metrics.jsonl").read_text()):
+            assert first.poll() is None and time.monotonic() < deadline, "the first run ended early"
+            time.sleep(0.2)
+        second = subprocess.run([*cmd, "steps=2"], cwd=tree, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    third = subprocess.run([*cmd, "steps=2"], cwd=tree, env=env, capture_output=True, text=True, timeout=600)
+    named = f"pid {first.pid} on host" in second.stderr
+    took_over = f"was left by pid {first.pid}" in third.stdout
+    outcome = (f"second run while the first trains: exit {second.returncode}"
+               + (f" ({_err(second)[:90]}...)" if second.returncode else ", both wrote the same metrics.jsonl")
+               + f"; after SIGKILL of the first, a third run: exit {third.returncode}"
+               + (", taking over its stale lock" if took_over else ""))  # fmt: skip
+    return {"outcome": outcome, "ok": second.returncode == 2 and named and third.returncode == 0 and took_over}
+
+
+def scenario_generate_damaged(tree: Path, work: Path) -> dict:
+    """Item 12: `python -m tedjax.generate --checkpoint` on a run whose only step has a flipped byte."""
+    config, _, _ = _tiny_checkpoint(work)
+    step_dir = Path(config.checkpoint_dir) / "2"
+    path = max((p for p in (step_dir / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    proc = subprocess.run([sys.executable, "-m", "tedjax.generate", "--checkpoint", str(work / "run"), "--prompt",
+                           "def ", "--max-new-tokens", "4"], cwd=tree, env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    outcome = f"exit {proc.returncode}" + (f": {_err(proc)[:110]}" if proc.returncode else ", generated from it")
+    return {"outcome": outcome, "ok": proc.returncode == 2 and "verifies" in proc.stderr}
+
+
+def _write_corpus(directory: Path, seed: int) -> None:
+    import numpy as np
+
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rng.integers(0, 256, 4000).astype(np.uint16).tofile(directory / "train.bin")
+    rng.integers(0, 256, 600).astype(np.uint16).tofile(directory / "val.bin")
+    (directory / "meta.json").write_text(json.dumps({"vocab_size": 256, "dtype": "uint16", "n_train_tokens": 4000,
+                                                     "n_val_tokens": 600}))  # fmt: skip
+
+
+def scenario_other_corpus(tree: Path, work: Path) -> dict:
+    """Item 13: train 2 steps on a corpus, prepare another at the same data.path, --resume to 4 steps."""
+    corpus, log = work / "corpus", work / "run"
+    _write_corpus(corpus, 1)
+    data = ["data.source=tokens", f"data.path={corpus}", "checkpoint.every=2", f"log.dir={log}"]
+    first = _train(tree, work, *data, "steps=2")
+    assert first.returncode == 0, first.stderr[-2000:]
+    _write_corpus(corpus, 2)
+    again = _train(tree, work, *data, "steps=4", "--resume")
+    outcome = f"resume exit {again.returncode}" + (f": {_err(again)[:120]}" if again.returncode else
+                                                   " (trained on the other corpus silently)")  # fmt: skip
+    return {"outcome": outcome, "ok": again.returncode == 2 and "data.path" in again.stderr}
+
+
+def _steps_2_and_4(work: Path):
+    """A run directory with checkpoint steps 2 and 4 (different states) of the tiny model."""
+    import dataclasses
+
+    import jax
+
+    from tedjax.checkpoint import Checkpointer
+
+    config, trainer, _ = _tiny_checkpoint(work)
+    state = trainer.init_state()
+    later = dataclasses.replace(state, step=state.step + 2, params=jax.tree.map(lambda x: x + 1.0, state.params))
+    checkpointer = Checkpointer(config, resume=True)
+    checkpointer.save(4, later, {"step": 4})
+    checkpointer.close()
+    return config, trainer
+
+
+def scenario_step_folder(tree: Path, work: Path) -> dict:
+    """Item 14: checkpoints/6 a copy of checkpoints/2; which step does --resume pick?"""
+    from tedjax.checkpoint import Checkpointer
+
+    config, _ = _steps_2_and_4(work)
+    ckpt = Path(config.checkpoint_dir)
+    shutil.copytree(ckpt / "2", ckpt / "6")
+    checkpointer = Checkpointer(config, resume=True)
+    checkpointer.close()
+    moved = (ckpt / "damaged-6").is_dir()
+    outcome = f"resumes step {checkpointer.resume_step}" + (" (the folder 6 holds step 2)" if checkpointer.resume_step
+                                                            == 6 else "") + ("; 6 moved to damaged-6" if moved else "")
+    return {"outcome": outcome, "ok": checkpointer.resume_step == 4 and moved}
+
+
+def scenario_unverified_hashed(tree: Path, work: Path) -> dict:
+    """Item 15: a step without checksums (killed while hashing) restored and started from: hashed then?"""
+    from tedjax.checkpoint import MANIFEST, Checkpointer, verify_step
+
+    config, trainer, _ = _tiny_checkpoint(work)
+    step_dir = Path(config.checkpoint_dir) / "2"
+    (step_dir / MANIFEST).unlink()
+    checkpointer = Checkpointer(config, resume=True)
+    try:
+        checkpointer.restore(trainer.abstract_state())
+        checkpointer.begin(2)
+    finally:
+        checkpointer.close()
+    verified = verify_step(step_dir)
+    outcome = "after the next start: " + ("verified by its new manifest" if verified == [] else "still no manifest"
+                                          if verified is None else f"problems {verified}")  # fmt: skip
+    return {"outcome": outcome, "ok": verified == []}
+
+
+def _stderr_summary(proc: subprocess.CompletedProcess) -> str:
+    lines = [x for x in proc.stderr.splitlines() if x.strip()]
+    return (f"exit {proc.returncode}, {len(lines)} lines of stderr, {proc.stderr.count('Traceback')} tracebacks; "
+            f"last: {(lines or [''])[-1][:100]}")
+
+
+def scenario_disk_full(tree: Path, work: Path) -> dict:
+    """Item 16: a 40-step run whose disk fills up mid-run (a tmpfs with 2.7 MB free: two checkpoints of 1.3 MB
+    fit); then the space is freed and the run resumed."""
+    disk = work / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode:
+        return {"outcome": "not run: mounting a tmpfs needs root", "ok": None}
+    try:
+        filler = disk / "filler"
+        filler.write_bytes(b"\0" * ((16 << 20) - 2_700_000))
+        log = disk / "run"
+        args = ["steps=40", "checkpoint.every=2", "checkpoint.keep=3", f"log.dir={log}"]
+        full = _train(tree, work, *args)
+        (work / "disk_full.stderr").write_text(full.stderr)
+        filler.unlink()  # space freed
+        again = _train(tree, work, *args, "--resume")
+        steps = [r["step"] for r in map(json.loads, (log / "metrics.jsonl").read_text().splitlines())
+                 if r["kind"] == "train"]  # fmt: skip
+        once = steps == list(range(1, 41))
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
+    lines = [x for x in full.stderr.splitlines() if x.strip()]
+    others = [x[:80] for x in lines if not x.startswith("stopped: ")][:2]
+    outcome = (f"{_stderr_summary(full)}" + (f" (besides: {' | '.join(others)})" if others and len(lines) < 20 else "")
+               + f"; resumed after freeing space: exit {again.returncode}, steps 1-40 logged "
+               + ("once each" if once else f"as {steps[:3]}...{steps[-3:]}"))
+    return {"outcome": outcome, "ok": full.returncode == 3 and len(lines) == 1 and again.returncode == 0 and once}
+
+
+def scenario_sigint_final_save(tree: Path, work: Path) -> dict:
+    """Item 16: SIGINT arriving while the final checkpoint is written (inside `Checkpointer.wait`)."""
+    import signal
+
+    from tedjax.checkpoint import Checkpointer
+    from tedjax.config import load_config
+    from tedjax.loop import run
+
+    real_wait, sent = Checkpointer.wait, []
+
+    def wait(self):
+        if not sent:
+            sent.append(1)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_wait(self)
+
+    Checkpointer.wait = wait
+    config = load_config(None, [*TINY, f"log.dir={work / 'run'}", "steps=4", "checkpoint.every=2"])
+    try:
+        result = run(config)
+        outcome = (f"run returned (stopped_by_signal={result.stopped_by_signal}); checkpoints "
+                   f"{_steps(Path(config.checkpoint_dir))}")  # fmt: skip
+        ok = result.stopped_by_signal and _steps(Path(config.checkpoint_dir)) == [2, 4]
+    except KeyboardInterrupt:
+        outcome, ok = "KeyboardInterrupt traceback", False
+    return {"outcome": outcome, "ok": ok}
+
+
+def scenario_metrics_unwritable(tree: Path, work: Path) -> dict:
+    """Item 16: metrics.jsonl cannot be written (a directory of that name; permissions do not bind root)."""
+    log = work / "run"
+    (log / "metrics.jsonl").mkdir(parents=True)
+    proc = _train(tree, work, "steps=2", f"log.dir={log}")
+    lines = [x for x in proc.stderr.splitlines() if x.strip() and not x.startswith(NOISE)]
+    return {"outcome": _stderr_summary(proc), "ok": proc.returncode == 2 and len(lines) == 1}
+
+
+def scenario_resume_messages(tree: Path, work: Path) -> dict:
+    """Items 18b, 18c, 20: how the resume guard classifies shadow_experts, a mesh change with device pools,
+    and more steps."""
+    from tedjax.checkpoint import config_changes
+    from tedjax.config import load_config
+
+    def change(saved: list[str], new: list[str]):
+        changes = config_changes(load_config(None, [*TINY, *saved]).to_dict(), load_config(None, [*TINY, *new]),
+                                 *([4] if "step" in config_changes.__code__.co_varnames else []))  # fmt: skip
+        return changes[-1]
+
+    shadow = change([], ["model.shadow_experts=1"])
+    pools = ["model.capacity_scope=device"]
+    mesh = change(pools, [*pools, "mesh.data=1", "mesh.expert=4"])
+    steps = change(["steps=8"], ["steps=20"])
+    parts = [f"shadow_experts: {shadow.kind}", f"mesh.expert with device pools: {mesh.kind}"
+             + (" (says drops change)" if "dropped" in mesh.reason else ""),
+             f"steps 8 -> 20: {steps.kind}" + (" (lr before/after)" if "learning rate at step" in steps.reason else "")]
+    ok = shadow.kind == "shape" and "dropped" in mesh.reason and steps.kind != "safe" and "learning rate at" in steps.reason
+    return {"outcome": "; ".join(parts), "ok": ok}
+
+
+ISSUE20 = {
+    "10 nan / inf settings": scenario_non_finite_settings,
+    "10 non-finite update saved as the last good checkpoint": scenario_nan_update_saved,
+    "11 two runs in one log.dir": scenario_two_runs,
+    "12 generate --checkpoint on a damaged step": scenario_generate_damaged,
+    "13 another corpus at the same data.path": scenario_other_corpus,
+    "14 a step folder holding another step": scenario_step_folder,
+    "15 a step restored unverified": scenario_unverified_hashed,
+    "16 disk full mid-run": scenario_disk_full,
+    "16 SIGINT during the final save": scenario_sigint_final_save,
+    "16 metrics.jsonl unwritable": scenario_metrics_unwritable,
+    "18b/18c/20 resume guard messages": scenario_resume_messages,
+}
+QUICK20 = ("10 nan / inf settings", "14 a step folder holding another step", "18b/18c/20 resume guard messages")
+
 SCENARIOS = {
     "1 resume below the restored step": scenario_resume_below,
     "2 byte flips in checkpoint data": scenario_byte_flips,
@@ -429,37 +736,51 @@ def run_tests(summary_dir: Path) -> tuple[dict, str, float, int]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None, help="directory for faults.json / faults.md (benchmarks/results/)")
-    parser.add_argument("--before", default=BEFORE, help=f"commit to reproduce the bugs on ({BEFORE})")
+    parser.add_argument("--before", default=BEFORE, help=f"commit to reproduce issue 14's bugs on ({BEFORE})")
+    parser.add_argument("--before20", default=BEFORE20, help=f"commit to reproduce issue 20's on ({BEFORE20})")
     parser.add_argument("--quick", action="store_true", help="in-process scenarios on this tree and 32 MiB hashing")
+    parser.add_argument("--skip14", action="store_true", help="keep issue 14's table from the previous faults.json "
+                        "(its scenarios take ~30 min on a loaded 2-core machine) and run the rest")
     parser.add_argument("--scenario", help=argparse.SUPPRESS)
     parser.add_argument("--tree", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.scenario:  # inside a subprocess: one scenario on one tree
-        result = SCENARIOS[args.scenario](Path(args.tree), Path(args.work))
+        result = {**SCENARIOS, **ISSUE20}[args.scenario](Path(args.tree), Path(args.work))
         print(json.dumps(result))
         return 0
 
+    sys.path.insert(0, str(REPO))  # the main process measures this tree's tedjax (scenarios pick theirs by PYTHONPATH)
     import _common
 
     machine = _common.machine_info()
     out_dir = _common.output_dir("faults", args.out, args.quick)
     with tempfile.TemporaryDirectory(prefix="tedjax_faults_") as tmp:
         tmp = Path(tmp)
-        trees = {"after": REPO}
+        trees = trees20 = {"after": REPO}
         if not args.quick:
-            (tmp / "before").mkdir()
-            archive = subprocess.run(["git", "archive", args.before], cwd=REPO, capture_output=True, check=True)
-            subprocess.run(["tar", "-x", "-C", str(tmp / "before")], input=archive.stdout, check=True)
+            for label, commit in (("before", args.before), ("before20", args.before20)):
+                (tmp / label).mkdir()
+                archive = subprocess.run(["git", "archive", commit], cwd=REPO, capture_output=True, check=True)
+                subprocess.run(["tar", "-x", "-C", str(tmp / label)], input=archive.stdout, check=True)
             trees = {"before": tmp / "before", "after": REPO}
-        bugs = []
-        for name in (QUICK if args.quick else SCENARIOS):
-            row = {"bug": name}
-            for label, tree in trees.items():
-                result = run_scenario(name, tree, tmp / label / re.sub(r"\W+", "_", name))
-                row[label], row[f"{label}_ok"], row[f"{label}_s"] = result["outcome"], result["ok"], result["seconds"]
-                print(f"[{label}] {name}: {'OK' if result['ok'] else 'WRONG'} - {result['outcome']}", flush=True)
-            bugs.append(row)
+            trees20 = {"before": tmp / "before20", "after": REPO}
+        bugs, bugs20 = [], []
+        previous14 = None
+        if args.skip14:
+            previous = json.loads((Path(out_dir) / "faults.json").read_text())
+            bugs[:] = previous["bugs"]
+            previous14 = f"{previous['machine']['date'][:10]}, commit {previous['machine'].get('git_commit', '?')[:7]}"
+        for names, tree_set, rows, work in ((() if args.skip14 else QUICK if args.quick else SCENARIOS, trees, bugs, "14"),
+                                            (QUICK20 if args.quick else ISSUE20, trees20, bugs20, "20")):
+            for name in names:
+                row = {"bug": name}
+                for label, tree in tree_set.items():
+                    result = run_scenario(name, tree, tmp / f"{label}{work}" / re.sub(r"\W+", "_", name))
+                    row[label], row[f"{label}_ok"], row[f"{label}_s"] = result["outcome"], result["ok"], result["seconds"]
+                    verdict = {True: "OK", False: "WRONG", None: "NOT RUN"}[result["ok"]]
+                    print(f"[{label}] {name}: {verdict} - {result['outcome']}", flush=True)
+                rows.append(row)
         cost = hashing_cost(32 if args.quick else 1024)
         print(f"checksums: {cost}", flush=True)
         if args.quick:
@@ -484,9 +805,17 @@ def main(argv=None) -> int:
          "tried": counts.get("resume_changes_tried", 0),
          "held": counts.get("resume_changes_refused", 0) + counts.get("resume_changes_allowed", 0)},
     ]  # fmt: skip
+    rows += [
+        {"fault": "failed write mid-run ends in one line (WriteFailed)", "tried": counts.get("write_failure_tried", 0),
+         "held": counts.get("write_failure_one_line", 0)},
+    ]  # fmt: skip
     fixed = sum(1 for b in bugs if b["after_ok"])
     reproduced = sum(1 for b in bugs if not b.get("before_ok", True))
+    ran20 = [b for b in bugs20 if b["after_ok"] is not None]
+    fixed20 = sum(1 for b in ran20 if b["after_ok"])
+    reproduced20 = sum(1 for b in ran20 if b.get("before_ok", True) is False)
     line = (f"issue 14 bugs reproduced before {reproduced}/{len(bugs)}, right after {fixed}/{len(bugs)}; "
+            f"issue 20 (runs) reproduced before {reproduced20}/{len(ran20)}, right after {fixed20}/{len(ran20)}; "
             + ", ".join(f"{r['held']}/{r['tried']} {r['fault']}" for r in rows))
     md = [
         "# Faults: crashes, signals, non-finite steps, bad input, damaged checkpoints, resume guards",
@@ -497,10 +826,21 @@ def main(argv=None) -> int:
         "",
         (f"Each scenario ran in its own process on the code at `{args.before}` (before) and on this tree (after); "
          f"`python benchmarks/faults.py`. Reproduced before: {reproduced} of {len(bugs)}; right after: {fixed} of "
-         f"{len(bugs)}.") if not args.quick else "`--quick`: this tree only.",
+         f"{len(bugs)}." + (f" Not re-run here (`--skip14`): this table is from the run of {previous14}."
+                             if previous14 else "")) if not args.quick else "`--quick`: this tree only.",
         "",
         _common.markdown_table(bugs, [("bug", "bug"), *([("before", "before")] if not args.quick else []),
                                       ("after", "after"), ("fixed", lambda b: "yes" if b["after_ok"] else "NO")]),
+        "## Issue 20 (runs), before and after",
+        "",
+        (f"The same contract, on the code at `{args.before20}` (before) and on this tree (after). Reproduced before: "
+         f"{reproduced20} of {len(ran20)}; right after: {fixed20} of {len(ran20)}"
+         + (f"; not run here: {', '.join(b['bug'] for b in bugs20 if b['after_ok'] is None)}" if len(ran20) < len(bugs20)
+            else "") + ".") if not args.quick else "`--quick`: this tree only.",
+        "",
+        _common.markdown_table(bugs20, [("bug", "bug"), *([("before", "before")] if not args.quick else []),
+                                        ("after", "after"),
+                                        ("fixed", lambda b: {True: "yes", False: "NO", None: "not run"}[b["after_ok"]])]),
         "## Checksums",
         "",
         (f"sha256 over every file of a committed step ({cost['checkpoint_mib']} MiB here): hashing "
@@ -518,14 +858,14 @@ def main(argv=None) -> int:
         md += [("Kill history (each SIGKILL/SIGTERM/SIGINT, the newest complete checkpoint after it, the orbax "
                 "temporary (partial) steps present, and the step the next run resumed from):"), "",
                _common.markdown_table(history, ["signal", "when", "newest_complete", "partial_steps", "resumed_from"])]
-    _common.publish("faults", rows, {"before": args.before, "quick": args.quick,
+    _common.publish("faults", rows, {"before": args.before, "before20": args.before20, "quick": args.quick,
                                      "test_files": ["tests/test_faults.py", "tests/test_resume_guards.py"]},
                     "\n".join(md), out_dir, machine,
-                    extra={"summary": line, "bugs": bugs, "checksums": cost,
+                    extra={"summary": line, "bugs": bugs, "bugs20": bugs20, "checksums": cost,
                            "pytest": {"returncode": returncode, "result": result_line, "seconds": round(seconds, 1)},
                            "kill_history": history, "flips": summaries.get("test_resume_guards", {}).get("flips", [])})
     print(f"faults: {line}")
-    return 0 if returncode == 0 and fixed == len(bugs) else 1
+    return 0 if returncode == 0 and fixed == len(bugs) and fixed20 == len(ran20) else 1
 
 
 if __name__ == "__main__":

@@ -12,15 +12,20 @@ file of it (sha256) into `tedjax_checksums.json` inside the step, off the
 training step's critical path. Resuming verifies the newest step first; a
 step whose files do not match is moved aside (renamed `damaged-<step>`, never
 deleted) and the newest step that verifies is used instead, saying so. A step
-without a manifest (the run was killed while hashing it, or an older tedjax
-wrote it) is restored unverified, with a note.
+folder whose saved step number is not its name (copied or renamed) counts as
+damaged. A step without a manifest (the run was killed while hashing it, or an
+older tedjax wrote it) is restored unverified, with a note, and hashed once the
+run has started from it.
 
 Resume guards: the config saved in the step is compared field by field with
-the new one. Fields in `SAFE_CHANGES` (mesh, log.*, checkpoint frequency,
-steps upward, ...) may change and are logged; fields that fix parameter
-shapes can never change; every other field, including ones added later,
-changes results and is refused unless named in `allow_change`
-(`--allow-change key1,key2`), in which case the run records it.
+the new one. Fields in `SAFE_CHANGES` (mesh, log.*, checkpoint frequency, ...)
+may change and are logged; a larger `steps` is allowed but logged as a change
+of results, with the learning rate at the resumed step before and after; fields
+that fix the state's shapes (`SHAPE_FIELDS`) can never change; every other
+field, including ones added later, changes results and is refused unless named
+in `allow_change` (`--allow-change key1,key2`), in which case the run records
+it. The token files' fingerprint (tedjax.data.corpus_fingerprint) is saved
+too: another corpus at the same `data.path` is a change of `data.path`.
 
 Restoring takes the target's shardings, so a checkpoint saved on one mesh
 (say (2, 2, 2)) restores onto another ((1, 4, 2)) by resharding on read.
@@ -31,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import queue
 import sys
@@ -55,7 +61,8 @@ HASH_CHUNK = 8 << 20
 
 # Model fields that fix parameter shapes: a checkpoint can never be resumed with other values.
 SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "num_experts", "expert_d_ff", "moe_every",
-                "activation", "n_kv_heads", "head_dim", "qk_norm")  # fmt: skip
+                "activation", "n_kv_heads", "head_dim", "qk_norm", "shadow_experts")  # fmt: skip
+SHAPE_REASONS = {"shadow_experts": "fixes the train state's shapes (its shadow-expert slots)"}
 # Fields that do not change what the run computes, with the reason; all others do (new fields included).
 SAFE_CHANGES = {
     "mesh.": "the checkpoint is resharded onto the new mesh on restore",
@@ -169,6 +176,45 @@ def verify_step(step_dir: str | Path) -> list[str] | None:
     return problems
 
 
+def check_step(step_dir: str | Path) -> list[str] | None:
+    """`verify_step`, plus whether the step folder holds that step: a folder copied or renamed from another
+    step verifies against its own manifest, and would resume under the wrong step number."""
+    step_dir = Path(step_dir)
+    problems = verify_step(step_dir)
+    try:
+        saved = json.loads((step_dir / "meta" / "metadata").read_text()).get("step")
+    except (OSError, ValueError, AttributeError):
+        saved = None  # unreadable: verify_step (or reading the meta) reports it
+    if isinstance(saved, int) and step_dir.name.isdigit() and saved != int(step_dir.name):
+        problems = [*(problems or []), f"it holds step {saved}, not step {step_dir.name} (its meta/metadata says "
+                                       f"step {saved}: a folder copied or renamed from another step)"]
+    return problems
+
+
+def newest_verified_step(directory: str | Path, steps: list[int], step: int | None = None) -> tuple[int, list[str]]:
+    """(the step to read, notes) for a reader that changes nothing (`python -m tedjax.generate`).
+
+    `step` given: it must verify, else CheckpointError. Otherwise the newest step that verifies (or has no
+    manifest), as `--resume` picks it, with a note for each newer damaged step and for an unverified one.
+    """
+    directory = Path(directory)
+    notes: list[str] = []
+    for candidate in ([step] if step is not None else list(reversed(steps))):
+        problems = check_step(directory / str(candidate))
+        if problems:
+            if step is not None:
+                raise CheckpointError(f"checkpoint step {step} in {directory} is damaged ({'; '.join(problems[:3])}"
+                                      f"{'; ...' if len(problems) > 3 else ''}); pick another --step of {steps}")
+            notes.append(f"checkpoint step {candidate} in {directory} is damaged ({'; '.join(problems[:3])}"
+                         f"{'; ...' if len(problems) > 3 else ''}); using an older step")
+            continue
+        if problems is None:
+            notes.append(f"checkpoint step {candidate} has no {MANIFEST}: reading it unverified")
+        return candidate, notes
+    raise CheckpointError(f"no checkpoint step in {directory} verifies ({'; '.join(notes)}); resume the run, "
+                          "which sets damaged steps aside, or train again")
+
+
 class _ManifestWriter:
     """Hashes each saved step on a background thread, once orbax has committed it (renamed it into place)."""
 
@@ -242,17 +288,20 @@ class Change:
     key: str  # dotted config key
     saved: Any
     new: Any
-    kind: str  # "safe" (allowed and logged), "shape" (never allowed), "result" (needs --allow-change)
+    # "safe" (allowed and logged), "change" (changes results, allowed and logged: a longer schedule),
+    # "shape" (never allowed), "result" (needs --allow-change)
+    kind: str
     reason: str
 
     def __str__(self) -> str:
         return f"{self.key}: {self.saved!r} -> {self.new!r} ({self.reason})"
 
 
-def config_changes(saved: dict, config: TrainConfig) -> list[Change]:
+def config_changes(saved: dict, config: TrainConfig, step: int | None = None) -> list[Change]:
     """Every field of `config` that differs from the `saved` config dict, classified (see the module docstring).
 
-    A key the saved config lacks (a field added since) counts as its default value.
+    A key the saved config lacks (a field added since) counts as its default value. `step`, the step
+    resumed, lets a change of `steps` say how the learning rate moves there.
     """
     new, old, default = flatten(config.to_dict()), flatten(saved), flatten(TrainConfig().to_dict())
     for tree in (new, old, default):  # model.dtype auto is the dtype it resolves to here (float32 on CPU)
@@ -267,15 +316,54 @@ def config_changes(saved: dict, config: TrainConfig) -> list[Change]:
         safe = next((why for prefix, why in SAFE_CHANGES.items() if key == prefix or key.startswith(prefix)
                      and prefix.endswith(".")), None)  # fmt: skip
         if key in shape_keys:
-            change = Change(key, before, value, "shape", "fixes parameter shapes")
+            change = Change(key, before, value, "shape", SHAPE_REASONS.get(key.removeprefix("model."),
+                                                                           "fixes parameter shapes"))
         elif key == "steps" and isinstance(before, int) and value > before:
-            change = Change(key, before, value, "safe", f"the learning-rate schedule now spans {value} steps")
+            # allowed (training longer is what raising steps asks for), but never called safe: the schedule
+            # stretches, so the learning rate from the resumed step on differs from the saved run's
+            change = Change(key, before, value, "change", f"the learning-rate schedule now spans {value} steps"
+                            + _lr_jump(old, default, config, before, step))
+        elif safe and key == "mesh.expert" and _expert_axis_drops(config):
+            change = Change(key, before, value, "safe", f"{safe}; but with {_expert_axis_drops(config)} the size "
+                            'of "expert" changes which tokens are dropped, so later steps differ slightly')
         elif safe:
             change = Change(key, before, value, "safe", safe)
         else:
             change = Change(key, before, value, "result", REASONS.get(key, "changes results"))
         changes.append(change)
     return changes
+
+
+def _expert_axis_drops(config: TrainConfig) -> str:
+    """What makes the token drops depend on the size of "expert": device pools or shadow experts ('' if none)."""
+    model = config.model
+    reasons = (["device pools (model.capacity_scope=device)"] if model.num_experts and model.capacity_scope == "device"
+               else []) + (["shadow experts (model.shadow_experts)"] if model.num_experts and model.shadow_experts else [])
+    return " and ".join(reasons)
+
+
+def learning_rate_at(step: int, optimizer: dict, total_steps: int) -> float:
+    """tedjax.optim.learning_rate_schedule at `step`, in plain Python: a resume check compiles nothing.
+
+    Linear warmup from 0, then cosine decay to learning_rate * min_lr_ratio at `total_steps`.
+    """
+    peak, ratio = float(optimizer["learning_rate"]), float(optimizer["min_lr_ratio"])
+    warmup = min(int(optimizer["warmup_steps"]), max(total_steps - 1, 0))
+    if step < warmup:
+        return peak * step / warmup
+    decay = max(total_steps, warmup + 1) - warmup
+    cosine = 0.5 * (1 + math.cos(math.pi * min(step - warmup, decay) / decay))
+    return peak * ((1 - ratio) * cosine + ratio)
+
+
+def _lr_jump(old: dict, default: dict, config: TrainConfig, saved_steps: int, step: int | None) -> str:
+    if step is None:
+        return ""
+    saved_opt = {k: old.get(f"optimizer.{k}", default[f"optimizer.{k}"])
+                 for k in ("learning_rate", "min_lr_ratio", "warmup_steps")}  # fmt: skip
+    before = learning_rate_at(step, saved_opt, saved_steps)
+    after = learning_rate_at(step, dataclasses.asdict(config.optimizer), config.steps)
+    return f"; the learning rate at step {step} goes from {before:.3g} to {after:.3g}"
 
 
 def config_keys() -> set[str]:
@@ -320,10 +408,14 @@ class Checkpointer:
     that verifies (`resume_step`, None when there is none), and refuses config
     changes that would alter the run (see the module docstring); `notes` holds
     what the user should be told (fallbacks, unverified steps, accepted changes).
+    `data_fingerprint` identifies the token files: a resume onto other files at
+    the same `data.path` is a change of `data.path`.
     """
 
-    def __init__(self, config: TrainConfig, *, resume: bool, allow_change: Iterable[str] = ()):
+    def __init__(self, config: TrainConfig, *, resume: bool, allow_change: Iterable[str] = (),
+                 data_fingerprint: str | None = None):
         self.config = config
+        self.data_fingerprint = data_fingerprint  # tedjax.data.corpus_fingerprint of the tokens; saved in meta
         self.directory = Path(config.checkpoint_dir).absolute()
         self.allow_change = _check_allow_change(allow_change)
         self.notes: list[str] = []
@@ -389,7 +481,8 @@ class Checkpointer:
         self.changes = changes
         self.resume_step = step
         for c in changes:
-            how = "accepted with --allow-change" if c.kind == "result" else f"safe: {c.reason}"
+            how = {"result": "accepted with --allow-change", "change": f"changes results, allowed: {c.reason}"}.get(
+                c.kind, f"safe: {c.reason}")
             self.notes.append(f"resume changes {c.key}: {c.saved!r} -> {c.new!r} ({how})")
 
     def _newest_verified(self, steps: list[int]) -> tuple[int, list[tuple[int, list[str]]]]:
@@ -398,7 +491,7 @@ class Checkpointer:
         chosen = -1
         if jax.process_index() == 0:
             for step in reversed(steps):
-                problems = verify_step(self.directory / str(step))
+                problems = check_step(self.directory / str(step))
                 if problems:
                     damaged.append((step, problems))
                     continue
@@ -421,9 +514,17 @@ class Checkpointer:
     def _changes_against(self, step: int) -> list[Change]:
         meta = self.read_meta(step)
         saved = meta.get("config") or {"model": meta.get("model", {}), "mesh": meta.get("mesh", {})}
-        changes = config_changes(saved, self.config)
+        changes = config_changes(saved, self.config, step)
         if "config" not in meta:  # written by an older tedjax: only the model and the mesh were saved
             changes = [c for c in changes if c.key.startswith(("model.", "mesh."))]
+        corpus = meta.get("data_fingerprint")  # the same data.path may hold another corpus now
+        if corpus and self.data_fingerprint and corpus != self.data_fingerprint and not any(
+                c.key in ("data.path", "data.source") for c in changes):
+            path = self.config.data.path or self.config.data.source
+            changes.append(Change("data.path", f"{path} (corpus {corpus[:12]})",
+                                  f"{path} (corpus {self.data_fingerprint[:12]})", "result",
+                                  "the token files there are not the ones this checkpoint trained on (their "
+                                  "fingerprint differs): another corpus was prepared at the same path"))
         return changes
 
     def read_meta(self, step: int) -> dict:
@@ -451,6 +552,13 @@ class Checkpointer:
                 history = json.loads(path.read_text()).get("history", [])
             except (ValueError, AttributeError):
                 history = []  # a damaged run file is only a record; the checkpoints hold the configs
+        if self.resume_step is not None and self.resume_step not in self._verified:
+            # restored unverified (no manifest: killed while hashing it); orbax read it whole, so hash it now,
+            # or it would stay unverified for good
+            self.hasher.add(self.resume_step)
+            self._verified.add(self.resume_step)
+            self.notes.append(f"checkpoint step {self.resume_step} restored without error: hashing it now into its "
+                              f"{MANIFEST}")
         history.append({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "start_step": start_step,
                         "changes": [dataclasses.asdict(c) for c in self.changes]})  # fmt: skip
         text = json.dumps({"config": self.config.to_dict(), "history": history}, indent=1)
@@ -470,6 +578,8 @@ class Checkpointer:
         """
         meta = {"data": data_state, "step": int(step), "config": self.config.to_dict(),
                 "model": dataclasses.asdict(self.config.model), "mesh": dataclasses.asdict(self.config.mesh)}  # fmt: skip
+        if self.data_fingerprint:
+            meta["data_fingerprint"] = self.data_fingerprint
         state = jax.tree.map(lambda x: None if _empty(x) else x, state)  # orbax cannot save zero-size arrays
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         started = self.manager.save(step, args=args, force=force)
@@ -487,7 +597,7 @@ class Checkpointer:
             raise CheckpointError(f"no complete checkpoint in {self.directory}")
         step_dir = self.directory / str(step)
         if step not in self._verified:
-            problems = verify_step(step_dir) if jax.process_index() == 0 else []
+            problems = check_step(step_dir) if jax.process_index() == 0 else []
             if _from_process_0(int(bool(problems))):
                 raise CheckpointError(f"checkpoint step {step} in {self.directory} is damaged: "
                                       f"{'; '.join(problems or ['see process 0'])}; "

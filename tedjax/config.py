@@ -7,6 +7,7 @@ traced or compiled.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal
 
 import jax.numpy as jnp
@@ -93,6 +94,7 @@ class ModelConfig:
 
     def __post_init__(self):
         self._check_hf_fields()
+        _check_finite(self, "model.")
         positive = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_len",
                     "expert_d_ff", "top_k", "moe_every")
         for name in positive:
@@ -679,8 +681,18 @@ def _check_int(name: str, value, minimum: int) -> None:
 
 def _check_float(name: str, value, minimum: float, strict: bool = False) -> None:
     bad = isinstance(value, bool) or not isinstance(value, (int, float))
+    if not bad and not math.isfinite(value):  # nan passes every comparison, inf every lower bound
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
     if bad or (value <= minimum if strict else value < minimum):
         raise ValueError(f"{name} must be a number {'>' if strict else '>='} {minimum}, got {value!r}")
+
+
+def _check_finite(config, prefix: str) -> None:
+    """Refuse NaN and infinity in every float field of `config` (a learning rate of nan trains NaN weights)."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{prefix}{field.name} must be a finite number, got {value!r}")
 
 
 def _check_str(name: str, value) -> None:

@@ -417,6 +417,17 @@ def file_fingerprint(path: str | os.PathLike, blocks: int = 64, block: int = 409
     return hasher.hexdigest()
 
 
+def corpus_fingerprint(path_dir: str | os.PathLike) -> str:
+    """The identity of a prepared token directory: sha256 over meta.json's vocab_size and dtype and both
+    splits' `file_fingerprint`s. A resume compares it, since another corpus can be prepared at one path."""
+    d = Path(path_dir).expanduser()
+    meta = read_meta(d)
+    hasher = hashlib.sha256(f"{meta['vocab_size']}:{meta['dtype']}".encode())
+    for split in SPLITS:
+        hasher.update(file_fingerprint(d / f"{split}.bin").encode())
+    return hasher.hexdigest()
+
+
 def _entropy_from_counts(counts: np.ndarray) -> float:
     total = counts.sum()
     if total == 0:

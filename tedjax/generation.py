@@ -312,9 +312,13 @@ def load_trained(path: str | os.PathLike, mesh: Mesh, step: int | None = None) -
     if not steps:
         raise FileNotFoundError(f"no checkpoint in {str(directory)!r}; pass the log.dir of a training run (e.g. "
                                 "runs/tiny) or its checkpoint directory, after training with checkpoint.every > 0")
-    step = steps[-1] if step is None else step
-    if step not in steps:
+    if step is not None and step not in steps:
         raise FileNotFoundError(f"no checkpoint step {step} in {directory}; available: {steps}")
+    from tedjax.checkpoint import newest_verified_step
+
+    step, notes = newest_verified_step(directory, steps, step)  # checksums verified as --resume does
+    for note in notes:
+        print(note, file=sys.stderr)
     meta_file = directory / str(step) / "meta" / "metadata"
     try:
         config = ModelConfig(**json.loads(meta_file.read_text())["model"])

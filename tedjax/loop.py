@@ -7,9 +7,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
+import fcntl
+import json
+import logging
 import os
+import re
 import signal
+import socket
 import time
+import traceback
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -19,7 +26,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
 from tedjax import data as data_lib
-from tedjax.checkpoint import Checkpointer, check_writable
+from tedjax.checkpoint import Checkpointer, CheckpointError, check_writable
 from tedjax.config import TrainConfig, check_mesh, resolve_dtype
 from tedjax.logs import SUPERSEDED, MetricsLogger, detect_peak_tflops, require_wandb, to_python
 from tedjax.mesh import logical_to_spec, make_mesh
@@ -28,6 +35,11 @@ from tedjax.trainer import Trainer, TrainState
 
 class TrainingStopped(RuntimeError):
     """Training stopped on purpose (too many non-finite steps); the message says why and what to do."""
+
+
+class WriteFailed(TrainingStopped):
+    """Writing the run's files failed mid-run (disk full, quota, permissions): one line naming the file,
+    what is intact, and how to go on; the orbax tracebacks behind it are not printed."""
 
 
 @dataclasses.dataclass
@@ -48,6 +60,7 @@ class Batches:
         d = config.data
         self.config = config
         self.unigram_baseline = None
+        self.fingerprint: str | None = None  # of the token files (data.corpus_fingerprint); a resume compares it
         if d.source == "synthetic":
             self.train = self.val = None
             self._synthetic_seed = d.seed
@@ -67,6 +80,7 @@ class Batches:
         self.val = data_lib.BatchIterator(val_file.tokens, d.micro_batch_size, d.seq_len, d.seed, shuffle=False,
                                           process_index=jax.process_index(), process_count=jax.process_count())
         self.unigram_baseline = train_file.meta.get("unigram_entropy_train")
+        self.fingerprint = data_lib.corpus_fingerprint(directory)
 
     def train_batch(self, step: int) -> dict[str, np.ndarray]:
         d = self.config.data
@@ -245,6 +259,35 @@ def _init_from(trainer: Trainer, state: TrainState, directory: str) -> TrainStat
     return dataclasses.replace(state, params=hf.load_params(directory, trainer.config.model, trainer.param_shardings))
 
 
+def _check_metrics_file(path: Path) -> None:
+    """An existing metrics.jsonl must open for appending (a directory there, a read-only file): before compiling."""
+    if not (path.exists() or path.is_symlink()):
+        return  # the directory is writable (check_writable); the logger creates the file
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as err:
+        raise CheckpointError(f"cannot write {path} ({err.strerror}); move it aside or make it a writable file, "
+                              "or set log.dir to another directory") from None
+
+
+def _close(checkpointer: Checkpointer, logger: MetricsLogger | None) -> None:
+    """Close both, the logger even when the checkpointer's close fails (the first error propagates)."""
+    try:
+        checkpointer.close()
+    finally:
+        if logger is not None:
+            logger.close()
+
+
+def _last_good(checkpointer: Checkpointer) -> str:
+    """Where the newest checkpoint is (the loop saves only finite states), for a message."""
+    step = checkpointer.latest_step()
+    if step is None:
+        return f"No checkpoint was saved in {checkpointer.directory}."
+    return f"The last good checkpoint is step {step} in {checkpointer.directory}."
+
+
 def _rebalance(trainer: Trainer, state: TrainState, step: int, logger: MetricsLogger) -> TrainState:
     """Shadow and placement decisions (tedjax.balance): each one, adopted or not, is a record (kind "shadows" or
     "placement") and a line, with its reasons."""
@@ -279,14 +322,221 @@ def _rebalance(trainer: Trainer, state: TrainState, step: int, logger: MetricsLo
     return state
 
 
+LOCK_FILE = ".tedjax.lock"
+
+
+class RunLock:
+    """An exclusive `flock` on a run directory, so two runs never write one log.dir (checkpoints, metrics).
+
+    The lock file records the holder's host, PID and start time, for the refusal. The kernel releases a
+    flock when its process dies, so a lock file left by a killed run is stale by construction: the next
+    run takes it over and says so. On NFS, Linux maps flock to NFS byte-range locks (NFSv4: a crashed
+    client's lock lapses with its lease). Only process 0 of a multi-process run locks.
+    """
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory).absolute()
+        self.path = self.directory / LOCK_FILE
+        self.fd: int | None = None
+        self.stale: dict | None = None  # the holder a killed run left in the file
+        self._created: list[Path] = []  # directories made for the lock, removed again if they stay empty
+
+    def acquire(self) -> RunLock:
+        """Take the lock, or raise CheckpointError naming the run that holds it."""
+        self._created = [p for p in (self.directory, *self.directory.parents) if not p.exists()]
+        self.directory.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _lock_holder(fd)
+                os.close(fd)
+                self._remove_created()
+                who = (f"pid {holder.get('pid')} on host {holder.get('host')}, since {holder.get('started')}"
+                       if holder else "a process that has not yet recorded itself")  # fmt: skip
+                raise CheckpointError(
+                    f"{self.directory} is in use by another tedjax run ({who}; lock file {self.path}); nothing "
+                    "was changed. Wait for that run to end (or stop it), or set log.dir / checkpoint.dir to "
+                    "another directory"
+                ) from None
+            try:  # the holder may have removed the file between our open and our lock: lock the file there now
+                current = os.stat(self.path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current == os.fstat(fd).st_ino:
+                break
+            os.close(fd)
+        self.stale = _lock_holder(fd) or None
+        record = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(record).encode(), 0)
+        self.fd = fd
+        return self
+
+    def note(self) -> str | None:
+        """What to tell the user about a stale lock taken over, if any."""
+        if not self.stale:
+            return None
+        return (f"  lock {self.path} was left by pid {self.stale.get('pid')} on host {self.stale.get('host')} "
+                f"(since {self.stale.get('started')}), which no longer holds it (killed?); this run took it over")
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.unlink(self.path)  # before unlocking: a run that opened it meanwhile retries on the new file
+        except FileNotFoundError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+        self._remove_created()
+
+    def _remove_created(self) -> None:
+        for directory in self._created:  # deepest first; only directories left empty
+            try:
+                directory.rmdir()
+            except OSError:
+                break
+
+
+def _lock_holder(fd: int) -> dict:
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except ValueError:
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _lock_run(config: TrainConfig) -> list[RunLock]:
+    """Locks on log.dir and on checkpoint.dir when it lies elsewhere (process 0 only; [] elsewhere)."""
+    if jax.process_index() != 0:
+        return []
+    log_dir = Path(config.log.dir).absolute()
+    directories = [(log_dir, "log.dir")]
+    checkpoint_dir = Path(config.checkpoint_dir).absolute()
+    if log_dir not in (checkpoint_dir, *checkpoint_dir.parents):
+        directories.append((checkpoint_dir, "checkpoint.dir (or log.dir)"))
+    locks: list[RunLock] = []
+    try:
+        for directory, key in directories:
+            check_writable(directory, key)
+            locks.append(RunLock(directory).acquire())
+    except BaseException:
+        for lock in reversed(locks):
+            lock.release()
+        raise
+    return locks
+
+
 def run(config: TrainConfig, *, resume: bool = False, allow_change: Iterable[str] = (), mesh=None,
         stop_after: int | None = None, config_file: str | None = None) -> RunResult:
     """Train `config` to `config.steps` (or `stop_after` more steps); returns the final state and losses.
 
     `resume` continues from the newest checkpoint that verifies; a config change that alters results is
     refused unless its dotted key is in `allow_change` (see tedjax/checkpoint.py). `config_file` is only
-    printed and recorded.
+    printed and recorded. The run holds an exclusive lock on its log.dir (RunLock) from start to end.
     """
+    locks = _lock_run(config)
+    progress: dict = {"step": None}  # the last step trained, for a failure's message
+    for name in _NOISY_LOGGERS:
+        logging.getLogger(name).addFilter(_QUIET)
+    failed = False
+    try:
+        return _run(config, resume=resume, allow_change=allow_change, mesh=mesh, stop_after=stop_after,
+                    config_file=config_file, lock_notes=[n for n in (lock.note() for lock in locks) if n],
+                    progress=progress)
+    except Exception as err:
+        failure = _write_failure(err)
+        # before training, only a full disk is a write failure (a permission error may be a read's)
+        if failure is None or (progress["step"] is None and failure[0] not in _FULL):
+            raise
+        failed = _QUIET.failed = True
+        raise WriteFailed(_write_failure_message(config, progress["step"], *failure)) from None
+    finally:
+        if not failed:  # after a failure orbax's abandoned writes report it again until the process exits
+            for name in _NOISY_LOGGERS:
+                logging.getLogger(name).removeFilter(_QUIET)
+        for lock in reversed(locks):
+            lock.release()
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# errno values that mean the run's files cannot be written, and what to do about each
+_WRITE_ERRORS = {
+    errno.ENOSPC: ("the disk is full", "free space (or set log.dir / checkpoint.dir elsewhere)"),
+    errno.EDQUOT: ("the disk quota is exceeded", "free space or raise the quota"),
+    errno.EFBIG: ("a file reached the file-size limit", "raise the limit (ulimit -f)"),
+    errno.EROFS: ("the file system is read-only", "make log.dir and checkpoint.dir writable"),
+    errno.EACCES: ("permission was denied", "make log.dir and checkpoint.dir writable"),
+    errno.EPERM: ("permission was denied", "make log.dir and checkpoint.dir writable"),
+    errno.EIO: ("the disk reported an I/O error", "check the disk"),
+}
+
+
+def _write_failure(err: BaseException | None) -> tuple[int, str | None] | None:
+    """(errno, file) when `err`, or an error in its chain, is a failed write; orbax and the checksum thread
+    report them as text ("[os_error_code='28']", "[Errno 28]"), so that is read too."""
+    seen, stack = set(), [err]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _WRITE_ERRORS:
+            return e.errno, e.filename or _file_written_in(e)
+        text = str(e)
+        code = re.search(r"\[Errno (\d+)\]|os_error_code='(\d+)'", text)
+        if code and int(code.group(1) or code.group(2)) in _WRITE_ERRORS:
+            path = re.search(r'Failed writing: "([^"]+)"|\] [^:]*: \'([^\']+)\'', text)
+            return int(code.group(1) or code.group(2)), path and (path.group(1) or path.group(2))
+        stack += [e.__cause__, e.__context__]
+    return None
+
+
+def _file_written_in(err: BaseException) -> str | None:
+    """The file a buffered write failed on (flush names none): the metrics file, when the logger wrote it."""
+    for frame, _ in traceback.walk_tb(err.__traceback__):
+        jsonl = getattr(frame.f_locals.get("self"), "jsonl", None)
+        if jsonl is not None:
+            return jsonl.name
+    return None
+
+
+def _write_failure_message(config: TrainConfig, step: int | None, code: int, path: str | None) -> str:
+    what, fix = _WRITE_ERRORS[code]
+    directory = Path(config.checkpoint_dir).absolute()
+    saved = sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit()) if (
+        directory.is_dir()) else []  # fmt: skip
+    kept = f"checkpoint step {saved[-1]} in {directory} is complete" if saved else f"no checkpoint was saved in {directory}"
+    at = f"at step {step}" if step is not None else "before the first step"
+    return (f"{at}: {what} ({os.strerror(code)} writing {path or 'the run files'}); stopping. Nothing written before "
+            f"is lost: {kept}, and metrics.jsonl holds every step logged. {fix[0].upper()}{fix[1:]}, then "
+            "continue with --resume")
+
+
+class _QuietWriteFailures(logging.Filter):
+    """Drops orbax's reports of a failed write from its threads and tasks (absl and asyncio ERROR records
+    with tracebacks, hundreds of lines when the disk is full): the run stops on it with one line
+    (WriteFailed). After such a failure, also the reports of orbax's writes cut off by the exit."""
+
+    failed = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        err = record.exc_info[1] if record.exc_info else None
+        text = f"{record.getMessage()} {err}"
+        if _write_failure(err) is not None or _write_failure(RuntimeError(text)) is not None:
+            self.failed = True
+            return False
+        return not (self.failed and "cannot schedule new futures after shutdown" in text)
+
+
+_QUIET = _QuietWriteFailures()
+_NOISY_LOGGERS = ("absl", "asyncio")
+
+
+def _run(config: TrainConfig, *, resume: bool, allow_change: Iterable[str], mesh, stop_after: int | None,
+         config_file: str | None, lock_notes: list[str], progress: dict) -> RunResult:
     if mesh is None and config.mesh.auto:  # mesh: auto -> the planner's best plan for these devices
         from tedjax.plan import auto_config
 
@@ -308,8 +558,11 @@ def run(config: TrainConfig, *, resume: bool = False, allow_change: Iterable[str
         from tedjax import hf
 
         hf.check_checkpoint(config.init_from[3:], config.model)
+    if jax.process_index() == 0:
+        _check_metrics_file(Path(config.log.dir) / "metrics.jsonl")
     # Refuses a wrong directory or a silent config change, and verifies checksums, before compiling.
-    checkpointer = Checkpointer(config, resume=resume, allow_change=allow_change)
+    checkpointer = Checkpointer(config, resume=resume, allow_change=allow_change, data_fingerprint=batches.fingerprint)
+    checkpointer.notes[:0] = lock_notes
     start_step = last_checkpoint = checkpointer.resume_step
     start_step = start_step or 0
     end_step = config.steps if stop_after is None else min(config.steps, start_step + stop_after)
@@ -329,21 +582,27 @@ def run(config: TrainConfig, *, resume: bool = False, allow_change: Iterable[str
                   f"{f'steps={config.steps}' if start_step >= config.steps else f'stop_after={stop_after}'}: "
                   "nothing to do; nothing was changed (raise steps to train on)", flush=True)
         return RunResult(state, trainer, {}, {}, False, last_checkpoint, batches.unigram_baseline)
-    checkpointer.begin(start_step)
-    wb = config.log.wandb
-    logger = MetricsLogger(config.log.dir, total_steps=config.steps, start_step=start_step,
-                           tensorboard=config.log.tensorboard, progress=config.log.progress,
-                           wandb=dict(project=wb.project, name=wb.name, mode=wb.mode, config=config.to_dict())
-                           if wb.project else None)  # fmt: skip
-    _announce(logger, config, mesh, checkpointer, start_step, config_file, trainer)
-    if config.init_from and config.model.num_experts:  # the capacity the import routes with; a warning if it drops
-        from tedjax import hf
+    logger = None
+    try:
+        checkpointer.begin(start_step)
+        wb = config.log.wandb
+        logger = MetricsLogger(config.log.dir, total_steps=config.steps, start_step=start_step,
+                               tensorboard=config.log.tensorboard, progress=config.log.progress,
+                               wandb=dict(project=wb.project, name=wb.name, mode=wb.mode, config=config.to_dict())
+                               if wb.project else None)  # fmt: skip
+        _announce(logger, config, mesh, checkpointer, start_step, config_file, trainer)
+        if config.init_from and config.model.num_experts:  # the capacity the import routes with; a warning if it drops
+            from tedjax import hf
 
-        logger.message(hf.capacity_note(config.model, config.data.seq_len, mesh.shape["expert"]))
-    if resume:
-        logger.message(f"resumed from checkpoint step {last_checkpoint} in {checkpointer.directory}"
-                       if last_checkpoint is not None else
-                       f"--resume: no checkpoint in {checkpointer.directory} yet, starting from step 0")
+            logger.message(hf.capacity_note(config.model, config.data.seq_len, mesh.shape["expert"]))
+        if resume:
+            logger.message(f"resumed from checkpoint step {last_checkpoint} in {checkpointer.directory}"
+                           if last_checkpoint is not None else
+                           f"--resume: no checkpoint in {checkpointer.directory} yet, starting from step 0")
+    except BaseException:
+        _close(checkpointer, logger)
+        raise
+    progress["step"] = start_step
 
     tokens_per_step = config.data.batch_size * config.data.seq_len
     flops_per_step = config.model.flops_per_token(config.data.seq_len) * tokens_per_step
@@ -364,11 +623,18 @@ def run(config: TrainConfig, *, resume: bool = False, allow_change: Iterable[str
             bad = int(metrics["bad_steps"])
             loss = float(metrics["loss"])
             train_losses[step_done] = loss
+            # Every pending step is checked here before any save: a non-finite state is never saved.
+            if not bool(metrics.pop("params_finite")):
+                raise TrainingStopped(
+                    f"step {step_done} left non-finite parameters (an update that could not be undone: "
+                    f"optimizer.tile_size > 0, or non-finite weights loaded); stopping, nothing of it was saved. "
+                    f"{_last_good(checkpointer)} Lower optimizer.learning_rate or check the loaded weights"
+                )
             if bad >= config.max_bad_steps:
                 raise TrainingStopped(
-                    f"{bad} consecutive steps (up to step {step_done}) had a non-finite loss or gradient and were "
-                    f"skipped; stopping. The last good checkpoint is step {checkpointer.latest_step()} in "
-                    f"{checkpointer.directory}. Lower optimizer.learning_rate, check the data, or raise max_bad_steps"
+                    f"{bad} consecutive steps (up to step {step_done}) had a non-finite loss, gradient or update and "
+                    f"were skipped; stopping. {_last_good(checkpointer)} Lower optimizer.learning_rate, check the "
+                    "data, or raise max_bad_steps"
                 )
             if step_done % config.log.every == 0 or step_done == end_step:
                 jax.block_until_ready(metrics)
@@ -410,7 +676,7 @@ def run(config: TrainConfig, *, resume: bool = False, allow_change: Iterable[str
                 pending.append((step + 1, metrics if shadows_now is None else dict(metrics, shadow_ids=shadows_now)))
                 drain(keep_last=True)
                 logger.advance()
-                done = step + 1
+                done = progress["step"] = step + 1
                 if trainer.balance_due(done) and done != end_step:
                     state = _rebalance(trainer, state, done, logger)
                     shadows_now = trainer.shadow_ids(state).tolist() if shadows_now is not None else None
@@ -442,7 +708,19 @@ def run(config: TrainConfig, *, resume: bool = False, allow_change: Iterable[str
                 if config.checkpoint.every and last_checkpoint != done:
                     checkpointer.save(done, state, {"step": done}, force=True)
                     last_checkpoint = done
-        checkpointer.wait()
+            checkpointer.wait()  # still under the signal flag: a SIGINT now lets the final save finish
+            signalled = signals.received is not None
+            if jax.process_count() > 1 and not stopped_by_signal:  # all are here; a save is collective: agree first
+                signalled = bool(np.any(multihost_utils.process_allgather(np.int32(signalled))))
+            if signalled and not stopped_by_signal:  # it came during the final evaluation or save
+                if last_checkpoint != done:
+                    checkpointer.save(done, state, {"step": done}, force=True)
+                    checkpointer.wait()
+                    last_checkpoint = done
+                stopped_by_signal = True
+                logger.message(f"received signal {signals.received or 'in another process'} while finishing: the run "
+                               f"completed and "
+                               f"checkpoint step {done} in {checkpointer.directory} is complete")
         logger.close_bar()  # the finished bar first, then the closing lines below it
         baseline = batches.unigram_baseline
         if eval_losses:
@@ -450,6 +728,5 @@ def run(config: TrainConfig, *, resume: bool = False, allow_change: Iterable[str
             logger.message(final + (f" (unigram baseline {baseline:.4f})" if baseline else ""))
     finally:
         profiler.close()
-        checkpointer.close()
-        logger.close()
+        _close(checkpointer, logger)
     return RunResult(state, trainer, train_losses, eval_losses, stopped_by_signal, last_checkpoint, baseline)

@@ -442,6 +442,7 @@ def train_step(
     else:
         updates, new_opt_state = tx.update(grads, state.opt_state, params)
         new_params = optax.apply_updates(params, updates)
+        finite = finite & _all_finite(new_params)  # finite gradients can still make non-finite weights
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_params = jax.lax.with_sharding_constraint(new_params, static.param_shardings)
     if "expert_load" in metrics:  # outside the gradient: load running means and router biases
@@ -460,8 +461,16 @@ def train_step(
         skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32),
     )
     metrics = dict(metrics, grad_norm=grad_norm, learning_rate=static.schedule(state.step), skipped=~finite,
-                   bad_steps=new_state.bad_steps, skipped_total=new_state.skipped_steps)
+                   bad_steps=new_state.bad_steps, skipped_total=new_state.skipped_steps,
+                   # the loop never saves a state without it (the tiled update cannot undo a step)
+                   params_finite=_all_finite(new_state.params))
     return new_state, metrics
+
+
+def _all_finite(tree) -> jax.Array:
+    """bool []: every float leaf of `tree` is finite."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
 def eval_step(params: dict, model_state: dict, batch: dict[str, jax.Array], *, graphdef) -> dict[str, jax.Array]:

@@ -14,6 +14,9 @@
   unwritable output directories: refused with a message naming the problem
   and the fix, before anything is compiled or written.
 - Routing under stress, through the whole MoE layer (forward and backward).
+- Issue 20: nan / inf in every float setting refused; an update that makes the
+  weights non-finite (finite loss and gradients) skipped, and never saved; a
+  failed write mid-run and SIGINT during the final save each end in one line.
 
 `COUNTS` tallies what was tried and what held; the module prints it when it
 ends, and `benchmarks/faults.py` runs this file to save it.
@@ -42,6 +45,8 @@ from flax import nnx
 from reference import TINY_RUN_OVERRIDES
 
 import tedjax
+import tedjax.checkpoint as ckpt_lib
+import tedjax.loop
 import tedjax.trainer
 from tedjax.checkpoint import Checkpointer
 from tedjax.config import TrainConfig, load_config
@@ -408,7 +413,7 @@ def test_too_many_bad_steps_stop_with_the_checkpoints_intact(monkeypatch, tmp_pa
     err = capsys.readouterr().err
     ckpt = tmp_path / "checkpoints"
     assert rc == 3, err
-    assert (f"stopped: 3 consecutive steps (up to step 7) had a non-finite loss or gradient and were skipped; "
+    assert (f"stopped: 3 consecutive steps (up to step 7) had a non-finite loss, gradient or update and were skipped; "
             f"stopping. The last good checkpoint is step 6 in {ckpt}. Lower optimizer.learning_rate") in err
     COUNTS["nan_injected"] += 3
     # the skips are in the logs
@@ -425,6 +430,111 @@ def test_too_many_bad_steps_stop_with_the_checkpoints_intact(monkeypatch, tmp_pa
     assert not bit_identical(states[4].params, states[2].params)
     assert (int(states[6].bad_steps), int(states[6].skipped_steps), int(states[6].step)) == (2, 2, 6)
     COUNTS["nan_skipped"] += 3
+
+
+def test_non_finite_updates_are_skipped_and_never_saved(monkeypatch, tmp_path, capsys):
+    """Issue 20 item 10: from step 4 on the learning rate is nan (as a nan setting gave), so the loss and the
+    gradients stay finite while the update is not. The guard checked only the loss and the gradient norm:
+    checkpoint 4 held NaN weights, and the stop message called it "the last good checkpoint"."""
+    import tedjax.optim
+
+    real_schedule = tedjax.optim.learning_rate_schedule
+    monkeypatch.setattr(tedjax.optim, "learning_rate_schedule", lambda cfg, steps: (
+        lambda count: jnp.where(count >= 3, jnp.nan, real_schedule(cfg, steps)(count))))  # fmt: skip
+    extra = ["steps=12", "max_bad_steps=2", "checkpoint.every=2", "checkpoint.keep=10", f"log.dir={tmp_path}"]
+    rc = _load_train_module().main(["--config", TINY_YAML, *TINY, *extra])
+    err = capsys.readouterr().err
+    ckpt = tmp_path / "checkpoints"
+    assert rc == 3, err
+    assert (f"stopped: 2 consecutive steps (up to step 5) had a non-finite loss, gradient or update and were "
+            f"skipped; stopping. The last good checkpoint is step 4 in {ckpt}.") in err, err
+    COUNTS["nan_injected"] += 2
+    records = {r["step"]: r for r in train_records(tmp_path)}
+    assert [records[s]["skipped"] for s in range(1, 5)] == [0, 0, 0, 1]
+    assert all(np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"]) for r in records.values())
+    states = restore_all(tiny_config(tmp_path, *extra))
+    assert sorted(states) == [2, 4]
+    for state in states.values():  # never a non-finite state on disk
+        assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves((state.params, state.opt_state)))
+    assert not bit_identical(states[4].params, states[2].params)  # step 3 trained; step 4 was skipped
+    assert (int(states[4].skipped_steps), int(states[4].bad_steps)) == (1, 1)
+    COUNTS["nan_skipped"] += 2
+
+
+@pytest.fixture(scope="module")
+def trainers():
+    """Trainers by (config minus its directories, mesh): runs of one tiny config in this module compile once."""
+    cache: dict = {}
+
+    def make(config, mesh):
+        key = (dataclasses.replace(config, log=dataclasses.replace(config.log, dir="-")), tuple(mesh.shape.items()))
+        if key not in cache:
+            cache[key] = Trainer(config, mesh)
+        return cache[key]
+
+    return make
+
+
+ENDINGS = ["steps=4", "checkpoint.every=2", "checkpoint.keep=10"]
+
+
+def test_a_failed_write_mid_run_ends_in_one_line(trainers, monkeypatch, tmp_path, capsys):
+    """Issue 20 item 16: the disk filling up mid-run ended in hundreds of lines of tracebacks. Here the metrics
+    file turns into /dev/full after step 2 (every later write fails with ENOSPC, as on a full disk)."""
+    from tedjax.logs import MetricsLogger
+
+    monkeypatch.setattr(tedjax.loop, "Trainer", trainers)
+    real_log = MetricsLogger.log
+
+    def log(self, step, record, *, kind="train"):
+        if step == 3 and kind == "train":
+            self.jsonl.close()
+            self.jsonl = open("/dev/full", "a")
+        real_log(self, step, record, kind=kind)
+
+    monkeypatch.setattr(MetricsLogger, "log", log)
+    rc = _load_train_module().main(["--config", TINY_YAML, *TINY, *ENDINGS, f"log.dir={tmp_path}"])
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.strip()]
+    COUNTS["write_failure_tried"] += 1
+    assert rc == 3 and "Traceback" not in err and len(lines) == 1, err
+    ckpt = tmp_path / "checkpoints"
+    assert lines[0].startswith(f"stopped: at step 3: the disk is full (No space left on device writing /dev/full); "
+                               f"stopping. Nothing written before is lost: checkpoint step 2 in {ckpt} is complete, "
+                               "and metrics.jsonl holds every step logged. Free space"), lines[0]  # fmt: skip
+    assert [r["step"] for r in train_records(tmp_path)] == [1, 2]
+    assert step_dirs(ckpt) == ({2}, set()) and not (tmp_path / ".tedjax.lock").exists()
+    COUNTS["write_failure_one_line"] += 1
+
+
+def test_a_signal_during_the_final_save_ends_in_one_line(trainers, monkeypatch, tmp_path, capsys):
+    """Issue 20 item 16: SIGINT while the final checkpoint was being written raised KeyboardInterrupt (the
+    signal handler was already gone). Now the save finishes, and the run ends as a clean stop."""
+    from tedjax.checkpoint import Checkpointer as RealCheckpointer
+
+    monkeypatch.setattr(tedjax.loop, "Trainer", trainers)
+    real_wait, sent = RealCheckpointer.wait, []
+
+    def wait(self):
+        if not sent:  # the first wait is the final save's (no signal stopped the loop)
+            sent.append(os.getpid())
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_wait(self)
+
+    monkeypatch.setattr(RealCheckpointer, "wait", wait)
+    COUNTS["signal_tried"] += 1
+    try:
+        rc = _load_train_module().main(["--config", TINY_YAML, *TINY, *ENDINGS, f"log.dir={tmp_path}"])
+    except KeyboardInterrupt:
+        pytest.fail("SIGINT during the final save raised KeyboardInterrupt")
+    out, err = capsys.readouterr()
+    ckpt = tmp_path / "checkpoints"
+    assert rc == 0 and sent and not err.strip(), err
+    assert (f"received signal {int(signal.SIGINT)} while finishing: the run completed and checkpoint step 4 in "
+            f"{ckpt} is complete") in out
+    assert out.strip().splitlines()[-1] == "stopped by signal; checkpoint step 4 saved"
+    assert step_dirs(ckpt) == ({2, 4}, set()) and ckpt_lib.verify_step(ckpt / "4") == []
+    COUNTS["signal_survived"] += 1
 
 
 # =========================================================================== bad input
@@ -535,6 +645,24 @@ def test_config_field_refused(cls, path, name, default, compiles):
     assert compiles == []
 
 
+FLOAT_FIELDS = [f for f in FIELDS if isinstance(f[3], float)]
+
+
+@pytest.mark.parametrize("cls, path, name, default", FLOAT_FIELDS, ids=[f[1] for f in FLOAT_FIELDS])
+def test_non_finite_float_field_refused(cls, path, name, default, compiles):
+    """Issue 20 item 10: nan passes every range check written as a comparison, and inf every lower bound;
+    a learning rate of nan trained NaN weights. Every float field refuses nan, inf and -inf by name."""
+    assert len(FLOAT_FIELDS) >= 19
+    for value, text in ((float("nan"), "nan"), (float("inf"), "inf"), (float("-inf"), "-.inf")):
+        COUNTS["bad_input_tried"] += 1
+        with pytest.raises(ValueError, match=rf"^{re.escape(path)} must be a finite number, got {value!r}$"):
+            load_config(TINY_YAML, [*TINY, f"{path}={text}"])
+        with pytest.raises(ValueError, match=rf"^{re.escape(path)} must be a finite number"):
+            cls(**{name: value})
+        COUNTS["bad_input_rejected"] += 1
+    assert compiles == []
+
+
 # ---------------------------------------------------------------- run-level bad input (in process)
 
 
@@ -596,6 +724,8 @@ RUN_CASES = {
     "checkpoint.dir in /proc": (["checkpoint.dir=/proc/tedjax/ckpt"], "cannot write under /proc (No such file or "
                                 "directory); set checkpoint.dir (or log.dir) to a writable directory"),
     "log.dir in /proc": (["log.dir=/proc/tedjax"], "cannot write under /proc"),
+    "metrics.jsonl unwritable (a directory)": (["log.dir={tmp}/mdir"], "cannot write {tmp}/mdir/metrics.jsonl (Is a "
+                                               "directory); move it aside or make it a writable file"),
     # checkpoint directories (a real saved run; see the `saved_run` fixture)
     "steps exist, no --resume": (["log.dir={saved}"], "checkpoint directory {saved}/checkpoints already holds steps "
                                  "[2]; nothing was changed. Pass --resume to continue that run, or set checkpoint.dir"),
@@ -622,6 +752,7 @@ def bad_inputs(tmp_path, saved_run):
     paths["big_id"] = write_tokens(tmp_path / "big_id", big)
     paths["big_vocab"] = write_tokens(tmp_path / "big_vocab", np.arange(4000) % 256, vocab=512)
     (tmp_path / "a_file").write_text("not a directory")
+    (tmp_path / "mdir" / "metrics.jsonl").mkdir(parents=True)
     paths["saved"] = tmp_path / "saved"
     shutil.copytree(saved_run, paths["saved"])
     paths["damaged"] = tmp_path / "damaged"

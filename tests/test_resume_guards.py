@@ -9,6 +9,11 @@
   explicit allow-list of safe ones; parameter shapes never change; a train
   state of another structure is refused by name, whatever leaves it has.
 - A run that saved no checkpoint does not lock its directory.
+- Issue 20: a step folder holding another step is set aside; an unverified
+  step is hashed after the next start; another corpus at the same data.path
+  is a change; shadow_experts fixes shapes; a mesh change says when drops
+  change; more steps is a change with the learning rate before and after;
+  `python -m tedjax.generate --checkpoint` verifies as --resume does.
 
 `COUNTS` (flips tried / detected, resume changes refused / allowed) is saved
 for `benchmarks/faults.py` when TEDJAX_FAULTS_SUMMARY_DIR is set.
@@ -279,11 +284,11 @@ def test_every_field_is_guarded_unless_allow_listed():
     assert config_changes({"model": {}}, base) == []
 
 
-def test_steps_upward_is_safe_and_downward_is_not():
+def test_steps_upward_is_an_allowed_change_and_downward_is_refused():
     saved = TrainConfig(steps=20).to_dict()
     up, = config_changes(saved, TrainConfig(steps=40))
     down, = config_changes(saved, TrainConfig(steps=10))
-    assert up.kind == "safe" and "schedule now spans 40 steps" in up.reason
+    assert up.kind == "change" and "schedule now spans 40 steps" in up.reason  # not "safe" (issue 20 item 20)
     assert down.kind == "result" and "shortens the learning-rate schedule" in down.reason
 
 
@@ -347,8 +352,10 @@ def test_safe_changes_are_accepted_and_logged(saved):
     try:
         notes = "\n".join(checkpointer.notes)
         assert "resume changes mesh.expert: 2 -> 4 (safe: the checkpoint is resharded onto the new mesh" in notes
-        assert "resume changes steps: 8 -> 20 (safe: the learning-rate schedule now spans 20 steps)" in notes
-        assert len(checkpointer.changes) == 7 and all(c.kind == "safe" for c in checkpointer.changes)
+        assert "resume changes steps: 8 -> 20 (changes results, allowed: the learning-rate schedule now spans 20 " \
+               "steps; the learning rate at step 4 goes from" in notes
+        assert len(checkpointer.changes) == 7
+        assert [c.key for c in checkpointer.changes if c.kind != "safe"] == ["steps"]
     finally:
         checkpointer.close()
     COUNTS["resume_changes_allowed"] += 1
@@ -448,3 +455,157 @@ def test_zero_size_leaves_round_trip(tmp_path):
     assert np.array_equal(restored["w"], state["w"])
     assert restored["none_yet"].shape == (0, 3) and restored["none_yet"].dtype == jnp.int32
     assert restored["none_yet"].sharding == sharding
+
+
+# ---------------------------------------------------------------- issue 20: held-out checks of runs
+
+
+def test_a_step_folder_holding_another_step_is_set_aside(saved, tmp_path):
+    """Item 14: checkpoints/6 copied from checkpoints/2 verifies against its own manifest; it resumed as step 6."""
+    run_dir = copy_run(saved, tmp_path)
+    shutil.copytree(run_dir / "checkpoints" / "2", run_dir / "checkpoints" / "6")
+    checkpointer = Checkpointer(tiny_config(run_dir), resume=True)
+    try:
+        assert checkpointer.resume_step == 4
+        assert any("checkpoint step 6 is damaged (it holds step 2, not step 6 (its meta/metadata says step 2: a "
+                   "folder copied or renamed from another step)); moved it to damaged-6 and resumed from step 4" in n
+                   for n in checkpointer.notes), checkpointer.notes  # fmt: skip
+        shutil.rmtree(run_dir / "checkpoints" / "2")
+        shutil.copytree(run_dir / "checkpoints" / "4", run_dir / "checkpoints" / "2")
+        with pytest.raises(CheckpointError, match=r"checkpoint step 2 in .* is damaged: it holds step 4, not step 2"):
+            checkpointer.restore(saved[1].abstract_state(), 2)  # an explicit step is checked too
+    finally:
+        checkpointer.close()
+
+
+def test_a_step_restored_unverified_is_hashed_after_the_start(saved, tmp_path):
+    """Item 15: killed while hashing, step 4 has no manifest; it restored unverified and stayed so for good."""
+    run_dir = copy_run(saved, tmp_path)
+    step_dir = run_dir / "checkpoints" / "4"
+    (step_dir / MANIFEST).unlink()
+    checkpointer = Checkpointer(tiny_config(run_dir), resume=True)
+    try:
+        state, _ = checkpointer.restore(saved[1].abstract_state())
+        assert not (step_dir / MANIFEST).exists()  # nothing is hashed before the start succeeded
+        checkpointer.begin(4)
+        assert any("checkpoint step 4 restored without error: hashing it now" in n for n in checkpointer.notes)
+    finally:
+        checkpointer.close()
+    assert ckpt_lib.verify_step(step_dir) == []
+    assert np.array_equal(as_numpy(state.step), saved[2][4].step)
+
+
+def write_corpus(directory: Path, seed: int) -> Path:
+    """A token directory as `prepare` lays it out (meta.json, train.bin, val.bin), of random byte ids."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    train, val = rng.integers(0, 256, 4000).astype(np.uint16), rng.integers(0, 256, 600).astype(np.uint16)
+    train.tofile(directory / "train.bin")
+    val.tofile(directory / "val.bin")
+    (directory / "meta.json").write_text(json.dumps({"vocab_size": 256, "dtype": "uint16", "n_train_tokens": 4000,
+                                                     "n_val_tokens": 600}))  # fmt: skip
+    return directory
+
+
+def test_another_corpus_at_the_same_path_is_a_change(saved, tmp_path, monkeypatch):
+    """Item 13: a different corpus prepared at the same data.path resumed silently (only the path was compared)."""
+    from tedjax import data as data_lib
+    from tedjax.loop import run
+
+    corpus = write_corpus(tmp_path / "corpus", seed=1)
+    run_dir = tmp_path / "run"
+    overrides = ["data.source=tokens", f"data.path={corpus}"]
+    config = tiny_config(run_dir, *overrides)
+    checkpointer = Checkpointer(config, resume=False, data_fingerprint=data_lib.corpus_fingerprint(corpus))
+    checkpointer.save(2, saved[2][2], {"step": 2})  # (as numpy: this test never restores it)
+    checkpointer.close()
+
+    class Reached(Exception):
+        pass
+
+    monkeypatch.setattr(Checkpointer, "restore", lambda self, *a, **k: (_ for _ in ()).throw(Reached()))
+    with pytest.raises(Reached):  # the same files: no change
+        run(config, resume=True)
+    write_corpus(corpus, seed=2)  # another corpus, prepared at the same path
+    before = snapshot(run_dir)
+    COUNTS["resume_changes_tried"] += 1
+    with pytest.raises(CheckpointError) as info:
+        run(config, resume=True)
+    message = str(info.value)
+    assert f"  - data.path: '{corpus} (corpus " in message and "another corpus was prepared at the same path" in message
+    assert message.endswith("--allow-change data.path"), message
+    assert snapshot(run_dir) == before
+    COUNTS["resume_changes_refused"] += 1
+    with pytest.raises(Reached):  # accepted when named
+        run(config, resume=True, allow_change=["data.path"])
+
+
+def test_shadow_experts_fix_the_state_shapes(saved):
+    """Item 18b: called a results change, with --allow-change leading to a state-structure error."""
+    change, = config_changes(tiny_config("x").to_dict(), tiny_config("x", "model.shadow_experts=1"))
+    assert change.kind == "shape" and "fixes the train state's shapes" in change.reason
+    COUNTS["resume_changes_tried"] += 1
+    with pytest.raises(CheckpointError, match=r"holds a different model \(shadow_experts: saved 0 vs config 1\)"):
+        Checkpointer(tiny_config(saved[0], "model.shadow_experts=1"), resume=True,
+                     allow_change=["model.shadow_experts"])  # fmt: skip
+    COUNTS["resume_changes_refused"] += 1
+
+
+@pytest.mark.parametrize("switch", ["model.capacity_scope=device", "model.shadow_experts=1", None])
+def test_a_mesh_change_says_when_it_changes_drops(switch):
+    """Item 18c: with device pools or shadows the size of "expert" changes which tokens drop; still allowed."""
+    extra = [switch] if switch else []
+    change, = config_changes(tiny_config("x", *extra).to_dict(), tiny_config("x", *extra, "mesh.expert=4",
+                                                                             "mesh.data=1"))[1:]  # fmt: skip
+    assert change.key == "mesh.expert" and change.kind == "safe"
+    says = 'the size of "expert" changes which tokens are dropped' in change.reason
+    assert says == (switch is not None), change.reason
+    if switch:
+        assert ("device pools" if "scope" in switch else "shadow experts") in change.reason
+
+
+def test_more_steps_is_a_change_with_the_learning_rate_jump(saved):
+    """Item 20: steps 8 -> 20 was called safe although the learning rate at the resumed step jumps."""
+    from tedjax.optim import learning_rate_schedule
+
+    config = tiny_config(saved[0], "steps=20")
+    for total in (8, 20, 2):  # the plain-Python schedule is optax's
+        schedule = learning_rate_schedule(config.optimizer, total)
+        for step in range(0, total + 2):
+            assert ckpt_lib.learning_rate_at(step, dataclasses.asdict(config.optimizer), total) == pytest.approx(
+                float(schedule(step)), rel=1e-5, abs=1e-9)
+    before = float(learning_rate_schedule(config.optimizer, 8)(4))
+    after = float(learning_rate_schedule(config.optimizer, 20)(4))
+    assert after > 1.2 * before
+    COUNTS["resume_changes_tried"] += 1
+    checkpointer = Checkpointer(config, resume=True)
+    try:
+        (change,) = checkpointer.changes
+        assert change.kind == "change"
+        assert (f"resume changes steps: 8 -> 20 (changes results, allowed: the learning-rate schedule now spans 20 "
+                f"steps; the learning rate at step 4 goes from {before:.3g} to {after:.3g})") in checkpointer.notes
+    finally:
+        checkpointer.close()
+    COUNTS["resume_changes_allowed"] += 1
+
+
+def test_generate_verifies_checkpoints_as_resume_does(saved, tmp_path, capsys):
+    """Item 12: `python -m tedjax.generate --checkpoint` read a damaged step (its w_out off by 9.6e15)."""
+    from tedjax import generation
+
+    run_dir = copy_run(saved, tmp_path)
+    bad = data_file(run_dir / "checkpoints" / "4")
+    flip(bad, bad.stat().st_size // 2)
+    before = snapshot(run_dir)
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    _, model = generation.load_trained(run_dir, mesh)  # the newest step is damaged: the newest that verifies
+    err = capsys.readouterr().err
+    assert "checkpoint step 4 in" in err and "changed since it was saved (sha256 mismatch)); using an older step" in err
+    embed = next(v for k, v in flatten(jax.tree.map(np.asarray, __import__("flax").nnx.to_pure_dict(
+        __import__("flax").nnx.state(model, __import__("flax").nnx.Param)))).items() if "embed" in k)
+    saved_embed = next(v for k, v in flatten(saved[2][2].params).items() if "embed" in k)
+    assert np.array_equal(embed, saved_embed)  # step 2's parameters
+    rc = generation.main(["--checkpoint", str(run_dir), "--step", "4", "--prompt", "x", "--max-new-tokens", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith(f"error: checkpoint step 4 in {run_dir / 'checkpoints'} is damaged (state/"), err
+    assert snapshot(run_dir) == before  # a reader changes nothing
