@@ -36,7 +36,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import queue
 import sys
@@ -61,8 +60,9 @@ HASH_CHUNK = 8 << 20
 
 # Model fields that fix parameter shapes: a checkpoint can never be resumed with other values.
 SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "num_experts", "expert_d_ff", "moe_every",
-                "activation", "n_kv_heads", "head_dim", "qk_norm", "shadow_experts")  # fmt: skip
-SHAPE_REASONS = {"shadow_experts": "fixes the train state's shapes (its shadow-expert slots)"}
+                "activation", "n_kv_heads", "head_dim", "qk_norm", "shadow_experts", "vocab_multiple")  # fmt: skip
+SHAPE_REASONS = {"shadow_experts": "fixes the train state's shapes (its shadow-expert slots)",
+                 "vocab_multiple": "fixes the embedding's and the head's rows (the padded vocabulary)"}
 # Fields that do not change what the run computes, with the reason; all others do (new fields included).
 SAFE_CHANGES = {
     "mesh.": "the checkpoint is resharded onto the new mesh on restore",
@@ -343,24 +343,21 @@ def _expert_axis_drops(config: TrainConfig) -> str:
 
 
 def learning_rate_at(step: int, optimizer: dict, total_steps: int) -> float:
-    """tedjax.optim.learning_rate_schedule at `step`, in plain Python: a resume check compiles nothing.
+    """The learning rate of `optimizer` (OptimizerConfig fields; missing ones take their defaults) at `step` of
+    a run of `total_steps`: tedjax.optim.learning_rate_schedule itself, evaluated on the host."""
+    from tedjax.config import OptimizerConfig
+    from tedjax.optim import learning_rate_schedule
 
-    Linear warmup from 0, then cosine decay to learning_rate * min_lr_ratio at `total_steps`.
-    """
-    peak, ratio = float(optimizer["learning_rate"]), float(optimizer["min_lr_ratio"])
-    warmup = min(int(optimizer["warmup_steps"]), max(total_steps - 1, 0))
-    if step < warmup:
-        return peak * step / warmup
-    decay = max(total_steps, warmup + 1) - warmup
-    cosine = 0.5 * (1 + math.cos(math.pi * min(step - warmup, decay) / decay))
-    return peak * ((1 - ratio) * cosine + ratio)
+    fields = {f.name for f in dataclasses.fields(OptimizerConfig)}
+    cfg = OptimizerConfig(**{k: v for k, v in optimizer.items() if k in fields})
+    return float(learning_rate_schedule(cfg, total_steps)(step))
 
 
 def _lr_jump(old: dict, default: dict, config: TrainConfig, saved_steps: int, step: int | None) -> str:
     if step is None:
         return ""
-    saved_opt = {k: old.get(f"optimizer.{k}", default[f"optimizer.{k}"])
-                 for k in ("learning_rate", "min_lr_ratio", "warmup_steps")}  # fmt: skip
+    saved_opt = {key[len("optimizer."):]: old.get(key, value) for key, value in default.items()
+                 if key.startswith("optimizer.")}  # the saved run's optimizer (older files lack newer fields)
     before = learning_rate_at(step, saved_opt, saved_steps)
     after = learning_rate_at(step, dataclasses.asdict(config.optimizer), config.steps)
     return f"; the learning rate at step {step} goes from {before:.3g} to {after:.3g}"

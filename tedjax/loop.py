@@ -616,6 +616,17 @@ def _run(config: TrainConfig, *, resume: bool, allow_change: Iterable[str], mesh
     # each train record shows the shadows its step used (int [n_moe, R], E = empty), kept on the host
     shadows_now = trainer.shadow_ids(state).tolist() if config.model.shadow_experts else None
 
+    def save(step_done: int, force: bool = False) -> None:
+        """Saves the current state, never a non-finite one (loaded non-finite weights, or a step the tiled
+        optimizer could not undo: the untiled step skips a non-finite update itself)."""
+        if not bool(trainer.params_finite(state)):
+            raise TrainingStopped(
+                f"the parameters after step {step_done} are not finite (non-finite weights loaded, or an update the "
+                f"tiled optimizer could not undo); stopping without saving them. {_last_good(checkpointer)} Lower "
+                "optimizer.learning_rate or check the loaded weights"
+            )
+        checkpointer.save(step_done, state, {"step": step_done}, force=force)
+
     def drain(keep_last: bool):
         nonlocal window_start, window_from
         while len(pending) > (1 if keep_last else 0):
@@ -623,13 +634,6 @@ def _run(config: TrainConfig, *, resume: bool, allow_change: Iterable[str], mesh
             bad = int(metrics["bad_steps"])
             loss = float(metrics["loss"])
             train_losses[step_done] = loss
-            # Every pending step is checked here before any save: a non-finite state is never saved.
-            if not bool(metrics.pop("params_finite")):
-                raise TrainingStopped(
-                    f"step {step_done} left non-finite parameters (an update that could not be undone: "
-                    f"optimizer.tile_size > 0, or non-finite weights loaded); stopping, nothing of it was saved. "
-                    f"{_last_good(checkpointer)} Lower optimizer.learning_rate or check the loaded weights"
-                )
             if bad >= config.max_bad_steps:
                 raise TrainingStopped(
                     f"{bad} consecutive steps (up to step {step_done}) had a non-finite loss, gradient or update and "
@@ -686,12 +690,12 @@ def _run(config: TrainConfig, *, resume: bool, allow_change: Iterable[str], mesh
                     logger.log(done, {"lm_loss": eval_losses[done]}, kind="eval")
                 if config.checkpoint.every and done % config.checkpoint.every == 0:
                     drain(keep_last=False)
-                    checkpointer.save(done, state, {"step": done})
+                    save(done)
                     last_checkpoint = done
                 if stop_requested(done):
                     drain(keep_last=False)
                     if last_checkpoint != done:  # (orbax refuses to save a step twice)
-                        checkpointer.save(done, state, {"step": done}, force=True)
+                        save(done, force=True)
                     checkpointer.wait()
                     last_checkpoint = done
                     stopped_by_signal = True
@@ -706,7 +710,7 @@ def _run(config: TrainConfig, *, resume: bool, allow_change: Iterable[str], mesh
                 eval_losses[done] = ev["lm_loss"]
                 logger.log(done, ev, kind="eval")
                 if config.checkpoint.every and last_checkpoint != done:
-                    checkpointer.save(done, state, {"step": done}, force=True)
+                    save(done, force=True)
                     last_checkpoint = done
             checkpointer.wait()  # still under the signal flag: a SIGINT now lets the final save finish
             signalled = signals.received is not None
@@ -714,7 +718,7 @@ def _run(config: TrainConfig, *, resume: bool, allow_change: Iterable[str], mesh
                 signalled = bool(np.any(multihost_utils.process_allgather(np.int32(signalled))))
             if signalled and not stopped_by_signal:  # it came during the final evaluation or save
                 if last_checkpoint != done:
-                    checkpointer.save(done, state, {"step": done}, force=True)
+                    save(done, force=True)
                     checkpointer.wait()
                     last_checkpoint = done
                 stopped_by_signal = True

@@ -82,7 +82,8 @@ class MoEStats:
     expert_load: jax.Array  # f32 [E]   fraction of choices per (logical) expert, before drops
     dropped_fraction: jax.Array  # f32 []
     device_load: jax.Array  # f32 [X]   fraction of choices per device of the "expert" axis, before drops
-    device_rows: jax.Array  # f32 [X]   fraction of choices each device computes: its pool's kept rows + own shadows
+    device_rows: jax.Array  # f32 [X]   rows each device computes, as a fraction of choices: its pool's (before drops),
+    #                                   plus its own shadow rows with capacity_scope "dropless" (where rows set the time)
 
 
 class MoE(nnx.Module):
@@ -212,8 +213,11 @@ class MoE(nnx.Module):
         with jax.named_scope("moe_combine"):
             out_gsd = self._combine(out_gnd, routed)
         device_load_x = jnp.sum(routed.pool_load.reshape(_ways("experts"), -1), axis=-1)
+        device_rows_x = device_load_x  # a pool's kept rows; shadows add the rows each device computes locally
+        if routed.num_shadows and self.capacity_scope == "dropless":  # (only there do rows set the time)
+            device_rows_x = device_load_x + self._shadow_rows(routed)
         stats = MoEStats(routed.aux_loss, routed.z_loss, routed.expert_load, routed.dropped_fraction, device_load_x,
-                         self._device_rows(routed))
+                         device_rows_x)
         return out_gsd.reshape(batch, length, d_model), stats
 
     def _route(self, x_gsd: jax.Array) -> routing_lib.Routing:
@@ -257,17 +261,14 @@ class MoE(nnx.Module):
         if bias_rate:
             self.router_bias[...] = self.router_bias[...] + bias_rate * jnp.sign(1.0 / self.num_experts - load_e)
 
-    def _device_rows(self, routed: routing_lib.Routing) -> jax.Array:
-        """Fraction of all choices each device of the "expert" axis computes `[X]`: the kept rows of its pool,
-        plus the kept shadow rows of its own routing groups (computed where they are). With dropless pools its
-        max / mean is the step-time bound of the expert compute."""
+    def _shadow_rows(self, routed: routing_lib.Routing) -> jax.Array:
+        """Fraction of all choices each device of the "expert" axis computes for shadow experts `[X]`: the kept
+        shadow rows of its own routing groups (computed where they are)."""
         devices = _ways("experts")
-        rows_x = jnp.sum(routed.slot_counts, axis=0).reshape(devices, -1).sum(axis=-1)  # slots are device-major
-        if routed.num_shadows:
-            shadow_g = jnp.sum(routed.kept & (routed.pool_index >= self.num_experts // routed.experts_per_pool),
-                               axis=(1, 2))
-            # "batch" splits the groups into contiguous blocks over ("data", "expert"), "expert" the minor axis
-            rows_x = rows_x + shadow_g.reshape(-1, devices, shadow_g.shape[0] // _ways("batch")).sum(axis=(0, 2))
+        shadow_g = jnp.sum(routed.kept & (routed.pool_index >= self.num_experts // routed.experts_per_pool),
+                           axis=(1, 2))
+        # "batch" splits the groups into contiguous blocks over ("data", "expert"), "expert" the minor axis
+        rows_x = shadow_g.reshape(-1, devices, shadow_g.shape[0] // _ways("batch")).sum(axis=(0, 2))
         return rows_x.astype(jnp.float32) / routed.kept.size
 
     def _experts_per_pool(self) -> int:

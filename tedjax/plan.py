@@ -232,6 +232,9 @@ def unmodelled(config: TrainConfig, backend: Backend = "gpu") -> list[str]:
     if backend == "cpu" and not config.xla.cpu_all_reduce_combiner:
         out.append("xla.cpu_all_reduce_combiner=false")
     m, opt = config.model, config.optimizer
+    if m.capacity_scope == "dropless" and m.shadow_experts and m.num_experts:
+        # the shadow rows each device computes, a statistic XLA reduces its own way
+        out.append(f"model.capacity_scope=dropless with model.shadow_experts={m.shadow_experts}")
     if opt.zero == 3 and opt.zero1 and m.shadow_experts and m.num_experts:
         # the shadows' jnp.take from split expert weights: XLA gathers and reduces them its own way (measured)
         out.append(f"optimizer.zero=3 with model.shadow_experts={config.model.shadow_experts}")
@@ -586,11 +589,12 @@ class _LeafCosts:
 
 def _costs(config: TrainConfig, layout: Layout, backend: Backend) -> _LeafCosts:
     opt = config.optimizer
-    return _leaf_costs(config.model, layout, opt.zero1, backend, opt.zero if opt.zero1 else 1)
+    return _leaf_costs(config.model, layout, opt.zero1, backend, opt.zero if opt.zero1 else 1, opt.tile_size > 0)
 
 
 @functools.lru_cache(maxsize=4096)
-def _leaf_costs(model: ModelConfig, layout: Layout, zero1: bool, backend: Backend, zero: int = 1) -> _LeafCosts:
+def _leaf_costs(model: ModelConfig, layout: Layout, zero1: bool, backend: Backend, zero: int = 1,
+                tiled: bool = False) -> _LeafCosts:
     sizes = dict(zip(AXES, layout))
     batch_axes = ("data", "expert")
     counts: dict[tuple, int] = {}
@@ -618,6 +622,8 @@ def _leaf_costs(model: ModelConfig, layout: Layout, zero1: bool, backend: Backen
             entries += _gradient_reduction(local, used, added, sizes, backend, what)
         # the global norm: one partial sum per sharded dim of the optimizer-state layout
         entries += [("all-reduce", axes, 4, False, "gradient norm") for axes in state_spec]
+        if not tiled:  # the untiled step's NaN guard: the update's norm, reduced as the gradient's
+            entries += [("all-reduce", axes, 4, False, "update norm") for axes in state_spec]
         if zero < 3:
             entries.append(("all-gather", added, local, False, "updated parameters (ZeRO-1)"))
         elif leaf.path != "['embed']":  # the lookup's table: partitioned as XLA chooses (XLA_CHOOSES)
@@ -927,7 +933,7 @@ def step_time(config: TrainConfig, cluster: Cluster, layout: Layout | None = Non
 
 
 # The per-parameter collectives XLA combines into buckets (one latency per bucket in `step_time`).
-COMBINED = frozenset({"gradient", "embedding gradient", "router gradient", "gradient norm",
+COMBINED = frozenset({"gradient", "embedding gradient", "router gradient", "gradient norm", "update norm",
                       "updated parameters (ZeRO-1)", "parameters (ZeRO-3)", "shadow expert weight gradients"})
 
 

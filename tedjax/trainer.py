@@ -31,6 +31,7 @@ from tedjax.model import Transformer, abstract_model, loss_fn, moe_layers, updat
 from tedjax.moe import EXPERT_WEIGHTS
 from tedjax.optim import (
     clip_by_global_norm,
+    global_norm,
     learning_rate_schedule,
     make_optimizer,
     opt_state_shardings,
@@ -100,6 +101,8 @@ class Trainer:
         self._rates = None  # the shadow cost model's (tedjax.balance.Rates), resolved on first use
         self.eval_step = OnMesh(jax.jit(functools.partial(eval_step, graphdef=graphdef), out_shardings=replicated),
                                 mesh)
+        # bool []: the state's parameters are all finite; the loop checks it before every save (compiled on first use)
+        self.params_finite = OnMesh(jax.jit(lambda state: all_finite(state.params), out_shardings=replicated), mesh)
 
     def _static(self) -> _Static:
         return _Static(self.mesh, self.schedule, self.zero1_shardings, self.param_shardings)
@@ -191,7 +194,9 @@ class Trainer:
             bytes_per_element=jnp.dtype(m.compute_dtype).itemsize, num_devices=expert,
             tokens_per_step=m.top_k * data.batch_size * data.seq_len / self.mesh.shape["data"],
             flop_rate=rates.matmul_tflops * 1e12, link_bytes_per_s=rates.link_gbytes_per_s * 1e9,
-            buffers=m.capacity_scope,  # static capacity: the busiest expert's or device's buffer sets the time
+            # static capacity: the busiest expert's or device's buffer sets the time; dropless computes (and on
+            # GPU/TPU sends) the rows routed to each device, FasterMoE's own model
+            buffers="routed" if m.capacity_scope == "dropless" else m.capacity_scope,
         )  # fmt: skip
 
     def rebalance(self, state: TrainState, step: int) -> tuple[TrainState, dict]:
@@ -442,7 +447,9 @@ def train_step(
     else:
         updates, new_opt_state = tx.update(grads, state.opt_state, params)
         new_params = optax.apply_updates(params, updates)
-        finite = finite & _all_finite(new_params)  # finite gradients can still make non-finite weights
+        # A finite gradient can still give a non-finite update (a state or setting gone bad): its norm, whose
+        # partial sums reduce like the gradient norm's, catches it without a second pass over the parameters.
+        finite = finite & jnp.isfinite(global_norm(updates))
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_params = jax.lax.with_sharding_constraint(new_params, static.param_shardings)
     if "expert_load" in metrics:  # outside the gradient: load running means and router biases
@@ -461,14 +468,12 @@ def train_step(
         skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32),
     )
     metrics = dict(metrics, grad_norm=grad_norm, learning_rate=static.schedule(state.step), skipped=~finite,
-                   bad_steps=new_state.bad_steps, skipped_total=new_state.skipped_steps,
-                   # the loop never saves a state without it (the tiled update cannot undo a step)
-                   params_finite=_all_finite(new_state.params))
+                   bad_steps=new_state.bad_steps, skipped_total=new_state.skipped_steps)
     return new_state, metrics
 
 
-def _all_finite(tree) -> jax.Array:
-    """bool []: every float leaf of `tree` is finite."""
+def all_finite(tree) -> jax.Array:
+    """bool []: every float leaf of `tree` is finite (checked before every save, outside the train step)."""
     leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 

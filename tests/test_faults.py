@@ -563,7 +563,7 @@ OUT_OF_RANGE = {
     "xla.combine_count": -1,
     "model.rope_scaling": "ntk", "model.rope_factor": 0.0, "model.rope_original_max_len": -1,
     "model.rope_beta_fast": -1.0, "model.rope_beta_slow": -1.0, "model.rope_attention_factor": -1.0,
-    "model.sliding_window": -1, "model.vocab_multiple": 0, "model.bos_token_id": -2, "model.eos_token_id": [-1],
+    "model.sliding_window": -1, "model.vocab_multiple": 0, "model.dropless_buffer_factor": -1.0, "model.bos_token_id": -2, "model.eos_token_id": [-1],
     "model.pad_token_id": -2,
     "optimizer.schedule": "step", "optimizer.decay_fraction": 1.5, "optimizer.state_dtype": "float16",
     "log.profile_steps": [3, 1], "log.wandb.mode": "sometimes", "xla.gpu_profile": "fast",
