@@ -93,8 +93,8 @@ class ModelConfig:
     pad_token_id: int = -1
 
     def __post_init__(self):
-        self._check_hf_fields()
         _check_finite(self, "model.")
+        self._check_hf_fields()
         positive = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_len",
                     "expert_d_ff", "top_k", "moe_every")
         for name in positive:
