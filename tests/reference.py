@@ -53,6 +53,16 @@ def max_abs_diff(a, b) -> float:
     return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.max(np.abs(x - y))), a, b)))
 
 
+def expert_grads_in_logical_order(grads: dict, placement) -> dict:
+    """Gradients of a model whose expert slots follow `placement`, with each MoE layer's expert weights put
+    back in logical expert order (in place), to compare with a model that was never placed."""
+    for block in grads["blocks"].values():
+        for name in ("w_in", "w_gate", "w_out"):
+            if "router" in block["ffn"] and name in block["ffn"]:
+                block["ffn"][name] = block["ffn"][name][placement]
+    return grads
+
+
 def variant(config: tedjax.ModelConfig, **changes) -> tedjax.ModelConfig:
     return dataclasses.replace(config, **changes)
 
