@@ -534,7 +534,7 @@ def _write_records(root: Path, texts: list[str], field: str = "text") -> dict[st
     rows = [{"id": i, field: t} for i, t in enumerate(texts)] + [{"id": len(texts), field: None}]
     paths = {"jsonl": root / "rows.jsonl"}
     paths["jsonl"].write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    pa = pytest.importorskip("pyarrow", reason="parquet / arrow records need pyarrow (the datasets extra)")
+    import pyarrow as pa  # in the test extra: parquet / arrow records are checked in CI
     import pyarrow.parquet as pq
 
     table = pa.Table.from_pylist(rows)
@@ -589,7 +589,7 @@ def test_prepare_cli_reads_records_with_text_field(tmp_path, capsys):
 
 
 def test_tokenizer_workers_write_the_same_files(tmp_path, monkeypatch):
-    pytest.importorskip("tokenizers")
+    import tokenizers  # noqa: F401  (in the test extra)
     monkeypatch.setattr(data, "_BATCH_BYTES", 2048)  # many small encoding batches, several in flight at once
     texts = _record_texts() * 4
     records = _write_records(tmp_path / "rec", texts)
