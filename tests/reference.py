@@ -53,6 +53,30 @@ def max_abs_diff(a, b) -> float:
     return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.max(np.abs(x - y))), a, b)))
 
 
+def placed_grad_fn(config: tedjax.ModelConfig, mesh, placement_e=None, exchange: str | None = None):
+    """(jitted loss-and-grads taking the non-parameter state as an argument, params, rest), with every MoE
+    layer's experts at `placement_e` (slot placement[e] holds expert e) and, when given, its `exchange`."""
+    from tedjax.model import moe_layers
+
+    model = tedjax.init_model(config, mesh)
+    for moe in moe_layers(model):
+        if exchange is not None:
+            moe.exchange = exchange
+        if placement_e is not None:
+            moe.placement[...] = jnp.asarray(placement_e, jnp.int32)
+            for w in (moe.w_in, moe.w_gate, moe.w_out):
+                if w is not None:
+                    w[...] = jnp.take(w[...], jnp.argsort(jnp.asarray(placement_e)), axis=0)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def grad_fn(params, rest, batch):
+        loss_of = lambda p: tedjax.loss_fn(nnx.merge(graphdef, p, rest), batch)  # noqa: E731
+        (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
+        return loss, grads, metrics
+
+    return jax.jit(grad_fn), nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+
+
 def expert_grads_in_logical_order(grads: dict, placement) -> dict:
     """Gradients of a model whose expert slots follow `placement`, with each MoE layer's expert weights put
     back in logical expert order (in place), to compare with a model that was never placed."""

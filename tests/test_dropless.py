@@ -11,6 +11,7 @@ from reference import (
     FACTORIZATIONS,
     SMALL,
     expert_grads_in_logical_order,
+    placed_grad_fn,
     max_abs_diff,
     one_device_mesh,
     small_batch,
@@ -32,24 +33,8 @@ SHADOW_SETS = [np.array([0, 8]), np.array([5, 1])]  # 8 = an empty shadow slot
 
 
 def grad_fn_of(config, mesh, placement_e=None, exchange="auto"):
-    """(jitted loss-and-grads taking the non-parameter state, params, rest) with every MoE layer's experts at
-    `placement_e` (slot placement[e] holds expert e) and its dropless pools sent by `exchange`."""
-    model = tedjax.init_model(config, mesh)
-    for moe in moe_layers(model):
-        moe.exchange = exchange
-        if placement_e is not None:
-            moe.placement[...] = jnp.asarray(placement_e, jnp.int32)
-            for w in (moe.w_in, moe.w_gate, moe.w_out):
-                if w is not None:
-                    w[...] = jnp.take(w[...], jnp.argsort(jnp.asarray(placement_e)), axis=0)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-
-    def grad_fn(params, rest, batch):
-        loss_of = lambda p: tedjax.loss_fn(nnx.merge(graphdef, p, rest), batch)  # noqa: E731
-        (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
-        return loss, grads, metrics
-
-    return jax.jit(grad_fn), nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+    """`reference.placed_grad_fn` with the dropless pools sent by `exchange`."""
+    return placed_grad_fn(config, mesh, placement_e, exchange)
 
 
 def with_balance(rest, bias_e, shadow_ids=None):

@@ -6,7 +6,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from reference import FACTORIZATIONS, expert_grads_in_logical_order, max_abs_diff, one_device_mesh, small_batch, variant
+from reference import (
+    FACTORIZATIONS,
+    expert_grads_in_logical_order,
+    max_abs_diff,
+    one_device_mesh,
+    placed_grad_fn,
+    small_batch,
+    variant,
+)
 from test_load_balance import POOLED, TINY_RUN, batches, placed_loss_and_grads, run_steps, tiny_trainer
 
 import tedjax
@@ -20,22 +28,8 @@ SHADOW_SETS = [np.array([3, 5]), np.array([6, 8])]  # 8 = an empty shadow slot
 
 
 def shadowed_grad_fn(config, mesh, placement_e):
-    """(jitted loss-and-grads taking the non-parameter state as an argument, params, rest), with every
-    MoE layer's experts at `placement_e` (slot placement[e] holds expert e)."""
-    model = tedjax.init_model(config, mesh)
-    for moe in moe_layers(model):
-        moe.placement[...] = jnp.asarray(placement_e, jnp.int32)
-        for w in (moe.w_in, moe.w_gate, moe.w_out):
-            if w is not None:
-                w[...] = jnp.take(w[...], jnp.argsort(jnp.asarray(placement_e)), axis=0)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-
-    def grad_fn(params, rest, batch):
-        loss_of = lambda p: tedjax.loss_fn(nnx.merge(graphdef, p, rest), batch)
-        (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
-        return loss, grads, metrics
-
-    return jax.jit(grad_fn), nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+    """`reference.placed_grad_fn` at `placement_e` (the shadow set is part of the non-parameter state)."""
+    return placed_grad_fn(config, mesh, placement_e)
 
 
 def with_shadows(rest, ids):
