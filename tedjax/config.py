@@ -71,6 +71,10 @@ class ModelConfig:
     router_bias_rate: float = 0.0  # aux-loss-free balancing: bias += rate * sign(mean load - load); 0 = off
     shadow_experts: int = 0  # FasterMoE shadow experts per MoE layer (copied to every device); 0 = off
     a2a_chunks: int = 1  # split each all-to-all into this many chunks that overlap with expert compute
+    # Across nodes (FasterMoE's topology-aware gate): choices of experts on other nodes keep at most this
+    # fraction of their capacity, the rest go to the best expert of their own node; 1.0 = off
+    remote_fraction: float = 1.0
+    a2a: str = "flat"  # "hierarchical": inside each node first, then one exchange between nodes (mesh.node_size)
     remat: Remat = "none"  # activation checkpointing per layer; "cac" keeps collective outputs
     rope_base: float = 10000.0
     n_kv_heads: int = 0  # key/value heads (grouped-query attention); 0 = n_heads
@@ -111,6 +115,12 @@ class ModelConfig:
                 raise ValueError(f"model.{name} must be a number > 0, got {value!r}; 1.0-2.0 is typical")
         _check_int("model.shadow_experts", self.shadow_experts, 0)
         _check_int("model.a2a_chunks", self.a2a_chunks, 1)
+        rf = self.remote_fraction
+        if isinstance(rf, bool) or not isinstance(rf, (int, float)) or not 0 < rf <= 1:
+            raise ValueError(f"model.remote_fraction must be in (0, 1], got {rf!r}; 1.0 = off, 0.14 is fastmoe's "
+                             "default for slow inter-node links")
+        if self.a2a not in ("flat", "hierarchical"):
+            raise ValueError(f"model.a2a must be 'flat' or 'hierarchical', got {self.a2a!r}")
         if self.num_experts and self.shadow_experts >= self.num_experts:
             raise ValueError(f"model.shadow_experts={self.shadow_experts} must be < num_experts={self.num_experts}; "
                              "shadow a few of the hottest experts (1-2 is typical)")
@@ -312,18 +322,21 @@ class MeshConfig:
     data: int = 8
     expert: int = 1
     tensor: int = 1
+    stage: int = 1  # pipeline stages (outermost axis); 1 = no pipeline
+    node_size: int = 0  # devices per node (hierarchical all-to-all, topology-aware gate); 0 = from the hosts
     auto: bool = False
 
     def __post_init__(self):
-        for name in ("data", "expert", "tensor"):
+        for name in ("data", "expert", "tensor", "stage"):
             _check_int(f"mesh.{name}", getattr(self, name), 1)
+        _check_int("mesh.node_size", self.node_size, 0)
         _check_bool("mesh.auto", self.auto)
 
     @classmethod
     def parse(cls, values, prefix: str = "mesh.") -> "MeshConfig":
         """`auto`, {auto: true} or {data, expert, tensor}; auto together with explicit sizes is an error."""
         if values == "auto" or (isinstance(values, dict) and values.get("auto") is True):
-            sizes = sorted(set(values) & {"data", "expert", "tensor"}) if isinstance(values, dict) else []
+            sizes = sorted(set(values) & {"data", "expert", "tensor", "stage"}) if isinstance(values, dict) else []
             if sizes:
                 raise ValueError(f"mesh: auto cannot be combined with explicit sizes ({', '.join(prefix + k for k in sizes)}); "
                                  "either let the planner choose (mesh=auto) or give data, expert and tensor")
@@ -606,6 +619,26 @@ class BalanceConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """Pipeline parallelism over the mesh's "stage" axis (mesh.stage > 1).
+
+    The scanned layers are split over the stages in contiguous runs (`repeats`
+    runs per stage with the circular schedule); each step runs `microbatches`
+    microbatches of the batch through them.
+    """
+
+    microbatches: int = 0  # microbatches per step; 0 = mesh.stage (the least a schedule needs)
+    schedule: str = "gpipe"  # "gpipe" or "circular" (interleaved: each stage holds `repeats` runs of layers)
+    repeats: int = 1  # circular: runs of layers per stage
+
+    def __post_init__(self):
+        _check_int("pipeline.microbatches", self.microbatches, 0)
+        _check_int("pipeline.repeats", self.repeats, 1)
+        if self.schedule not in ("gpipe", "circular"):
+            raise ValueError(f"pipeline.schedule must be 'gpipe' or 'circular', got {self.schedule!r}")
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     steps: int = 300
     seed: int = 0
@@ -619,6 +652,7 @@ class TrainConfig:
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
     xla: XlaConfig = dataclasses.field(default_factory=XlaConfig)
     balance: BalanceConfig = dataclasses.field(default_factory=BalanceConfig)
+    pipeline: PipelineConfig = dataclasses.field(default_factory=PipelineConfig)
 
     def __post_init__(self):
         _check_int("steps", self.steps, 1)
