@@ -50,6 +50,7 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "router_experts": None,  # every rank scores every expert
     "shadow_experts": None,  # shadow copies of hot experts live on every device (FasterMoE)
     "norm": None,
+    "layers": None,  # the leading axis of the scanned units' stacked variables (tedjax.model.Unit)
 }
 
 
