@@ -164,7 +164,7 @@ class Transformer(nnx.Module):
 
         def body(x_bld, unit_state):
             x_bld, stats, unit_state = step(unit_state, x_bld)
-            return x_bld, (stats, unit_state.filter(nnx.RngState))
+            return x_bld, (stats, nnx.filter_state(unit_state, nnx.RngState))
 
         if cfg.scan_layers:
             x_bld, (stats, rng_state) = jax.lax.scan(body, x_bld, state)
@@ -241,6 +241,17 @@ def moe_stack(model: Transformer) -> MoE | None:
     """The MoE module of the scanned units (None without experts): every variable has a leading "layers" axis,
     and MoE layer k (the order of the model's `MoEStats`) is index k of it."""
     return model.units.blocks[-1].ffn if model.config.num_experts and model.units is not None else None
+
+
+def unit_view(model: Transformer, unit: int) -> Unit:
+    """A copy of unit `unit` of the model's stack, with its own unstacked variables (changes do not write back)."""
+    graphdef, state = nnx.split(model.units)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a[unit], state))
+
+
+def moe_layer(model: Transformer, layer: int) -> MoE:
+    """A copy of MoE layer `layer` as a standalone `MoE` module (its variables unstacked; changes do not write back)."""
+    return unit_view(model, layer).blocks[-1].ffn
 
 
 def update_balance(model: Transformer, expert_load_ne: jax.Array, *, bias_rate: float, load_decay: float) -> None:
