@@ -532,7 +532,9 @@ def collectives(config: TrainConfig, layout: Layout | None = None, backend: Back
     full = m.remat == "full"
     add("all-reduce", ["tensor"], act, accum * m.n_layers * (2 if full else 1), "attention output")
     add("all-reduce", ["tensor"], act, accum * m.n_layers * 3, "attention input gradient (q, k, v)")
-    add("all-reduce", ["tensor"], act, accum * n_dense, "dense FFN output")
+    # full remat per scanned unit also recomputes the dense blocks before a unit's last (the next block's input)
+    inner_dense = m.n_layers // m.moe_every * (m.moe_every - 1) if full else 0
+    add("all-reduce", ["tensor"], act, accum * (n_dense + inner_dense), "dense FFN output")
     add("all-reduce", ["tensor"], act, accum * n_dense * (2 if swiglu else 1), "dense FFN input gradient")
     add("all-reduce", ["tensor"], act, accum, "LM head input gradient")
     add("all-reduce", ["tensor"], sz.tokens * 4, accum * 3, "cross-entropy max, sum and label logit")
@@ -776,8 +778,9 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
     logits = 2 * sz.tokens * (m.padded_vocab // t) * 4
     if backend == "cpu" or m.remat == "none":
         kept = m.n_layers * attention + n_dense * dense + n_moe * moe
-    else:  # each layer's input, plus (cac) its collectives' outputs; one layer recomputed at a time
-        kept = m.n_layers * td + one_layer
+    else:  # each scanned unit's (or tail layer's) input, plus (cac) its collectives' outputs; one unit recomputed
+        units = m.n_layers // m.moe_every
+        kept = (m.n_layers - units * (m.moe_every - 1)) * td + one_layer + (m.moe_every - 1) * (attention + dense)
         if m.remat == "cac":
             kept += m.n_layers * td + n_dense * td + n_moe * 3 * slot_d
     activations = kept + 3 * td + logits
