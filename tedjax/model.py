@@ -140,6 +140,8 @@ def loss_fn(model: Transformer, batch: dict[str, jax.Array], *, check_ids: bool 
             rows_max_over_mean=jnp.stack([jnp.max(s.device_rows) / jnp.maximum(jnp.mean(s.device_rows), 1e-9)
                                           for s in stats]),
         )
+        if cfg.shadow_experts:  # what a shadow of each expert would keep from drops: the shadow policy's input
+            metrics["shadow_gain"] = jnp.stack([s.shadow_gain for s in stats])
     metrics["loss"] = total
     return total, metrics
 
@@ -149,10 +151,13 @@ def moe_layers(model: Transformer) -> list[MoE]:
     return [block.ffn for block in model.blocks if block.is_moe]
 
 
-def update_balance(model: Transformer, expert_load_ne: jax.Array, *, bias_rate: float, load_decay: float) -> None:
-    """After a step: each MoE layer's load running mean and router bias from its load `[n_moe, E]`."""
-    for moe, load_e in zip(moe_layers(model), expert_load_ne):
-        moe.update_balance(load_e, bias_rate=bias_rate, load_decay=load_decay)
+def update_balance(model: Transformer, expert_load_ne: jax.Array, *, bias_rate: float, load_decay: float,
+                   shadow_gain_ne: jax.Array | None = None) -> None:
+    """After a step: each MoE layer's load running mean and router bias from its load `[n_moe, E]`, and the
+    running mean of its shadow gain `[n_moe, E]` (with shadows)."""
+    for layer, (moe, load_e) in enumerate(zip(moe_layers(model), expert_load_ne)):
+        moe.update_balance(load_e, bias_rate=bias_rate, load_decay=load_decay,
+                           shadow_gain_e=None if shadow_gain_ne is None else shadow_gain_ne[layer])
 
 
 def abstract_model(config: ModelConfig, seed: int = 0) -> Transformer:
