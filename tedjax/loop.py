@@ -303,6 +303,11 @@ def _rebalance(trainer: Trainer, state: TrainState, step: int, logger: MetricsLo
                           "predicted_latency_s": [d.latency_s for d in shadows],
                           "predicted_latency_with_shadows_s": [d.with_shadows_s for d in shadows],
                           "predicted_latency_one_more_s": [d.one_more_s for d in shadows],
+                          # the drop policy's reasons (static capacity; null under the latency policy)
+                          "policy": "latency" if shadows[0].saved is None else "drops",
+                          "predicted_saved_fraction": [d.saved for d in shadows],
+                          "predicted_copy_s": [d.copy_s for d in shadows],
+                          "predicted_keep_s": [d.keep_s for d in shadows],
                           "matmul_tflops": rates.matmul_tflops, "link_gbytes_per_s": rates.link_gbytes_per_s,
                           "rates_source": rates.source}, kind="shadows")  # fmt: skip
         logger.message(balance.describe_shadows(step, shadows))

@@ -218,9 +218,13 @@ class Trainer:
         shadow_ne = self.shadow_ids(state)
         if cfg.model.shadow_experts and step % cfg.balance.shadow_every == 0:
             cost, placements = self.shadow_cost_model(), self.placements(state)
+            # static capacity: a shadow buys fewer drops, chosen by the drops it saves (MoE.gain_mean); dropless
+            # pools drop nothing, so time is what it buys there (FasterMoE's latency policy)
+            gains = [None] * len(loads) if cfg.model.capacity_scope == "dropless" else [
+                np.asarray(_at(state.model_state, path)["gain_mean"]) for path in self.moe_paths]
             for layer, (load_e, placement_e) in enumerate(zip(loads, placements)):
                 decision = balance.decide_shadows(layer, load_e, placement_e, cfg.model.shadow_experts, cost,
-                                                  shadow_ne[layer])
+                                                  shadow_ne[layer], gains[layer])
                 done["shadows"].append(decision)
                 shadow_ne[layer] = decision.ids
             state = self._set_balance(state, "shadow_ids", shadow_ne)
