@@ -285,11 +285,11 @@ def choose_shadows_for_drops(gain_e: np.ndarray, max_shadows: int, cost: ShadowC
     would (`cost.copy_s() < cost.keep_s(gain)`): where copying is too slow
     (fast matmuls, small layers) none is chosen. Gains add exactly with
     per-expert capacity; two shadows of one device pool save at most the
-    sum. Unused slots hold `E`.
+    sum. Unused slots hold `E`; the ids are sorted, so the same set is never a change.
     """
     gain_e = np.asarray(gain_e, np.float64)
-    chosen = [int(e) for e in np.argsort(-gain_e, kind="stable")[:max_shadows]
-              if gain_e[e] > 0 and cost.keep_s(gain_e[e]) > cost.copy_s()]
+    chosen = sorted(int(e) for e in np.argsort(-gain_e, kind="stable")[:max_shadows]
+                    if gain_e[e] > 0 and cost.keep_s(gain_e[e]) > cost.copy_s())  # sorted: a set, not an order
     return np.array(chosen + [len(gain_e)] * (max_shadows - len(chosen)), np.int32)
 
 

@@ -253,7 +253,7 @@ class MoE(nnx.Module):
         )
 
     def update_balance(self, expert_load_e: jax.Array, *, bias_rate: float, load_decay: float,
-                       shadow_gain_e: jax.Array | None = None) -> None:
+                       shadow_gain_e: jax.Array | None = None, gain_decay: float = 0.0) -> None:
         """After a step, outside the gradient: running means of the load (and of `shadow_gain_e` `[E]`, with
         shadows), and the router bias moved by `bias_rate x sign(mean load - load)` (over-loaded experts become
         less likely)."""
@@ -264,7 +264,8 @@ class MoE(nnx.Module):
         self.load_mean[...] = self.load_mean[...] + weight * (load_e - self.load_mean[...])
         if shadow_gain_e is not None:
             gain_e = jax.lax.stop_gradient(shadow_gain_e).astype(jnp.float32)
-            self.gain_mean[...] = self.gain_mean[...] + weight * (gain_e - self.gain_mean[...])
+            gain_weight = jnp.maximum(1.0 - gain_decay, 1.0 / steps.astype(jnp.float32))
+            self.gain_mean[...] = self.gain_mean[...] + gain_weight * (gain_e - self.gain_mean[...])
         self.load_steps[...] = steps
         if bias_rate:
             self.router_bias[...] = self.router_bias[...] + bias_rate * jnp.sign(1.0 / self.num_experts - load_e)
