@@ -33,7 +33,7 @@ def decided(tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("decisions")
     config = load_config(None, [*TINY_RUN, "model.shadow_experts=1", "balance.shadow_every=2", "balance.every=2",
                                 "balance.margin=0", "balance.matmul_tflops=0.001", "balance.link_gbytes_per_s=100",
-                                "model.capacity_factor=1.0",
+                                "model.capacity_factor=1.0", "model.min_capacity=1",  # pools drop: shadows save
                                 "model.aux_loss_weight=0", "steps=5", "log.every=1", "log.eval_every=0",
                                 "log.eval_batches=1",
                                 "checkpoint.every=0", f"log.dir={log_dir}"])  # fmt: skip
