@@ -156,8 +156,9 @@ def update_balance(model: Transformer, expert_load_ne: jax.Array, *, bias_rate: 
     """After a step: each MoE layer's load running mean and router bias from its load `[n_moe, E]`, and the
     running mean of its shadow gain `[n_moe, E]` (with shadows)."""
     for layer, (moe, load_e) in enumerate(zip(moe_layers(model), expert_load_ne)):
-        moe.update_balance(load_e, bias_rate=bias_rate, load_decay=load_decay,
-                           shadow_gain_e=None if shadow_gain_ne is None else shadow_gain_ne[layer], gain_decay=gain_decay)
+        gain_e = None if shadow_gain_ne is None else shadow_gain_ne[layer]
+        moe.update_balance(load_e, bias_rate=bias_rate, load_decay=load_decay, shadow_gain_e=gain_e,
+                           gain_decay=gain_decay)
 
 
 def abstract_model(config: ModelConfig, seed: int = 0) -> Transformer:

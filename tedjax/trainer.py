@@ -202,7 +202,8 @@ class Trainer:
     def rebalance(self, state: TrainState, step: int) -> tuple[TrainState, dict]:
         """Host-side balance decisions after `step`, from each layer's recent loads (`tedjax.balance`).
 
-        Shadows first (FasterMoE's cost model, every balance.shadow_every steps):
+        Shadows first (every balance.shadow_every steps; by the drops they save
+        under static capacity, by FasterMoE's cost model with dropless pools):
         a new set is only an int array in the state. Then placement (SmartMoE,
         every balance.every steps) on the loads that still reach the pools,
         shadowed experts counting 0: shadows take the hottest experts out of

@@ -67,8 +67,8 @@ def test_every_decision_is_a_record_with_its_reasons(decided):
         # static capacity: chosen by the drops they save, from the running mean of each step's shadow_gain
         saved, copy_s, keep_s = (r[k][0] for k in ("predicted_saved_fraction", "predicted_copy_s", "predicted_keep_s"))
         assert r["policy"] == "drops" and bool(chosen) == (saved > 0 and keep_s > copy_s)
-        gain_mean = running_mean([t["shadow_gain"][0] for t in records if t["kind"] == "train" and t["step"] <= r["step"]],
-                                 decay=1 - 2 / 3)  # balance.load_decay with balance.every=2
+        gains = [t["shadow_gain"][0] for t in records if t["kind"] == "train" and t["step"] <= r["step"]]
+        gain_mean = running_mean(gains, decay=1 - 2 / 3)  # balance.gain_decay with balance.shadow_every=2
         best = [int(np.argmax(gain_mean))]
         assert saved == pytest.approx(float(np.sum(gain_mean[chosen or best])), rel=1e-5)
         assert (r["matmul_tflops"], r["link_gbytes_per_s"]) == (0.001, 100.0)
