@@ -596,7 +596,10 @@ class BalanceConfig:
 
     every: int = 0  # steps between placement decisions; 0 = off (SmartMoE uses 10)
     margin: float = 0.02  # relative drop of the largest device load needed to move experts
-    shadow_every: int = 10  # steps between choices of shadow experts (with model.shadow_experts > 0)
+    # steps between choices of shadow experts (with model.shadow_experts > 0). A new set is only an int array in
+    # the state, and which experts overflow changes within a few steps, so the default decides after every step
+    # on that step's drops (FasterMoE decides at every forward pass)
+    shadow_every: int = 1
     # FasterMoE's cost model, per device. Each rate comes from the first that applies: the explicit rate (> 0);
     # `cluster`, a configs/clusters/*.yaml preset read as the planner reads it (peak matmul of model.dtype,
     # NVLink or network bandwidth); else measured at start on the devices present (tedjax.balance.measure_rates).
@@ -618,6 +621,12 @@ class BalanceConfig:
     def load_decay(self) -> float:
         """Decay of the expert-load running mean: an average over about the last `every` steps."""
         return 1.0 - 2.0 / (self.every + 1) if self.every > 1 else 0.9
+
+    @property
+    def gain_decay(self) -> float:
+        """Decay of the running mean of the drops each shadow would save: about the last `shadow_every` steps
+        (0 = the last step's)."""
+        return 1.0 - 2.0 / (self.shadow_every + 1)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -228,6 +228,8 @@ def loss_fn(model: Transformer, batch: dict[str, jax.Array], *, check_ids: bool 
             rows_max_over_mean=jnp.stack([jnp.max(s.device_rows) / jnp.maximum(jnp.mean(s.device_rows), 1e-9)
                                           for s in stats]),
         )
+        if cfg.shadow_experts:  # what a shadow of each expert would keep from drops: the shadow policy's input
+            metrics["shadow_gain"] = jnp.stack([s.shadow_gain for s in stats])
     metrics["loss"] = total
     return total, metrics
 
@@ -254,11 +256,14 @@ def moe_layer(model: Transformer, layer: int) -> MoE:
     return unit_view(model, layer).blocks[-1].ffn
 
 
-def update_balance(model: Transformer, expert_load_ne: jax.Array, *, bias_rate: float, load_decay: float) -> None:
-    """After a step: each MoE layer's load running mean and router bias from its load `[n_moe, E]`."""
+def update_balance(model: Transformer, expert_load_ne: jax.Array, *, bias_rate: float, load_decay: float,
+                   shadow_gain_ne: jax.Array | None = None, gain_decay: float = 0.0) -> None:
+    """After a step: each MoE layer's load running mean and router bias from its load `[n_moe, E]`, and the
+    running mean of its shadow gain `[n_moe, E]` (with shadows)."""
     moe = moe_stack(model)
     if moe is not None:
-        moe.update_balance(expert_load_ne, bias_rate=bias_rate, load_decay=load_decay)
+        moe.update_balance(expert_load_ne, bias_rate=bias_rate, load_decay=load_decay,
+                           shadow_gain_e=shadow_gain_ne, gain_decay=gain_decay)
 
 
 def layer_index(config: ModelConfig, layer: int) -> tuple[tuple, int | None]:

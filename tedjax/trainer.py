@@ -141,7 +141,7 @@ class Trainer:
         on the host."""
         if self.moe_path is None:
             return np.zeros((0,))
-        return np.asarray(_at(state.model_state, self.moe_path)[name])
+        return np.array(_at(state.model_state, self.moe_path)[name])  # a writable host copy
 
     def _move_experts(self, state: TrainState, placement_ne: jax.Array) -> TrainState:
         """Adopt new placements `[n_moe, E]`: permute every expert weight AND its Adam moments (every layer;
@@ -213,7 +213,8 @@ class Trainer:
     def rebalance(self, state: TrainState, step: int) -> tuple[TrainState, dict]:
         """Host-side balance decisions after `step`, from each layer's recent loads (`tedjax.balance`).
 
-        Shadows first (FasterMoE's cost model, every balance.shadow_every steps):
+        Shadows first (every balance.shadow_every steps; by the drops they save
+        under static capacity, by FasterMoE's cost model with dropless pools):
         a new set is only an int array in the state. Then placement (SmartMoE,
         every balance.every steps) on the loads that still reach the pools,
         shadowed experts counting 0: shadows take the hottest experts out of
@@ -229,9 +230,13 @@ class Trainer:
         shadow_ne = self.shadow_ids(state)
         if cfg.model.shadow_experts and step % cfg.balance.shadow_every == 0:
             cost, placements = self.shadow_cost_model(), self.placements(state)
+            # static capacity: a shadow buys fewer drops, chosen by the drops it saves (MoE.gain_mean); dropless
+            # pools drop nothing, so time is what it buys there (FasterMoE's latency policy)
+            gains = ([None] * len(loads) if cfg.model.capacity_scope == "dropless"
+                     else list(self.balance_values(state, "gain_mean")))
             for layer, (load_e, placement_e) in enumerate(zip(loads, placements)):
                 decision = balance.decide_shadows(layer, load_e, placement_e, cfg.model.shadow_experts, cost,
-                                                  shadow_ne[layer])
+                                                  shadow_ne[layer], gains[layer])
                 done["shadows"].append(decision)
                 shadow_ne[layer] = decision.ids
             state = self._set_balance(state, "shadow_ids", shadow_ne)
@@ -465,7 +470,8 @@ def train_step(
     if "expert_load" in metrics:  # outside the gradient: load running means and router biases
         model = _merge(graphdef, state.params, model_state)
         update_balance(model, metrics["expert_load"], bias_rate=config.model.router_bias_rate,
-                       load_decay=config.balance.load_decay)
+                       load_decay=config.balance.load_decay, shadow_gain_ne=metrics.get("shadow_gain"),
+                       gain_decay=config.balance.gain_decay)
         balanced = nnx.to_pure_dict(nnx.split(model, nnx.Param, ...)[2])
         model_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), balanced, model_state)
 

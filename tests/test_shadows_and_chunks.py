@@ -206,7 +206,7 @@ def test_no_shadow_when_copying_costs_more_than_it_saves():
 
 def test_training_picks_shadows_without_recompiling(tmp_path):
     trainer = tiny_trainer("model.shadow_experts=1", "balance.shadow_every=2", "model.aux_loss_weight=0",
-                           "model.capacity_factor=1.0", "balance.matmul_tflops=0.001",
+                           "model.capacity_factor=1.0", "model.min_capacity=1", "balance.matmul_tflops=0.001",
                            "balance.link_gbytes_per_s=100")  # compute-bound: shadows pay
     state = trainer.init_state()
     chosen = []
@@ -243,7 +243,7 @@ def test_shadow_state_survives_checkpoint_onto_another_layout(tmp_path):
     from tedjax.loop import run
 
     base = [*TINY_RUN, "model.shadow_experts=1", "balance.shadow_every=2", "balance.matmul_tflops=0.001",
-            "balance.link_gbytes_per_s=100",
+            "balance.link_gbytes_per_s=100", "model.capacity_factor=1.0", "model.min_capacity=1",  # drops to save
             "model.aux_loss_weight=0",
             "checkpoint.every=3", "log.eval_every=0", "log.eval_batches=1", "steps=4"]  # fmt: skip
     first = run(load_config(None, [*base, f"log.dir={tmp_path}"]), stop_after=3)
