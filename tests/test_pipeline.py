@@ -1,0 +1,127 @@
+"""The pipeline schedule (tedjax.pipeline) on a toy unit against a plain sequential scan, on 8 CPU devices.
+
+One compile per (stages, repeats, microbatches) case, shared by the
+equivalence and HLO tests through a module-scoped cache.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import tedjax
+from tedjax import analysis, pipeline
+from tedjax.mesh import named_sharding
+
+D, F, L, MB = 8, 16, 4, 4  # toy widths; MB rows per microbatch, split over "data"
+
+# (stages, repeats, microbatches): GPipe (R = 1) and circular (R = 2), S in {2, 4}
+CASES = [(2, 1, 4), (4, 1, 4), (2, 2, 4), (4, 2, 8)]
+
+
+def unit(p, x_bld):
+    """A residual MLP with statistics: a mean (crosses the data split) and a call count (exposes bubbles)."""
+    h_bld = jax.nn.relu(x_bld @ p["w1"]) @ p["w2"]
+    return x_bld + h_bld, {"sq": jnp.mean(x_bld * x_bld), "calls": jnp.ones(()), "h_d": jnp.mean(h_bld, axis=(0, 1))}
+
+
+def objective(y_mbld, stats):
+    return jnp.sum(jnp.sin(y_mbld)) + jnp.sum(stats["sq"]) + jnp.sum(stats["h_d"] * jnp.arange(D))
+
+
+def sequential(params_u, x_mbld):
+    """Each microbatch through all units in logical order; stats summed over microbatches."""
+    y_mbld, stats = jax.vmap(lambda x: jax.lax.scan(lambda x, p: unit(p, x), x, params_u))(x_mbld)
+    return y_mbld, jax.tree.map(lambda a: a.sum(0), stats)
+
+
+def inputs(units: int, micro: int):
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    params_u = {"w1": jax.random.normal(k1, (units, D, F)) / 3, "w2": jax.random.normal(k2, (units, F, D)) / 4}
+    return params_u, jax.random.normal(k3, (micro, MB, L, D))
+
+
+@functools.cache
+def compiled_case(stages: int, repeats: int, micro: int):
+    """(mesh, compiled value-and-grad of the pipelined objective, its results in logical order, the reference's)."""
+    units = 2 * stages * repeats
+    params_u, x_mbld = inputs(units, micro)
+    mesh = tedjax.make_mesh(8 // stages, 1, 1, stage=stages)
+
+    def piped(p, x):
+        y, stats = pipeline.run(unit, p, x, stages=stages, repeats=repeats,
+                                remat_policy=jax.checkpoint_policies.nothing_saveable)
+        return objective(y, stats), stats
+
+    with jax.set_mesh(mesh):
+        p_sm = jax.device_put(pipeline.to_stage_major(params_u, stages, repeats),
+                              named_sharding(mesh, ("layers", None, None)))
+        x = jax.device_put(x_mbld, named_sharding(mesh, (None, "batch", None, None)))
+        compiled = jax.jit(jax.value_and_grad(piped, argnums=(0, 1), has_aux=True)).lower(p_sm, x).compile()
+        (loss, stats), (g_p, g_x) = compiled(p_sm, x)
+    got = (loss, stats, pipeline.to_logical(g_p, stages, repeats), g_x)
+
+    def plain(p, x):
+        y, stats = sequential(p, x)
+        return objective(y, stats), stats
+
+    (loss0, stats0), (g_p0, g_x0) = jax.jit(jax.value_and_grad(plain, argnums=(0, 1), has_aux=True))(params_u, x_mbld)
+    return mesh, compiled, got, (loss0, stats0, g_p0, g_x0)
+
+
+@pytest.mark.parametrize("stages, repeats, micro", CASES)
+def test_pipeline_equals_sequential(stages, repeats, micro):
+    _, _, got, want = compiled_case(stages, repeats, micro)
+    for name, a, b in zip(("loss", "stats", "param grads", "input grads"), got, want):
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            scale = float(jnp.max(jnp.abs(y)))
+            assert float(jnp.max(jnp.abs(x - y))) <= 2e-6 * max(scale, 1.0), name
+    # every unit ran exactly once per microbatch: no bubble iteration leaked into the statistics
+    np.testing.assert_array_equal(np.asarray(got[1]["calls"]), np.full(2 * stages * repeats, micro))
+
+
+@pytest.mark.parametrize("stages, repeats, micro", CASES)
+def test_one_collective_permute_per_iteration_each_way(stages, repeats, micro):
+    mesh, compiled, _, _ = compiled_case(stages, repeats, micro)
+    in_loop = [c for c in analysis.collectives(compiled, mesh) if c.in_loop and not c.trivial]
+    permutes = [c for c in in_loop if c.kind == "collective-permute"]
+    microbatch_bytes = MB // mesh.shape["data"] * L * D * 4  # one device's share of a microbatch's activations
+    iterations = micro * repeats + stages - 1
+    assert len(permutes) == 2, permutes  # the forward shift and its transpose in the backward loop
+    assert all(c.axes == ("stage",) and c.result_bytes == microbatch_bytes for c in permutes), permutes
+    assert all(c.trip_count == iterations for c in permutes), [c.trip_count for c in permutes]
+    # weights never move inside the loop: the only other traffic is the data-parallel reductions
+    assert all(c.axes == ("data",) and c.kind == "all-reduce" for c in in_loop if c.kind != "collective-permute")
+
+
+@pytest.mark.parametrize("stages", [2, 4])
+@pytest.mark.parametrize("micro", [4, 8, 16])
+def test_idle_fraction_of_the_schedule_matches_theory(stages, micro):
+    gpipe = pipeline.idle_fraction(stages, micro)
+    assert gpipe == pytest.approx((stages - 1) / (micro + stages - 1))
+    assert gpipe == pytest.approx(pipeline.bubble_fraction(stages, micro, schedule="gpipe"))
+    circular = pipeline.idle_fraction(stages, micro, repeats=2)
+    assert circular == pytest.approx(pipeline.bubble_fraction(stages, micro, 2, "circular")) and circular < gpipe
+    # the repeats of a GPipe schedule are ignored: it has one run of layers per stage
+    assert pipeline.bubble_fraction(stages, micro, 2, "gpipe") == gpipe
+
+
+def test_schedule_table_and_stage_major_order():
+    table = pipeline.schedule_table(2, 2, repeats=2)
+    np.testing.assert_array_equal(table, [[0, -1], [1, 0], [2, 1], [3, 2], [-1, 3]])
+    # 8 units, 2 stages x 2 repeats: stage 0 holds units 0-1 and 4-5, stage 1 units 2-3 and 6-7
+    np.testing.assert_array_equal(pipeline.stage_major_order(8, 2, 2), [0, 1, 4, 5, 2, 3, 6, 7])
+    tree = {"w": jnp.arange(8.0)[:, None]}
+    back = pipeline.to_logical(pipeline.to_stage_major(tree, 2, 2), 2, 2)
+    np.testing.assert_array_equal(back["w"], tree["w"])
+
+
+def test_bad_counts_are_refused():
+    with pytest.raises(ValueError, match="3 microbatches cannot fill 4 stages; set pipeline.microbatches >= "):
+        pipeline.schedule_table(4, 3)
+    with pytest.raises(ValueError, match="6 scanned units do not split into 4 stages x 1 repeats"):
+        pipeline.stage_major_order(6, 4)
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        pipeline.bubble_fraction(2, 4, schedule="1f1b")
