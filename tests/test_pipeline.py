@@ -13,6 +13,7 @@ import pytest
 
 import tedjax
 from tedjax import analysis, pipeline
+from tedjax.config import load_config
 from tedjax.mesh import named_sharding
 
 D, F, L, MB = 8, 16, 4, 4  # toy widths; MB rows per microbatch, split over "data"
@@ -125,3 +126,26 @@ def test_bad_counts_are_refused():
         pipeline.stage_major_order(6, 4)
     with pytest.raises(ValueError, match="schedule must be one of"):
         pipeline.bubble_fraction(2, 4, schedule="1f1b")
+
+
+STAGED = ["model.vocab_size=256", "model.d_model=32", "model.n_layers=4", "model.n_heads=2", "model.d_ff=64",
+          "model.expert_d_ff=64", "model.num_experts=4", "model.max_len=32", "data.seq_len=32", "data.source=synthetic",
+          "mesh.stage=2", "mesh.data=2", "mesh.expert=2", "mesh.tensor=1", "data.batch_size=8"]  # fmt: skip
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.n_layers=6", "mesh.stage=4", "mesh.data=1"],
+     r"mesh.stage=4 x pipeline.repeats=1 does not divide the 3 scanned units \(model.n_layers=6 in units of 2\)"),
+    (["pipeline.schedule=circular", "pipeline.repeats=2", "pipeline.microbatches=2", "model.n_layers=8"],
+     None),  # fits: 4 units = 2 stages x 2 repeats, 2 microbatches of 4 sequences
+    (["pipeline.microbatches=1"], r"pipeline.microbatches=1 is too few for mesh.stage=2"),
+    (["pipeline.microbatches=4"],
+     r"a micro-batch of 8 sequences does not split into pipeline.microbatches=4 microbatches over data x expert = 4"),
+    (["pipeline.repeats=2"], r"pipeline.repeats=2 needs pipeline.schedule=circular"),
+])  # fmt: skip
+def test_pipeline_config_is_checked_before_anything_compiles(overrides, message):
+    if message is None:
+        assert load_config(None, STAGED + overrides).pipeline.microbatches_for(2) == 2
+        return
+    with pytest.raises(ValueError, match=message):
+        load_config(None, STAGED + overrides)
