@@ -652,18 +652,17 @@ def check_pipeline(model: ModelConfig, mesh: MeshConfig, pipeline: PipelineConfi
                    seq_len: int) -> None:
     """Raise a ValueError naming the problem and the fix if `pipeline` cannot split this model and batch.
 
-    The scanned unit is one block, or a (dense, MoE) run of `moe_every` blocks.
+    The scanned unit is a run of `moe_every` blocks (the last one MoE); n_layers // moe_every units.
     """
     stages = mesh.stage
     if stages == 1:
         return
     problems = []
-    unit = model.moe_every if model.num_experts else 1
-    units, repeats = model.n_layers // unit, pipeline.repeats
-    if model.n_layers % unit or units % (stages * repeats):
+    units, repeats = model.n_layers // model.moe_every, pipeline.repeats
+    if not units or units % (stages * repeats):
         problems.append(f"mesh.stage={stages} x pipeline.repeats={repeats} does not divide the {units} scanned units "
-                        f"(model.n_layers={model.n_layers} in units of {unit}); choose stages x repeats dividing "
-                        f"{units}, or change model.n_layers")
+                        f"(model.n_layers={model.n_layers} in units of moe_every={model.moe_every}); choose stages x "
+                        f"repeats dividing {units}, or change model.n_layers")
     micro = pipeline.microbatches_for(stages)
     if micro < stages:
         problems.append(f"pipeline.microbatches={micro} is too few for mesh.stage={stages}: every stage needs a "
