@@ -137,8 +137,8 @@ STAGED = ["model.vocab_size=256", "model.d_model=32", "model.n_layers=4", "model
     (["model.n_layers=6", "model.moe_every=2", "mesh.stage=4", "mesh.data=1"],
      r"mesh.stage=4 x pipeline.repeats=1 does not divide the 3 scanned units \(model.n_layers=6 in units of "
      r"moe_every=2\)"),
-    (["pipeline.schedule=circular", "pipeline.repeats=2", "pipeline.microbatches=2"],
-     None),  # fits: 4 units = 2 stages x 2 repeats, 2 microbatches of 4 sequences
+    (["pipeline.schedule=circular", "pipeline.repeats=2", "pipeline.microbatches=2", "model.n_layers=8"],
+     None),  # fits: 4 units (moe_every 2) = 2 stages x 2 repeats, 2 microbatches of 4 sequences
     (["pipeline.microbatches=1"], r"pipeline.microbatches=1 is too few for mesh.stage=2"),
     (["pipeline.microbatches=4"],
      r"a micro-batch of 8 sequences does not split into pipeline.microbatches=4 microbatches over data x expert = 4"),
