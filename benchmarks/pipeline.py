@@ -36,7 +36,7 @@ sys.path.insert(0, str(HERE.parents[1]))  # tedjax
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="S = 2, M = 4 only, small widths (< 60 s)")
-    p.add_argument("--reps", type=int, default=None, help="timed steps per case (default 5; quick 2)")
+    p.add_argument("--reps", type=int, default=None, help="timed steps per case (default 3; quick 2)")
     p.add_argument("--out", type=str, default=None, help="directory for pipeline.{json,md}")
     return p.parse_args(argv)
 
@@ -57,10 +57,10 @@ from tedjax.mesh import named_sharding  # noqa: E402
 from tedjax.optim import zero1_spec  # noqa: E402
 
 UNITS = 8
-D, F, L, MB = (32, 64, 8, 8) if ARGS.quick else (128, 512, 32, 8)  # widths; MB rows per microbatch
+D, F, L, MB = (32, 64, 8, 8) if ARGS.quick else (64, 256, 16, 8)  # widths; MB rows per microbatch
 STAGES = (2,) if ARGS.quick else (2, 4)
 MICRO = (4,) if ARGS.quick else (4, 8, 16)
-REPS = ARGS.reps or (2 if ARGS.quick else 5)
+REPS = ARGS.reps or (2 if ARGS.quick else 3)
 CIRCULAR_REPEATS = 2
 
 
