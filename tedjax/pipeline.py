@@ -209,6 +209,37 @@ def run(
     return y_mbld, stats_u
 
 
+def run_batch(
+    unit_fn: Callable[[Any, jax.Array], tuple[jax.Array, Any]],
+    params_u: Any,
+    x_bld: jax.Array,
+    *,
+    stages: int,
+    microbatches: int,
+    repeats: int = 1,
+    remat_policy: Callable | None = None,
+) -> tuple[jax.Array, Any]:
+    """`run` on a batch `[B, L, D]`: split into `microbatches` of B/M rows, run, put back; stats averaged.
+
+    Microbatch m takes rows m, m+M, m+2M, ...: with the batch split over
+    ("data", "expert") in contiguous blocks, every device keeps its own rows
+    (B must divide by M x data x expert, as `config.check_pipeline` requires).
+    Returns (y `[B, L, D]`, stats `[U, ...]` in logical order, the mean over
+    microbatches: per-group means of equal-sized microbatches average to the
+    whole batch's).
+    """
+    batch = x_bld.shape[0]
+    if batch % microbatches:
+        raise ValueError(f"a batch of {batch} rows does not split into {microbatches} microbatches; use a batch "
+                         f"size that is a multiple of pipeline.microbatches={microbatches}")
+    act = ("batch", "length", "act_embed")
+    x_mbld = x_bld.reshape(batch // microbatches, microbatches, *x_bld.shape[1:]).swapaxes(0, 1)
+    y_mbld, stats_u = run(unit_fn, params_u, constrain(x_mbld, (None, *act)), stages=stages, repeats=repeats,
+                          remat_policy=remat_policy)
+    y_bld = constrain(y_mbld.swapaxes(0, 1).reshape(x_bld.shape), act)
+    return y_bld, jax.tree.map(lambda a: a / microbatches, stats_u)
+
+
 @jax.custom_vjp
 def _shift(state_sbld: jax.Array) -> jax.Array:
     """Stage s-1's activation to stage s (the last stage's to stage 0): `jnp.roll` by one on the stage dim.

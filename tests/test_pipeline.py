@@ -150,3 +150,17 @@ def test_pipeline_config_is_checked_before_anything_compiles(overrides, message)
         return
     with pytest.raises(ValueError, match=message):
         load_config(None, STAGED + overrides)
+
+
+def test_run_batch_equals_the_whole_batch_on_one_device():
+    """Microbatches of interleaved rows, put back in place; stats averaged (each unit's mean over the batch)."""
+    params_u, x_mbld = inputs(4, 4)
+    x_bld = x_mbld.reshape(-1, L, D)
+    mesh = tedjax.make_mesh(4, 1, 1, stage=2)
+    with jax.set_mesh(mesh):
+        x = jax.device_put(x_bld, named_sharding(mesh, ("batch", None, None)))
+        y, stats = jax.jit(functools.partial(pipeline.run_batch, unit, stages=2, microbatches=4))(params_u, x)
+    y0, stats0 = jax.lax.scan(lambda x, p: unit(p, x), x_bld, params_u)
+    np.testing.assert_allclose(y, y0, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(stats["sq"], stats0["sq"], rtol=1e-5)
+    np.testing.assert_allclose(stats["calls"], np.ones(4))
