@@ -81,16 +81,19 @@ def step_time(stages: int, repeats: int, micro: int) -> tuple[float, list[float]
     policy = jax.checkpoint_policies.nothing_saveable
 
     def loss(p, x_mbld):
-        if stages == 1:  # today's layer scan over the whole batch, remat per unit
+        if stages == 1:  # today's layer scan over the whole batch [M mb, L, D], remat per unit
             body = jax.checkpoint(lambda x, pu: unit(pu, x), policy=policy)
-            y, _ = jax.lax.scan(body, x_mbld.reshape(-1, L, D), p)
+            y, _ = jax.lax.scan(body, x_mbld, p)
         else:
             y, _ = pipeline.run(unit, p, x_mbld, stages=stages, repeats=repeats, remat_policy=policy)
         return jnp.mean(y**2)
 
     with jax.set_mesh(mesh):
         p = jax.device_put(pipeline.to_stage_major(params, stages, repeats), named_sharding(mesh, ("layers", None, None)))
-        xs = jax.device_put(x, named_sharding(mesh, (None, "batch", None, None)))
+        if stages == 1:
+            xs = jax.device_put(x.reshape(-1, L, D), named_sharding(mesh, ("batch", None, None)))
+        else:
+            xs = jax.device_put(x, named_sharding(mesh, (None, "batch", None, None)))
         fn = jax.jit(jax.grad(loss))
         times = _common.time_fn(fn, p, xs, reps=REPS, warmup=1)
     return _common.median(times), times
