@@ -45,7 +45,6 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "act_ffn": "tensor",
     "act_vocab": "tensor",
     # parameters
-    "layers": STAGE_AXIS,  # stacked (scanned) layers: contiguous runs per pipeline stage
     "experts": "expert",
     "embed": None,
     "heads": "tensor",
@@ -55,6 +54,7 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "router_experts": None,  # every rank scores every expert
     "shadow_experts": None,  # shadow copies of hot experts live on every device (FasterMoE)
     "norm": None,
+    "layers": STAGE_AXIS,  # the leading axis of the scanned units' stacked variables: contiguous runs per stage
 }
 
 
