@@ -75,7 +75,8 @@ class ModelConfig:
     # fraction of their capacity, the rest go to the best expert of their own node; 1.0 = off
     remote_fraction: float = 1.0
     a2a: str = "flat"  # "hierarchical": inside each node first, then one exchange between nodes (mesh.node_size)
-    remat: Remat = "none"  # activation checkpointing per layer; "cac" keeps collective outputs
+    remat: Remat = "none"  # activation checkpointing per scanned unit of layers; "cac" keeps collective outputs
+    scan_layers: bool = True  # run the stacked layer units with lax.scan (compile time flat in depth); False: a loop
     rope_base: float = 10000.0
     n_kv_heads: int = 0  # key/value heads (grouped-query attention); 0 = n_heads
     head_dim: int = 0  # size of each attention head; 0 = d_model // n_heads
@@ -168,6 +169,7 @@ class ModelConfig:
             raise ValueError(f"model.dtype must be one of {['auto', *sorted(DTYPES)]}, got {self.dtype!r}")
         if self.remat not in ("none", "full", "cac"):
             raise ValueError(f"model.remat must be 'none', 'full' or 'cac', got {self.remat!r}")
+        _check_bool("model.scan_layers", self.scan_layers)
         # group_size is checked against the sequence length actually used (TrainConfig, check_mesh,
         # and Transformer at call time), not against max_len, which only bounds it.
 

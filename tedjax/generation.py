@@ -42,7 +42,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from tedjax.layers import KVCache
 from tedjax.mesh import constrain, logical_to_spec, make_mesh, mesh_shape
-from tedjax.model import Transformer, mask_padded_vocab
+from tedjax.model import Transformer, mask_padded_vocab, unit_view
 from tedjax.moe import MoE
 
 MIN_BUCKET = 16
@@ -185,7 +185,9 @@ def forward_cached(
     x_bld = jnp.take(model.embed[...], tokens_bl, axis=0).astype(cfg.compute_dtype)
     x_bld = constrain(x_bld, ("batch", "length", "act_embed"))
     new_caches = []
-    for block, cache in zip(model.blocks, caches):
+    units = [unit_view(model, u) for u in range(cfg.n_layers // cfg.moe_every)]  # a loop over the stacked units
+    blocks = [block for unit in units for block in unit.blocks] + list(model.tail)
+    for block, cache in zip(blocks, caches, strict=True):
         h_bld, cache = block.attn.cached(block.attn_norm(x_bld), cache, start)
         x_bld = x_bld + h_bld
         h_bld = block.ffn(block.ffn_norm(x_bld))

@@ -255,7 +255,7 @@ class MoE(nnx.Module):
         load_e = jax.lax.stop_gradient(expert_load_e).astype(jnp.float32)
         steps = self.load_steps[...] + 1
         # the plain mean of the steps seen until there are enough for the exponential one
-        weight = jnp.maximum(1.0 - load_decay, 1.0 / steps.astype(jnp.float32))
+        weight = jnp.maximum(1.0 - load_decay, 1.0 / steps.astype(jnp.float32))[..., None]  # [..., 1]: stacked too
         self.load_mean[...] = self.load_mean[...] + weight * (load_e - self.load_mean[...])
         self.load_steps[...] = steps
         if bias_rate:

@@ -67,8 +67,14 @@ def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Sche
 
 
 def weight_decay_mask(params):
-    """Decay matrices only: norms' scales (1-D) are not decayed."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    """Decay matrices only: norms' scales (1-D) are not decayed. Under "units" (the scanned layers of
+    `tedjax.model.Transformer`) every leaf has a leading "layers" axis, which does not count."""
+
+    def decayed(path, p):
+        stacked = bool(path) and getattr(path[0], "key", None) == "units"
+        return p.ndim - stacked >= 2
+
+    return jax.tree_util.tree_map_with_path(decayed, params)
 
 
 def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:

@@ -27,7 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tedjax.config import TrainConfig, check_mesh
 from tedjax.mesh import MESH_AXES, RULES, logical_to_spec, state_shardings
-from tedjax.model import Transformer, abstract_model, loss_fn, moe_layers, update_balance
+from tedjax.model import Transformer, abstract_model, loss_fn, moe_path, update_balance
 from tedjax.moe import EXPERT_WEIGHTS
 from tedjax.optim import (
     clip_by_global_norm,
@@ -90,8 +90,9 @@ class Trainer:
         # The layers read the mesh while tracing (pools, DTD), so the steps always run under this one.
         self.train_step = OnMesh(jax.jit(step_fn, donate_argnums=0, out_shardings=(self.state_shardings, replicated)),
                                  mesh)
-        abstract = abstract_model(config.model, config.seed)
-        self.moe_paths = [path for path, module in nnx.iter_modules(abstract) if module in moe_layers(abstract)]
+        # the stacked MoE variables (MoE layer k at index k of their leading "layers" axis); None without experts
+        self.moe_path = moe_path(config.model) if config.model.n_moe_layers else None
+        self.n_moe = config.model.n_moe_layers
         self.move_experts = OnMesh(jax.jit(self._move_experts, donate_argnums=0, out_shardings=self.state_shardings),
                                    mesh)
         # one layer's move (rebalance moves only the layers that adopt a placement); compiled on first use
@@ -129,16 +130,23 @@ class Trainer:
 
     def placements(self, state: TrainState) -> np.ndarray:
         """Each MoE layer's expert placement (logical expert -> physical slot), int `[n_moe, E]` on the host."""
-        return np.stack([np.asarray(_at(state.model_state, path)["placement"]) for path in self.moe_paths])
+        return self.balance_values(state, "placement")
 
     def load_means(self, state: TrainState) -> np.ndarray:
         """Each MoE layer's running mean of the expert load, `[n_moe, E]` on the host."""
-        return np.stack([np.asarray(_at(state.model_state, path)["load_mean"]) for path in self.moe_paths])
+        return self.balance_values(state, "load_mean")
+
+    def balance_values(self, state: TrainState, name: str) -> np.ndarray:
+        """Each MoE layer's balance variable `name` (placement, router_bias, load_mean, shadow_ids), `[n_moe, ...]`
+        on the host."""
+        if self.moe_path is None:
+            return np.zeros((0,))
+        return np.asarray(_at(state.model_state, self.moe_path)[name])
 
     def _move_experts(self, state: TrainState, placement_ne: jax.Array) -> TrainState:
         """Adopt new placements `[n_moe, E]`: permute every expert weight AND its Adam moments (every layer;
         `_move_layers` for some)."""
-        return self._move_layers(state, placement_ne, tuple(range(len(self.moe_paths))))
+        return self._move_layers(state, placement_ne, tuple(range(self.n_moe)))
 
     def _move_layers(self, state: TrainState, placement_ne: jax.Array, layers: tuple[int, ...]) -> TrainState:
         """Adopt the placements `[n_moe, E]` of MoE `layers` (static): permute their expert weights AND Adam moments.
@@ -151,22 +159,25 @@ class Trainer:
         """
         perms = {}
         model_state = jax.tree.map(lambda x: x, state.model_state)
-        for layer, path in enumerate(self.moe_paths):
-            if layer not in layers:
-                continue
-            balance = _at(model_state, path)
-            old_e, new_e = balance["placement"], placement_ne[layer].astype(jnp.int32)
+        balance = _at(model_state, self.moe_path)
+        for layer in layers:  # index `layer` of the stacked MoE variables' leading "layers" axis
+            old_e, new_e = balance["placement"][layer], placement_ne[layer].astype(jnp.int32)
             perms[layer] = old_e[jnp.argsort(new_e)]  # new slot -> the slot its expert leaves
-            balance["placement"] = new_e
-        layer_of = _expert_layer_tree(state.params, self.moe_paths)
-        opt_layer_of = optax.tree_map_params(self.tx, lambda _, layer: layer, state.opt_state, layer_of,
-                                             transform_non_params=lambda _: -1)
+            balance["placement"] = balance["placement"].at[layer].set(new_e)
+        is_expert = _expert_weight_tree(state.params, self.moe_path)
+        opt_is_expert = optax.tree_map_params(self.tx, lambda _, flag: flag, state.opt_state, is_expert,
+                                              transform_non_params=lambda _: False)
 
-        def move(leaf, layer, sharding):
-            return leaf if layer not in perms else _permute_slots(leaf, perms[layer], sharding.spec, self.mesh)
+        def move(leaf, expert, sharding):
+            if not expert:
+                return leaf
+            spec = PartitionSpec(*tuple(sharding.spec)[1:])  # one layer's slice: [E, ...] by slot
+            for layer, perm in perms.items():
+                leaf = leaf.at[layer].set(_permute_slots(leaf[layer], perm, spec, self.mesh))
+            return leaf
 
-        params = jax.tree.map(move, state.params, layer_of, self.param_shardings)
-        opt_state = jax.tree.map(move, state.opt_state, opt_layer_of, self.opt_shardings)
+        params = jax.tree.map(move, state.params, is_expert, self.param_shardings)
+        opt_state = jax.tree.map(move, state.opt_state, opt_is_expert, self.opt_shardings)
         return dataclasses.replace(state, params=params, opt_state=opt_state, model_state=model_state)
 
     def balance_due(self, step: int) -> bool:
@@ -252,14 +263,13 @@ class Trainer:
 
     def shadow_ids(self, state: TrainState) -> np.ndarray:
         """Each MoE layer's shadow experts, int `[n_moe, R]` on the host (E = an empty slot)."""
-        return np.stack([np.asarray(_at(state.model_state, path)["shadow_ids"]) for path in self.moe_paths])
+        return self.balance_values(state, "shadow_ids")
 
     def _set_balance(self, state: TrainState, name: str, values_n) -> TrainState:
         """A copy of `state` with each MoE layer's `name` replaced (same sharding, so nothing recompiles)."""
         model_state = jax.tree.map(lambda x: x, state.model_state)
-        for path, value in zip(self.moe_paths, values_n):
-            leaf = _at(model_state, path)
-            leaf[name] = jax.device_put(np.asarray(value, leaf[name].dtype), leaf[name].sharding)
+        balance = _at(model_state, self.moe_path)
+        balance[name] = jax.device_put(np.asarray(values_n, balance[name].dtype), balance[name].sharding)
         return dataclasses.replace(state, model_state=model_state)
 
     def move_bytes(self) -> dict[str, float]:
@@ -278,8 +288,8 @@ class Trainer:
         """Host-side check of proposed placements; raises a ValueError naming the layer and the fix."""
         placement_ne = np.asarray(placement_ne)
         experts = self.config.model.num_experts
-        if placement_ne.shape != (len(self.moe_paths), experts):
-            raise ValueError(f"placements must have shape (MoE layers, experts) = {(len(self.moe_paths), experts)}, "
+        if placement_ne.shape != (self.n_moe, experts):
+            raise ValueError(f"placements must have shape (MoE layers, experts) = {(self.n_moe, experts)}, "
                              f"got {placement_ne.shape}")
         for layer, row in enumerate(placement_ne):
             if sorted(row.tolist()) != list(range(experts)):
@@ -384,15 +394,15 @@ def _permute_slots(leaf: jax.Array, perm_s: jax.Array, spec: PartitionSpec, mesh
                          out_specs=PartitionSpec(*entries))(leaf, perm_s)
 
 
-def _expert_layer_tree(params: dict, moe_paths: list) -> dict:
-    """A tree like `params`: the MoE layer index of each expert weight (`[E, ...]` by slot), -1 elsewhere."""
-    layer_of = jax.tree.map(lambda _: -1, params)
-    for layer, path in enumerate(moe_paths):
-        weights = _at(layer_of, path)
+def _expert_weight_tree(params: dict, path: tuple | None) -> dict:
+    """A tree like `params`: True at the stacked expert weights (`[n_moe, E, ...]`, E by slot), False elsewhere."""
+    is_expert = jax.tree.map(lambda _: False, params)
+    if path is not None:
+        weights = _at(is_expert, path)
         for name in EXPERT_WEIGHTS:
             if name in weights:
-                weights[name] = layer
-    return layer_of
+                weights[name] = True
+    return is_expert
 
 
 def train_step(

@@ -195,22 +195,22 @@ def test_only_the_layers_that_adopt_a_placement_move():
                            "balance.link_gbytes_per_s=100")  # moving pays
     state, _ = run_steps(trainer, trainer.init_state(), batches(trainer, 1))
     load = np.array([0.4, 0.3, 0.1, 0.05, 0.05, 0.04, 0.03, 0.03])
-    for layer, path in enumerate(trainer.moe_paths):  # layer 0 skewed (adopts), layer 1 uniform (keeps)
-        leaf = _at(state.model_state, path)["load_mean"]
-        _at(state.model_state, path)["load_mean"] = jax.device_put(load if layer == 0 else np.full(8, 1 / 8),
-                                                                  leaf.sharding).astype(leaf.dtype)
+    leaf = _at(state.model_state, trainer.moe_path)["load_mean"]  # layer 0 skewed (adopts), 1 uniform (keeps)
+    _at(state.model_state, trainer.moe_path)["load_mean"] = jax.device_put(
+        np.stack([load] + [np.full(8, 1 / 8)] * (trainer.n_moe - 1)), leaf.sharding).astype(leaf.dtype)
     before = jax.tree.map(np.asarray, (state.params, state.opt_state))
     state, done = trainer.rebalance(state, 1)
     assert [d.adopted for d in done["placement"]] == [True, False]
     after = jax.tree.map(np.asarray, (state.params, state.opt_state))
-    new_placement, paths = trainer.placements(state), trainer.moe_paths
+    new_placement, path = trainer.placements(state), trainer.moe_path
     np.testing.assert_array_equal(new_placement[1], np.arange(8))
     flat_before = dict(jax.tree_util.tree_flatten_with_path(before)[0])
     for key, leaf in jax.tree_util.tree_flatten_with_path(after)[0]:
         name = jax.tree_util.keystr(key)
         old = flat_before[key]
-        if "".join(f"[{k!r}]" for k in paths[0]) + "['w_" in name:  # layer 0's expert weights and moments
-            np.testing.assert_array_equal(leaf[new_placement[0]], old)  # slot placement[e] now holds expert e
+        if "".join(f"[{k!r}]" for k in path) + "['w_" in name:  # the expert weights and moments [n_moe, E, ...]
+            np.testing.assert_array_equal(leaf[0][new_placement[0]], old[0])  # slot placement[e] holds expert e
+            np.testing.assert_array_equal(leaf[1:], old[1:])  # the other layers kept theirs
         else:
             np.testing.assert_array_equal(leaf, old)
     one = sum(trainer.move_bytes().values())
