@@ -258,9 +258,10 @@ def check_mesh(config: ModelConfig, mesh: Mesh, batch_size: int | None = None, s
     """Raise a ValueError naming the problem and the fix if `config` cannot run on `mesh`."""
     data, expert, tensor = mesh_shape(mesh)
     problems = []
-    if stage_count(mesh) > 1:  # tedjax.pipeline runs stacked units; the decoder's blocks are not stacked yet
-        problems.append(f"the mesh has {stage_count(mesh)} pipeline stages but the Transformer does not run its "
-                        "blocks through tedjax.pipeline yet (it needs the scanned decoder, issue 22); use mesh.stage=1")
+    stages, units = stage_count(mesh), config.n_layers // config.moe_every
+    if stages > 1 and (not units or units % stages):
+        problems.append(f"the {units} scanned units (n_layers={config.n_layers} // moe_every={config.moe_every}) do "
+                        f"not split over {stages} pipeline stages; choose mesh.stage dividing {units}")
     if config.num_experts and config.num_experts % expert:
         problems.append(f"num_experts={config.num_experts} is not divisible by the expert axis ({expert}); "
                         "choose mesh.expert dividing num_experts")
