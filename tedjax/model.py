@@ -199,7 +199,7 @@ class Transformer(nnx.Module):
         state = pipe.to_stage_major(state, stages, repeats)
         x_bld, stats_u = pipe.run_batch(lambda unit_state, x: step(unit_state, x)[:2], state, x_bld, stages=stages,
                                         microbatches=cfg.microbatches_for(stages), repeats=repeats)
-        return x_bld, [jax.tree.map(lambda a, u=u: a[u], stats_u) for u in range(n_units)] if stats_u else []
+        return x_bld, [jax.tree.map(lambda a, u=u: a[u], stats_u) for u in range(n_units)] if stats_u is not None else []
 
 
 def mask_padded_vocab(config: ModelConfig, logits_blv: jax.Array) -> jax.Array:
@@ -328,14 +328,16 @@ def abstract_model(config: ModelConfig, seed: int = 0, pipeline: PipelineConfig 
     return nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(seed), pipeline=pipeline))
 
 
-def init_model(config: ModelConfig, mesh: Mesh, seed: int = 0) -> Transformer:
+def init_model(config: ModelConfig, mesh: Mesh, seed: int = 0, pipeline: PipelineConfig | None = None
+               ) -> Transformer:  # fmt: skip
     """Build a Transformer whose parameters are created already sharded on `mesh`.
 
     Shapes come from `eval_shape`, shardings from the logical axes, and a jitted
     init writes each device's shard directly: no unsharded copy ever exists.
+    With `pipeline`, a mesh with stages runs the units through tedjax.pipeline.
     """
     check_mesh(config, mesh)
-    graphdef, abstract_state = nnx.split(abstract_model(config, seed))
+    graphdef, abstract_state = nnx.split(abstract_model(config, seed, pipeline))
     shardings = state_shardings(abstract_state, mesh)
 
     @jax.jit

@@ -261,8 +261,7 @@ def test_pipeline_quick(tmp_path):
                                                                                        (2, 4, "circular")}
     for r in result["rows"]:
         assert r["idle_fraction"] == pytest.approx(r["theory"])  # the schedule's own count is the textbook bubble
-        assert r["measured_bubble"] == pytest.approx(1 - statistics.median(r["stage1_times_s"])
-                                                     / statistics.median(r["times_s"]))
+        assert r["measured_bubble"] == pytest.approx(1 - min(r["stage1_times_s"]) / min(r["times_s"]))
     by_schedule = {r["schedule"]: r for r in result["rows"]}
     assert by_schedule["circular"]["idle_fraction"] < by_schedule["gpipe"]["idle_fraction"]
     plain = [m for m in result["memory"] if not m["zero1"]]
