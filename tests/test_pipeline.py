@@ -5,6 +5,7 @@ equivalence and HLO tests through a module-scoped cache.
 """
 
 import functools
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,10 @@ import pytest
 import tedjax
 from reference import SMALL, loss_and_grads, max_abs_diff, one_device_mesh, small_batch, variant
 from tedjax import analysis, pipeline
-from tedjax.config import PipelineConfig, load_config
+from tedjax.checkpoint import Checkpointer
+from tedjax.config import (CheckpointConfig, DataConfig, LogConfig, MeshConfig, OptimizerConfig, PipelineConfig,
+                           TrainConfig, load_config)
+from tedjax.trainer import Trainer
 from tedjax.mesh import named_sharding
 
 D, F, L, MB = 8, 16, 4, 4  # toy widths; MB rows per microbatch, split over "data"
@@ -217,3 +221,58 @@ def test_transformer_pipeline_sends_one_microbatch_per_iteration():
     activation_bytes = rows * small_batch()["inputs"].shape[1] * config.d_model * 4
     assert len(permutes) == 2 and all(c.result_bytes == activation_bytes for c in permutes), permutes
     assert all(c.trip_count == micro + stage - 1 for c in permutes)
+
+
+# ---------------------------------------------------------------- the Trainer: ZeRO-1, tiled AdamW, DTD, CAC; checkpoints
+
+
+def trainer_config(stage: int, data: int, expert: int, tensor: int, tmp: Path) -> TrainConfig:
+    return TrainConfig(
+        steps=10, model=variant(DROPS, dtd=True, remat="cac"), mesh=MeshConfig(data, expert, tensor, stage),
+        optimizer=OptimizerConfig(zero=1, warmup_steps=0, tile_size=256),
+        data=DataConfig(source="synthetic", seq_len=16, batch_size=8), pipeline=PipelineConfig(microbatches=4),
+        log=LogConfig(dir=str(tmp)), checkpoint=CheckpointConfig(dir=str(tmp / "ckpt"), async_save=False),
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trainers(tmp_path_factory):
+    """Trainers of one config by stage count: 1 (one device), 2 ((2, 2, 1, 2) of 8 devices) and 4 ((4, 1, 1, 2))."""
+    tmp = tmp_path_factory.mktemp("pipeline_ckpt")
+    layouts = {1: (1, 1, 1, 1), 2: (2, 2, 1, 2), 4: (4, 1, 1, 2)}
+    out = {}
+    for stage, layout in layouts.items():
+        mesh = one_device_mesh() if stage == 1 else tedjax.make_mesh(*layout[1:], stage=stage)
+        out[stage] = Trainer(trainer_config(*layout, tmp), mesh)
+    return tmp, out
+
+
+def step_on(trainer: Trainer, state, seed: int):
+    """(state, loss) after one train step on the fixed batch `seed`."""
+    batch = {k: np.asarray(v) for k, v in small_batch(8, 16, seed=seed).items()}
+    state, metrics = trainer.train_step(state, trainer.shard_batch(batch))
+    return state, float(metrics["loss"])
+
+
+def test_trainer_with_stages_zero1_tiled_dtd_cac_and_checkpoints_across_stage_counts(trainers):
+    """Stage 2 trains as 1 device does (ZeRO-1 state split over data inside each stage, tiled AdamW, DTD, CAC),
+    and its checkpoint after one step restores at stage 1 and at stage 4 with the same next loss."""
+    _, by_stage = trainers
+    losses = {}
+    for stage in (1, 2):
+        state, first = step_on(by_stage[stage], by_stage[stage].init_state(), 0)
+        losses[stage] = [first, step_on(by_stage[stage], state, 1)[1]]
+        if stage == 2:
+            after_one = state
+    np.testing.assert_allclose(losses[2], losses[1], rtol=2e-5)
+    saver = Checkpointer(by_stage[2].config, resume=False)
+    saver.save(1, after_one, {"step": 1}, force=True)
+    saver.close()
+    for stage in (1, 4):
+        reader = Checkpointer(by_stage[stage].config, resume=True)
+        try:
+            restored, meta = reader.restore(by_stage[stage].abstract_state())
+        finally:
+            reader.close()
+        assert meta["step"] == 1
+        assert step_on(by_stage[stage], restored, 1)[1] == pytest.approx(losses[2][1], rel=2e-5), stage
