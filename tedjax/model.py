@@ -199,7 +199,9 @@ class Transformer(nnx.Module):
         state = pipe.to_stage_major(state, stages, repeats)
         x_bld, stats_u = pipe.run_batch(lambda unit_state, x: step(unit_state, x)[:2], state, x_bld, stages=stages,
                                         microbatches=cfg.microbatches_for(stages), repeats=repeats)
-        return x_bld, [jax.tree.map(lambda a, u=u: a[u], stats_u) for u in range(n_units)] if stats_u is not None else []
+        if stats_u is None:  # no MoE layer
+            return x_bld, []
+        return x_bld, [jax.tree.map(lambda a, u=u: a[u], stats_u) for u in range(n_units)]
 
 
 def mask_padded_vocab(config: ModelConfig, logits_blv: jax.Array) -> jax.Array:

@@ -262,6 +262,7 @@ def test_pipeline_quick(tmp_path):
     for r in result["rows"]:
         assert r["idle_fraction"] == pytest.approx(r["theory"])  # the schedule's own count is the textbook bubble
         assert r["measured_bubble"] == pytest.approx(1 - min(r["stage1_times_s"]) / min(r["times_s"]))
+        assert r["measured_bubble_cpu"] == pytest.approx(1 - min(r["stage1_cpu_times_s"]) / min(r["cpu_times_s"]))
     by_schedule = {r["schedule"]: r for r in result["rows"]}
     assert by_schedule["circular"]["idle_fraction"] < by_schedule["gpipe"]["idle_fraction"]
     plain = [m for m in result["memory"] if not m["zero1"]]

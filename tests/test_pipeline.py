@@ -223,7 +223,7 @@ def test_transformer_pipeline_sends_one_microbatch_per_iteration():
     assert all(c.trip_count == micro + stage - 1 for c in permutes)
 
 
-# ---------------------------------------------------------------- the Trainer: ZeRO-1, tiled AdamW, DTD, CAC; checkpoints
+# ---------------------------------------------------------------- the Trainer: ZeRO-1, tiled AdamW, DTD, CAC
 
 
 def trainer_config(stage: int, data: int, expert: int, tensor: int, tmp: Path) -> TrainConfig:
