@@ -194,7 +194,7 @@ class Transformer(nnx.Module):
         """
         cfg = self.pipeline
         repeats = cfg.repeats if cfg.schedule == "circular" else 1
-        # circular: each stage's runs must be one contiguous block of the "layers" dim (NOTES.md 10.4); the
+        # circular: each stage's runs must be one contiguous block of the "layers" dim (NOTES.md section 10.4); the
         # state is kept in logical order, so this permutation moves weights between stages every step
         state = pipe.to_stage_major(state, stages, repeats)
         x_bld, stats_u = pipe.run_batch(lambda unit_state, x: step(unit_state, x)[:2], state, x_bld, stages=stages,

@@ -6,7 +6,7 @@ unit (a layer, or a (dense, MoE) pair) `unit_fn(unit_params, x_bld) ->
 into microbatches `[M, mb, L, D]`, and returns the outputs `[M, mb, L, D]`
 and each unit's `stats` summed over the microbatches.
 
-How it runs (NOTES.md, "Pipeline"). A state buffer `[S, mb, L, D]`, split
+How it runs (NOTES.md section 10). A state buffer `[S, mb, L, D]`, split
 over "stage", holds each stage's activation. Every iteration of one
 `lax.scan` applies every stage's units at once (`vmap` over the stage dim
 with `spmd_axis_name`, so each device computes only its own stage), then
