@@ -256,12 +256,12 @@ def param_spec(
     if shape and len(names) > len(shape):
         raise ValueError(f"{where}: sharding {names} has more entries than its shape {shape} has dims")
     context = dict(get_logical_axis_rules() or ())
-    mesh_axes = tuple(mesh.axis_names) if mesh is not None else (STAGE_AXIS, *MESH_AXES)
+    mesh_axes = tuple(mesh.axis_names) if mesh is not None else MESH_AXES
     spec, used = [], []
     for entry in names:
         parts = () if entry is None or entry is PartitionSpec.UNCONSTRAINED else _axes_of(entry)
         axes = tuple(a for name in parts for a in _mesh_axes(name, local, context, mesh_axes, where)
-                     if a != STAGE_AXIS or a in mesh_axes)  # a 3-axis mesh (no "stage") keeps layers whole
+                     if a != STAGE_AXIS or a in mesh_axes)  # no "stage" axis (or no mesh): layers kept whole
         for axis in axes:
             if axis in used:
                 raise ValueError(f"{where}: sharding {names} puts mesh axis {axis!r} on two dims")
