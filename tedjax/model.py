@@ -293,17 +293,20 @@ def layer_index(config: ModelConfig, layer: int) -> tuple[tuple, int | None]:
     return ("tail", layer - config.n_layers // config.moe_every * config.moe_every), None
 
 
-def unstack_layers(config: ModelConfig, tree: dict) -> dict:
-    """A pure-dict state (params, optimizer-like trees, shardings' arrays) with the units unrolled into
-    `blocks` {layer: block tree}, the layout of tedjax before scanned layers; `stack_layers` inverts it."""
+def unstack_layers(config: ModelConfig, tree: dict, take=None) -> dict:
+    """A pure-dict state (params, or a tree like them) with the units unrolled into `blocks` {layer: block
+    tree}, the layout of tedjax before scanned layers; `stack_layers` inverts it. `take(leaf, i)` slices
+    unit i of a stacked leaf (default `leaf[i]`)."""
+    take = (lambda a, i: a[i]) if take is None else take
     out = {k: v for k, v in tree.items() if k not in ("units", "tail")}
     blocks = {}
     for layer in range(config.n_layers):
         path, index = layer_index(config, layer)
         sub = tree
         for key in path:
-            sub = sub[key]
-        blocks[layer] = sub if index is None else jax.tree.map(lambda a, i=index: a[i], sub)
+            sub = sub.get(key, {}) if isinstance(sub, dict) else {}
+        if sub:  # (a tree of some variables only, such as the MoE layers' balance state, has no other layers)
+            blocks[layer] = sub if index is None else jax.tree.map(lambda a, i=index: take(a, i), sub)
     out["blocks"] = blocks
     return out
 
@@ -320,8 +323,10 @@ def stack_layers(config: ModelConfig, tree: dict, stack=None) -> dict:
     if units:
         out["units"] = {"blocks": {pos: jax.tree.map(lambda *xs: stack(xs), *[blocks[u * every + pos]
                                                                              for u in range(units)])
-                                   for pos in range(every)}}
-    out["tail"] = {k: blocks[units * every + k] for k in range(config.n_layers - units * every)}
+                                   for pos in range(every) if pos in blocks}}
+    tail = {k: blocks[units * every + k] for k in range(config.n_layers - units * every) if units * every + k in blocks}
+    if tail:  # (no "tail" key without tail layers, as in `nnx.to_pure_dict`)
+        out["tail"] = tail
     return out
 
 

@@ -351,10 +351,12 @@ def _structure(model: ModelConfig) -> tuple[tuple[Leaf, ...], int]:
         spec = tuple(param_spec(var))
         spec = tuple(_axes_of(e) for e in spec + (None,) * (len(shape) - len(spec)))
         keys = [getattr(k, "key", getattr(k, "idx", None)) for k in path]
-        if keys[0] != "blocks":
-            leaves.append(Leaf(jax.tree_util.keystr(path), shape, spec))
-        elif keys[1] in per_block:
+        if keys[0] == "units":  # the probe's one scanned unit: a leading "layers" axis of 1, block keys[2]
+            per_block[keys[2]].append((jax.tree_util.keystr(path[3:]), shape[1:], spec[1:]))
+        elif keys[0] == "tail":  # the probe has fewer layers than a unit: all unrolled
             per_block[keys[1]].append((jax.tree_util.keystr(path[2:]), shape, spec))
+        else:
+            leaves.append(Leaf(jax.tree_util.keystr(path), shape, spec))
     for i in range(model.n_layers):
         for sub, shape, spec in per_block[first_of_kind[model.is_moe_layer(i)]]:
             leaves.append(Leaf(f"['blocks'][{i}]{sub}", shape, spec, i))
@@ -362,7 +364,8 @@ def _structure(model: ModelConfig) -> tuple[tuple[Leaf, ...], int]:
     for path, x in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(rest))[0]:
         keys = [getattr(k, "key", getattr(k, "idx", None)) for k in path]
         nbytes = math.prod(x.shape) * x.dtype.itemsize
-        other += nbytes if keys[0] != "blocks" else nbytes * copies.get(keys[1], 0)
+        block = keys[2] if keys[0] == "units" else keys[1] if keys[0] == "tail" else None  # (a unit of 1 layer)
+        other += nbytes if block is None else nbytes * copies.get(block, 0)
     return tuple(leaves), other
 
 
