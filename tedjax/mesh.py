@@ -257,11 +257,14 @@ def param_spec(
         raise ValueError(f"{where}: sharding {names} has more entries than its shape {shape} has dims")
     context = dict(get_logical_axis_rules() or ())
     mesh_axes = tuple(mesh.axis_names) if mesh is not None else MESH_AXES
+    # "layers" splits over "stage" only when there are stages: at stage 1 (or without a mesh, as the planner
+    # reads specs) every sharding, and so every program, is the one of a mesh without the axis
+    staged = STAGE_AXIS in mesh_axes and int(dict(mesh.shape).get(STAGE_AXIS, 1)) > 1
     spec, used = [], []
     for entry in names:
         parts = () if entry is None or entry is PartitionSpec.UNCONSTRAINED else _axes_of(entry)
         axes = tuple(a for name in parts for a in _mesh_axes(name, local, context, mesh_axes, where)
-                     if a != STAGE_AXIS or a in mesh_axes)  # no "stage" axis (or no mesh): layers kept whole
+                     if a != STAGE_AXIS or staged)
         for axis in axes:
             if axis in used:
                 raise ValueError(f"{where}: sharding {names} puts mesh axis {axis!r} on two dims")
