@@ -156,7 +156,8 @@ def _announce(logger: MetricsLogger, config: TrainConfig, mesh, checkpointer: Ch
     log_dir = Path(config.log.dir)
     lines = [
         f"tedjax run: config {config_file or '(built in Python)'}; steps {start_step} -> {config.steps}",
-        (f"  mesh data={config.mesh.data} x expert={config.mesh.expert} x tensor={config.mesh.tensor} on "
+        (f"  mesh {f'stage={config.mesh.stage} x ' if config.mesh.stage > 1 else ''}data={config.mesh.data} x "
+         f"expert={config.mesh.expert} x tensor={config.mesh.tensor} on "
          f"{mesh.size} {mesh.devices.flat[0].platform} devices in {jax.process_count()} process"
          f"{'es' if jax.process_count() > 1 else ''}"),
         f"  model {experts}: {counts['total']:,} parameters, {counts['active']:,} active per token",
@@ -549,7 +550,7 @@ def _run(config: TrainConfig, *, resume: bool, allow_change: Iterable[str], mesh
         from tedjax.plan import auto_config
 
         config = auto_config(config)
-    mesh = mesh or make_mesh(config.mesh.data, config.mesh.expert, config.mesh.tensor)
+    mesh = mesh or make_mesh(config.mesh.data, config.mesh.expert, config.mesh.tensor, stage=config.mesh.stage)
     check_mesh(config.model, mesh, config.data.micro_batch_size, config.data.seq_len)
     if config.balance.cluster:  # a wrong cluster preset is refused before anything is written or compiled
         from tedjax.plan import Cluster

@@ -10,9 +10,10 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from tedjax.config import ModelConfig, check_mesh
+from tedjax import pipeline as pipe
+from tedjax.config import ModelConfig, PipelineConfig, check_mesh
 from tedjax.layers import COLLECTIVE_OUTPUTS, Attention, DenseFFN, RMSNorm, RopeScaling, fan_in_init, param
-from tedjax.mesh import constrain, state_shardings
+from tedjax.mesh import constrain, stage_count, state_shardings
 from tedjax.moe import MoE, MoEStats
 
 REMAT_POLICIES = {
@@ -121,10 +122,13 @@ class Transformer(nnx.Module):
     `lax.scan` (`model.scan_layers`) or by a Python loop over the same stacked
     variables. Layers that do not fill a unit (n_layers % moe_every, all dense)
     follow as unrolled `tail` blocks. MoE layer k is unit k's last block.
+    On a mesh with "stage" > 1 and a `pipeline` config, the units run through
+    `tedjax.pipeline` (embedding, tail and head outside it, as without stages).
     """
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, pipeline: PipelineConfig | None = None):
         self.config = config
+        self.pipeline = pipeline  # None: never pipelined (generation, Hugging Face export): stages are gathered
         vocab = config.padded_vocab  # rows past vocab_size are padding (model.vocab_multiple); their logits are -inf
         self.embed = param(rngs, jax.nn.initializers.normal(1.0), (vocab, config.d_model), ("vocab", "embed"))
         blocks = [Block(config, i, rngs=rngs) for i in range(config.n_layers)]
@@ -161,6 +165,9 @@ class Transformer(nnx.Module):
         if cfg.remat != "none":  # inside a scan, the loop already keeps XLA from merging recomputation away
             step = jax.checkpoint(step, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
         n_units = cfg.n_layers // cfg.moe_every
+        stages = stage_count(jax.sharding.get_abstract_mesh())
+        if stages > 1 and self.pipeline is not None:
+            return self._run_pipelined(step, state, x_bld, stages, n_units)
 
         def body(x_bld, unit_state):
             x_bld, stats, unit_state = step(unit_state, x_bld)
@@ -178,6 +185,26 @@ class Transformer(nnx.Module):
             rng_state = jax.tree.map(lambda *xs: jnp.stack(xs), *[r for _, r in outs])
         nnx.update(self.units, rng_state)
         return x_bld, stats
+
+    def _run_pipelined(self, step, state: nnx.State, x_bld: jax.Array, stages: int, n_units: int
+                       ) -> tuple[jax.Array, list[MoEStats]]:  # fmt: skip
+        """The units through `tedjax.pipeline.run_batch`: MoE statistics are means over the microbatches.
+
+        Router-jitter RNG counts are not advanced (each microbatch draws from the same keys).
+        """
+        cfg = self.pipeline
+        if self.config.num_experts and self.config.capacity_scope in ("device", "dropless"):
+            raise ValueError(f"model.capacity_scope={self.config.capacity_scope} does not run in the pipeline yet "
+                             "(its shard_map cannot be vmapped over stages); use capacity_scope=expert with stages")
+        repeats = cfg.repeats if cfg.schedule == "circular" else 1
+        # circular: each stage's runs must be one contiguous block of the "layers" dim (NOTES.md section 10.4); the
+        # state is kept in logical order, so this permutation moves weights between stages every step
+        state = pipe.to_stage_major(state, stages, repeats)
+        x_bld, stats_u = pipe.run_batch(lambda unit_state, x: step(unit_state, x)[:2], state, x_bld, stages=stages,
+                                        microbatches=cfg.microbatches_for(stages), repeats=repeats)
+        if stats_u is None:  # no MoE layer
+            return x_bld, []
+        return x_bld, [jax.tree.map(lambda a, u=u: a[u], stats_u) for u in range(n_units)]
 
 
 def mask_padded_vocab(config: ModelConfig, logits_blv: jax.Array) -> jax.Array:
@@ -311,19 +338,21 @@ def stack_layers(config: ModelConfig, tree: dict, stack=None) -> dict:
     return out
 
 
-def abstract_model(config: ModelConfig, seed: int = 0) -> Transformer:
+def abstract_model(config: ModelConfig, seed: int = 0, pipeline: PipelineConfig | None = None) -> Transformer:
     """The model's structure with ShapeDtypeStruct leaves; nothing is allocated."""
-    return nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(seed)))
+    return nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(seed), pipeline=pipeline))
 
 
-def init_model(config: ModelConfig, mesh: Mesh, seed: int = 0) -> Transformer:
+def init_model(config: ModelConfig, mesh: Mesh, seed: int = 0, pipeline: PipelineConfig | None = None
+               ) -> Transformer:  # fmt: skip
     """Build a Transformer whose parameters are created already sharded on `mesh`.
 
     Shapes come from `eval_shape`, shardings from the logical axes, and a jitted
     init writes each device's shard directly: no unsharded copy ever exists.
+    With `pipeline`, a mesh with stages runs the units through tedjax.pipeline.
     """
     check_mesh(config, mesh)
-    graphdef, abstract_state = nnx.split(abstract_model(config, seed))
+    graphdef, abstract_state = nnx.split(abstract_model(config, seed, pipeline))
     shardings = state_shardings(abstract_state, mesh)
 
     @jax.jit

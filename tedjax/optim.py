@@ -33,7 +33,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tedjax.config import DTYPES, OptimizerConfig
-from tedjax.mesh import MESH_AXES
+from tedjax.mesh import MESH_AXES, STAGE_AXIS
 
 
 def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
@@ -143,7 +143,7 @@ def zero1_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> Parti
             current = _axes_of(entries[dim])
             split = math.prod(mesh.shape[a] for a in current) * size
             if shape[dim] % split == 0:
-                merged = tuple(a for a in MESH_AXES if a in current + axes)
+                merged = tuple(a for a in (STAGE_AXIS, *MESH_AXES) if a in current + axes)  # mesh order
                 entries[dim] = merged[0] if len(merged) == 1 else merged
                 return PartitionSpec(*entries)
     return PartitionSpec(*entries)

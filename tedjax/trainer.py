@@ -57,7 +57,8 @@ class Trainer:
     def __init__(self, config: TrainConfig, mesh: Mesh):
         self.config, self.mesh = config, mesh
         check_mesh(config.model, mesh, config.data.micro_batch_size, config.data.seq_len)
-        graphdef, abstract_params, abstract_rest = nnx.split(abstract_model(config.model, config.seed), nnx.Param, ...)
+        graphdef, abstract_params, abstract_rest = nnx.split(abstract_model(config.model, config.seed, config.pipeline),
+                                                             nnx.Param, ...)  # fmt: skip
         self.graphdef = graphdef
         self.model_shardings = nnx.to_pure_dict(state_shardings(abstract_params, mesh))  # the layers' own layout
         self.abstract_params = jax.tree.map(

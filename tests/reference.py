@@ -30,9 +30,10 @@ def one_device_mesh():
     return tedjax.make_mesh(1, 1, 1, devices=jax.devices()[:1])
 
 
-def loss_and_grads(config: tedjax.ModelConfig, mesh, batch, seed: int = 0):
-    """(loss, grads as a pure dict of numpy arrays, metrics, compiled) of `config` on `mesh`."""
-    model = tedjax.init_model(config, mesh, seed=seed)
+def loss_and_grads(config: tedjax.ModelConfig, mesh, batch, seed: int = 0, pipeline=None):
+    """(loss, grads as a pure dict of numpy arrays, metrics, compiled) of `config` on `mesh` (`pipeline`: a
+    tedjax.config.PipelineConfig for meshes with stages)."""
+    model = tedjax.init_model(config, mesh, seed=seed, pipeline=pipeline)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
 

@@ -255,3 +255,19 @@ def test_dropless_quick(tmp_path):
     for case in result["zipf"]["cases"]:
         assert case["verdict"] == ("PASS" if case["cut"] >= 1.3 else "MISS")
     assert (tmp_path / "dropless.md").read_text().startswith("# Dropless MoE")
+
+
+def test_pipeline_quick(tmp_path):
+    stdout = run_quick("pipeline.py", tmp_path)
+    result = load(tmp_path, "pipeline")
+    assert {(r["stages"], r["microbatches"], r["schedule"]) for r in result["rows"]} == {(2, 4, "gpipe"),
+                                                                                       (2, 4, "circular")}
+    for r in result["rows"]:
+        assert r["idle_fraction"] == pytest.approx(r["theory"])  # the schedule's own count is the textbook bubble
+        assert r["measured_bubble"] == pytest.approx(1 - min(r["stage1_times_s"]) / min(r["times_s"]))
+        assert r["measured_bubble_cpu"] == pytest.approx(1 - min(r["stage1_cpu_times_s"]) / min(r["cpu_times_s"]))
+    by_schedule = {r["schedule"]: r for r in result["rows"]}
+    assert by_schedule["circular"]["idle_fraction"] < by_schedule["gpipe"]["idle_fraction"]
+    plain = [m for m in result["memory"] if not m["zero1"]]
+    assert plain and all(m["target"] == ("PASS" if abs(m["ratio"] * m["stages"] - 1) <= 0.1 else "MISS") for m in plain)
+    assert "Per-device parameter + AdamW state" in stdout
