@@ -10,7 +10,7 @@ from jax.sharding import Mesh
 
 from tedjax.config import ModelConfig, check_mesh
 from tedjax.layers import COLLECTIVE_OUTPUTS, Attention, DenseFFN, RMSNorm, RopeScaling, fan_in_init, param
-from tedjax.mesh import constrain, state_shardings
+from tedjax.mesh import constrain, resolve_node_size, state_shardings
 from tedjax.moe import MoE, MoEStats
 
 REMAT_POLICIES = {
@@ -26,7 +26,7 @@ def rope_scaling(config: ModelConfig) -> RopeScaling:
 
 
 class Block(nnx.Module):
-    def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs, node_size: int = 0):
         dt = config.compute_dtype
         self.attn_norm = RMSNorm(config.d_model, eps=config.norm_eps, rngs=rngs)
         self.attn = Attention(
@@ -46,6 +46,7 @@ class Block(nnx.Module):
                 renormalize=config.router_renormalize, dtd=config.dtd,
                 capacity_scope=config.capacity_scope, shadow_experts=config.shadow_experts,
                 a2a_chunks=config.a2a_chunks, dropless_buffer_factor=config.dropless_buffer_factor,
+                remote_fraction=config.remote_fraction, a2a=config.a2a, node_size=node_size,
                 dtype=dt, rngs=rngs,
             )  # fmt: skip
         else:
@@ -62,13 +63,16 @@ class Block(nnx.Module):
 
 
 class Transformer(nnx.Module):
-    """Decoder-only LM. `__call__(tokens [B, L] int32) -> (logits [B, L, V] f32, [MoEStats per MoE layer])`."""
+    """Decoder-only LM. `__call__(tokens [B, L] int32) -> (logits [B, L, V] f32, [MoEStats per MoE layer])`.
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    `node_size`: devices per node of the mesh it runs on (`tedjax.mesh.resolve_node_size`; 0 = one node),
+    for the MoE layers' topology-aware gate and hierarchical all-to-all."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, node_size: int = 0):
         self.config = config
         vocab = config.padded_vocab  # rows past vocab_size are padding (model.vocab_multiple); their logits are -inf
         self.embed = param(rngs, jax.nn.initializers.normal(1.0), (vocab, config.d_model), ("vocab", "embed"))
-        self.blocks = nnx.List([Block(config, i, rngs=rngs) for i in range(config.n_layers)])
+        self.blocks = nnx.List([Block(config, i, rngs=rngs, node_size=node_size) for i in range(config.n_layers)])
         self.final_norm = RMSNorm(config.d_model, eps=config.norm_eps, rngs=rngs)
         self.head = param(rngs, fan_in_init(config.d_model), (config.d_model, vocab), ("embed", "vocab"))
 
@@ -139,6 +143,8 @@ def loss_fn(model: Transformer, batch: dict[str, jax.Array], *, check_ids: bool 
             # the busiest device's rows over the mean: the step-time bound once compute follows rows (dropless)
             rows_max_over_mean=jnp.stack([jnp.max(s.device_rows) / jnp.maximum(jnp.mean(s.device_rows), 1e-9)
                                           for s in stats]),
+            redirected_fraction=jnp.stack([s.redirected_fraction for s in stats]),
+            internode_fraction=jnp.stack([s.internode_fraction for s in stats]),
         )
     metrics["loss"] = total
     return total, metrics
@@ -155,24 +161,25 @@ def update_balance(model: Transformer, expert_load_ne: jax.Array, *, bias_rate: 
         moe.update_balance(load_e, bias_rate=bias_rate, load_decay=load_decay)
 
 
-def abstract_model(config: ModelConfig, seed: int = 0) -> Transformer:
+def abstract_model(config: ModelConfig, seed: int = 0, node_size: int = 0) -> Transformer:
     """The model's structure with ShapeDtypeStruct leaves; nothing is allocated."""
-    return nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(seed)))
+    return nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(seed), node_size=node_size))
 
 
-def init_model(config: ModelConfig, mesh: Mesh, seed: int = 0) -> Transformer:
+def init_model(config: ModelConfig, mesh: Mesh, seed: int = 0, node_size: int = 0) -> Transformer:
     """Build a Transformer whose parameters are created already sharded on `mesh`.
 
     Shapes come from `eval_shape`, shardings from the logical axes, and a jitted
     init writes each device's shard directly: no unsharded copy ever exists.
     """
     check_mesh(config, mesh)
-    graphdef, abstract_state = nnx.split(abstract_model(config, seed))
+    node_size = resolve_node_size(mesh, node_size)  # 0 = the devices of one host
+    graphdef, abstract_state = nnx.split(abstract_model(config, seed, node_size))
     shardings = state_shardings(abstract_state, mesh)
 
     @jax.jit
     def init():
-        return nnx.state(Transformer(config, rngs=nnx.Rngs(seed)))
+        return nnx.state(Transformer(config, rngs=nnx.Rngs(seed), node_size=node_size))
 
     with jax.set_mesh(mesh):
         state = jax.jit(init, out_shardings=shardings)()
