@@ -431,11 +431,18 @@ class MoE(nnx.Module):
             size = x.shape[slot_dim] // ways
             return jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(slot_axis) * size, size, slot_dim)
 
-        def all_slots(x, slot_dim, size):  # DTD: every tensor rank's slots again
+        def all_slots(x, slot_dim, size, invariant=False):  # DTD: every tensor rank's slots again
             if not dtd:
                 return x
-            return jax.lax.slice_in_dim(jax.lax.all_gather(x, slot_axis, axis=slot_dim, tiled=True), 0, size,
-                                        axis=slot_dim)
+            if invariant:  # the layer's output must be the same on every tensor rank: a psum says so, a gather not
+                at = jax.lax.axis_index(slot_axis) * x.shape[slot_dim]
+                pad = [(0, 0)] * x.ndim
+                pad[slot_dim] = (0, x.shape[slot_dim] * (ways - 1))
+                x = jax.lax.psum(jax.lax.dynamic_update_slice_in_dim(jnp.zeros_like(jnp.pad(x, pad)), x, at, slot_dim),
+                                 slot_axis)
+            else:
+                x = jax.lax.all_gather(x, slot_axis, axis=slot_dim, tiled=True)
+            return jax.lax.slice_in_dim(x, 0, size, axis=slot_dim)
 
         def swap(own, remote, groups):  # both `[L, ...]` through one all-to-all
             flat = a2a(jnp.concatenate([own.reshape(ranks, -1), remote.reshape(ranks, -1)], axis=1), groups)
@@ -483,8 +490,8 @@ class MoE(nnx.Module):
             remote_out = a2a(remote_out, inter)  # back by node: [M, L_src, ...], block m from node m
             remote_out = jnp.moveaxis(jnp.take(remote_out, (node + jnp.arange(1, nodes)) % nodes, axis=0), 0, 2)
             own_out, remote_out = swap(own_out, remote_out, intra)  # back to the senders: [L, G, ...]
-            own_out = checkpoint_name(all_slots(own_out, 3, cap), "moe_returned")
-            remote_out = checkpoint_name(all_slots(remote_out, 4, remote_cap), "moe_returned")
+            own_out = checkpoint_name(all_slots(own_out, 3, cap, invariant=True), "moe_returned")
+            remote_out = checkpoint_name(all_slots(remote_out, 4, remote_cap, invariant=True), "moe_returned")
             remote_out = jnp.pad(remote_out, [(0, 0)] * 4 + [(0, cap - remote_cap), (0, 0)])
             by_rel = jnp.concatenate([own_out[:, :, None], remote_out], axis=2)  # [L, G, M (relative), Qd, P, D]
             out = jnp.take(by_rel, (jnp.arange(nodes) - node) % nodes, axis=2)
