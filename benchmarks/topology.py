@@ -13,7 +13,7 @@ Targets (issue 24): at r = 0.25 the all-to-all inter-node bytes <= 0.3x flat's; 
 0.02 of r = 1. The predicted step time column (planner cost model, branch plan4) is left for the lead.
 
     python benchmarks/topology.py            # 4 runs of 300 steps, then the compiles (~15-25 min, loaded CPU)
-    python benchmarks/topology.py --quick    # a small model, 4 steps per r: checks the script (CI)
+    python benchmarks/topology.py --quick    # a small model, 2 steps at r = 1 and 0.25: checks the script (CI)
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from tedjax.trainer import Trainer  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 FRACTIONS = (1.0, 0.5, 0.25, 0.14)
+QUICK_FRACTIONS = (1.0, 0.25)
 NODE_SIZE = 4
 TOPOLOGY = ["mesh.data=1", "mesh.expert=8", "mesh.tensor=1", f"mesh.node_size={NODE_SIZE}"]
 QUICK_OVERRIDES = ["model.d_model=32", "model.n_heads=2", "model.d_ff=64", "model.expert_d_ff=64",
@@ -134,19 +135,20 @@ def markdown(rows: list[dict], flat: dict, args) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="small model, 4 steps per r; writes to a temp dir")
+    p.add_argument("--quick", action="store_true", help="small model, 2 steps at r = 1, 0.25; writes to a temp dir")
     p.add_argument("--out", default=None, help="output dir (default benchmarks/results, a temp dir with --quick)")
     p.add_argument("--steps", type=int, default=None, help="train steps per r (default 300, 4 with --quick)")
     p.add_argument("--runs-dir", default=None, help="where the runs log (default a temp dir)")
     p.add_argument("--reuse-runs", action="store_true", help="read finished runs in --runs-dir instead of training")
     args = p.parse_args(argv)
-    args.steps = args.steps or (4 if args.quick else 300)
+    args.steps = args.steps or (2 if args.quick else 300)
     runs_dir = Path(args.runs_dir or tempfile.mkdtemp(prefix="topology_runs_"))
     machine = _common.machine_info()
-    rows = [train_row(args, r, runs_dir) for r in FRACTIONS]
+    fractions = QUICK_FRACTIONS if args.quick else FRACTIONS
+    rows = [train_row(args, r, runs_dir) for r in fractions]
     flat = internode(load_config(str(CONFIG), overrides(args, 1.0, "flat", runs_dir / "flat")))
     judge(rows, flat)
-    settings = {"quick": args.quick, "steps": args.steps, "fractions": list(FRACTIONS), "node_size": NODE_SIZE,
+    settings = {"quick": args.quick, "steps": args.steps, "fractions": list(fractions), "node_size": NODE_SIZE,
                 "mesh": [1, 8, 1], "overrides": overrides(args, 0.25, "hierarchical", runs_dir / "r0.25")}
     _common.publish("topology", rows, settings, markdown(rows, flat, args), _common.output_dir(
         "topology", args.out, args.quick), machine, extra={"flat": flat})

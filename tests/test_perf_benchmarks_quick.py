@@ -1,4 +1,4 @@
-"""Smoke tests: benchmarks/overhead.py, quality.py, mfu.py, load_balance.py and load_balance_shadows.py run end to end in --quick mode.
+"""Smoke tests: benchmarks/overhead.py, quality.py, mfu.py, load_balance.py, load_balance_shadows.py and topology.py run end to end in --quick mode.
 
 Timings are not asserted (they depend on the machine); what is checked is
 that each script runs, writes its result files with the fields the full run
@@ -252,3 +252,19 @@ def test_dropless_quick(tmp_path):
     for case in result["zipf"]["cases"]:
         assert case["verdict"] == ("PASS" if case["cut"] >= 1.3 else "MISS")
     assert (tmp_path / "dropless.md").read_text().startswith("# Dropless MoE")
+
+
+def test_topology_quick(tmp_path):
+    """benchmarks/topology.py end to end: the gate redirects at r = 0.25, and the hierarchical exchange's
+    inter-node all-to-all bytes are what the remote slots make them (quick: P = 5 slots, floor(0.25 x 5) = 1)."""
+    run_quick("topology.py", tmp_path)
+    result = load(tmp_path, "topology")
+    rows = {r["remote_fraction"]: r for r in result["rows"]}
+    assert set(rows) == {1.0, 0.25}
+    assert rows[1.0]["redirected_fraction"] == 0 and rows[0.25]["redirected_fraction"] > 0
+    assert rows[0.25]["internode_fraction"] < rows[1.0]["internode_fraction"]
+    assert rows[1.0]["a2a_internode_bytes"] == pytest.approx(result["flat"]["a2a_internode_bytes"])
+    assert rows[0.25]["a2a_internode_vs_flat"] == pytest.approx(rows[0.25]["a2a_internode_bytes"]
+                                                                / result["flat"]["a2a_internode_bytes"])
+    assert rows[0.25]["bytes_target"] == ("PASS" if rows[0.25]["a2a_internode_vs_flat"] <= 0.3 else "MISS")
+    assert (tmp_path / "topology.md").read_text().count("| 0.25 |") == 1
