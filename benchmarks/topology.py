@@ -5,8 +5,8 @@ The main job (configs/tiny.yaml, 300 steps) on mesh (1, 8, 1) as 2 simulated nod
 each r: the validation loss at the last step, the fraction of choices the gate redirected (mean of the
 last 10 logged steps, over MoE layers), the inter-node fraction of routed tokens, and the bytes one
 device sends to the other node per train step, read from the compiled step's HLO replica groups
-(`tedjax.analysis.internode_bytes`): the all-to-alls (the MoE's exchange) and every collective (the
-gradient all-reduce crosses nodes too, alike in every row). The flat exchange at r = 1 is the bytes
+(`tedjax.analysis.internode_bytes`): the MoE's all-to-alls, and every collective (the gradient
+all-reduce and the embedding gradient's all-to-all cross nodes too, alike in every row). The flat exchange at r = 1 is the bytes
 baseline (same loss as hierarchical at r = 1: the same function).
 
 Targets (issue 24): at r = 0.25 the all-to-all inter-node bytes <= 0.3x flat's; validation loss within
@@ -55,8 +55,19 @@ def overrides(args, r: float, a2a: str, log_dir: Path) -> list[str]:
             f"model.remote_fraction={r}", f"model.a2a={a2a}", *(QUICK_OVERRIDES if args.quick else [])]
 
 
-def internode(config) -> dict:
-    """Bytes per device per train step that cross nodes, from the compiled step's replica groups."""
+def internode(config, cache: Path | None = None) -> dict:
+    """Bytes per device per train step that cross nodes, from the compiled step's replica groups (kept in
+    `cache`, a json file, so a reused run is not compiled again)."""
+    if cache is not None and cache.exists():
+        return json.loads(cache.read_text())
+    out = _internode(config)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(out))
+    return out
+
+
+def _internode(config) -> dict:
     mesh = make_mesh(config.mesh.data, config.mesh.expert, config.mesh.tensor)
     compiled = Trainer(config, mesh).lower_train_step().compile()
     out = {"a2a_internode_bytes": 0.0, "a2a_internode_ops": 0, "all_internode_bytes": 0.0, "a2a_sent_bytes": 0.0}
@@ -64,7 +75,7 @@ def internode(config) -> dict:
         weight = c.trip_count if c.in_loop and c.trip_count else 1
         crossing = weight * analysis.internode_bytes(c, config.mesh.node_size)
         out["all_internode_bytes"] += crossing
-        if c.kind == "all-to-all":
+        if c.kind == "all-to-all" and "_take" not in c.op_name:  # the MoE's (not the embedding gradient's)
             out["a2a_internode_bytes"] += crossing
             out["a2a_internode_ops"] += weight * (crossing > 0)
             out["a2a_sent_bytes"] += weight * c.sent_bytes
@@ -83,11 +94,18 @@ def train_row(args, r: float, runs_dir: Path) -> dict:
     log_dir = runs_dir / f"r{r}"
     config = load_config(str(CONFIG), overrides(args, r, "hierarchical", log_dir))
     metrics = log_dir / "metrics.jsonl"
-    wall_s = None
-    if not (args.reuse_runs and metrics.exists()):
+    if r == 1.0 and args.baseline_val_loss is not None:  # r = 1 is the main job's function on any mesh
+        row = {"remote_fraction": r, "val_loss": args.baseline_val_loss, "redirected_fraction": 0.0,
+               "internode_fraction": None, "dropped_fraction": None, "wall_s": None, "predicted_step_s": None,
+               "val_loss_source": "--baseline-val-loss (README main job, not trained here)"}
+        row.update(internode(config, log_dir / "internode.json"))
+        return row
+    wall_file = log_dir / "wall_s.json"
+    if not (args.reuse_runs and metrics.exists() and args.steps in read_metrics(metrics)[1]):
         start = time.perf_counter()
         run(config)
-        wall_s = time.perf_counter() - start
+        wall_file.write_text(json.dumps(time.perf_counter() - start))
+    wall_s = json.loads(wall_file.read_text()) if wall_file.exists() else None
     train, evals = read_metrics(metrics)
     last = [train[s] for s in sorted(train)[-10:]]
     row = {"remote_fraction": r, "val_loss": evals[args.steps]["lm_loss"],
@@ -95,10 +113,10 @@ def train_row(args, r: float, runs_dir: Path) -> dict:
            "internode_fraction": float(np.mean([rec["internode_fraction"] for rec in last])),
            "dropped_fraction": float(np.mean([rec["dropped_fraction"] for rec in last])),
            "wall_s": wall_s, "predicted_step_s": None}
-    row.update(internode(config))
+    row.update(internode(config, log_dir / "internode.json"))
     print(f"  r={r}: val loss {row['val_loss']:.4f}, redirected {row['redirected_fraction']:.1%}, inter-node "
           f"{row['internode_fraction']:.1%} of routed tokens, a2a inter-node {row['a2a_internode_bytes']:.0f} B/step"
-          + (f", {wall_s:.0f} s" if wall_s else " (reused run)"), flush=True)
+          + (f", {wall_s:.0f} s" if wall_s else ""), flush=True)
     return row
 
 
@@ -140,13 +158,20 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="train steps per r (default 300, 4 with --quick)")
     p.add_argument("--runs-dir", default=None, help="where the runs log (default a temp dir)")
     p.add_argument("--reuse-runs", action="store_true", help="read finished runs in --runs-dir instead of training")
+    p.add_argument("--baseline-val-loss", type=float, default=None,
+                   help="r = 1's validation loss from an earlier run of the main job (r = 1 computes the same "
+                        "function on every mesh); given, r = 1 is compiled for its bytes but not trained")
+    p.add_argument("--fractions", type=float, nargs="+", default=None,
+                   help=f"remote fractions to run, in this order (default {FRACTIONS}; r = 1 is the baseline)")
     args = p.parse_args(argv)
     args.steps = args.steps or (2 if args.quick else 300)
     runs_dir = Path(args.runs_dir or tempfile.mkdtemp(prefix="topology_runs_"))
     machine = _common.machine_info()
-    fractions = QUICK_FRACTIONS if args.quick else FRACTIONS
+    fractions = args.fractions or (QUICK_FRACTIONS if args.quick else FRACTIONS)
+    flat = internode(load_config(str(CONFIG), overrides(args, 1.0, "flat", runs_dir / "flat")),
+                     runs_dir / "flat" / "internode.json")
     rows = [train_row(args, r, runs_dir) for r in fractions]
-    flat = internode(load_config(str(CONFIG), overrides(args, 1.0, "flat", runs_dir / "flat")))
+    rows.sort(key=lambda row: -row["remote_fraction"])  # r = 1 first: the loss baseline
     judge(rows, flat)
     settings = {"quick": args.quick, "steps": args.steps, "fractions": list(fractions), "node_size": NODE_SIZE,
                 "mesh": [1, 8, 1], "overrides": overrides(args, 0.25, "hierarchical", runs_dir / "r0.25")}
