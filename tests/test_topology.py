@@ -16,9 +16,12 @@ from tedjax.moe import MoE
 
 # One MoE layer: 8 experts, top-2, capacity 4 slots per expert per group of 16 tokens (r = 0.5 -> 2, 0.25 -> 1).
 LAYER = dict(d_model=16, num_experts=8, expert_d_ff=16, top_k=2, capacity_factor=1.0, min_capacity=1)
-# (layout, node_size): 2 nodes of 4 on (1,8,1) and (1,4,2); on (2,4,1) a node of 4 would hold the whole expert
-# axis (nothing crosses), so nodes of 2 there: the expert axis spans 2 of its 4 nodes.
-LAYOUTS = [((1, 8, 1), 4), ((2, 4, 1), 2), ((1, 4, 2), 4)]
+# (layout, node_size, layer): 2 nodes of 4 on (1,8,1) and (1,4,2); on (2,4,1) a node of 4 would hold the whole
+# expert axis (nothing crosses), so nodes of 2 there: the expert axis spans 2 of its 4 nodes. Capacity factor 8:
+# nothing drops, so per-expert capacity, device pools, dropless + a shadow + DTD all compute the 1-device function.
+ROOMY = dict(capacity_factor=8.0)
+LAYOUTS = [((1, 8, 1), 4, ROOMY), ((2, 4, 1), 2, dict(ROOMY, capacity_scope="device")),
+           ((1, 4, 2), 4, dict(ROOMY, capacity_scope="dropless", shadow_experts=1, dtd=True))]
 
 
 def loop_gate(logits_gse, top_k, cap, remote_cap, nodes, group_node):
@@ -92,6 +95,8 @@ def test_gate_shadows_are_local_and_pools_fill_their_own_node():
 def layer_grad_fn(mesh, node_size, **changes):
     """(jitted (params, x) -> (loss, grads), params, x) of one MoE layer on `mesh`."""
     moe = MoE(**{**LAYER, **changes}, node_size=node_size, rngs=nnx.Rngs(0))
+    if moe.num_shadows:
+        moe.shadow_ids[...] = jnp.asarray([3], jnp.int32)
     graphdef, params, rest = nnx.split(moe, nnx.Param, ...)
     params = jax.device_put(params, state_shardings(params, mesh))
     x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 16, 16)), jnp.float32)
@@ -116,17 +121,19 @@ def run_layer(mesh, node_size, **changes):
 
 @pytest.fixture(scope="module")
 def one_device():
-    return run_layer(one_device_mesh(), 0)
+    return run_layer(one_device_mesh(), 0, **ROOMY)
 
 
-@pytest.mark.parametrize("layout,node_size", LAYOUTS, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple)
-                         else f"nodes{v}")
-def test_hierarchical_equals_one_device(one_device, layout, node_size):
+@pytest.mark.parametrize("layout,node_size,layer", LAYOUTS, ids=lambda v: "x".join(map(str, v)) if isinstance(
+    v, tuple) else f"nodes{v}" if isinstance(v, int) else v.get("capacity_scope", "expert"))
+def test_hierarchical_equals_one_device(one_device, layout, node_size, layer):
     """r = 1 with the hierarchical exchange: the 1-device loss and gradients (the flat exchange's are
-    checked against 1 device in test_equivalence), and nothing redirected."""
+    checked against 1 device in test_equivalence), with per-expert capacity, device pools, and dropless pools
+    with a shadow and DTD; nothing redirected."""
     mesh = tedjax.make_mesh(*layout)
     assert expert_nodes(layout, node_size) == 2
-    loss, grads, stats, compiled, *_ = run_layer(mesh, node_size, a2a="hierarchical")
+    loss, grads, stats, compiled, *_ = run_layer(mesh, node_size, a2a="hierarchical", **layer)
+    assert float(stats.dropped_fraction) == 0
     assert abs(loss - one_device[0]) < 1e-4 * max(1.0, abs(one_device[0]))
     assert max_abs_diff(grads, one_device[1]) < 1e-5
     assert float(stats.redirected_fraction) == 0 and 0 < float(stats.internode_fraction) < 1
