@@ -115,6 +115,13 @@ class MoE(nnx.Module):
     pools cross the "expert" axis: "auto" (ragged on GPU/TPU, static on CPU),
     "static", "ragged", or "emulated" (the ragged bookkeeping with the
     primitive emulated by ordinary collectives, for CPU tests).
+
+    Across nodes (NOTES.md section 8.9): with `node_size` devices per node
+    (0 = one node) the "expert" axis may span nodes. `remote_fraction=r` < 1
+    is FasterMoE's topology-aware gate (`routing.route`); `a2a="hierarchical"`
+    exchanges inside nodes first, then sends only r x P slots of each remote
+    pool between nodes (`_hierarchical_round_trip`; the ragged exchange is
+    flat only).
     """
 
     def __init__(
