@@ -29,7 +29,7 @@ from tedjax import data as data_lib
 from tedjax.checkpoint import Checkpointer, CheckpointError, check_writable
 from tedjax.config import TrainConfig, check_mesh, resolve_dtype
 from tedjax.logs import SUPERSEDED, MetricsLogger, detect_peak_tflops, require_wandb, to_python
-from tedjax.mesh import logical_to_spec, make_mesh
+from tedjax.mesh import expert_nodes, logical_to_spec, make_mesh, mesh_shape
 from tedjax.trainer import Trainer, TrainState
 
 
@@ -234,7 +234,16 @@ def _balance_lines(config: TrainConfig, mesh, trainer: Trainer) -> list[str]:
         lines.append(f"  placement   every {config.balance.every} steps, adopted when the largest device load "
                      f"drops by >= {config.balance.margin:.0%} and the layer time it saves over {config.balance.every} "
                      f"steps exceeds its move's, at {trainer.balance_rates().describe()}")
-    return lines + [f"  warning: {w}" for w in balance.cannot_act(config, int(mesh.shape["expert"]))]
+    warnings = balance.cannot_act(config, int(mesh.shape["expert"]))
+    nodes, m = expert_nodes(mesh_shape(mesh), trainer.node_size), config.model  # across nodes (issue 24)
+    if nodes > 1:
+        lines.append(f"  nodes       {trainer.node_size} devices each, the expert axis spans {nodes}: remote_fraction "
+                     f"{m.remote_fraction}, {m.a2a} all-to-all")
+    elif m.num_experts and (m.remote_fraction < 1 or m.a2a != "flat"):
+        warnings.append(f"model.remote_fraction={m.remote_fraction} and model.a2a={m.a2a} act only when the expert "
+                        f"axis spans nodes, and a node of {trainer.node_size} devices holds all of it here; set "
+                        "mesh.node_size below expert x tensor (simulated nodes) or leave them at 1.0 / flat")
+    return lines + [f"  warning: {w}" for w in warnings]
 
 
 def _router_losses_per_layer(record: dict, n_moe_layers: int) -> None:

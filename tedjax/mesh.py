@@ -103,6 +103,52 @@ def make_mesh(
     return Mesh(grid, (STAGE_AXIS, *MESH_AXES), axis_types=(AxisType.Auto,) * 4)
 
 
+def resolve_node_size(mesh: Mesh, node_size: int = 0) -> int:
+    """Devices per node of `mesh`: `node_size` if set, else (0) the devices of one process (host).
+
+    Simulated CPU devices all sit in one process: set `mesh.node_size` to
+    simulate nodes. The value is checked against the mesh (`expert_nodes`).
+    """
+    devices = list(np.asarray(mesh.devices).flat)
+    if not node_size:
+        per_process: dict[int, int] = {}
+        for d in devices:
+            per_process[d.process_index] = per_process.get(d.process_index, 0) + 1
+        node_size = max(per_process.values())
+    expert_nodes(mesh_shape(mesh), node_size)
+    return int(node_size)
+
+
+def expert_nodes(sizes: Sequence[int], node_size: int) -> int:
+    """How many nodes the "expert" axis spans on a (data, expert, tensor) mesh with `node_size` devices
+    per node (1 when a node holds the whole expert axis, or `node_size` is 0).
+
+    make_mesh numbers devices tensor-innermost, then expert, then data, and
+    nodes are blocks of `node_size` consecutive devices, so a node holds whole
+    tensor groups and contiguous expert ranks. With data > 1 and node_size >=
+    expert x tensor a node holds whole expert groups (its all-to-alls stay
+    inside it); below that the expert axis spans expert x tensor / node_size
+    nodes. Anything else is refused: it would split a tensor group or make
+    nodes hold unequal shares of the expert axis.
+    """
+    data, expert, tensor = (int(v) for v in sizes)
+    if isinstance(node_size, (int, np.integer)) and not isinstance(node_size, bool) and node_size == 0:
+        return 1
+    span, total = expert * tensor, data * expert * tensor
+    integer = isinstance(node_size, (int, np.integer)) and not isinstance(node_size, bool) and node_size > 0
+    fits = integer and node_size % tensor == 0 and total % node_size == 0 and (
+        span % node_size == 0 or node_size % span == 0)
+    if not fits:
+        divisors = [n for n in range(tensor, total + 1, tensor)
+                    if total % n == 0 and (span % n == 0 or n % span == 0)]
+        raise ValueError(
+            f"mesh.node_size={node_size!r} does not fit the mesh (data={data}, expert={expert}, tensor={tensor}): "
+            f"a node must hold whole tensor groups and either a whole expert group (expert x tensor = {span} "
+            f"devices, or a multiple of it) or an equal share of it; set mesh.node_size to one of {divisors} "
+            "(0 = the devices of one host)")
+    return max(1, span // node_size)
+
+
 def logical_to_spec(logical_axes: Sequence[str | None]) -> PartitionSpec:
     """PartitionSpec for a tuple of logical axis names (None = replicated dim).
 

@@ -13,7 +13,7 @@ from jax.sharding import Mesh
 from tedjax import pipeline as pipe
 from tedjax.config import ModelConfig, PipelineConfig, check_mesh
 from tedjax.layers import COLLECTIVE_OUTPUTS, Attention, DenseFFN, RMSNorm, RopeScaling, fan_in_init, param
-from tedjax.mesh import constrain, stage_count, state_shardings
+from tedjax.mesh import constrain, resolve_node_size, stage_count, state_shardings
 from tedjax.moe import MoE, MoEStats
 
 REMAT_POLICIES = {
@@ -29,7 +29,7 @@ def rope_scaling(config: ModelConfig) -> RopeScaling:
 
 
 class Block(nnx.Module):
-    def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs, node_size: int = 0):
         dt = config.compute_dtype
         self.attn_norm = RMSNorm(config.d_model, eps=config.norm_eps, rngs=rngs)
         self.attn = Attention(
@@ -49,6 +49,7 @@ class Block(nnx.Module):
                 renormalize=config.router_renormalize, dtd=config.dtd,
                 capacity_scope=config.capacity_scope, shadow_experts=config.shadow_experts,
                 a2a_chunks=config.a2a_chunks, dropless_buffer_factor=config.dropless_buffer_factor,
+                remote_fraction=config.remote_fraction, a2a=config.a2a, node_size=node_size,
                 dtype=dt, rngs=rngs,
             )  # fmt: skip
         else:
@@ -126,12 +127,13 @@ class Transformer(nnx.Module):
     `tedjax.pipeline` (embedding, tail and head outside it, as without stages).
     """
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, pipeline: PipelineConfig | None = None):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, pipeline: PipelineConfig | None = None,
+                 node_size: int = 0):
         self.config = config
         self.pipeline = pipeline  # None: never pipelined (generation, Hugging Face export): stages are gathered
         vocab = config.padded_vocab  # rows past vocab_size are padding (model.vocab_multiple); their logits are -inf
         self.embed = param(rngs, jax.nn.initializers.normal(1.0), (vocab, config.d_model), ("vocab", "embed"))
-        blocks = [Block(config, i, rngs=rngs) for i in range(config.n_layers)]
+        blocks = [Block(config, i, rngs=rngs, node_size=node_size) for i in range(config.n_layers)]
         every, units = config.moe_every, config.n_layers // config.moe_every
         self.units = stack_units([Unit(blocks[u * every:(u + 1) * every]) for u in range(units)]) if units else None
         self.tail = nnx.List(blocks[units * every:])
@@ -254,6 +256,8 @@ def loss_fn(model: Transformer, batch: dict[str, jax.Array], *, check_ids: bool 
             # the busiest device's rows over the mean: the step-time bound once compute follows rows (dropless)
             rows_max_over_mean=jnp.stack([jnp.max(s.device_rows) / jnp.maximum(jnp.mean(s.device_rows), 1e-9)
                                           for s in stats]),
+            redirected_fraction=jnp.stack([s.redirected_fraction for s in stats]),
+            internode_fraction=jnp.stack([s.internode_fraction for s in stats]),
         )
         if cfg.shadow_experts:  # what a shadow of each expert would keep from drops: the shadow policy's input
             metrics["shadow_gain"] = jnp.stack([s.shadow_gain for s in stats])
@@ -338,13 +342,14 @@ def stack_layers(config: ModelConfig, tree: dict, stack=None) -> dict:
     return out
 
 
-def abstract_model(config: ModelConfig, seed: int = 0, pipeline: PipelineConfig | None = None) -> Transformer:
+def abstract_model(config: ModelConfig, seed: int = 0, pipeline: PipelineConfig | None = None, node_size: int = 0
+                   ) -> Transformer:  # fmt: skip
     """The model's structure with ShapeDtypeStruct leaves; nothing is allocated."""
-    return nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(seed), pipeline=pipeline))
+    return nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(seed), pipeline=pipeline, node_size=node_size))
 
 
-def init_model(config: ModelConfig, mesh: Mesh, seed: int = 0, pipeline: PipelineConfig | None = None
-               ) -> Transformer:  # fmt: skip
+def init_model(config: ModelConfig, mesh: Mesh, seed: int = 0, pipeline: PipelineConfig | None = None,
+               node_size: int = 0) -> Transformer:
     """Build a Transformer whose parameters are created already sharded on `mesh`.
 
     Shapes come from `eval_shape`, shardings from the logical axes, and a jitted
@@ -352,12 +357,13 @@ def init_model(config: ModelConfig, mesh: Mesh, seed: int = 0, pipeline: Pipelin
     With `pipeline`, a mesh with stages runs the units through tedjax.pipeline.
     """
     check_mesh(config, mesh)
-    graphdef, abstract_state = nnx.split(abstract_model(config, seed, pipeline))
+    node_size = resolve_node_size(mesh, node_size)  # 0 = the devices of one host
+    graphdef, abstract_state = nnx.split(abstract_model(config, seed, pipeline, node_size))
     shardings = state_shardings(abstract_state, mesh)
 
     @jax.jit
     def init():
-        return nnx.state(Transformer(config, rngs=nnx.Rngs(seed)))
+        return nnx.state(Transformer(config, rngs=nnx.Rngs(seed), node_size=node_size))
 
     with jax.set_mesh(mesh):
         state = jax.jit(init, out_shardings=shardings)()

@@ -26,7 +26,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tedjax.config import TrainConfig, check_mesh
-from tedjax.mesh import MESH_AXES, RULES, logical_to_spec, state_shardings
+from tedjax.mesh import MESH_AXES, RULES, logical_to_spec, resolve_node_size, state_shardings
 from tedjax.model import Transformer, abstract_model, loss_fn, moe_path, update_balance
 from tedjax.moe import EXPERT_WEIGHTS
 from tedjax.optim import (
@@ -57,8 +57,9 @@ class Trainer:
     def __init__(self, config: TrainConfig, mesh: Mesh):
         self.config, self.mesh = config, mesh
         check_mesh(config.model, mesh, config.data.micro_batch_size, config.data.seq_len)
-        graphdef, abstract_params, abstract_rest = nnx.split(abstract_model(config.model, config.seed, config.pipeline),
-                                                             nnx.Param, ...)  # fmt: skip
+        self.node_size = resolve_node_size(mesh, config.mesh.node_size)  # refuses a bad one before compiling
+        graphdef, abstract_params, abstract_rest = nnx.split(
+            abstract_model(config.model, config.seed, config.pipeline, self.node_size), nnx.Param, ...)
         self.graphdef = graphdef
         self.model_shardings = nnx.to_pure_dict(state_shardings(abstract_params, mesh))  # the layers' own layout
         self.abstract_params = jax.tree.map(
@@ -111,7 +112,7 @@ class Trainer:
 
     def _init(self) -> TrainState:
         config = self.config
-        model = Transformer(config.model, rngs=nnx.Rngs(config.seed))
+        model = Transformer(config.model, rngs=nnx.Rngs(config.seed), node_size=self.node_size)
         _, params, rest = nnx.split(model, nnx.Param, ...)
         params = nnx.to_pure_dict(params)
         zero = jnp.zeros((), jnp.int32)

@@ -1,4 +1,4 @@
-"""Smoke tests: benchmarks/overhead.py, quality.py, mfu.py, load_balance.py and load_balance_shadows.py run end to end in --quick mode.
+"""Smoke tests: benchmarks/overhead.py, quality.py, mfu.py, load_balance.py, load_balance_shadows.py and topology.py run end to end in --quick mode.
 
 Timings are not asserted (they depend on the machine); what is checked is
 that each script runs, writes its result files with the fields the full run
@@ -271,3 +271,20 @@ def test_pipeline_quick(tmp_path):
     plain = [m for m in result["memory"] if not m["zero1"]]
     assert plain and all(m["target"] == ("PASS" if abs(m["ratio"] * m["stages"] - 1) <= 0.1 else "MISS") for m in plain)
     assert "Per-device parameter + AdamW state" in stdout
+
+
+def test_topology_quick(tmp_path):
+    """benchmarks/topology.py end to end: the gate redirects at r = 0.25, and the hierarchical exchange's
+    MoE all-to-alls cross nodes with floor(r x P) / P of the flat bytes (quick: P = 5, floor(0.25 x 5) = 1)."""
+    run_quick("topology.py", tmp_path)
+    result = load(tmp_path, "topology")
+    rows = {r["remote_fraction"]: r for r in result["rows"]}
+    assert set(rows) == {1.0, 0.25}
+    assert rows[1.0]["redirected_fraction"] == 0 and rows[0.25]["redirected_fraction"] > 0
+    assert rows[0.25]["internode_fraction"] < rows[1.0]["internode_fraction"]
+    assert rows[1.0]["a2a_internode_bytes"] == pytest.approx(result["flat"]["a2a_internode_bytes"])
+    assert rows[0.25]["a2a_internode_vs_flat"] == pytest.approx(rows[0.25]["a2a_internode_bytes"]
+                                                                / result["flat"]["a2a_internode_bytes"])
+    assert rows[0.25]["a2a_internode_vs_flat"] == pytest.approx(1 / 5)
+    assert rows[0.25]["bytes_target"] == "PASS"
+    assert (tmp_path / "topology.md").read_text().count("| 0.25 |") == 1
