@@ -120,11 +120,12 @@ def expert_flops(kind: dict, e_local: int, groups_out: int, rows_per_group: int,
         counts = jnp.asarray(counts[:, None, :], jnp.int32)
 
         def ffn(buf, w_in, w_gate, w_out):
-            return jnp.sum(jnp.square(grouped.pool_ffn(buf, counts, w_in, w_gate, w_out, expected_fill=fill)))
+            return jnp.sum(jnp.square(grouped.pool_ffn(buf, counts, w_in, w_gate, w_out, expected_fill=fill,
+                                                       worst_case_pool=kind["capacity_scope"] == "dropless")))
 
     compiled = jax.jit(jax.grad(ffn, argnums=(0, 1, 2, 3))).lower(buf, w_in, w_gate, w_out).compile()
     flops, blocks = _flops(compiled), 0
-    if kind["capacity_scope"] != "expert" and grouped.resolve_method("auto") == "loop":
+    if grouped.resolve_method("auto", kind["capacity_scope"] == "dropless") == "loop":
         block = grouped.block_rows(math.ceil(groups_out * rows_per_group * fill), e_local)
         blocks = int(grouped.loop_blocks(counts, block))
         flops += (blocks - 1) * loop_block_flops(block, d, f, swiglu)

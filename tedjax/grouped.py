@@ -18,7 +18,7 @@ Two ways to run the grouped matmuls, chosen by measurement (benchmarks/load_bala
   b = M / (8 E_local) the padding adds at most 1/8 of the rows. It holds one
   weight copy per block, and it computes every block of the buffer, filled or
   not.
-- `loop` (the CPU choice): the same padded blocks, but a `while_loop` runs only
+- `loop` (the CPU choice for dropless pools): the same padded blocks, but a `while_loop` runs only
   the blocks that hold rows, each with its expert's weights sliced in place (no
   copies). Work and memory follow the filled rows, not the buffer: what
   dropless pools need, whose buffer holds the worst case (up to E/k x the
@@ -67,12 +67,24 @@ def _gather_rows_bwd(residual, dy_md):
 gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
 
 
-def resolve_method(method: str) -> str:
+def resolve_method(method: str, worst_case_pool: bool = False) -> str:
+    """`auto`: `ragged` on GPU/TPU; on CPU `loop` for pools sized for the worst case (dropless: mostly
+    empty) and `blocks` for static pools near full (what tedjax.plan models for them)."""
     if method not in METHODS:
         raise ValueError(f"grouped matmul method must be one of {METHODS}, got {method!r}")
     if method == "auto":
-        return "loop" if jax.default_backend() == "cpu" else "ragged"
+        return ("loop" if worst_case_pool else "blocks") if jax.default_backend() == "cpu" else "ragged"
     return method
+
+
+def expected_fill(capacity_scope: str, num_experts: int, top_k: int, devices: int, capacity_factor: float,
+                  buffer_factor: float = 0.0) -> float:
+    """The fraction of a device pool's rows uniform routing fills (what sizes `loop`'s blocks): k / (X
+    min(E_local, k)) of a worst-case dropless pool, 1 / f of a bounded one, 1 / cf of a device pool."""
+    if capacity_scope == "dropless":
+        worst = top_k / (devices * min(num_experts // devices, top_k))
+        return min(1.0, max(worst, 1.0 / buffer_factor if buffer_factor else 0.0))
+    return min(1.0, 1.0 / capacity_factor)
 
 
 def block_rows(rows: int, local_experts: int) -> int:
@@ -172,6 +184,7 @@ def pool_ffn(
     *,
     method: str = "auto",
     expected_fill: float = 1.0,
+    worst_case_pool: bool = False,
 ) -> jax.Array:
     """FFN of each row's expert on pooled buffers: `[G, Q, P, D] -> [G, Q, P, D]`.
 
@@ -180,13 +193,13 @@ def pool_ffn(
     the rest are empty (output 0). The weights hold the E = Q x X local experts,
     pool q's first. With the FFN dim split over devices the output is a partial
     sum, as for the per-expert path. `expected_fill` (the fraction of the rows expected to be filled)
-    sizes `loop`'s blocks.
+    sizes `loop`'s blocks; `worst_case_pool` (dropless) makes `loop` the CPU choice.
     """
     groups, pools, pool_size, d_model = buf_gqpd.shape
     per_pool = counts_gqx.shape[-1]
     experts = pools * per_pool
     rows = groups * pools * pool_size
-    method = resolve_method(method)
+    method = resolve_method(method, worst_case_pool)
 
     # Expert of every row, and its rank among the expert's rows of its group.
     end_gqx = jnp.cumsum(counts_gqx, axis=-1)

@@ -380,7 +380,8 @@ class MoE(nnx.Module):
         all_to_all = (jax.lax.ragged_all_to_all if self._ragged_exchange() == "ragged"
                       else ragged_lib.emulated_ragged_all_to_all)
         axis, reduce_axes = RULES["experts"], RULES["ffn"]
-        ffn = functools.partial(grouped.pool_ffn, method=self.grouped_matmul, expected_fill=self._pool_fill())
+        ffn = functools.partial(grouped.pool_ffn, method=self.grouped_matmul, expected_fill=self._pool_fill(),
+                                worst_case_pool=self.capacity_scope == "dropless")
 
         def local(buf_gxpd, counts_gxe, w_in, w_gate, w_out):
             groups, devices, slots, d_model = buf_gxpd.shape
@@ -469,15 +470,13 @@ class MoE(nnx.Module):
 
     def _pool_fill(self) -> float:
         """The fraction of a device pool's rows that uniform routing fills (sizes `grouped.pool_ffn`'s blocks)."""
-        devices = _ways("experts")
-        if self.capacity_scope == "dropless":
-            worst = self.top_k / (devices * min(self.num_experts // devices, self.top_k))  # of the worst-case pool
-            return min(1.0, max(worst, 1.0 / self.dropless_buffer_factor if self.dropless_buffer_factor else 0.0))
         capacity_factor = self.eval_capacity_factor if self.deterministic else self.capacity_factor
-        return min(1.0, 1.0 / capacity_factor)
+        return grouped.expected_fill(self.capacity_scope, self.num_experts, self.top_k, _ways("experts"),
+                                     capacity_factor, self.dropless_buffer_factor)
 
     def _pooled_experts(self, buf_gqpd, counts_gqx, w_in, w_gate, w_out) -> jax.Array:
-        ffn = functools.partial(grouped.pool_ffn, method=self.grouped_matmul, expected_fill=self._pool_fill())
+        ffn = functools.partial(grouped.pool_ffn, method=self.grouped_matmul, expected_fill=self._pool_fill(),
+                                worst_case_pool=self.capacity_scope == "dropless")
         if not _on_ted_mesh():
             return ffn(buf_gqpd, counts_gqx, w_in, w_gate, w_out)
         reduce_axes = RULES["ffn"]
