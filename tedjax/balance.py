@@ -118,18 +118,21 @@ def decide_placements(load_ne: np.ndarray, placement_ne: np.ndarray, num_devices
     With static device `pools` the step takes the same time whatever the
     placement: what it saves is dropped choices, priced at the time it takes
     to train that many (`pools.dropped` x `step_s` per step; before a step
-    time is known, x the layer time `cost` predicts, a lower bound). The greedy is
-    fitted to the recent loads, so it always looks better on them; its gain
-    is the smaller of its gains on those loads and on `earlier_load_ne` (the
-    loads of the previous decision), so it must hold over the window, not
-    only on the sample it was chosen on.
+    time is known, x the layer time `cost` predicts, a lower bound). Loads
+    drift and a greedy fitted to one window always looks better on it, so
+    with `earlier_load_ne` (the loads of the previous decisions, `[n_moe, E]`
+    or `[w, n_moe, E]`) the greedy is fitted to the mean of all the windows,
+    and its gain is the smallest of its gains on each: it must hold over the
+    window, not only on the sample it was chosen on.
     """
     load_ne, placement_ne = np.asarray(load_ne, np.float64), np.asarray(placement_ne)
     decisions = []
     if num_devices <= 1:
         return decisions
     per_device = load_ne.shape[1] // num_devices
-    samples_ne = [load_ne] + ([np.asarray(earlier_load_ne, np.float64)] if earlier_load_ne is not None else [])
+    earlier = np.zeros((0, *load_ne.shape)) if earlier_load_ne is None else np.asarray(earlier_load_ne, np.float64)
+    samples_ne = [load_ne, *earlier.reshape(-1, *load_ne.shape)]
+    load_ne = np.mean(samples_ne, axis=0)
     for layer, (load_e, placement_e) in enumerate(zip(load_ne, placement_ne)):
         old_max = float(device_loads(load_e, placement_e, num_devices).max())
         candidate = greedy_placement(load_e, num_devices)

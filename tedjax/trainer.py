@@ -240,8 +240,8 @@ class Trainer:
             decisions = balance.decide_placements(pool_loads, placements, int(self.mesh.shape["expert"]),
                                                   cfg.balance.margin, self.shadow_cost_model(), cfg.balance.every,
                                                   move_s, pools=self.pool_drops(), step_s=step_s,
-                                                  earlier_load_ne=self._placed.get("loads"))
-            self._placed.update(clock=(now, step), loads=pool_loads)
+                                                  earlier_load_ne=self._placed.get("loads", [])[-2:])
+            self._placed.update(clock=(now, step), loads=[*self._placed.get("loads", [])[-1:], pool_loads])
             for d in decisions:
                 if d.adopted:
                     placements[d.layer] = d.placement

@@ -192,7 +192,8 @@ def test_only_the_layers_that_adopt_a_placement_move():
     from test_load_balance import _at, batches, run_steps, tiny_trainer
 
     trainer = tiny_trainer("model.n_layers=4", "balance.every=1", "balance.margin=0", "balance.matmul_tflops=0.001",
-                           "balance.link_gbytes_per_s=100")  # moving pays
+                           "balance.link_gbytes_per_s=100",  # moving pays
+                           "model.capacity_factor=1.0", "model.min_capacity=1")  # static pools that can drop
     state, _ = run_steps(trainer, trainer.init_state(), batches(trainer, 1))
     load = np.array([0.4, 0.3, 0.1, 0.05, 0.05, 0.04, 0.03, 0.03])
     for layer, path in enumerate(trainer.moe_paths):  # layer 0 skewed (adopts), layer 1 uniform (keeps)
