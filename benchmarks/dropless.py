@@ -8,9 +8,12 @@
     capacity at cf = E/k (what Hugging Face imports used to set: nothing
     drops) and at cf 1.25. Per device: compiled temp memory
     (`memory_analysis`), the expert FFN's FLOPs (XLA's cost analysis of the
-    per-device expert computation alone, forward + backward) and the layer's
-    (whole program), token all-to-all bytes (compiled HLO, every pass). The
-    ragged exchange's bytes are the bookkeeping's: rows the layer actually
+    per-device expert computation alone, forward + backward, on the busiest
+    device's rows per expert from the layer's own routing; the CPU `loop`
+    FFN's body is counted once by XLA, so one block's FLOPs are added per
+    further block it runs) and the layer's (whole program, the same way),
+    token all-to-all bytes (compiled HLO, every pass). The ragged exchange's
+    bytes are the bookkeeping's: rows the layer actually
     routed to each device on this input, the planner's expected (uniform)
     rows, and the worst case (the receive buffer).
 (b) Zipf(1.0) skew, E = 16 on "expert" = 8: max / mean rows per device of a

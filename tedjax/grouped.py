@@ -7,7 +7,8 @@ all local groups are brought into one expert-sorted order, each expert's FFN
 runs on its own rows, and the results return to buffer order. Shapes stay
 static: only how many rows each expert owns is a runtime value.
 
-Two ways to run the grouped matmuls, chosen by measurement (benchmarks/load_balance.py):
+Three ways to run the grouped matmuls, chosen by measurement (benchmarks/load_balance.py,
+benchmarks/dropless.py):
 - `ragged`: `jax.lax.ragged_dot`, a grouped GEMM on GPU and TPU with no extra
   FLOPs or weight copies. XLA:CPU lowers it to a masked dense product
   (E_local x the FLOPs), 2.5-6x slower than the per-expert matmul there.
@@ -18,9 +19,10 @@ Two ways to run the grouped matmuls, chosen by measurement (benchmarks/load_bala
   b = M / (8 E_local) the padding adds at most 1/8 of the rows. It holds one
   weight copy per block, and it computes every block of the buffer, filled or
   not.
-- `loop` (the CPU choice for dropless pools): the same padded blocks, but a `while_loop` runs only
-  the blocks that hold rows, each with its expert's weights sliced in place (no
-  copies). Work and memory follow the filled rows, not the buffer: what
+- `loop` (the CPU choice for dropless pools): the same padded blocks, but a
+  `while_loop` runs only the blocks that hold rows, each with its expert's
+  weights sliced in place (no copies). Work and memory follow the filled
+  rows, not the buffer: what
   dropless pools need, whose buffer holds the worst case (up to E/k x the
   routed rows). Its backward (a custom VJP) is a second loop that recomputes
   each block's activations, so no `[rows, F]` activation is kept. XLA's cost
@@ -134,13 +136,13 @@ def _loop_ffn_fwd(block, x_md, weights, block_expert_j, used_blocks):
         y_bd = _block_ffn(x_bd, *_expert_weights(weights, block_expert_j[j]))
         return j + 1, jax.lax.dynamic_update_slice_in_dim(y_md, y_bd.astype(y_md.dtype), j * block, 0)
 
-    _, y_md = jax.lax.while_loop(lambda c: c[0] < used_blocks, body, (jnp.int32(0), _varying(jnp.zeros_like(x_md), x_md, weights, block_expert_j)))
+    y0_md = _varying(jnp.zeros_like(x_md), x_md, weights, block_expert_j)
+    _, y_md = jax.lax.while_loop(lambda c: c[0] < used_blocks, body, (jnp.int32(0), y0_md))
     return y_md, (x_md, weights, block_expert_j, used_blocks)
 
 
 def _loop_ffn_bwd(block, residual, dy_md):
     x_md, weights, block_expert_j, used_blocks = residual
-
     like = (x_md, weights, block_expert_j, dy_md)
 
     def body(carry):

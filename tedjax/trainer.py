@@ -270,8 +270,8 @@ class Trainer:
             return None
         group = m.group_size or d.seq_len
         per_device = m.num_experts // int(self.mesh.shape["expert"])
-        return balance.PoolDrops(group * m.top_k,
-                                 per_device * capacity(group, m.num_experts, m.top_k, m.capacity_factor, m.min_capacity))
+        pool_rows = per_device * capacity(group, m.num_experts, m.top_k, m.capacity_factor, m.min_capacity)
+        return balance.PoolDrops(group * m.top_k, pool_rows)
 
     def shadow_ids(self, state: TrainState) -> np.ndarray:
         """Each MoE layer's shadow experts, int `[n_moe, R]` on the host (E = an empty slot)."""
