@@ -73,8 +73,38 @@ class PlacementChange:
     gain_s: float = 0.0  # predicted layer time saved per step (with a cost model)
 
 
+@dataclasses.dataclass(frozen=True)
+class PoolDrops:
+    """What a placement changes under static device pools: drops. Each routing group sends
+    `choices_per_group` (S x k) choices, device x's pool keeps at most `pool_rows` of them; a group's count
+    on device x is taken as Binomial(S k, x's share of the load), so a placement's expected dropped
+    fraction is sum_x E[(count_x - pool_rows)+] / (S k)."""
+
+    choices_per_group: int
+    pool_rows: int
+
+    def dropped(self, load_e: np.ndarray, placement_e: np.ndarray, num_devices: int) -> float:
+        load_x = device_loads(load_e, placement_e, num_devices)
+        share_x = np.clip(load_x / max(float(load_x.sum()), 1e-12), 0.0, 1.0)
+        n = self.choices_per_group
+        c = np.arange(self.pool_rows + 1, n + 1)
+        if c.size == 0:
+            return 0.0
+        log_comb = np.array([math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) for k in c])
+        over = 0.0
+        for p in share_x:
+            if p <= 0.0:
+                continue
+            if p >= 1.0:
+                over += n - self.pool_rows
+                continue
+            over += float(np.sum((c - self.pool_rows) * np.exp(log_comb + c * math.log(p) + (n - c) * math.log1p(-p))))
+        return over / n
+
+
 def decide_placements(load_ne: np.ndarray, placement_ne: np.ndarray, num_devices: int, margin: float,
-                      cost: ShadowCostModel | None = None, window: int = 0, move_s: float = 0.0
+                      cost: ShadowCostModel | None = None, window: int = 0, move_s: float = 0.0, *,
+                      pools: PoolDrops | None = None, step_s: float = 0.0, earlier_load_ne: np.ndarray | None = None
                       ) -> list[PlacementChange]:
     """Every MoE layer's decision for recent loads `[n_moe, E]` at placements `[n_moe, E]` (empty on one device).
 
@@ -84,12 +114,25 @@ def decide_placements(load_ne: np.ndarray, placement_ne: np.ndarray, num_devices
     `move_s`, the time of moving one layer's experts and optimizer state
     (hysteresis: a placement that pays back only after the next decision is
     not worth its move).
+
+    With static device `pools` the step takes the same time whatever the
+    placement: what it saves is dropped choices, priced at the time it takes
+    to train that many (`pools.dropped` x `step_s` per step; before a step
+    time is known, x the layer time `cost` predicts, a lower bound). Loads
+    drift and a greedy fitted to one window always looks better on it, so
+    with `earlier_load_ne` (the loads of the previous decisions, `[n_moe, E]`
+    or `[w, n_moe, E]`) the greedy is fitted to the mean of all the windows,
+    and its gain is the smallest of its gains on each: it must hold over the
+    window, not only on the sample it was chosen on.
     """
     load_ne, placement_ne = np.asarray(load_ne, np.float64), np.asarray(placement_ne)
     decisions = []
     if num_devices <= 1:
         return decisions
     per_device = load_ne.shape[1] // num_devices
+    earlier = np.zeros((0, *load_ne.shape)) if earlier_load_ne is None else np.asarray(earlier_load_ne, np.float64)
+    samples_ne = [load_ne, *earlier.reshape(-1, *load_ne.shape)]
+    load_ne = np.mean(samples_ne, axis=0)
     for layer, (load_e, placement_e) in enumerate(zip(load_ne, placement_ne)):
         old_max = float(device_loads(load_e, placement_e, num_devices).max())
         candidate = greedy_placement(load_e, num_devices)
@@ -98,8 +141,13 @@ def decide_placements(load_ne: np.ndarray, placement_ne: np.ndarray, num_devices
         # already holds most of them, and keep experts that stay on their device in their old slot.
         candidate = _keep_slots(_match_devices(candidate, placement_e, per_device), placement_e, per_device)
         adopted = new_max <= (1.0 - margin) * old_max and new_max < old_max
-        gain = cost.latency(load_e, placement_e) - cost.latency(load_e, candidate) if cost is not None else 0.0
-        if cost is not None:
+        if pools is not None:
+            price_s = step_s if step_s > 0 else cost.latency(load_e, placement_e) if cost is not None else 0.0
+            gain = price_s * min(pools.dropped(sample[layer], placement_e, num_devices)
+                                - pools.dropped(sample[layer], candidate, num_devices) for sample in samples_ne)
+        else:
+            gain = cost.latency(load_e, placement_e) - cost.latency(load_e, candidate) if cost is not None else 0.0
+        if cost is not None or pools is not None:
             adopted = adopted and gain * window > move_s
         decisions.append(PlacementChange(layer, old_max, new_max, int(np.sum(candidate != placement_e)), candidate,
                                          bool(adopted), float(gain)))

@@ -447,6 +447,7 @@ class _Sizes:
     chunks: int  # a2a_chunks
     shadows: int  # shadow experts R
     shadow_capacity: int  # slots per shadow and routing group
+    loop_fill: float = 0.0  # dropless: the pool fill that sizes XLA:CPU's `loop` blocks (0: `blocks`)
 
     @property
     def slots(self) -> int:
@@ -466,18 +467,20 @@ class _Sizes:
         if backend == "gpu":
             return rows
         experts = self.pool // self.capacity
-        block = block_rows(rows, experts)
+        block = block_rows(math.ceil(rows * self.loop_fill) if self.loop_fill else rows, experts)
         return (-(-rows // block) + experts) * block
 
 
 def _block(sz: _Sizes) -> int:
-    """Rows per block of `grouped.pool_ffn`'s `blocks` method (XLA:CPU)."""
+    """Rows per block of `grouped.pool_ffn`'s `blocks` or `loop` method (XLA:CPU)."""
     from tedjax.grouped import block_rows
 
-    return block_rows(sz.slots // sz.chunks, sz.pool // sz.capacity)
+    rows = sz.slots // sz.chunks
+    return block_rows(math.ceil(rows * sz.loop_fill) if sz.loop_fill else rows, sz.pool // sz.capacity)
 
 
 def _sizes(config: TrainConfig, layout: Layout) -> _Sizes:
+    from tedjax.grouped import expected_fill
     from tedjax.routing import capacity
 
     m, dc = config.model, config.data
@@ -495,8 +498,10 @@ def _sizes(config: TrainConfig, layout: Layout) -> _Sizes:
     dtd = m.dtd and e > 1 and t > 1 and m.num_experts > 0
     pool_a2a = -(-pool // t) if dtd else pool
     shadows = m.shadow_experts if m.num_experts else 0
+    loop_fill = expected_fill("dropless", m.num_experts, m.top_k, e, m.capacity_factor, m.dropless_buffer_factor) \
+        if pooled and m.capacity_scope == "dropless" else 0.0
     return _Sizes(d, e, t, rows, rows * dc.seq_len, -(-groups // (d * e)), -(-groups // d), cap, pools, pool,
-                  pool_a2a, pool_a2a * t if dtd else pool, dtd, m.a2a_chunks, shadows, min(group, e * cap))
+                  pool_a2a, pool_a2a * t if dtd else pool, dtd, m.a2a_chunks, shadows, min(group, e * cap), loop_fill)
 
 
 def collectives(config: TrainConfig, layout: Layout | None = None, backend: Backend = "gpu") -> list[Traffic]:
@@ -546,8 +551,9 @@ def collectives(config: TrainConfig, layout: Layout | None = None, backend: Back
         add("all-to-all", ["expert"], moved, accum * n_moe * 2 * passes, "MoE dispatch and return")
         add("all-reduce", ["tensor"], slots, accum * n_moe * (passes - 1), "expert output")
         if sz.pooled:  # grouped.pool_ffn inside shard_map: one psum of the rows' input gradient per chunk
-            add("all-reduce", ["tensor"], sz.chunks * sz.sorted_rows(backend) * d_model * act_b,
-                accum * n_moe * (2 if swiglu else 1), "expert input gradient")
+            add("all-reduce", ["tensor"], sz.chunks * sz.sorted_rows(backend) * d_model * act_b,  # `loop`: once
+                accum * n_moe * (2 if swiglu and not (sz.loop_fill and backend == "cpu") else 1),
+                "expert input gradient")
             # computed again in the backward pass under either remat policy (it is no collective's output)
             add("all-to-all", ["expert"], sz.groups_in * m.num_experts * 4,
                 accum * n_moe * (1 if m.remat == "none" else 2), "rows per expert of each pool (int32)")
@@ -770,6 +776,8 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
     rows = sz.chunks * sz.sorted_rows(backend) if sz.pooled else slots
     copies = sz.chunks * (sz.sorted_rows(backend) // _block(sz)) if sz.pooled and backend == "cpu" else 0
     moe = 3 * td + 3 * rows * f_t * act_b * ffn_x2 // 2 + slot_d + copies * m.d_model * f_t * act_b * weights
+    if sz.loop_fill and backend == "cpu":  # dropless `loop`: no weight copies, no [rows, F] kept (recomputed)
+        moe = 3 * td + slot_d + 2 * rows * m.d_model * act_b
     # Shadow experts: R more FFNs on each device's own tokens, with a copy of their weights.
     shadow_rows = sz.shadows * sz.groups_in * sz.shadow_capacity
     moe += (3 * shadow_rows * f_t * act_b * ffn_x2 // 2 + shadow_rows * m.d_model * act_b
