@@ -315,12 +315,15 @@ class _MeshShape:
 
 @dataclasses.dataclass(frozen=True)
 class Leaf:
-    """One parameter: its global shape, its PartitionSpec entries (mesh axes per dim), its block (None outside)."""
+    """One parameter: its global shape, its PartitionSpec entries (mesh axes per dim), its block (None outside;
+    for the scanned units, the block's position in a unit), and `units`: the size of its leading "layers" axis
+    (0: none)."""
 
     path: str
     shape: tuple[int, ...]
     spec: tuple[tuple[str, ...], ...]
     layer: int | None = None
+    units: int = 0
 
 
 @functools.lru_cache(maxsize=32)
@@ -357,9 +360,13 @@ def _structure(model: ModelConfig) -> tuple[tuple[Leaf, ...], int]:
             per_block[keys[1]].append((jax.tree_util.keystr(path[2:]), shape, spec))
         else:
             leaves.append(Leaf(jax.tree_util.keystr(path), shape, spec))
-    for i in range(model.n_layers):
-        for sub, shape, spec in per_block[first_of_kind[model.is_moe_layer(i)]]:
-            leaves.append(Leaf(f"['blocks'][{i}]{sub}", shape, spec, i))
+    units = model.n_layers // model.moe_every  # stacked as the model stacks them; the rest unrolled (its tail)
+    for pos in range(model.moe_every if units else 0):
+        for sub, shape, spec in per_block[first_of_kind[model.is_moe_layer(pos)]]:
+            leaves.append(Leaf(f"['units']['blocks'][{pos}]{sub}", (units, *shape), ((), *spec), pos, units))
+    for k in range(model.n_layers - units * model.moe_every):
+        for sub, shape, spec in per_block[first_of_kind[model.is_moe_layer(k)]]:
+            leaves.append(Leaf(f"['tail'][{k}]{sub}", shape, spec, units * model.moe_every + k))
     other = 0
     for path, x in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(rest))[0]:
         keys = [getattr(k, "key", getattr(k, "idx", None)) for k in path]
@@ -620,14 +627,15 @@ def _leaf_costs(model: ModelConfig, layout: Layout, zero1: bool, backend: Backen
         gathered += local
         moments += 2 * shard
         key = leaf.layer if leaf.layer is not None else leaf.path
-        per_layer[key] = per_layer.get(key, 0) + local
+        per_layer[key] = per_layer.get(key, 0) + local // max(leaf.units, 1)  # one layer's share of a stacked leaf
         added = tuple(a for axes in state_spec for a in axes if a not in used)
         reduced += local if any(sizes[a] > 1 for a in batch_axes if a not in used) else 0
         what = ("embedding gradient" if leaf.path == "['embed']" else
                 "router gradient" if leaf.path.endswith("['router']") else "gradient")
         # With a2a_chunks = n each chunk's expert FFN adds its own partial gradient of the expert weights,
         # and XLA reduces each before the sum (measured): n reductions per micro-batch.
-        expert_weight = len(leaf.shape) == 3 and "expert" in leaf.spec[0]
+        stacked = int(leaf.units > 0)  # dims before the layer's own: the "layers" axis of the scanned units
+        expert_weight = len(leaf.shape) - stacked == 3 and "expert" in leaf.spec[stacked]
         entries = []
         for _ in range(model.a2a_chunks if expert_weight else 1):
             entries += _gradient_reduction(local, used, added, sizes, backend, what)
@@ -647,7 +655,7 @@ def _leaf_costs(model: ModelConfig, layout: Layout, zero1: bool, backend: Backen
             again = (2 if model.remat == "full" and expert_weight else 1) if recomputed else 0
             pooled = model.capacity_scope == "device" and model.num_experts // sizes["expert"] > 1  # one shard_map
             per_chunk = model.a2a_chunks if expert_weight and not pooled else 1
-            times = (1 + again + (1 if len(leaf.shape) == 1 else 0)) * per_chunk
+            times = (1 + again + (1 if len(leaf.shape) - stacked == 1 else 0)) * per_chunk
             entries += [("all-gather", added, local, True, "parameters (ZeRO-3)")] * times
         for kind, axes, nbytes, per_micro, what in entries:
             axes = tuple(a for a in AXES if a in axes and sizes[a] > 1)
