@@ -1660,6 +1660,25 @@ def stage_reason(found: Search) -> str:
             f"{without.memory.total / GIB:.1f} GiB per GPU.")
 
 
+# what one block's forward and backward pass send (the rest of a step is the same with and without the gate)
+_OUTSIDE_BLOCKS = frozenset({"embedding lookup", "LM head input gradient", "cross-entropy max, sum and label logit",
+                             "loss scalars (LM, aux, z)", "pipeline activations"})
+
+
+def moe_layer_time(config: TrainConfig, cluster: Cluster, layout: Layout | None = None) -> Timing:
+    """Predicted seconds of one MoE block (attention and MoE FFN) over a step: its matmuls forward and backward
+    (the FLOPs of two MoE blocks less one) and the collectives of its activations, all-to-alls priced as
+    `step_time` does; its gradients' reduction, the same with and without the gate, left out."""
+    layout = layout or (config.mesh.data, config.mesh.expert, config.mesh.tensor)
+    one, two = (dataclasses.replace(config, model=dataclasses.replace(config.model, n_layers=n, moe_every=1),
+                                    mesh=dataclasses.replace(config.mesh, stage=1)) for n in (1, 2))
+    traffic = [t for t in collectives(one, layout) if t.what not in COMBINED and t.what not in _OUTSIDE_BLOCKS]
+    timing = step_time(one, cluster, layout, traffic)
+    compute = (flops_per_device(two, layout) - flops_per_device(one, layout)) / cluster.peak_flops(
+        resolve_dtype(config.model.dtype, "gpu"))
+    return dataclasses.replace(timing, compute_s=compute)
+
+
 def topology_line(config: TrainConfig, est: Estimate, cluster: Cluster) -> str:
     """What FasterMoE's topology-aware gate with the hierarchical all-to-all would do to `est`'s step time:
     the cost model's r (`balance.TopologyCostModel.propose_remote_fraction`) and the predicted step with and
