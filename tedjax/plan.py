@@ -1451,6 +1451,29 @@ def comparison(config: TrainConfig, measured: Measured, layout: Layout | None = 
     return rows
 
 
+def permute_comparison(config: TrainConfig, compiled, mesh) -> dict:
+    """The pipeline's collective-permutes over "stage" in a compiled program against `p2p_bytes` and `p2p_count`.
+
+    Measured: each non-trivial permute whose pairs move along "stage" only, counted once per loop trip; its
+    bytes are the result on one device. `exact` when every such permute carries the predicted bytes and
+    their number is the predicted one. Backend (float32 activations on XLA:CPU) from the mesh's devices.
+    """
+    from tedjax import analysis
+
+    backend: Backend = "gpu" if mesh.devices.flat[0].platform == "gpu" else "cpu"
+    layout = (config.mesh.data, config.mesh.expert, config.mesh.tensor)
+    count, sizes = 0, set()
+    for c in analysis.collectives(compiled, mesh):
+        if c.kind == "collective-permute" and not c.trivial and c.axes == ("stage",):
+            count += c.trip_count if c.in_loop and c.trip_count else 1
+            sizes.add(analysis.shape_bytes(c.shape))
+    predicted = p2p_bytes(config, layout, backend)
+    measured = sizes.pop() if len(sizes) == 1 else (max(sizes) if sizes else 0)
+    return {"predicted_bytes": predicted, "measured_bytes": measured, "op_bytes": sorted(sizes | {measured} - {0}),
+            "predicted_count": p2p_count(config), "measured_count": count,
+            "exact": not sizes and measured == predicted and count == p2p_count(config)}
+
+
 def dry_run(config: TrainConfig, devices: Sequence | None = None, log=print,
             cluster: Cluster | None = None) -> Measured:
     """`train.py --dry-run`: compile the step for `config` on the devices present, train nothing, write nothing.
