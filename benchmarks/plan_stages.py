@@ -6,7 +6,7 @@ Pure arithmetic (nothing is compiled, nothing runs on a GPU):
    stage-iterations that compute nothing in the schedule itself (every
    (iteration, stage) of a GPipe or circular schedule walked), for S in
    {2, 4}, M in {4, 8, 16}, R in {1, 2}.
-2. The ~46B Mixtral-like preset (configs/gpu_mixtral_50b.yaml) on every
+2. The ~46B Mixtral-like preset (configs/mixtral_50b.yaml) on every
    cluster preset, across nodes: the best plan of the four-axis search
    (`search(..., stages=True)`), whether it uses stages, and the planner's
    reason line against the best plan without stages.
@@ -38,7 +38,7 @@ from tedjax.config import load_config  # noqa: E402
 
 REPO = HERE.parents[1]
 CLUSTERS = REPO / "configs" / "clusters"
-PRESET = REPO / "configs" / "gpu_mixtral_50b.yaml"
+PRESET = REPO / "configs" / "mixtral_50b.yaml"
 # (cluster file, GPUs): a few nodes of each, more where the GPUs are small
 ACROSS_NODES = (("dgx_h100.yaml", 32), ("dgx_a100_80gb.yaml", 32), ("h200.yaml", 16), ("summit.yaml", 128))
 QUICK_PIN = {"remat": "full", "dtd": False, "tile_size": 0, "zero": 2}  # --quick: switches pinned, axes searched

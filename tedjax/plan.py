@@ -1,6 +1,6 @@
 """Auto-parallel planner: SmartMoE's offline stage for TED layouts.
 
-    python -m tedjax.plan --cluster configs/clusters/dgx_h100.yaml --config configs/gpu_2.7b.yaml [--top 5]
+    python -m tedjax.plan --cluster configs/clusters/dgx_h100.yaml --config configs/gpu_2.7b.yaml [--top 5] [--stages]
 
 For a model and a cluster, every (data, expert, tensor) layout of the devices
 is tried with every switch: DTD, remat none / cac / full, the tiled optimizer,
@@ -21,9 +21,23 @@ cost the same as 8):
   the link its mesh axes cross ("tensor" is innermost, so it stays inside a
   node first, as `make_mesh` lays devices out).
 
+With `--stages` (`search(..., stages=True)`) the fourth axis, pipeline
+stages, is searched too: each stage count S dividing the devices and the
+scanned units, with S, 2S, 4S or 8S microbatches, GPipe or circular with 2
+runs per stage. A stage runs 1/S of the layers (`stage_view`); the plan adds
+the bubble ((S-1)/(R M + S-1) of the stage-iterations idle, compute x
+(S-1)/(R M) of time), one collective-permute of a microbatch's [rows, L, D]
+per iteration forward and backward (`p2p_bytes`, `p2p_count`), and keeps
+every iteration's activations (`Pipeline.in_flight`); `stage_reason` says
+why the best plan uses stages or not. An expert axis across nodes is priced
+by `balance.TopologyCostModel` (flat, or `model.a2a=hierarchical` at
+`model.remote_fraction`), and `topology_line` reports the step with the
+r the cost model proposes.
+
 Plans that do not divide or do not fit are rejected with their reason; the
 rest, ranked by step time, are the pool. `mesh: auto` in a config (or
-`mesh=auto`) takes the pool's first plan for the devices present.
+`mesh=auto`) takes the pool's first plan for the devices present (without
+stages until the trainer runs them).
 
 The byte model is exact, not approximate: on simulated CPU meshes it equals
 the collectives XLA compiles for the train step, per kind and mesh axis, on
@@ -404,7 +418,6 @@ def pipeline_problems(config: TrainConfig) -> list[str]:
     return problems
 
 
-@functools.lru_cache(maxsize=4096)  # the search asks for each plan's view several times
 def stage_view(config: TrainConfig) -> TrainConfig:
     """What one stage's devices run, as a config without stages: the stage's L / S layers (besides the
     embedding and head, which every stage holds) on the M microbatches of each micro-batch, which the
@@ -412,11 +425,14 @@ def stage_view(config: TrainConfig) -> TrainConfig:
 
     `config` unchanged when it has no stages. Call `pipeline_problems` first.
     """
-    pipe = pipeline_of(config)
-    if pipe is None:
-        return config
+    return config if config.mesh.stage <= 1 else _stage_view(config)
+
+
+@functools.lru_cache(maxsize=4096)  # the search asks for each plan's view several times
+def _stage_view(config: TrainConfig) -> TrainConfig:
     from tedjax.config import PipelineConfig
 
+    pipe = pipeline_of(config)
     return dataclasses.replace(
         config, model=dataclasses.replace(config.model, n_layers=config.model.n_layers // pipe.stages),
         data=dataclasses.replace(config.data, grad_accum=config.data.grad_accum * pipe.microbatches),

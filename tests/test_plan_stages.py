@@ -14,7 +14,7 @@ from tedjax.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 H100 = str(REPO / "configs" / "clusters" / "dgx_h100.yaml")
-MIXTRAL = str(REPO / "configs" / "gpu_mixtral_50b.yaml")
+MIXTRAL = str(REPO / "configs" / "mixtral_50b.yaml")
 TINY = ["data.source=synthetic"]
 
 
