@@ -27,7 +27,8 @@ scanned units, with S, 2S, 4S or 8S microbatches, GPipe or circular with 2
 runs per stage. A stage runs 1/S of the layers (`stage_view`); the plan adds
 the bubble ((S-1)/(R M + S-1) of the stage-iterations idle, compute x
 (S-1)/(R M) of time), one collective-permute of a microbatch's [rows, L, D]
-per iteration forward and backward (`p2p_bytes`, `p2p_count`), and keeps
+per iteration and one after the loop, forward and backward (`p2p_bytes`,
+`p2p_count`), and keeps
 every iteration's activations (`Pipeline.in_flight`); `stage_reason` says
 why the best plan uses stages or not. An expert axis across nodes is priced
 by `balance.TopologyCostModel` (flat, or `model.a2a=hierarchical` at
@@ -453,9 +454,10 @@ def p2p_bytes(config: TrainConfig, layout: Layout | None = None, backend: Backen
 
 
 def p2p_count(config: TrainConfig) -> int:
-    """Collective-permutes per step: one per iteration forward and one backward, per micro-batch."""
+    """Collective-permutes per step: per micro-batch, one per iteration and the last stage's hand-off after
+    the loop, forward and again backward: 2 (R M + S) x grad_accum."""
     pipe = pipeline_of(config)
-    return 0 if pipe is None else 2 * pipe.iterations * config.data.grad_accum
+    return 0 if pipe is None else 2 * (pipe.iterations + 1) * config.data.grad_accum
 
 
 # --------------------------------------------------------------------------- #

@@ -53,15 +53,16 @@ def test_bubble_equals_the_schedule_walked(stages, microbatches):
 def test_p2p_bytes_and_count_by_hand():
     """tiny: batch 32 x 128 tokens, d_model 128. Stage 2 of (2, 2, 1), 4 microbatches, 2 micro-batches:
     each permute carries [32 / (2 x 4 x 2 x 2), 128, 128] (1 row), float32 on XLA:CPU, bf16 on GPUs; GPipe
-    runs M + S - 1 = 5 iterations, each permuting once forward and once backward."""
+    runs M + S - 1 = 5 iterations, each permuting once, and hands the last microbatch back after the loop:
+    6 permutes forward and 6 backward per micro-batch."""
     config = staged(["data.grad_accum=2"])
     assert plan.p2p_bytes(config, backend="cpu") == 1 * 128 * 128 * 4
     assert plan.p2p_bytes(staged(["model.dtype=bfloat16"]), backend="gpu") == 2 * 128 * 128 * 2  # 2 rows
-    assert plan.p2p_count(config) == 2 * 5 * 2
-    assert plan.p2p_count(staged(["data.grad_accum=2"], schedule="circular", repeats=2)) == 2 * (2 * 4 + 1) * 2
+    assert plan.p2p_count(config) == 2 * 6 * 2
+    assert plan.p2p_count(staged(["data.grad_accum=2"], schedule="circular", repeats=2)) == 2 * (2 * 4 + 2) * 2
     permutes = [t for t in plan.collectives(config, backend="cpu") if t.kind == "collective-permute"]
     assert [(t.axes, t.result_bytes, t.count, t.sent_bytes) for t in permutes] == [
-        (("stage",), 128 * 128 * 4, 20, 128 * 128 * 4)]
+        (("stage",), 128 * 128 * 4, 24, 128 * 128 * 4)]
     assert plan.p2p_bytes(load_config("configs/tiny.yaml", TINY)) == 0  # no stages, no permutes
 
 
@@ -132,8 +133,8 @@ def test_plan_round_trips_its_stages():
 
 def test_permute_comparison_reads_a_compiled_programs_permutes():
     """A stand-in for the pipeline's program (the pipe branch's is not merged yet): a scan of R M + S - 1
-    iterations that permutes one microbatch's [rows, L, D] over "stage" each, differentiated. The comparison
-    finds its permutes per iteration, forward and backward, with the predicted bytes."""
+    iterations that permutes one microbatch's [rows, L, D] over "stage" each, then the hand-off after the
+    loop, differentiated. The comparison finds them all, forward and backward, with the predicted bytes."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -150,15 +151,19 @@ def test_permute_comparison_reads_a_compiled_programs_permutes():
         return jax.lax.ppermute(jnp.sin(x), "stage", ring), None
 
     def loss(x):
-        step = jax.shard_map(lambda x: jax.lax.scan(body, x, None, length=pipe.iterations)[0], mesh=mesh,
+        def run(x):
+            x = jax.lax.scan(body, x, None, length=pipe.iterations)[0]
+            return jax.lax.ppermute(x, "stage", ring)  # the last stage's hand-off
+
+        step = jax.shard_map(run, mesh=mesh,
                              in_specs=P("stage", ("data", "expert")), out_specs=P("stage", ("data", "expert")))
-        return jnp.sum(step(x))
+        return jnp.sum(jnp.sin(step(x)))  # a cotangent that depends on x: nothing folds away
 
     x = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=NamedSharding(mesh, P("stage", ("data", "expert"))))
     compiled = jax.jit(jax.grad(loss)).lower(x).compile()
     row = plan.permute_comparison(config, compiled, mesh)
     assert row["measured_bytes"] == row["predicted_bytes"] == plan.p2p_bytes(config, backend="cpu")
-    assert row["measured_count"] == row["predicted_count"] == 2 * pipe.iterations and row["exact"]
+    assert row["measured_count"] == row["predicted_count"] == 2 * (pipe.iterations + 1) and row["exact"]
 
 
 # --------------------------------------------------------------------------- the topology cost model
