@@ -1060,11 +1060,13 @@ def _crosses_nodes(layout: Layout, axes: tuple[str, ...], gpus_per_node: int, st
 
 
 def expert_nodes(layout: Layout, gpus_per_node: int, stages: int = 1) -> int:
-    """Devices of one expert-axis group that share a node (the expert axis when it stays in one node)."""
+    """Devices of each expert-axis group that share a node (the expert axis when it stays in one node), or 0
+    when node boundaries split the groups unevenly (e.g. 16 expert ranks over nodes of 3)."""
     import numpy as np
 
-    nodes = _node_ids(layout, gpus_per_node, stages)[0, 0, :, 0]
-    return int(np.sum(nodes == nodes[0]))
+    groups = np.moveaxis(_node_ids(layout, gpus_per_node, stages), 2, -1).reshape(-1, layout[1])
+    counts = {int(c) for g in groups for c in np.unique(g, return_counts=True)[1]}
+    return counts.pop() if len(counts) == 1 and layout[1] % next(iter(counts | {1})) == 0 else 0
 
 
 def topology_model(config: TrainConfig, cluster: Cluster, layout: Layout | None = None):
@@ -1133,7 +1135,8 @@ def step_time(config: TrainConfig, cluster: Cluster, layout: Layout | None = Non
         if key not in links:
             links[key] = "inter-node" if _crosses_nodes(layout, t.axes, per_node, stages) else "intra-node"
         inter = links[key] == "inter-node"
-        if t.what == "MoE dispatch and return" and inter:  # an expert axis across nodes: two links at once
+        if t.what == "MoE dispatch and return" and inter and expert_nodes(layout, per_node, stages):
+            # an expert axis across nodes in whole runs: its NVLink and network parts (two links at once)
             topology = topology or topology_model(config, cluster, layout)
             m = config.model
             seconds = topology.seconds(t.result_bytes, m.a2a, m.remote_fraction)
@@ -1727,6 +1730,9 @@ def topology_line(config: TrainConfig, est: Estimate, cluster: Cluster) -> str:
     planned, layout = est.plan.apply(config), est.plan.layout
     if not config.model.num_experts or layout[1] == 1:
         return ""
+    if not expert_nodes(layout, config.mesh.node_size or cluster.gpus_per_node, est.plan.stage):
+        return (f"Across nodes: nodes of {cluster.gpus_per_node} GPUs split the expert axis ({layout[1]}) unevenly; "
+                "the hierarchical all-to-all needs whole runs of expert ranks per node.")
     topo = topology_model(planned, cluster, layout)
     if topo.nodes == 1:
         return "Across nodes: the expert axis stays inside one node; model.a2a and model.remote_fraction change nothing."
