@@ -28,9 +28,8 @@ runs per stage. A stage runs 1/S of the layers (`stage_view`); the plan adds
 the bubble ((S-1)/(R M + S-1) of the stage-iterations idle, compute x
 (S-1)/(R M) of time), one collective-permute of a microbatch's [rows, L, D]
 per iteration and one after the loop, forward and backward (`p2p_bytes`,
-`p2p_count`), and keeps
-every iteration's activations (`Pipeline.in_flight`); `stage_reason` says
-why the best plan uses stages or not. An expert axis across nodes is priced
+`p2p_count`), and keeps every iteration's activations (`Pipeline.in_flight`);
+`stage_reason` says why the best plan uses stages or not. An expert axis across nodes is priced
 by `balance.TopologyCostModel` (flat, or `model.a2a=hierarchical` at
 `model.remote_fraction`), and `topology_line` reports the step with the
 r the cost model proposes.
@@ -1284,9 +1283,10 @@ def candidates(config: TrainConfig, layout: Layout, tile_size: int = DEFAULT_TIL
 
 def estimate(config: TrainConfig, plan: Plan, cluster: Cluster, budget_bytes: int | None = None) -> Estimate:
     """Memory, traffic and time of `plan` for `config` on `cluster`; rejected if it does not divide or fit."""
-    planned = plan.apply(config)
-    problems = pipeline_problems(planned)
-    try:
+    problems = []
+    try:  # (a config may refuse a plan's stages itself)
+        planned = plan.apply(config)
+        problems = pipeline_problems(planned)
         if not problems:  # one stage's micro-batches on the (data, expert, tensor) layout
             view = stage_view(planned)
             check_mesh(view.model, _MeshShape(plan.layout), view.data.micro_batch_size, view.data.seq_len)
