@@ -398,23 +398,28 @@ def pipeline_of(config: TrainConfig) -> Pipeline | None:
 
 
 def pipeline_problems(config: TrainConfig) -> list[str]:
-    """Why `config`'s stages do not divide its model or batch ([] when they do, or without stages)."""
+    """Why `config`'s stages do not divide its model or batch ([] when they do, or without stages); the
+    wording of `config.check_pipeline` on the pipeline's branch."""
     pipe = pipeline_of(config)
     if pipe is None:
         return []
-    m, dc = config.model, config.data
+    m, dc, mesh = config.model, config.data, config.mesh
+    stages, repeats, micro = pipe.stages, config.pipeline.repeats, pipe.microbatches
     unit = m.moe_every if m.num_experts else 1  # the scanned unit: a (dense, MoE) run of moe_every layers
-    units = m.n_layers // unit
+    units = m.n_layers // unit if m.n_layers % unit == 0 else 0
     problems = []
-    if m.n_layers % unit or units % (pipe.stages * pipe.repeats):
-        problems.append(f"{pipe.stages} stages x {pipe.repeats} runs do not divide the {units} scanned units of "
-                        f"{unit} layer(s); choose mesh.stage (x pipeline.repeats) dividing {units}")
-    if pipe.microbatches < pipe.stages:
-        problems.append(f"pipeline.microbatches={pipe.microbatches} is fewer than the {pipe.stages} stages; use at "
-                        f"least {pipe.stages}")
-    if dc.micro_batch_size % pipe.microbatches:
-        problems.append(f"a micro-batch of {dc.micro_batch_size} sequences does not split into "
-                        f"{pipe.microbatches} microbatches; choose pipeline.microbatches dividing it")
+    if not units or units % (stages * pipe.repeats):
+        problems.append(f"mesh.stage={stages} x pipeline.repeats={repeats} does not divide the {units} scanned units "
+                        f"(model.n_layers={m.n_layers} in units of moe_every={unit}); choose stages x repeats "
+                        f"dividing {units}, or change model.n_layers")
+    if micro < stages:
+        problems.append(f"pipeline.microbatches={micro} is too few for mesh.stage={stages}: every stage needs a "
+                        f"microbatch; set pipeline.microbatches >= {stages} (0 means {stages})")
+    ways = mesh.data * mesh.expert
+    if dc.micro_batch_size % (micro * ways):
+        problems.append(f"a micro-batch of {dc.micro_batch_size} sequences does not split into pipeline.microbatches="
+                        f"{micro} microbatches over data x expert = {ways}; use a data.batch_size / data.grad_accum "
+                        f"that is a multiple of {micro * ways}")
     return problems
 
 

@@ -59,7 +59,8 @@ def test_p2p_bytes_and_count_by_hand():
     assert plan.p2p_bytes(config, backend="cpu") == 1 * 128 * 128 * 4
     assert plan.p2p_bytes(staged(["model.dtype=bfloat16"]), backend="gpu") == 2 * 128 * 128 * 2  # 2 rows
     assert plan.p2p_count(config) == 2 * 6 * 2
-    assert plan.p2p_count(staged(["data.grad_accum=2"], schedule="circular", repeats=2)) == 2 * (2 * 4 + 2) * 2
+    circular = staged(["data.grad_accum=2", "model.n_layers=8"], schedule="circular", repeats=2)
+    assert plan.p2p_count(circular) == 2 * (2 * 4 + 2) * 2
     permutes = [t for t in plan.collectives(config, backend="cpu") if t.kind == "collective-permute"]
     assert [(t.axes, t.result_bytes, t.count, t.sent_bytes) for t in permutes] == [
         (("stage",), 128 * 128 * 4, 24, 128 * 128 * 4)]
@@ -108,24 +109,27 @@ def test_step_time_adds_the_bubble_and_the_permutes_cross_nodes():
     assert plan._crosses_nodes((1, 1, 1), ("stage",), 8, stages=8) is False
 
 
-def test_stages_that_do_not_divide_are_refused_with_the_fix():
-    assert "choose mesh.stage (x pipeline.repeats) dividing 2" in plan.pipeline_problems(staged(stage=4))[0]
-    assert "use at least 2" in plan.pipeline_problems(staged(microbatches=1))[0]
-    assert "does not split into 3 microbatches" in plan.pipeline_problems(staged(microbatches=3))[0]
+@pytest.mark.parametrize("stages, fix", [
+    (dict(stage=4, microbatches=4), "choose stages x repeats dividing 2"),
+    (dict(stage=2, microbatches=1), "set pipeline.microbatches >= 2"),
+    (dict(stage=2, microbatches=16), "that is a multiple of 64"),
+])
+def test_stages_that_do_not_divide_are_rejected_with_the_fix(stages, fix):
+    """(A config with such stages may itself refuse to load; the plan is rejected either way.)"""
+    tiny = load_config("configs/tiny.yaml", [*TINY, "mesh=auto"])
+    est = plan.estimate(tiny, plan.Plan(2, 2, 1, **stages), plan.Cluster.load(H100))
+    assert not est.fits and est.reason.startswith("does not divide: ") and fix in est.reason, est.reason
     assert plan.pipeline_problems(staged()) == []
-    est = plan.estimate(load_config("configs/tiny.yaml", [*TINY, "mesh=auto"]),
-                        plan.Plan(2, 2, 1, stage=4, microbatches=4), plan.Cluster.load(H100))
-    assert not est.fits and est.reason.startswith("does not divide: 4 stages x 1 runs do not divide the 2")
 
 
 def test_plan_round_trips_its_stages():
-    config = staged(schedule="circular", repeats=1, stage=2, microbatches=8)
+    config = staged(["model.n_layers=8"], schedule="circular", repeats=1, stage=2, microbatches=8)
     p = plan.Plan.of(config)
     assert (p.stage, p.microbatches, p.repeats) == (2, 8, 1)
-    again = plan.Plan(1, 4, 2, stage=2, microbatches=16, repeats=2).apply(config)
+    again = plan.Plan(1, 4, 2, stage=2, microbatches=8, repeats=2).apply(config)
     assert (again.mesh.stage, again.pipeline.microbatches, again.pipeline.schedule, again.pipeline.repeats) == (
-        2, 16, "circular", 2)
-    assert plan.Plan.of(again).describe() == "2 stages (circular x2, 16 microbatches) x (1,4,2) remat=none accum=1"
+        2, 8, "circular", 2)
+    assert plan.Plan.of(again).describe() == "2 stages (circular x2, 8 microbatches) x (1,4,2) remat=none accum=1"
 
 
 # --------------------------------------------------------------------------- the comparison with a compiled program
