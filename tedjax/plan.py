@@ -23,8 +23,8 @@ cost the same as 8):
 
 With `--stages` (`search(..., stages=True)`) the fourth axis, pipeline
 stages, is searched too: each stage count S dividing the devices and the
-scanned units, with S, 2S, 4S or 8S microbatches, GPipe or circular with 2
-runs per stage. A stage runs 1/S of the layers (`stage_view`); the plan adds
+scanned units, with S, 2S, 4S or 8S microbatches, GPipe (circular plans,
+R runs per stage, are scored but not searched: see `candidates`). A stage runs 1/S of the layers (`stage_view`); the plan adds
 the bubble ((S-1)/(R M + S-1) of the stage-iterations idle, compute x
 (S-1)/(R M) of time), one collective-permute of a microbatch's [rows, L, D]
 per iteration and one after the loop, forward and backward (`p2p_bytes`,
@@ -261,6 +261,9 @@ def unmodelled(config: TrainConfig, backend: Backend = "gpu") -> list[str]:
         # the pipeline's permutes, its stages' layers and its bubble are modelled; how XLA partitions the
         # embedding and the head (outside the pipeline) over "stage" is not known until a compiled program
         out.append(f"mesh.stage={config.mesh.stage} (the embedding's and head's collectives over the stage axis)")
+        if config.pipeline.schedule == "circular" and config.pipeline.repeats > 1:
+            # the train state is kept in logical order: each step permutes it to stage-major order
+            out.append("pipeline.schedule=circular (the weights' move to stage-major order every step)")
     return out
 
 
@@ -1256,8 +1259,11 @@ def candidates(config: TrainConfig, layout: Layout, tile_size: int = DEFAULT_TIL
     """The switch settings worth trying on a layout (DTD only where it acts: expert > 1 and tensor > 1).
 
     With `stage` > 1 each setting is tried with S, 2S, 4S and 8S microbatches
-    (those that split the micro-batch over data x expert), GPipe, and the
-    circular schedule with 2 runs per stage where the scanned units allow.
+    (those that split the micro-batch over data x expert) and the GPipe
+    schedule. Circular plans are scored (`estimate`) but not searched: the
+    pipeline keeps its train state in logical order, so the circular schedule
+    moves the weights between stages every step, which the model does not
+    count (`unmodelled` names it).
     """
     d, e, t = layout
     batch = config.data.batch_size
@@ -1271,9 +1277,7 @@ def candidates(config: TrainConfig, layout: Layout, tile_size: int = DEFAULT_TIL
              if zero != 2 or accum > 1]
     if stage == 1:
         return plans
-    m = config.model
-    units = m.n_layers // (m.moe_every if m.num_experts else 1)
-    repeats = (1, 2) if units % (2 * stage) == 0 else (1,)
+    repeats = (1,)  # (1, 2) once a stage-major train state keeps the circular schedule's weights in place
     # ZeRO-2 pays off with the pipeline's microbatches as with micro-batches
     plans += [Plan(d, e, t, dtd, remat, tile, accum, 2) for accum in accums or [1] for dtd in dtds
               for remat in REMATS for tile in tiles if accum == 1 and config.optimizer.zero1]
