@@ -172,6 +172,23 @@ def test_permute_comparison_reads_a_compiled_programs_permutes():
     assert row["measured_count"] == row["predicted_count"] == 2 * (pipe.iterations + 1) and row["exact"]
 
 
+def test_predicted_permutes_equal_the_compiled_pipeline():
+    """The train step of a pipelined tiny model (stage 2 of (2, 2, 1), GPipe, 4 microbatches), compiled: its
+    collective-permutes over "stage" carry the predicted bytes, as many times as predicted. Runs once
+    tedjax.pipeline (issue 22's schedule) is in the tree."""
+    pytest.importorskip("tedjax.pipeline")
+    import jax
+
+    from tedjax.mesh import make_mesh
+    from tedjax.trainer import Trainer
+
+    config = staged(microbatches=4)
+    mesh = make_mesh(2, 2, 1, stage=2, devices=jax.devices()[:8])
+    compiled = Trainer(config, mesh).lower_train_step().compile()
+    row = plan.permute_comparison(config, compiled, mesh)
+    assert row["exact"], row
+
+
 # --------------------------------------------------------------------------- the topology cost model
 
 
