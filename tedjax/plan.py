@@ -381,6 +381,11 @@ class Pipeline:
         return (self.stages - 1) / (self.repeats * self.microbatches)
 
     @property
+    def passes(self) -> int:
+        """Iterations per run of layers, rounded up: M + ceil((S-1)/R) (R = 1: every iteration, bubble included)."""
+        return self.microbatches + -(-(self.stages - 1) // self.repeats)
+
+    @property
     def in_flight(self) -> float:
         """Microbatches' activations of the whole stage kept for the backward pass: each of the R M + S - 1
         iterations keeps those of L / (S R) layers, (R M + S - 1) / R stages' worth."""
@@ -429,8 +434,11 @@ def pipeline_problems(config: TrainConfig) -> list[str]:
 
 def stage_view(config: TrainConfig) -> TrainConfig:
     """What one stage's devices run, as a config without stages: the stage's L / S layers (besides the
-    embedding and head, which every stage holds) on the M microbatches of each micro-batch, which the
-    model treats as M x grad_accum micro-batches (each adds its gradients, which XLA reduces in the loop).
+    embedding and head, which every stage holds) once per iteration of the schedule, bubble included (the
+    scanned schedule runs every stage in every iteration), on one microbatch of B / (grad_accum M)
+    sequences: `Pipeline.passes` x grad_accum micro-batches of that size, each with its collectives and
+    its gradients' reduction (measured on the compiled pipeline: the expert all-to-all and the data-parallel
+    reductions run (M + S - 1) / M times as often as with M passes).
 
     `config` unchanged when it has no stages. Call `pipeline_problems` first.
     """
@@ -442,9 +450,10 @@ def _stage_view(config: TrainConfig) -> TrainConfig:
     from tedjax.config import PipelineConfig
 
     pipe = pipeline_of(config)
+    rows, accum = config.data.micro_batch_size // pipe.microbatches, config.data.grad_accum
     return dataclasses.replace(
         config, model=dataclasses.replace(config.model, n_layers=config.model.n_layers // pipe.stages),
-        data=dataclasses.replace(config.data, grad_accum=config.data.grad_accum * pipe.microbatches),
+        data=dataclasses.replace(config.data, batch_size=rows * accum * pipe.passes, grad_accum=accum * pipe.passes),
         mesh=dataclasses.replace(config.mesh, stage=1), pipeline=PipelineConfig())
 
 
@@ -908,6 +917,7 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
     """
     layout = layout or (config.mesh.data, config.mesh.expert, config.mesh.tensor)
     pipe = pipeline_of(config)
+    real = pipe.microbatches * config.data.grad_accum if pipe else 0  # microbatches of input per step
     config = stage_view(config)
     m, dc = config.model, config.data
     sz = _sizes(config, layout)
@@ -917,7 +927,7 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
     full = costs.gathered  # float32 parameters (and gradients) in their own layout
     zero = config.optimizer.zero if config.optimizer.zero1 else 1
     counters = 3 * 4 + 2 * 4  # step, bad_steps, skipped_steps; Adam's and the schedule's counts
-    batch = 2 * dc.grad_accum * sz.rows * dc.seq_len * 4
+    batch = 2 * (real or dc.grad_accum) * sz.rows * dc.seq_len * 4
     other = _structure(m)[1]
 
     act_b = 4 if backend == "cpu" or resolve_dtype(m.dtype, backend) == "float32" else 2
@@ -1111,7 +1121,7 @@ def step_time(config: TrainConfig, cluster: Cluster, layout: Layout | None = Non
     """FLOPs / peak plus, for each collective, its latency (alpha: a fixed cost and one per ring step) and
     bytes sent / bandwidth (beta) of the link its mesh axes cross. Nothing overlaps.
 
-    With stages the bubble adds compute x (S-1)/(R M), and each permute costs one step's latency plus its
+    With stages the bubble adds compute x (S-1)/M (GPipe), and each permute costs one step's latency plus its
     bytes over the link between stages. The MoE all-to-all over an expert axis that spans nodes is priced
     by `balance.TopologyCostModel`: flat (its NVLink and network parts at once) or, with
     `model.a2a=hierarchical`, in two phases whose network part is `model.remote_fraction` of the flat one's.
@@ -1160,7 +1170,9 @@ def step_time(config: TrainConfig, cluster: Cluster, layout: Layout | None = Non
         alpha = per_op * (ops.pop((t.kind, t.axes, t.group_size), 0) if t.what in COMBINED else t.count)
         latency += alpha
         comm[key] = comm.get(key, 0.0) + alpha + t.count * t.sent_bytes / (gbps * 1e9)
-    return Timing(compute, comm, links, latency, compute * pipe.overhead if pipe else 0.0)
+    # the view's FLOPs run every iteration, bubble included: its idle part is the bubble
+    bubble = compute * (pipe.passes - pipe.microbatches) / pipe.passes if pipe else 0.0
+    return Timing(compute - bubble, comm, links, latency, bubble)
 
 
 # The per-parameter collectives XLA combines into buckets (one latency per bucket in `step_time`).
