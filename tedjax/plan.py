@@ -679,9 +679,26 @@ def collectives(config: TrainConfig, layout: Layout | None = None, backend: Back
     layout = layout or (config.mesh.data, config.mesh.expert, config.mesh.tensor)
     pipe = pipeline_of(config)
     if pipe:
+        view = stage_view(config)
+        inner = collectives(view, layout, backend)
+        # The embedding, head and loss run once per micro-batch, outside the schedule's passes: so do their
+        # collectives and the reduction of their gradients.
+        passes, accum = pipe.passes, config.data.grad_accum
+        fewer: dict = {}
+        opt = view.optimizer
+        for kind, axes, nbytes, count, per_micro, what in _leaf_costs(
+                view.model, layout, opt.zero1, backend, opt.zero if opt.zero1 else 1, opt.tile_size > 0,
+                outside_only=True).traffic:
+            key = (kind, tuple(a for a in AXES if a in axes and dict(zip(AXES, layout))[a] > 1), nbytes, what)
+            fewer[key] = fewer.get(key, 0) + (count * accum * (passes - 1) if per_micro else 0)
+        out = []
+        for t in inner:
+            count = t.count // passes if t.what in _ONCE_PER_MICRO_BATCH else t.count
+            count -= fewer.pop((t.kind, t.axes, t.result_bytes, t.what), 0)
+            out.append(dataclasses.replace(t, count=count))
         permutes = Traffic("collective-permute", ("stage",), p2p_bytes(config, layout, backend), p2p_count(config),
                            "pipeline activations", pipe.stages)
-        return collectives(stage_view(config), layout, backend) + [permutes]
+        return [t for t in out if t.count > 0] + [permutes]
     m = config.model
     sz = _sizes(config, layout)
     sizes = dict(zip(AXES, layout))
@@ -752,6 +769,11 @@ def collectives(config: TrainConfig, layout: Layout | None = None, backend: Back
     return out
 
 
+# with stages, what runs once per micro-batch outside the schedule (not once per pass of a stage's layers)
+_ONCE_PER_MICRO_BATCH = frozenset({"embedding lookup", "LM head input gradient",
+                                   "cross-entropy max, sum and label logit"})
+
+
 @dataclasses.dataclass(frozen=True)
 class _LeafCosts:
     """What the parameters cost on one layout: bytes per device and their collectives."""
@@ -771,13 +793,15 @@ def _costs(config: TrainConfig, layout: Layout, backend: Backend) -> _LeafCosts:
 
 @functools.lru_cache(maxsize=4096)
 def _leaf_costs(model: ModelConfig, layout: Layout, zero1: bool, backend: Backend, zero: int = 1,
-                tiled: bool = False) -> _LeafCosts:
+                tiled: bool = False, outside_only: bool = False) -> _LeafCosts:
     sizes = dict(zip(AXES, layout))
     batch_axes = ("data", "expert")
     counts: dict[tuple, int] = {}
     params = moments = reduced = gathered = 0
     per_layer: dict = {}
     for leaf in parameters(model):
+        if outside_only and leaf.layer is not None:
+            continue
         used = {a for axes in leaf.spec for a in axes}
         local = _local(leaf.shape, leaf.spec, sizes) * 4
         state_spec = _zero1(leaf, layout, zero1)
