@@ -695,6 +695,8 @@ def collectives(config: TrainConfig, layout: Layout | None = None, backend: Back
         for t in inner:
             count = t.count // passes if t.what in _ONCE_PER_MICRO_BATCH else t.count
             count -= fewer.pop((t.kind, t.axes, t.result_bytes, t.what), 0)
+            if t.what == "loss scalars (LM, aux, z)":  # the LM loss's, once per micro-batch; aux and z per pass
+                count -= accum * (passes - 1)
             out.append(dataclasses.replace(t, count=count))
         permutes = Traffic("collective-permute", ("stage",), p2p_bytes(config, layout, backend), p2p_count(config),
                            "pipeline activations", pipe.stages)
