@@ -1103,6 +1103,7 @@ def _crosses_nodes(layout: Layout, axes: tuple[str, ...], gpus_per_node: int, st
     return bool((groups != groups[:, :1]).any())
 
 
+@functools.lru_cache(maxsize=4096)
 def expert_nodes(layout: Layout, gpus_per_node: int, stages: int = 1) -> int:
     """Devices of each expert-axis group that share a node (the expert axis when it stays in one node), or 0
     when node boundaries split the groups unevenly (e.g. 16 expert ranks over nodes of 3)."""
