@@ -84,6 +84,7 @@ class MoEStats:
     device_load: jax.Array  # f32 [X]   fraction of choices per device of the "expert" axis, before drops
     device_rows: jax.Array  # f32 [X]   rows each device computes, as a fraction of choices: its pool's (before drops),
     #                                   plus its own shadow rows with capacity_scope "dropless" (where rows set the time)
+    shadow_gain: jax.Array  # f32 [E]   fraction of choices a shadow of each expert would keep from drops (routing.py)
 
 
 class MoE(nnx.Module):
@@ -173,6 +174,8 @@ class MoE(nnx.Module):
         self.router_bias = BalanceState(jnp.zeros((num_experts,), jnp.float32), **balance_axes)
         self.load_mean = BalanceState(jnp.full((num_experts,), 1.0 / num_experts, jnp.float32), **balance_axes)
         self.load_steps = BalanceState(jnp.zeros((), jnp.int32), **axes_metadata(()))
+        # running mean of MoEStats.shadow_gain: the drops a shadow of each expert would save (the shadow policy's input)
+        self.gain_mean = BalanceState(jnp.zeros((num_experts,), jnp.float32), **balance_axes)
         # no expert is shadowed until a policy (or the user) picks some: id E marks an empty shadow slot
         self.shadow_ids = BalanceState(jnp.full((shadow_experts,), num_experts, jnp.int32),
                                        **axes_metadata(("shadow_experts",)))
@@ -217,7 +220,7 @@ class MoE(nnx.Module):
         if routed.num_shadows and self.capacity_scope == "dropless":  # (only there do rows set the time)
             device_rows_x = device_load_x + self._shadow_rows(routed)
         stats = MoEStats(routed.aux_loss, routed.z_loss, routed.expert_load, routed.dropped_fraction, device_load_x,
-                         device_rows_x)
+                         device_rows_x, routed.shadow_gain)
         return out_gsd.reshape(batch, length, d_model), stats
 
     def _route(self, x_gsd: jax.Array) -> routing_lib.Routing:
@@ -249,14 +252,20 @@ class MoE(nnx.Module):
             pool_capacity=pool_cap,
         )
 
-    def update_balance(self, expert_load_e: jax.Array, *, bias_rate: float, load_decay: float) -> None:
-        """After a step, outside the gradient: running mean of the load, and the router bias
-        moved by `bias_rate x sign(mean load - load)` (over-loaded experts become less likely)."""
+    def update_balance(self, expert_load_e: jax.Array, *, bias_rate: float, load_decay: float,
+                       shadow_gain_e: jax.Array | None = None, gain_decay: float = 0.0) -> None:
+        """After a step, outside the gradient: running means of the load (and of `shadow_gain_e` `[E]`, with
+        shadows), and the router bias moved by `bias_rate x sign(mean load - load)` (over-loaded experts become
+        less likely)."""
         load_e = jax.lax.stop_gradient(expert_load_e).astype(jnp.float32)
         steps = self.load_steps[...] + 1
         # the plain mean of the steps seen until there are enough for the exponential one
-        weight = jnp.maximum(1.0 - load_decay, 1.0 / steps.astype(jnp.float32))
+        weight = jnp.maximum(1.0 - load_decay, 1.0 / steps.astype(jnp.float32))[..., None]  # [..., 1]: stacked too
         self.load_mean[...] = self.load_mean[...] + weight * (load_e - self.load_mean[...])
+        if shadow_gain_e is not None:
+            gain_e = jax.lax.stop_gradient(shadow_gain_e).astype(jnp.float32)
+            gain_weight = jnp.maximum(1.0 - gain_decay, 1.0 / steps.astype(jnp.float32))[..., None]
+            self.gain_mean[...] = self.gain_mean[...] + gain_weight * (gain_e - self.gain_mean[...])
         self.load_steps[...] = steps
         if bias_rate:
             self.router_bias[...] = self.router_bias[...] + bias_rate * jnp.sign(1.0 / self.num_experts - load_e)

@@ -196,7 +196,8 @@ MODELLED = {
     "model": ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_len", "num_experts", "expert_d_ff",
               "top_k", "capacity_factor", "min_capacity", "moe_every", "group_size", "activation", "dtype", "dtd",
               "capacity_scope", "shadow_experts", "a2a_chunks", "remat", "n_kv_heads", "head_dim", "qk_norm",
-              "attention", "vocab_multiple", "dropless_buffer_factor", "remote_fraction", "a2a"),
+              "attention", "vocab_multiple", "dropless_buffer_factor", "remote_fraction", "a2a",
+              "scan_layers"),  # scanned or looped, the units send the same collectives (held-out cells: scanned)
     "optimizer": ("zero1", "zero", "tile_size"),
     "data": ("seq_len", "batch_size", "grad_accum"),
     "mesh": ("data", "expert", "tensor", "auto", "stage", "node_size"),
@@ -519,10 +520,12 @@ def _structure(model: ModelConfig) -> tuple[tuple[Leaf, ...], int]:
         spec = tuple(param_spec(var))
         spec = tuple(_axes_of(e) for e in spec + (None,) * (len(shape) - len(spec)))
         keys = [getattr(k, "key", getattr(k, "idx", None)) for k in path]
-        if keys[0] != "blocks":
-            leaves.append(Leaf(jax.tree_util.keystr(path), shape, spec))
-        elif keys[1] in per_block:
+        if keys[0] == "units":  # the probe's one scanned unit: a leading "layers" axis of 1, block keys[2]
+            per_block[keys[2]].append((jax.tree_util.keystr(path[3:]), shape[1:], spec[1:]))
+        elif keys[0] == "tail":  # the probe has fewer layers than a unit: all unrolled
             per_block[keys[1]].append((jax.tree_util.keystr(path[2:]), shape, spec))
+        else:
+            leaves.append(Leaf(jax.tree_util.keystr(path), shape, spec))
     for i in range(model.n_layers):
         for sub, shape, spec in per_block[first_of_kind[model.is_moe_layer(i)]]:
             leaves.append(Leaf(f"['blocks'][{i}]{sub}", shape, spec, i))
@@ -530,7 +533,8 @@ def _structure(model: ModelConfig) -> tuple[tuple[Leaf, ...], int]:
     for path, x in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(rest))[0]:
         keys = [getattr(k, "key", getattr(k, "idx", None)) for k in path]
         nbytes = math.prod(x.shape) * x.dtype.itemsize
-        other += nbytes if keys[0] != "blocks" else nbytes * copies.get(keys[1], 0)
+        block = keys[2] if keys[0] == "units" else keys[1] if keys[0] == "tail" else None  # (a unit of 1 layer)
+        other += nbytes if block is None else nbytes * copies.get(block, 0)
     return tuple(leaves), other
 
 
@@ -725,7 +729,9 @@ def collectives(config: TrainConfig, layout: Layout | None = None, backend: Back
     full = m.remat == "full"
     add("all-reduce", ["tensor"], act, accum * m.n_layers * (2 if full else 1), "attention output")
     add("all-reduce", ["tensor"], act, accum * m.n_layers * 3, "attention input gradient (q, k, v)")
-    add("all-reduce", ["tensor"], act, accum * n_dense, "dense FFN output")
+    # full remat per scanned unit also recomputes the dense blocks before a unit's last (the next block's input)
+    inner_dense = m.n_layers // m.moe_every * (m.moe_every - 1) if full else 0
+    add("all-reduce", ["tensor"], act, accum * (n_dense + inner_dense), "dense FFN output")
     add("all-reduce", ["tensor"], act, accum * n_dense * (2 if swiglu else 1), "dense FFN input gradient")
     add("all-reduce", ["tensor"], act, accum, "LM head input gradient")
     add("all-reduce", ["tensor"], sz.tokens * 4, accum * 3, "cross-entropy max, sum and label logit")
@@ -985,8 +991,9 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
     logits = 2 * sz.tokens * (m.padded_vocab // t) * 4
     if backend == "cpu" or m.remat == "none":
         kept = m.n_layers * attention + n_dense * dense + n_moe * moe
-    else:  # each layer's input, plus (cac) its collectives' outputs; one layer recomputed at a time
-        kept = m.n_layers * td + one_layer
+    else:  # each scanned unit's (or tail layer's) input, plus (cac) its collectives' outputs; one unit recomputed
+        units = m.n_layers // m.moe_every
+        kept = (m.n_layers - units * (m.moe_every - 1)) * td + one_layer + (m.moe_every - 1) * (attention + dense)
         if m.remat == "cac":
             kept += m.n_layers * td + n_dense * td + n_moe * 3 * slot_d
     activations = kept * (pipe.in_flight if pipe else 1) + 3 * td + logits

@@ -70,6 +70,8 @@ class Routing:
     pool_load: jax.Array  # f32 [Q]               fraction of all choices sent to each pool (before drops; shadowed
     #                                               choices excluded)
     dropped_fraction: jax.Array  # f32 []         fraction of choices dropped
+    shadow_gain: jax.Array  # f32 [E]              fraction of all choices a shadow of each expert alone would keep that
+    #                                               its pool drops, net of the shadow's own drops (0 without shadows)
     capacity: int = dataclasses.field(metadata=dict(static=True))  # slots per pool per group (P)
     experts_per_pool: int = dataclasses.field(metadata=dict(static=True))
     num_shadows: int = dataclasses.field(default=0, metadata=dict(static=True))  # shadow buffers after the Q pools
@@ -189,9 +191,14 @@ def route(
     z_loss = jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)))
 
     choices = groups * group_size * top_k
-    expert_load = jnp.sum(_counts_per_group(index_gsk, True, num_experts), axis=0).astype(jnp.float32) / choices
+    expert_counts_ge = _counts_per_group(index_gsk, True, num_experts)
+    expert_load = jnp.sum(expert_counts_ge, axis=0).astype(jnp.float32) / choices
     pool_load = jnp.sum(_counts_per_group(pool_gsk, ~shadowed_gsk, num_pools), axis=0).astype(jnp.float32) / choices
     dropped_fraction = jnp.sum(~kept_gsk) / kept_gsk.size  # exactly 0 when nothing drops
+    shadow_gain = jnp.zeros((num_experts,), jnp.float32)
+    if num_shadows:
+        slot_e = jnp.arange(num_experts, dtype=jnp.int32) if placement is None else placement.astype(jnp.int32)
+        shadow_gain = _shadow_gain(expert_counts_ge, slot_e // experts_per_pool, pool_cap, shadow_capacity) / choices
     return Routing(
         expert_index=index_gsk.astype(jnp.int32),
         pool_index=pool_gsk.astype(jnp.int32),
@@ -204,11 +211,30 @@ def route(
         expert_load=expert_load,
         pool_load=pool_load,
         dropped_fraction=dropped_fraction,
+        shadow_gain=shadow_gain,
         capacity=pool_cap,
         experts_per_pool=experts_per_pool,
         num_shadows=num_shadows,
         shadow_capacity=shadow_capacity if num_shadows else 0,
     )
+
+
+def _shadow_gain(counts_ge: jax.Array, pool_e: jax.Array, pool_cap: int, shadow_cap: int) -> jax.Array:
+    """Choices `[E]` (summed over groups) that a shadow of each expert alone would keep and its pool drops,
+    less those its shadow buffer would drop: what shadowing it saves, whatever is shadowed now.
+
+    Counted on all choices `counts_ge` `[G, E]` (before drops, shadowed or not) against each expert's pool
+    `pool_e` `[E]`, so the figure does not depend on the current set: the pool's overflow with and without
+    the expert's n choices, minus max(n - C_shadow, 0). With one expert per pool (per-expert capacity)
+    that is min(n, C_shadow) - min(n, C), exact and additive over experts; two shadows of one device pool
+    save at most the sum of their figures.
+    """
+    counts_ge = counts_ge.astype(jnp.float32)
+    pool_counts_gq = jax.vmap(lambda n_e: jnp.zeros(n_e.shape, jnp.float32).at[pool_e].add(n_e))(counts_ge)
+    in_pool_ge = jnp.take(pool_counts_gq, pool_e, axis=1)  # all the choices of each expert's pool
+    saved_ge = (jnp.maximum(in_pool_ge - pool_cap, 0.0) - jnp.maximum(in_pool_ge - counts_ge - pool_cap, 0.0)
+                - jnp.maximum(counts_ge - shadow_cap, 0.0))
+    return jnp.sum(saved_ge, axis=0)
 
 
 def _counts_per_group(bucket_gsk: jax.Array, where_gsk, buckets: int) -> jax.Array:
