@@ -784,6 +784,9 @@ def collectives(config: TrainConfig, layout: Layout | None = None, backend: Back
         add("all-reduce", batch_axes, (1 + m.num_experts + pools) * 4, accum * n_moe,
             "router statistics (drop count, expert load, pool load)")
     add("all-reduce", batch_axes, 4, accum * (1 + 2 * n_moe), "loss scalars (LM, aux, z)")
+    node_size = config.mesh.node_size
+    if n_moe and node_size and 0 < expert_nodes(tuple(layout), node_size, config.mesh.stage) < layout[1]:
+        add("all-reduce", batch_axes, 4, accum * 2 * n_moe, "node statistics (inter-node, redirected fractions)")
 
     # ---- gradients over each parameter's data-parallel group (XLA reduces them in every micro-batch),
     # the global norm's partial sums, the all-gather of the updated ZeRO-1 shards
