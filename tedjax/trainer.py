@@ -141,7 +141,7 @@ class Trainer:
         on the host."""
         if self.moe_path is None:
             return np.zeros((0,))
-        return np.asarray(_at(state.model_state, self.moe_path)[name])
+        return np.array(_at(state.model_state, self.moe_path)[name])  # a writable copy (policies edit it)
 
     def _move_experts(self, state: TrainState, placement_ne: jax.Array) -> TrainState:
         """Adopt new placements `[n_moe, E]`: permute every expert weight AND its Adam moments (every layer;
