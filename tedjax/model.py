@@ -9,7 +9,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from tedjax.config import ModelConfig, check_mesh
-from tedjax.layers import COLLECTIVE_OUTPUTS, Attention, DenseFFN, RMSNorm, RopeScaling, fan_in_init, param
+from tedjax.layers import (COLLECTIVE_OUTPUTS, Attention, DenseFFN, RMSNorm, RopeScaling, fan_in_init, lane_einsum,
+                           lane_take, param)
 from tedjax.mesh import constrain, state_shardings
 from tedjax.moe import MoE, MoEStats
 
@@ -76,7 +77,7 @@ class Transformer(nnx.Module):
         cfg = self.config
         check_tokens(cfg, tokens_bl)  # shapes always, id range when concrete (see check_tokens)
         tokens_bl = constrain(tokens_bl, ("batch", "length"))
-        x_bld = jnp.take(self.embed[...], tokens_bl, axis=0).astype(cfg.compute_dtype)
+        x_bld = lane_take(self.embed[...], tokens_bl).astype(cfg.compute_dtype)
         x_bld = constrain(x_bld, ("batch", "length", "act_embed"))
         all_stats = []
         for block in self.blocks:
@@ -87,7 +88,7 @@ class Transformer(nnx.Module):
             if stats is not None:
                 all_stats.append(stats)
         x_bld = self.final_norm(x_bld)
-        logits_blv = jnp.einsum("bld,dv->blv", x_bld, self.head[...].astype(cfg.compute_dtype))
+        logits_blv = lane_einsum("bld,dv->blv", x_bld, self.head[...].astype(cfg.compute_dtype), split="b")
         logits_blv = constrain(mask_padded_vocab(cfg, logits_blv.astype(jnp.float32)), ("batch", "length", "act_vocab"))
         return logits_blv, all_stats
 

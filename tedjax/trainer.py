@@ -26,7 +26,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tedjax.config import TrainConfig, check_mesh
-from tedjax.mesh import MESH_AXES, RULES, logical_to_spec, state_shardings
+from tedjax.mesh import MESH_AXES, RULES, axis_size, logical_to_spec, state_shardings
 from tedjax.model import Transformer, abstract_model, loss_fn, moe_layers, update_balance
 from tedjax.moe import EXPERT_WEIGHTS
 from tedjax.optim import (
@@ -84,14 +84,15 @@ class Trainer:
         )
         # [grad_accum, micro_batch, L]
         self.batch_sharding = NamedSharding(mesh, logical_to_spec((None, "batch", None)))
+        abstract = abstract_model(config.model, config.seed)
+        self.moe_paths = [path for path, module in nnx.iter_modules(abstract) if module in moe_layers(abstract)]
+        self.lanes, self.lane_shardings = self._lanes()
         step_fn = functools.partial(
             train_step, graphdef=graphdef, tx=self.tx, config=config, trainer_static=self._static()
         )
         # The layers read the mesh while tracing (pools, DTD), so the steps always run under this one.
         self.train_step = OnMesh(jax.jit(step_fn, donate_argnums=0, out_shardings=(self.state_shardings, replicated)),
                                  mesh)
-        abstract = abstract_model(config.model, config.seed)
-        self.moe_paths = [path for path, module in nnx.iter_modules(abstract) if module in moe_layers(abstract)]
         self.move_experts = OnMesh(jax.jit(self._move_experts, donate_argnums=0, out_shardings=self.state_shardings),
                                    mesh)
         # one layer's move (rebalance moves only the layers that adopt a placement); compiled on first use
@@ -105,7 +106,37 @@ class Trainer:
         self.params_finite = OnMesh(jax.jit(lambda state: all_finite(state.params), out_shardings=replicated), mesh)
 
     def _static(self) -> _Static:
-        return _Static(self.mesh, self.schedule, self.zero1_shardings, self.param_shardings)
+        return _Static(self.mesh, self.schedule, self.zero1_shardings, self.param_shardings, self.lanes,
+                       self.lane_shardings)
+
+    def _lanes(self) -> tuple[dict, dict]:
+        """(lanes, shardings): per parameter, how many lanes accumulate its gradient locally (1: none) and the
+        sharding of its `[lanes, ...]` copy (NOTES.md 4.6).
+
+        Lanes are the shards of the parameter's data-parallel group: "batch" for non-expert weights,
+        "expert_batch" for expert weights. Only ZeRO-1 under accumulation takes them: ZeRO-2/3 reduce-scatter
+        each micro-batch into their shards, so that no full gradient lives across micro-batches. Expert
+        weights of shadowed or dropless layers (their own collectives on the weights) take none.
+        """
+        config, mesh = self.config, self.mesh
+        model = config.model
+        expert_lanes = not model.shadow_experts and model.capacity_scope != "dropless"
+        layer_of = _expert_layer_tree(self.abstract_params, self.moe_paths)
+
+        def lanes_of(layer, sharding) -> int:
+            if config.data.grad_accum == 1 or config.optimizer.zero != 1 or (layer >= 0 and not expert_lanes):
+                return 1
+            return axis_size(mesh, "batch" if layer < 0 else "expert_batch")
+
+        lanes = jax.tree.map(lanes_of, layer_of, self.model_shardings)
+
+        def lane_sharding(n, layer, sharding):
+            if n == 1:
+                return sharding
+            lane_axes = logical_to_spec(("batch" if layer < 0 else "expert_batch",))[0]
+            return NamedSharding(mesh, PartitionSpec(lane_axes, *sharding.spec))
+
+        return lanes, jax.tree.map(lane_sharding, lanes, layer_of, self.model_shardings)
 
     def _init(self) -> TrainState:
         config = self.config
@@ -333,6 +364,8 @@ class _Static:
     schedule: Any
     zero1_shardings: Any
     param_shardings: Any
+    lanes: Any  # per parameter: lanes of its gradient accumulation (1: none)
+    lane_shardings: Any
 
 
 def _merge(graphdef, params, model_state) -> Transformer:
@@ -414,21 +447,27 @@ def train_step(
     if accum == 1:
         grads, metrics, model_state = micro_grads(state.model_state, jax.tree.map(lambda x: x[0], batch))
     else:
+        # ZeRO-1: each weight as `[lanes, ...]` copies over its data-parallel group (a local broadcast), so each
+        # lane's gradient is a local partial sum, reduced once after the loop (NOTES.md 4.6)
+        def to_lanes(p, n, sharding):
+            return p if n == 1 else jax.lax.with_sharding_constraint(jnp.broadcast_to(p, (n, *p.shape)), sharding)
+
+        accum_shardings = static.lane_shardings if zero == 1 else static.zero1_shardings
 
         def body(carry, micro):
             grads_sum, model_state, params = carry
             if zero == 3:  # a loop-variant copy: XLA would hoist the (loop-invariant) all-gathers out of the
                 params = jax.lax.optimization_barrier(params)  # loop and keep the whole model gathered
             grads, metrics, model_state = micro_grads(model_state, micro, params)
-            if zero > 1:  # each micro-batch's gradients reduce-scattered into the optimizer's shards
-                grads = jax.lax.with_sharding_constraint(grads, static.zero1_shardings)
+            # ZeRO-1: stays local in the lanes; ZeRO-2/3: reduce-scattered into the optimizer's shards
+            grads = jax.lax.with_sharding_constraint(grads, accum_shardings)
             return (jax.tree.map(jnp.add, grads_sum, grads), model_state, params), metrics
 
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        if zero > 1:  # ZeRO-2/3 accumulate in the optimizer's shards: no full gradient lives across micro-batches
-            zeros = jax.lax.with_sharding_constraint(zeros, static.zero1_shardings)
-        (grads, model_state, _), metrics = jax.lax.scan(body, (zeros, state.model_state, state.params), batch)
-        grads = jax.tree.map(lambda g: g / accum, grads)
+        params = jax.tree.map(to_lanes, state.params, static.lanes, static.lane_shardings)
+        # ZeRO-2/3 accumulate in the optimizer's shards: no full gradient lives across micro-batches
+        zeros = jax.lax.with_sharding_constraint(jax.tree.map(jnp.zeros_like, params), accum_shardings)
+        (grads, model_state, _), metrics = jax.lax.scan(body, (zeros, state.model_state, params), batch)
+        grads = jax.tree.map(lambda g, n: (g if n == 1 else jnp.sum(g, axis=0)) / accum, grads, static.lanes)
         metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
 
     # ZeRO-1: gradients in the optimizer-state layout (a reduce-scatter, not an all-reduce).
