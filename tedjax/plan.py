@@ -568,7 +568,7 @@ def collectives(config: TrainConfig, layout: Layout | None = None, backend: Back
             "router statistics (drop count, expert load, pool load)")
     add("all-reduce", batch_axes, 4, accum * (1 + 2 * n_moe), "loss scalars (LM, aux, z)")
 
-    # ---- gradients over each parameter's data-parallel group (XLA reduces them in every micro-batch),
+    # ---- gradients over each parameter's data-parallel group (once per step with ZeRO-1, else per micro-batch),
     # the global norm's partial sums, the all-gather of the updated ZeRO-1 shards
     for kind, axes, nbytes, count, per_micro, what in _costs(config, layout, backend).traffic:
         add(kind, axes, nbytes, count * (accum if per_micro else 1), what)
@@ -589,12 +589,13 @@ class _LeafCosts:
 
 def _costs(config: TrainConfig, layout: Layout, backend: Backend) -> _LeafCosts:
     opt = config.optimizer
-    return _leaf_costs(config.model, layout, opt.zero1, backend, opt.zero if opt.zero1 else 1, opt.tile_size > 0)
+    return _leaf_costs(config.model, layout, opt.zero1, backend, opt.zero if opt.zero1 else 1, opt.tile_size > 0,
+                       config.data.grad_accum > 1)
 
 
 @functools.lru_cache(maxsize=4096)
 def _leaf_costs(model: ModelConfig, layout: Layout, zero1: bool, backend: Backend, zero: int = 1,
-                tiled: bool = False) -> _LeafCosts:
+                tiled: bool = False, accumulates: bool = False) -> _LeafCosts:
     sizes = dict(zip(AXES, layout))
     batch_axes = ("data", "expert")
     counts: dict[tuple, int] = {}
@@ -618,8 +619,13 @@ def _leaf_costs(model: ModelConfig, layout: Layout, zero1: bool, backend: Backen
         # and XLA reduces each before the sum (measured): n reductions per micro-batch.
         expert_weight = len(leaf.shape) == 3 and "expert" in leaf.spec[0]
         entries = []
-        for _ in range(model.a2a_chunks if expert_weight else 1):
-            entries += _gradient_reduction(local, used, added, sizes, backend, what)
+        # ZeRO-1 under accumulation reduces each gradient once per step, after the micro-batches (its chunks'
+        # partial sums too): tedjax.trainer's lanes, NOTES.md 4.6. Not ZeRO-2/3, nor shadowed or dropless experts.
+        once = accumulates and zero == 1 and not (expert_weight and (model.shadow_experts
+                                                                     or model.capacity_scope == "dropless"))
+        what = "gradient" if once else what  # the lanes' sum: TED's all-reduce, not a partitioning XLA picks
+        for _ in range(model.a2a_chunks if expert_weight and not once else 1):
+            entries += _gradient_reduction(local, used, added, sizes, backend, what, per_micro=not once)
         # the global norm: one partial sum per sharded dim of the optimizer-state layout
         entries += [("all-reduce", axes, 4, False, "gradient norm") for axes in state_spec]
         if not tiled:  # the untiled step's NaN guard: the update's norm, reduced as the gradient's
@@ -647,18 +653,19 @@ def _leaf_costs(model: ModelConfig, layout: Layout, zero1: bool, backend: Backen
     return _LeafCosts(params, moments, max(per_layer.values()), reduced, traffic, gathered)
 
 
-def _gradient_reduction(local: int, used: set, added: tuple, sizes: dict, backend: Backend, what: str) -> list:
+def _gradient_reduction(local: int, used: set, added: tuple, sizes: dict, backend: Backend, what: str,
+                        per_micro: bool = True) -> list:
     """A gradient's reduction over its data-parallel group: reduce-scatter into the ZeRO-1 shard on GPUs
     (all-reduce over the rest of the group), one all-reduce on XLA:CPU."""
     batch_axes = ("data", "expert")
     entries = []
     if backend == "gpu" and any(sizes[a] > 1 for a in added):
         p_added = math.prod(sizes[a] for a in added)
-        entries.append(("reduce-scatter", added, -(-local // p_added), True, what))
+        entries.append(("reduce-scatter", added, -(-local // p_added), per_micro, what))
         entries.append(("all-reduce", tuple(a for a in batch_axes if a not in used and a not in added),
-                        -(-local // p_added), True, what))
+                        -(-local // p_added), per_micro, what))
     else:
-        entries.append(("all-reduce", tuple(a for a in batch_axes if a not in used), local, True, what))
+        entries.append(("all-reduce", tuple(a for a in batch_axes if a not in used), local, per_micro, what))
     return entries
 
 
