@@ -455,7 +455,8 @@ class MoE(nnx.Module):
         if counts_gqx is None:
             groups, experts, cap, d_model = buf_gqpd.shape
             rows_emd = jnp.swapaxes(buf_gqpd, 0, 1).reshape(experts, groups * cap, d_model)
-            lanes = functools.partial(lane_einsum, split="m", lanes="expert_batch")  # lane weights: NOTES.md 4.6
+            # lane weights (NOTES.md section 3.1): the rows M = G x C split by their groups' "data" shards
+            lanes = functools.partial(lane_einsum, split="m", lanes="expert_batch")
             h_emf = lanes("emd,edf->emf", rows_emd, w_in)
             gate_emf = None if w_gate is None else lanes("emd,edf->emf", rows_emd, w_gate)
             h_emf = constrain(activate(h_emf, gate_emf), ("experts", "expert_batch", "act_ffn"))

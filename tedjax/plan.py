@@ -620,7 +620,8 @@ def _leaf_costs(model: ModelConfig, layout: Layout, zero1: bool, backend: Backen
         expert_weight = len(leaf.shape) == 3 and "expert" in leaf.spec[0]
         entries = []
         # ZeRO-1 under accumulation reduces each gradient once per step, after the micro-batches (its chunks'
-        # partial sums too): tedjax.trainer's lanes, NOTES.md 4.6. Not ZeRO-2/3, nor shadowed or dropless experts.
+        # partial sums too): tedjax.trainer's lanes, NOTES.md section 3.1. Not ZeRO-2/3, nor shadowed or
+        # dropless experts.
         once = accumulates and zero == 1 and not (expert_weight and (model.shadow_experts
                                                                      or model.capacity_scope == "dropless"))
         what = "gradient" if once else what  # the lanes' sum: TED's all-reduce, not a partitioning XLA picks

@@ -111,7 +111,7 @@ class Trainer:
 
     def _lanes(self) -> tuple[dict, dict]:
         """(lanes, shardings): per parameter, how many lanes accumulate its gradient locally (1: none) and the
-        sharding of its `[lanes, ...]` copy (NOTES.md 4.6).
+        sharding of its `[lanes, ...]` copy (NOTES.md section 3.1).
 
         Lanes are the shards of the parameter's data-parallel group: "batch" for non-expert weights,
         "expert_batch" for expert weights. Only ZeRO-1 under accumulation takes them: ZeRO-2/3 reduce-scatter
@@ -448,7 +448,7 @@ def train_step(
         grads, metrics, model_state = micro_grads(state.model_state, jax.tree.map(lambda x: x[0], batch))
     else:
         # ZeRO-1: each weight as `[lanes, ...]` copies over its data-parallel group (a local broadcast), so each
-        # lane's gradient is a local partial sum, reduced once after the loop (NOTES.md 4.6)
+        # lane's gradient is a local partial sum, reduced once after the loop (NOTES.md section 3.1)
         def to_lanes(p, n, sharding):
             return p if n == 1 else jax.lax.with_sharding_constraint(jnp.broadcast_to(p, (n, *p.shape)), sharding)
 
