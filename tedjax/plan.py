@@ -585,20 +585,22 @@ class _LeafCosts:
     reduced: int  # local gradient bytes reduced over a data-parallel group
     traffic: tuple  # (kind, axes, bytes, count, per micro-batch, what)
     gathered: int = 0  # float32 parameters in their own layout (what ZeRO-3 gathers for a micro-batch)
+    traffic_once: tuple = ()  # `traffic` under gradient accumulation (ZeRO-1 reduces once per step)
 
 
 def _costs(config: TrainConfig, layout: Layout, backend: Backend) -> _LeafCosts:
     opt = config.optimizer
-    return _leaf_costs(config.model, layout, opt.zero1, backend, opt.zero if opt.zero1 else 1, opt.tile_size > 0,
-                       config.data.grad_accum > 1)
+    costs = _leaf_costs(config.model, layout, opt.zero1, backend, opt.zero if opt.zero1 else 1, opt.tile_size > 0)
+    return dataclasses.replace(costs, traffic=costs.traffic_once) if config.data.grad_accum > 1 else costs
 
 
 @functools.lru_cache(maxsize=4096)
 def _leaf_costs(model: ModelConfig, layout: Layout, zero1: bool, backend: Backend, zero: int = 1,
-                tiled: bool = False, accumulates: bool = False) -> _LeafCosts:
+                tiled: bool = False) -> _LeafCosts:
     sizes = dict(zip(AXES, layout))
     batch_axes = ("data", "expert")
     counts: dict[tuple, int] = {}
+    counts_once: dict[tuple, int] = {}  # with gradient accumulation
     params = moments = reduced = gathered = 0
     per_layer: dict = {}
     for leaf in parameters(model):
@@ -619,14 +621,15 @@ def _leaf_costs(model: ModelConfig, layout: Layout, zero1: bool, backend: Backen
         # and XLA reduces each before the sum (measured): n reductions per micro-batch.
         expert_weight = len(leaf.shape) == 3 and "expert" in leaf.spec[0]
         entries = []
+        for _ in range(model.a2a_chunks if expert_weight else 1):
+            entries += _gradient_reduction(local, used, added, sizes, backend, what)
         # ZeRO-1 under accumulation reduces each gradient once per step, after the micro-batches (its chunks'
-        # partial sums too): tedjax.trainer's lanes, NOTES.md section 3.1. Not ZeRO-2/3, nor shadowed or
-        # dropless experts.
-        once = accumulates and zero == 1 and not (expert_weight and (model.shadow_experts
-                                                                     or model.capacity_scope == "dropless"))
-        what = "gradient" if once else what  # the lanes' sum: TED's all-reduce, not a partitioning XLA picks
-        for _ in range(model.a2a_chunks if expert_weight and not once else 1):
-            entries += _gradient_reduction(local, used, added, sizes, backend, what, per_micro=not once)
+        # partial sums too), as TED's all-reduce whatever XLA would pick: tedjax.trainer's lanes, NOTES.md
+        # section 3.1. Not ZeRO-2/3, nor shadowed or dropless experts.
+        once = zero == 1 and not (expert_weight and (model.shadow_experts or model.capacity_scope == "dropless"))
+        gradients_once = (_gradient_reduction(local, used, added, sizes, backend, "gradient", per_micro=False)
+                          if once else list(entries))
+        n_gradients = len(entries)
         # the global norm: one partial sum per sharded dim of the optimizer-state layout
         entries += [("all-reduce", axes, 4, False, "gradient norm") for axes in state_spec]
         if not tiled:  # the untiled step's NaN guard: the update's norm, reduced as the gradient's
@@ -645,13 +648,19 @@ def _leaf_costs(model: ModelConfig, layout: Layout, zero1: bool, backend: Backen
             per_chunk = model.a2a_chunks if expert_weight and not pooled else 1
             times = (1 + again + (1 if len(leaf.shape) == 1 else 0)) * per_chunk
             entries += [("all-gather", added, local, True, "parameters (ZeRO-3)")] * times
-        for kind, axes, nbytes, per_micro, what in entries:
-            axes = tuple(a for a in AXES if a in axes and sizes[a] > 1)
-            if axes and nbytes:
-                key = (kind, axes, nbytes, per_micro, what)
-                counts[key] = counts.get(key, 0) + 1
-    traffic = tuple((k, a, b, n, pm, w) for (k, a, b, pm, w), n in counts.items())
-    return _LeafCosts(params, moments, max(per_layer.values()), reduced, traffic, gathered)
+        def keys(listed):
+            for kind, axes, nbytes, per_micro, what in listed:
+                axes = tuple(a for a in AXES if a in axes and sizes[a] > 1)
+                if axes and nbytes:
+                    yield kind, axes, nbytes, per_micro, what
+
+        rest, gradients = list(keys(entries[n_gradients:])), list(keys(entries[:n_gradients]))
+        for tally, listed in ((counts, gradients), (counts_once, list(keys(gradients_once)) if once else gradients)):
+            for key in listed + rest:
+                tally[key] = tally.get(key, 0) + 1
+    traffic, traffic_once = (tuple((k, a, b, n, pm, w) for (k, a, b, pm, w), n in tally.items())
+                             for tally in (counts, counts_once))
+    return _LeafCosts(params, moments, max(per_layer.values()), reduced, traffic, gathered, traffic_once)
 
 
 def _gradient_reduction(local: int, used: set, added: tuple, sizes: dict, backend: Backend, what: str,
