@@ -73,7 +73,7 @@ XLA_CHOOSES = {  # what -> op_name regex (remat wraps the router's einsum in che
     "embedding gradient": r"transpose\(jvp\(jit\(_take\)\)\)",
     "router gradient": r"transpose\(.*gsd,de->gse",
     # with ZeRO-3 the lookup's table is stored split, and XLA gathers it over the axes it picks
-    "embedding lookup": r"jvp\(jit\(_take\)\)",
+    "embedding lookup": r"jvp\((vmap\()?jit\(_take\)\)",  # vmap: the lanes' lookup (NOTES.md section 3.1)
 }
 
 
