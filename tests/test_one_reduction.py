@@ -3,7 +3,8 @@
 One compiled step at grad_accum = 4 on (2, 2, 2), composed with DTD, CAC and
 the tiled optimizer, checked twice: its loss and gradients equal one device's,
 and its data-parallel reductions carry as many bytes as the step at
-grad_accum = 1 (with a reduction per micro-batch they carried 4x).
+grad_accum = 1 (with a reduction per micro-batch they carried 4x). The lane
+helpers themselves are checked without a mesh.
 """
 
 import jax
@@ -62,3 +63,26 @@ def test_reduction_bytes_do_not_grow_with_micro_batches(four_micro_batches):
     # gradient is reduced as a sum of lanes at n = 4, at n = 1 by XLA's own scatter: a few % apart)
     assert in_loop <= 256, in_loop
     assert per_step <= 1.2 * one, (per_step, one)
+
+
+def test_lane_helpers_equal_the_plain_ops_and_their_lane_gradients_sum_to_the_plain_gradient():
+    """No mesh: lanes `[N, ...]` of one weight give the plain result, and each lane's gradient is its own
+    rows' share (their sum is the plain gradient)."""
+    from tedjax.layers import lane_einsum, lane_scale, lane_take
+
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((4, 3, 5)), rng.standard_normal((5, 6))
+    scale, table, ids = rng.standard_normal(5), rng.standard_normal((7, 5)), rng.integers(0, 7, (4, 3))
+    ops = {
+        "einsum": (lambda w: lane_einsum("bld,df->blf", x, w, split="b"), w),
+        "scale": (lambda s: lane_scale(x, s), scale),
+        "take": (lambda t: lane_take(t, ids), table),
+    }
+    for name, (op, weight) in ops.items():
+        lanes = np.broadcast_to(weight, (2, *weight.shape))
+        np.testing.assert_allclose(op(lanes), op(weight), rtol=1e-6, err_msg=name)
+        plain = jax.grad(lambda w: (op(w) ** 2).sum())(weight)
+        per_lane = jax.grad(lambda w: (op(w) ** 2).sum())(lanes)
+        first_half = jax.grad(lambda w: (op(w)[:2] ** 2).sum())(weight)  # lane 0 holds batch rows 0..1
+        np.testing.assert_allclose(per_lane[0], first_half, rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(per_lane.sum(0), plain, rtol=1e-5, atol=1e-6, err_msg=name)
