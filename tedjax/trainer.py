@@ -7,8 +7,9 @@ not finite. Evaluation, checkpoints and logging live outside it.
 
 ZeRO levels (`optimizer.zero`): 1 splits Adam's moments over each parameter's
 data-parallel group, and under accumulation reduces the gradients once per
-step (each device sums its own in lanes, NOTES.md section 3.1); 2 also accumulates the gradients in those shards (each
-micro-batch's reduce-scattered there); 3 also stores the parameters there
+step (each device sums its own in lanes, NOTES.md section 3.1); 2 also
+accumulates the gradients in those shards (each micro-batch's
+reduce-scattered there); 3 also stores the parameters there
 (`Trainer.param_shardings`), and XLA all-gathers each where the forward and
 the backward use it. `Trainer.model_shardings` is the layers' own layout.
 """
