@@ -182,8 +182,7 @@ def train_variant(args, name: str, extra: list[str], runs_dir: Path) -> dict:
         start = time.perf_counter()
         result = run(config)
         wall_s = time.perf_counter() - start
-        bias = [np.asarray(_at(result.state.model_state, path)["router_bias"]).tolist()
-                for path in result.trainer.moe_paths]  # fmt: skip
+        bias = result.trainer.balance_values(result.state, "router_bias").tolist()
     m = read_metrics(metrics_path)
     steps = sorted(m["train"])
     dropped = np.array([m["train"][s]["dropped_fraction"] for s in steps], dtype=float)  # [steps, n_moe]
@@ -220,12 +219,6 @@ def train_variant(args, name: str, extra: list[str], runs_dir: Path) -> dict:
         "wall_s": wall_s,
         "reused_run": reused,
     }
-
-
-def _at(tree: dict, path) -> dict:
-    for key in path:
-        tree = tree[key]
-    return tree
 
 
 def judge_main_job(runs: list[dict]) -> list[dict]:

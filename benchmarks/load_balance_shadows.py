@@ -88,7 +88,8 @@ REFERENCE_VAL = {"baseline": 1.5690, "device pool": 1.5473}  # README / helper-5
 
 def shadow_records(log_dir: Path) -> list[dict]:
     recs = [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
-    keys = ("layer", "shadow_ids", "changed", "predicted_latency_s", "predicted_latency_with_shadows_s")
+    keys = ("layer", "shadow_ids", "changed", "predicted_latency_s", "predicted_latency_with_shadows_s",
+            "predicted_saved_fraction", "predicted_copy_s", "predicted_keep_s")
     per_layer = ((r["step"], dict(zip(keys, v))) for r in recs if r.get("kind") == "shadows"
                  for v in zip(*(r[k + "s" if k == "layer" else k] for k in keys)))  # one record per decision
     return [{"step": step, **{k: v[k] for k in keys if k != "changed"}} for step, v in per_layer if v["changed"]]

@@ -185,7 +185,7 @@ def main() -> None:
     notes = [
         "ZeRO 1 splits Adam's two moments; ZeRO 2 also pins the gradients to those shards from each micro-batch's "
         "reduction on (grads column: the layout each level pins; ZeRO 1 instead sums each device's own gradients "
-        "over the micro-batches and reduces them once per step, NOTES.md section 3.1: fewer reduce bytes, more "
+        "over the micro-batches and reduces them once per step, NOTES.md section 3.2: fewer reduce bytes, more "
         "step temp); ZeRO 3 also stores the parameters there and XLA all-gathers each "
         "where the forward and the backward use it, so its all-gather bytes grow by the parameters' size per "
         "micro-batch.",

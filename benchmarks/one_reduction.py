@@ -4,7 +4,7 @@ The tiny config (configs/tiny.yaml: d_model 128, 4 layers, 8 experts, batch 32 x
 grad_accum = 4, ZeRO-1, on 8 simulated CPU devices, on the layouts (2, 2, 2) and (1, 8, 1):
 
   before  the data-parallel gradient reduction in every micro-batch (the same Trainer with no lanes,
-          which compiles to the step tedjax had before NOTES.md section 3.1)
+          which compiles to the step tedjax had before NOTES.md section 3.2)
   after   each weight's gradient accumulated in local lanes and reduced once per step
 
 For each: bytes one device sends in all-reduces / reduce-scatters over the batch axes per step (from the

@@ -21,7 +21,7 @@ __version__ = "0.1.0"
 # Submodules loaded on first use (`tedjax.loop` pulls in orbax), so `import tedjax` stays light
 # and every name in the README's API table works after a plain `import tedjax`.
 _LAZY_SUBMODULES = ("analysis", "balance", "checkpoint", "config", "data", "hf", "host", "linen", "logs", "loop",
-                    "optim", "plan", "trainer")
+                    "optim", "pipeline", "plan", "trainer")
 
 
 def __getattr__(name: str):

@@ -64,6 +64,7 @@ __all__ = [
     "parse_replica_groups",
     "mesh_axis_groups",
     "match_axes",
+    "internode_bytes",
 ]
 
 KINDS = (
@@ -99,6 +100,8 @@ class Collective:
     trip_count: times the enclosing while loops run (product over nesting),
         None when not in a loop or when XLA does not know it.
     name: the HLO instruction name.
+    groups: the replica groups (positions in mesh.devices.flat), () when
+        unknown; for a collective-permute its (source, target) pairs.
     """
 
     kind: str
@@ -113,6 +116,7 @@ class Collective:
     trivial: bool = False
     trip_count: int | None = None
     name: str = ""
+    groups: tuple[tuple[int, ...], ...] = ()
 
 
 # --------------------------------------------------------------------------- #
@@ -634,10 +638,11 @@ def collectives(compiled_or_hlo_text: Any, mesh: Any) -> list[Collective]:
                     if remap:
                         pairs = [(remap.get(s, s), remap.get(t, t)) for s, t in pairs]
                     pairs = [(s, t) for s, t in pairs if s != t]
+                    members = tuple(pairs)
                     axes = _permute_axes(pairs, mesh) if pairs else ()
                     trivial = not pairs
                 else:  # a form this parser does not know: say so, do not guess
-                    axes, trivial = UNKNOWN_AXES, False
+                    axes, trivial, members = UNKNOWN_AXES, False, ()
                 size_of = dict(zip(*_mesh_shape(mesh)))
                 group_size = 0 if axes == UNKNOWN_AXES else math.prod(size_of[a] for a in axes)
             else:
@@ -646,6 +651,7 @@ def collectives(compiled_or_hlo_text: Any, mesh: Any) -> list[Collective]:
                     groups = parse_replica_groups(ins.attrs[gm.end():]) if gm else []
                 except (ValueError, IndexError):
                     groups = None
+                members = ()
                 if groups is None:  # a form this parser does not know
                     axes, group_size, trivial = UNKNOWN_AXES, 0, False
                 else:
@@ -656,6 +662,7 @@ def collectives(compiled_or_hlo_text: Any, mesh: Any) -> list[Collective]:
                     group_size = len(groups[0])
                     trivial = all(len(g) == 1 for g in groups)
                     axes = () if trivial else match_axes(groups, mesh)
+                    members = tuple(tuple(g) for g in groups)
             sent = 0.0 if trivial else _sent_bytes(kind, result_bytes, max(group_size, 1))
             om = _OP_NAME.search(ins.attrs)
             in_loop, trips = loops.get(comp, (False, None))
@@ -673,9 +680,28 @@ def collectives(compiled_or_hlo_text: Any, mesh: Any) -> list[Collective]:
                     trivial=trivial,
                     trip_count=trips,
                     name=ins.name,
+                    groups=members,
                 )
             )
     return out
+
+
+def internode_bytes(c: Collective, node_size: int) -> float:
+    """Bytes one device of `c` sends to other nodes, on average: its `sent_bytes` times the share of its
+    peers (or, for a collective-permute, of its pairs) on another node. Nodes are blocks of `node_size`
+    consecutive positions in mesh.devices.flat, as `tedjax.mesh.make_mesh` lays hosts out.
+
+    Raises for a collective whose groups were not parsed (its crossing cannot be told).
+    """
+    if c.trivial or not c.sent_bytes:
+        return 0.0
+    if not c.groups or node_size < 1:
+        raise ValueError(f"{c.kind} {c.name} has no parsed replica groups; its crossing of nodes is unknown")
+    if c.kind == "collective-permute":
+        return c.sent_bytes * sum(s // node_size != t // node_size for s, t in c.groups) / len(c.groups)
+    shares = [sum(j // node_size != i // node_size for j in g) / (len(g) - 1) for g in c.groups if len(g) > 1
+              for i in g]
+    return c.sent_bytes * sum(shares) / len(shares)
 
 
 _FIELDS = {f.name for f in fields(Collective)}
@@ -687,6 +713,7 @@ def summarize(
     by: Sequence[str] = ("kind", "axes"),
     include_trivial: bool = False,
     weight_by_trip_count: bool = False,
+    node_size: int = 0,
 ) -> dict[tuple, dict[str, float]]:
     """Counts and total bytes per group of collectives.
 
@@ -694,7 +721,8 @@ def summarize(
     are {"count": ops, "result_bytes": sum, "sent_bytes": sum}. Trivial ops are
     left out unless `include_trivial`. With `weight_by_trip_count`, an op in a
     while loop of known trip count N counts N times (its bytes too); ops in
-    loops of unknown trip count count once.
+    loops of unknown trip count count once. With `node_size` > 0 each row also
+    has "internode_bytes" (`internode_bytes`: what crosses nodes of that many devices).
     """
     by = tuple(by)
     unknown = [b for b in by if b not in _FIELDS]
@@ -710,6 +738,8 @@ def summarize(
         row["count"] += w
         row["result_bytes"] += w * c.result_bytes
         row["sent_bytes"] += w * c.sent_bytes
+        if node_size:
+            row["internode_bytes"] = row.get("internode_bytes", 0.0) + w * internode_bytes(c, node_size)
     return out
 
 

@@ -209,6 +209,23 @@ class ShadowCostModel:
         sent = rows / x * (x - 1) / x
         return 3.0 * comp * busiest + 4.0 * feat * sent + 4.0 * model * (x - 1) / x * len(shadows)
 
+    def copy_s(self) -> float:
+        """Seconds per step one shadow costs each device: the all-reduces that gather its weights and
+        reduce its gradients, 4 model (X-1)/X."""
+        x = self.num_devices
+        return 4.0 * self.weight_matrices * self.d_model * self.expert_d_ff * self.bytes_per_element \
+            / self.link_bytes_per_s * (x - 1) / x
+
+    def keep_s(self, fraction: float) -> float:
+        """Seconds per step that keeping `fraction` of all choices of one expert costs its device beyond what
+        they cost as a shadow's local rows: on the owner they are computed there (3 comp each) and the
+        (X-1)/X of them from other devices cross the link (4 feat); as a shadow's they are spread over the X
+        devices. The difference, (X-1)/X (3 comp + 4 feat) per choice, is what a shadow's copy must undercut."""
+        x = self.num_devices
+        comp = 2.0 * self.weight_matrices * self.d_model * self.expert_d_ff / self.flop_rate
+        feat = self.d_model * self.bytes_per_element / self.link_bytes_per_s
+        return fraction * self.tokens_per_step * (x - 1) / x * (3.0 * comp + 4.0 * feat)
+
 
 def choose_shadows(load_e: np.ndarray, placement_e: np.ndarray, max_shadows: int, cost: ShadowCostModel,
                    exact_up_to: int = 4096) -> tuple[np.ndarray, float, float]:
@@ -258,6 +275,24 @@ def best_shadows_brute_force(load_e: np.ndarray, placement_e: np.ndarray, max_sh
     return min(((s, cost.latency(load_e, placement_e, s)) for s in candidates), key=lambda t: t[1])
 
 
+def choose_shadows_for_drops(gain_e: np.ndarray, max_shadows: int, cost: ShadowCostModel) -> np.ndarray:
+    """Shadow ids `[max_shadows]` that keep the most dropped choices, under static capacity.
+
+    `gain_e` `[E]` is the fraction of all choices a shadow of each expert would
+    keep from drops (`MoE.gain_mean`, measured on every choice whatever is
+    shadowed). Experts are taken by gain, each only if it keeps some choice
+    and its copy costs less than keeping the same choices through its pool
+    would (`cost.copy_s() < cost.keep_s(gain)`): where copying is too slow
+    (fast matmuls, small layers) none is chosen. Gains add exactly with
+    per-expert capacity; two shadows of one device pool save at most the
+    sum. Unused slots hold `E`; the ids are sorted, so the same set is never a change.
+    """
+    gain_e = np.asarray(gain_e, np.float64)
+    chosen = sorted(int(e) for e in np.argsort(-gain_e, kind="stable")[:max_shadows]
+                    if gain_e[e] > 0 and cost.keep_s(gain_e[e]) > cost.copy_s())  # sorted: a set, not an order
+    return np.array(chosen + [len(gain_e)] * (max_shadows - len(chosen)), np.int32)
+
+
 @dataclasses.dataclass(frozen=True)
 class ShadowDecision:
     """One MoE layer's shadow choice and its reasons: the predicted layer time without shadows, with the chosen
@@ -270,16 +305,38 @@ class ShadowDecision:
     latency_s: float
     with_shadows_s: float  # = latency_s when none is chosen
     one_more_s: float
+    # the drop policy's reasons (static capacity, `gain_e` given; None under the latency policy): the fraction of
+    # all choices the chosen shadows keep from drops, the time per step of their copies, and of keeping the same
+    # choices through the pools (`ShadowCostModel.keep_s`); if none is chosen, those of the best candidate
+    saved: float | None = None
+    copy_s: float | None = None
+    keep_s: float | None = None
 
 
 def decide_shadows(layer: int, load_e: np.ndarray, placement_e: np.ndarray, max_shadows: int, cost: ShadowCostModel,
-                   current_e: np.ndarray) -> ShadowDecision:
-    """`choose_shadows` for one layer whose shadows are now `current_e` `[R]`, with the predicted times that
-    explain it."""
-    ids, before, after = choose_shadows(load_e, placement_e, max_shadows, cost)
+                   current_e: np.ndarray, gain_e: np.ndarray | None = None) -> ShadowDecision:
+    """One layer's shadows, now `current_e` `[R]`, with the predicted figures that explain them.
+
+    Without `gain_e`: FasterMoE's latency policy (`choose_shadows`; dropless
+    pools, where time is what a shadow buys). With `gain_e` `[E]` (static
+    capacity, where a shadow buys fewer drops): `choose_shadows_for_drops`.
+    The latency model's times are given either way.
+    """
+    if gain_e is None:
+        ids, before, after = choose_shadows(load_e, placement_e, max_shadows, cost)
+    else:
+        ids = choose_shadows_for_drops(gain_e, max_shadows, cost)
     chosen = tuple(int(e) for e in ids if e < len(load_e))
+    if gain_e is not None:
+        before, after = cost.latency(load_e, placement_e, ()), cost.latency(load_e, placement_e, chosen)
     one_more = min(cost.latency(load_e, placement_e, (*chosen, e)) for e in range(len(load_e)) if e not in chosen)
-    return ShadowDecision(layer, ids, chosen, not np.array_equal(ids, current_e), before, after, one_more)
+    decision = ShadowDecision(layer, ids, chosen, not np.array_equal(ids, current_e), before, after, one_more)
+    if gain_e is None:
+        return decision
+    gain_e = np.asarray(gain_e, np.float64)
+    saved = float(gain_e[list(chosen)].sum()) if chosen else float(gain_e.max())  # if none: the best candidate's
+    return dataclasses.replace(decision, saved=saved, copy_s=cost.copy_s() * max(len(chosen), 1),
+                               keep_s=cost.keep_s(saved))
 
 
 # ----------------------------------------------------------------------------- the cost model's rates
@@ -405,7 +462,15 @@ def describe_shadows(step: int, decisions: list[ShadowDecision]) -> str:
     parts = []
     for d in decisions:
         ms = lambda s: f"{s * 1e3:.3g} ms"  # noqa: E731
-        if d.chosen:
+        if d.saved is not None and d.chosen:
+            parts.append(f"L{d.layer} {list(d.chosen)}{' (new)' if d.changed else ''}: keep {d.saved:.2%} of choices "
+                         f"from drops; predicted {ms(d.copy_s)} of copies, {ms(d.keep_s)} to keep them by the pools")
+        elif d.saved is not None:
+            why = (f"the best would keep {d.saved:.2%} of choices from drops, but its copy costs {ms(d.copy_s)} "
+                   f"(predicted), more than the {ms(d.keep_s)} of keeping them by the pools" if d.saved > 0
+                   else "no shadow would keep a dropped choice")
+            parts.append(f"L{d.layer} none chosen: {why}")
+        elif d.chosen:
             parts.append(f"L{d.layer} {list(d.chosen)}{' (new)' if d.changed else ''}: predicted {ms(d.latency_s)} "
                          f"without, {ms(d.with_shadows_s)} with")
         else:

@@ -52,7 +52,9 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from tedjax import __version__
 from tedjax.config import TrainConfig, resolve_dtype
+from tedjax.model import stack_layers, unstack_layers
 
 RUN_FILE = "tedjax_run.json"  # in the checkpoint directory: the current config and every resume's changes
 MANIFEST = "tedjax_checksums.json"  # in each step directory: {relative path: [size, sha256]}
@@ -68,6 +70,7 @@ SAFE_CHANGES = {
     "mesh.": "the checkpoint is resharded onto the new mesh on restore",
     "optimizer.zero": "where the state is stored only: restored into the new level's shards",
     "log.": "logging only",
+    "model.scan_layers": "the same stacked parameters run by a scan or a loop (the same losses)",
     "checkpoint.every": "checkpoint frequency only",
     "checkpoint.keep": "checkpoint retention only",
     "checkpoint.async_save": "how checkpoints are written only",
@@ -573,7 +576,8 @@ class Checkpointer:
 
         The step is hashed on a background thread once orbax has committed it.
         """
-        meta = {"data": data_state, "step": int(step), "config": self.config.to_dict(),
+        meta = {"data": data_state, "step": int(step), "config": self.config.to_dict(), "tedjax_version": __version__,
+                "layers": "scanned",  # decoder layers stacked in units (before: unrolled `blocks`, no "layers" key)
                 "model": dataclasses.asdict(self.config.model), "mesh": dataclasses.asdict(self.config.mesh)}  # fmt: skip
         if self.data_fingerprint:
             meta["data_fingerprint"] = self.data_fingerprint
@@ -608,8 +612,18 @@ class Checkpointer:
         except Exception as err:  # orbax raises many types for damaged files
             raise CheckpointError(f"checkpoint step {step} in {self.directory} cannot be read ({_brief(err)}); "
                                   f"move {step_dir} aside to resume from the previous step") from err
-        target = jax.tree.map(lambda x: None if _empty(x) else x, abstract_state)  # saved as None (see save)
+        target = _restore_target(abstract_state)
         differences = state_differences(saved, target)
+        unrolled = differences and _has_unrolled_blocks(saved) and not _has_unrolled_blocks(target)
+        if unrolled:  # written before layers were scanned (meta has no "layers"): read unrolled, then stack
+            differences = state_differences(saved, _layer_trees(target, lambda t: unstack_layers(
+                self.config.model, t, take=_abstract_slice)))
+            if differences:
+                raise CheckpointError(
+                    f"checkpoint step {step} in {self.directory} was written by a tedjax before scanned layers "
+                    f"(version {meta.get('tedjax_version', '0.1.0 or older')}, unrolled `blocks`) for another model "
+                    f"({'; '.join(differences[:5])}): use the config that wrote it, or a new checkpoint.dir")
+            target = _layer_trees(target, lambda t: unstack_layers(self.config.model, t, take=_abstract_slice))
         if differences:
             raise CheckpointError(
                 f"checkpoint step {step} in {self.directory} holds a train state of another structure "
@@ -623,7 +637,12 @@ class Checkpointer:
                 f"checkpoint step {step} in {self.directory} is damaged ({_brief(err)}); "
                 f"move {step_dir} aside to resume from the previous step"
             ) from err
-        return _refill_empty(abstract_state, restored["state"]), meta
+        state = restored["state"]
+        if unrolled:  # each unit's layers stacked on the "layers" axis, in the target's shardings
+            state = _layer_trees(state, lambda t: stack_layers(self.config.model, t))
+            state = jax.tree.map(lambda x, a: x if x is None else jax.device_put(x, a.sharding), state,
+                                 _restore_target(abstract_state), is_leaf=lambda x: x is None)
+        return _refill_empty(abstract_state, state), meta
 
     def wait(self) -> None:
         """Block until every started save is committed and hashed."""
@@ -651,6 +670,35 @@ def _refill_empty(abstract_state, restored):
     got = jax.tree.leaves(restored, is_leaf=lambda x: x is None)
     return jax.tree.unflatten(treedef, [jnp.zeros(a.shape, a.dtype, device=a.sharding) if _empty(a) else g
                                         for a, g in zip(leaves, got, strict=True)])  # fmt: skip
+
+
+def _has_unrolled_blocks(tree) -> bool:
+    """Whether a train state (or its saved metadata) holds decoder layers unrolled as `params/blocks/<i>`."""
+    def key(k) -> str:
+        return str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+
+    return any([key(k) for k in path[:2]] == ["params", "blocks"] for path, _ in jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda x: x is None)[0])
+
+
+def _layer_trees(tree, fn):
+    """`tree` with `fn` applied to each dict that holds decoder layers (params, Adam moments, model state)."""
+    def holds_layers(x) -> bool:
+        return isinstance(x, dict) and bool({"units", "tail", "blocks"} & set(x))
+
+    return jax.tree.map(lambda x: fn(x) if holds_layers(x) else x, tree, is_leaf=holds_layers)
+
+
+def _abstract_slice(leaf: jax.ShapeDtypeStruct, index: int) -> jax.ShapeDtypeStruct:
+    """One unit of a stacked abstract leaf: the leading "layers" dim dropped from its shape and sharding."""
+    sharding = leaf.sharding
+    spec = jax.sharding.PartitionSpec(*tuple(sharding.spec)[1:])
+    return jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype, sharding=jax.sharding.NamedSharding(sharding.mesh, spec))
+
+
+def _restore_target(abstract_state):
+    """The restore target of `abstract_state`: zero-size leaves as None (orbax saves them so)."""
+    return jax.tree.map(lambda x: None if _empty(x) else x, abstract_state)
 
 
 def state_differences(saved_metadata, abstract_state) -> list[str]:

@@ -13,7 +13,7 @@ from typing import Literal
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from tedjax.mesh import mesh_shape
+from tedjax.mesh import mesh_shape, stage_count
 
 Activation = Literal["gelu", "swiglu"]
 Remat = Literal["none", "full", "cac"]
@@ -75,7 +75,8 @@ class ModelConfig:
     # fraction of their capacity, the rest go to the best expert of their own node; 1.0 = off
     remote_fraction: float = 1.0
     a2a: str = "flat"  # "hierarchical": inside each node first, then one exchange between nodes (mesh.node_size)
-    remat: Remat = "none"  # activation checkpointing per layer; "cac" keeps collective outputs
+    remat: Remat = "none"  # activation checkpointing per scanned unit of layers; "cac" keeps collective outputs
+    scan_layers: bool = True  # run the stacked layer units with lax.scan (compile time flat in depth); False: a loop
     rope_base: float = 10000.0
     n_kv_heads: int = 0  # key/value heads (grouped-query attention); 0 = n_heads
     head_dim: int = 0  # size of each attention head; 0 = d_model // n_heads
@@ -168,6 +169,7 @@ class ModelConfig:
             raise ValueError(f"model.dtype must be one of {['auto', *sorted(DTYPES)]}, got {self.dtype!r}")
         if self.remat not in ("none", "full", "cac"):
             raise ValueError(f"model.remat must be 'none', 'full' or 'cac', got {self.remat!r}")
+        _check_bool("model.scan_layers", self.scan_layers)
         # group_size is checked against the sequence length actually used (TrainConfig, check_mesh,
         # and Transformer at call time), not against max_len, which only bounds it.
 
@@ -256,6 +258,10 @@ def check_mesh(config: ModelConfig, mesh: Mesh, batch_size: int | None = None, s
     """Raise a ValueError naming the problem and the fix if `config` cannot run on `mesh`."""
     data, expert, tensor = mesh_shape(mesh)
     problems = []
+    stages, units = stage_count(mesh), config.n_layers // config.moe_every
+    if stages > 1 and (not units or units % stages):
+        problems.append(f"the {units} scanned units (n_layers={config.n_layers} // moe_every={config.moe_every}) do "
+                        f"not split over {stages} pipeline stages; choose mesh.stage dividing {units}")
     if config.num_experts and config.num_experts % expert:
         problems.append(f"num_experts={config.num_experts} is not divisible by the expert axis ({expert}); "
                         "choose mesh.expert dividing num_experts")
@@ -594,7 +600,10 @@ class BalanceConfig:
 
     every: int = 0  # steps between placement decisions; 0 = off (SmartMoE uses 10)
     margin: float = 0.02  # relative drop of the largest device load needed to move experts
-    shadow_every: int = 10  # steps between choices of shadow experts (with model.shadow_experts > 0)
+    # steps between choices of shadow experts (with model.shadow_experts > 0). A new set is only an int array in
+    # the state, and which experts overflow changes within a few steps, so the default decides after every step
+    # on that step's drops (FasterMoE decides at every forward pass)
+    shadow_every: int = 1
     # FasterMoE's cost model, per device. Each rate comes from the first that applies: the explicit rate (> 0);
     # `cluster`, a configs/clusters/*.yaml preset read as the planner reads it (peak matmul of model.dtype,
     # NVLink or network bandwidth); else measured at start on the devices present (tedjax.balance.measure_rates).
@@ -617,6 +626,12 @@ class BalanceConfig:
         """Decay of the expert-load running mean: an average over about the last `every` steps."""
         return 1.0 - 2.0 / (self.every + 1) if self.every > 1 else 0.9
 
+    @property
+    def gain_decay(self) -> float:
+        """Decay of the running mean of the drops each shadow would save: about the last `shadow_every` steps
+        (0 = the last step's)."""
+        return 1.0 - 2.0 / (self.shadow_every + 1)
+
 
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
@@ -636,6 +651,50 @@ class PipelineConfig:
         _check_int("pipeline.repeats", self.repeats, 1)
         if self.schedule not in ("gpipe", "circular"):
             raise ValueError(f"pipeline.schedule must be 'gpipe' or 'circular', got {self.schedule!r}")
+        if self.repeats > 1 and self.schedule != "circular":
+            raise ValueError(f"pipeline.repeats={self.repeats} needs pipeline.schedule=circular (GPipe holds one run "
+                             "of layers per stage); set the schedule to circular or repeats=1")
+
+    def microbatches_for(self, stages: int) -> int:
+        """Microbatches per step on `stages` stages (`microbatches`, or `stages` when it is 0)."""
+        return self.microbatches or stages
+
+
+def check_pipeline(model: ModelConfig, mesh: MeshConfig, pipeline: PipelineConfig, micro_batch_size: int,
+                   seq_len: int) -> None:
+    """Raise a ValueError naming the problem and the fix if `pipeline` cannot split this model and batch.
+
+    The scanned unit is a run of `moe_every` blocks (the last one MoE); n_layers // moe_every units.
+    """
+    stages = mesh.stage
+    if stages == 1:
+        return
+    problems = []
+    units, repeats = model.n_layers // model.moe_every, pipeline.repeats
+    if not units or units % (stages * repeats):
+        problems.append(f"mesh.stage={stages} x pipeline.repeats={repeats} does not divide the {units} scanned units "
+                        f"(model.n_layers={model.n_layers} in units of moe_every={model.moe_every}); choose stages x "
+                        f"repeats dividing {units}, or change model.n_layers")
+    if model.num_experts and model.capacity_scope in ("device", "dropless"):
+        problems.append(f"model.capacity_scope={model.capacity_scope} computes each device's pool inside shard_map, "
+                        "which the pipeline's vmap over stages cannot run yet; use model.capacity_scope=expert "
+                        "with mesh.stage > 1, or mesh.stage=1")
+    micro = pipeline.microbatches_for(stages)
+    if micro < stages:
+        problems.append(f"pipeline.microbatches={micro} is too few for mesh.stage={stages}: every stage needs a "
+                        f"microbatch; set pipeline.microbatches >= {stages} (0 means {stages})")
+    ways = mesh.data * mesh.expert
+    if micro_batch_size % (micro * ways):
+        problems.append(f"a micro-batch of {micro_batch_size} sequences does not split into pipeline.microbatches="
+                        f"{micro} microbatches over data x expert = {ways}; use a data.batch_size / data.grad_accum "
+                        f"that is a multiple of {micro * ways}")
+    elif model.num_experts and model.group_size and (micro_batch_size // micro) * seq_len % model.group_size:
+        problems.append(f"model.group_size={model.group_size} does not tile a pipeline microbatch of "
+                        f"{micro_batch_size // micro} x {seq_len} tokens; use fewer pipeline.microbatches or a "
+                        "smaller group_size")
+    if problems:
+        raise ValueError(f"pipeline does not fit (mesh.stage={stages}, {micro} microbatches):\n  - "
+                         + "\n  - ".join(problems))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -692,6 +751,7 @@ class TrainConfig:
         if self.model.num_experts and group and self.data.micro_batch_size * length % group:
             raise ValueError(f"model.group_size={group} does not tile a micro-batch of {self.data.micro_batch_size} x "
                              f"{length} tokens; choose data.batch_size so that micro-batch x seq_len is a multiple of it")
+        check_pipeline(self.model, self.mesh, self.pipeline, self.data.micro_batch_size, length)
 
     @property
     def checkpoint_dir(self) -> str:

@@ -42,7 +42,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from tedjax.layers import KVCache
 from tedjax.mesh import constrain, logical_to_spec, make_mesh, mesh_shape
-from tedjax.model import Transformer, mask_padded_vocab
+from tedjax.model import Transformer, mask_padded_vocab, unit_view
 from tedjax.moe import MoE
 
 MIN_BUCKET = 16
@@ -185,7 +185,9 @@ def forward_cached(
     x_bld = jnp.take(model.embed[...], tokens_bl, axis=0).astype(cfg.compute_dtype)
     x_bld = constrain(x_bld, ("batch", "length", "act_embed"))
     new_caches = []
-    for block, cache in zip(model.blocks, caches):
+    units = [unit_view(model, u) for u in range(cfg.n_layers // cfg.moe_every)]  # a loop over the stacked units
+    blocks = [block for unit in units for block in unit.blocks] + list(model.tail)
+    for block, cache in zip(blocks, caches, strict=True):
         h_bld, cache = block.attn.cached(block.attn_norm(x_bld), cache, start)
         x_bld = x_bld + h_bld
         h_bld = block.ffn(block.ffn_norm(x_bld))
@@ -303,7 +305,8 @@ def load_trained(path: str | os.PathLike, mesh: Mesh, step: int | None = None) -
     from tedjax.config import ModelConfig, check_mesh
     from tedjax.hf import _flatten, _unflatten
     from tedjax.mesh import state_shardings
-    from tedjax.model import abstract_model
+    from tedjax.checkpoint import _abstract_slice
+    from tedjax.model import abstract_model, stack_layers, unstack_layers
 
     root = Path(path).expanduser()
     directory = root / "checkpoints" if (root / "checkpoints").is_dir() else root
@@ -321,25 +324,31 @@ def load_trained(path: str | os.PathLike, mesh: Mesh, step: int | None = None) -
         print(note, file=sys.stderr)
     meta_file = directory / str(step) / "meta" / "metadata"
     try:
-        config = ModelConfig(**json.loads(meta_file.read_text())["model"])
+        meta = json.loads(meta_file.read_text())
+        config = ModelConfig(**meta["model"])
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise FileNotFoundError(f"checkpoint step {step} in {directory}: cannot read its model config from "
                                 f"{meta_file} ({err})") from None
     check_mesh(config, mesh)
     graphdef, abstract_params, abstract_rest = nnx.split(abstract_model(config), nnx.Param, ...)
-    target, empty = {}, {}
+    unrolled = "layers" not in meta  # written before scanned layers: `blocks/<i>`, stacked after reading
+    target, empty, wanted = {}, {}, {}
     for name, abstract in (("params", abstract_params), ("model_state", abstract_rest)):
-        shardings = _flatten(nnx.to_pure_dict(state_shardings(abstract, mesh)))
-        for key, leaf in _flatten(nnx.to_pure_dict(abstract)).items():
-            # zero-size arrays are not stored in checkpoints; they are made here
-            (target if leaf.size else empty)[(name, *key)] = jax.ShapeDtypeStruct(
-                leaf.shape, leaf.dtype, sharding=shardings[key])
+        shardings = state_shardings(abstract, mesh)
+        wanted[name] = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                    nnx.to_pure_dict(abstract), nnx.to_pure_dict(shardings))
+        tree = unstack_layers(config, wanted[name], take=_abstract_slice) if unrolled else wanted[name]
+        for key, leaf in _flatten(tree).items():
+            (target if math.prod(leaf.shape) else empty)[(name, *key)] = leaf  # zero-size arrays are not stored
     restore_args = {key: ocp.ArrayRestoreArgs(sharding=t.sharding) for key, t in target.items()}
     args = ocp.args.PyTreeRestore(item=_unflatten(target), restore_args=_unflatten(restore_args), partial_restore=True)
     with ocp.CheckpointManager(directory, item_names=("state", "meta")) as manager:
         restored = _flatten(manager.restore(step, args=ocp.args.Composite(state=args))["state"])
     restored.update({key: jnp.zeros(t.shape, t.dtype, device=t.sharding) for key, t in empty.items()})
     restored = _unflatten(restored)
+    if unrolled:
+        restored = {name: jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), stack_layers(config, tree),
+                                       wanted[name]) for name, tree in restored.items()}
     nnx.replace_by_pure_dict(abstract_params, restored["params"])
     if "model_state" in restored:
         nnx.replace_by_pure_dict(abstract_rest, restored["model_state"])

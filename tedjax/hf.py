@@ -52,7 +52,7 @@ from jax.sharding import Mesh
 
 from tedjax.config import ModelConfig, check_mesh
 from tedjax.mesh import state_shardings
-from tedjax.model import Transformer, abstract_model
+from tedjax.model import Transformer, abstract_model, layer_index, moe_stack
 
 ARCHITECTURES = {"MixtralForCausalLM": "mixtral", "Qwen3MoeForCausalLM": "qwen3_moe"}
 # The fields a checkpoint fixes; `init_from` takes these from config.json, whatever the YAML says.
@@ -494,7 +494,10 @@ def _vector(name: str, size: int) -> Source:
 
 
 def weight_table(config: ModelConfig, kind: str) -> dict[tuple, Source]:
-    """tedjax parameter path (as in `nnx.to_pure_dict`) -> its Source, for `kind` "mixtral" or "qwen3_moe"."""
+    """tedjax parameter path -> its Source, for `kind` "mixtral" or "qwen3_moe".
+
+    Paths name decoder layers unrolled, `("blocks", i, ...)`; `model_key` says where layer i's
+    parameter sits in the model's state (a scanned unit's stacked leaf, or the unrolled tail)."""
     d, h, hkv, k, e = config.d_model, config.n_heads, config.kv_heads, config.head_size, config.num_experts
     v, vp = config.vocab_size, config.padded_vocab
     table = {
@@ -533,6 +536,26 @@ def weight_table(config: ModelConfig, kind: str) -> dict[tuple, Source]:
             table[(*ffn, "w_in")] = _linear(f"{pre}.mlp.up_proj.weight", (f,), d)
             table[(*ffn, "w_out")] = _linear(f"{pre}.mlp.down_proj.weight", (d,), f)
     return table
+
+
+def model_key(config: ModelConfig, key: tuple) -> tuple[tuple, int | None]:
+    """(key of `nnx.to_pure_dict` of the model's parameters, index on its leading "layers" axis or None) of a
+    weight-table key."""
+    if key[0] != "blocks":
+        return key, None
+    path, index = layer_index(config, key[1])
+    return (*path, *key[2:]), index
+
+
+def _table_keys(config: ModelConfig, key: tuple) -> list[tuple] | None:
+    """The weight-table keys of one model parameter key: one per stacked unit, or one (None for a stacked
+    key with no "layers" axis, i.e. not a parameter the table knows)."""
+    if key[0] == "units":
+        every, units = config.moe_every, config.n_layers // config.moe_every
+        return [("blocks", u * every + key[2], *key[3:]) for u in range(units)]
+    if key[0] == "tail":
+        return [("blocks", config.n_layers // config.moe_every * config.moe_every + key[1], *key[2:])]
+    return [key]
 
 
 # Tensors some checkpoints carry that hold no weights (recomputed buffers).
@@ -668,6 +691,17 @@ def _reader(files: _Files, source: Source) -> Callable[[tuple[slice, ...]], np.n
     return callback
 
 
+def _layers_reader(readers: list[Callable]) -> Callable[[tuple[slice, ...]], np.ndarray]:
+    """A make_array_from_callback callback for a stacked parameter `[units, ...]`: each unit's block, stacked."""
+
+    def callback(index: tuple[slice, ...]) -> np.ndarray:
+        index = tuple(index)
+        units = range(*(index[0] if index else slice(None)).indices(len(readers)))
+        return np.stack([readers[u](index[1:]) for u in units])
+
+    return callback
+
+
 def _groups(hf_shape: tuple[int, ...], split: tuple[int, ...]) -> list[list[int]]:
     """Which split dims make up each Hugging Face dim (split is a reshape that only splits dims)."""
     groups, j = [], 0
@@ -719,14 +753,23 @@ def load_params(path: str | os.PathLike, config: ModelConfig, shardings: dict) -
     files, table = _open_checked(d, config)
     try:
         flat_shardings = _flatten(shardings)
-        if set(flat_shardings) != set(table):
+        keys = {key: _table_keys(config, key) for key in flat_shardings}
+        covered = {k for ks in keys.values() for k in ks}
+        if covered != set(table):
             raise HFCheckpointError(
-                f"tedjax parameters without a source {sorted(set(flat_shardings) - set(table))[:5]}, sources without "
-                f"a parameter {sorted(set(table) - set(flat_shardings))[:5]}: the model's structure is not the one "
+                f"tedjax parameters without a source {sorted(covered - set(table))[:5]}, sources without "
+                f"a parameter {sorted(set(table) - covered)[:5]}: the model's structure is not the one "
                 "the weight table describes"
             )
-        flat = {key: jax.make_array_from_callback(table[key].shape, sharding, _reader(files, table[key]))
-                for key, sharding in flat_shardings.items()}
+        flat = {}
+        for key, sharding in flat_shardings.items():
+            if key[0] == "units":  # the scanned units: a leading "layers" axis, one table entry per unit
+                sources = [table[k] for k in keys[key]]
+                flat[key] = jax.make_array_from_callback((len(sources), *sources[0].shape), sharding,
+                                                         _layers_reader([_reader(files, s) for s in sources]))
+            else:
+                source = table[keys[key][0]]
+                flat[key] = jax.make_array_from_callback(source.shape, sharding, _reader(files, source))
     finally:
         files.close()
     return _unflatten(flat)
@@ -806,13 +849,15 @@ def save(
                                 "make tedjax and transformers load different weights. Save into an empty directory, "
                                 "or pass overwrite=True to replace them (stale weight and index files are removed)")
     placement = _expert_placement(model)
-    biased = [i for i, block in enumerate(model.blocks)
-              if getattr(block.ffn, "router_bias", None) is not None and np.any(_to_host(block.ffn.router_bias[...]))]
+    moe = moe_stack(model)
+    bias_ne = _to_host(moe.router_bias[...]) if moe is not None else np.zeros((0, 1))
+    biased = [k * config.moe_every + config.moe_every - 1 for k in range(len(bias_ne)) if np.any(bias_ne[k])]
     if biased and not drop_router_bias:
         raise HFCheckpointError(f"MoE layers {biased} have a nonzero router_bias, which {kind} has no tensor for: the "
                                 "saved model would route differently. Pass drop_router_bias=True to save without it")
     table = weight_table(config, kind)
-    params = _flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    stacked = _flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    params = {key: model_key(config, key) for key in table if model_key(config, key)[0] in stacked}
     missing = sorted(set(table) - set(params))
     if missing:
         raise HFCheckpointError(f"the model lacks parameters the {kind} format needs: {missing[:5]}")
@@ -835,7 +880,8 @@ def save(
     for filename, keys in zip(names, shards):
         tensors = {}
         for key in keys:
-            value = _to_host(params[key])
+            path, index = params[key]
+            value = _to_host(stacked[path] if index is None else stacked[path][index])  # one layer at a time
             if key[-1] in ("w_in", "w_gate", "w_out") and key[:-1] in placement:
                 value = value[placement[key[:-1]]]  # physical slots back to logical experts
             for name, tensor in table[key].to_hf(value):
@@ -868,14 +914,10 @@ def _weight_files(directory: Path) -> list[Path]:
 
 def _expert_placement(model: Transformer) -> dict[tuple, np.ndarray]:
     """Per MoE layer path: the physical slot of each logical expert, where it is not the identity."""
-    placements = {}
-    for i, block in enumerate(model.blocks):
-        slots = getattr(block.ffn, "placement", None)
-        if slots is None:
-            continue
-        slots = np.asarray(slots[...] if isinstance(slots, nnx.Variable) else slots)
+    placements, moe, every = {}, moe_stack(model), model.config.moe_every
+    for k, slots in enumerate(np.asarray(moe.placement[...]) if moe is not None else []):
         if not np.array_equal(slots, np.arange(slots.shape[-1])):
-            placements[("blocks", i, "ffn")] = slots
+            placements[("blocks", k * every + every - 1, "ffn")] = slots
     return placements
 
 

@@ -43,7 +43,7 @@ def param(
     return nnx.Param(value, **axes_metadata(logical_axes))
 
 
-# ------------------------------------------------ lanes: one gradient reduction per step (NOTES.md section 3.1)
+# ------------------------------------------------ lanes: one gradient reduction per step (NOTES.md section 3.2)
 #
 # Under gradient accumulation `Trainer` hands the layers each weight as `[N, ...]`: N lanes, one per shard of
 # the weight's data-parallel group (split over "batch", or "expert_batch" for expert weights), all equal.

@@ -112,6 +112,9 @@ def format_record(step: int, total: int, record: dict, kind: str = "train") -> s
     if record.get("dropped_fraction") is not None:
         dropped = record["dropped_fraction"]
         parts.append(f"dropped {float(np.mean(dropped)):.1%}")
+    if record.get("internode_fraction") is not None and np.any(record["internode_fraction"]):  # nodes (issue 24)
+        parts.append(f"inter-node {float(np.mean(record['internode_fraction'])):.1%}, redirected "
+                     f"{float(np.mean(record.get('redirected_fraction', 0.0))):.1%}")
     if record.get("shadow_ids") and load:
         parts.append(_shadows(record))
     if kind == "train":

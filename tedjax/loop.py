@@ -29,7 +29,7 @@ from tedjax import data as data_lib
 from tedjax.checkpoint import Checkpointer, CheckpointError, check_writable
 from tedjax.config import TrainConfig, check_mesh, resolve_dtype
 from tedjax.logs import SUPERSEDED, MetricsLogger, detect_peak_tflops, require_wandb, to_python
-from tedjax.mesh import logical_to_spec, make_mesh
+from tedjax.mesh import expert_nodes, logical_to_spec, make_mesh, mesh_shape
 from tedjax.trainer import Trainer, TrainState
 
 
@@ -156,7 +156,8 @@ def _announce(logger: MetricsLogger, config: TrainConfig, mesh, checkpointer: Ch
     log_dir = Path(config.log.dir)
     lines = [
         f"tedjax run: config {config_file or '(built in Python)'}; steps {start_step} -> {config.steps}",
-        (f"  mesh data={config.mesh.data} x expert={config.mesh.expert} x tensor={config.mesh.tensor} on "
+        (f"  mesh {f'stage={config.mesh.stage} x ' if config.mesh.stage > 1 else ''}data={config.mesh.data} x "
+         f"expert={config.mesh.expert} x tensor={config.mesh.tensor} on "
          f"{mesh.size} {mesh.devices.flat[0].platform} devices in {jax.process_count()} process"
          f"{'es' if jax.process_count() > 1 else ''}"),
         f"  model {experts}: {counts['total']:,} parameters, {counts['active']:,} active per token",
@@ -225,14 +226,24 @@ def _balance_lines(config: TrainConfig, mesh, trainer: Trainer) -> list[str]:
 
     lines = []
     if config.model.shadow_experts:
+        policy = ("FasterMoE's cost model" if config.model.capacity_scope == "dropless" else
+                  "the drops they save, where copying costs less than keeping the same choices by the pools,")
         lines.append(f"  shadows     up to {config.model.shadow_experts} per MoE layer, chosen every "
-                     f"{config.balance.shadow_every} steps by FasterMoE's cost model at "
-                     f"{trainer.balance_rates().describe()}")
+                     f"{config.balance.shadow_every} steps by {policy} at {trainer.balance_rates().describe()}")
     if config.balance.every:
         lines.append(f"  placement   every {config.balance.every} steps, adopted when the largest device load "
                      f"drops by >= {config.balance.margin:.0%} and the layer time it saves over {config.balance.every} "
                      f"steps exceeds its move's, at {trainer.balance_rates().describe()}")
-    return lines + [f"  warning: {w}" for w in balance.cannot_act(config, int(mesh.shape["expert"]))]
+    warnings = balance.cannot_act(config, int(mesh.shape["expert"]))
+    nodes, m = expert_nodes(mesh_shape(mesh), trainer.node_size), config.model  # across nodes (issue 24)
+    if nodes > 1:
+        lines.append(f"  nodes       {trainer.node_size} devices each, the expert axis spans {nodes}: remote_fraction "
+                     f"{m.remote_fraction}, {m.a2a} all-to-all")
+    elif m.num_experts and (m.remote_fraction < 1 or m.a2a != "flat"):
+        warnings.append(f"model.remote_fraction={m.remote_fraction} and model.a2a={m.a2a} act only when the expert "
+                        f"axis spans nodes, and a node of {trainer.node_size} devices holds all of it here; set "
+                        "mesh.node_size below expert x tensor (simulated nodes) or leave them at 1.0 / flat")
+    return lines + [f"  warning: {w}" for w in warnings]
 
 
 def _router_losses_per_layer(record: dict, n_moe_layers: int) -> None:
@@ -290,7 +301,7 @@ def _last_good(checkpointer: Checkpointer) -> str:
 
 def _rebalance(trainer: Trainer, state: TrainState, step: int, logger: MetricsLogger) -> TrainState:
     """Shadow and placement decisions (tedjax.balance): each one, adopted or not, is a record (kind "shadows" or
-    "placement") and a line, with its reasons."""
+    "placement") and a line, with its reasons (shadow lines only at log steps when decisions come more often)."""
     from tedjax import balance
 
     state, done = trainer.rebalance(state, step)
@@ -303,9 +314,16 @@ def _rebalance(trainer: Trainer, state: TrainState, step: int, logger: MetricsLo
                           "predicted_latency_s": [d.latency_s for d in shadows],
                           "predicted_latency_with_shadows_s": [d.with_shadows_s for d in shadows],
                           "predicted_latency_one_more_s": [d.one_more_s for d in shadows],
+                          # the drop policy's reasons (static capacity; null under the latency policy)
+                          "policy": "latency" if shadows[0].saved is None else "drops",
+                          "predicted_saved_fraction": [d.saved for d in shadows],
+                          "predicted_copy_s": [d.copy_s for d in shadows],
+                          "predicted_keep_s": [d.keep_s for d in shadows],
                           "matmul_tflops": rates.matmul_tflops, "link_gbytes_per_s": rates.link_gbytes_per_s,
                           "rates_source": rates.source}, kind="shadows")  # fmt: skip
-        logger.message(balance.describe_shadows(step, shadows))
+        every, log_every = trainer.config.balance.shadow_every, trainer.config.log.every
+        if every >= log_every or step % log_every == 0:  # decisions more often than lines: the line at log steps
+            logger.message(balance.describe_shadows(step, shadows))
     placement = done["placement"]
     if placement:
         logger.log(step, {"layers": [d.layer for d in placement], "adopted": [d.adopted for d in placement],
@@ -541,7 +559,7 @@ def _run(config: TrainConfig, *, resume: bool, allow_change: Iterable[str], mesh
         from tedjax.plan import auto_config
 
         config = auto_config(config)
-    mesh = mesh or make_mesh(config.mesh.data, config.mesh.expert, config.mesh.tensor)
+    mesh = mesh or make_mesh(config.mesh.data, config.mesh.expert, config.mesh.tensor, stage=config.mesh.stage)
     check_mesh(config.model, mesh, config.data.micro_batch_size, config.data.seq_len)
     if config.balance.cluster:  # a wrong cluster preset is refused before anything is written or compiled
         from tedjax.plan import Cluster

@@ -1,4 +1,4 @@
-"""The TED device mesh ("data", "expert", "tensor") and the one logical-to-mesh rule table.
+"""The device mesh ("stage", "data", "expert", "tensor") and the one logical-to-mesh rule table.
 
 Model code names *logical* axes ("batch", "experts", "ffn", ...) and never a mesh
 axis. `RULES` maps each logical axis to the mesh axes it is split over; changing
@@ -9,7 +9,9 @@ TED's groups on this mesh (NOTES.md section 1):
   expert params:     split over "expert" (the expert dim) and "tensor"
                      (Megatron split inside each expert), replicated over "data"
   the batch:         split over ("data", "expert")
-so the non-expert data-parallel group is G_data x G_expert.
+so the non-expert data-parallel group is G_data x G_expert. The outermost
+"stage" axis (size 1 unless pipelining, tedjax.pipeline) splits the scanned
+layers into pipeline stages; each stage is a whole TED mesh of its own.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from flax.core.spmd import get_logical_axis_rules
 from flax.nnx import bridge
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "expert", "tensor")
+MESH_AXES = ("data", "expert", "tensor")  # the TED axes, inside each pipeline stage
+STAGE_AXIS = "stage"  # outermost; always present, size 1 without a pipeline (a size-1 axis moves no data)
 
 # Logical axis -> mesh axes. None means replicated, on purpose. A logical name
 # missing here is an error, never a silent replication.
@@ -35,6 +38,7 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "expert_batch": "data",  # routing groups while experts compute
     "length": None,
     "capacity": None,
+    "act_stages": STAGE_AXIS,  # the pipeline's per-stage activation buffer [stages, mb, L, D]
     "capacity_dtd": "tensor",  # DTD: each tensor rank carries 1/tensor of the slots
     "act_embed": None,
     "act_heads": "tensor",
@@ -50,6 +54,7 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "router_experts": None,  # every rank scores every expert
     "shadow_experts": None,  # shadow copies of hot experts live on every device (FasterMoE)
     "norm": None,
+    "layers": STAGE_AXIS,  # the leading axis of the scanned units' stacked variables: contiguous runs per stage
 }
 
 
@@ -58,27 +63,30 @@ def make_mesh(
     expert: int = 1,
     tensor: int = 1,
     devices: Sequence[jax.Device] | None = None,
+    *,
+    stage: int = 1,
 ) -> Mesh:
-    """A ("data", "expert", "tensor") mesh with Auto axes, "tensor" innermost.
+    """A ("stage", "data", "expert", "tensor") mesh with Auto axes, "tensor" innermost.
 
     Neighbouring device ids share a tensor group (NVLink peers on a GPU node),
-    then an expert group, then data-parallel replicas.
+    then an expert group, then data-parallel replicas, then a pipeline stage.
     """
-    sizes = {"data": data, "expert": expert, "tensor": tensor}
+    sizes = {"stage": stage, "data": data, "expert": expert, "tensor": tensor}
     for name, size in sizes.items():
         if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or size < 1:
             raise ValueError(
                 f"mesh axis {name!r} must be a positive integer, got {size!r}; "
-                "set data, expert and tensor to integers >= 1 whose product is the device count"
+                "set stage, data, expert and tensor to integers >= 1 whose product is the device count"
             )
     devices = list(jax.devices() if devices is None else devices)
     if not devices:
         raise ValueError("make_mesh got an empty device list; pass devices=None for all of jax.devices(), "
                          "or a non-empty list such as jax.devices()[:4]")
-    wanted = data * expert * tensor
+    wanted = stage * data * expert * tensor
     if wanted != len(devices):
+        staged = f"stage={stage}, " if stage > 1 else ""
         raise ValueError(
-            f"mesh (data={data}, expert={expert}, tensor={tensor}) needs {wanted} devices "
+            f"mesh ({staged}data={data}, expert={expert}, tensor={tensor}) needs {wanted} devices "
             f"but {len(devices)} are given ({devices[0].platform}); choose sizes whose "
             f"product is {len(devices)}"
             + (
@@ -91,8 +99,54 @@ def make_mesh(
     # Sorting by (process, id) keeps each host's devices contiguous, so the
     # innermost axes ("tensor", then "expert") stay inside a host when possible.
     devices = sorted(devices, key=lambda d: (d.process_index, d.id))
-    grid = np.array(devices, dtype=object).reshape(data, expert, tensor)
-    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+    grid = np.array(devices, dtype=object).reshape(stage, data, expert, tensor)
+    return Mesh(grid, (STAGE_AXIS, *MESH_AXES), axis_types=(AxisType.Auto,) * 4)
+
+
+def resolve_node_size(mesh: Mesh, node_size: int = 0) -> int:
+    """Devices per node of `mesh`: `node_size` if set, else (0) the devices of one process (host).
+
+    Simulated CPU devices all sit in one process: set `mesh.node_size` to
+    simulate nodes. The value is checked against the mesh (`expert_nodes`).
+    """
+    devices = list(np.asarray(mesh.devices).flat)
+    if not node_size:
+        per_process: dict[int, int] = {}
+        for d in devices:
+            per_process[d.process_index] = per_process.get(d.process_index, 0) + 1
+        node_size = max(per_process.values())
+    expert_nodes(mesh_shape(mesh), node_size)
+    return int(node_size)
+
+
+def expert_nodes(sizes: Sequence[int], node_size: int) -> int:
+    """How many nodes the "expert" axis spans on a (data, expert, tensor) mesh with `node_size` devices
+    per node (1 when a node holds the whole expert axis, or `node_size` is 0).
+
+    make_mesh numbers devices tensor-innermost, then expert, then data, and
+    nodes are blocks of `node_size` consecutive devices, so a node holds whole
+    tensor groups and contiguous expert ranks. With data > 1 and node_size >=
+    expert x tensor a node holds whole expert groups (its all-to-alls stay
+    inside it); below that the expert axis spans expert x tensor / node_size
+    nodes. Anything else is refused: it would split a tensor group or make
+    nodes hold unequal shares of the expert axis.
+    """
+    data, expert, tensor = (int(v) for v in sizes)
+    if isinstance(node_size, (int, np.integer)) and not isinstance(node_size, bool) and node_size == 0:
+        return 1
+    span, total = expert * tensor, data * expert * tensor
+    integer = isinstance(node_size, (int, np.integer)) and not isinstance(node_size, bool) and node_size > 0
+    fits = integer and node_size % tensor == 0 and total % node_size == 0 and (
+        span % node_size == 0 or node_size % span == 0)
+    if not fits:
+        divisors = [n for n in range(tensor, total + 1, tensor)
+                    if total % n == 0 and (span % n == 0 or n % span == 0)]
+        raise ValueError(
+            f"mesh.node_size={node_size!r} does not fit the mesh (data={data}, expert={expert}, tensor={tensor}): "
+            f"a node must hold whole tensor groups and either a whole expert group (expert x tensor = {span} "
+            f"devices, or a multiple of it) or an equal share of it; set mesh.node_size to one of {divisors} "
+            "(0 = the devices of one host)")
+    return max(1, span // node_size)
 
 
 def logical_to_spec(logical_axes: Sequence[str | None]) -> PartitionSpec:
@@ -139,6 +193,11 @@ def mesh_shape(mesh: Mesh) -> tuple[int, int, int]:
     return tuple(int(mesh.shape[a]) for a in MESH_AXES)  # type: ignore[return-value]
 
 
+def stage_count(mesh: Mesh) -> int:
+    """Pipeline stages of `mesh`: its "stage" axis, 1 for a mesh without one."""
+    return int(dict(mesh.shape).get(STAGE_AXIS, 1))
+
+
 def axis_size(mesh: Mesh, logical_name: str) -> int:
     """How many ways a logical axis is split on `mesh`."""
     target = RULES[logical_name]
@@ -153,7 +212,7 @@ def flax_rules() -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
     (`nn.Partitioned`, `nnx.with_partitioning(init, ("tensor", None))`) passes
     through Linen's rule matching instead of being silently replicated.
     """
-    return tuple(RULES.items()) + tuple((axis, axis) for axis in MESH_AXES)
+    return tuple(RULES.items()) + tuple((axis, axis) for axis in (STAGE_AXIS, *MESH_AXES))
 
 
 def axes_metadata(logical_axes: Sequence[str | None]) -> dict:
@@ -244,10 +303,14 @@ def param_spec(
         raise ValueError(f"{where}: sharding {names} has more entries than its shape {shape} has dims")
     context = dict(get_logical_axis_rules() or ())
     mesh_axes = tuple(mesh.axis_names) if mesh is not None else MESH_AXES
+    # "layers" splits over "stage" only when there are stages: at stage 1 (or without a mesh, as the planner
+    # reads specs) every sharding, and so every program, is the one of a mesh without the axis
+    staged = STAGE_AXIS in mesh_axes and int(dict(mesh.shape).get(STAGE_AXIS, 1)) > 1
     spec, used = [], []
     for entry in names:
         parts = () if entry is None or entry is PartitionSpec.UNCONSTRAINED else _axes_of(entry)
-        axes = tuple(a for name in parts for a in _mesh_axes(name, local, context, mesh_axes, where))
+        axes = tuple(a for name in parts for a in _mesh_axes(name, local, context, mesh_axes, where)
+                     if a != STAGE_AXIS or staged)
         for axis in axes:
             if axis in used:
                 raise ValueError(f"{where}: sharding {names} puts mesh axis {axis!r} on two dims")

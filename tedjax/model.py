@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from tedjax.config import ModelConfig, check_mesh
+from tedjax import pipeline as pipe
+from tedjax.config import ModelConfig, PipelineConfig, check_mesh
 from tedjax.layers import (COLLECTIVE_OUTPUTS, Attention, DenseFFN, RMSNorm, RopeScaling, fan_in_init, lane_einsum,
                            lane_take, param)
-from tedjax.mesh import constrain, state_shardings
+from tedjax.mesh import constrain, resolve_node_size, stage_count, state_shardings
 from tedjax.moe import MoE, MoEStats
 
 REMAT_POLICIES = {
@@ -27,7 +30,7 @@ def rope_scaling(config: ModelConfig) -> RopeScaling:
 
 
 class Block(nnx.Module):
-    def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs, node_size: int = 0):
         dt = config.compute_dtype
         self.attn_norm = RMSNorm(config.d_model, eps=config.norm_eps, rngs=rngs)
         self.attn = Attention(
@@ -47,6 +50,7 @@ class Block(nnx.Module):
                 renormalize=config.router_renormalize, dtd=config.dtd,
                 capacity_scope=config.capacity_scope, shadow_experts=config.shadow_experts,
                 a2a_chunks=config.a2a_chunks, dropless_buffer_factor=config.dropless_buffer_factor,
+                remote_fraction=config.remote_fraction, a2a=config.a2a, node_size=node_size,
                 dtype=dt, rngs=rngs,
             )  # fmt: skip
         else:
@@ -62,14 +66,78 @@ class Block(nnx.Module):
         return constrain(x_bld + h_bld, ("batch", "length", "act_embed")), stats
 
 
-class Transformer(nnx.Module):
-    """Decoder-only LM. `__call__(tokens [B, L] int32) -> (logits [B, L, V] f32, [MoEStats per MoE layer])`."""
+class Unit(nnx.Module):
+    """`moe_every` consecutive blocks, the body of the layer scan; with experts, its last block is MoE.
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    `__call__(x [B, L, D]) -> (x [B, L, D], MoEStats of its MoE block or None)`.
+    """
+
+    def __init__(self, blocks: list[Block]):
+        self.blocks = nnx.List(blocks)
+
+    def __call__(self, x_bld: jax.Array) -> tuple[jax.Array, MoEStats | None]:
+        unit_stats = None
+        for block in self.blocks:
+            x_bld, stats = block(x_bld)
+            unit_stats = stats if stats is not None else unit_stats
+        return x_bld, unit_stats
+
+
+def apply_unit(graphdef: nnx.GraphDef, unit_state: nnx.State, x_bld: jax.Array
+               ) -> tuple[jax.Array, MoEStats | None, nnx.State]:  # fmt: skip
+    """One unit of layers as a pure function: `(x [B, L, D], its MoEStats or None, its state after the call)`.
+
+    `graphdef` and `unit_state` are `nnx.split(model.units)` with the leading
+    "layers" axis sliced off (unit i: `jax.tree.map(lambda a: a[i], state)`).
+    The state after the call differs only in RNG counts (router jitter).
+    """
+    unit = nnx.merge(graphdef, unit_state)
+    x_bld, stats = unit(x_bld)
+    return x_bld, stats, nnx.state(unit)
+
+
+def stack_units(units: list[Unit]) -> Unit:
+    """One Unit whose every variable holds those of `units` along a new leading "layers" axis.
+
+    Stacking blocks built one by one keeps the initial values of an unrolled
+    model (the same RNG draws in the same order), so scanning changes no number.
+    Each unit's RNG key (router jitter) is folded with its index, so units draw
+    different noise.
+    """
+    graphdef, _ = nnx.split(units[0])
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(u) for u in units])
+    unit = nnx.merge(graphdef, stacked)
+    for _, node in nnx.iter_graph(unit):
+        if isinstance(node, nnx.RngKey):
+            node[...] = jax.vmap(jax.random.fold_in)(node[...], jnp.arange(len(units), dtype=jnp.uint32))
+        elif isinstance(node, nnx.Variable) and node.get_metadata().get("out_sharding") is not None:
+            axes = ("layers", *node.get_metadata()["out_sharding"])
+            node.set_metadata(out_sharding=axes, logical_axes=axes)
+    return unit
+
+
+class Transformer(nnx.Module):
+    """Decoder-only LM. `__call__(tokens [B, L] int32) -> (logits [B, L, V] f32, [MoEStats per MoE layer])`.
+
+    Its layers are `units`: one `Unit` of `moe_every` blocks whose variables
+    all carry a leading "layers" axis of n_layers // moe_every units, run by
+    `lax.scan` (`model.scan_layers`) or by a Python loop over the same stacked
+    variables. Layers that do not fill a unit (n_layers % moe_every, all dense)
+    follow as unrolled `tail` blocks. MoE layer k is unit k's last block.
+    On a mesh with "stage" > 1 and a `pipeline` config, the units run through
+    `tedjax.pipeline` (embedding, tail and head outside it, as without stages).
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, pipeline: PipelineConfig | None = None,
+                 node_size: int = 0):
         self.config = config
+        self.pipeline = pipeline  # None: never pipelined (generation, Hugging Face export): stages are gathered
         vocab = config.padded_vocab  # rows past vocab_size are padding (model.vocab_multiple); their logits are -inf
         self.embed = param(rngs, jax.nn.initializers.normal(1.0), (vocab, config.d_model), ("vocab", "embed"))
-        self.blocks = nnx.List([Block(config, i, rngs=rngs) for i in range(config.n_layers)])
+        blocks = [Block(config, i, rngs=rngs, node_size=node_size) for i in range(config.n_layers)]
+        every, units = config.moe_every, config.n_layers // config.moe_every
+        self.units = stack_units([Unit(blocks[u * every:(u + 1) * every]) for u in range(units)]) if units else None
+        self.tail = nnx.List(blocks[units * every:])
         self.final_norm = RMSNorm(config.d_model, eps=config.norm_eps, rngs=rngs)
         self.head = param(rngs, fan_in_init(config.d_model), (config.d_model, vocab), ("embed", "vocab"))
 
@@ -79,18 +147,67 @@ class Transformer(nnx.Module):
         tokens_bl = constrain(tokens_bl, ("batch", "length"))
         x_bld = lane_take(self.embed[...], tokens_bl).astype(cfg.compute_dtype)
         x_bld = constrain(x_bld, ("batch", "length", "act_embed"))
-        all_stats = []
-        for block in self.blocks:
+        x_bld, all_stats = self.run_units(x_bld)
+        for block in self.tail:
             if cfg.remat == "none":
-                x_bld, stats = block(x_bld)
+                x_bld, _ = block(x_bld)
             else:
-                x_bld, stats = nnx.remat(lambda b, x: b(x), policy=REMAT_POLICIES[cfg.remat])(block, x_bld)
-            if stats is not None:
-                all_stats.append(stats)
+                x_bld, _ = nnx.remat(lambda b, x: b(x), policy=REMAT_POLICIES[cfg.remat])(block, x_bld)
         x_bld = self.final_norm(x_bld)
         logits_blv = lane_einsum("bld,dv->blv", x_bld, self.head[...].astype(cfg.compute_dtype), split="b")
         logits_blv = constrain(mask_padded_vocab(cfg, logits_blv.astype(jnp.float32)), ("batch", "length", "act_vocab"))
         return logits_blv, all_stats
+
+    def run_units(self, x_bld: jax.Array) -> tuple[jax.Array, list[MoEStats]]:
+        """All units on `[B, L, D]`: scanned, or looped over the same stacked state; remat per unit."""
+        cfg = self.config
+        if self.units is None:
+            return x_bld, []
+        graphdef, state = nnx.split(self.units)
+        step = functools.partial(apply_unit, graphdef)
+        if cfg.remat != "none":  # inside a scan, the loop already keeps XLA from merging recomputation away
+            step = jax.checkpoint(step, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        n_units = cfg.n_layers // cfg.moe_every
+        stages = stage_count(jax.sharding.get_abstract_mesh())
+        if stages > 1 and self.pipeline is not None:
+            return self._run_pipelined(step, state, x_bld, stages, n_units)
+
+        def body(x_bld, unit_state):
+            x_bld, stats, unit_state = step(unit_state, x_bld)
+            return x_bld, (stats, nnx.filter_state(unit_state, nnx.RngState))
+
+        if cfg.scan_layers:
+            x_bld, (stats, rng_state) = jax.lax.scan(body, x_bld, state)
+            stats = [jax.tree.map(lambda a, u=u: a[u], stats) for u in range(n_units)] if stats is not None else []
+        else:
+            outs = []
+            for u in range(n_units):
+                x_bld, out = body(x_bld, jax.tree.map(lambda a, u=u: a[u], state))
+                outs.append(out)
+            stats = [s for s, _ in outs if s is not None]
+            rng_state = jax.tree.map(lambda *xs: jnp.stack(xs), *[r for _, r in outs])
+        nnx.update(self.units, rng_state)
+        return x_bld, stats
+
+    def _run_pipelined(self, step, state: nnx.State, x_bld: jax.Array, stages: int, n_units: int
+                       ) -> tuple[jax.Array, list[MoEStats]]:  # fmt: skip
+        """The units through `tedjax.pipeline.run_batch`: MoE statistics are means over the microbatches.
+
+        Router-jitter RNG counts are not advanced (each microbatch draws from the same keys).
+        """
+        cfg = self.pipeline
+        if self.config.num_experts and self.config.capacity_scope in ("device", "dropless"):
+            raise ValueError(f"model.capacity_scope={self.config.capacity_scope} does not run in the pipeline yet "
+                             "(its shard_map cannot be vmapped over stages); use capacity_scope=expert with stages")
+        repeats = cfg.repeats if cfg.schedule == "circular" else 1
+        # circular: each stage's runs must be one contiguous block of the "layers" dim (NOTES.md section 10.4); the
+        # state is kept in logical order, so this permutation moves weights between stages every step
+        state = pipe.to_stage_major(state, stages, repeats)
+        x_bld, stats_u = pipe.run_batch(lambda unit_state, x: step(unit_state, x)[:2], state, x_bld, stages=stages,
+                                        microbatches=cfg.microbatches_for(stages), repeats=repeats)
+        if stats_u is None:  # no MoE layer
+            return x_bld, []
+        return x_bld, [jax.tree.map(lambda a, u=u: a[u], stats_u) for u in range(n_units)]
 
 
 def mask_padded_vocab(config: ModelConfig, logits_blv: jax.Array) -> jax.Array:
@@ -140,40 +257,114 @@ def loss_fn(model: Transformer, batch: dict[str, jax.Array], *, check_ids: bool 
             # the busiest device's rows over the mean: the step-time bound once compute follows rows (dropless)
             rows_max_over_mean=jnp.stack([jnp.max(s.device_rows) / jnp.maximum(jnp.mean(s.device_rows), 1e-9)
                                           for s in stats]),
+            redirected_fraction=jnp.stack([s.redirected_fraction for s in stats]),
+            internode_fraction=jnp.stack([s.internode_fraction for s in stats]),
         )
+        if cfg.shadow_experts:  # what a shadow of each expert would keep from drops: the shadow policy's input
+            metrics["shadow_gain"] = jnp.stack([s.shadow_gain for s in stats])
     metrics["loss"] = total
     return total, metrics
 
 
-def moe_layers(model: Transformer) -> list[MoE]:
-    """The model's MoE modules in layer order (the order of its `MoEStats`)."""
-    return [block.ffn for block in model.blocks if block.is_moe]
+def moe_path(config: ModelConfig) -> tuple:
+    """Where the MoE layers are in the model's state (`nnx.to_pure_dict`): the last block of the units."""
+    return ("units", "blocks", config.moe_every - 1, "ffn")
 
 
-def update_balance(model: Transformer, expert_load_ne: jax.Array, *, bias_rate: float, load_decay: float) -> None:
-    """After a step: each MoE layer's load running mean and router bias from its load `[n_moe, E]`."""
-    for moe, load_e in zip(moe_layers(model), expert_load_ne):
-        moe.update_balance(load_e, bias_rate=bias_rate, load_decay=load_decay)
+def moe_stack(model: Transformer) -> MoE | None:
+    """The MoE module of the scanned units (None without experts): every variable has a leading "layers" axis,
+    and MoE layer k (the order of the model's `MoEStats`) is index k of it."""
+    return model.units.blocks[-1].ffn if model.config.num_experts and model.units is not None else None
 
 
-def abstract_model(config: ModelConfig, seed: int = 0) -> Transformer:
+def unit_view(model: Transformer, unit: int) -> Unit:
+    """A copy of unit `unit` of the model's stack, with its own unstacked variables (changes do not write back)."""
+    graphdef, state = nnx.split(model.units)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a[unit], state))
+
+
+def moe_layer(model: Transformer, layer: int) -> MoE:
+    """A copy of MoE layer `layer` as a standalone `MoE` module (its variables unstacked; changes do not write back)."""
+    return unit_view(model, layer).blocks[-1].ffn
+
+
+def update_balance(model: Transformer, expert_load_ne: jax.Array, *, bias_rate: float, load_decay: float,
+                   shadow_gain_ne: jax.Array | None = None, gain_decay: float = 0.0) -> None:
+    """After a step: each MoE layer's load running mean and router bias from its load `[n_moe, E]`, and the
+    running mean of its shadow gain `[n_moe, E]` (with shadows)."""
+    moe = moe_stack(model)
+    if moe is not None:
+        moe.update_balance(expert_load_ne, bias_rate=bias_rate, load_decay=load_decay,
+                           shadow_gain_e=shadow_gain_ne, gain_decay=gain_decay)
+
+
+def layer_index(config: ModelConfig, layer: int) -> tuple[tuple, int | None]:
+    """(path in the model's state, index on its "layers" axis or None) of decoder layer `layer`'s block."""
+    unit, pos = divmod(layer, config.moe_every)
+    if unit < config.n_layers // config.moe_every:
+        return ("units", "blocks", pos), unit
+    return ("tail", layer - config.n_layers // config.moe_every * config.moe_every), None
+
+
+def unstack_layers(config: ModelConfig, tree: dict, take=None) -> dict:
+    """A pure-dict state (params, or a tree like them) with the units unrolled into `blocks` {layer: block
+    tree}, the layout of tedjax before scanned layers; `stack_layers` inverts it. `take(leaf, i)` slices
+    unit i of a stacked leaf (default `leaf[i]`)."""
+    take = (lambda a, i: a[i]) if take is None else take
+    out = {k: v for k, v in tree.items() if k not in ("units", "tail")}
+    blocks = {}
+    for layer in range(config.n_layers):
+        path, index = layer_index(config, layer)
+        sub = tree
+        for key in path:
+            sub = sub.get(key, {}) if isinstance(sub, dict) else {}
+        if sub:  # (a tree of some variables only, such as the MoE layers' balance state, has no other layers)
+            blocks[layer] = sub if index is None else jax.tree.map(lambda a, i=index: take(a, i), sub)
+    out["blocks"] = blocks
+    return out
+
+
+def stack_layers(config: ModelConfig, tree: dict, stack=None) -> dict:
+    """The inverse of `unstack_layers`: `blocks` {layer: block tree} into `units` (stacked) and `tail`.
+
+    `stack` joins the leaves of the units (default `jnp.stack`; `np.stack` keeps host arrays on the host).
+    """
+    stack = jnp.stack if stack is None else stack
+    blocks = tree["blocks"]
+    out = {k: v for k, v in tree.items() if k != "blocks"}
+    every, units = config.moe_every, config.n_layers // config.moe_every
+    if units:
+        out["units"] = {"blocks": {pos: jax.tree.map(lambda *xs: stack(xs), *[blocks[u * every + pos]
+                                                                             for u in range(units)])
+                                   for pos in range(every) if pos in blocks}}
+    tail = {k: blocks[units * every + k] for k in range(config.n_layers - units * every) if units * every + k in blocks}
+    if tail:  # (no "tail" key without tail layers, as in `nnx.to_pure_dict`)
+        out["tail"] = tail
+    return out
+
+
+def abstract_model(config: ModelConfig, seed: int = 0, pipeline: PipelineConfig | None = None, node_size: int = 0
+                   ) -> Transformer:  # fmt: skip
     """The model's structure with ShapeDtypeStruct leaves; nothing is allocated."""
-    return nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(seed)))
+    return nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(seed), pipeline=pipeline, node_size=node_size))
 
 
-def init_model(config: ModelConfig, mesh: Mesh, seed: int = 0) -> Transformer:
+def init_model(config: ModelConfig, mesh: Mesh, seed: int = 0, pipeline: PipelineConfig | None = None,
+               node_size: int = 0) -> Transformer:
     """Build a Transformer whose parameters are created already sharded on `mesh`.
 
     Shapes come from `eval_shape`, shardings from the logical axes, and a jitted
     init writes each device's shard directly: no unsharded copy ever exists.
+    With `pipeline`, a mesh with stages runs the units through tedjax.pipeline.
     """
     check_mesh(config, mesh)
-    graphdef, abstract_state = nnx.split(abstract_model(config, seed))
+    node_size = resolve_node_size(mesh, node_size)  # 0 = the devices of one host
+    graphdef, abstract_state = nnx.split(abstract_model(config, seed, pipeline, node_size))
     shardings = state_shardings(abstract_state, mesh)
 
     @jax.jit
     def init():
-        return nnx.state(Transformer(config, rngs=nnx.Rngs(seed)))
+        return nnx.state(Transformer(config, rngs=nnx.Rngs(seed), node_size=node_size))
 
     with jax.set_mesh(mesh):
         state = jax.jit(init, out_shardings=shardings)()

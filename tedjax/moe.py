@@ -51,6 +51,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
@@ -58,10 +59,11 @@ from tedjax import grouped
 from tedjax import ragged as ragged_lib
 from tedjax import routing as routing_lib
 from tedjax.layers import activate, fan_in_init, lane_einsum, param
-from tedjax.mesh import MESH_AXES, RULES, axes_metadata, axis_size, constrain, logical_to_spec
+from tedjax.mesh import MESH_AXES, RULES, axes_metadata, axis_size, constrain, expert_nodes, logical_to_spec
 
 CAPACITY_SCOPES = ("expert", "device", "dropless")
 EXCHANGES = ("auto", "static", "ragged", "emulated")  # dropless pools over the "expert" axis
+A2A = ("flat", "hierarchical")  # how the pools cross nodes (model.a2a)
 EXPERT_IN_AXES = ("experts", "embed", "ffn")  # w_in, w_gate [E, D, F]
 EXPERT_OUT_AXES = ("experts", "ffn", "embed")  # w_out [E, F, D]
 EXPERT_WEIGHTS = ("w_in", "w_gate", "w_out")
@@ -84,6 +86,9 @@ class MoEStats:
     device_load: jax.Array  # f32 [X]   fraction of choices per device of the "expert" axis, before drops
     device_rows: jax.Array  # f32 [X]   rows each device computes, as a fraction of choices: its pool's (before drops),
     #                                   plus its own shadow rows with capacity_scope "dropless" (where rows set the time)
+    shadow_gain: jax.Array  # f32 [E]   fraction of choices a shadow of each expert would keep from drops (routing.py)
+    redirected_fraction: jax.Array  # f32 []  choices the topology-aware gate sent to their own node instead
+    internode_fraction: jax.Array  # f32 []   kept choices whose expert is on another node
 
 
 class MoE(nnx.Module):
@@ -111,6 +116,13 @@ class MoE(nnx.Module):
     pools cross the "expert" axis: "auto" (ragged on GPU/TPU, static on CPU),
     "static", "ragged", or "emulated" (the ragged bookkeeping with the
     primitive emulated by ordinary collectives, for CPU tests).
+
+    Across nodes (NOTES.md section 8.9): with `node_size` devices per node
+    (0 = one node) the "expert" axis may span nodes. `remote_fraction=r` < 1
+    is FasterMoE's topology-aware gate (`routing.route`); `a2a="hierarchical"`
+    exchanges inside nodes first, then sends only r x P slots of each remote
+    pool between nodes (`_hierarchical_round_trip`; the ragged exchange is
+    flat only).
     """
 
     def __init__(
@@ -134,6 +146,9 @@ class MoE(nnx.Module):
         grouped_matmul: str = "auto",
         dropless_buffer_factor: float = 0.0,
         exchange: str = "auto",
+        remote_fraction: float = 1.0,
+        a2a: str = "flat",
+        node_size: int = 0,
         dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
@@ -173,6 +188,8 @@ class MoE(nnx.Module):
         self.router_bias = BalanceState(jnp.zeros((num_experts,), jnp.float32), **balance_axes)
         self.load_mean = BalanceState(jnp.full((num_experts,), 1.0 / num_experts, jnp.float32), **balance_axes)
         self.load_steps = BalanceState(jnp.zeros((), jnp.int32), **axes_metadata(()))
+        # running mean of MoEStats.shadow_gain: the drops a shadow of each expert would save (the shadow policy's input)
+        self.gain_mean = BalanceState(jnp.zeros((num_experts,), jnp.float32), **balance_axes)
         # no expert is shadowed until a policy (or the user) picks some: id E marks an empty shadow slot
         self.shadow_ids = BalanceState(jnp.full((shadow_experts,), num_experts, jnp.int32),
                                        **axes_metadata(("shadow_experts",)))
@@ -186,6 +203,11 @@ class MoE(nnx.Module):
             raise ValueError(f"dropless_buffer_factor={dropless_buffer_factor} must be >= 0 (0 = worst case) and "
                              f"exchange={exchange!r} one of {EXCHANGES}")
         self.dropless_buffer_factor, self.exchange = dropless_buffer_factor, exchange
+        routing_lib.remote_capacity(1, remote_fraction)  # raises outside (0, 1]
+        if a2a not in A2A or not isinstance(node_size, int) or isinstance(node_size, bool) or node_size < 0:
+            raise ValueError(f"a2a={a2a!r} must be one of {A2A} and node_size={node_size!r} an integer >= 0 "
+                             "(devices per node; 0 = one node)")
+        self.remote_fraction, self.a2a, self.node_size = remote_fraction, a2a, node_size
         self.deterministic = False
         self.rngs = rngs if jitter_eps > 0 else None
 
@@ -203,7 +225,7 @@ class MoE(nnx.Module):
             buf_gnd = self._gather_slots(x_gsd, routed)
         groups, pool_slots = buf_gnd.shape[0], (self.num_experts // routed.experts_per_pool) * routed.capacity
         buf_gqpd = buf_gnd[:, :pool_slots].reshape(groups, -1, routed.capacity, d_model)
-        out_gqpd = self._exchange(buf_gqpd, self._counts(routed))
+        out_gqpd = self._exchange(buf_gqpd, self._counts(routed), routed.remote_capacity)
         out_gnd = out_gqpd.reshape(groups, pool_slots, d_model)
         if routed.num_shadows:
             shadow_grcd = buf_gnd[:, pool_slots:].reshape(groups, routed.num_shadows, routed.shadow_capacity, d_model)
@@ -217,7 +239,7 @@ class MoE(nnx.Module):
         if routed.num_shadows and self.capacity_scope == "dropless":  # (only there do rows set the time)
             device_rows_x = device_load_x + self._shadow_rows(routed)
         stats = MoEStats(routed.aux_loss, routed.z_loss, routed.expert_load, routed.dropped_fraction, device_load_x,
-                         device_rows_x)
+                         device_rows_x, routed.shadow_gain, routed.redirected_fraction, routed.internode_fraction)
         return out_gsd.reshape(batch, length, d_model), stats
 
     def _route(self, x_gsd: jax.Array) -> routing_lib.Routing:
@@ -247,16 +269,42 @@ class MoE(nnx.Module):
             # a shadow is on every device, so it takes the load of `expert` devices' worth of one expert
             shadow_capacity=min(group, _ways("experts") * expert_cap),
             pool_capacity=pool_cap,
+            remote_fraction=self.remote_fraction,
+            nodes=self._nodes(),
+            group_node=self._group_nodes(x_gsd.shape[0]),
         )
 
-    def update_balance(self, expert_load_e: jax.Array, *, bias_rate: float, load_decay: float) -> None:
-        """After a step, outside the gradient: running mean of the load, and the router bias
-        moved by `bias_rate x sign(mean load - load)` (over-loaded experts become less likely)."""
+    def _nodes(self) -> int:
+        """Nodes the "expert" axis spans (mesh.node_size; 1 off a TED mesh or with node_size 0)."""
+        if not _on_ted_mesh():
+            return 1
+        mesh = jax.sharding.get_abstract_mesh()
+        return expert_nodes([int(mesh.shape[a]) for a in MESH_AXES], self.node_size)
+
+    def _group_nodes(self, groups: int) -> jax.Array | None:
+        """Node of every routing group `[G]`: that of the device holding it on the "expert" axis ("batch"
+        splits the groups into contiguous blocks over ("data", "expert"), "expert" the minor axis)."""
+        nodes = self._nodes()
+        if nodes == 1:
+            return None
+        devices, experts = _ways("batch"), _ways("experts")
+        rank_g = (np.arange(groups) // (groups // devices)) % experts
+        return jnp.asarray(rank_g // (experts // nodes), jnp.int32)
+
+    def update_balance(self, expert_load_e: jax.Array, *, bias_rate: float, load_decay: float,
+                       shadow_gain_e: jax.Array | None = None, gain_decay: float = 0.0) -> None:
+        """After a step, outside the gradient: running means of the load (and of `shadow_gain_e` `[E]`, with
+        shadows), and the router bias moved by `bias_rate x sign(mean load - load)` (over-loaded experts become
+        less likely)."""
         load_e = jax.lax.stop_gradient(expert_load_e).astype(jnp.float32)
         steps = self.load_steps[...] + 1
         # the plain mean of the steps seen until there are enough for the exponential one
-        weight = jnp.maximum(1.0 - load_decay, 1.0 / steps.astype(jnp.float32))
+        weight = jnp.maximum(1.0 - load_decay, 1.0 / steps.astype(jnp.float32))[..., None]  # [..., 1]: stacked too
         self.load_mean[...] = self.load_mean[...] + weight * (load_e - self.load_mean[...])
+        if shadow_gain_e is not None:
+            gain_e = jax.lax.stop_gradient(shadow_gain_e).astype(jnp.float32)
+            gain_weight = jnp.maximum(1.0 - gain_decay, 1.0 / steps.astype(jnp.float32))[..., None]
+            self.gain_mean[...] = self.gain_mean[...] + gain_weight * (gain_e - self.gain_mean[...])
         self.load_steps[...] = steps
         if bias_rate:
             self.router_bias[...] = self.router_bias[...] + bias_rate * jnp.sign(1.0 / self.num_experts - load_e)
@@ -315,7 +363,7 @@ class MoE(nnx.Module):
         choice_gn, slot_gc = _slot_maps(routed, self.num_experts)
         return _gather_tokens(x_gsd.astype(self.dtype), choice_gn, slot_gc, routed.expert_index.shape[-1])
 
-    def _exchange(self, buf_gqpd: jax.Array, counts_gqx: jax.Array | None) -> jax.Array:
+    def _exchange(self, buf_gqpd: jax.Array, counts_gqx: jax.Array | None, remote_cap: int = 0) -> jax.Array:
         """Pools to their devices, the experts, and back: `[G, Q, P, D] -> [G, Q, P, D]`.
 
         Smart scheduling (FasterMoE): with `a2a_chunks = n` the routing groups are
@@ -325,19 +373,22 @@ class MoE(nnx.Module):
         """
         chunks = self.a2a_chunks
         if chunks == 1:
-            return self._round_trip(buf_gqpd, counts_gqx)
+            return self._round_trip(buf_gqpd, counts_gqx, remote_cap)
 
         def split(x, axes):  # [G, ...] -> [G/n, n, ...], each device's groups stay on it
             return constrain(x.reshape(x.shape[0] // chunks, chunks, *x.shape[1:]), ("batch", None, *axes))
 
         bufs = split(buf_gqpd, (None, "capacity", "act_embed"))
         counts = None if counts_gqx is None else split(counts_gqx, (None, None))
-        outs = [self._round_trip(bufs[:, c], None if counts is None else counts[:, c]) for c in range(chunks)]
+        outs = [self._round_trip(bufs[:, c], None if counts is None else counts[:, c], remote_cap)
+                for c in range(chunks)]
         out = jnp.stack(outs, axis=1)
         return constrain(out, ("batch", None, None, "capacity", "act_embed")).reshape(buf_gqpd.shape)
 
-    def _round_trip(self, buf_gqpd: jax.Array, counts_gqx: jax.Array | None) -> jax.Array:
+    def _round_trip(self, buf_gqpd: jax.Array, counts_gqx: jax.Array | None, remote_cap: int = 0) -> jax.Array:
         cap = buf_gqpd.shape[2]
+        if self.a2a == "hierarchical" and self._nodes() > 1:
+            return self._hierarchical_round_trip(buf_gqpd, counts_gqx, remote_cap or cap)
         if self._ragged_exchange():
             return self._ragged_round_trip(buf_gqpd, counts_gqx)
         if not self._dtd_active():
@@ -360,6 +411,121 @@ class MoE(nnx.Module):
         if self._dtd_active():
             out_gqpd = constrain(out_gqpd, ("batch", None, "capacity", "act_embed"))[:, :, :cap]  # all-gather
         return out_gqpd
+
+    def _hierarchical_round_trip(self, buf_gqpd: jax.Array, counts_gqx: jax.Array | None, remote_cap: int
+                                 ) -> jax.Array:  # fmt: skip
+        """`_round_trip` in two stages (model.a2a "hierarchical"), one `shard_map`, the same `[G, Q, P, D]` result.
+
+        The "expert" axis is M nodes of L ranks. Each device sends its own node's
+        pools whole and only the first `remote_cap` (r x P) slots of every other
+        node's pools, which the topology-aware gate leaves empty past that.
+        Stage 1: one all-to-all inside each node: rank l gets every pool of
+        local rank l of any node, from each node-mate. Stage 2: one all-to-all
+        between the ranks l of all nodes carries the remote buffers (its own
+        node's block is empty and stays on the device). The expert FFN runs
+        on both; the return mirrors it. With DTD each tensor rank moves 1/T
+        of the slots and an all-gather over "tensor" rebuilds them.
+        """
+        dt = self.dtype
+        w_gate = None if self.w_gate is None else self.w_gate[...].astype(dt)
+        w_in, w_out = self.w_in[...].astype(dt), self.w_out[...].astype(dt)
+        axis, reduce_axes, slot_axis = RULES["experts"], RULES["ffn"], RULES["capacity_dtd"]
+        nodes, experts = self._nodes(), _ways("experts")
+        ranks, dtd, ways = experts // nodes, self._dtd_active(), _ways("capacity_dtd")
+        intra = [[m * ranks + l for l in range(ranks)] for m in range(nodes)]
+        inter = [[m * ranks + l for m in range(nodes)] for l in range(ranks)]
+        ffn = functools.partial(grouped.pool_ffn, method=self.grouped_matmul)
+
+        def a2a(x, groups):  # leading dim: destination in, source out
+            return jax.lax.all_to_all(x, axis, 0, 0, tiled=True, axis_index_groups=groups)
+
+        def my_slots(x, slot_dim):  # DTD: this tensor rank's 1/T of the slots (padded with empty ones)
+            if not dtd:
+                return x
+            pad = -x.shape[slot_dim] % ways
+            x = jnp.pad(x, [(0, pad if i == slot_dim else 0) for i in range(x.ndim)])
+            size = x.shape[slot_dim] // ways
+            return jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(slot_axis) * size, size, slot_dim)
+
+        def all_slots(x, slot_dim, size, invariant=False):  # DTD: every tensor rank's slots again
+            if not dtd:
+                return x
+            if invariant:  # the layer's output must be the same on every tensor rank: a psum says so, a gather not
+                at = jax.lax.axis_index(slot_axis) * x.shape[slot_dim]
+                pad = [(0, 0)] * x.ndim
+                pad[slot_dim] = (0, x.shape[slot_dim] * (ways - 1))
+                x = jax.lax.psum(jax.lax.dynamic_update_slice_in_dim(jnp.zeros_like(jnp.pad(x, pad)), x, at, slot_dim),
+                                 slot_axis)
+            else:
+                x = jax.lax.all_gather(x, slot_axis, axis=slot_dim, tiled=True)
+            return jax.lax.slice_in_dim(x, 0, size, axis=slot_dim)
+
+        def swap(own, remote, groups):  # both `[L, ...]` through one all-to-all
+            flat = a2a(jnp.concatenate([own.reshape(ranks, -1), remote.reshape(ranks, -1)], axis=1), groups)
+            return flat[:, :own[0].size].reshape(own.shape), flat[:, own[0].size:].reshape(remote.shape)
+
+        lanes = w_in.ndim == 4  # lane weights [N, E, ...], N over "expert_batch": this device's lane is its own
+
+        def local(buf, counts, w_in, w_gate, w_out):
+            if lanes:
+                w_in, w_gate, w_out = (None if w is None else w[0] for w in (w_in, w_gate, w_out))
+            groups, pools, cap, d_model = buf.shape
+            per_device = pools // experts
+            node = jax.lax.axis_index(axis) // ranks
+            to_rel = (node + jnp.arange(nodes)) % nodes  # relative node j -> node; j = 0 is this node
+            by_rel = jnp.take(buf.reshape(groups, nodes, ranks, per_device, cap, d_model), to_rel, axis=1)
+            own = my_slots(jnp.moveaxis(by_rel[:, 0], 1, 0), 3)  # [L, G, Qd, P', D]
+            remote = my_slots(jnp.moveaxis(by_rel[:, 1:, :, :, :remote_cap], 2, 0), 4)  # [L, G, M-1, Qd, R', D]
+            own, remote = swap(own, remote, intra)  # stage 1: [L_src, ...]
+            # stage 2 by node: block m goes to node m, this node's block (relative 0) is empty
+            remote = jnp.concatenate([jnp.zeros_like(remote[:, :, :1]), remote], axis=2)
+            remote = jnp.take(jnp.moveaxis(remote, 2, 0), (jnp.arange(nodes) - node) % nodes, axis=0)
+            remote = a2a(remote, inter)  # [M_src, L_src, G, Qd, R', D]
+            own = checkpoint_name(all_slots(own, 3, cap), "moe_dispatched")
+            remote = checkpoint_name(all_slots(remote, 4, remote_cap), "moe_dispatched")
+            with jax.named_scope("moe_experts"):
+                if counts is None:  # per-expert capacity: each local expert on all its rows
+                    rows = jnp.concatenate([jnp.moveaxis(own, 2, 0).reshape(per_device, -1, d_model),
+                                            jnp.moveaxis(remote, 3, 0).reshape(per_device, -1, d_model)], axis=1)
+                    h = jnp.einsum("emd,edf->emf", rows, w_in)
+                    h = activate(h, None if w_gate is None else jnp.einsum("emd,edf->emf", rows, w_gate))
+                    out = jnp.einsum("emf,efd->emd", h, w_out)
+                    own_out = jnp.moveaxis(out[:, :own.size // (per_device * d_model)].reshape(
+                        per_device, *own.shape[:2], *own.shape[3:]), 0, 2)
+                    remote_out = jnp.moveaxis(out[:, own.size // (per_device * d_model):].reshape(
+                        per_device, *remote.shape[:3], *remote.shape[4:]), 0, 3)
+                else:  # device pools: rows per expert from the counts, which cross the "expert" axis flat
+                    counts_in = jax.lax.all_to_all(counts.reshape(groups, experts, -1), axis, 1, 0, tiled=True)
+                    counts_in = counts_in.reshape(nodes, ranks, groups, per_device, -1)
+                    own_counts = jnp.take(counts_in, node, axis=0)
+                    remote_counts = jnp.where((jnp.arange(nodes) == node)[:, None, None, None, None], 0, counts_in)
+                    own_out = ffn(own.reshape(-1, per_device, cap, d_model),
+                                  own_counts.reshape(-1, per_device, own_counts.shape[-1]), w_in, w_gate, w_out)
+                    remote_out = ffn(remote.reshape(-1, per_device, remote_cap, d_model),
+                                     remote_counts.reshape(-1, per_device, own_counts.shape[-1]), w_in, w_gate, w_out)
+                    own_out, remote_out = own_out.reshape(own.shape), remote_out.reshape(remote.shape)
+                if reduce_axes is not None:  # the FFN's all-reduce
+                    own_out, remote_out = jax.lax.psum(own_out, reduce_axes), jax.lax.psum(remote_out, reduce_axes)
+            own_out, remote_out = my_slots(own_out, 3), my_slots(remote_out, 4)
+            remote_out = a2a(remote_out, inter)  # back by node: [M, L_src, ...], block m from node m
+            remote_out = jnp.moveaxis(jnp.take(remote_out, (node + jnp.arange(1, nodes)) % nodes, axis=0), 0, 2)
+            own_out, remote_out = swap(own_out, remote_out, intra)  # back to the senders: [L, G, ...]
+            own_out = checkpoint_name(all_slots(own_out, 3, cap, invariant=True), "moe_returned")
+            remote_out = checkpoint_name(all_slots(remote_out, 4, remote_cap, invariant=True), "moe_returned")
+            remote_out = jnp.pad(remote_out, [(0, 0)] * 4 + [(0, cap - remote_cap), (0, 0)])
+            by_rel = jnp.concatenate([own_out[:, :, None], remote_out], axis=2)  # [L, G, M (relative), Qd, P, D]
+            out = jnp.take(by_rel, (jnp.arange(nodes) - node) % nodes, axis=2)
+            return jnp.moveaxis(out, 0, 2).reshape(groups, pools, cap, d_model)
+
+        buf_spec = logical_to_spec(("batch", None, "capacity", "act_embed"))
+        lane = ("expert_batch",) if lanes else ()
+        in_spec, out_spec = logical_to_spec(lane + EXPERT_IN_AXES), logical_to_spec(lane + EXPERT_OUT_AXES)
+        return jax.shard_map(
+            local,
+            in_specs=(buf_spec, None if counts_gqx is None else logical_to_spec(("batch", None, None)), in_spec,
+                      None if w_gate is None else in_spec, out_spec),
+            out_specs=buf_spec,
+        )(buf_gqpd, counts_gqx, w_in, w_gate, w_out)
 
     def _ragged_exchange(self) -> str | None:
         """Which ragged all-to-all carries dropless pools: "ragged" (the primitive; GPU/TPU by default),
@@ -455,7 +621,7 @@ class MoE(nnx.Module):
         if counts_gqx is None:
             groups, experts, cap, d_model = buf_gqpd.shape
             rows_emd = jnp.swapaxes(buf_gqpd, 0, 1).reshape(experts, groups * cap, d_model)
-            # lane weights (NOTES.md section 3.1): the rows M = G x C split by their groups' "data" shards
+            # lane weights (NOTES.md section 3.2): the rows M = G x C split by their groups' "data" shards
             lanes = functools.partial(lane_einsum, split="m", lanes="expert_batch")
             h_emf = lanes("emd,edf->emf", rows_emd, w_in)
             gate_emf = None if w_gate is None else lanes("emd,edf->emf", rows_emd, w_gate)

@@ -33,7 +33,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tedjax.config import DTYPES, OptimizerConfig
-from tedjax.mesh import MESH_AXES
+from tedjax.mesh import MESH_AXES, STAGE_AXIS
 
 
 def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
@@ -67,8 +67,14 @@ def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Sche
 
 
 def weight_decay_mask(params):
-    """Decay matrices only: norms' scales (1-D) are not decayed."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    """Decay matrices only: norms' scales (1-D) are not decayed. Under "units" (the scanned layers of
+    `tedjax.model.Transformer`) every leaf has a leading "layers" axis, which does not count."""
+
+    def decayed(path, p):
+        stacked = bool(path) and getattr(path[0], "key", None) == "units"
+        return p.ndim - stacked >= 2
+
+    return jax.tree_util.tree_map_with_path(decayed, params)
 
 
 def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
@@ -137,7 +143,7 @@ def zero1_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> Parti
             current = _axes_of(entries[dim])
             split = math.prod(mesh.shape[a] for a in current) * size
             if shape[dim] % split == 0:
-                merged = tuple(a for a in MESH_AXES if a in current + axes)
+                merged = tuple(a for a in (STAGE_AXIS, *MESH_AXES) if a in current + axes)  # mesh order
                 entries[dim] = merged[0] if len(merged) == 1 else merged
                 return PartitionSpec(*entries)
     return PartitionSpec(*entries)

@@ -73,7 +73,7 @@ XLA_CHOOSES = {  # what -> op_name regex (remat wraps the router's einsum in che
     "embedding gradient": r"transpose\(jvp\(jit\(_take\)\)\)",
     "router gradient": r"transpose\(.*gsd,de->gse",
     # with ZeRO-3 the lookup's table is stored split, and XLA gathers it over the axes it picks
-    "embedding lookup": r"jvp\((vmap\()?jit\(_take\)\)",  # vmap: the lanes' lookup (NOTES.md section 3.1)
+    "embedding lookup": r"jvp\((vmap\()?jit\(_take\)\)",  # vmap: the lanes' lookup (NOTES.md section 3.2)
 }
 
 
@@ -351,10 +351,12 @@ def _structure(model: ModelConfig) -> tuple[tuple[Leaf, ...], int]:
         spec = tuple(param_spec(var))
         spec = tuple(_axes_of(e) for e in spec + (None,) * (len(shape) - len(spec)))
         keys = [getattr(k, "key", getattr(k, "idx", None)) for k in path]
-        if keys[0] != "blocks":
-            leaves.append(Leaf(jax.tree_util.keystr(path), shape, spec))
-        elif keys[1] in per_block:
+        if keys[0] == "units":  # the probe's one scanned unit: a leading "layers" axis of 1, block keys[2]
+            per_block[keys[2]].append((jax.tree_util.keystr(path[3:]), shape[1:], spec[1:]))
+        elif keys[0] == "tail":  # the probe has fewer layers than a unit: all unrolled
             per_block[keys[1]].append((jax.tree_util.keystr(path[2:]), shape, spec))
+        else:
+            leaves.append(Leaf(jax.tree_util.keystr(path), shape, spec))
     for i in range(model.n_layers):
         for sub, shape, spec in per_block[first_of_kind[model.is_moe_layer(i)]]:
             leaves.append(Leaf(f"['blocks'][{i}]{sub}", shape, spec, i))
@@ -362,7 +364,8 @@ def _structure(model: ModelConfig) -> tuple[tuple[Leaf, ...], int]:
     for path, x in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(rest))[0]:
         keys = [getattr(k, "key", getattr(k, "idx", None)) for k in path]
         nbytes = math.prod(x.shape) * x.dtype.itemsize
-        other += nbytes if keys[0] != "blocks" else nbytes * copies.get(keys[1], 0)
+        block = keys[2] if keys[0] == "units" else keys[1] if keys[0] == "tail" else None  # (a unit of 1 layer)
+        other += nbytes if block is None else nbytes * copies.get(block, 0)
     return tuple(leaves), other
 
 
@@ -529,7 +532,9 @@ def collectives(config: TrainConfig, layout: Layout | None = None, backend: Back
     full = m.remat == "full"
     add("all-reduce", ["tensor"], act, accum * m.n_layers * (2 if full else 1), "attention output")
     add("all-reduce", ["tensor"], act, accum * m.n_layers * 3, "attention input gradient (q, k, v)")
-    add("all-reduce", ["tensor"], act, accum * n_dense, "dense FFN output")
+    # full remat per scanned unit also recomputes the dense blocks before a unit's last (the next block's input)
+    inner_dense = m.n_layers // m.moe_every * (m.moe_every - 1) if full else 0
+    add("all-reduce", ["tensor"], act, accum * (n_dense + inner_dense), "dense FFN output")
     add("all-reduce", ["tensor"], act, accum * n_dense * (2 if swiglu else 1), "dense FFN input gradient")
     add("all-reduce", ["tensor"], act, accum, "LM head input gradient")
     add("all-reduce", ["tensor"], sz.tokens * 4, accum * 3, "cross-entropy max, sum and label logit")
@@ -625,7 +630,7 @@ def _leaf_costs(model: ModelConfig, layout: Layout, zero1: bool, backend: Backen
             entries += _gradient_reduction(local, used, added, sizes, backend, what)
         # ZeRO-1 under accumulation reduces each gradient once per step, after the micro-batches (its chunks'
         # partial sums too), as TED's all-reduce whatever XLA would pick: tedjax.trainer's lanes, NOTES.md
-        # section 3.1. Not ZeRO-2/3, nor shadowed or dropless experts.
+        # section 3.2. Not ZeRO-2/3, nor shadowed or dropless experts.
         once = zero == 1 and not (expert_weight and (model.shadow_experts or model.capacity_scope == "dropless"))
         gradients_once = (_gradient_reduction(local, used, added, sizes, backend, "gradient", per_micro=False)
                           if once else list(entries))
@@ -790,8 +795,9 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
     logits = 2 * sz.tokens * (m.padded_vocab // t) * 4
     if backend == "cpu" or m.remat == "none":
         kept = m.n_layers * attention + n_dense * dense + n_moe * moe
-    else:  # each layer's input, plus (cac) its collectives' outputs; one layer recomputed at a time
-        kept = m.n_layers * td + one_layer
+    else:  # each scanned unit's (or tail layer's) input, plus (cac) its collectives' outputs; one unit recomputed
+        units = m.n_layers // m.moe_every
+        kept = (m.n_layers - units * (m.moe_every - 1)) * td + one_layer + (m.moe_every - 1) * (attention + dense)
         if m.remat == "cac":
             kept += m.n_layers * td + n_dense * td + n_moe * 3 * slot_d
     activations = kept + 3 * td + logits

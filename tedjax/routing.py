@@ -39,6 +39,19 @@ pool per device, `dropless_capacity`) no pool can overflow: a token's k
 choices are distinct experts. A smaller `pool_capacity` (a buffer factor)
 drops in the same priority order.
 
+Across nodes (FasterMoE's topology-aware gate). With `nodes` = M > 1 the Q
+pools are split into M contiguous blocks, one per node, and `group_node[g]`
+is the node of routing group g (the node of the device that holds the group
+on the "expert" axis). A pool on another node is *remote*: per group it keeps
+at most `remote_capacity(P, r)` = max(1, floor(r x P)) choices, r =
+`remote_fraction`. In priority order, a choice that finds its remote pool at
+that limit is redirected to the expert of the group's own node with the
+highest choice logit among those with room that the token has not chosen
+(lowest id on ties), and takes the next slot there; with none, it is dropped.
+Shadow buffers are on every node, so never remote. The decisions are a scan
+over the S x K choices in priority order (each redirect uses room a later
+choice would see), run only when r < 1.
+
 Router bias (aux-loss-free balancing, DeepSeek-V3). `bias[e]` is added to the
 logits used to *choose* experts only; gates and losses use the unbiased
 probabilities.
@@ -70,15 +83,29 @@ class Routing:
     pool_load: jax.Array  # f32 [Q]               fraction of all choices sent to each pool (before drops; shadowed
     #                                               choices excluded)
     dropped_fraction: jax.Array  # f32 []         fraction of choices dropped
+    shadow_gain: jax.Array  # f32 [E]              fraction of all choices a shadow of each expert alone would keep that
+    #                                               its pool drops, net of the shadow's own drops (0 without shadows)
+    redirected_fraction: jax.Array  # f32 []      fraction of choices redirected to their own node (remote_fraction)
+    internode_fraction: jax.Array  # f32 []       fraction of kept choices whose pool is on another node
     capacity: int = dataclasses.field(metadata=dict(static=True))  # slots per pool per group (P)
     experts_per_pool: int = dataclasses.field(metadata=dict(static=True))
     num_shadows: int = dataclasses.field(default=0, metadata=dict(static=True))  # shadow buffers after the Q pools
     shadow_capacity: int = dataclasses.field(default=0, metadata=dict(static=True))  # slots per shadow per group
+    remote_capacity: int = dataclasses.field(default=0, metadata=dict(static=True))  # slots of a remote pool (0: P)
 
 
 def capacity(group_size: int, num_experts: int, top_k: int, capacity_factor: float, min_capacity: int) -> int:
     """C = max(ceil(k * cf * S / E), min_capacity) slots per expert per group."""
     return max(math.ceil(top_k * capacity_factor * group_size / num_experts), min_capacity)
+
+
+def remote_capacity(pool_capacity: int, remote_fraction: float) -> int:
+    """Slots of a pool on another node a routing group may fill: max(1, floor(r x P)), P at r = 1."""
+    if not 0 < remote_fraction <= 1:
+        raise ValueError(f"remote_fraction={remote_fraction} must be in (0, 1]; 1.0 = off, 0.14 is fastmoe's default")
+    if remote_fraction >= 1:
+        return pool_capacity
+    return max(1, math.floor(remote_fraction * pool_capacity + 1e-9))
 
 
 def dropless_capacity(group_size: int, num_experts: int, top_k: int, num_devices: int,
@@ -110,6 +137,9 @@ def route(
     shadow_ids: jax.Array | None = None,
     shadow_capacity: int = 0,
     pool_capacity: int = 0,
+    remote_fraction: float = 1.0,
+    nodes: int = 1,
+    group_node: jax.Array | None = None,
 ) -> Routing:
     """Route tokens given float32 router logits `[G, S, E]`.
 
@@ -121,7 +151,9 @@ def route(
     choices go to shadow buffers R of `shadow_capacity` slots, indexed Q..Q+R-1
     after the Q pools in `pool_index`, and never count against a pool.
     `pool_capacity` > 0 sets P directly in place of `experts_per_pool x C`
-    (dropless pools, `dropless_capacity`).
+    (dropless pools, `dropless_capacity`). `nodes` > 1 and `group_node` `[G]`
+    int32 place pools and groups on nodes; `remote_fraction` < 1 limits and
+    redirects the choices of remote pools (module doc, "Across nodes").
     """
     groups, group_size, num_experts = logits.shape
     if not 1 <= top_k <= num_experts:
@@ -133,6 +165,9 @@ def route(
     renormalize = top_k > 1 if renormalize is None else renormalize
     cap = capacity(group_size, num_experts, top_k, capacity_factor, min_capacity)
     pool_cap, num_pools = pool_capacity or experts_per_pool * cap, num_experts // experts_per_pool
+    remote_cap = remote_capacity(pool_cap, remote_fraction)
+    if nodes > 1 and (num_pools % nodes or group_node is None or group_node.shape != (groups,)):
+        raise ValueError(f"nodes={nodes} must divide the {num_pools} pools and group_node must be int32 [{groups}]")
 
     logits = logits.astype(jnp.float32)
     probs_gse = jax.nn.softmax(logits, axis=-1)
@@ -159,9 +194,26 @@ def route(
     def from_priority_order(x_gn):
         return jnp.swapaxes(x_gn.reshape(groups, top_k, group_size), 1, 2)
 
-    pool_onehot_gnq = jax.nn.one_hot(priority_order(pool_gsk), num_pools + num_shadows, dtype=jnp.int32)
-    position_gn = jnp.sum((jnp.cumsum(pool_onehot_gnq, axis=1) - pool_onehot_gnq) * pool_onehot_gnq, axis=-1)
-    kept_gsk = from_priority_order(position_gn) < bucket_cap_b[pool_gsk]
+    # node of each bucket: pools in contiguous blocks per node, shadows on every node (-1)
+    bucket_node_b = jnp.asarray([q * nodes // num_pools for q in range(num_pools)] + [-1] * num_shadows, jnp.int32)
+    remote_gb = (jnp.zeros((groups, 1), jnp.int32) if nodes == 1 else group_node.astype(jnp.int32)[:, None])
+    remote_gb = (bucket_node_b >= 0) & (bucket_node_b != remote_gb)
+    redirected_gsk, first_choice_gs = jnp.zeros(index_gsk.shape, bool), index_gsk[..., 0]
+    if nodes > 1 and remote_cap < pool_cap:
+        shadow_r = None if not num_shadows else shadow_ids.astype(jnp.int32)
+        expert_bucket_e = _expert_buckets(placement, shadow_r, num_experts, experts_per_pool)
+        limit_gb = jnp.where(remote_gb, remote_cap, bucket_cap_b)
+        index_gsk, kept_gsk, position_gsk, redirected_gsk = _redirect(
+            jax.lax.stop_gradient(choice_logits), index_gsk, expert_bucket_e, limit_gb, remote_gb)
+        gate_gsk = jnp.take_along_axis(probs_gse, index_gsk, axis=-1)
+        phys_gsk = index_gsk if placement is None else jnp.take(placement.astype(jnp.int32), index_gsk)
+        pool_gsk = jnp.take(expert_bucket_e, index_gsk)
+        shadowed_gsk = pool_gsk >= num_pools
+        position_gn = priority_order(position_gsk)
+    else:
+        pool_onehot_gnq = jax.nn.one_hot(priority_order(pool_gsk), num_pools + num_shadows, dtype=jnp.int32)
+        position_gn = jnp.sum((jnp.cumsum(pool_onehot_gnq, axis=1) - pool_onehot_gnq) * pool_onehot_gnq, axis=-1)
+        kept_gsk = from_priority_order(position_gn) < bucket_cap_b[pool_gsk]
     if experts_per_pool == 1:
         slot_gsk = from_priority_order(position_gn)
         slot_counts_ge = _counts_per_group(pool_gsk, kept_gsk & ~shadowed_gsk, num_pools)
@@ -184,14 +236,22 @@ def route(
         weight_gsk = weight_gsk / jnp.maximum(denom_gs1, jnp.finfo(jnp.float32).eps)
 
     me_ge = jnp.mean(probs_gse, axis=1)
-    ce_ge = jnp.mean(jax.nn.one_hot(index_gsk[..., 0], num_experts, dtype=jnp.float32), axis=1)
+    ce_ge = jnp.mean(jax.nn.one_hot(first_choice_gs, num_experts, dtype=jnp.float32), axis=1)
     aux_loss = jnp.mean(num_experts * jnp.sum(me_ge * ce_ge, axis=-1))
     z_loss = jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)))
 
     choices = groups * group_size * top_k
-    expert_load = jnp.sum(_counts_per_group(index_gsk, True, num_experts), axis=0).astype(jnp.float32) / choices
+    expert_counts_ge = _counts_per_group(index_gsk, True, num_experts)
+    expert_load = jnp.sum(expert_counts_ge, axis=0).astype(jnp.float32) / choices
     pool_load = jnp.sum(_counts_per_group(pool_gsk, ~shadowed_gsk, num_pools), axis=0).astype(jnp.float32) / choices
     dropped_fraction = jnp.sum(~kept_gsk) / kept_gsk.size  # exactly 0 when nothing drops
+    shadow_gain = jnp.zeros((num_experts,), jnp.float32)
+    if num_shadows:
+        slot_e = jnp.arange(num_experts, dtype=jnp.int32) if placement is None else placement.astype(jnp.int32)
+        shadow_gain = _shadow_gain(expert_counts_ge, slot_e // experts_per_pool, pool_cap, shadow_capacity) / choices
+    remote_gsk = jnp.take_along_axis(remote_gb, pool_gsk.reshape(groups, -1), axis=1).reshape(pool_gsk.shape)
+    internode_fraction = jnp.sum(kept_gsk & remote_gsk) / jnp.maximum(jnp.sum(kept_gsk), 1)
+    redirected_fraction = jnp.sum(redirected_gsk) / redirected_gsk.size
     return Routing(
         expert_index=index_gsk.astype(jnp.int32),
         pool_index=pool_gsk.astype(jnp.int32),
@@ -204,11 +264,86 @@ def route(
         expert_load=expert_load,
         pool_load=pool_load,
         dropped_fraction=dropped_fraction,
+        shadow_gain=shadow_gain,
+        redirected_fraction=redirected_fraction.astype(jnp.float32),
+        internode_fraction=internode_fraction.astype(jnp.float32),
         capacity=pool_cap,
         experts_per_pool=experts_per_pool,
         num_shadows=num_shadows,
         shadow_capacity=shadow_capacity if num_shadows else 0,
+        remote_capacity=remote_cap,
     )
+
+
+def _shadow_gain(counts_ge: jax.Array, pool_e: jax.Array, pool_cap: int, shadow_cap: int) -> jax.Array:
+    """Choices `[E]` (summed over groups) that a shadow of each expert alone would keep and its pool drops,
+    less those its shadow buffer would drop: what shadowing it saves, whatever is shadowed now.
+
+    Counted on all choices `counts_ge` `[G, E]` (before drops, shadowed or not) against each expert's pool
+    `pool_e` `[E]`, so the figure does not depend on the current set: the pool's overflow with and without
+    the expert's n choices, minus max(n - C_shadow, 0). With one expert per pool (per-expert capacity)
+    that is min(n, C_shadow) - min(n, C), exact and additive over experts; two shadows of one device pool
+    save at most the sum of their figures.
+    """
+    counts_ge = counts_ge.astype(jnp.float32)
+    pool_counts_gq = jax.vmap(lambda n_e: jnp.zeros(n_e.shape, jnp.float32).at[pool_e].add(n_e))(counts_ge)
+    in_pool_ge = jnp.take(pool_counts_gq, pool_e, axis=1)  # all the choices of each expert's pool
+    saved_ge = (jnp.maximum(in_pool_ge - pool_cap, 0.0) - jnp.maximum(in_pool_ge - counts_ge - pool_cap, 0.0)
+                - jnp.maximum(counts_ge - shadow_cap, 0.0))
+    return jnp.sum(saved_ge, axis=0)
+
+
+def _expert_buckets(placement, shadow_ids_r, num_experts: int, experts_per_pool: int) -> jax.Array:
+    """The bucket of every logical expert `[E]`: its pool, or Q + r for the shadow r holding it."""
+    phys_e = jnp.arange(num_experts, dtype=jnp.int32) if placement is None else placement.astype(jnp.int32)
+    bucket_e = phys_e // experts_per_pool
+    if shadow_ids_r is not None:
+        match_er = jnp.arange(num_experts, dtype=jnp.int32)[:, None] == shadow_ids_r
+        bucket_e = jnp.where(jnp.any(match_er, axis=-1), num_experts // experts_per_pool + jnp.argmax(match_er, -1),
+                             bucket_e)
+    return bucket_e
+
+
+def _redirect(scores_gse, index_gsk, expert_bucket_e, limit_gb, remote_gb):
+    """The topology-aware gate's decisions, one choice at a time in priority order (k major, token minor),
+    all groups at once. Returns the final expert, kept, position in its bucket (the running count) and
+    whether it was redirected, each `[G, S, K]`."""
+    groups, group_size, top_k = index_gsk.shape
+    num_experts = scores_gse.shape[-1]
+    local_room = ~remote_gb  # [G, B]
+
+    def step(carry, n):
+        counts_gb, final_gsk = carry
+        k, s = n // group_size, n % group_size
+        e_g = jax.lax.dynamic_index_in_dim(jax.lax.dynamic_index_in_dim(index_gsk, s, 1, False), k, 1, False)
+        b_g = expert_bucket_e[e_g]
+        room_gb = counts_gb < limit_gb
+        fits_g = jnp.take_along_axis(room_gb, b_g[:, None], axis=1)[:, 0]
+        remote_g = jnp.take_along_axis(remote_gb, b_g[:, None], axis=1)[:, 0]
+        # a token's experts: its original k choices and where earlier choices went
+        mine_gj = jnp.concatenate([jax.lax.dynamic_index_in_dim(index_gsk, s, 1, False),
+                                   jax.lax.dynamic_index_in_dim(final_gsk, s, 1, False)], axis=-1)
+        taken_ge = jnp.any(mine_gj[..., None] == jnp.arange(num_experts), axis=1)
+        candidate_ge = jnp.take(local_room & room_gb, expert_bucket_e, axis=1) & ~taken_ge
+        score_ge = jax.lax.dynamic_index_in_dim(scores_gse, s, 1, False)
+        best_g = jnp.argmax(jnp.where(candidate_ge, score_ge, -jnp.inf), axis=-1).astype(jnp.int32)
+        move_g = ~fits_g & remote_g & jnp.any(candidate_ge, axis=-1)
+        new_e_g = jnp.where(move_g, best_g, e_g)
+        new_b_g = expert_bucket_e[new_e_g]
+        kept_g = fits_g | move_g
+        position_g = jnp.take_along_axis(counts_gb, new_b_g[:, None], axis=1)[:, 0]
+        counts_gb = counts_gb + (kept_g[:, None] & (new_b_g[:, None] == jnp.arange(counts_gb.shape[1])))
+        final_gsk = final_gsk.at[:, s, k].set(new_e_g)
+        return (counts_gb, final_gsk), (kept_g, position_g, move_g)
+
+    counts_gb = jnp.zeros(limit_gb.shape, jnp.int32)
+    (_, final_gsk), (kept_ng, position_ng, moved_ng) = jax.lax.scan(
+        step, (counts_gb, index_gsk.astype(jnp.int32)), jnp.arange(group_size * top_k, dtype=jnp.int32))
+
+    def back(x_ng):  # [K * S, G] in priority order -> [G, S, K]
+        return jnp.transpose(x_ng.reshape(top_k, group_size, groups), (2, 1, 0))
+
+    return final_gsk, back(kept_ng), back(position_ng), back(moved_ng)
 
 
 def _counts_per_group(bucket_gsk: jax.Array, where_gsk, buckets: int) -> jax.Array:

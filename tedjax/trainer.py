@@ -7,7 +7,7 @@ not finite. Evaluation, checkpoints and logging live outside it.
 
 ZeRO levels (`optimizer.zero`): 1 splits Adam's moments over each parameter's
 data-parallel group, and under accumulation reduces the gradients once per
-step (each device sums its own in lanes, NOTES.md section 3.1); 2 also
+step (each device sums its own in lanes, NOTES.md section 3.2); 2 also
 accumulates the gradients in those shards (each micro-batch's
 reduce-scattered there); 3 also stores the parameters there
 (`Trainer.param_shardings`), and XLA all-gathers each where the forward and
@@ -28,8 +28,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tedjax.config import TrainConfig, check_mesh
-from tedjax.mesh import MESH_AXES, RULES, axis_size, logical_to_spec, state_shardings
-from tedjax.model import Transformer, abstract_model, loss_fn, moe_layers, update_balance
+from tedjax.mesh import MESH_AXES, RULES, axis_size, logical_to_spec, resolve_node_size, stage_count, state_shardings
+from tedjax.model import Transformer, abstract_model, loss_fn, moe_path, update_balance
 from tedjax.moe import EXPERT_WEIGHTS
 from tedjax.optim import (
     clip_by_global_norm,
@@ -59,7 +59,9 @@ class Trainer:
     def __init__(self, config: TrainConfig, mesh: Mesh):
         self.config, self.mesh = config, mesh
         check_mesh(config.model, mesh, config.data.micro_batch_size, config.data.seq_len)
-        graphdef, abstract_params, abstract_rest = nnx.split(abstract_model(config.model, config.seed), nnx.Param, ...)
+        self.node_size = resolve_node_size(mesh, config.mesh.node_size)  # refuses a bad one before compiling
+        graphdef, abstract_params, abstract_rest = nnx.split(
+            abstract_model(config.model, config.seed, config.pipeline, self.node_size), nnx.Param, ...)
         self.graphdef = graphdef
         self.model_shardings = nnx.to_pure_dict(state_shardings(abstract_params, mesh))  # the layers' own layout
         self.abstract_params = jax.tree.map(
@@ -86,9 +88,10 @@ class Trainer:
         )
         # [grad_accum, micro_batch, L]
         self.batch_sharding = NamedSharding(mesh, logical_to_spec((None, "batch", None)))
-        abstract = abstract_model(config.model, config.seed)
-        self.moe_paths = [path for path, module in nnx.iter_modules(abstract) if module in moe_layers(abstract)]
-        self.lanes, self.lane_shardings = self._lanes()
+        # the stacked MoE variables (MoE layer k at index k of their leading "layers" axis); None without experts
+        self.moe_path = moe_path(config.model) if config.model.n_moe_layers else None
+        self.n_moe = config.model.n_moe_layers
+        self.lanes, self.lane_dims, self.lane_shardings = self._lanes()
         step_fn = functools.partial(
             train_step, graphdef=graphdef, tx=self.tx, config=config, trainer_static=self._static()
         )
@@ -109,40 +112,46 @@ class Trainer:
 
     def _static(self) -> _Static:
         return _Static(self.mesh, self.schedule, self.zero1_shardings, self.param_shardings, self.lanes,
-                       self.lane_shardings)
+                       self.lane_dims, self.lane_shardings)
 
-    def _lanes(self) -> tuple[dict, dict]:
-        """(lanes, shardings): per parameter, how many lanes accumulate its gradient locally (1: none) and the
-        sharding of its `[lanes, ...]` copy (NOTES.md section 3.1).
+    def _lanes(self) -> tuple[dict, dict, dict]:
+        """(lanes, dims, shardings): per parameter, how many lanes accumulate its gradient locally (1: none), the
+        dim of its lane copy `[..., lanes, ...]` and that copy's sharding (NOTES.md section 3.2).
 
         Lanes are the shards of the parameter's data-parallel group: "batch" for non-expert weights,
         "expert_batch" for expert weights. Only ZeRO-1 under accumulation takes them: ZeRO-2/3 reduce-scatter
         each micro-batch into their shards, so that no full gradient lives across micro-batches. Expert
-        weights of shadowed or dropless layers (their own collectives on the weights) take none.
+        weights of shadowed or dropless layers (their own collectives on the weights) take none, nor does any
+        weight with pipeline stages (the pipeline's vmap over stages takes the plain weights). The scanned
+        units' `[layers, ...]` weights take their lanes at dim 1, so each unit's slice is `[lanes, ...]`.
         """
         config, mesh = self.config, self.mesh
         model = config.model
         expert_lanes = not model.shadow_experts and model.capacity_scope != "dropless"
-        layer_of = _expert_layer_tree(self.abstract_params, self.moe_paths)
+        is_expert = _expert_weight_tree(self.abstract_params, self.moe_path)
+        off = config.data.grad_accum == 1 or config.optimizer.zero != 1 or stage_count(mesh) > 1
 
-        def lanes_of(layer, sharding) -> int:
-            if config.data.grad_accum == 1 or config.optimizer.zero != 1 or (layer >= 0 and not expert_lanes):
+        def lanes_of(expert: bool, sharding) -> int:
+            if off or (expert and not expert_lanes):
                 return 1
-            return axis_size(mesh, "batch" if layer < 0 else "expert_batch")
+            return axis_size(mesh, "expert_batch" if expert else "batch")
 
-        lanes = jax.tree.map(lanes_of, layer_of, self.model_shardings)
+        lanes = jax.tree.map(lanes_of, is_expert, self.model_shardings)
+        dims = jax.tree_util.tree_map_with_path(lambda path, _: int(path[0].key == "units"), self.abstract_params)
 
-        def lane_sharding(n, layer, sharding):
+        def lane_sharding(n, dim, expert, sharding, shape):
             if n == 1:
                 return sharding
-            lane_axes = logical_to_spec(("batch" if layer < 0 else "expert_batch",))[0]
-            return NamedSharding(mesh, PartitionSpec(lane_axes, *sharding.spec))
+            spec = list(sharding.spec) + [None] * (len(shape.shape) - len(sharding.spec))
+            spec.insert(dim, logical_to_spec(("expert_batch" if expert else "batch",))[0])
+            return NamedSharding(mesh, PartitionSpec(*spec))
 
-        return lanes, jax.tree.map(lane_sharding, lanes, layer_of, self.model_shardings)
+        shardings = jax.tree.map(lane_sharding, lanes, dims, is_expert, self.model_shardings, self.abstract_params)
+        return lanes, dims, shardings
 
     def _init(self) -> TrainState:
         config = self.config
-        model = Transformer(config.model, rngs=nnx.Rngs(config.seed))
+        model = Transformer(config.model, rngs=nnx.Rngs(config.seed), node_size=self.node_size)
         _, params, rest = nnx.split(model, nnx.Param, ...)
         params = nnx.to_pure_dict(params)
         zero = jnp.zeros((), jnp.int32)
@@ -162,16 +171,23 @@ class Trainer:
 
     def placements(self, state: TrainState) -> np.ndarray:
         """Each MoE layer's expert placement (logical expert -> physical slot), int `[n_moe, E]` on the host."""
-        return np.stack([np.asarray(_at(state.model_state, path)["placement"]) for path in self.moe_paths])
+        return self.balance_values(state, "placement")
 
     def load_means(self, state: TrainState) -> np.ndarray:
         """Each MoE layer's running mean of the expert load, `[n_moe, E]` on the host."""
-        return np.stack([np.asarray(_at(state.model_state, path)["load_mean"]) for path in self.moe_paths])
+        return self.balance_values(state, "load_mean")
+
+    def balance_values(self, state: TrainState, name: str) -> np.ndarray:
+        """Each MoE layer's balance variable `name` (placement, router_bias, load_mean, shadow_ids), `[n_moe, ...]`
+        on the host."""
+        if self.moe_path is None:
+            return np.zeros((0,))
+        return np.array(_at(state.model_state, self.moe_path)[name])  # a writable host copy
 
     def _move_experts(self, state: TrainState, placement_ne: jax.Array) -> TrainState:
         """Adopt new placements `[n_moe, E]`: permute every expert weight AND its Adam moments (every layer;
         `_move_layers` for some)."""
-        return self._move_layers(state, placement_ne, tuple(range(len(self.moe_paths))))
+        return self._move_layers(state, placement_ne, tuple(range(self.n_moe)))
 
     def _move_layers(self, state: TrainState, placement_ne: jax.Array, layers: tuple[int, ...]) -> TrainState:
         """Adopt the placements `[n_moe, E]` of MoE `layers` (static): permute their expert weights AND Adam moments.
@@ -184,22 +200,25 @@ class Trainer:
         """
         perms = {}
         model_state = jax.tree.map(lambda x: x, state.model_state)
-        for layer, path in enumerate(self.moe_paths):
-            if layer not in layers:
-                continue
-            balance = _at(model_state, path)
-            old_e, new_e = balance["placement"], placement_ne[layer].astype(jnp.int32)
+        balance = _at(model_state, self.moe_path)
+        for layer in layers:  # index `layer` of the stacked MoE variables' leading "layers" axis
+            old_e, new_e = balance["placement"][layer], placement_ne[layer].astype(jnp.int32)
             perms[layer] = old_e[jnp.argsort(new_e)]  # new slot -> the slot its expert leaves
-            balance["placement"] = new_e
-        layer_of = _expert_layer_tree(state.params, self.moe_paths)
-        opt_layer_of = optax.tree_map_params(self.tx, lambda _, layer: layer, state.opt_state, layer_of,
-                                             transform_non_params=lambda _: -1)
+            balance["placement"] = balance["placement"].at[layer].set(new_e)
+        is_expert = _expert_weight_tree(state.params, self.moe_path)
+        opt_is_expert = optax.tree_map_params(self.tx, lambda _, flag: flag, state.opt_state, is_expert,
+                                              transform_non_params=lambda _: False)
 
-        def move(leaf, layer, sharding):
-            return leaf if layer not in perms else _permute_slots(leaf, perms[layer], sharding.spec, self.mesh)
+        def move(leaf, expert, sharding):
+            if not expert:
+                return leaf
+            spec = PartitionSpec(*tuple(sharding.spec)[1:])  # one layer's slice: [E, ...] by slot
+            for layer, perm in perms.items():
+                leaf = leaf.at[layer].set(_permute_slots(leaf[layer], perm, spec, self.mesh))
+            return leaf
 
-        params = jax.tree.map(move, state.params, layer_of, self.param_shardings)
-        opt_state = jax.tree.map(move, state.opt_state, opt_layer_of, self.opt_shardings)
+        params = jax.tree.map(move, state.params, is_expert, self.param_shardings)
+        opt_state = jax.tree.map(move, state.opt_state, opt_is_expert, self.opt_shardings)
         return dataclasses.replace(state, params=params, opt_state=opt_state, model_state=model_state)
 
     def balance_due(self, step: int) -> bool:
@@ -235,7 +254,8 @@ class Trainer:
     def rebalance(self, state: TrainState, step: int) -> tuple[TrainState, dict]:
         """Host-side balance decisions after `step`, from each layer's recent loads (`tedjax.balance`).
 
-        Shadows first (FasterMoE's cost model, every balance.shadow_every steps):
+        Shadows first (every balance.shadow_every steps; by the drops they save
+        under static capacity, by FasterMoE's cost model with dropless pools):
         a new set is only an int array in the state. Then placement (SmartMoE,
         every balance.every steps) on the loads that still reach the pools,
         shadowed experts counting 0: shadows take the hottest experts out of
@@ -251,9 +271,13 @@ class Trainer:
         shadow_ne = self.shadow_ids(state)
         if cfg.model.shadow_experts and step % cfg.balance.shadow_every == 0:
             cost, placements = self.shadow_cost_model(), self.placements(state)
+            # static capacity: a shadow buys fewer drops, chosen by the drops it saves (MoE.gain_mean); dropless
+            # pools drop nothing, so time is what it buys there (FasterMoE's latency policy)
+            gains = ([None] * len(loads) if cfg.model.capacity_scope == "dropless"
+                     else list(self.balance_values(state, "gain_mean")))
             for layer, (load_e, placement_e) in enumerate(zip(loads, placements)):
                 decision = balance.decide_shadows(layer, load_e, placement_e, cfg.model.shadow_experts, cost,
-                                                  shadow_ne[layer])
+                                                  shadow_ne[layer], gains[layer])
                 done["shadows"].append(decision)
                 shadow_ne[layer] = decision.ids
             state = self._set_balance(state, "shadow_ids", shadow_ne)
@@ -285,14 +309,13 @@ class Trainer:
 
     def shadow_ids(self, state: TrainState) -> np.ndarray:
         """Each MoE layer's shadow experts, int `[n_moe, R]` on the host (E = an empty slot)."""
-        return np.stack([np.asarray(_at(state.model_state, path)["shadow_ids"]) for path in self.moe_paths])
+        return self.balance_values(state, "shadow_ids")
 
     def _set_balance(self, state: TrainState, name: str, values_n) -> TrainState:
         """A copy of `state` with each MoE layer's `name` replaced (same sharding, so nothing recompiles)."""
         model_state = jax.tree.map(lambda x: x, state.model_state)
-        for path, value in zip(self.moe_paths, values_n):
-            leaf = _at(model_state, path)
-            leaf[name] = jax.device_put(np.asarray(value, leaf[name].dtype), leaf[name].sharding)
+        balance = _at(model_state, self.moe_path)
+        balance[name] = jax.device_put(np.asarray(values_n, balance[name].dtype), balance[name].sharding)
         return dataclasses.replace(state, model_state=model_state)
 
     def move_bytes(self) -> dict[str, float]:
@@ -311,8 +334,8 @@ class Trainer:
         """Host-side check of proposed placements; raises a ValueError naming the layer and the fix."""
         placement_ne = np.asarray(placement_ne)
         experts = self.config.model.num_experts
-        if placement_ne.shape != (len(self.moe_paths), experts):
-            raise ValueError(f"placements must have shape (MoE layers, experts) = {(len(self.moe_paths), experts)}, "
+        if placement_ne.shape != (self.n_moe, experts):
+            raise ValueError(f"placements must have shape (MoE layers, experts) = {(self.n_moe, experts)}, "
                              f"got {placement_ne.shape}")
         for layer, row in enumerate(placement_ne):
             if sorted(row.tolist()) != list(range(experts)):
@@ -367,6 +390,7 @@ class _Static:
     zero1_shardings: Any
     param_shardings: Any
     lanes: Any  # per parameter: lanes of its gradient accumulation (1: none)
+    lane_dims: Any  # per parameter: the dim of its lanes (1 under the scanned units' "layers" axis, else 0)
     lane_shardings: Any
 
 
@@ -419,15 +443,15 @@ def _permute_slots(leaf: jax.Array, perm_s: jax.Array, spec: PartitionSpec, mesh
                          out_specs=PartitionSpec(*entries))(leaf, perm_s)
 
 
-def _expert_layer_tree(params: dict, moe_paths: list) -> dict:
-    """A tree like `params`: the MoE layer index of each expert weight (`[E, ...]` by slot), -1 elsewhere."""
-    layer_of = jax.tree.map(lambda _: -1, params)
-    for layer, path in enumerate(moe_paths):
-        weights = _at(layer_of, path)
+def _expert_weight_tree(params: dict, path: tuple | None) -> dict:
+    """A tree like `params`: True at the stacked expert weights (`[n_moe, E, ...]`, E by slot), False elsewhere."""
+    is_expert = jax.tree.map(lambda _: False, params)
+    if path is not None:
+        weights = _at(is_expert, path)
         for name in EXPERT_WEIGHTS:
             if name in weights:
-                weights[name] = layer
-    return layer_of
+                weights[name] = True
+    return is_expert
 
 
 def train_step(
@@ -450,9 +474,12 @@ def train_step(
         grads, metrics, model_state = micro_grads(state.model_state, jax.tree.map(lambda x: x[0], batch))
     else:
         # ZeRO-1: each weight as `[lanes, ...]` copies over its data-parallel group (a local broadcast), so each
-        # lane's gradient is a local partial sum, reduced once after the loop (NOTES.md section 3.1)
-        def to_lanes(p, n, sharding):
-            return p if n == 1 else jax.lax.with_sharding_constraint(jnp.broadcast_to(p, (n, *p.shape)), sharding)
+        # lane's gradient is a local partial sum, reduced once after the loop (NOTES.md section 3.2)
+        def to_lanes(p, n, dim, sharding):
+            if n == 1:
+                return p
+            lanes = jnp.broadcast_to(jnp.expand_dims(p, dim), (*p.shape[:dim], n, *p.shape[dim:]))
+            return jax.lax.with_sharding_constraint(lanes, sharding)
 
         accum_shardings = static.lane_shardings if zero == 1 else static.zero1_shardings
 
@@ -465,11 +492,12 @@ def train_step(
             grads = jax.lax.with_sharding_constraint(grads, accum_shardings)
             return (jax.tree.map(jnp.add, grads_sum, grads), model_state, params), metrics
 
-        params = jax.tree.map(to_lanes, state.params, static.lanes, static.lane_shardings)
+        params = jax.tree.map(to_lanes, state.params, static.lanes, static.lane_dims, static.lane_shardings)
         # ZeRO-2/3 accumulate in the optimizer's shards: no full gradient lives across micro-batches
         zeros = jax.lax.with_sharding_constraint(jax.tree.map(jnp.zeros_like, params), accum_shardings)
         (grads, model_state, _), metrics = jax.lax.scan(body, (zeros, state.model_state, params), batch)
-        grads = jax.tree.map(lambda g, n: (g if n == 1 else jnp.sum(g, axis=0)) / accum, grads, static.lanes)
+        grads = jax.tree.map(lambda g, n, dim: (g if n == 1 else jnp.sum(g, axis=dim)) / accum, grads, static.lanes,
+                             static.lane_dims)
         metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
 
     # ZeRO-1: gradients in the optimizer-state layout (a reduce-scatter, not an all-reduce).
@@ -496,7 +524,8 @@ def train_step(
     if "expert_load" in metrics:  # outside the gradient: load running means and router biases
         model = _merge(graphdef, state.params, model_state)
         update_balance(model, metrics["expert_load"], bias_rate=config.model.router_bias_rate,
-                       load_decay=config.balance.load_decay)
+                       load_decay=config.balance.load_decay, shadow_gain_ne=metrics.get("shadow_gain"),
+                       gain_decay=config.balance.gain_decay)
         balanced = nnx.to_pure_dict(nnx.split(model, nnx.Param, ...)[2])
         model_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), balanced, model_state)
 

@@ -30,9 +30,10 @@ def one_device_mesh():
     return tedjax.make_mesh(1, 1, 1, devices=jax.devices()[:1])
 
 
-def loss_and_grads(config: tedjax.ModelConfig, mesh, batch, seed: int = 0):
-    """(loss, grads as a pure dict of numpy arrays, metrics, compiled) of `config` on `mesh`."""
-    model = tedjax.init_model(config, mesh, seed=seed)
+def loss_and_grads(config: tedjax.ModelConfig, mesh, batch, seed: int = 0, pipeline=None):
+    """(loss, grads as a pure dict of numpy arrays, metrics, compiled) of `config` on `mesh` (`pipeline`: a
+    tedjax.config.PipelineConfig for meshes with stages)."""
+    model = tedjax.init_model(config, mesh, seed=seed, pipeline=pipeline)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
 
@@ -56,17 +57,17 @@ def max_abs_diff(a, b) -> float:
 def placed_grad_fn(config: tedjax.ModelConfig, mesh, placement_e=None, exchange: str | None = None):
     """(jitted loss-and-grads taking the non-parameter state as an argument, params, rest), with every MoE
     layer's experts at `placement_e` (slot placement[e] holds expert e) and, when given, its `exchange`."""
-    from tedjax.model import moe_layers
+    from tedjax.model import moe_stack
 
     model = tedjax.init_model(config, mesh)
-    for moe in moe_layers(model):
-        if exchange is not None:
-            moe.exchange = exchange
-        if placement_e is not None:
-            moe.placement[...] = jnp.asarray(placement_e, jnp.int32)
-            for w in (moe.w_in, moe.w_gate, moe.w_out):
-                if w is not None:
-                    w[...] = jnp.take(w[...], jnp.argsort(jnp.asarray(placement_e)), axis=0)
+    moe = moe_stack(model)  # every MoE layer, stacked on a leading "layers" axis
+    if exchange is not None:
+        moe.exchange = exchange
+    if placement_e is not None:
+        moe.placement[...] = jnp.broadcast_to(jnp.asarray(placement_e, jnp.int32), moe.placement.shape)
+        for w in (moe.w_in, moe.w_gate, moe.w_out):
+            if w is not None:
+                w[...] = jnp.take(w[...], jnp.argsort(jnp.asarray(placement_e)), axis=1)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     def grad_fn(params, rest, batch):
@@ -80,10 +81,10 @@ def placed_grad_fn(config: tedjax.ModelConfig, mesh, placement_e=None, exchange:
 def expert_grads_in_logical_order(grads: dict, placement) -> dict:
     """Gradients of a model whose expert slots follow `placement`, with each MoE layer's expert weights put
     back in logical expert order (in place), to compare with a model that was never placed."""
-    for block in grads["blocks"].values():
+    for block in grads["units"]["blocks"].values():  # expert weights [n_moe, E, ...]
         for name in ("w_in", "w_gate", "w_out"):
             if "router" in block["ffn"] and name in block["ffn"]:
-                block["ffn"][name] = block["ffn"][name][placement]
+                block["ffn"][name] = block["ffn"][name][:, placement]
     return grads
 
 

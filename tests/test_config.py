@@ -95,9 +95,11 @@ def test_make_mesh_errors():
 
 def test_make_mesh_layout_tensor_innermost():
     mesh = tedjax.make_mesh(2, 2, 2)
-    ids = [[[d.id for d in row] for row in plane] for plane in mesh.devices]
+    ids = [[[d.id for d in row] for row in plane] for plane in mesh.devices[0]]
     assert ids == [[[0, 1], [2, 3]], [[4, 5], [6, 7]]]
-    assert mesh.axis_names == ("data", "expert", "tensor")
+    assert mesh.axis_names == ("stage", "data", "expert", "tensor")  # "stage" outermost, size 1 by default
+    staged = tedjax.make_mesh(2, 2, 1, stage=2)
+    assert [d.id for d in staged.devices[1].flat] == [4, 5, 6, 7]  # each stage a contiguous block of devices
     assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
 
 

@@ -22,7 +22,6 @@ from test_load_balance import batches, np_pooled_route, run_steps, tiny_trainer
 import tedjax
 from tedjax import ragged, routing
 from tedjax.layers import activate
-from tedjax.model import moe_layers
 from tedjax.moe import MoE
 
 DROPLESS = variant(SMALL, top_k=2, activation="swiglu", group_size=8, capacity_scope="dropless")
@@ -39,11 +38,12 @@ def grad_fn_of(config, mesh, placement_e=None, exchange="auto"):
 
 def with_balance(rest, bias_e, shadow_ids=None):
     rest = jax.tree.map(lambda x: x, rest)
-    for layer in rest["blocks"].values():
+    for layer in rest["units"]["blocks"].values():  # [n_moe, ...]: every MoE layer the same
         if "router_bias" in layer["ffn"]:
-            layer["ffn"]["router_bias"] = jnp.asarray(bias_e, jnp.float32)
-            if shadow_ids is not None and "shadow_ids" in layer["ffn"]:
-                layer["ffn"]["shadow_ids"] = jnp.asarray(shadow_ids, jnp.int32)
+            ffn = layer["ffn"]
+            ffn["router_bias"] = jnp.broadcast_to(jnp.asarray(bias_e, jnp.float32), ffn["router_bias"].shape)
+            if shadow_ids is not None and "shadow_ids" in ffn:
+                ffn["shadow_ids"] = jnp.broadcast_to(jnp.asarray(shadow_ids, jnp.int32), ffn["shadow_ids"].shape)
     return rest
 
 
@@ -137,7 +137,7 @@ def test_placement_and_shadows_train_with_dropless():
                            "balance.shadow_every=2", "balance.margin=0.0", "balance.matmul_tflops=0.001",
                            "model.router_bias_rate=0.0")
     state = trainer.init_state()
-    state = trainer._set_balance(state, "router_bias", np.tile(SKEW, (len(trainer.moe_paths), 1)))
+    state = trainer._set_balance(state, "router_bias", np.tile(SKEW, (trainer.n_moe, 1)))
     data = batches(trainer, 4)
     state, _ = run_steps(trainer, state, data[:2])
     with jax.set_mesh(trainer.mesh):

@@ -19,6 +19,7 @@ from safetensors.numpy import load_file, save_file
 import tedjax
 from tedjax import hf
 from tedjax.config import load_config
+from tedjax.model import moe_stack
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "hf"
 ARCHS = ("mixtral", "qwen3_moe")
@@ -82,9 +83,9 @@ def test_logits_equal_transformers(loaded, arch, layout):
     assert_close_to(logits_of(model, gold["input_ids"]), gold["logits"])
     assert_close_to(logits_of(model, gold["input_ids"], train=True), gold["logits"])  # dropless in training too
     # loaded straight into TED's layout: experts over "expert", heads and expert FFN over "tensor"
-    moe = next(block.ffn for block in model.blocks if block.is_moe)
-    assert moe.w_in[...].sharding.spec[0] == "expert"
-    assert model.blocks[0].attn.wk[...].sharding.spec[1] == "tensor"
+    moe = moe_stack(model)  # [n_moe, E, D, F]: the scanned units' leading "layers" axis first
+    assert moe.w_in[...].sharding.spec[1] == "expert"
+    assert model.units.blocks[0].attn.wk[...].sharding.spec[2] == "tensor"
     assert {d.id for d in moe.w_in[...].sharding.device_set} == {d.id for d in mesh_of(layout).devices.flat}
 
 
@@ -155,14 +156,14 @@ def test_save_writes_experts_in_logical_order(loaded, tmp_path):
     """Expert weights live in physical slots; `save` writes them back in logical order whatever the placement."""
     _, model = loaded["mixtral"][(1, 1, 1)]
     model = nnx.merge(*nnx.split(model))  # a copy whose placement can change
-    moe = model.blocks[0].ffn
+    moe = moe_stack(model)  # every MoE layer: [n_moe, E, ...]
     perm = np.array([2, 0, 3, 1])  # logical expert e sits in slot perm[e]
     for name in ("w_in", "w_gate", "w_out"):
         weight = getattr(moe, name)
         physical = np.zeros_like(np.asarray(weight[...]))
-        physical[perm] = np.asarray(weight[...])
+        physical[:, perm] = np.asarray(weight[...])
         weight[...] = jnp.asarray(physical)
-    moe.placement[...] = jnp.asarray(perm, jnp.int32)
+    moe.placement[...] = jnp.broadcast_to(jnp.asarray(perm, jnp.int32), moe.placement.shape)
     out = hf.save(model, tmp_path / "placed")
     original, written = load_file(FIXTURES / "mixtral" / "model.safetensors"), load_file(out / "model.safetensors")
     for name in original:
@@ -180,7 +181,7 @@ def test_loads_bfloat16_checkpoints(tmp_path):
     save_flax({k: jnp.asarray(v.astype(ml_dtypes.bfloat16)) for k, v in tensors.items()},
               str(tmp_path / "bf16" / "model.safetensors"))
     _, model = hf.load(tmp_path / "bf16", mesh_of((1, 1, 1)))
-    got = np.asarray(model.blocks[0].attn.wq[...])
+    got = np.asarray(model.units.blocks[0].attn.wq[...][0])  # layer 0: unit 0 of the stack
     want = tensors["model.layers.0.self_attn.q_proj.weight"].astype(ml_dtypes.bfloat16).astype(np.float32)
     np.testing.assert_array_equal(got, want.T.reshape(got.shape))
 

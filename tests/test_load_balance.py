@@ -14,7 +14,7 @@ import tedjax
 from tedjax import balance, grouped, routing
 from tedjax.config import check_mesh, load_config
 from tedjax.data import synthetic_batches
-from tedjax.model import moe_layers
+from tedjax.model import moe_stack
 from tedjax.trainer import Trainer
 
 # ----------------------------------------------------------------------------- routing with pools
@@ -165,11 +165,11 @@ POOLED = variant(SMALL, top_k=2, activation="swiglu", group_size=8, capacity_fac
 def placed_loss_and_grads(config, mesh, batch, placement_e):
     """Loss and gradients (in logical expert order) with every MoE layer's experts at `placement_e`."""
     model = tedjax.init_model(config, mesh)
-    for moe in moe_layers(model):
-        moe.placement[...] = jnp.asarray(placement_e, jnp.int32)
-        for w in (moe.w_in, moe.w_gate, moe.w_out):  # slot placement[e] holds expert e
-            if w is not None:
-                w[...] = jnp.take(w[...], jnp.argsort(jnp.asarray(placement_e)), axis=0)
+    moe = moe_stack(model)  # every MoE layer, stacked on a leading "layers" axis
+    moe.placement[...] = jnp.broadcast_to(jnp.asarray(placement_e, jnp.int32), moe.placement.shape)
+    for w in (moe.w_in, moe.w_gate, moe.w_out):  # slot placement[e] holds expert e
+        if w is not None:
+            w[...] = jnp.take(w[...], jnp.argsort(jnp.asarray(placement_e)), axis=1)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     rest = nnx.to_pure_dict(rest)
 
@@ -182,10 +182,10 @@ def placed_loss_and_grads(config, mesh, batch, placement_e):
         batch = jax.device_put(batch, tedjax.mesh.named_sharding(mesh, ("batch", None)))
         loss, grads, metrics = jax.jit(grad_fn)(nnx.to_pure_dict(params), batch)
     grads = jax.tree.map(np.asarray, grads)
-    for layer in grads["blocks"].values():
+    for layer in grads["units"]["blocks"].values():  # expert weights [n_moe, E, ...]
         for name in ("w_in", "w_gate", "w_out"):
             if "router" in layer["ffn"] and name in layer["ffn"]:
-                layer["ffn"][name] = layer["ffn"][name][np.asarray(placement_e)]  # back to logical order
+                layer["ffn"][name] = layer["ffn"][name][:, np.asarray(placement_e)]  # back to logical order
     return float(loss), grads, jax.tree.map(np.asarray, metrics)
 
 
@@ -227,7 +227,7 @@ def moved_runs():
     trainer = tiny_trainer("model.router_bias_rate=0.001")
     data = batches(trainer, 7)
     _, straight = run_steps(trainer, trainer.init_state(), data)
-    placement = np.stack([np.random.default_rng(layer).permutation(8) for layer in range(len(trainer.moe_paths))])
+    placement = np.stack([np.random.default_rng(layer).permutation(8) for layer in range(trainer.n_moe)])
     placement = trainer.check_placements(placement)
 
     state, first = run_steps(trainer, trainer.init_state(), data[:2])
@@ -266,12 +266,11 @@ def test_router_bias_follows_the_load():
     trainer = tiny_trainer("model.router_bias_rate=0.01", "model.capacity_factor=1.0")
     state, _ = run_steps(trainer, trainer.init_state(), batches(trainer, 1))
     # after one step the bias is +rate for under-loaded experts and -rate for over-loaded ones
-    layer = trainer.moe_paths[0]
-    bias_before = np.asarray(_at(state.model_state, layer)["router_bias"])  # (the step donates `state`)
+    bias_before = trainer.balance_values(state, "router_bias")[0]  # (the step donates `state`)
     with jax.set_mesh(trainer.mesh):
         state2, metrics = trainer.train_step(state, batches(trainer, 1, start=1)[0])
     load = np.asarray(metrics["expert_load"])
-    bias_after = np.asarray(_at(state2.model_state, layer)["router_bias"])
+    bias_after = trainer.balance_values(state2, "router_bias")[0]
     np.testing.assert_allclose(bias_after - bias_before, 0.01 * np.sign(1 / 8 - load[0]), atol=1e-7)
     assert np.any(bias_after != 0)
 
@@ -343,7 +342,7 @@ def test_placement_on_a_mesh_that_does_not_divide_the_experts_is_refused():
 def test_bad_placement_is_refused_before_moving():
     trainer = tiny_trainer()
     with pytest.raises(ValueError, match="permutation"):
-        trainer.check_placements(np.zeros((len(trainer.moe_paths), 8), np.int32))
+        trainer.check_placements(np.zeros((trainer.n_moe, 8), np.int32))
 
 
 @pytest.mark.parametrize("layout,spec", [((2, 4, 1), ("expert", "data", None)), ((1, 4, 2), ("expert", None, "tensor")),
@@ -383,7 +382,6 @@ def test_placement_and_bias_survive_a_restore_onto_another_layout(tmp_path):
                                      "mesh.expert=4"]), resume=True)  # fmt: skip
     np.testing.assert_array_equal(resumed.trainer.placements(resumed.state), saved_placement)
     np.testing.assert_array_equal(straight.trainer.placements(straight.state), saved_placement)
-    for path in resumed.trainer.moe_paths:
-        np.testing.assert_allclose(np.asarray(_at(resumed.state.model_state, path)["router_bias"]),
-                                   np.asarray(_at(straight.state.model_state, path)["router_bias"]), atol=1e-7)
+    np.testing.assert_allclose(resumed.trainer.balance_values(resumed.state, "router_bias"),
+                               straight.trainer.balance_values(straight.state, "router_bias"), atol=1e-7)
     assert resumed.train_losses[5] == pytest.approx(straight.train_losses[5], rel=1e-5)

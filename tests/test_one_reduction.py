@@ -1,4 +1,4 @@
-"""Gradient accumulation reduces the gradients once per step (ZeRO-1, NOTES.md section 3.1).
+"""Gradient accumulation reduces the gradients once per step (ZeRO-1, NOTES.md section 3.2).
 
 One compiled step at grad_accum = 4 on (2, 2, 2), composed with DTD, CAC and
 the tiled optimizer, checked twice: its loss and gradients equal one device's,

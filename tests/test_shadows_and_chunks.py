@@ -20,7 +20,7 @@ from test_load_balance import POOLED, TINY_RUN, batches, placed_loss_and_grads, 
 import tedjax
 from tedjax import analysis, balance, routing
 from tedjax.config import check_mesh, load_config
-from tedjax.model import moe_layers
+from tedjax.model import moe_layer
 
 SHADOWED = variant(POOLED, shadow_experts=2, a2a_chunks=2)  # device pools + shadows + 2 chunks, nothing drops
 SHADOWED_DTD = variant(POOLED, capacity_scope="expert", shadow_experts=2, dtd=True)
@@ -34,9 +34,9 @@ def shadowed_grad_fn(config, mesh, placement_e):
 
 def with_shadows(rest, ids):
     rest = jax.tree.map(lambda x: x, rest)
-    for layer in rest["blocks"].values():
+    for layer in rest["units"]["blocks"].values():  # [n_moe, R]: every MoE layer the same set
         if "shadow_ids" in layer["ffn"]:
-            layer["ffn"]["shadow_ids"] = jnp.asarray(ids, jnp.int32)
+            layer["ffn"]["shadow_ids"] = jnp.broadcast_to(jnp.asarray(ids, jnp.int32), layer["ffn"]["shadow_ids"].shape)
     return rest
 
 
@@ -99,7 +99,7 @@ def compiled_forward(config, layout, shadow_ids=None):
     mesh = tedjax.make_mesh(*layout)
     model = tedjax.init_model(config, mesh)
     with jax.set_mesh(mesh):
-        moe = moe_layers(model)[0]
+        moe = moe_layer(model, 0)
         if shadow_ids is not None:
             moe.shadow_ids[...] = jnp.asarray(shadow_ids, jnp.int32)
         graphdef, state = nnx.split(moe)
@@ -206,7 +206,7 @@ def test_no_shadow_when_copying_costs_more_than_it_saves():
 
 def test_training_picks_shadows_without_recompiling(tmp_path):
     trainer = tiny_trainer("model.shadow_experts=1", "balance.shadow_every=2", "model.aux_loss_weight=0",
-                           "model.capacity_factor=1.0", "balance.matmul_tflops=0.001",
+                           "model.capacity_factor=1.0", "model.min_capacity=1", "balance.matmul_tflops=0.001",
                            "balance.link_gbytes_per_s=100")  # compute-bound: shadows pay
     state = trainer.init_state()
     chosen = []
@@ -243,7 +243,7 @@ def test_shadow_state_survives_checkpoint_onto_another_layout(tmp_path):
     from tedjax.loop import run
 
     base = [*TINY_RUN, "model.shadow_experts=1", "balance.shadow_every=2", "balance.matmul_tflops=0.001",
-            "balance.link_gbytes_per_s=100",
+            "balance.link_gbytes_per_s=100", "model.capacity_factor=1.0", "model.min_capacity=1",  # drops to save
             "model.aux_loss_weight=0",
             "checkpoint.every=3", "log.eval_every=0", "log.eval_batches=1", "steps=4"]  # fmt: skip
     first = run(load_config(None, [*base, f"log.dir={tmp_path}"]), stop_after=3)

@@ -226,9 +226,9 @@ def test_restore_onto_another_mesh_reshards(straight_run):
     trainer = Trainer(config, new_mesh)
     state, meta = Checkpointer(config, resume=True).restore(trainer.abstract_state())
     assert meta["step"] == 24
-    expert_w = state.params["blocks"][1]["ffn"]["w_in"]
+    expert_w = state.params["units"]["blocks"][1]["ffn"]["w_in"]  # [n_moe, E, D, F]
     assert expert_w.sharding.mesh.shape == new_mesh.shape
-    assert expert_w.sharding.spec == jax.sharding.PartitionSpec("expert", None, "tensor")
+    assert expert_w.sharding.spec == jax.sharding.PartitionSpec(None, "expert", None, "tensor")
     np_restored = jax.tree.map(np.asarray, state.params)
     assert max_abs_diff(np_restored, jax.tree.map(np.asarray, straight.state.params)) == 0.0
     # the next step gives the same loss on both meshes

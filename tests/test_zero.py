@@ -118,7 +118,7 @@ def test_zero3_stores_parameters_in_the_optimizer_shards():
         expected += leaf.addressable_shards[0].data.nbytes * math.prod(zero.shard_shape(leaf.shape)) \
             // math.prod(own.shard_shape(leaf.shape))
     assert per_device_bytes(state3.params) == expected < per_device_bytes(state1.params) / 3
-    expert_w = state3.params["blocks"][1]["ffn"]["w_in"]
+    expert_w = state3.params["units"]["blocks"][1]["ffn"]["w_in"]
     assert "data" in str(expert_w.sharding.spec)  # expert weights split over their own group, "data"
     batch = jax.tree.map(lambda x: x[0], trainer3.shard_batch(tokens()))  # one micro-batch [B, L]
     evals = [float(t.eval_step(s.params, s.model_state, batch)["loss"]) for t, s in ((trainer1, state1),
@@ -157,15 +157,16 @@ def test_zero3_placement_move_carries_the_split_state():
     for zero in (1, 3):
         *_, trainer, state = one_step((2, 2, 2), zero)
         before = jax.tree.map(np.asarray, (state.params, state.opt_state[0].mu))
-        placements = jax.device_put(trainer.check_placements(np.stack([new_e] * len(trainer.moe_paths))),
+        placements = jax.device_put(trainer.check_placements(np.stack([new_e] * trainer.n_moe)),
                                     jax.sharding.NamedSharding(trainer.mesh, jax.sharding.PartitionSpec()))
         new = trainer.move_experts(jax.tree.map(jnp.copy, state), placements)  # the move donates its input
         for leaf, sharding in zip(jax.tree.leaves(new.params), jax.tree.leaves(trainer.param_shardings)):
             assert leaf.sharding.spec == sharding.spec
         params, mu = jax.tree.map(np.asarray, (new.params, new.opt_state[0].mu))
         for tree, old in ((params, before[0]), (mu, before[1])):
-            np.testing.assert_array_equal(tree["blocks"][1]["ffn"]["w_in"], old["blocks"][1]["ffn"]["w_in"][perm])
-            np.testing.assert_array_equal(tree["blocks"][0]["attn"]["wq"], old["blocks"][0]["attn"]["wq"])
+            units, old_units = tree["units"]["blocks"], old["units"]["blocks"]  # [n_moe, E, ...]
+            np.testing.assert_array_equal(units[1]["ffn"]["w_in"], old_units[1]["ffn"]["w_in"][:, perm])
+            np.testing.assert_array_equal(units[0]["attn"]["wq"], old_units[0]["attn"]["wq"])
 
 
 @pytest.mark.slow

@@ -1,0 +1,184 @@
+"""Across nodes (issue 24): the topology-aware gate and the hierarchical all-to-all on the main job.
+
+The main job (configs/tiny.yaml, 300 steps) on mesh (1, 8, 1) as 2 simulated nodes of 4 devices
+(mesh.node_size=4), with model.a2a=hierarchical, at remote fractions r in {1.0, 0.5, 0.25, 0.14}. For
+each r: the validation loss at the last step, the fraction of choices the gate redirected (mean of the
+last 10 logged steps, over MoE layers), the inter-node fraction of routed tokens, and the bytes one
+device sends to the other node per train step, read from the compiled step's HLO replica groups
+(`tedjax.analysis.internode_bytes`): the MoE's all-to-alls, and every collective (the gradient
+all-reduce and the embedding gradient's all-to-all cross nodes too, alike in every row). The flat exchange at r = 1 is the bytes
+baseline (same loss as hierarchical at r = 1: the same function).
+
+Targets (issue 24): at r = 0.25 the all-to-all inter-node bytes <= 0.3x flat's; validation loss within
+0.02 of r = 1. The predicted step time column (planner cost model, branch plan4) is left for the lead.
+
+    python benchmarks/topology.py            # 4 runs of 300 steps, then the compiles (~15-25 min, loaded CPU)
+    python benchmarks/topology.py --quick    # a small model, 2 steps at r = 1 and 0.25: checks the script (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+import numpy as np  # noqa: E402
+
+import _common  # noqa: E402
+from tedjax import analysis  # noqa: E402
+from tedjax.config import load_config  # noqa: E402
+from tedjax.loop import run  # noqa: E402
+from tedjax.mesh import make_mesh  # noqa: E402
+from tedjax.trainer import Trainer  # noqa: E402
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+FRACTIONS = (1.0, 0.5, 0.25, 0.14)
+QUICK_FRACTIONS = (1.0, 0.25)
+NODE_SIZE = 4
+TOPOLOGY = ["mesh.data=1", "mesh.expert=8", "mesh.tensor=1", f"mesh.node_size={NODE_SIZE}"]
+QUICK_OVERRIDES = ["model.d_model=32", "model.n_heads=2", "model.d_ff=64", "model.expert_d_ff=64",
+                   "model.max_len=32", "data.seq_len=32", "data.batch_size=8", "log.eval_batches=1"]
+BYTES_TARGET, LOSS_TARGET = 0.3, 0.02
+
+
+def overrides(args, r: float, a2a: str, log_dir: Path) -> list[str]:
+    return [f"steps={args.steps}", f"log.dir={log_dir}", "log.progress=false", "log.tensorboard=false",
+            "log.every=1", "checkpoint.every=0", f"log.eval_every={args.steps}", *TOPOLOGY,
+            f"model.remote_fraction={r}", f"model.a2a={a2a}", *(QUICK_OVERRIDES if args.quick else [])]
+
+
+def internode(config, cache: Path | None = None) -> dict:
+    """Bytes per device per train step that cross nodes, from the compiled step's replica groups (kept in
+    `cache`, a json file, so a reused run is not compiled again)."""
+    if cache is not None and cache.exists():
+        return json.loads(cache.read_text())
+    out = _internode(config)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(out))
+    return out
+
+
+def _internode(config) -> dict:
+    mesh = make_mesh(config.mesh.data, config.mesh.expert, config.mesh.tensor)
+    compiled = Trainer(config, mesh).lower_train_step().compile()
+    out = {"a2a_internode_bytes": 0.0, "a2a_internode_ops": 0, "all_internode_bytes": 0.0, "a2a_sent_bytes": 0.0}
+    for c in analysis.collectives(compiled, mesh):
+        weight = c.trip_count if c.in_loop and c.trip_count else 1
+        crossing = weight * analysis.internode_bytes(c, config.mesh.node_size)
+        out["all_internode_bytes"] += crossing
+        if c.kind == "all-to-all" and "_take" not in c.op_name:  # the MoE's (not the embedding gradient's)
+            out["a2a_internode_bytes"] += crossing
+            out["a2a_internode_ops"] += weight * (crossing > 0)
+            out["a2a_sent_bytes"] += weight * c.sent_bytes
+    return out
+
+
+def read_metrics(path: Path) -> tuple[dict, dict]:
+    train, evals = {}, {}
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        (train if rec.get("kind") == "train" else evals if rec.get("kind") == "eval" else {})[rec.get("step")] = rec
+    return train, evals
+
+
+def train_row(args, r: float, runs_dir: Path) -> dict:
+    log_dir = runs_dir / f"r{r}"
+    config = load_config(str(CONFIG), overrides(args, r, "hierarchical", log_dir))
+    metrics = log_dir / "metrics.jsonl"
+    if r == 1.0 and args.baseline_val_loss is not None:  # r = 1 is the main job's function on any mesh
+        row = {"remote_fraction": r, "val_loss": args.baseline_val_loss, "redirected_fraction": 0.0,
+               "internode_fraction": None, "dropped_fraction": None, "wall_s": None, "predicted_step_s": None,
+               "val_loss_source": "--baseline-val-loss (README main job, not trained here)"}
+        row.update(internode(config, log_dir / "internode.json"))
+        return row
+    wall_file = log_dir / "wall_s.json"
+    if not (args.reuse_runs and metrics.exists() and args.steps in read_metrics(metrics)[1]):
+        start = time.perf_counter()
+        run(config)
+        wall_file.write_text(json.dumps(time.perf_counter() - start))
+    wall_s = json.loads(wall_file.read_text()) if wall_file.exists() else None
+    train, evals = read_metrics(metrics)
+    last = [train[s] for s in sorted(train)[-10:]]
+    row = {"remote_fraction": r, "val_loss": evals[args.steps]["lm_loss"],
+           "redirected_fraction": float(np.mean([rec["redirected_fraction"] for rec in last])),
+           "internode_fraction": float(np.mean([rec["internode_fraction"] for rec in last])),
+           "dropped_fraction": float(np.mean([rec["dropped_fraction"] for rec in last])),
+           "wall_s": wall_s, "predicted_step_s": None}
+    row.update(internode(config, log_dir / "internode.json"))
+    print(f"  r={r}: val loss {row['val_loss']:.4f}, redirected {row['redirected_fraction']:.1%}, inter-node "
+          f"{row['internode_fraction']:.1%} of routed tokens, a2a inter-node {row['a2a_internode_bytes']:.0f} B/step"
+          + (f", {wall_s:.0f} s" if wall_s else ""), flush=True)
+    return row
+
+
+def judge(rows: list[dict], flat: dict) -> None:
+    base = rows[0]
+    for row in rows:
+        row["a2a_internode_vs_flat"] = row["a2a_internode_bytes"] / flat["a2a_internode_bytes"]
+        row["all_internode_vs_flat"] = row["all_internode_bytes"] / flat["all_internode_bytes"]
+        row["val_minus_r1"] = row["val_loss"] - base["val_loss"]
+        row["loss_target"] = "PASS" if abs(row["val_minus_r1"]) <= LOSS_TARGET else "MISS"
+        row["bytes_target"] = ("" if row["remote_fraction"] != 0.25 else
+                               "PASS" if row["a2a_internode_vs_flat"] <= BYTES_TARGET else "MISS")
+
+
+def markdown(rows: list[dict], flat: dict, args) -> str:
+    title = "# Across nodes: topology-aware gate + hierarchical all-to-all (issue 24)"
+    lines = [title + (" (--quick: small model, few steps)" if args.quick else ""), "",
+             f"Main job (configs/tiny.yaml, {args.steps} steps), mesh (1, 8, 1) as 2 simulated nodes of "
+             f"{NODE_SIZE}, model.a2a=hierarchical. Inter-node bytes: per device per train step, from the "
+             "compiled step's replica groups (forward and backward). Flat exchange at r = 1: all-to-all "
+             f"{flat['a2a_internode_bytes']:.0f} B, all collectives {flat['all_internode_bytes']:.0f} B. "
+             "Redirected / inter-node: mean of the last 10 steps. Predicted step time: the planner's cost "
+             "model (issue 24 item 4), filled in after it lands.", ""]
+    lines.append(_common.markdown_table(rows, [
+        ("r", "remote_fraction"), ("val loss", "val_loss", ".4f"), ("vs r=1", "val_minus_r1", "+.4f"),
+        ("loss target", "loss_target"), ("redirected", "redirected_fraction", ".1%"),
+        ("inter-node tokens", "internode_fraction", ".1%"), ("dropped", "dropped_fraction", ".1%"),
+        ("a2a inter-node B/step", "a2a_internode_bytes", ".0f"), ("vs flat", "a2a_internode_vs_flat", ".3f"),
+        ("bytes target", "bytes_target"), ("all inter-node B/step", "all_internode_bytes", ".0f"),
+        ("all vs flat", "all_internode_vs_flat", ".3f"), ("predicted step s", "predicted_step_s"),
+    ]))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small model, 2 steps at r = 1, 0.25; writes to a temp dir")
+    p.add_argument("--out", default=None, help="output dir (default benchmarks/results, a temp dir with --quick)")
+    p.add_argument("--steps", type=int, default=None, help="train steps per r (default 300, 4 with --quick)")
+    p.add_argument("--runs-dir", default=None, help="where the runs log (default a temp dir)")
+    p.add_argument("--reuse-runs", action="store_true", help="read finished runs in --runs-dir instead of training")
+    p.add_argument("--baseline-val-loss", type=float, default=None,
+                   help="r = 1's validation loss from an earlier run of the main job (r = 1 computes the same "
+                        "function on every mesh); given, r = 1 is compiled for its bytes but not trained")
+    p.add_argument("--fractions", type=float, nargs="+", default=None,
+                   help=f"remote fractions to run, in this order (default {FRACTIONS}; r = 1 is the baseline)")
+    args = p.parse_args(argv)
+    args.steps = args.steps or (2 if args.quick else 300)
+    runs_dir = Path(args.runs_dir or tempfile.mkdtemp(prefix="topology_runs_"))
+    machine = _common.machine_info()
+    fractions = args.fractions or (QUICK_FRACTIONS if args.quick else FRACTIONS)
+    flat = internode(load_config(str(CONFIG), overrides(args, 1.0, "flat", runs_dir / "flat")),
+                     runs_dir / "flat" / "internode.json")
+    rows = [train_row(args, r, runs_dir) for r in fractions]
+    rows.sort(key=lambda row: -row["remote_fraction"])  # r = 1 first: the loss baseline
+    judge(rows, flat)
+    settings = {"quick": args.quick, "steps": args.steps, "fractions": list(fractions), "node_size": NODE_SIZE,
+                "mesh": [1, 8, 1], "overrides": overrides(args, 0.25, "hierarchical", runs_dir / "r0.25")}
+    _common.publish("topology", rows, settings, markdown(rows, flat, args), _common.output_dir(
+        "topology", args.out, args.quick), machine, extra={"flat": flat})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
