@@ -1,8 +1,9 @@
 """Gradient accumulation reduces the gradients once per step (ZeRO-1, NOTES.md section 3.2).
 
 One compiled step at grad_accum = 4 on (2, 2, 2), composed with DTD, CAC and
-the tiled optimizer, checked twice: its loss and gradients equal one device's,
-and its data-parallel reductions carry as many bytes as the step at
+the tiled optimizer, on two scanned units (their weights' lanes at dim 1 of
+`[layers, lanes, ...]`), checked twice: its loss and gradients equal one
+device's, and its data-parallel reductions carry as many bytes as the step at
 grad_accum = 1 (with a reduction per micro-batch they carried 4x). The lane
 helpers themselves are checked without a mesh.
 """
@@ -17,7 +18,7 @@ import tedjax
 from tedjax import analysis
 from tedjax.trainer import Trainer
 
-LAYOUT, OPTIONS = (2, 2, 2), {"tile_size": 100, "dtd": True, "remat": "cac"}
+LAYOUT, OPTIONS = (2, 2, 2), {"tile_size": 100, "dtd": True, "remat": "cac", "n_layers": 4}
 
 
 def compiled_step(accum: int):
@@ -49,7 +50,7 @@ def test_matches_one_device(four_micro_batches):
     trainer, state, compiled = four_micro_batches
     with jax.set_mesh(trainer.mesh):
         state, metrics = compiled(state, trainer.shard_batch(tokens(4)))
-    ref_loss, ref_norm, ref_mu, *_ = one_step((1, 1, 1), 1, 4)
+    ref_loss, ref_norm, ref_mu, *_ = one_step((1, 1, 1), 1, 4, n_layers=OPTIONS["n_layers"])
     assert abs(float(metrics["loss"]) - ref_loss) < 1e-5 * max(1.0, abs(ref_loss))
     assert abs(float(metrics["grad_norm"]) - ref_norm) < 1e-5 * ref_norm
     assert max_abs_diff(jax.tree.map(np.asarray, state.opt_state[0].mu), ref_mu) < 1e-7  # mu = 0.1 * gradient
