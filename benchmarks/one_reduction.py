@@ -58,8 +58,8 @@ class NoLanes(Trainer):
     """The Trainer with every parameter's gradient reduced in each micro-batch (no lanes): the step before."""
 
     def _lanes(self):
-        lanes, _ = super()._lanes()
-        return jax.tree.map(lambda _: 1, lanes), self.model_shardings
+        lanes, dims, _ = super()._lanes()
+        return jax.tree.map(lambda _: 1, lanes), dims, self.model_shardings
 
 
 def reduction_bytes(compiled, mesh) -> tuple[float, float]:
