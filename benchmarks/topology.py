@@ -139,7 +139,9 @@ def markdown(rows: list[dict], flat: dict, args) -> str:
              "compiled step's replica groups (forward and backward). Flat exchange at r = 1: all-to-all "
              f"{flat['a2a_internode_bytes']:.0f} B, all collectives {flat['all_internode_bytes']:.0f} B. "
              "Redirected / inter-node: mean of the last 10 steps. Predicted step time: the planner's cost "
-             "model (issue 24 item 4), filled in after it lands.", ""]
+             "model (issue 24 item 4), filled in after it lands."]
+    lines += [f"r = {row['remote_fraction']}: val loss from {row['val_loss_source']}." for row in rows
+              if row.get("val_loss_source")] + [""]
     lines.append(_common.markdown_table(rows, [
         ("r", "remote_fraction"), ("val loss", "val_loss", ".4f"), ("vs r=1", "val_minus_r1", "+.4f"),
         ("loss target", "loss_target"), ("redirected", "redirected_fraction", ".1%"),

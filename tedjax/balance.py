@@ -73,8 +73,38 @@ class PlacementChange:
     gain_s: float = 0.0  # predicted layer time saved per step (with a cost model)
 
 
+@dataclasses.dataclass(frozen=True)
+class PoolDrops:
+    """What a placement changes under static device pools: drops. Each routing group sends
+    `choices_per_group` (S x k) choices, device x's pool keeps at most `pool_rows` of them; a group's count
+    on device x is taken as Binomial(S k, x's share of the load), so a placement's expected dropped
+    fraction is sum_x E[(count_x - pool_rows)+] / (S k)."""
+
+    choices_per_group: int
+    pool_rows: int
+
+    def dropped(self, load_e: np.ndarray, placement_e: np.ndarray, num_devices: int) -> float:
+        load_x = device_loads(load_e, placement_e, num_devices)
+        share_x = np.clip(load_x / max(float(load_x.sum()), 1e-12), 0.0, 1.0)
+        n = self.choices_per_group
+        c = np.arange(self.pool_rows + 1, n + 1)
+        if c.size == 0:
+            return 0.0
+        log_comb = np.array([math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) for k in c])
+        over = 0.0
+        for p in share_x:
+            if p <= 0.0:
+                continue
+            if p >= 1.0:
+                over += n - self.pool_rows
+                continue
+            over += float(np.sum((c - self.pool_rows) * np.exp(log_comb + c * math.log(p) + (n - c) * math.log1p(-p))))
+        return over / n
+
+
 def decide_placements(load_ne: np.ndarray, placement_ne: np.ndarray, num_devices: int, margin: float,
-                      cost: ShadowCostModel | None = None, window: int = 0, move_s: float = 0.0
+                      cost: ShadowCostModel | None = None, window: int = 0, move_s: float = 0.0, *,
+                      pools: PoolDrops | None = None, step_s: float = 0.0, earlier_load_ne: np.ndarray | None = None
                       ) -> list[PlacementChange]:
     """Every MoE layer's decision for recent loads `[n_moe, E]` at placements `[n_moe, E]` (empty on one device).
 
@@ -84,12 +114,25 @@ def decide_placements(load_ne: np.ndarray, placement_ne: np.ndarray, num_devices
     `move_s`, the time of moving one layer's experts and optimizer state
     (hysteresis: a placement that pays back only after the next decision is
     not worth its move).
+
+    With static device `pools` the step takes the same time whatever the
+    placement: what it saves is dropped choices, priced at the time it takes
+    to train that many (`pools.dropped` x `step_s` per step; before a step
+    time is known, x the layer time `cost` predicts, a lower bound). Loads
+    drift and a greedy fitted to one window always looks better on it, so
+    with `earlier_load_ne` (the loads of the previous decisions, `[n_moe, E]`
+    or `[w, n_moe, E]`) the greedy is fitted to the mean of all the windows,
+    and its gain is the smallest of its gains on each: it must hold over the
+    window, not only on the sample it was chosen on.
     """
     load_ne, placement_ne = np.asarray(load_ne, np.float64), np.asarray(placement_ne)
     decisions = []
     if num_devices <= 1:
         return decisions
     per_device = load_ne.shape[1] // num_devices
+    earlier = np.zeros((0, *load_ne.shape)) if earlier_load_ne is None else np.asarray(earlier_load_ne, np.float64)
+    samples_ne = [load_ne, *earlier.reshape(-1, *load_ne.shape)]
+    load_ne = np.mean(samples_ne, axis=0)
     for layer, (load_e, placement_e) in enumerate(zip(load_ne, placement_ne)):
         old_max = float(device_loads(load_e, placement_e, num_devices).max())
         candidate = greedy_placement(load_e, num_devices)
@@ -98,8 +141,13 @@ def decide_placements(load_ne: np.ndarray, placement_ne: np.ndarray, num_devices
         # already holds most of them, and keep experts that stay on their device in their old slot.
         candidate = _keep_slots(_match_devices(candidate, placement_e, per_device), placement_e, per_device)
         adopted = new_max <= (1.0 - margin) * old_max and new_max < old_max
-        gain = cost.latency(load_e, placement_e) - cost.latency(load_e, candidate) if cost is not None else 0.0
-        if cost is not None:
+        if pools is not None:
+            price_s = step_s if step_s > 0 else cost.latency(load_e, placement_e) if cost is not None else 0.0
+            gain = price_s * min(pools.dropped(sample[layer], placement_e, num_devices)
+                                - pools.dropped(sample[layer], candidate, num_devices) for sample in samples_ne)
+        else:
+            gain = cost.latency(load_e, placement_e) - cost.latency(load_e, candidate) if cost is not None else 0.0
+        if cost is not None or pools is not None:
             adopted = adopted and gain * window > move_s
         decisions.append(PlacementChange(layer, old_max, new_max, int(np.sum(candidate != placement_e)), candidate,
                                          bool(adopted), float(gain)))
@@ -495,3 +543,106 @@ def describe_placement(step: int, decisions: list[PlacementChange], margin: floa
         parts.append(f"L{d.layer} max device load {d.old_max_load:.3f} -> {d.new_max_load:.3f} {verdict}")
     return (f"step {step} placement: " + "; ".join(parts)
             + f"; moving a layer sends {layer_bytes / 2**20:.3g} MiB per device")
+
+
+# ----------------------------------------------------------------------------- across nodes (FasterMoE's topology)
+
+REMOTE_FRACTION_FLOOR = 0.14  # fastmoe's FMOE_TOPO default outgoing fraction: the least r `propose_remote_fraction` gives
+
+
+@dataclasses.dataclass(frozen=True)
+class TopologyCostModel:
+    """ShadowCostModel's sibling on a two-level network: one MoE all-to-all, flat or hierarchical, at remote fraction r.
+
+    The expert axis has X devices, n of them in each node, N = X / n nodes. A
+    device's buffer of V bytes holds X equal parts, one per destination.
+
+    flat: the n - 1 parts for the node's peers go over NVLink while the X - n
+    parts for other nodes go over the network, at once:
+        t_flat = alpha + max(V (n-1)/X / B_intra, V (X-n)/X / B_inter)
+    Under static shapes the topology-aware gate only empties slots: the
+    buffers keep their size, so flat bytes and time do not depend on r.
+
+    hierarchical: an all-to-all inside the node groups the rows by destination
+    node (V (n-1)/n over NVLink; taken at full size), then one all-to-all
+    between the N devices of each local rank carries the other nodes'
+    buffers, which the gate makes r times the size:
+        t_hier(r) = alpha_intra + V (n-1)/n / B_intra + alpha_inter + r V (N-1)/N / B_inter
+    At r = 1 it sends the same network bytes as flat plus an NVLink phase, so
+    it pays only with the gate. Latency (alpha) as the planner's: a fixed
+    cost per op and one per step, (X - 1) steps for flat (the step of the
+    slowest link it crosses), n - 1 NVLink and N - 1 network steps for the
+    two phases.
+    """
+
+    expert_devices: int  # X
+    node_devices: int  # n: devices of one expert group in one node (X when the group stays in a node)
+    intra_bytes_per_s: float  # NVLink, per device, one direction
+    inter_bytes_per_s: float  # network share of one device, one direction
+    op_latency_s: float = 0.0
+    intra_step_s: float = 0.0
+    inter_step_s: float = 0.0
+
+    def __post_init__(self):
+        x, n = self.expert_devices, self.node_devices
+        if n < 1 or x < 1 or x % n:
+            raise ValueError(f"node_devices={n} must divide expert_devices={x}: a node holds whole runs of expert "
+                             "ranks (set mesh.node_size to a divisor or multiple of the expert axis)")
+        if not 0 < self.inter_bytes_per_s <= self.intra_bytes_per_s:
+            raise ValueError(f"inter_bytes_per_s={self.inter_bytes_per_s} must be > 0 and <= intra_bytes_per_s="
+                             f"{self.intra_bytes_per_s}: the network is never faster than NVLink")
+
+    @property
+    def nodes(self) -> int:
+        return self.expert_devices // self.node_devices
+
+    def flat_s(self, buffer_bytes: float) -> float:
+        """Seconds of one flat all-to-all of a `buffer_bytes` buffer per device."""
+        x, n = self.expert_devices, self.node_devices
+        step = self.inter_step_s if self.nodes > 1 else self.intra_step_s
+        alpha = self.op_latency_s + (x - 1) * step if x > 1 else 0.0
+        return alpha + max(buffer_bytes * (n - 1) / x / self.intra_bytes_per_s,
+                           buffer_bytes * (x - n) / x / self.inter_bytes_per_s)
+
+    def phases_s(self, buffer_bytes: float, r: float) -> tuple[float, float]:
+        """(NVLink phase, network phase) seconds of one hierarchical all-to-all at remote fraction `r`."""
+        n, nodes = self.node_devices, self.nodes
+        intra = (self.op_latency_s + (n - 1) * self.intra_step_s + buffer_bytes * (n - 1) / n / self.intra_bytes_per_s
+                 if n > 1 else 0.0)
+        inter = (self.op_latency_s + (nodes - 1) * self.inter_step_s
+                 + r * buffer_bytes * (nodes - 1) / nodes / self.inter_bytes_per_s if nodes > 1 else 0.0)
+        return intra, inter
+
+    def hierarchical_s(self, buffer_bytes: float, r: float) -> float:
+        """Seconds of one hierarchical all-to-all (the two phases run one after the other)."""
+        return sum(self.phases_s(buffer_bytes, r))
+
+    def seconds(self, buffer_bytes: float, a2a: str = "flat", r: float = 1.0) -> float:
+        """Seconds of one all-to-all as `model.a2a` and `model.remote_fraction` set it."""
+        if a2a not in ("flat", "hierarchical"):
+            raise ValueError(f"a2a must be 'flat' or 'hierarchical', got {a2a!r}")
+        return self.flat_s(buffer_bytes) if a2a == "flat" else self.hierarchical_s(buffer_bytes, r)
+
+    def balanced_fraction(self) -> float:
+        """r at which the network phase takes as long as the NVLink phase (bytes only):
+        ((n-1)/n / B_intra) / ((N-1)/N / B_inter); 1.0 when the group stays in one node."""
+        n, nodes = self.node_devices, self.nodes
+        if nodes == 1:
+            return 1.0
+        return ((n - 1) / n / self.intra_bytes_per_s) / ((nodes - 1) / nodes / self.inter_bytes_per_s)
+
+    def propose_remote_fraction(self, floor: float = REMOTE_FRACTION_FLOOR) -> float:
+        """r for this layer and cluster: max(floor, balanced_fraction()), at most 1.
+
+        The hierarchical time falls linearly in r, so the unconstrained minimum
+        is always the floor. Below the balanced r the NVLink phase is the
+        larger one: lowering r further saves less than the time already left
+        on NVLink (and, with the phases overlapped in chunks, t = max(NVLink,
+        network) saves nothing), while each step down redirects more choices
+        away from their best expert. So r stops at the balanced point, or at
+        the floor (fastmoe's 0.14) where that is lower. On a DGX-H100 (450 vs
+        50 GB/s) with 8 expert ranks per node on 4 nodes it is 0.13 -> 0.14.
+        """
+        if not 0 < floor <= 1:
+            raise ValueError(f"floor must be in (0, 1], got {floor!r}")
+        return 1.0 if self.nodes == 1 else min(1.0, max(floor, self.balanced_fraction()))

@@ -546,7 +546,8 @@ class MoE(nnx.Module):
         all_to_all = (jax.lax.ragged_all_to_all if self._ragged_exchange() == "ragged"
                       else ragged_lib.emulated_ragged_all_to_all)
         axis, reduce_axes = RULES["experts"], RULES["ffn"]
-        ffn = functools.partial(grouped.pool_ffn, method=self.grouped_matmul)
+        ffn = functools.partial(grouped.pool_ffn, method=self.grouped_matmul, expected_fill=self._pool_fill(),
+                                worst_case_pool=self.capacity_scope == "dropless")
 
         def local(buf_gxpd, counts_gxe, w_in, w_gate, w_out):
             groups, devices, slots, d_model = buf_gxpd.shape
@@ -635,8 +636,15 @@ class MoE(nnx.Module):
             out_gqpd = constrain(_pad_slots(out_gqpd), ("expert_batch", "experts", "capacity_dtd", "act_embed"))
         return checkpoint_name(out_gqpd, "moe_expert_out")
 
+    def _pool_fill(self) -> float:
+        """The fraction of a device pool's rows that uniform routing fills (sizes `grouped.pool_ffn`'s blocks)."""
+        capacity_factor = self.eval_capacity_factor if self.deterministic else self.capacity_factor
+        return grouped.expected_fill(self.capacity_scope, self.num_experts, self.top_k, _ways("experts"),
+                                     capacity_factor, self.dropless_buffer_factor)
+
     def _pooled_experts(self, buf_gqpd, counts_gqx, w_in, w_gate, w_out) -> jax.Array:
-        ffn = functools.partial(grouped.pool_ffn, method=self.grouped_matmul)
+        ffn = functools.partial(grouped.pool_ffn, method=self.grouped_matmul, expected_fill=self._pool_fill(),
+                                worst_case_pool=self.capacity_scope == "dropless")
         if not _on_ted_mesh():
             return ffn(buf_gqpd, counts_gqx, w_in, w_gate, w_out)
         reduce_axes = RULES["ffn"]

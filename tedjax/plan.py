@@ -1,6 +1,6 @@
 """Auto-parallel planner: SmartMoE's offline stage for TED layouts.
 
-    python -m tedjax.plan --cluster configs/clusters/dgx_h100.yaml --config configs/gpu_2.7b.yaml [--top 5]
+    python -m tedjax.plan --cluster configs/clusters/dgx_h100.yaml --config configs/gpu_2.7b.yaml [--top 5] [--stages]
 
 For a model and a cluster, every (data, expert, tensor) layout of the devices
 is tried with every switch: DTD, remat none / cac / full, the tiled optimizer,
@@ -21,9 +21,23 @@ cost the same as 8):
   the link its mesh axes cross ("tensor" is innermost, so it stays inside a
   node first, as `make_mesh` lays devices out).
 
+With `--stages` (`search(..., stages=True)`) the fourth axis, pipeline
+stages, is searched too: each stage count S dividing the devices and the
+scanned units, with S, 2S, 4S or 8S microbatches, GPipe (circular plans,
+R runs per stage, are scored but not searched: see `candidates`). A stage runs 1/S of the layers (`stage_view`); the plan adds
+the bubble ((S-1)/(R M + S-1) of the stage-iterations idle, compute x
+(S-1)/(R M) of time), one collective-permute of a microbatch's [rows, L, D]
+per iteration and one after the loop, forward and backward (`p2p_bytes`,
+`p2p_count`), and keeps every iteration's activations (`Pipeline.in_flight`);
+`stage_reason` says why the best plan uses stages or not. An expert axis across nodes is priced
+by `balance.TopologyCostModel` (flat, or `model.a2a=hierarchical` at
+`model.remote_fraction`), and `topology_line` reports the step with the
+r the cost model proposes.
+
 Plans that do not divide or do not fit are rejected with their reason; the
 rest, ranked by step time, are the pool. `mesh: auto` in a config (or
-`mesh=auto`) takes the pool's first plan for the devices present.
+`mesh=auto`) takes the pool's first plan for the devices present (without
+stages until the trainer runs them).
 
 The byte model is exact, not approximate: on simulated CPU meshes it equals
 the collectives XLA compiles for the train step, per kind and mesh axis, on
@@ -59,7 +73,8 @@ Backend = Literal["gpu", "cpu"]
 REMATS = ("none", "cac", "full")
 # What a plan sets (the rest of the config is the user's): the search varies these.
 PLANNED = ("mesh", "mesh.data", "mesh.expert", "mesh.tensor", "mesh.auto", "model.dtd", "model.remat",
-           "optimizer.tile_size", "optimizer.zero", "data.grad_accum")
+           "optimizer.tile_size", "optimizer.zero", "data.grad_accum",
+           "mesh.stage", "pipeline.microbatches", "pipeline.schedule", "pipeline.repeats")
 DEFAULT_TILE = 1 << 24  # elements per tile of the tiled optimizer when the planner turns it on
 HEADROOM = 0.10  # fraction of GPU memory a plan must leave free (allocator fragmentation, NCCL buffers)
 GIB = 1 << 30
@@ -181,10 +196,11 @@ MODELLED = {
     "model": ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_len", "num_experts", "expert_d_ff",
               "top_k", "capacity_factor", "min_capacity", "moe_every", "group_size", "activation", "dtype", "dtd",
               "capacity_scope", "shadow_experts", "a2a_chunks", "remat", "n_kv_heads", "head_dim", "qk_norm",
-              "attention", "vocab_multiple", "dropless_buffer_factor"),
+              "attention", "vocab_multiple", "dropless_buffer_factor", "remote_fraction", "a2a"),
     "optimizer": ("zero1", "zero", "tile_size"),
     "data": ("seq_len", "batch_size", "grad_accum"),
-    "mesh": ("data", "expert", "tensor", "auto"),
+    "mesh": ("data", "expert", "tensor", "auto", "stage", "node_size"),
+    "pipeline": ("microbatches", "schedule", "repeats"),
     "xla": ("all_reduce_combine_bytes", "reduce_scatter_combine_bytes", "all_gather_combine_bytes", "combine_count"),
 }  # fmt: skip
 NO_EFFECT = {
@@ -205,6 +221,9 @@ NO_EFFECT = {
 # Keys that change bytes or memory in ways the model does not follow yet: always named when set. bf16 Adam
 # moments halve the optimizer state; the throughput flags move XLA:GPU's scheduling (and its live ranges).
 NOT_MODELLED = {
+    # looped units (scan_layers=false) compile to more collectives than the scanned ones the model follows (a
+    # 1 MiB permute over "data" on tiny (2,2,2), measured)
+    "model": ("scan_layers",),
     "optimizer": ("state_dtype",),
     "xla": ("gpu_profile",),
 }
@@ -238,6 +257,17 @@ def unmodelled(config: TrainConfig, backend: Backend = "gpu") -> list[str]:
     if opt.zero == 3 and opt.zero1 and m.shadow_experts and m.num_experts:
         # the shadows' jnp.take from split expert weights: XLA gathers and reduces them its own way (measured)
         out.append(f"optimizer.zero=3 with model.shadow_experts={config.model.shadow_experts}")
+    if m.a2a == "hierarchical" and m.num_experts:
+        # its two exchanges' replica groups are no mesh axes: the byte table keeps the flat all-to-all
+        out.append("model.a2a=hierarchical (its bytes per exchange; its time is modelled)")
+    if config.mesh.stage > 1:
+        # the pipeline's permutes, its stages' layers and its bubble are modelled; how XLA partitions the
+        # embedding and the head (outside the pipeline) over "stage" is not known until a compiled program
+        out.append(f"mesh.stage={config.mesh.stage} (the embedding's and head's collectives, and the MoE "
+                   "statistics' moves, over the stage axis)")
+        if config.pipeline.schedule == "circular" and config.pipeline.repeats > 1:
+            # the train state is kept in logical order: each step permutes it to stage-major order
+            out.append("pipeline.schedule=circular (the weights' move to stage-major order every step)")
     return out
 
 
@@ -267,18 +297,25 @@ class Plan:
     tile_size: int = 0
     grad_accum: int = 1
     zero: int = 1  # optimizer.zero
+    stage: int = 1  # mesh.stage: pipeline stages, each a (data, expert, tensor) layout
+    microbatches: int = 0  # pipeline.microbatches per micro-batch (stage > 1)
+    repeats: int = 1  # pipeline.repeats: > 1 is the circular schedule
 
     @property
     def layout(self) -> Layout:
+        """The layout inside one stage."""
         return (self.data, self.expert, self.tensor)
 
     def apply(self, config: TrainConfig) -> TrainConfig:
         """`config` run with this plan: mesh sizes, switches and micro-batching replaced."""
-        from tedjax.config import MeshConfig
+        from tedjax.config import MeshConfig, PipelineConfig
 
+        pipeline = (PipelineConfig(self.microbatches, "circular" if self.repeats > 1 else "gpipe", self.repeats)
+                    if self.stage > 1 else config.pipeline)
         return dataclasses.replace(
             config,
-            mesh=MeshConfig(self.data, self.expert, self.tensor),
+            mesh=MeshConfig(self.data, self.expert, self.tensor, stage=self.stage, node_size=config.mesh.node_size),
+            pipeline=pipeline,
             model=dataclasses.replace(config.model, dtd=self.dtd, remat=self.remat),
             optimizer=dataclasses.replace(config.optimizer, tile_size=self.tile_size, zero=self.zero,
                                           zero1=config.optimizer.zero1 or self.zero > 1),
@@ -289,15 +326,21 @@ class Plan:
     def of(cls, config: TrainConfig, layout: Layout | None = None) -> Plan:
         """The plan `config` describes (on `layout`, default its mesh)."""
         layout = layout or (config.mesh.data, config.mesh.expert, config.mesh.tensor)
+        pipe = pipeline_of(config)
+        stages = dict(stage=pipe.stages, microbatches=pipe.microbatches, repeats=pipe.repeats) if pipe else {}
         return cls(*layout, dtd=config.model.dtd, remat=config.model.remat,
                    tile_size=config.optimizer.tile_size, grad_accum=config.data.grad_accum,
-                   zero=config.optimizer.zero if config.optimizer.zero1 else 1)
+                   zero=config.optimizer.zero if config.optimizer.zero1 else 1, **stages)
 
     def describe(self) -> str:
         switches = [f"remat={self.remat}"] + (["dtd"] if self.dtd else [])
         switches += [f"tile={self.tile_size}"] if self.tile_size else []
         switches += [f"zero={self.zero}"] if self.zero > 1 else []
-        return f"({self.data},{self.expert},{self.tensor}) {' '.join(switches)} accum={self.grad_accum}"
+        stages = ""
+        if self.stage > 1:
+            schedule = f"circular x{self.repeats}" if self.repeats > 1 else "gpipe"
+            stages = f"{self.stage} stages ({schedule}, {self.microbatches} microbatches) x "
+        return f"{stages}({self.data},{self.expert},{self.tensor}) {' '.join(switches)} accum={self.grad_accum}"
 
 
 class _MeshShape:
@@ -310,17 +353,148 @@ class _MeshShape:
 
 
 # --------------------------------------------------------------------------- #
+# pipeline stages
+
+
+@dataclasses.dataclass(frozen=True)
+class Pipeline:
+    """A plan's pipeline: S stages, M microbatches per micro-batch, R runs of layers per stage (circular).
+
+    The schedule runs R M + S - 1 iterations; in each, every stage runs its
+    L / (S R) layers on one microbatch (or on nothing, in the bubble) and
+    passes the result on with a collective-permute.
+    """
+
+    stages: int  # S
+    microbatches: int  # M
+    repeats: int = 1  # R (circular when > 1)
+
+    @property
+    def iterations(self) -> int:
+        return self.repeats * self.microbatches + self.stages - 1
+
+    @property
+    def bubble(self) -> float:
+        """Fraction of stage-iterations that compute nothing: (S-1)/(R M + S - 1)."""
+        return bubble_fraction(self.stages, self.microbatches, self.repeats)
+
+    @property
+    def overhead(self) -> float:
+        """Compute time added by the bubble, relative to the microbatches' own: (S-1)/(R M)."""
+        return (self.stages - 1) / (self.repeats * self.microbatches)
+
+    @property
+    def passes(self) -> int:
+        """Iterations per run of layers, rounded up: M + ceil((S-1)/R) (R = 1: every iteration, bubble included)."""
+        return self.microbatches + -(-(self.stages - 1) // self.repeats)
+
+    @property
+    def in_flight(self) -> float:
+        """Microbatches' activations of the whole stage kept for the backward pass: each of the R M + S - 1
+        iterations keeps those of L / (S R) layers, (R M + S - 1) / R stages' worth."""
+        return self.iterations / self.repeats
+
+
+def bubble_fraction(stages: int, microbatches: int, repeats: int = 1) -> float:
+    """(S-1)/(M+S-1) for GPipe (repeats = 1), (S-1)/(R M+S-1) for the circular schedule."""
+    return (stages - 1) / (repeats * microbatches + stages - 1)
+
+
+def pipeline_of(config: TrainConfig) -> Pipeline | None:
+    """The config's pipeline (None without stages); `pipeline.microbatches` 0 means mesh.stage."""
+    stages = config.mesh.stage
+    if stages <= 1:
+        return None
+    p = config.pipeline
+    return Pipeline(stages, p.microbatches or stages, p.repeats if p.schedule == "circular" else 1)
+
+
+def pipeline_problems(config: TrainConfig) -> list[str]:
+    """Why `config`'s stages do not divide its model or batch ([] when they do, or without stages); the
+    wording of `config.check_pipeline` on the pipeline's branch."""
+    pipe = pipeline_of(config)
+    if pipe is None:
+        return []
+    m, dc, mesh = config.model, config.data, config.mesh
+    stages, repeats, micro = pipe.stages, config.pipeline.repeats, pipe.microbatches
+    unit = m.moe_every if m.num_experts else 1  # the scanned unit: a (dense, MoE) run of moe_every layers
+    units = m.n_layers // unit if m.n_layers % unit == 0 else 0
+    problems = []
+    if not units or units % (stages * pipe.repeats):
+        problems.append(f"mesh.stage={stages} x pipeline.repeats={repeats} does not divide the {units} scanned units "
+                        f"(model.n_layers={m.n_layers} in units of moe_every={unit}); choose stages x repeats "
+                        f"dividing {units}, or change model.n_layers")
+    if micro < stages:
+        problems.append(f"pipeline.microbatches={micro} is too few for mesh.stage={stages}: every stage needs a "
+                        f"microbatch; set pipeline.microbatches >= {stages} (0 means {stages})")
+    ways = mesh.data * mesh.expert
+    if dc.micro_batch_size % (micro * ways):
+        problems.append(f"a micro-batch of {dc.micro_batch_size} sequences does not split into pipeline.microbatches="
+                        f"{micro} microbatches over data x expert = {ways}; use a data.batch_size / data.grad_accum "
+                        f"that is a multiple of {micro * ways}")
+    return problems
+
+
+def stage_view(config: TrainConfig) -> TrainConfig:
+    """What one stage's devices run, as a config without stages: the stage's L / S layers (besides the
+    embedding and head, which every stage holds) once per iteration of the schedule, bubble included (the
+    scanned schedule runs every stage in every iteration), on one microbatch of B / (grad_accum M)
+    sequences: `Pipeline.passes` x grad_accum micro-batches of that size, each with its collectives and
+    its gradients' reduction (measured on the compiled pipeline: the expert all-to-all and the data-parallel
+    reductions run (M + S - 1) / M times as often as with M passes).
+
+    `config` unchanged when it has no stages. Call `pipeline_problems` first.
+    """
+    return config if config.mesh.stage <= 1 else _stage_view(config)
+
+
+@functools.lru_cache(maxsize=4096)  # the search asks for each plan's view several times
+def _stage_view(config: TrainConfig) -> TrainConfig:
+    from tedjax.config import PipelineConfig
+
+    pipe = pipeline_of(config)
+    rows, accum = config.data.micro_batch_size // pipe.microbatches, config.data.grad_accum
+    return dataclasses.replace(
+        config, model=dataclasses.replace(config.model, n_layers=config.model.n_layers // pipe.stages),
+        data=dataclasses.replace(config.data, batch_size=rows * accum * pipe.passes, grad_accum=accum * pipe.passes),
+        mesh=dataclasses.replace(config.mesh, stage=1), pipeline=PipelineConfig())
+
+
+def p2p_bytes(config: TrainConfig, layout: Layout | None = None, backend: Backend = "gpu") -> int:
+    """Bytes of one collective-permute between stages, per device: one microbatch's activations
+    [B / (grad_accum M data expert), L, D] in the compute dtype (float32 on XLA:CPU); 0 without stages."""
+    pipe = pipeline_of(config)
+    if pipe is None:
+        return 0
+    layout = layout or (config.mesh.data, config.mesh.expert, config.mesh.tensor)
+    m, dc = config.model, config.data
+    rows = -(-dc.micro_batch_size // (pipe.microbatches * layout[0] * layout[1]))
+    act_b = 4 if backend == "cpu" or resolve_dtype(m.dtype, backend) == "float32" else 2
+    return rows * dc.seq_len * m.d_model * act_b
+
+
+def p2p_count(config: TrainConfig) -> int:
+    """Collective-permutes per step: per micro-batch, one per iteration and the last stage's hand-off after
+    the loop, forward and again backward: 2 (R M + S) x grad_accum."""
+    pipe = pipeline_of(config)
+    return 0 if pipe is None else 2 * (pipe.iterations + 1) * config.data.grad_accum
+
+
+# --------------------------------------------------------------------------- #
 # parameters
 
 
 @dataclasses.dataclass(frozen=True)
 class Leaf:
-    """One parameter: its global shape, its PartitionSpec entries (mesh axes per dim), its block (None outside)."""
+    """One parameter: its global shape, its PartitionSpec entries (mesh axes per dim), its block (None outside;
+    for the scanned units, the block's position in a unit), and `units`: the size of its leading "layers" axis
+    (0: none)."""
 
     path: str
     shape: tuple[int, ...]
     spec: tuple[tuple[str, ...], ...]
     layer: int | None = None
+    units: int = 0
 
 
 @functools.lru_cache(maxsize=32)
@@ -357,9 +531,13 @@ def _structure(model: ModelConfig) -> tuple[tuple[Leaf, ...], int]:
             per_block[keys[1]].append((jax.tree_util.keystr(path[2:]), shape, spec))
         else:
             leaves.append(Leaf(jax.tree_util.keystr(path), shape, spec))
-    for i in range(model.n_layers):
-        for sub, shape, spec in per_block[first_of_kind[model.is_moe_layer(i)]]:
-            leaves.append(Leaf(f"['blocks'][{i}]{sub}", shape, spec, i))
+    units = model.n_layers // model.moe_every  # stacked as the model stacks them; the rest unrolled (its tail)
+    for pos in range(model.moe_every if units else 0):
+        for sub, shape, spec in per_block[first_of_kind[model.is_moe_layer(pos)]]:
+            leaves.append(Leaf(f"['units']['blocks'][{pos}]{sub}", (units, *shape), ((), *spec), pos, units))
+    for k in range(model.n_layers - units * model.moe_every):
+        for sub, shape, spec in per_block[first_of_kind[model.is_moe_layer(k)]]:
+            leaves.append(Leaf(f"['tail'][{k}]{sub}", shape, spec, units * model.moe_every + k))
     other = 0
     for path, x in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(rest))[0]:
         keys = [getattr(k, "key", getattr(k, "idx", None)) for k in path]
@@ -424,6 +602,8 @@ class Traffic:
             return 2.0 * v * (p - 1) / p
         if self.kind == "reduce-scatter":
             return float(v * (p - 1))
+        if self.kind == "collective-permute":
+            return float(v)
         raise ValueError(self.kind)
 
 
@@ -447,6 +627,7 @@ class _Sizes:
     chunks: int  # a2a_chunks
     shadows: int  # shadow experts R
     shadow_capacity: int  # slots per shadow and routing group
+    loop_fill: float = 0.0  # dropless: the pool fill that sizes XLA:CPU's `loop` blocks (0: `blocks`)
 
     @property
     def slots(self) -> int:
@@ -466,18 +647,20 @@ class _Sizes:
         if backend == "gpu":
             return rows
         experts = self.pool // self.capacity
-        block = block_rows(rows, experts)
+        block = block_rows(math.ceil(rows * self.loop_fill) if self.loop_fill else rows, experts)
         return (-(-rows // block) + experts) * block
 
 
 def _block(sz: _Sizes) -> int:
-    """Rows per block of `grouped.pool_ffn`'s `blocks` method (XLA:CPU)."""
+    """Rows per block of `grouped.pool_ffn`'s `blocks` or `loop` method (XLA:CPU)."""
     from tedjax.grouped import block_rows
 
-    return block_rows(sz.slots // sz.chunks, sz.pool // sz.capacity)
+    rows = sz.slots // sz.chunks
+    return block_rows(math.ceil(rows * sz.loop_fill) if sz.loop_fill else rows, sz.pool // sz.capacity)
 
 
 def _sizes(config: TrainConfig, layout: Layout) -> _Sizes:
+    from tedjax.grouped import expected_fill
     from tedjax.routing import capacity
 
     m, dc = config.model, config.data
@@ -495,8 +678,10 @@ def _sizes(config: TrainConfig, layout: Layout) -> _Sizes:
     dtd = m.dtd and e > 1 and t > 1 and m.num_experts > 0
     pool_a2a = -(-pool // t) if dtd else pool
     shadows = m.shadow_experts if m.num_experts else 0
+    loop_fill = expected_fill("dropless", m.num_experts, m.top_k, e, m.capacity_factor, m.dropless_buffer_factor) \
+        if pooled and m.capacity_scope == "dropless" else 0.0
     return _Sizes(d, e, t, rows, rows * dc.seq_len, -(-groups // (d * e)), -(-groups // d), cap, pools, pool,
-                  pool_a2a, pool_a2a * t if dtd else pool, dtd, m.a2a_chunks, shadows, min(group, e * cap))
+                  pool_a2a, pool_a2a * t if dtd else pool, dtd, m.a2a_chunks, shadows, min(group, e * cap), loop_fill)
 
 
 def collectives(config: TrainConfig, layout: Layout | None = None, backend: Backend = "gpu") -> list[Traffic]:
@@ -506,8 +691,34 @@ def collectives(config: TrainConfig, layout: Layout | None = None, backend: Back
     in float32 whatever `model.dtype` (XLA:CPU computes bf16 in f32), and the
     ZeRO-1 gradient reduce-scatter is an all-reduce plus a local slice.
     `backend="gpu"` carries activations in the compute dtype and reduce-scatters.
+    With stages (`mesh.stage`), those of one stage (`stage_view`) and the
+    permutes that pass each microbatch on (`p2p_bytes`, `p2p_count`).
     """
     layout = layout or (config.mesh.data, config.mesh.expert, config.mesh.tensor)
+    pipe = pipeline_of(config)
+    if pipe:
+        view = stage_view(config)
+        inner = collectives(view, layout, backend)
+        # The embedding, head and loss run once per micro-batch, outside the schedule's passes: so do their
+        # collectives and the reduction of their gradients.
+        passes, accum = pipe.passes, config.data.grad_accum
+        fewer: dict = {}
+        opt = view.optimizer
+        for kind, axes, nbytes, count, per_micro, what in _leaf_costs(
+                view.model, layout, opt.zero1, backend, opt.zero if opt.zero1 else 1, opt.tile_size > 0,
+                outside_only=True).traffic:
+            key = (kind, tuple(a for a in AXES if a in axes and dict(zip(AXES, layout))[a] > 1), nbytes, what)
+            fewer[key] = fewer.get(key, 0) + (count * accum * (passes - 1) if per_micro else 0)
+        out = []
+        for t in inner:
+            count = t.count // passes if t.what in _ONCE_PER_MICRO_BATCH else t.count
+            count -= fewer.pop((t.kind, t.axes, t.result_bytes, t.what), 0)
+            if t.what == "loss scalars (LM, aux, z)":  # the LM loss's, once per micro-batch; aux and z per pass
+                count -= accum * (passes - 1)
+            out.append(dataclasses.replace(t, count=count))
+        permutes = Traffic("collective-permute", ("stage",), p2p_bytes(config, layout, backend), p2p_count(config),
+                           "pipeline activations", pipe.stages)
+        return [t for t in out if t.count > 0] + [permutes]
     m = config.model
     sz = _sizes(config, layout)
     sizes = dict(zip(AXES, layout))
@@ -546,8 +757,9 @@ def collectives(config: TrainConfig, layout: Layout | None = None, backend: Back
         add("all-to-all", ["expert"], moved, accum * n_moe * 2 * passes, "MoE dispatch and return")
         add("all-reduce", ["tensor"], slots, accum * n_moe * (passes - 1), "expert output")
         if sz.pooled:  # grouped.pool_ffn inside shard_map: one psum of the rows' input gradient per chunk
-            add("all-reduce", ["tensor"], sz.chunks * sz.sorted_rows(backend) * d_model * act_b,
-                accum * n_moe * (2 if swiglu else 1), "expert input gradient")
+            add("all-reduce", ["tensor"], sz.chunks * sz.sorted_rows(backend) * d_model * act_b,  # `loop`: once
+                accum * n_moe * (2 if swiglu and not (sz.loop_fill and backend == "cpu") else 1),
+                "expert input gradient")
             # computed again in the backward pass under either remat policy (it is no collective's output)
             add("all-to-all", ["expert"], sz.groups_in * m.num_experts * 4,
                 accum * n_moe * (1 if m.remat == "none" else 2), "rows per expert of each pool (int32)")
@@ -580,6 +792,11 @@ def collectives(config: TrainConfig, layout: Layout | None = None, backend: Back
     return out
 
 
+# with stages, what runs once per micro-batch outside the schedule (not once per pass of a stage's layers)
+_ONCE_PER_MICRO_BATCH = frozenset({"embedding lookup", "LM head input gradient",
+                                   "cross-entropy max, sum and label logit"})
+
+
 @dataclasses.dataclass(frozen=True)
 class _LeafCosts:
     """What the parameters cost on one layout: bytes per device and their collectives."""
@@ -601,7 +818,7 @@ def _costs(config: TrainConfig, layout: Layout, backend: Backend) -> _LeafCosts:
 
 @functools.lru_cache(maxsize=4096)
 def _leaf_costs(model: ModelConfig, layout: Layout, zero1: bool, backend: Backend, zero: int = 1,
-                tiled: bool = False) -> _LeafCosts:
+                tiled: bool = False, outside_only: bool = False) -> _LeafCosts:
     sizes = dict(zip(AXES, layout))
     batch_axes = ("data", "expert")
     counts: dict[tuple, int] = {}
@@ -609,6 +826,8 @@ def _leaf_costs(model: ModelConfig, layout: Layout, zero1: bool, backend: Backen
     params = moments = reduced = gathered = 0
     per_layer: dict = {}
     for leaf in parameters(model):
+        if outside_only and leaf.layer is not None:
+            continue
         used = {a for axes in leaf.spec for a in axes}
         local = _local(leaf.shape, leaf.spec, sizes) * 4
         state_spec = _zero1(leaf, layout, zero1)
@@ -617,14 +836,15 @@ def _leaf_costs(model: ModelConfig, layout: Layout, zero1: bool, backend: Backen
         gathered += local
         moments += 2 * shard
         key = leaf.layer if leaf.layer is not None else leaf.path
-        per_layer[key] = per_layer.get(key, 0) + local
+        per_layer[key] = per_layer.get(key, 0) + local // max(leaf.units, 1)  # one layer's share of a stacked leaf
         added = tuple(a for axes in state_spec for a in axes if a not in used)
         reduced += local if any(sizes[a] > 1 for a in batch_axes if a not in used) else 0
         what = ("embedding gradient" if leaf.path == "['embed']" else
                 "router gradient" if leaf.path.endswith("['router']") else "gradient")
         # With a2a_chunks = n each chunk's expert FFN adds its own partial gradient of the expert weights,
         # and XLA reduces each before the sum (measured): n reductions per micro-batch.
-        expert_weight = len(leaf.shape) == 3 and "expert" in leaf.spec[0]
+        stacked = int(leaf.units > 0)  # dims before the layer's own: the "layers" axis of the scanned units
+        expert_weight = len(leaf.shape) - stacked == 3 and "expert" in leaf.spec[stacked]
         entries = []
         for _ in range(model.a2a_chunks if expert_weight else 1):
             entries += _gradient_reduction(local, used, added, sizes, backend, what)
@@ -651,7 +871,7 @@ def _leaf_costs(model: ModelConfig, layout: Layout, zero1: bool, backend: Backen
             again = (2 if model.remat == "full" and expert_weight else 1) if recomputed else 0
             pooled = model.capacity_scope == "device" and model.num_experts // sizes["expert"] > 1  # one shard_map
             per_chunk = model.a2a_chunks if expert_weight and not pooled else 1
-            times = (1 + again + (1 if len(leaf.shape) == 1 else 0)) * per_chunk
+            times = (1 + again + (1 if len(leaf.shape) - stacked == 1 else 0)) * per_chunk
             entries += [("all-gather", added, local, True, "parameters (ZeRO-3)")] * times
         def keys(listed):
             for kind, axes, nbytes, per_micro, what in listed:
@@ -753,8 +973,17 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
     layer's recomputation at the start of the backward pass (measured: remat
     saves nothing there), so activations count as with remat="none", in
     float32.
+
+    With stages, one stage's (`stage_view`: its layers' weights and
+    optimizer state, 1/S of the layers'), whose kept activations are those
+    of every iteration's microbatch, `Pipeline.in_flight` = M + (S-1)/R
+    microbatches through the whole stage (the scanned schedule keeps the
+    bubble's iterations too).
     """
     layout = layout or (config.mesh.data, config.mesh.expert, config.mesh.tensor)
+    pipe = pipeline_of(config)
+    real = pipe.microbatches * config.data.grad_accum if pipe else 0  # microbatches of input per step
+    config = stage_view(config)
     m, dc = config.model, config.data
     sz = _sizes(config, layout)
     t = sz.tensor
@@ -763,7 +992,7 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
     full = costs.gathered  # float32 parameters (and gradients) in their own layout
     zero = config.optimizer.zero if config.optimizer.zero1 else 1
     counters = 3 * 4 + 2 * 4  # step, bad_steps, skipped_steps; Adam's and the schedule's counts
-    batch = 2 * dc.grad_accum * sz.rows * dc.seq_len * 4
+    batch = 2 * (real or dc.grad_accum) * sz.rows * dc.seq_len * 4
     other = _structure(m)[1]
 
     act_b = 4 if backend == "cpu" or resolve_dtype(m.dtype, backend) == "float32" else 2
@@ -787,6 +1016,8 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
     rows = sz.chunks * sz.sorted_rows(backend) if sz.pooled else slots
     copies = sz.chunks * (sz.sorted_rows(backend) // _block(sz)) if sz.pooled and backend == "cpu" else 0
     moe = 3 * td + 3 * rows * f_t * act_b * ffn_x2 // 2 + slot_d + copies * m.d_model * f_t * act_b * weights
+    if sz.loop_fill and backend == "cpu":  # dropless `loop`: no weight copies, no [rows, F] kept (recomputed)
+        moe = 3 * td + slot_d + 2 * rows * m.d_model * act_b
     # Shadow experts: R more FFNs on each device's own tokens, with a copy of their weights.
     shadow_rows = sz.shadows * sz.groups_in * sz.shadow_capacity
     moe += (3 * shadow_rows * f_t * act_b * ffn_x2 // 2 + shadow_rows * m.d_model * act_b
@@ -800,7 +1031,7 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
         kept = (m.n_layers - units * (m.moe_every - 1)) * td + one_layer + (m.moe_every - 1) * (attention + dense)
         if m.remat == "cac":
             kept += m.n_layers * td + n_dense * td + n_moe * 3 * slot_d
-    activations = kept + 3 * td + logits
+    activations = kept * (pipe.in_flight if pipe else 1) + 3 * td + logits
     layer_grads = costs.layer_grads
     # Gradient accumulation keeps the running sum next to each micro-batch's gradients (ZeRO-2/3: in the
     # optimizer's shards). The data-parallel reduction writes in place: measured on XLA:CPU, a second
@@ -838,6 +1069,7 @@ def flops_per_device(config: TrainConfig, layout: Layout | None = None) -> float
     square (the causal mask is applied after), the LM head over the local vocab.
     """
     layout = layout or (config.mesh.data, config.mesh.expert, config.mesh.tensor)
+    config = stage_view(config)  # with stages: one stage's layers on the microbatches (the bubble apart)
     m, dc = config.model, config.data
     sz = _sizes(config, layout)
     t = sz.tensor
@@ -892,15 +1124,49 @@ def dropless_rows(config: TrainConfig, layout: Layout | None = None, backend: Ba
             "grouped_flops_expected": expected_rows * row_flops}
 
 
-def _crosses_nodes(layout: Layout, axes: tuple[str, ...], gpus_per_node: int) -> bool:
+def _node_ids(layout: Layout, gpus_per_node: int, stages: int = 1):
+    """[stage, data, expert, tensor] -> node, with devices numbered as make_mesh lays them out ("stage" outermost)."""
+    import numpy as np
+
+    shape = (stages, *layout)
+    return np.arange(math.prod(shape)).reshape(shape) // gpus_per_node
+
+
+@functools.lru_cache(maxsize=4096)
+def _crosses_nodes(layout: Layout, axes: tuple[str, ...], gpus_per_node: int, stages: int = 1) -> bool:
     """Whether some group of `axes` spans two nodes, with devices numbered as make_mesh lays them out."""
     import numpy as np
 
-    ids = np.arange(math.prod(layout)).reshape(layout) // gpus_per_node
-    keep = [i for i, a in enumerate(AXES) if a not in axes]
-    moved = np.moveaxis(ids, [AXES.index(a) for a in axes], range(len(keep), 3))
-    groups = moved.reshape(math.prod(layout[i] for i in keep), -1)
+    names = ("stage", *AXES)
+    ids = _node_ids(layout, gpus_per_node, stages)
+    keep = [i for i, a in enumerate(names) if a not in axes]
+    moved = np.moveaxis(ids, [names.index(a) for a in axes], range(len(keep), len(names)))
+    groups = moved.reshape(math.prod(ids.shape[i] for i in keep), -1)
     return bool((groups != groups[:, :1]).any())
+
+
+@functools.lru_cache(maxsize=4096)
+def expert_nodes(layout: Layout, gpus_per_node: int, stages: int = 1) -> int:
+    """Devices of each expert-axis group that share a node (the expert axis when it stays in one node), or 0
+    when node boundaries split the groups unevenly (e.g. 16 expert ranks over nodes of 3)."""
+    import numpy as np
+
+    groups = np.moveaxis(_node_ids(layout, gpus_per_node, stages), 2, -1).reshape(-1, layout[1])
+    counts = {int(c) for g in groups for c in np.unique(g, return_counts=True)[1]}
+    return counts.pop() if len(counts) == 1 and layout[1] % next(iter(counts | {1})) == 0 else 0
+
+
+def topology_model(config: TrainConfig, cluster: Cluster, layout: Layout | None = None):
+    """`balance.TopologyCostModel` of the plan's expert axis on `cluster` (nodes of `mesh.node_size`
+    devices when set, else the cluster's `gpus_per_node`)."""
+    from tedjax.balance import TopologyCostModel
+
+    layout = layout or (config.mesh.data, config.mesh.expert, config.mesh.tensor)
+    per_node = config.mesh.node_size or cluster.gpus_per_node
+    return TopologyCostModel(layout[1], expert_nodes(layout, per_node, config.mesh.stage),
+                             cluster.intra_node_gbps * 1e9, cluster.inter_node_gbps * 1e9,
+                             cluster.collective_latency_us * 1e-6, cluster.intra_node_step_us * 1e-6,
+                             cluster.inter_node_step_us * 1e-6)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -912,18 +1178,27 @@ class Timing:
     comm_s: dict  # axes (joined by "+") -> seconds, latency included
     links: dict  # axes -> "intra-node" or "inter-node"
     latency_s: float = 0.0  # the latency part of sum(comm_s): ops x (fixed + per ring step)
+    bubble_s: float = 0.0  # with stages: compute_s x (S-1)/(R M), the stages' idle iterations
 
     @property
     def step_s(self) -> float:
-        return self.compute_s + sum(self.comm_s.values())
+        return self.compute_s + self.bubble_s + sum(self.comm_s.values())
 
 
 def step_time(config: TrainConfig, cluster: Cluster, layout: Layout | None = None,
               traffic: Sequence[Traffic] | None = None) -> Timing:
     """FLOPs / peak plus, for each collective, its latency (alpha: a fixed cost and one per ring step) and
-    bytes sent / bandwidth (beta) of the link its mesh axes cross. Nothing overlaps."""
+    bytes sent / bandwidth (beta) of the link its mesh axes cross. Nothing overlaps.
+
+    With stages the bubble adds compute x (S-1)/M (GPipe), and each permute costs one step's latency plus its
+    bytes over the link between stages. The MoE all-to-all over an expert axis that spans nodes is priced
+    by `balance.TopologyCostModel`: flat (its NVLink and network parts at once) or, with
+    `model.a2a=hierarchical`, in two phases whose network part is `model.remote_fraction` of the flat one's.
+    """
     layout = layout or (config.mesh.data, config.mesh.expert, config.mesh.tensor)
     traffic = collectives(config, layout) if traffic is None else traffic
+    pipe = pipeline_of(config)
+    stages = pipe.stages if pipe else 1
     # clusters are GPU nodes: model.dtype auto is bfloat16 there
     compute = flops_per_device(config, layout) / cluster.peak_flops(resolve_dtype(config.model.dtype, "gpu"))
     comm: dict[str, float] = {}
@@ -940,19 +1215,33 @@ def step_time(config: TrainConfig, cluster: Cluster, layout: Layout | None = Non
             row[0] += t.count * t.result_bytes
             row[1] += t.count
     ops = {key: max(-(-nbytes // bucket), min(count, accum)) for key, (nbytes, count) in combined.items()}
+    per_node = config.mesh.node_size or cluster.gpus_per_node
+    topology = None
     for t in traffic:
         key = "+".join(t.axes)
         if key not in links:
-            links[key] = "inter-node" if _crosses_nodes(layout, t.axes, cluster.gpus_per_node) else "intra-node"
+            links[key] = "inter-node" if _crosses_nodes(layout, t.axes, per_node, stages) else "intra-node"
         inter = links[key] == "inter-node"
+        if t.what == "MoE dispatch and return" and inter and expert_nodes(layout, per_node, stages):
+            # an expert axis across nodes in whole runs: its NVLink and network parts (two links at once)
+            topology = topology or topology_model(config, cluster, layout)
+            m = config.model
+            seconds = topology.seconds(t.result_bytes, m.a2a, m.remote_fraction)
+            flat_alpha = topology.flat_s(0.0)
+            alpha = (flat_alpha if m.a2a == "flat" else topology.hierarchical_s(0.0, m.remote_fraction)) * t.count
+            latency += alpha
+            comm[key] = comm.get(key, 0.0) + seconds * t.count
+            continue
         gbps = cluster.inter_node_gbps if inter else cluster.intra_node_gbps
-        steps = (2 if t.kind == "all-reduce" else 1) * (t.group_size - 1)
+        steps = 1 if t.kind == "collective-permute" else (2 if t.kind == "all-reduce" else 1) * (t.group_size - 1)
         per_op = (cluster.collective_latency_us
                   + steps * (cluster.inter_node_step_us if inter else cluster.intra_node_step_us)) * 1e-6
         alpha = per_op * (ops.pop((t.kind, t.axes, t.group_size), 0) if t.what in COMBINED else t.count)
         latency += alpha
         comm[key] = comm.get(key, 0.0) + alpha + t.count * t.sent_bytes / (gbps * 1e9)
-    return Timing(compute, comm, links, latency)
+    # the view's FLOPs run every iteration, bubble included: its idle part is the bubble
+    bubble = compute * (pipe.passes - pipe.microbatches) / pipe.passes if pipe else 0.0
+    return Timing(compute - bubble, comm, links, latency, bubble)
 
 
 # The per-parameter collectives XLA combines into buckets (one latency per bucket in `step_time`).
@@ -1040,8 +1329,24 @@ def layouts(devices: int) -> list[Layout]:
     return [(d, e, devices // (d * e)) for d in divisors for e in divisors if devices % (d * e) == 0]
 
 
-def candidates(config: TrainConfig, layout: Layout, tile_size: int = DEFAULT_TILE) -> list[Plan]:
-    """The switch settings worth trying on a layout (DTD only where it acts: expert > 1 and tensor > 1)."""
+def stage_counts(config: TrainConfig, devices: int) -> list[int]:
+    """Stage counts worth trying: 1, and each S > 1 that divides the devices and the scanned units."""
+    m = config.model
+    unit = m.moe_every if m.num_experts else 1
+    units = m.n_layers // unit if m.n_layers % unit == 0 else 0
+    return [1] + [s for s in range(2, devices + 1) if devices % s == 0 and units and units % s == 0]
+
+
+def candidates(config: TrainConfig, layout: Layout, tile_size: int = DEFAULT_TILE, stage: int = 1) -> list[Plan]:
+    """The switch settings worth trying on a layout (DTD only where it acts: expert > 1 and tensor > 1).
+
+    With `stage` > 1 each setting is tried with S, 2S, 4S and 8S microbatches
+    (those that split the micro-batch over data x expert) and the GPipe
+    schedule. Circular plans are scored (`estimate`) but not searched: the
+    pipeline keeps its train state in logical order, so the circular schedule
+    moves the weights between stages every step, which the model does not
+    count (`unmodelled` names it).
+    """
     d, e, t = layout
     batch = config.data.batch_size
     accums = [a for a in range(1, batch + 1) if batch % a == 0 and (batch // a) % (d * e) == 0]
@@ -1049,18 +1354,36 @@ def candidates(config: TrainConfig, layout: Layout, tile_size: int = DEFAULT_TIL
     tiles = (0, tile_size) if tile_size else (0,)
     # ZeRO-2 differs from ZeRO-1 only with micro-batches (the running sum); zero1=false pins ZeRO off.
     zeros = (1, 2, 3) if config.optimizer.zero1 else (1,)
-    return [Plan(d, e, t, dtd, remat, tile, accum, zero)
-            for accum in accums or [1] for dtd in dtds for remat in REMATS for tile in tiles for zero in zeros
-            if zero != 2 or accum > 1]
+    plans = [Plan(d, e, t, dtd, remat, tile, accum, zero)
+             for accum in accums or [1] for dtd in dtds for remat in REMATS for tile in tiles for zero in zeros
+             if zero != 2 or accum > 1]
+    if stage == 1:
+        return plans
+    repeats = (1,)  # (1, 2) once a stage-major train state keeps the circular schedule's weights in place
+    # ZeRO-2 pays off with the pipeline's microbatches as with micro-batches
+    plans += [Plan(d, e, t, dtd, remat, tile, accum, 2) for accum in accums or [1] for dtd in dtds
+              for remat in REMATS for tile in tiles if accum == 1 and config.optimizer.zero1]
+    out = []
+    for p in plans:
+        micro = batch // p.grad_accum
+        out += [dataclasses.replace(p, stage=stage, microbatches=k * stage, repeats=r)
+                for k in (1, 2, 4, 8) for r in repeats
+                if micro % (k * stage) == 0 and (micro // (k * stage)) % (d * e) == 0]
+    return out
 
 
 def estimate(config: TrainConfig, plan: Plan, cluster: Cluster, budget_bytes: int | None = None) -> Estimate:
     """Memory, traffic and time of `plan` for `config` on `cluster`; rejected if it does not divide or fit."""
-    planned = plan.apply(config)
-    try:
-        check_mesh(planned.model, _MeshShape(plan.layout), planned.data.micro_batch_size, planned.data.seq_len)
+    problems = []
+    try:  # (a config may refuse a plan's stages itself)
+        planned = plan.apply(config)
+        problems = pipeline_problems(planned)
+        if not problems:  # one stage's micro-batches on the (data, expert, tensor) layout
+            view = stage_view(planned)
+            check_mesh(view.model, _MeshShape(plan.layout), view.data.micro_batch_size, view.data.seq_len)
     except ValueError as err:
         problems = str(err).split(":\n", 1)[-1].split("\n")
+    if problems:
         return Estimate(plan, None, None, {}, "does not divide: " + "; ".join(p.strip(" -") for p in problems))
     traffic = collectives(planned, plan.layout)
     mem = memory(planned, plan.layout)
@@ -1074,11 +1397,13 @@ def estimate(config: TrainConfig, plan: Plan, cluster: Cluster, budget_bytes: in
 
 
 def search(config: TrainConfig, cluster: Cluster, devices: int | None = None, *,
-           tile_size: int = DEFAULT_TILE, fixed: dict | None = None) -> Search:
+           tile_size: int = DEFAULT_TILE, fixed: dict | None = None, stages: bool = False) -> Search:
     """Every plan for `config` on `devices` GPUs of `cluster` (default all of them), ranked by step time.
 
     `fixed` pins switches, e.g. {"remat": "cac", "dtd": True}, or a layout
-    {"data": 2}; the rest is searched.
+    {"data": 2}; the rest is searched. `stages=True` also searches pipeline
+    stages (`stage_counts`, and per stage count the microbatches and
+    schedules of `candidates`): several times the plans.
     """
     devices = devices or cluster.devices
     if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
@@ -1091,8 +1416,10 @@ def search(config: TrainConfig, cluster: Cluster, devices: int | None = None, *,
         raise ValueError(f"search(fixed=...) names unknown plan fields {sorted(unknown)}")
     pool, rejected = [], []
     untiled: dict[Plan, Estimate] = {}
-    for layout in layouts(devices):
-        for plan in candidates(config, layout, tile_size):
+    grid = [(stage, layout) for stage in (stage_counts(config, devices) if stages else [1])
+            for layout in layouts(devices // stage)]
+    for stage, layout in grid:
+        for plan in candidates(config, layout, tile_size, stage):
             if any(getattr(plan, k) != v for k, v in fixed.items()):
                 continue
             est = estimate(config, plan, cluster, budget)
@@ -1234,6 +1561,40 @@ def comparison(config: TrainConfig, measured: Measured, layout: Layout | None = 
                      "measured_bytes": q["result_bytes"], "predicted_sent": p["sent_bytes"],
                      "measured_sent": q["sent_bytes"], "exact": p["result_bytes"] == q["result_bytes"]})
     return rows
+
+
+def permute_comparison(config: TrainConfig, compiled, mesh) -> dict:
+    """The pipeline's collective-permutes over "stage" in a compiled program against `p2p_bytes` and `p2p_count`.
+
+    Measured: each non-trivial permute over "stage" alone whose result is activations (last dims [L, D]),
+    counted once per loop trip, its bytes the result on one device. `exact` when each carries the predicted
+    bytes and their number is the predicted one. Other permutes over "stage" (the MoE statistics put back in
+    layer order: a few bytes, not in the model) are reported apart. Backend (float32 activations on
+    XLA:CPU) from the mesh's devices.
+    """
+    import re
+
+    from tedjax import analysis
+
+    backend: Backend = "gpu" if mesh.devices.flat[0].platform == "gpu" else "cpu"
+    layout = (config.mesh.data, config.mesh.expert, config.mesh.tensor)
+    tail = [config.data.seq_len, config.model.d_model]
+    count, sizes, other_count, other_bytes = 0, set(), 0, 0
+    for c in analysis.collectives(compiled, mesh):
+        if c.kind != "collective-permute" or c.trivial or c.axes != ("stage",):
+            continue
+        times = c.trip_count if c.in_loop and c.trip_count else 1
+        dims = [int(d) for d in re.findall(r"\d+", c.shape.split("[", 1)[-1].split("]", 1)[0])]
+        if dims[-2:] == tail:
+            count += times
+            sizes.add(analysis.shape_bytes(c.shape))
+        else:
+            other_count += times
+            other_bytes += times * analysis.shape_bytes(c.shape)
+    predicted = p2p_bytes(config, layout, backend)
+    return {"predicted_bytes": predicted, "measured_bytes": sorted(sizes), "predicted_count": p2p_count(config),
+            "measured_count": count, "other_count": other_count, "other_bytes": other_bytes,
+            "exact": sizes == {predicted} and count == p2p_count(config)}
 
 
 def dry_run(config: TrainConfig, devices: Sequence | None = None, log=print,
@@ -1395,11 +1756,96 @@ def describe_estimate(est: Estimate) -> str:
     """One paragraph: the plan, its memory parts (GiB) and its time parts (ms)."""
     m, t = est.memory, est.timing
     comm = ", ".join(f"{axes} {_ms(s)} ({t.links[axes]})" for axes, s in sorted(t.comm_s.items()))
+    bubble = f" + bubble {_ms(t.bubble_s)} ms" if t.bubble_s else ""
     return (f"{est.plan.describe()}: {_size(m.total)} per GPU (params {_size(m.params)}, optimizer "
             f"{_size(m.optimizer)}, gradients {_size(m.gradients)}, activations {_size(m.activations)}, peak "
             f"temporaries {_size(m.temporaries)} at {m.peak_at}); step {_ms(t.step_s)} ms = compute "
-            f"{_ms(t.compute_s)} ms + communication {_ms(sum(t.comm_s.values()))} ms "
+            f"{_ms(t.compute_s)} ms{bubble} + communication {_ms(sum(t.comm_s.values()))} ms "
             f"({comm or 'none'}; latency {_ms(t.latency_s)} ms of it)")
+
+
+def _across_nodes_s(timing: Timing) -> float:
+    return sum(s for axes, s in timing.comm_s.items() if timing.links[axes] == "inter-node")
+
+
+def stage_reason(found: Search) -> str:
+    """One sentence: why the best plan uses stages or not, against the best plan of the other kind (or, when
+    none of that kind fits, the closest)."""
+    if not found.pool:
+        return ""
+    best = found.pool[0]
+    staged = best.plan.stage > 1
+    other = next((e for e in found.pool if (e.plan.stage > 1) != staged), None)
+    if not staged and other is None:
+        sized = [e for e in found.rejected if e.plan.stage > 1 and e.memory is not None]
+        if not sized:
+            return "No stages: no stage count divides both the devices and the scanned layers, or the batch."
+        closest = min(sized, key=lambda e: e.memory.total)
+        return (f"No stages: no plan with stages fits (closest {closest.plan.describe()} needs "
+                f"{closest.memory.total / GIB:.1f} GiB per GPU).")
+    pipe = pipeline_of(best.plan.apply(found.config))
+    if staged and other is None:
+        sized = [e for e in found.rejected if e.plan.stage == 1 and e.memory is not None]
+        closest = min(sized, key=lambda e: e.memory.total) if sized else None
+        lacking = (f"the closest, {closest.plan.describe()}, needs {closest.memory.total / GIB:.1f} GiB per GPU"
+                   if closest else "none divides")
+        m = best.memory
+        return (f"Why stages: no plan without stages fits ({lacking}, {found.budget_bytes / GIB:.1f} GiB "
+                f"available). With {pipe.stages} stages each GPU holds 1/{pipe.stages} of the layers: parameters "
+                f"{m.params / GIB:.1f} GiB and optimizer state {m.optimizer / GIB:.1f} GiB, for a bubble of "
+                f"{pipe.bubble:.1%} ({_ms(best.timing.bubble_s)} ms).")
+    p2p = p2p_bytes(best.plan.apply(found.config) if staged else other.plan.apply(found.config))
+    with_, without = (best, other) if staged else (other, best)
+    w, wo = with_.timing, without.timing
+    verdict = "Why stages" if staged else "No stages"
+    return (f"{verdict}: the best plan with stages ({with_.plan.describe()}) takes {_ms(w.step_s)} ms against "
+            f"{_ms(wo.step_s)} ms without ({without.plan.describe()}): communication {_ms(sum(w.comm_s.values()))} "
+            f"against {_ms(sum(wo.comm_s.values()))} ms, of which across nodes {_ms(_across_nodes_s(w))} against "
+            f"{_ms(_across_nodes_s(wo))} ms (the stages pass {_mib(p2p)} MiB per microbatch), for a bubble of "
+            f"{_ms(w.bubble_s)} ms; memory {with_.memory.total / GIB:.1f} against "
+            f"{without.memory.total / GIB:.1f} GiB per GPU.")
+
+
+# what one block's forward and backward pass send (the rest of a step is the same with and without the gate)
+_OUTSIDE_BLOCKS = frozenset({"embedding lookup", "LM head input gradient", "cross-entropy max, sum and label logit",
+                             "loss scalars (LM, aux, z)", "pipeline activations"})
+
+
+def moe_layer_time(config: TrainConfig, cluster: Cluster, layout: Layout | None = None) -> Timing:
+    """Predicted seconds of one MoE block (attention and MoE FFN) over a step: its matmuls forward and backward
+    (the FLOPs of two MoE blocks less one) and the collectives of its activations, all-to-alls priced as
+    `step_time` does; its gradients' reduction, the same with and without the gate, left out."""
+    layout = layout or (config.mesh.data, config.mesh.expert, config.mesh.tensor)
+    one, two = (dataclasses.replace(config, model=dataclasses.replace(config.model, n_layers=n, moe_every=1),
+                                    mesh=dataclasses.replace(config.mesh, stage=1)) for n in (1, 2))
+    traffic = [t for t in collectives(one, layout) if t.what not in COMBINED and t.what not in _OUTSIDE_BLOCKS]
+    timing = step_time(one, cluster, layout, traffic)
+    compute = (flops_per_device(two, layout) - flops_per_device(one, layout)) / cluster.peak_flops(
+        resolve_dtype(config.model.dtype, "gpu"))
+    return dataclasses.replace(timing, compute_s=compute)
+
+
+def topology_line(config: TrainConfig, est: Estimate, cluster: Cluster) -> str:
+    """What FasterMoE's topology-aware gate with the hierarchical all-to-all would do to `est`'s step time:
+    the cost model's r (`balance.TopologyCostModel.propose_remote_fraction`) and the predicted step with and
+    without. "" for a model without experts or a plan without an expert axis."""
+    planned, layout = est.plan.apply(config), est.plan.layout
+    if not config.model.num_experts or layout[1] == 1:
+        return ""
+    if not expert_nodes(layout, config.mesh.node_size or cluster.gpus_per_node, est.plan.stage):
+        return (f"Across nodes: nodes of {cluster.gpus_per_node} GPUs split the expert axis ({layout[1]}) unevenly; "
+                "the hierarchical all-to-all needs whole runs of expert ranks per node.")
+    topo = topology_model(planned, cluster, layout)
+    if topo.nodes == 1:
+        return "Across nodes: the expert axis stays inside one node; model.a2a and model.remote_fraction change nothing."
+    r = topo.propose_remote_fraction()
+    flat = dataclasses.replace(planned, model=dataclasses.replace(planned.model, a2a="flat", remote_fraction=1.0))
+    gated = dataclasses.replace(planned, model=dataclasses.replace(planned.model, a2a="hierarchical", remote_fraction=r))
+    t_flat, t_gated = step_time(flat, cluster, layout).step_s, step_time(gated, cluster, layout).step_s
+    return (f"Across nodes: the expert axis spans {topo.nodes} nodes of {topo.node_devices} expert ranks. With "
+            f"model.a2a=hierarchical and model.remote_fraction={r:.2f} (the cost model's r: the network phase "
+            f"as long as the NVLink one at r = {topo.balanced_fraction():.3f}, floor 0.14), the step is predicted "
+            f"{_ms(t_gated)} ms against {_ms(t_flat)} ms flat ({t_flat / t_gated:.2f}x).")
 
 
 def _count(n: int) -> str:
@@ -1413,13 +1859,20 @@ def pool_table(found: Search, top: int = 5) -> str:
              f"{HEADROOM:.0%} kept free): {len(found.pool)} fit, {len(found.rejected)} rejected.")
     header = ("| rank | data | expert | tensor | dtd | remat | tile | zero | grad_accum | memory GiB | peak at "
               "| step ms | compute ms | communication ms (latency ms) |")
-    lines = [_wrap(title, indent=""), "", header,
-             "|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---|---:|---:|---:|"]
+    rule = "|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---|---:|---:|---:|"
+    staged = any(e.plan.stage > 1 for e in found.pool + found.rejected)  # searched with stages: their columns
+    if staged:
+        header, rule = header + " stage | schedule | microbatches | bubble ms |", rule + "---:|---|---:|---:|"
+    lines = [_wrap(title, indent=""), "", header, rule]
     for i, est in enumerate(found.pool[:top], 1):
         p, m, t = est.plan, est.memory, est.timing
-        lines.append(f"| {i} | {p.data} | {p.expert} | {p.tensor} | {'yes' if p.dtd else 'no'} | {p.remat} | "
-                     f"{p.tile_size or '-'} | {p.zero} | {p.grad_accum} | {m.total / GIB:,.2f} | {m.peak_at} | "
-                     f"{_ms(t.step_s)} | {_ms(t.compute_s)} | {_ms(sum(t.comm_s.values()))} ({_ms(t.latency_s)}) |")
+        row = (f"| {i} | {p.data} | {p.expert} | {p.tensor} | {'yes' if p.dtd else 'no'} | {p.remat} | "
+               f"{p.tile_size or '-'} | {p.zero} | {p.grad_accum} | {m.total / GIB:,.2f} | {m.peak_at} | "
+               f"{_ms(t.step_s)} | {_ms(t.compute_s)} | {_ms(sum(t.comm_s.values()))} ({_ms(t.latency_s)}) |")
+        if staged:
+            schedule = "-" if p.stage == 1 else f"circular x{p.repeats}" if p.repeats > 1 else "gpipe"
+            row += f" {p.stage} | {schedule} | {p.microbatches or '-'} | {_ms(t.bubble_s)} |"
+        lines.append(row)
     if found.pool:
         best = found.pool[0].timing
         lines += ["", _wrap("Communication of rank 1 by mesh axes: " + ", ".join(
@@ -1446,6 +1899,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--devices", type=int, default=None,
                         help="GPUs to plan for (default: one node of the cluster, gpus_per_node)")
     parser.add_argument("--top", type=int, default=5, help="plans to show (default 5)")
+    parser.add_argument("--stages", action="store_true",
+                        help="also search pipeline stages (mesh.stage, pipeline.*), SmartMoE's fourth axis: several "
+                        "times the plans, so slower")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of the config (not of what the planner "
                         "chooses: mesh, model.dtd, model.remat, optimizer.tile_size, optimizer.zero, data.grad_accum)")
     args = parser.parse_args(argv)
@@ -1466,13 +1922,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         missing = unmodelled_line(config)
         if missing:
             print(_wrap(missing + " (plans are ranked without them)", indent=""))
-        found = search(config, cluster, devices)
+        found = search(config, cluster, devices, stages=args.stages)
         print(pool_table(found, args.top))
         if found.rejected:
             print("Rejected:\n" + rejection_summary(found) + "\n")
         print(_wrap("Best: " + describe_estimate(found.best)))
         if len(found.pool) > 1:
             print(_wrap("Runner-up: " + describe_estimate(found.pool[1])))
+        for line in (stage_reason(found) if args.stages else "", topology_line(config, found.best, found.cluster)):
+            if line:
+                print(_wrap(line))
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

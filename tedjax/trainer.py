@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from typing import Any
 
 import jax
@@ -104,6 +105,7 @@ class Trainer:
         self._move_layer = OnMesh(jax.jit(self._move_layers, static_argnums=2, donate_argnums=0,
                                           out_shardings=self.state_shardings), mesh)
         self._move_compiled: dict[int, Any] = {}
+        self._placed: dict[str, Any] = {}  # the last placement decision's clock and loads, a move's wall time
         self._rates = None  # the shadow cost model's (tedjax.balance.Rates), resolved on first use
         self.eval_step = OnMesh(jax.jit(functools.partial(eval_step, graphdef=graphdef), out_shardings=replicated),
                                 mesh)
@@ -289,9 +291,14 @@ class Trainer:
             if self.mesh.shape["expert"] > 1 and 0 not in self._move_compiled:  # its bytes price every move
                 self._move_compiled[0] = self._move_layer.lower(state, placements, (0,)).compile()
             move_s = sum(self.move_bytes().values()) / (self.balance_rates().link_gbytes_per_s * 1e9)
+            move_s = max(move_s, self._placed.get("move_wall_s", 0.0))
+            now, last = time.perf_counter(), self._placed.get("clock")
+            step_s = (now - last[0]) / (step - last[1]) if last and step > last[1] else 0.0
             decisions = balance.decide_placements(pool_loads, placements, int(self.mesh.shape["expert"]),
                                                   cfg.balance.margin, self.shadow_cost_model(), cfg.balance.every,
-                                                  move_s)
+                                                  move_s, pools=self.pool_drops(), step_s=step_s,
+                                                  earlier_load_ne=self._placed.get("loads", [])[-2:])
+            self._placed.update(clock=(now, step), loads=[*self._placed.get("loads", [])[-1:], pool_loads])
             for d in decisions:
                 if d.adopted:
                     placements[d.layer] = d.placement
@@ -301,11 +308,27 @@ class Trainer:
                 if layer not in self._move_compiled:
                     self._move_compiled[layer] = self._move_layer.lower(state, placements, (layer,)).compile()
             for layer in moved:  # only the layers that change send their experts
+                start = time.perf_counter()
                 with jax.set_mesh(self.mesh):
-                    state = self._move_compiled[layer](state, placements)
+                    state = jax.block_until_ready(self._move_compiled[layer](state, placements))
+                self._placed["move_wall_s"] = time.perf_counter() - start  # what the next move is priced at
             done["placement"], done["move_s"] = decisions, move_s
             done["move_bytes"] = float(sum(self.move_bytes().values())) * len(moved)
         return state, done
+
+    def pool_drops(self):
+        """Static device pools' drops model for placement (`tedjax.balance.PoolDrops`); None unless
+        model.capacity_scope is "device" (dropless drops nothing: there placement saves time)."""
+        from tedjax import balance
+        from tedjax.routing import capacity
+
+        m, d = self.config.model, self.config.data
+        if m.capacity_scope != "device":
+            return None
+        group = m.group_size or d.seq_len
+        per_device = m.num_experts // int(self.mesh.shape["expert"])
+        pool_rows = per_device * capacity(group, m.num_experts, m.top_k, m.capacity_factor, m.min_capacity)
+        return balance.PoolDrops(group * m.top_k, pool_rows)
 
     def shadow_ids(self, state: TrainState) -> np.ndarray:
         """Each MoE layer's shadow experts, int `[n_moe, R]` on the host (E = an empty slot)."""

@@ -289,7 +289,8 @@ def test_only_the_layers_that_adopt_a_placement_move():
     from test_load_balance import _at, batches, run_steps, tiny_trainer
 
     trainer = tiny_trainer("model.n_layers=4", "balance.every=1", "balance.margin=0", "balance.matmul_tflops=0.001",
-                           "balance.link_gbytes_per_s=100")  # moving pays
+                           "balance.link_gbytes_per_s=100",  # moving pays
+                           "model.capacity_factor=1.0", "model.min_capacity=1")  # static pools that can drop
     state, _ = run_steps(trainer, trainer.init_state(), batches(trainer, 1))
     load = np.array([0.4, 0.3, 0.1, 0.05, 0.05, 0.04, 0.03, 0.03])
     leaf = _at(state.model_state, trainer.moe_path)["load_mean"]  # layer 0 skewed (adopts), 1 uniform (keeps)
@@ -330,3 +331,28 @@ def test_a_placement_that_does_not_pay_back_its_move_within_the_window_is_kept()
     assert not short.adopted and long.adopted
     line = balance.describe_placement(10, [short], 0.02, 2**20, 10, 11 * gain)
     assert "kept (saves" in line and "x 10 steps < a move's" in line
+
+
+def test_pool_drops_model_matches_sampled_groups():
+    """`PoolDrops.dropped`: the expected overflow of Binomial(S k, device share) counts over each device's pool,
+    against sampled routing groups."""
+    load, placement = np.array([0.3, 0.25, 0.25, 0.2]), np.array([0, 1, 2, 3])  # devices: 0.55 / 0.45
+    pools = balance.PoolDrops(choices_per_group=64, pool_rows=36)
+    counts = np.random.default_rng(0).binomial(64, [[0.55, 0.45]], size=(200_000, 2))
+    sampled = np.mean(np.maximum(counts - 36, 0).sum(axis=1)) / 64
+    assert abs(pools.dropped(load, placement, 2) - sampled) < 0.02 * sampled
+    assert pools.dropped(load, np.array([0, 2, 3, 1]), 2) < 0.6 * sampled  # 0.5 / 0.5: about half the drops
+
+
+def test_static_pools_move_only_for_drops_saved_on_the_earlier_loads_too():
+    """Under static pools a placement's gain is the drops it saves, priced at the step time; the greedy fitted to
+    the recent loads must also gain on the previous decision's loads, or the layer keeps its placement."""
+    pools = balance.PoolDrops(choices_per_group=64, pool_rows=36)
+    now, earlier = np.array([[0.3, 0.25, 0.25, 0.2]]), np.array([[0.2, 0.3, 0.25, 0.25]])
+    kw = dict(window=10, pools=pools, step_s=1.0)
+    (fresh,) = balance.decide_placements(now, np.arange(4)[None], 2, 0.02, move_s=0.01, **kw)
+    assert fresh.adopted and fresh.gain_s == pytest.approx(pools.dropped(now[0], np.arange(4), 2)
+                                                          - pools.dropped(now[0], fresh.placement, 2))
+    (priced,) = balance.decide_placements(now, np.arange(4)[None], 2, 0.02, move_s=11 * fresh.gain_s, **kw)
+    (noisy,) = balance.decide_placements(now, np.arange(4)[None], 2, 0.02, move_s=0.01, earlier_load_ne=earlier, **kw)
+    assert not priced.adopted and not noisy.adopted and noisy.gain_s < 0

@@ -252,8 +252,11 @@ def test_dropless_quick(tmp_path):
     for r in (rows["dropless"], rows["dropless f=2"]):  # the ragged rows: at least the mean, never past the buffer
         assert r["ragged_rows_expected"] * (1 - r["dropped_fraction"]) - 1e-6 <= r["ragged_rows_actual_max"]
         assert r["ragged_rows_actual_max"] <= r["ragged_rows_worst"] == r["buffer_rows"]
+    for r in (rows["dropless"], rows["dropless f=2"]):  # the CPU loop runs the routed rows' blocks, not the buffer's
+        assert 0 < r["loop_blocks"] and r["expert_flops"] < rows["cf=E/k"]["expert_flops"]
     for case in result["zipf"]["cases"]:
         assert case["verdict"] == ("PASS" if case["cut"] >= 1.3 else "MISS")
+        assert case["max_over_mean_best_placement"] <= case["max_over_mean_placed"] + 1e-9  # the exact optimum
     assert (tmp_path / "dropless.md").read_text().startswith("# Dropless MoE")
 
 

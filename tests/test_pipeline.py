@@ -222,6 +222,14 @@ def test_transformer_pipeline_sends_one_microbatch_per_iteration():
     activation_bytes = rows * small_batch()["inputs"].shape[1] * config.d_model * 4
     assert len(permutes) == 2 and all(c.result_bytes == activation_bytes for c in permutes), permutes
     assert all(c.trip_count == micro + stage - 1 for c in permutes)
+    # the planner predicts every permute of the activations, in the loop and the hand-off after it (issue 22 item 4)
+    from tedjax import plan
+
+    batch, length = small_batch()["inputs"].shape
+    planned = TrainConfig(model=config, mesh=MeshConfig(data, expert, 1, stage), pipeline=PipelineConfig(micro),
+                          data=DataConfig(source="synthetic", seq_len=length, batch_size=batch))
+    row = plan.permute_comparison(planned, compiled, mesh)
+    assert row["exact"] and row["measured_count"] == 2 * (micro + stage), row
 
 
 # ---------------------------------------------------------------- the Trainer: ZeRO-1, tiled AdamW, DTD, CAC
