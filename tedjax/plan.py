@@ -694,11 +694,17 @@ def collectives(config: TrainConfig, layout: Layout | None = None, backend: Back
     With stages (`mesh.stage`), those of one stage (`stage_view`) and the
     permutes that pass each microbatch on (`p2p_bytes`, `p2p_count`).
     """
+    return _collectives(config, layout, backend)
+
+
+def _collectives(config: TrainConfig, layout: Layout | None, backend: Backend, lanes: bool = True
+                 ) -> list[Traffic]:  # fmt: skip
+    """`collectives`; `lanes=False`: a stage's view, whose gradients the trainer reduces per pass (no lanes)."""
     layout = layout or (config.mesh.data, config.mesh.expert, config.mesh.tensor)
     pipe = pipeline_of(config)
     if pipe:
         view = stage_view(config)
-        inner = collectives(view, layout, backend)
+        inner = _collectives(view, layout, backend, lanes=False)  # no lanes with stages (NOTES.md section 3.2)
         # The embedding, head and loss run once per micro-batch, outside the schedule's passes: so do their
         # collectives and the reduction of their gradients.
         passes, accum = pipe.passes, config.data.grad_accum
@@ -787,7 +793,7 @@ def collectives(config: TrainConfig, layout: Layout | None = None, backend: Back
 
     # ---- gradients over each parameter's data-parallel group (once per step with ZeRO-1, else per micro-batch),
     # the global norm's partial sums, the all-gather of the updated ZeRO-1 shards
-    for kind, axes, nbytes, count, per_micro, what in _costs(config, layout, backend).traffic:
+    for kind, axes, nbytes, count, per_micro, what in _costs(config, layout, backend, lanes).traffic:
         add(kind, axes, nbytes, count * (accum if per_micro else 1), what)
     return out
 
@@ -810,10 +816,11 @@ class _LeafCosts:
     traffic_once: tuple = ()  # `traffic` under gradient accumulation (ZeRO-1 reduces once per step)
 
 
-def _costs(config: TrainConfig, layout: Layout, backend: Backend) -> _LeafCosts:
+def _costs(config: TrainConfig, layout: Layout, backend: Backend, lanes: bool = True) -> _LeafCosts:
+    """A config's costs; `lanes=False` for a stage's view (the trainer takes no lanes with stages)."""
     opt = config.optimizer
     costs = _leaf_costs(config.model, layout, opt.zero1, backend, opt.zero if opt.zero1 else 1, opt.tile_size > 0)
-    return dataclasses.replace(costs, traffic=costs.traffic_once) if config.data.grad_accum > 1 else costs
+    return dataclasses.replace(costs, traffic=costs.traffic_once) if lanes and config.data.grad_accum > 1 else costs
 
 
 @functools.lru_cache(maxsize=4096)
@@ -987,7 +994,7 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
     m, dc = config.model, config.data
     sz = _sizes(config, layout)
     t = sz.tensor
-    costs = _costs(config, layout, backend)
+    costs = _costs(config, layout, backend, lanes=not pipe)
     params, moments = costs.params, costs.moments
     full = costs.gathered  # float32 parameters (and gradients) in their own layout
     zero = config.optimizer.zero if config.optimizer.zero1 else 1
