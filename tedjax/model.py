@@ -1,4 +1,4 @@
-"""The TED MoE transformer: pre-norm decoder blocks, every `moe_every`-th one MoE."""
+"""The TED MoE transformer: pre-norm decoder blocks, every `moe_every`-th one MoE, stacked in units and scanned."""
 
 from __future__ import annotations
 

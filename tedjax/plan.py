@@ -775,11 +775,11 @@ def _collectives(config: TrainConfig, layout: Layout | None, backend: Backend, l
             add("all-gather", ["tensor"], gathered, accum * n_moe * 2 * passes, "DTD all-gather of slots")
         if sz.shadows:
             # FasterMoE's shadows: R experts' weights all-reduced to every device of "expert" (jnp.take of
-            # the expert-split weights: loop invariant, so once per step; again per micro-batch under full
-            # remat), their gradients all-reduced back over the batch axes; their tokens stay local.
+            # the expert-split weights inside the layer scan: once per micro-batch, again under full remat),
+            # their gradients all-reduced back over the batch axes; their tokens stay local.
             shadow_w = sz.shadows * d_model * (m.expert_d_ff // sz.tensor) * 4
             weights = 3 if swiglu else 2
-            add("all-reduce", ["expert"], shadow_w, n_moe * weights * (1 + (accum if full else 0)),
+            add("all-reduce", ["expert"], shadow_w, accum * n_moe * weights * (2 if full else 1),
                 "shadow expert weights")
             add("all-reduce", batch_axes, shadow_w, accum * n_moe * weights, "shadow expert weight gradients")
             shadow_rows = sz.shadows * sz.groups_in * sz.shadow_capacity * d_model * act_b
@@ -790,6 +790,9 @@ def _collectives(config: TrainConfig, layout: Layout | None, backend: Backend, l
         add("all-reduce", batch_axes, (1 + m.num_experts + pools) * 4, accum * n_moe,
             "router statistics (drop count, expert load, pool load)")
     add("all-reduce", batch_axes, 4, accum * (1 + 2 * n_moe), "loss scalars (LM, aux, z)")
+    node_size = config.mesh.node_size
+    if n_moe and node_size and 0 < expert_nodes(tuple(layout), node_size, config.mesh.stage) < layout[1]:
+        add("all-reduce", batch_axes, 4, accum * 2 * n_moe, "node statistics (inter-node, redirected fractions)")
 
     # ---- gradients over each parameter's data-parallel group (once per step with ZeRO-1, else per micro-batch),
     # the global norm's partial sums, the all-gather of the updated ZeRO-1 shards

@@ -236,22 +236,25 @@ def route(
         weight_gsk = weight_gsk / jnp.maximum(denom_gs1, jnp.finfo(jnp.float32).eps)
 
     me_ge = jnp.mean(probs_gse, axis=1)
-    ce_ge = jnp.mean(jax.nn.one_hot(first_choice_gs, num_experts, dtype=jnp.float32), axis=1)
+    ce_ge = jnp.mean(jax.nn.one_hot(first_choice_gs, num_experts, dtype=jnp.float32), axis=1)  # before redirects
     aux_loss = jnp.mean(num_experts * jnp.sum(me_ge * ce_ge, axis=-1))
     z_loss = jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)))
 
     choices = groups * group_size * top_k
-    expert_counts_ge = _counts_per_group(index_gsk, True, num_experts)
-    expert_load = jnp.sum(expert_counts_ge, axis=0).astype(jnp.float32) / choices
+    expert_load = jnp.sum(_counts_per_group(index_gsk, True, num_experts), axis=0).astype(jnp.float32) / choices
     pool_load = jnp.sum(_counts_per_group(pool_gsk, ~shadowed_gsk, num_pools), axis=0).astype(jnp.float32) / choices
     dropped_fraction = jnp.sum(~kept_gsk) / kept_gsk.size  # exactly 0 when nothing drops
     shadow_gain = jnp.zeros((num_experts,), jnp.float32)
     if num_shadows:
         slot_e = jnp.arange(num_experts, dtype=jnp.int32) if placement is None else placement.astype(jnp.int32)
+        expert_counts_ge = _counts_per_group(index_gsk, True, num_experts)
         shadow_gain = _shadow_gain(expert_counts_ge, slot_e // experts_per_pool, pool_cap, shadow_capacity) / choices
-    remote_gsk = jnp.take_along_axis(remote_gb, pool_gsk.reshape(groups, -1), axis=1).reshape(pool_gsk.shape)
-    internode_fraction = jnp.sum(kept_gsk & remote_gsk) / jnp.maximum(jnp.sum(kept_gsk), 1)
-    redirected_fraction = jnp.sum(redirected_gsk) / redirected_gsk.size
+    # on one node nothing crosses or is redirected: constants, so no all-reduce is spent on the statistics
+    internode_fraction = redirected_fraction = jnp.zeros((), jnp.float32)
+    if nodes > 1:
+        remote_gsk = jnp.take_along_axis(remote_gb, pool_gsk.reshape(groups, -1), axis=1).reshape(pool_gsk.shape)
+        internode_fraction = jnp.sum(kept_gsk & remote_gsk) / jnp.maximum(jnp.sum(kept_gsk), 1)
+        redirected_fraction = jnp.sum(redirected_gsk) / redirected_gsk.size
     return Routing(
         expert_index=index_gsk.astype(jnp.int32),
         pool_index=pool_gsk.astype(jnp.int32),

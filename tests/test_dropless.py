@@ -42,7 +42,7 @@ def with_balance(rest, bias_e, shadow_ids=None):
         if "router_bias" in layer["ffn"]:
             ffn = layer["ffn"]
             ffn["router_bias"] = jnp.broadcast_to(jnp.asarray(bias_e, jnp.float32), ffn["router_bias"].shape)
-            if shadow_ids is not None and ffn.get("shadow_ids", np.zeros((0, 0))).shape[-1]:  # (R = 0: no shadows)
+            if shadow_ids is not None and ffn.get("shadow_ids") is not None and ffn["shadow_ids"].shape[-1]:
                 ffn["shadow_ids"] = jnp.broadcast_to(jnp.asarray(shadow_ids, jnp.int32), ffn["shadow_ids"].shape)
     return rest
 

@@ -247,7 +247,7 @@ def test_damaged_unverified_checkpoint_gives_one_clean_error(saved, tmp_path, ta
 # ---------------------------------------------------------------- resume guards
 
 SAFE_KEYS = {"log.", "mesh.", "checkpoint.every", "checkpoint.keep", "checkpoint.async_save", "checkpoint.dir",
-             "max_bad_steps", "xla.", "optimizer.zero"}  # fmt: skip
+             "max_bad_steps", "xla.", "optimizer.zero", "model.scan_layers"}  # fmt: skip
 
 
 def _changed(value):

@@ -286,8 +286,8 @@ def test_zero1_update_gathers_parameters_over_their_data_parallel_group():
     gathers = analysis.summarize([c for c in colls if c.kind == "all-gather" and c.shape.startswith("f32")])
     # every updated shard is gathered back: non-expert params over (data, expert), expert params over data
     params = trainer.abstract_params
-    expert_bytes = sum(4 * math.prod(p.shape) // (2 * 2) for p in jax.tree.leaves(params) if p.ndim == 3 and
-                       p.shape[0] == trainer.config.model.num_experts)  # fmt: skip
+    expert_bytes = sum(4 * math.prod(p.shape) // (2 * 2) for p in jax.tree.leaves(params) if p.ndim == 4 and
+                       p.shape[1] == trainer.config.model.num_experts)  # fmt: skip  ([units, E, ...], scanned)
     assert gathers[("all-gather", ("data",))]["result_bytes"] == expert_bytes
     assert ("all-gather", ("data", "expert")) in gathers
     assert not any("expert" in axes and "data" not in axes for (_, axes) in gathers)
