@@ -184,8 +184,9 @@ def main() -> None:
                         "zero0_is_unsplit": by[0]["sharded_total"] == by[0]["unsplit_sharded_total"]})
     notes = [
         "ZeRO 1 splits Adam's two moments; ZeRO 2 also pins the gradients to those shards from each micro-batch's "
-        "reduction on (grads column: the layout each level pins; on XLA:CPU sharding propagation gives ZeRO 1's "
-        "accumulator the same shards, hence the same step figures for 1 and 2); ZeRO 3 also stores the parameters there and XLA all-gathers each "
+        "reduction on (grads column: the layout each level pins; ZeRO 1 instead sums each device's own gradients "
+        "over the micro-batches and reduces them once per step, NOTES.md section 3.2: fewer reduce bytes, more "
+        "step temp); ZeRO 3 also stores the parameters there and XLA all-gathers each "
         "where the forward and the backward use it, so its all-gather bytes grow by the parameters' size per "
         "micro-batch.",
         "Expert weights split over \"data\" (their \"expert\" axis already splits the expert dim), the rest over "

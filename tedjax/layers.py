@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from tedjax.mesh import axes_metadata, constrain
+from tedjax.mesh import MESH_AXES, axes_metadata, constrain, logical_to_spec
 
 # Outputs of collectives, saved by remat="cac" so recomputation issues none.
 COLLECTIVE_OUTPUTS = ("attn_out", "ffn_out", "moe_dispatched", "moe_expert_out", "moe_returned",
@@ -43,6 +43,57 @@ def param(
     return nnx.Param(value, **axes_metadata(logical_axes))
 
 
+# ------------------------------------------------ lanes: one gradient reduction per step (NOTES.md section 3.2)
+#
+# Under gradient accumulation `Trainer` hands the layers each weight as `[N, ...]`: N lanes, one per shard of
+# the weight's data-parallel group (split over "batch", or "expert_batch" for expert weights), all equal.
+# The helpers below split the activations' batch dim into the same N lanes, so every lane's matmul and its
+# weight gradient stay on one device: the gradient is a local partial sum, reduced once after the
+# micro-batches. A weight without the extra dim takes the ordinary path.
+
+
+def lane_einsum(spec: str, x: jax.Array, w: jax.Array, *, split: str, lanes: str = "batch") -> jax.Array:
+    """`jnp.einsum(spec, x, w)`; with lane weights `[N, *w]` the dim `split` of x and the output runs as
+    N lanes (the `lanes` logical axis), each with its own copy of the weight."""
+    ins, out = spec.split("->")
+    xs, ws = ins.split(",")
+    if w.ndim == len(ws):
+        return jnp.einsum(spec, x, w)
+    i, o = xs.index(split), out.index(split)
+    x = _split_lanes(x, i, w.shape[0], lanes)
+    y = jnp.einsum(f"{xs[:i]}Z{xs[i:]},Z{ws}->{out[:o]}Z{out[o:]}", x, w)
+    return y.reshape(*y.shape[:o], -1, *y.shape[o + 2:])
+
+
+def lane_scale(x: jax.Array, scale: jax.Array) -> jax.Array:
+    """`x * scale` over the last dim of `[B, ..., D]`; lane scales `[N, D]` each scale their lane of B."""
+    if scale.ndim == 1:
+        return x * scale
+    x = _split_lanes(x, 0, scale.shape[0], "batch")
+    return (x * scale.reshape(scale.shape[0], *(1,) * (x.ndim - 2), -1)).reshape(-1, *x.shape[2:])
+
+
+def lane_take(table: jax.Array, ids_bl: jax.Array) -> jax.Array:
+    """Rows of `table` `[V, D]` at `ids_bl` `[B, L]` -> `[B, L, D]`; lane tables `[N, V, D]` serve their lane of B."""
+    if table.ndim == 2:
+        return jnp.take(table, ids_bl, axis=0)
+    ids_nbl = _split_lanes(ids_bl, 0, table.shape[0], "batch")
+    rows = jax.vmap(lambda t, i: jnp.take(t, i, axis=0))(table, ids_nbl)
+    return rows.reshape(-1, *rows.shape[2:])
+
+
+def _split_lanes(x: jax.Array, dim: int, lanes: int, logical: str) -> jax.Array:
+    """`x` with dim `dim` reshaped to `[lanes, size / lanes]`, the lanes split over `logical`'s mesh axes
+    (a local reshape: the lanes are exactly the existing shards)."""
+    x = x.reshape(*x.shape[:dim], lanes, x.shape[dim] // lanes, *x.shape[dim + 1:])
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+        return x
+    spec = [jax.sharding.PartitionSpec.UNCONSTRAINED] * x.ndim
+    spec[dim] = logical_to_spec((logical,))[0]
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*spec))
+
+
 def fan_in_init(fan_in: int) -> Callable:
     return jax.nn.initializers.normal(stddev=fan_in**-0.5)
 
@@ -62,7 +113,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (normed * self.scale[...]).astype(x.dtype)
+        return lane_scale(normed, self.scale[...]).astype(x.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -281,20 +332,20 @@ class Attention(nnx.Module):
     def _project(self, x_bld: jax.Array, positions_l: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Queries `[B, L, H, K]`, keys and values `[B, L, H_kv, K]`, RoPE applied, heads over "tensor"."""
         dt = self.dtype
-        q_blhk = jnp.einsum("bld,dhk->blhk", x_bld, self.wq[...].astype(dt))
-        k_blhk = jnp.einsum("bld,dhk->blhk", x_bld, self.wk[...].astype(dt))
+        q_blhk = lane_einsum("bld,dhk->blhk", x_bld, self.wq[...].astype(dt), split="b")
+        k_blhk = lane_einsum("bld,dhk->blhk", x_bld, self.wk[...].astype(dt), split="b")
         if self.q_norm is not None:
             q_blhk, k_blhk = self.q_norm(q_blhk), self.k_norm(k_blhk)
         q_blhk = rope(q_blhk, self.rope_base, positions_l, self.rope_scaling)
         k_blhk = rope(k_blhk, self.rope_base, positions_l, self.rope_scaling)
-        v_blhk = jnp.einsum("bld,dhk->blhk", x_bld, self.wv[...].astype(dt))
+        v_blhk = lane_einsum("bld,dhk->blhk", x_bld, self.wv[...].astype(dt), split="b")
         # cuDNN's partitioner needs queries, keys and values split alike (batch and heads only).
         axes = ("batch", "length", "act_heads", None)
         return constrain(q_blhk, axes), constrain(k_blhk, axes), constrain(v_blhk, axes)
 
     def _output(self, out_blhk: jax.Array) -> jax.Array:
         out_blhk = constrain(out_blhk, ("batch", "length", "act_heads", None))
-        out_bld = jnp.einsum("blhk,hkd->bld", out_blhk, self.wo[...].astype(self.dtype))
+        out_bld = lane_einsum("blhk,hkd->bld", out_blhk, self.wo[...].astype(self.dtype), split="b")
         # Row-parallel output: the tensor all-reduce happens here.
         return checkpoint_name(constrain(out_bld, ("batch", "length", "act_embed")), "attn_out")
 
@@ -312,8 +363,9 @@ class DenseFFN(nnx.Module):
 
     def __call__(self, x_bld: jax.Array) -> jax.Array:
         dt = self.dtype
-        h_blf = jnp.einsum("bld,df->blf", x_bld, self.w_in[...].astype(dt))
-        gate_blf = None if self.w_gate is None else jnp.einsum("bld,df->blf", x_bld, self.w_gate[...].astype(dt))
+        h_blf = lane_einsum("bld,df->blf", x_bld, self.w_in[...].astype(dt), split="b")
+        gate_blf = (None if self.w_gate is None
+                    else lane_einsum("bld,df->blf", x_bld, self.w_gate[...].astype(dt), split="b"))
         h_blf = constrain(activate(h_blf, gate_blf), ("batch", "length", "act_ffn"))
-        out_bld = jnp.einsum("blf,fd->bld", h_blf, self.w_out[...].astype(dt))
+        out_bld = lane_einsum("blf,fd->bld", h_blf, self.w_out[...].astype(dt), split="b")
         return checkpoint_name(constrain(out_bld, ("batch", "length", "act_embed")), "ffn_out")

@@ -136,7 +136,8 @@ def expert_nodes(sizes: Sequence[int], node_size: int) -> int:
         return 1
     span, total = expert * tensor, data * expert * tensor
     integer = isinstance(node_size, (int, np.integer)) and not isinstance(node_size, bool) and node_size > 0
-    fits = integer and node_size % tensor == 0 and total % node_size == 0 and (
+    # (a node may hold several stages' meshes whole: node_size a multiple of total)
+    fits = integer and node_size % tensor == 0 and (total % node_size == 0 or node_size % total == 0) and (
         span % node_size == 0 or node_size % span == 0)
     if not fits:
         divisors = [n for n in range(tensor, total + 1, tensor)

@@ -12,7 +12,8 @@ from jax.sharding import Mesh
 
 from tedjax import pipeline as pipe
 from tedjax.config import ModelConfig, PipelineConfig, check_mesh
-from tedjax.layers import COLLECTIVE_OUTPUTS, Attention, DenseFFN, RMSNorm, RopeScaling, fan_in_init, param
+from tedjax.layers import (COLLECTIVE_OUTPUTS, Attention, DenseFFN, RMSNorm, RopeScaling, fan_in_init, lane_einsum,
+                           lane_take, param)
 from tedjax.mesh import constrain, resolve_node_size, stage_count, state_shardings
 from tedjax.moe import MoE, MoEStats
 
@@ -144,7 +145,7 @@ class Transformer(nnx.Module):
         cfg = self.config
         check_tokens(cfg, tokens_bl)  # shapes always, id range when concrete (see check_tokens)
         tokens_bl = constrain(tokens_bl, ("batch", "length"))
-        x_bld = jnp.take(self.embed[...], tokens_bl, axis=0).astype(cfg.compute_dtype)
+        x_bld = lane_take(self.embed[...], tokens_bl).astype(cfg.compute_dtype)
         x_bld = constrain(x_bld, ("batch", "length", "act_embed"))
         x_bld, all_stats = self.run_units(x_bld)
         for block in self.tail:
@@ -153,7 +154,7 @@ class Transformer(nnx.Module):
             else:
                 x_bld, _ = nnx.remat(lambda b, x: b(x), policy=REMAT_POLICIES[cfg.remat])(block, x_bld)
         x_bld = self.final_norm(x_bld)
-        logits_blv = jnp.einsum("bld,dv->blv", x_bld, self.head[...].astype(cfg.compute_dtype))
+        logits_blv = lane_einsum("bld,dv->blv", x_bld, self.head[...].astype(cfg.compute_dtype), split="b")
         logits_blv = constrain(mask_padded_vocab(cfg, logits_blv.astype(jnp.float32)), ("batch", "length", "act_vocab"))
         return logits_blv, all_stats
 

@@ -58,7 +58,7 @@ from jax.ad_checkpoint import checkpoint_name
 from tedjax import grouped
 from tedjax import ragged as ragged_lib
 from tedjax import routing as routing_lib
-from tedjax.layers import activate, fan_in_init, param
+from tedjax.layers import activate, fan_in_init, lane_einsum, param
 from tedjax.mesh import MESH_AXES, RULES, axes_metadata, axis_size, constrain, expert_nodes, logical_to_spec
 
 CAPACITY_SCOPES = ("expert", "device", "dropless")
@@ -248,7 +248,7 @@ class MoE(nnx.Module):
         router_in_gsd = x_gsd.astype(jnp.float32)
         if self.jitter_eps > 0 and not self.deterministic:
             router_in_gsd = routing_lib.apply_jitter(router_in_gsd, self.rngs.jitter(), self.jitter_eps)
-        logits_gse = jnp.einsum("gsd,de->gse", router_in_gsd, self.router[...])
+        logits_gse = lane_einsum("gsd,de->gse", router_in_gsd, self.router[...], split="g")
         capacity_factor = self.eval_capacity_factor if self.deterministic else self.capacity_factor
         expert_cap = routing_lib.capacity(group, self.num_experts, self.top_k, capacity_factor, self.min_capacity)
         pool_cap = 0
@@ -326,7 +326,7 @@ class MoE(nnx.Module):
     def _check_input(self, x_bld: jax.Array) -> None:
         """Rank, width and dtype of the input (static, so free under jit), checked before any reshape."""
         shape, dtype = tuple(getattr(x_bld, "shape", ())), getattr(x_bld, "dtype", None)
-        d_model = self.router.shape[0]
+        d_model = self.router.shape[-2]  # [D, E], or [N, D, E] as lanes (tedjax.layers.lane_einsum)
         if len(shape) != 3 or shape[-1] != d_model:
             raise ValueError(f"MoE input must have shape [batch, length, d_model={d_model}], got {shape}; "
                              "reshape the activations (a single sequence is [1, length, d_model])")
@@ -464,7 +464,11 @@ class MoE(nnx.Module):
             flat = a2a(jnp.concatenate([own.reshape(ranks, -1), remote.reshape(ranks, -1)], axis=1), groups)
             return flat[:, :own[0].size].reshape(own.shape), flat[:, own[0].size:].reshape(remote.shape)
 
+        lanes = w_in.ndim == 4  # lane weights [N, E, ...], N over "expert_batch": this device's lane is its own
+
         def local(buf, counts, w_in, w_gate, w_out):
+            if lanes:
+                w_in, w_gate, w_out = (None if w is None else w[0] for w in (w_in, w_gate, w_out))
             groups, pools, cap, d_model = buf.shape
             per_device = pools // experts
             node = jax.lax.axis_index(axis) // ranks
@@ -514,7 +518,8 @@ class MoE(nnx.Module):
             return jnp.moveaxis(out, 0, 2).reshape(groups, pools, cap, d_model)
 
         buf_spec = logical_to_spec(("batch", None, "capacity", "act_embed"))
-        in_spec, out_spec = logical_to_spec(EXPERT_IN_AXES), logical_to_spec(EXPERT_OUT_AXES)
+        lane = ("expert_batch",) if lanes else ()
+        in_spec, out_spec = logical_to_spec(lane + EXPERT_IN_AXES), logical_to_spec(lane + EXPERT_OUT_AXES)
         return jax.shard_map(
             local,
             in_specs=(buf_spec, None if counts_gqx is None else logical_to_spec(("batch", None, None)), in_spec,
@@ -617,10 +622,12 @@ class MoE(nnx.Module):
         if counts_gqx is None:
             groups, experts, cap, d_model = buf_gqpd.shape
             rows_emd = jnp.swapaxes(buf_gqpd, 0, 1).reshape(experts, groups * cap, d_model)
-            h_emf = jnp.einsum("emd,edf->emf", rows_emd, w_in)
-            gate_emf = None if w_gate is None else jnp.einsum("emd,edf->emf", rows_emd, w_gate)
+            # lane weights (NOTES.md section 3.2): the rows M = G x C split by their groups' "data" shards
+            lanes = functools.partial(lane_einsum, split="m", lanes="expert_batch")
+            h_emf = lanes("emd,edf->emf", rows_emd, w_in)
+            gate_emf = None if w_gate is None else lanes("emd,edf->emf", rows_emd, w_gate)
             h_emf = constrain(activate(h_emf, gate_emf), ("experts", "expert_batch", "act_ffn"))
-            out_emd = jnp.einsum("emf,efd->emd", h_emf, w_out)
+            out_emd = lanes("emf,efd->emd", h_emf, w_out)
             out_gqpd = jnp.swapaxes(out_emd.reshape(experts, groups, cap, d_model), 0, 1)
         else:
             out_gqpd = self._pooled_experts(buf_gqpd, counts_gqx, w_in, w_gate, w_out)
@@ -642,12 +649,17 @@ class MoE(nnx.Module):
             return ffn(buf_gqpd, counts_gqx, w_in, w_gate, w_out)
         reduce_axes = RULES["ffn"]
 
+        lanes = w_in.ndim == 4  # lane weights [N, E, ...], N over "expert_batch": this device's lane is its own
+
         def local(buf, counts, w_in, w_gate, w_out):
+            if lanes:
+                w_in, w_gate, w_out = (None if w is None else w[0] for w in (w_in, w_gate, w_out))
             out = ffn(buf, counts, w_in, w_gate, w_out)
             return out if reduce_axes is None else jax.lax.psum(out, reduce_axes)  # the FFN's all-reduce
 
         buf_spec = logical_to_spec(("expert_batch", "experts", "capacity", "act_embed"))
-        in_spec, out_spec = logical_to_spec(EXPERT_IN_AXES), logical_to_spec(EXPERT_OUT_AXES)
+        lane = ("expert_batch",) if lanes else ()
+        in_spec, out_spec = logical_to_spec(lane + EXPERT_IN_AXES), logical_to_spec(lane + EXPERT_OUT_AXES)
         return jax.shard_map(
             local,
             in_specs=(buf_spec, logical_to_spec(("expert_batch", "experts", None)), in_spec,

@@ -88,7 +88,7 @@ XLA_CHOOSES = {  # what -> op_name regex (remat wraps the router's einsum in che
     "embedding gradient": r"transpose\(jvp\(jit\(_take\)\)\)",
     "router gradient": r"transpose\(.*gsd,de->gse",
     # with ZeRO-3 the lookup's table is stored split, and XLA gathers it over the axes it picks
-    "embedding lookup": r"jvp\(jit\(_take\)\)",
+    "embedding lookup": r"jvp\((vmap\()?jit\(_take\)\)",  # vmap: the lanes' lookup (NOTES.md section 3.2)
 }
 
 
@@ -694,11 +694,17 @@ def collectives(config: TrainConfig, layout: Layout | None = None, backend: Back
     With stages (`mesh.stage`), those of one stage (`stage_view`) and the
     permutes that pass each microbatch on (`p2p_bytes`, `p2p_count`).
     """
+    return _collectives(config, layout, backend)
+
+
+def _collectives(config: TrainConfig, layout: Layout | None, backend: Backend, lanes: bool = True
+                 ) -> list[Traffic]:  # fmt: skip
+    """`collectives`; `lanes=False`: a stage's view, whose gradients the trainer reduces per pass (no lanes)."""
     layout = layout or (config.mesh.data, config.mesh.expert, config.mesh.tensor)
     pipe = pipeline_of(config)
     if pipe:
         view = stage_view(config)
-        inner = collectives(view, layout, backend)
+        inner = _collectives(view, layout, backend, lanes=False)  # no lanes with stages (NOTES.md section 3.2)
         # The embedding, head and loss run once per micro-batch, outside the schedule's passes: so do their
         # collectives and the reduction of their gradients.
         passes, accum = pipe.passes, config.data.grad_accum
@@ -788,9 +794,9 @@ def collectives(config: TrainConfig, layout: Layout | None = None, backend: Back
     if n_moe and node_size and 0 < expert_nodes(tuple(layout), node_size, config.mesh.stage) < layout[1]:
         add("all-reduce", batch_axes, 4, accum * 2 * n_moe, "node statistics (inter-node, redirected fractions)")
 
-    # ---- gradients over each parameter's data-parallel group (XLA reduces them in every micro-batch),
+    # ---- gradients over each parameter's data-parallel group (once per step with ZeRO-1, else per micro-batch),
     # the global norm's partial sums, the all-gather of the updated ZeRO-1 shards
-    for kind, axes, nbytes, count, per_micro, what in _costs(config, layout, backend).traffic:
+    for kind, axes, nbytes, count, per_micro, what in _costs(config, layout, backend, lanes).traffic:
         add(kind, axes, nbytes, count * (accum if per_micro else 1), what)
     return out
 
@@ -810,11 +816,14 @@ class _LeafCosts:
     reduced: int  # local gradient bytes reduced over a data-parallel group
     traffic: tuple  # (kind, axes, bytes, count, per micro-batch, what)
     gathered: int = 0  # float32 parameters in their own layout (what ZeRO-3 gathers for a micro-batch)
+    traffic_once: tuple = ()  # `traffic` under gradient accumulation (ZeRO-1 reduces once per step)
 
 
-def _costs(config: TrainConfig, layout: Layout, backend: Backend) -> _LeafCosts:
+def _costs(config: TrainConfig, layout: Layout, backend: Backend, lanes: bool = True) -> _LeafCosts:
+    """A config's costs; `lanes=False` for a stage's view (the trainer takes no lanes with stages)."""
     opt = config.optimizer
-    return _leaf_costs(config.model, layout, opt.zero1, backend, opt.zero if opt.zero1 else 1, opt.tile_size > 0)
+    costs = _leaf_costs(config.model, layout, opt.zero1, backend, opt.zero if opt.zero1 else 1, opt.tile_size > 0)
+    return dataclasses.replace(costs, traffic=costs.traffic_once) if lanes and config.data.grad_accum > 1 else costs
 
 
 @functools.lru_cache(maxsize=4096)
@@ -823,6 +832,7 @@ def _leaf_costs(model: ModelConfig, layout: Layout, zero1: bool, backend: Backen
     sizes = dict(zip(AXES, layout))
     batch_axes = ("data", "expert")
     counts: dict[tuple, int] = {}
+    counts_once: dict[tuple, int] = {}  # with gradient accumulation
     params = moments = reduced = gathered = 0
     per_layer: dict = {}
     for leaf in parameters(model):
@@ -848,6 +858,13 @@ def _leaf_costs(model: ModelConfig, layout: Layout, zero1: bool, backend: Backen
         entries = []
         for _ in range(model.a2a_chunks if expert_weight else 1):
             entries += _gradient_reduction(local, used, added, sizes, backend, what)
+        # ZeRO-1 under accumulation reduces each gradient once per step, after the micro-batches (its chunks'
+        # partial sums too), as TED's all-reduce whatever XLA would pick: tedjax.trainer's lanes, NOTES.md
+        # section 3.2. Not ZeRO-2/3, nor shadowed or dropless experts.
+        once = zero == 1 and not (expert_weight and (model.shadow_experts or model.capacity_scope == "dropless"))
+        gradients_once = (_gradient_reduction(local, used, added, sizes, backend, "gradient", per_micro=False)
+                          if once else list(entries))
+        n_gradients = len(entries)
         # the global norm: one partial sum per sharded dim of the optimizer-state layout
         entries += [("all-reduce", axes, 4, False, "gradient norm") for axes in state_spec]
         if not tiled:  # the untiled step's NaN guard: the update's norm, reduced as the gradient's
@@ -866,27 +883,34 @@ def _leaf_costs(model: ModelConfig, layout: Layout, zero1: bool, backend: Backen
             per_chunk = model.a2a_chunks if expert_weight and not pooled else 1
             times = (1 + again + (1 if len(leaf.shape) - stacked == 1 else 0)) * per_chunk
             entries += [("all-gather", added, local, True, "parameters (ZeRO-3)")] * times
-        for kind, axes, nbytes, per_micro, what in entries:
-            axes = tuple(a for a in AXES if a in axes and sizes[a] > 1)
-            if axes and nbytes:
-                key = (kind, axes, nbytes, per_micro, what)
-                counts[key] = counts.get(key, 0) + 1
-    traffic = tuple((k, a, b, n, pm, w) for (k, a, b, pm, w), n in counts.items())
-    return _LeafCosts(params, moments, max(per_layer.values()), reduced, traffic, gathered)
+        def keys(listed):
+            for kind, axes, nbytes, per_micro, what in listed:
+                axes = tuple(a for a in AXES if a in axes and sizes[a] > 1)
+                if axes and nbytes:
+                    yield kind, axes, nbytes, per_micro, what
+
+        rest, gradients = list(keys(entries[n_gradients:])), list(keys(entries[:n_gradients]))
+        for tally, listed in ((counts, gradients), (counts_once, list(keys(gradients_once)) if once else gradients)):
+            for key in listed + rest:
+                tally[key] = tally.get(key, 0) + 1
+    traffic, traffic_once = (tuple((k, a, b, n, pm, w) for (k, a, b, pm, w), n in tally.items())
+                             for tally in (counts, counts_once))
+    return _LeafCosts(params, moments, max(per_layer.values()), reduced, traffic, gathered, traffic_once)
 
 
-def _gradient_reduction(local: int, used: set, added: tuple, sizes: dict, backend: Backend, what: str) -> list:
+def _gradient_reduction(local: int, used: set, added: tuple, sizes: dict, backend: Backend, what: str,
+                        per_micro: bool = True) -> list:
     """A gradient's reduction over its data-parallel group: reduce-scatter into the ZeRO-1 shard on GPUs
     (all-reduce over the rest of the group), one all-reduce on XLA:CPU."""
     batch_axes = ("data", "expert")
     entries = []
     if backend == "gpu" and any(sizes[a] > 1 for a in added):
         p_added = math.prod(sizes[a] for a in added)
-        entries.append(("reduce-scatter", added, -(-local // p_added), True, what))
+        entries.append(("reduce-scatter", added, -(-local // p_added), per_micro, what))
         entries.append(("all-reduce", tuple(a for a in batch_axes if a not in used and a not in added),
-                        -(-local // p_added), True, what))
+                        -(-local // p_added), per_micro, what))
     else:
-        entries.append(("all-reduce", tuple(a for a in batch_axes if a not in used), local, True, what))
+        entries.append(("all-reduce", tuple(a for a in batch_axes if a not in used), local, per_micro, what))
     return entries
 
 
@@ -973,7 +997,7 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
     m, dc = config.model, config.data
     sz = _sizes(config, layout)
     t = sz.tensor
-    costs = _costs(config, layout, backend)
+    costs = _costs(config, layout, backend, lanes=not pipe)
     params, moments = costs.params, costs.moments
     full = costs.gathered  # float32 parameters (and gradients) in their own layout
     zero = config.optimizer.zero if config.optimizer.zero1 else 1

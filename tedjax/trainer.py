@@ -6,8 +6,10 @@ tiled) AdamW update, and a guard that skips a step whose loss or gradients are
 not finite. Evaluation, checkpoints and logging live outside it.
 
 ZeRO levels (`optimizer.zero`): 1 splits Adam's moments over each parameter's
-data-parallel group; 2 also accumulates the gradients in those shards (each
-micro-batch's reduce-scattered there); 3 also stores the parameters there
+data-parallel group, and under accumulation reduces the gradients once per
+step (each device sums its own in lanes, NOTES.md section 3.2); 2 also
+accumulates the gradients in those shards (each micro-batch's
+reduce-scattered there); 3 also stores the parameters there
 (`Trainer.param_shardings`), and XLA all-gathers each where the forward and
 the backward use it. `Trainer.model_shardings` is the layers' own layout.
 """
@@ -27,7 +29,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tedjax.config import TrainConfig, check_mesh
-from tedjax.mesh import MESH_AXES, RULES, logical_to_spec, resolve_node_size, state_shardings
+from tedjax.mesh import MESH_AXES, RULES, axis_size, logical_to_spec, resolve_node_size, stage_count, state_shardings
 from tedjax.model import Transformer, abstract_model, loss_fn, moe_path, update_balance
 from tedjax.moe import EXPERT_WEIGHTS
 from tedjax.optim import (
@@ -87,15 +89,16 @@ class Trainer:
         )
         # [grad_accum, micro_batch, L]
         self.batch_sharding = NamedSharding(mesh, logical_to_spec((None, "batch", None)))
+        # the stacked MoE variables (MoE layer k at index k of their leading "layers" axis); None without experts
+        self.moe_path = moe_path(config.model) if config.model.n_moe_layers else None
+        self.n_moe = config.model.n_moe_layers
+        self.lanes, self.lane_dims, self.lane_shardings = self._lanes()
         step_fn = functools.partial(
             train_step, graphdef=graphdef, tx=self.tx, config=config, trainer_static=self._static()
         )
         # The layers read the mesh while tracing (pools, DTD), so the steps always run under this one.
         self.train_step = OnMesh(jax.jit(step_fn, donate_argnums=0, out_shardings=(self.state_shardings, replicated)),
                                  mesh)
-        # the stacked MoE variables (MoE layer k at index k of their leading "layers" axis); None without experts
-        self.moe_path = moe_path(config.model) if config.model.n_moe_layers else None
-        self.n_moe = config.model.n_moe_layers
         self.move_experts = OnMesh(jax.jit(self._move_experts, donate_argnums=0, out_shardings=self.state_shardings),
                                    mesh)
         # one layer's move (rebalance moves only the layers that adopt a placement); compiled on first use
@@ -110,7 +113,43 @@ class Trainer:
         self.params_finite = OnMesh(jax.jit(lambda state: all_finite(state.params), out_shardings=replicated), mesh)
 
     def _static(self) -> _Static:
-        return _Static(self.mesh, self.schedule, self.zero1_shardings, self.param_shardings)
+        return _Static(self.mesh, self.schedule, self.zero1_shardings, self.param_shardings, self.lanes,
+                       self.lane_dims, self.lane_shardings)
+
+    def _lanes(self) -> tuple[dict, dict, dict]:
+        """(lanes, dims, shardings): per parameter, how many lanes accumulate its gradient locally (1: none), the
+        dim of its lane copy `[..., lanes, ...]` and that copy's sharding (NOTES.md section 3.2).
+
+        Lanes are the shards of the parameter's data-parallel group: "batch" for non-expert weights,
+        "expert_batch" for expert weights. Only ZeRO-1 under accumulation takes them: ZeRO-2/3 reduce-scatter
+        each micro-batch into their shards, so that no full gradient lives across micro-batches. Expert
+        weights of shadowed or dropless layers (their own collectives on the weights) take none, nor does any
+        weight with pipeline stages (the pipeline's vmap over stages takes the plain weights). The scanned
+        units' `[layers, ...]` weights take their lanes at dim 1, so each unit's slice is `[lanes, ...]`.
+        """
+        config, mesh = self.config, self.mesh
+        model = config.model
+        expert_lanes = not model.shadow_experts and model.capacity_scope != "dropless"
+        is_expert = _expert_weight_tree(self.abstract_params, self.moe_path)
+        off = config.data.grad_accum == 1 or config.optimizer.zero != 1 or stage_count(mesh) > 1
+
+        def lanes_of(expert: bool, sharding) -> int:
+            if off or (expert and not expert_lanes):
+                return 1
+            return axis_size(mesh, "expert_batch" if expert else "batch")
+
+        lanes = jax.tree.map(lanes_of, is_expert, self.model_shardings)
+        dims = jax.tree_util.tree_map_with_path(lambda path, _: int(path[0].key == "units"), self.abstract_params)
+
+        def lane_sharding(n, dim, expert, sharding, shape):
+            if n == 1:
+                return sharding
+            spec = list(sharding.spec) + [None] * (len(shape.shape) - len(sharding.spec))
+            spec.insert(dim, logical_to_spec(("expert_batch" if expert else "batch",))[0])
+            return NamedSharding(mesh, PartitionSpec(*spec))
+
+        shardings = jax.tree.map(lane_sharding, lanes, dims, is_expert, self.model_shardings, self.abstract_params)
+        return lanes, dims, shardings
 
     def _init(self) -> TrainState:
         config = self.config
@@ -373,6 +412,9 @@ class _Static:
     schedule: Any
     zero1_shardings: Any
     param_shardings: Any
+    lanes: Any  # per parameter: lanes of its gradient accumulation (1: none)
+    lane_dims: Any  # per parameter: the dim of its lanes (1 under the scanned units' "layers" axis, else 0)
+    lane_shardings: Any
 
 
 def _merge(graphdef, params, model_state) -> Transformer:
@@ -454,21 +496,31 @@ def train_step(
     if accum == 1:
         grads, metrics, model_state = micro_grads(state.model_state, jax.tree.map(lambda x: x[0], batch))
     else:
+        # ZeRO-1: each weight as `[lanes, ...]` copies over its data-parallel group (a local broadcast), so each
+        # lane's gradient is a local partial sum, reduced once after the loop (NOTES.md section 3.2)
+        def to_lanes(p, n, dim, sharding):
+            if n == 1:
+                return p
+            lanes = jnp.broadcast_to(jnp.expand_dims(p, dim), (*p.shape[:dim], n, *p.shape[dim:]))
+            return jax.lax.with_sharding_constraint(lanes, sharding)
+
+        accum_shardings = static.lane_shardings if zero == 1 else static.zero1_shardings
 
         def body(carry, micro):
             grads_sum, model_state, params = carry
             if zero == 3:  # a loop-variant copy: XLA would hoist the (loop-invariant) all-gathers out of the
                 params = jax.lax.optimization_barrier(params)  # loop and keep the whole model gathered
             grads, metrics, model_state = micro_grads(model_state, micro, params)
-            if zero > 1:  # each micro-batch's gradients reduce-scattered into the optimizer's shards
-                grads = jax.lax.with_sharding_constraint(grads, static.zero1_shardings)
+            # ZeRO-1: stays local in the lanes; ZeRO-2/3: reduce-scattered into the optimizer's shards
+            grads = jax.lax.with_sharding_constraint(grads, accum_shardings)
             return (jax.tree.map(jnp.add, grads_sum, grads), model_state, params), metrics
 
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        if zero > 1:  # ZeRO-2/3 accumulate in the optimizer's shards: no full gradient lives across micro-batches
-            zeros = jax.lax.with_sharding_constraint(zeros, static.zero1_shardings)
-        (grads, model_state, _), metrics = jax.lax.scan(body, (zeros, state.model_state, state.params), batch)
-        grads = jax.tree.map(lambda g: g / accum, grads)
+        params = jax.tree.map(to_lanes, state.params, static.lanes, static.lane_dims, static.lane_shardings)
+        # ZeRO-2/3 accumulate in the optimizer's shards: no full gradient lives across micro-batches
+        zeros = jax.lax.with_sharding_constraint(jax.tree.map(jnp.zeros_like, params), accum_shardings)
+        (grads, model_state, _), metrics = jax.lax.scan(body, (zeros, state.model_state, params), batch)
+        grads = jax.tree.map(lambda g, n, dim: (g if n == 1 else jnp.sum(g, axis=dim)) / accum, grads, static.lanes,
+                             static.lane_dims)
         metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
 
     # ZeRO-1: gradients in the optimizer-state layout (a reduce-scatter, not an all-reduce).

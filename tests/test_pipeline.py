@@ -239,7 +239,8 @@ def trainer_config(stage: int, data: int, expert: int, tensor: int, tmp: Path) -
     return TrainConfig(
         steps=10, model=variant(DROPS, dtd=True, remat="cac"), mesh=MeshConfig(data, expert, tensor, stage),
         optimizer=OptimizerConfig(zero=1, warmup_steps=0, tile_size=256),
-        data=DataConfig(source="synthetic", seq_len=16, batch_size=8), pipeline=PipelineConfig(microbatches=4),
+        data=DataConfig(source="synthetic", seq_len=16, batch_size=16, grad_accum=2),
+        pipeline=PipelineConfig(microbatches=4),
         log=LogConfig(dir=str(tmp)), checkpoint=CheckpointConfig(dir=str(tmp / "ckpt"), async_save=False),
     )  # fmt: skip
 
@@ -258,13 +259,14 @@ def trainers(tmp_path_factory):
 
 def step_on(trainer: Trainer, state, seed: int):
     """(state, loss) after one train step on the fixed batch `seed`."""
-    batch = {k: np.asarray(v) for k, v in small_batch(8, 16, seed=seed).items()}
+    batch = {k: np.asarray(v) for k, v in small_batch(16, 16, seed=seed).items()}
     state, metrics = trainer.train_step(state, trainer.shard_batch(batch))
     return state, float(metrics["loss"])
 
 
 def test_trainer_with_stages_zero1_tiled_dtd_cac_and_checkpoints_across_stage_counts(trainers):
-    """Stage 2 trains as 1 device does (ZeRO-1 state split over data inside each stage, tiled AdamW, DTD, CAC),
+    """Stage 2 trains as 1 device does (ZeRO-1 state split over data inside each stage, tiled AdamW, DTD, CAC,
+    two micro-batches: with stages the weights take no lanes, NOTES.md section 3.2),
     and its checkpoint after one step restores at stage 1 and at stage 4 with the same next loss."""
     _, by_stage = trainers
     losses = {}
