@@ -66,9 +66,10 @@ def test_stacked_units_keep_the_unrolled_initial_values():
 
 
 def test_layers_axis_leads_every_stacked_variable():
-    """Every variable of the units (parameters and balance state) declares "layers" first, replicated by RULES."""
+    """Every variable of the units (parameters and balance state) declares "layers" first: split over "stage"
+    by RULES, so replicated on a mesh without stages."""
     model = tedjax.model.abstract_model(DEEP)
-    assert tedjax.RULES["layers"] is None
+    assert tedjax.RULES["layers"] == "stage"
     for path, var in nnx.iter_graph(model.units):
         if isinstance(var, nnx.Variable) and not isinstance(var, nnx.RngState):
             assert var.get_metadata()["out_sharding"][0] == "layers", path
