@@ -1010,7 +1010,7 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
             + sz.shadows * m.d_model * f_t * act_b * weights) if n_moe else 0
     one_layer = attention + (moe if n_moe else dense)
     logits = 2 * sz.tokens * (m.padded_vocab // t) * 4
-    if backend == "cpu" or m.remat == "none":
+    if m.remat == "none":
         kept = m.n_layers * attention + n_dense * dense + n_moe * moe
     else:  # each scanned unit's (or tail layer's) input, plus (cac) its collectives' outputs; one unit recomputed
         units = m.n_layers // m.moe_every
