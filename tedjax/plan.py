@@ -780,6 +780,9 @@ def collectives(config: TrainConfig, layout: Layout | None = None, backend: Back
             add("all-reduce", ["tensor"], shadow_rows, accum * n_moe * (passes - 1), "shadow expert output")
             add("all-reduce", ["tensor"], shadow_rows, accum * n_moe * (2 if swiglu else 1),
                 "shadow expert input gradient")
+            # routing.Routing.shadow_gain: each group's drops a shadow would save, summed over the groups
+            # (nonlinear per group, so not derivable from the reduced loads): the shadow policy's input
+            add("all-reduce", batch_axes, m.num_experts * 4, accum * n_moe, "shadow gain statistic")
         pools = {"expert": m.num_experts, "device": sz.expert, "dropless": sz.expert}.get(getattr(m, "capacity_scope", None), 0)
         add("all-reduce", batch_axes, (1 + m.num_experts + pools) * 4, accum * n_moe,
             "router statistics (drop count, expert load, pool load)")
@@ -1010,11 +1013,14 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
             + sz.shadows * m.d_model * f_t * act_b * weights) if n_moe else 0
     one_layer = attention + (moe if n_moe else dense)
     logits = 2 * sz.tokens * (m.padded_vocab // t) * 4
+    units = m.n_layers // m.moe_every
+    unit = one_layer + (m.moe_every - 1) * (attention + dense)  # one scanned unit's activations
     if m.remat == "none":
-        kept = m.n_layers * attention + n_dense * dense + n_moe * moe
+        # the layer scan stacks every unit's residuals; on XLA:CPU the backward of a unit also holds about
+        # one unit's activations of cotangents next to them (measured: 28-41% under without it)
+        kept = m.n_layers * attention + n_dense * dense + n_moe * moe + (unit if backend == "cpu" else 0)
     else:  # each scanned unit's (or tail layer's) input, plus (cac) its collectives' outputs; one unit recomputed
-        units = m.n_layers // m.moe_every
-        kept = (m.n_layers - units * (m.moe_every - 1)) * td + one_layer + (m.moe_every - 1) * (attention + dense)
+        kept = (m.n_layers - units * (m.moe_every - 1)) * td + unit
         if m.remat == "cac":
             kept += m.n_layers * td + n_dense * td + n_moe * 3 * slot_d
     activations = kept * (pipe.in_flight if pipe else 1) + 3 * td + logits
@@ -1028,7 +1034,10 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
     # Mixed precision: the weights cast to the compute dtype are loop invariant, so XLA computes them
     # once and holds them for the whole step (on XLA:CPU as float32 copies of the rounded values).
     # Measured: the reduction's copy then does not add to the peak.
-    casts = 0 if resolve_dtype(m.dtype, backend) == "float32" else full * act_b // 4
+    # The scanned units' weights are cast inside the layer scan, one unit at a time (not hoisted out of it).
+    outside = _leaf_costs(m, layout, config.optimizer.zero1, backend, outside_only=True).gathered
+    cast_bytes = outside + (full - outside) // max(units, 1)
+    casts = 0 if resolve_dtype(m.dtype, backend) == "float32" else cast_bytes * act_b // 4
     # With accumulation XLA also slices the parameters' ZeRO-1 shards before the loop (measured).
     working = 3 * td + 4 * td_t + 2 * slot_d + casts + (moments // 2 if carry else 0)
     # ZeRO-3's gathered parameters add nothing measurable to the peak on XLA:CPU: each is gathered where a
