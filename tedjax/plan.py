@@ -1025,11 +1025,12 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
             kept += m.n_layers * td + n_dense * td + n_moe * 3 * slot_d
     activations = kept * (pipe.in_flight if pipe else 1) + 3 * td + logits
     layer_grads = costs.layer_grads
-    # Gradient accumulation keeps the running sum next to each micro-batch's gradients (ZeRO-2/3: in the
-    # optimizer's shards). The data-parallel reduction writes in place: measured on XLA:CPU, a second
+    # Gradient accumulation keeps the running sum next to each micro-batch's gradients, in the optimizer's
+    # shards (ZeRO-1 too: the step's constraint of the summed gradients to that layout reaches the loop's
+    # carry; measured on XLA:CPU). The data-parallel reduction writes in place: measured on XLA:CPU, a second
     # copy of the reduced gradients at the end of the backward pass over-predicted data-heavy layouts
     # by up to 30%.
-    carry = (moments // 2 if zero > 1 else full) if dc.grad_accum > 1 else 0
+    carry = moments // 2 if dc.grad_accum > 1 else 0
     tile = config.optimizer.tile_size
     # Mixed precision: the weights cast to the compute dtype are loop invariant, so XLA computes them
     # once and holds them for the whole step (on XLA:CPU as float32 copies of the rounded values).
