@@ -955,13 +955,14 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
     and the optimizer update (every gradient and, without the tiled
     optimizer, a second copy of the Adam moments: the step's non-finite guard
     keeps the old ones next to the new). With gradient accumulation the
-    running sum is a second set of gradients; with mixed precision the
-    weights cast to the compute dtype are held for the whole step. These
-    terms are calibrated on XLA:CPU programs (benchmarks/planner.py, within
-    10% on 56 of them). `backend="cpu"`: XLA:CPU's scheduler runs every
-    layer's recomputation at the start of the backward pass (measured: remat
-    saves nothing there), so activations count as with remat="none", in
-    float32.
+    running sum is a second set of gradients, in the optimizer's shards;
+    with mixed precision the weights cast to the compute dtype are held for
+    the whole step (the scanned units' one unit at a time). These terms are
+    calibrated on XLA:CPU programs (benchmarks/planner.py). `backend="cpu"`:
+    activations in float32; the layer scan recomputes one unit at a time
+    inside the backward loop, so remat saves there too, and without remat
+    the backward of a unit holds about one unit's activations of cotangents
+    next to the stacked residuals (measured).
 
     With stages, one stage's (`stage_view`: its layers' weights and
     optimizer state, 1/S of the layers'), whose kept activations are those
@@ -1650,7 +1651,7 @@ def dry_run(config: TrainConfig, devices: Sequence | None = None, log=print,
                            for (kind, axes), r in sorted(rows.items()))
         log(_wrap(f"{what} (partitioned by XLA's choice, not in the table): {parts_}"))
     if backend == "cpu":
-        log("(predicted for XLA:CPU: float32 activations, all-reduce instead of reduce-scatter, no remat saving)")
+        log("(predicted for XLA:CPU: float32 activations, all-reduce instead of reduce-scatter)")
     named = cluster is not None
     cluster = (cluster.with_devices(len(devices)) if named else cluster_for(devices))
     assumed = "" if named or backend == "gpu" else " (assumed for simulated CPU devices; --cluster to choose)"
