@@ -786,6 +786,9 @@ def _collectives(config: TrainConfig, layout: Layout | None, backend: Backend, l
             add("all-reduce", ["tensor"], shadow_rows, accum * n_moe * (passes - 1), "shadow expert output")
             add("all-reduce", ["tensor"], shadow_rows, accum * n_moe * (2 if swiglu else 1),
                 "shadow expert input gradient")
+            # routing.Routing.shadow_gain: each group's drops a shadow would save, summed over the groups
+            # (nonlinear per group, so not derivable from the reduced loads): the shadow policy's input
+            add("all-reduce", batch_axes, m.num_experts * 4, accum * n_moe, "shadow gain statistic")
         pools = {"expert": m.num_experts, "device": sz.expert, "dropless": sz.expert}.get(getattr(m, "capacity_scope", None), 0)
         add("all-reduce", batch_axes, (1 + m.num_experts + pools) * 4, accum * n_moe,
             "router statistics (drop count, expert load, pool load)")
@@ -976,13 +979,14 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
     and the optimizer update (every gradient and, without the tiled
     optimizer, a second copy of the Adam moments: the step's non-finite guard
     keeps the old ones next to the new). With gradient accumulation the
-    running sum is a second set of gradients; with mixed precision the
-    weights cast to the compute dtype are held for the whole step. These
-    terms are calibrated on XLA:CPU programs (benchmarks/planner.py, within
-    10% on 56 of them). `backend="cpu"`: XLA:CPU's scheduler runs every
-    layer's recomputation at the start of the backward pass (measured: remat
-    saves nothing there), so activations count as with remat="none", in
-    float32.
+    running sum is a second set of gradients, in the optimizer's shards;
+    with mixed precision the weights cast to the compute dtype are held for
+    the whole step (the scanned units' one unit at a time). These terms are
+    calibrated on XLA:CPU programs (benchmarks/planner.py). `backend="cpu"`:
+    activations in float32; the layer scan recomputes one unit at a time
+    inside the backward loop, so remat saves there too, and without remat
+    the backward of a unit holds about one unit's activations of cotangents
+    next to the stacked residuals (measured).
 
     With stages, one stage's (`stage_view`: its layers' weights and
     optimizer state, 1/S of the layers'), whose kept activations are those
@@ -1034,25 +1038,32 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
             + sz.shadows * m.d_model * f_t * act_b * weights) if n_moe else 0
     one_layer = attention + (moe if n_moe else dense)
     logits = 2 * sz.tokens * (m.padded_vocab // t) * 4
-    if backend == "cpu" or m.remat == "none":
-        kept = m.n_layers * attention + n_dense * dense + n_moe * moe
+    units = m.n_layers // m.moe_every
+    unit = one_layer + (m.moe_every - 1) * (attention + dense)  # one scanned unit's activations
+    if m.remat == "none":
+        # the layer scan stacks every unit's residuals; on XLA:CPU the backward of a unit also holds about
+        # one unit's activations of cotangents next to them (measured: 28-41% under without it)
+        kept = m.n_layers * attention + n_dense * dense + n_moe * moe + (unit if backend == "cpu" else 0)
     else:  # each scanned unit's (or tail layer's) input, plus (cac) its collectives' outputs; one unit recomputed
-        units = m.n_layers // m.moe_every
-        kept = (m.n_layers - units * (m.moe_every - 1)) * td + one_layer + (m.moe_every - 1) * (attention + dense)
+        kept = (m.n_layers - units * (m.moe_every - 1)) * td + unit
         if m.remat == "cac":
             kept += m.n_layers * td + n_dense * td + n_moe * 3 * slot_d
     activations = kept * (pipe.in_flight if pipe else 1) + 3 * td + logits
     layer_grads = costs.layer_grads
-    # Gradient accumulation keeps the running sum next to each micro-batch's gradients (ZeRO-2/3: in the
-    # optimizer's shards). The data-parallel reduction writes in place: measured on XLA:CPU, a second
+    # Gradient accumulation keeps the running sum next to each micro-batch's gradients, in the optimizer's
+    # shards (ZeRO-1 too: the step's constraint of the summed gradients to that layout reaches the loop's
+    # carry; measured on XLA:CPU). The data-parallel reduction writes in place: measured on XLA:CPU, a second
     # copy of the reduced gradients at the end of the backward pass over-predicted data-heavy layouts
     # by up to 30%.
-    carry = (moments // 2 if zero > 1 else full) if dc.grad_accum > 1 else 0
+    carry = moments // 2 if dc.grad_accum > 1 else 0
     tile = config.optimizer.tile_size
     # Mixed precision: the weights cast to the compute dtype are loop invariant, so XLA computes them
     # once and holds them for the whole step (on XLA:CPU as float32 copies of the rounded values).
     # Measured: the reduction's copy then does not add to the peak.
-    casts = 0 if resolve_dtype(m.dtype, backend) == "float32" else full * act_b // 4
+    # The scanned units' weights are cast inside the layer scan, one unit at a time (not hoisted out of it).
+    outside = _leaf_costs(m, layout, config.optimizer.zero1, backend, outside_only=True).gathered
+    cast_bytes = outside + (full - outside) // max(units, 1)
+    casts = 0 if resolve_dtype(m.dtype, backend) == "float32" else cast_bytes * act_b // 4
     # With accumulation XLA also slices the parameters' ZeRO-1 shards before the loop (measured).
     working = 3 * td + 4 * td_t + 2 * slot_d + casts + (moments // 2 if carry else 0)
     # ZeRO-3's gathered parameters add nothing measurable to the peak on XLA:CPU: each is gathered where a
@@ -1664,7 +1675,7 @@ def dry_run(config: TrainConfig, devices: Sequence | None = None, log=print,
                            for (kind, axes), r in sorted(rows.items()))
         log(_wrap(f"{what} (partitioned by XLA's choice, not in the table): {parts_}"))
     if backend == "cpu":
-        log("(predicted for XLA:CPU: float32 activations, all-reduce instead of reduce-scatter, no remat saving)")
+        log("(predicted for XLA:CPU: float32 activations, all-reduce instead of reduce-scatter)")
     named = cluster is not None
     cluster = (cluster.with_devices(len(devices)) if named else cluster_for(devices))
     assumed = "" if named or backend == "gpu" else " (assumed for simulated CPU devices; --cluster to choose)"
