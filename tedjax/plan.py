@@ -1055,7 +1055,10 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
     # carry; measured on XLA:CPU). The data-parallel reduction writes in place: measured on XLA:CPU, a second
     # copy of the reduced gradients at the end of the backward pass over-predicted data-heavy layouts
     # by up to 30%.
-    carry = moments // 2 if dc.grad_accum > 1 else 0
+    # With lanes (ZeRO-1, no stages: one reduction per step, NOTES.md section 3.2) each device sums its own
+    # lane's gradients, a full copy in each parameter's own layout, until the one reduction after the loop.
+    lanes = not pipe and config.optimizer.zero1 and config.optimizer.zero == 1
+    carry = (full if lanes else moments // 2) if dc.grad_accum > 1 else 0
     tile = config.optimizer.tile_size
     # Mixed precision: the weights cast to the compute dtype are loop invariant, so XLA computes them
     # once and holds them for the whole step (on XLA:CPU as float32 copies of the rounded values).
