@@ -163,7 +163,7 @@ def predicted_bytes(config: TrainConfig, layout) -> dict[str, float]:
 
     # Gradients over each parameter's DP group: ZeRO-1 reduce-scatters them over the axes it adds
     # to the state's spec and all-gathers the update back; the rest of the group all-reduces.
-    sizes = {"data": data, "expert": expert, "tensor": tensor}
+    sizes = {"stage": 1, "data": data, "expert": expert, "tensor": tensor}
     mesh = type("MeshShape", (), {"shape": sizes})()
     _, abstract = nnx.split(tedjax.model.abstract_model(m))
     for var in jax.tree.leaves(abstract, is_leaf=lambda x: isinstance(x, nnx.Variable)):
