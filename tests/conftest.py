@@ -36,7 +36,9 @@ tedjax.host.reuse_freed_host_memory()  # as train.py does on CPU
 # (xdist's default order, most tests first, started the 137 s file near the end.) Unlisted files follow in
 # their usual order; a file that grows past ~60 s belongs here.
 HEAVY_FILES = {"test_perf_benchmarks_quick.py": 137, "test_ted_optimizations.py": 109, "test_plan.py": 108,
-               "test_faults.py": 79, "test_notebooks.py": 72, "test_zero.py": 64}
+               "test_faults.py": 79, "test_notebooks.py": 72, "test_dropless.py": 70, "test_zero.py": 64,
+               "test_pipeline.py": 52, "test_balance_decisions.py": 40, "test_scan.py": 30,
+               "test_one_reduction.py": 25}
 
 
 def pytest_configure(config):
