@@ -88,6 +88,17 @@ def expert_grads_in_logical_order(grads: dict, placement) -> dict:
     return grads
 
 
+def assert_placed_run_matches(loss, grads, metrics, placement, reference) -> None:
+    """A placed run's (loss, grads, metrics) equal the unplaced `reference` (loss, grads, metrics) with nothing
+    dropped: loss and gradients (expert ones back in logical order) to 1e-5, expert loads to 1e-6."""
+    ref_loss, ref_grads, ref_metrics = reference
+    grads = expert_grads_in_logical_order(jax.tree.map(np.asarray, grads), placement)
+    assert float(np.max(metrics["dropped_fraction"])) == 0.0
+    assert abs(float(loss) - ref_loss) < 1e-5 * max(1.0, abs(ref_loss))
+    assert max_abs_diff(grads, ref_grads) < 1e-5
+    np.testing.assert_allclose(metrics["expert_load"], ref_metrics["expert_load"], atol=1e-6)
+
+
 def variant(config: tedjax.ModelConfig, **changes) -> tedjax.ModelConfig:
     return dataclasses.replace(config, **changes)
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 from reference import (
+    assert_placed_run_matches,
     FACTORIZATIONS,
     SMALL,
-    expert_grads_in_logical_order,
     placed_grad_fn,
     max_abs_diff,
     one_device_mesh,
@@ -113,14 +113,8 @@ def test_dropless_matches_one_device(references, name, features, layout):
     with jax.set_mesh(mesh):
         batch = jax.device_put(small_batch(), tedjax.mesh.named_sharding(mesh, ("batch", None)))
         for i, bias in enumerate(SKEWS):
-            ref_loss, ref_grads, ref_metrics = references[name, i]
             loss, grads, metrics = fn(params, with_balance(rest, bias, SHADOW_SETS[i]), batch)
-            grads = jax.tree.map(np.asarray, grads)
-            expert_grads_in_logical_order(grads, placement)
-            assert float(np.max(metrics["dropped_fraction"])) == 0.0
-            assert abs(float(loss) - ref_loss) < 1e-5 * max(1.0, abs(ref_loss))
-            assert max_abs_diff(grads, ref_grads) < 1e-5
-            np.testing.assert_allclose(metrics["expert_load"], ref_metrics["expert_load"], atol=1e-6)
+            assert_placed_run_matches(loss, grads, metrics, placement, references[name, i])
             # every choice is a row of exactly one device; with no shadow, its pool's (the device load)
             np.testing.assert_allclose(metrics["device_rows"].sum(-1), 1.0, atol=1e-6)
             if features != "shadows+chunks":
