@@ -121,25 +121,29 @@ class Trainer:
         dim of its lane copy `[..., lanes, ...]` and that copy's sharding (NOTES.md section 3.2).
 
         Lanes are the shards of the parameter's data-parallel group: "batch" for non-expert weights,
-        "expert_batch" for expert weights. Only ZeRO-1 under accumulation takes them: ZeRO-2/3 reduce-scatter
-        each micro-batch into their shards, so that no full gradient lives across micro-batches. Expert
-        weights of shadowed or dropless layers (their own collectives on the weights) take none, nor does any
-        weight with pipeline stages (the pipeline's vmap over stages takes the plain weights). The scanned
-        units' `[layers, ...]` weights take their lanes at dim 1, so each unit's slice is `[lanes, ...]`.
+        "expert_batch" for expert weights. ZeRO-1 under accumulation gives them to every weight: ZeRO-2/3
+        reduce-scatter each micro-batch into their shards, so that no full gradient lives across micro-batches.
+        With pipeline stages the scanned units' weights take them at every ZeRO level and `grad_accum`: the
+        schedule's iterations are an accumulation loop of their own (ZeRO-2/3 sum the lanes once per
+        micro-batch). Expert weights of shadowed or dropless layers (their own collectives on the weights)
+        take none. The scanned units' `[layers, ...]` weights take their lanes at dim 1, so each unit's slice
+        is `[lanes, ...]`.
         """
         config, mesh = self.config, self.mesh
         model = config.model
         expert_lanes = not model.shadow_experts and model.capacity_scope != "dropless"
         is_expert = _expert_weight_tree(self.abstract_params, self.moe_path)
-        off = config.data.grad_accum == 1 or config.optimizer.zero != 1 or stage_count(mesh) > 1
+        off = config.data.grad_accum == 1 or config.optimizer.zero != 1
+        dims = jax.tree_util.tree_map_with_path(lambda path, _: int(path[0].key == "units"), self.abstract_params)
+        # the pipeline would otherwise reduce the units' gradients in each of its R M + S - 1 iterations
+        staged = stage_count(mesh) > 1
 
-        def lanes_of(expert: bool, sharding) -> int:
-            if off or (expert and not expert_lanes):
+        def lanes_of(expert: bool, dim: int) -> int:
+            if (off and not (staged and dim == 1)) or (expert and not expert_lanes):
                 return 1
             return axis_size(mesh, "expert_batch" if expert else "batch")
 
-        lanes = jax.tree.map(lanes_of, is_expert, self.model_shardings)
-        dims = jax.tree_util.tree_map_with_path(lambda path, _: int(path[0].key == "units"), self.abstract_params)
+        lanes = jax.tree.map(lanes_of, is_expert, dims)
 
         def lane_sharding(n, dim, expert, sharding, shape):
             if n == 1:
@@ -493,17 +497,24 @@ def train_step(
         return grads, metrics, model_state
 
     accum, zero = batch["inputs"].shape[0], config.optimizer.zero
-    if accum == 1:
-        grads, metrics, model_state = micro_grads(state.model_state, jax.tree.map(lambda x: x[0], batch))
-    else:
-        # ZeRO-1: each weight as `[lanes, ...]` copies over its data-parallel group (a local broadcast), so each
-        # lane's gradient is a local partial sum, reduced once after the loop (NOTES.md section 3.2)
-        def to_lanes(p, n, dim, sharding):
-            if n == 1:
-                return p
-            lanes = jnp.broadcast_to(jnp.expand_dims(p, dim), (*p.shape[:dim], n, *p.shape[dim:]))
-            return jax.lax.with_sharding_constraint(lanes, sharding)
 
+    # ZeRO-1: each weight as `[lanes, ...]` copies over its data-parallel group (a local broadcast), so each
+    # lane's gradient is a local partial sum, reduced once after the loop (NOTES.md section 3.2)
+    def to_lanes(p, n, dim, sharding):
+        if n == 1:
+            return p
+        lanes = jnp.broadcast_to(jnp.expand_dims(p, dim), (*p.shape[:dim], n, *p.shape[dim:]))
+        return jax.lax.with_sharding_constraint(lanes, sharding)
+
+    def sum_lanes(grads):
+        return jax.tree.map(lambda g, n, dim: g if n == 1 else jnp.sum(g, axis=dim), grads, static.lanes,
+                            static.lane_dims)
+
+    params = jax.tree.map(to_lanes, state.params, static.lanes, static.lane_dims, static.lane_shardings)
+    if accum == 1:  # (lanes only with pipeline stages: the schedule's iterations accumulate in them)
+        grads, metrics, model_state = micro_grads(state.model_state, jax.tree.map(lambda x: x[0], batch), params)
+        grads = sum_lanes(grads)
+    else:
         accum_shardings = static.lane_shardings if zero == 1 else static.zero1_shardings
 
         def body(carry, micro):
@@ -511,16 +522,17 @@ def train_step(
             if zero == 3:  # a loop-variant copy: XLA would hoist the (loop-invariant) all-gathers out of the
                 params = jax.lax.optimization_barrier(params)  # loop and keep the whole model gathered
             grads, metrics, model_state = micro_grads(model_state, micro, params)
+            if zero != 1:  # (the pipeline's lanes, summed per micro-batch)
+                grads = sum_lanes(grads)
             # ZeRO-1: stays local in the lanes; ZeRO-2/3: reduce-scattered into the optimizer's shards
             grads = jax.lax.with_sharding_constraint(grads, accum_shardings)
             return (jax.tree.map(jnp.add, grads_sum, grads), model_state, params), metrics
 
-        params = jax.tree.map(to_lanes, state.params, static.lanes, static.lane_dims, static.lane_shardings)
         # ZeRO-2/3 accumulate in the optimizer's shards: no full gradient lives across micro-batches
-        zeros = jax.lax.with_sharding_constraint(jax.tree.map(jnp.zeros_like, params), accum_shardings)
+        zeros = jax.lax.with_sharding_constraint(jax.tree.map(jnp.zeros_like, params if zero == 1 else state.params),
+                                                 accum_shardings)
         (grads, model_state, _), metrics = jax.lax.scan(body, (zeros, state.model_state, params), batch)
-        grads = jax.tree.map(lambda g, n, dim: (g if n == 1 else jnp.sum(g, axis=dim)) / accum, grads, static.lanes,
-                             static.lane_dims)
+        grads = jax.tree.map(lambda g: g / accum, sum_lanes(grads) if zero == 1 else grads)
         metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
 
     # ZeRO-1: gradients in the optimizer-state layout (a reduce-scatter, not an all-reduce).

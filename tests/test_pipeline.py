@@ -286,3 +286,16 @@ def test_trainer_with_stages_zero1_tiled_dtd_cac_and_checkpoints_across_stage_co
             reader.close()
         assert meta["step"] == 1
         assert step_on(by_stage[stage], restored, 1)[1] == pytest.approx(losses[2][1], rel=2e-5), stage
+
+
+def test_stage_weight_gradients_are_reduced_once_per_step_not_per_iteration(trainers):
+    """The units' weights take lanes with stages (NOTES.md section 3.2): inside the schedule's loop no gradient
+    is reduced over the data-parallel axes, only the MoE statistics, smaller than the smallest weight."""
+    trainer = trainers[1][2]
+    compiled = trainer.lower_train_step().compile()
+    accum = trainer.config.data.grad_accum
+    smallest = min(int(np.prod(s.shard_shape(a.shape))) * 4 for a, s in zip(
+        jax.tree.leaves(trainer.abstract_params["units"]), jax.tree.leaves(trainer.model_shardings["units"])))
+    in_schedule = [c for c in analysis.collectives(compiled, trainer.mesh)
+                   if not c.trivial and (c.trip_count or 0) > accum and {"data", "expert"} & set(c.axes)]
+    assert in_schedule and all(c.result_bytes < smallest for c in in_schedule), (smallest, in_schedule)
