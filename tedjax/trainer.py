@@ -28,6 +28,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from tedjax import pipeline as pipe
 from tedjax.config import TrainConfig, check_mesh
 from tedjax.mesh import MESH_AXES, RULES, axis_size, logical_to_spec, resolve_node_size, stage_count, state_shardings
 from tedjax.model import Transformer, abstract_model, loss_fn, moe_path, update_balance
@@ -61,8 +62,12 @@ class Trainer:
         self.config, self.mesh = config, mesh
         check_mesh(config.model, mesh, config.data.micro_batch_size, config.data.seq_len)
         self.node_size = resolve_node_size(mesh, config.mesh.node_size)  # refuses a bad one before compiling
-        graphdef, abstract_params, abstract_rest = nnx.split(
-            abstract_model(config.model, config.seed, config.pipeline, self.node_size), nnx.Param, ...)
+        abstract = abstract_model(config.model, config.seed, config.pipeline, self.node_size)
+        # the order the state keeps its stacked units in: the circular schedule's stage-major order, so that no
+        # step moves weights; checkpoints, placements and balance values are read and written in logical order
+        self.units_order = abstract.units_order = pipe.stored_order(stage_count(mesh), config.pipeline.schedule,
+                                                                    config.pipeline.repeats)
+        graphdef, abstract_params, abstract_rest = nnx.split(abstract, nnx.Param, ...)
         self.graphdef = graphdef
         self.model_shardings = nnx.to_pure_dict(state_shardings(abstract_params, mesh))  # the layers' own layout
         self.abstract_params = jax.tree.map(
@@ -159,9 +164,19 @@ class Trainer:
         config = self.config
         model = Transformer(config.model, rngs=nnx.Rngs(config.seed), node_size=self.node_size)
         _, params, rest = nnx.split(model, nnx.Param, ...)
-        params = nnx.to_pure_dict(params)
+        params, rest = (pipe.reorder_units(nnx.to_pure_dict(t), (1, 1), self.units_order) for t in (params, rest))
         zero = jnp.zeros((), jnp.int32)
-        return TrainState(zero, params, self.tx.init(params), nnx.to_pure_dict(rest), zero, zero)
+        return TrainState(zero, params, self.tx.init(params), rest, zero, zero)
+
+    def stored_units(self, tree: Any) -> Any:
+        """A state (or params) tree in logical order -> in the state's stored order (`units_order`), in the same
+        shardings: once, at restore or import (a permutation of the units over "stage" with the circular
+        schedule; the identity otherwise)."""
+        return pipe.reorder_state(tree, (1, 1), self.units_order)
+
+    def logical_units(self, tree: Any) -> Any:
+        """`stored_units`' inverse: the state's units in logical order (what checkpoints and Hugging Face hold)."""
+        return pipe.reorder_state(tree, self.units_order, (1, 1))
 
     def init_state(self) -> TrainState:
         """A fresh state, created directly in its shardings (no unsharded copy)."""
@@ -188,7 +203,8 @@ class Trainer:
         on the host."""
         if self.moe_path is None:
             return np.zeros((0,))
-        return np.array(_at(state.model_state, self.moe_path)[name])  # a writable host copy
+        return np.array(pipe.to_logical(np.asarray(_at(state.model_state, self.moe_path)[name]),
+                                        *self.units_order))  # a writable host copy, MoE layers in logical order
 
     def _move_experts(self, state: TrainState, placement_ne: jax.Array) -> TrainState:
         """Adopt new placements `[n_moe, E]`: permute every expert weight AND its Adam moments (every layer;
@@ -207,10 +223,11 @@ class Trainer:
         perms = {}
         model_state = jax.tree.map(lambda x: x, state.model_state)
         balance = _at(model_state, self.moe_path)
-        for layer in layers:  # index `layer` of the stacked MoE variables' leading "layers" axis
-            old_e, new_e = balance["placement"][layer], placement_ne[layer].astype(jnp.int32)
-            perms[layer] = old_e[jnp.argsort(new_e)]  # new slot -> the slot its expert leaves
-            balance["placement"] = balance["placement"].at[layer].set(new_e)
+        for layer in layers:  # at its slot of the stacked MoE variables' leading "layers" axis
+            unit = pipe.storage_slot(layer, self.n_moe, self.units_order)
+            old_e, new_e = balance["placement"][unit], placement_ne[layer].astype(jnp.int32)
+            perms[unit] = old_e[jnp.argsort(new_e)]  # new slot -> the slot its expert leaves
+            balance["placement"] = balance["placement"].at[unit].set(new_e)
         is_expert = _expert_weight_tree(state.params, self.moe_path)
         opt_is_expert = optax.tree_map_params(self.tx, lambda _, flag: flag, state.opt_state, is_expert,
                                               transform_non_params=lambda _: False)
@@ -342,7 +359,8 @@ class Trainer:
         """A copy of `state` with each MoE layer's `name` replaced (same sharding, so nothing recompiles)."""
         model_state = jax.tree.map(lambda x: x, state.model_state)
         balance = _at(model_state, self.moe_path)
-        balance[name] = jax.device_put(np.asarray(values_n, balance[name].dtype), balance[name].sharding)
+        values_n = np.asarray(pipe.to_stage_major(np.asarray(values_n, balance[name].dtype), *self.units_order))
+        balance[name] = jax.device_put(values_n, balance[name].sharding)
         return dataclasses.replace(state, model_state=model_state)
 
     def move_bytes(self) -> dict[str, float]:
