@@ -323,3 +323,47 @@ def test_stage_weights_stay_put_and_their_gradients_are_reduced_once_per_step(tr
     assert all(c.result_bytes in (microbatch, activations) or c.sent_bytes < smallest for c in staged), staged
     in_schedule = [c for c in found if (c.trip_count or 0) > data.grad_accum and {"data", "expert"} & set(c.axes)]
     assert in_schedule and all(c.result_bytes < smallest for c in in_schedule), (smallest, in_schedule)
+
+
+def test_a_placement_move_with_stages_moves_the_right_layer_and_keeps_the_loss(trainers):
+    """`Trainer.move_experts`-style move of MoE layer 1 on the circular stage-2 state, whose units are stored
+    stage-major (layer 1 at slot 2): that layer's experts and placement move, no other; the loss is unchanged."""
+    trainer = trainers[1][2]
+    state = trainer.init_state()
+    before = jax.tree.map(np.asarray, trainer.logical_units(state.params))
+    loss = step_on(trainer, trainer.init_state(), 0)[1]
+    placements = trainer.placements(state)
+    placements[1] = np.roll(placements[1], 3)  # expert e to slot placements[1][e]
+    moved = trainer._move_layer(state, jax.numpy.asarray(placements), (1,))
+    np.testing.assert_array_equal(trainer.placements(moved), placements)
+    after = jax.tree.map(np.asarray, trainer.logical_units(moved.params))
+    w_in = [t["units"]["blocks"][0]["ffn"]["w_in"] for t in (before, after)]  # [layers, E (by slot), D, F]
+    np.testing.assert_array_equal(w_in[1][1], w_in[0][1][np.argsort(placements[1])])
+    np.testing.assert_array_equal(np.delete(w_in[1], 1, axis=0), np.delete(w_in[0], 1, axis=0))
+    assert step_on(trainer, moved, 0)[1] == pytest.approx(loss, rel=2e-5)
+
+
+HF_MIXTRAL = Path(__file__).resolve().parent / "fixtures" / "hf" / "mixtral"
+
+
+def test_hf_load_onto_a_mesh_with_stages():
+    """tedjax.hf.load onto (stage, data, expert, tensor) = (2, 2, 2, 1): each unit's weights on its stage, and the
+    logits equal transformers' (the model has no pipeline config: its scan gathers each unit from its stage, as
+    generation does)."""
+    from flax import nnx
+
+    from tedjax import hf
+
+    mesh = tedjax.make_mesh(2, 2, 1, stage=2)
+    _, model = hf.load(HF_MIXTRAL, mesh)
+    assert model.units.blocks[0].attn.wq[...].sharding.spec[0] == "stage"
+    gold = dict(np.load(HF_MIXTRAL.parent / "mixtral_golden.npz"))
+    rows = gold["input_ids"].shape[0]
+    model.eval()
+    graphdef, state = nnx.split(model)
+    with jax.set_mesh(mesh):
+        tokens = jax.device_put(np.tile(gold["input_ids"], (8 // rows, 1)).astype(np.int32),
+                                named_sharding(mesh, ("batch", None)))
+        logits = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)[0])(state, tokens)
+    error = np.max(np.abs(np.asarray(logits)[:rows] - gold["logits"]))
+    assert error <= 1e-4 * np.max(np.abs(gold["logits"])), error
