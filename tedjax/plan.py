@@ -265,9 +265,6 @@ def unmodelled(config: TrainConfig, backend: Backend = "gpu") -> list[str]:
         # embedding and the head (outside the pipeline) over "stage" is not known until a compiled program
         out.append(f"mesh.stage={config.mesh.stage} (the embedding's and head's collectives, and the MoE "
                    "statistics' moves, over the stage axis)")
-        if config.pipeline.schedule == "circular" and config.pipeline.repeats > 1:
-            # the train state is kept in logical order: each step permutes it to stage-major order
-            out.append("pipeline.schedule=circular (the weights' move to stage-major order every step)")
     return out
 
 
