@@ -1037,15 +1037,21 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
     logits = 2 * sz.tokens * (m.padded_vocab // t) * 4
     units = m.n_layers // m.moe_every
     unit = one_layer + (m.moe_every - 1) * (attention + dense)  # one scanned unit's activations
+    # `kept` is stored per pass of the layers (with stages: for every iteration's microbatch, `in_flight`);
+    # `once` is a working set that exists one unit at a time, in flight or not (measured with stages: taking
+    # it per iteration over-predicted full remat 2.2x, remat none 6-10%)
     if m.remat == "none":
         # the layer scan stacks every unit's residuals; on XLA:CPU the backward of a unit also holds about
         # one unit's activations of cotangents next to them (measured: 28-41% under without it)
-        kept = m.n_layers * attention + n_dense * dense + n_moe * moe + (unit if backend == "cpu" else 0)
+        kept, once = m.n_layers * attention + n_dense * dense + n_moe * moe, (unit if backend == "cpu" else 0)
     else:  # each scanned unit's (or tail layer's) input, plus (cac) its collectives' outputs; one unit recomputed
-        kept = (m.n_layers - units * (m.moe_every - 1)) * td + unit
+        kept, once = (m.n_layers - units * (m.moe_every - 1)) * td, unit
         if m.remat == "cac":
             kept += m.n_layers * td + n_dense * td + n_moe * 3 * slot_d
-    activations = kept * (pipe.in_flight if pipe else 1) + 3 * td + logits
+    activations = kept * (pipe.in_flight if pipe else 1) + once + 3 * td + logits
+    if pipe:  # the head and loss run on the whole micro-batch, M microbatches; the schedule's buffer of the M
+        # microbatches (stage 0's inputs, then outputs) and its cotangent
+        activations += (3 * td + logits) * (pipe.microbatches - 1) + 2 * pipe.microbatches * td
     layer_grads = costs.layer_grads
     # Gradient accumulation keeps the running sum next to each micro-batch's gradients, in the optimizer's
     # shards (ZeRO-1 too: the step's constraint of the summed gradients to that layout reaches the loop's
