@@ -702,16 +702,16 @@ def _collectives(config: TrainConfig, layout: Layout | None, backend: Backend, l
     if pipe:
         view = stage_view(config)
         # With stages the units' weights take gradient lanes (NOTES.md section 3.2): ZeRO-1 reduces every
-        # gradient once per step, ZeRO-2/3 once per micro-batch, not once per pass of the schedule.
+        # gradient once per step, ZeRO-2 once per micro-batch; ZeRO-3 (no lanes) once per pass of the schedule.
         opt = view.optimizer
-        once = opt.zero1 and opt.zero == 1
-        inner = _collectives(view, layout, backend, lanes=once)
+        zero = opt.zero if opt.zero1 else 1
+        inner = _collectives(view, layout, backend, lanes=zero == 1)
         # The embedding, head and loss run once per micro-batch, outside the schedule's passes: so do their
-        # collectives and the reduction of their gradients (ZeRO-2/3: every gradient's).
+        # collectives and the reduction of their gradients (ZeRO-2: every gradient's).
         passes, accum = pipe.passes, config.data.grad_accum
         fewer: dict = {}
-        costs = _leaf_costs(view.model, layout, opt.zero1, backend, opt.zero if opt.zero1 else 1, opt.tile_size > 0,
-                            outside_only=once)
+        costs = _leaf_costs(view.model, layout, opt.zero1, backend, zero, opt.tile_size > 0, outside_only=zero != 2)
+        once = zero == 1
         for kind, axes, nbytes, count, per_micro, what in (costs.traffic_once if once else costs.traffic):
             key = (kind, tuple(a for a in AXES if a in axes and dict(zip(AXES, layout))[a] > 1), nbytes, what)
             fewer[key] = fewer.get(key, 0) + (count * accum * (passes - 1) if per_micro else 0)

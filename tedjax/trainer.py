@@ -128,9 +128,9 @@ class Trainer:
         Lanes are the shards of the parameter's data-parallel group: "batch" for non-expert weights,
         "expert_batch" for expert weights. ZeRO-1 under accumulation gives them to every weight: ZeRO-2/3
         reduce-scatter each micro-batch into their shards, so that no full gradient lives across micro-batches.
-        With pipeline stages the scanned units' weights take them at every ZeRO level and `grad_accum`: the
-        schedule's iterations are an accumulation loop of their own (ZeRO-2/3 sum the lanes once per
-        micro-batch). Expert weights of shadowed or dropless layers (their own collectives on the weights)
+        With pipeline stages the scanned units' weights take them under ZeRO-1 and 2 at every `grad_accum`: the
+        schedule's iterations are an accumulation loop of their own (ZeRO-2 sums the lanes once per
+        micro-batch; ZeRO-3 takes none, since lanes would hold its weights gathered for the whole step). Expert weights of shadowed or dropless layers (their own collectives on the weights)
         take none. The scanned units' `[layers, ...]` weights take their lanes at dim 1, so each unit's slice
         is `[lanes, ...]`.
         """
@@ -141,7 +141,7 @@ class Trainer:
         off = config.data.grad_accum == 1 or config.optimizer.zero != 1
         dims = jax.tree_util.tree_map_with_path(lambda path, _: int(path[0].key == "units"), self.abstract_params)
         # the pipeline would otherwise reduce the units' gradients in each of its R M + S - 1 iterations
-        staged = stage_count(mesh) > 1
+        staged = stage_count(mesh) > 1 and config.optimizer.zero != 3
 
         def lanes_of(expert: bool, dim: int) -> int:
             if (off and not (staged and dim == 1)) or (expert and not expert_lanes):
@@ -540,7 +540,7 @@ def train_step(
             if zero == 3:  # a loop-variant copy: XLA would hoist the (loop-invariant) all-gathers out of the
                 params = jax.lax.optimization_barrier(params)  # loop and keep the whole model gathered
             grads, metrics, model_state = micro_grads(model_state, micro, params)
-            if zero != 1:  # (the pipeline's lanes, summed per micro-batch)
+            if zero != 1:  # (ZeRO-2: the pipeline's lanes, summed per micro-batch)
                 grads = sum_lanes(grads)
             # ZeRO-1: stays local in the lanes; ZeRO-2/3: reduce-scattered into the optimizer's shards
             grads = jax.lax.with_sharding_constraint(grads, accum_shardings)
