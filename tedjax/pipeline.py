@@ -27,8 +27,10 @@ units r S K + s K + [0, K). So that each stage's units are one contiguous
 block of the stacked `[U, ...]` parameters (and the "stage" split of the
 leading "layers" dim moves no weights), the stacked parameters are kept in
 *stage-major* order: slot s R K + r K + k holds logical unit r S K + s K + k.
-`to_stage_major` / `to_logical` convert; checkpoints keep logical order, so
-they restore onto any stage count. With R = 1 (GPipe) both orders agree.
+`to_stage_major` / `to_logical` convert; a Trainer keeps its state in
+`stored_order` (stage-major for the circular schedule, so no step moves a
+weight), while checkpoints keep logical order, so they restore onto any
+stage count (`reorder_units`). With R = 1 (GPipe) both orders agree.
 """
 
 from __future__ import annotations
