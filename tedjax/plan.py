@@ -1371,11 +1371,10 @@ def candidates(config: TrainConfig, layout: Layout, tile_size: int = DEFAULT_TIL
     """The switch settings worth trying on a layout (DTD only where it acts: expert > 1 and tensor > 1).
 
     With `stage` > 1 each setting is tried with S, 2S, 4S and 8S microbatches
-    (those that split the micro-batch over data x expert) and the GPipe
-    schedule. Circular plans are scored (`estimate`) but not searched: the
-    pipeline keeps its train state in logical order, so the circular schedule
-    moves the weights between stages every step, which the model does not
-    count (`unmodelled` names it).
+    (those that split the micro-batch over data x expert), GPipe and the
+    circular schedule with 2 runs of layers per stage (where the stages x 2
+    divide the scanned units: `estimate` rejects the others). The trainer
+    keeps the circular schedule's units stage-major, so it moves no weights.
     """
     d, e, t = layout
     batch = config.data.batch_size
@@ -1389,7 +1388,7 @@ def candidates(config: TrainConfig, layout: Layout, tile_size: int = DEFAULT_TIL
              if zero != 2 or accum > 1]
     if stage == 1:
         return plans
-    repeats = (1,)  # (1, 2) once a stage-major train state keeps the circular schedule's weights in place
+    repeats = (1, 2)
     # ZeRO-2 pays off with the pipeline's microbatches as with micro-batches
     plans += [Plan(d, e, t, dtd, remat, tile, accum, 2) for accum in accums or [1] for dtd in dtds
               for remat in REMATS for tile in tiles if accum == 1 and config.optimizer.zero1]
