@@ -23,8 +23,8 @@ cost the same as 8):
 
 With `--stages` (`search(..., stages=True)`) the fourth axis, pipeline
 stages, is searched too: each stage count S dividing the devices and the
-scanned units, with S, 2S, 4S or 8S microbatches, GPipe (circular plans,
-R runs per stage, are scored but not searched: see `candidates`). A stage runs 1/S of the layers (`stage_view`); the plan adds
+scanned units, with S, 2S, 4S or 8S microbatches, GPipe or circular (R = 2
+runs per stage: see `candidates`). A stage runs 1/S of the layers (`stage_view`); the plan adds
 the bubble ((S-1)/(R M + S-1) of the stage-iterations idle, compute x
 (S-1)/(R M) of time), one collective-permute of a microbatch's [rows, L, D]
 per iteration and one after the loop, forward and backward (`p2p_bytes`,
@@ -37,7 +37,7 @@ r the cost model proposes.
 Plans that do not divide or do not fit are rejected with their reason; the
 rest, ranked by step time, are the pool. `mesh: auto` in a config (or
 `mesh=auto`) takes the pool's first plan for the devices present (without
-stages until the trainer runs them).
+stages: `auto` does not search them).
 
 The byte model is exact, not approximate: on simulated CPU meshes it equals
 the collectives XLA compiles for the train step, per kind and mesh axis, on
