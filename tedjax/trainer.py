@@ -130,9 +130,9 @@ class Trainer:
         reduce-scatter each micro-batch into their shards, so that no full gradient lives across micro-batches.
         With pipeline stages the scanned units' weights take them under ZeRO-1 and 2 at every `grad_accum`: the
         schedule's iterations are an accumulation loop of their own (ZeRO-2 sums the lanes once per
-        micro-batch; ZeRO-3 takes none, since lanes would hold its weights gathered for the whole step). Expert weights of shadowed or dropless layers (their own collectives on the weights)
-        take none. The scanned units' `[layers, ...]` weights take their lanes at dim 1, so each unit's slice
-        is `[lanes, ...]`.
+        micro-batch; ZeRO-3 takes none, since lanes would hold its weights gathered for the whole step).
+        Expert weights of shadowed or dropless layers (their own collectives on the weights) take none. The
+        scanned units' `[layers, ...]` weights take their lanes at dim 1, so each unit's slice is `[lanes, ...]`.
         """
         config, mesh = self.config, self.mesh
         model = config.model
