@@ -17,6 +17,11 @@ Pure arithmetic (nothing is compiled, nothing runs on a GPU):
 
     python benchmarks/plan_stages.py          # -> benchmarks/results/plan_stages.{json,md}
     python benchmarks/plan_stages.py --quick  # part 2 on one cluster with the switches pinned -> a temp dir
+
+`--compiled` instead compiles the tiny model's train step with stages on 8
+simulated CPU devices (and at stage 1 for reference), remat none and full,
+and compares `plan.memory` (XLA:CPU) with `memory_analysis()` (arguments +
+temporaries) -> benchmarks/results/plan_stage_memory.{json,md}. Minutes.
 """
 
 from __future__ import annotations
@@ -30,6 +35,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent))  # _common
 sys.path.insert(0, str(HERE.parents[1]))  # tedjax
+
+if "--compiled" in sys.argv:  # 8 simulated CPU devices, set before jax starts
+    import os
+
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import _common  # noqa: E402
 
@@ -124,12 +135,61 @@ def topology() -> list[dict]:
     return rows
 
 
+# (remat, stage, (data, expert, tensor), microbatches, grad_accum) of the tiny model: --compiled
+COMPILED_CASES = [(remat, stage, layout, micro, accum) for remat in ("none", "full")
+                  for stage, layout, micro, accum in ((2, (2, 2, 1), 4, 1), (2, (2, 2, 1), 8, 1), (2, (2, 2, 1), 4, 2),
+                                                      (1, (4, 2, 1), 0, 1))]
+TINY_STAGED = ["model.vocab_size=256", "model.d_model=32", "model.n_layers=4", "model.n_heads=2", "model.d_ff=64",
+               "model.expert_d_ff=64", "model.num_experts=4", "model.max_len=32", "data.seq_len=32",
+               "data.source=synthetic", "data.batch_size=32"]  # fmt: skip
+
+
+def compiled_memory() -> list[dict]:
+    """`plan.memory` against the compiled train step's memory_analysis, with and without stages."""
+    import tedjax
+    from tedjax.trainer import Trainer
+
+    rows = []
+    for remat, stage, (d, e, t), micro, accum in COMPILED_CASES:
+        config = load_config(None, TINY_STAGED + [f"model.remat={remat}", f"mesh.stage={stage}", f"mesh.data={d}",
+                                                  f"mesh.expert={e}", f"mesh.tensor={t}",
+                                                  f"pipeline.microbatches={micro}", f"data.grad_accum={accum}"])
+        mesh = tedjax.make_mesh(d, e, t, stage=stage)
+        analysis = Trainer(config, mesh).lower_train_step().compile().memory_analysis()
+        compiled = analysis.argument_size_in_bytes + analysis.temp_size_in_bytes
+        predicted = plan.memory(config, (d, e, t), backend="cpu")
+        rows.append({"remat": remat, "stage": stage, "layout": f"({d},{e},{t})", "microbatches": micro,
+                     "grad_accum": accum, "compiled_bytes": compiled, "predicted_bytes": predicted.total,
+                     "predicted_over_compiled": predicted.total / compiled})
+        print(rows[-1], flush=True)
+    for row in rows:  # the stage term against the model without stages (the same remat): what stages add
+        base = next(r for r in rows if r["stage"] == 1 and r["remat"] == row["remat"])
+        row["relative_to_stage_1"] = row["predicted_over_compiled"] / base["predicted_over_compiled"]
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--compiled", action="store_true")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     machine = _common.machine_info()
+    if args.compiled:
+        rows = compiled_memory()
+        md = ["# Planner: stage memory against compiled train steps", "",
+              "`python benchmarks/plan_stages.py --compiled`: the tiny MoE (4 layers, d_model 32, 4 experts, batch "
+              "32 x 32 tokens) on 8 simulated CPU devices; predicted = `plan.memory(..., backend=\"cpu\")`, "
+              "compiled = memory_analysis() arguments + temporaries. The last column divides by the same ratio "
+              "at stage 1 (the model's own error without stages).", "",
+              _common.markdown_table(rows, ["remat", "stage", "layout", "microbatches", "grad_accum",
+                                            ("compiled bytes", "compiled_bytes", ","),
+                                            ("predicted bytes", "predicted_bytes", ","),
+                                            ("predicted / compiled", "predicted_over_compiled", ".3f"),
+                                            ("relative to stage 1", "relative_to_stage_1", ".3f")])]
+        _common.publish("plan_stage_memory", rows, {"cases": COMPILED_CASES}, "\n".join(md),
+                        _common.output_dir("plan_stage_memory", args.out, False), machine)
+        return 0
     bubble_rows, stage_rows, topo_rows = bubbles(), across_nodes(args.quick), topology()
     md = ["# Planner: pipeline stages and the topology cost model", "",
           "`python benchmarks/plan_stages.py" + (" --quick" if args.quick else "") + "` (pure arithmetic, no compile).",

@@ -53,6 +53,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from tedjax import __version__
+from tedjax import pipeline as pipe
 from tedjax.config import TrainConfig, resolve_dtype
 from tedjax.model import stack_layers, unstack_layers
 
@@ -581,6 +582,9 @@ class Checkpointer:
                 "model": dataclasses.asdict(self.config.model), "mesh": dataclasses.asdict(self.config.mesh)}  # fmt: skip
         if self.data_fingerprint:
             meta["data_fingerprint"] = self.data_fingerprint
+        # the units in logical order, whatever order the trainer keeps them in (a device copy of the units' state
+        # while orbax reads it, with the circular schedule), so a checkpoint restores onto any stage count
+        state = pipe.reorder_state(state, self._units_order(state), (1, 1))
         state = jax.tree.map(lambda x: None if _empty(x) else x, state)  # orbax cannot save zero-size arrays
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         started = self.manager.save(step, args=args, force=force)
@@ -642,7 +646,16 @@ class Checkpointer:
             state = _layer_trees(state, lambda t: stack_layers(self.config.model, t))
             state = jax.tree.map(lambda x, a: x if x is None else jax.device_put(x, a.sharding), state,
                                  _restore_target(abstract_state), is_leaf=lambda x: x is None)
-        return _refill_empty(abstract_state, state), meta
+        state = _refill_empty(abstract_state, state)
+        return pipe.reorder_state(state, (1, 1), self._units_order(abstract_state)), meta
+
+    def _units_order(self, state) -> tuple[int, int]:
+        """The order (`pipeline.stored_order`) a Trainer keeps the units of `state` in: from its mesh's stages
+        and the pipeline config."""
+        meshes = [x.sharding.mesh for x in jax.tree.leaves(state) if isinstance(getattr(x, "sharding", None),
+                                                                                   jax.sharding.NamedSharding)]
+        stages = int(dict(meshes[0].shape).get("stage", 1)) if meshes else 1
+        return pipe.stored_order(stages, self.config.pipeline.schedule, self.config.pipeline.repeats)
 
     def wait(self) -> None:
         """Block until every started save is committed and hashed."""

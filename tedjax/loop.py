@@ -267,7 +267,8 @@ def _init_from(trainer: Trainer, state: TrainState, directory: str) -> TrainStat
 
     for leaf in jax.tree.leaves(state.params):
         leaf.delete()
-    return dataclasses.replace(state, params=hf.load_params(directory, trainer.config.model, trainer.param_shardings))
+    params = hf.load_params(directory, trainer.config.model, trainer.param_shardings)
+    return dataclasses.replace(state, params=trainer.stored_units(params))  # (the circular schedule's order)
 
 
 def _check_metrics_file(path: Path) -> None:

@@ -132,6 +132,9 @@ class Transformer(nnx.Module):
                  node_size: int = 0):
         self.config = config
         self.pipeline = pipeline  # None: never pipelined (generation, Hugging Face export): stages are gathered
+        # (stages, repeats) of the stage-major order `units` is stored in (tedjax.pipeline.stored_order); (1, 1):
+        # logical. The Trainer stores the circular schedule's, so that no step moves weights between stages.
+        self.units_order = (1, 1)
         vocab = config.padded_vocab  # rows past vocab_size are padding (model.vocab_multiple); their logits are -inf
         self.embed = param(rngs, jax.nn.initializers.normal(1.0), (vocab, config.d_model), ("vocab", "embed"))
         blocks = [Block(config, i, rngs=rngs, node_size=node_size) for i in range(config.n_layers)]
@@ -171,6 +174,7 @@ class Transformer(nnx.Module):
         stages = stage_count(jax.sharding.get_abstract_mesh())
         if stages > 1 and self.pipeline is not None:
             return self._run_pipelined(step, state, x_bld, stages, n_units)
+        state = pipe.to_logical(state, *self.units_order)  # (generation from a Trainer's circular state)
 
         def body(x_bld, unit_state):
             x_bld, stats, unit_state = step(unit_state, x_bld)
@@ -186,7 +190,7 @@ class Transformer(nnx.Module):
                 outs.append(out)
             stats = [s for s, _ in outs if s is not None]
             rng_state = jax.tree.map(lambda *xs: jnp.stack(xs), *[r for _, r in outs])
-        nnx.update(self.units, rng_state)
+        nnx.update(self.units, pipe.to_stage_major(rng_state, *self.units_order))
         return x_bld, stats
 
     def _run_pipelined(self, step, state: nnx.State, x_bld: jax.Array, stages: int, n_units: int
@@ -200,9 +204,10 @@ class Transformer(nnx.Module):
             raise ValueError(f"model.capacity_scope={self.config.capacity_scope} does not run in the pipeline yet "
                              "(its shard_map cannot be vmapped over stages); use capacity_scope=expert with stages")
         repeats = cfg.repeats if cfg.schedule == "circular" else 1
-        # circular: each stage's runs must be one contiguous block of the "layers" dim (NOTES.md section 10.4); the
-        # state is kept in logical order, so this permutation moves weights between stages every step
-        state = pipe.to_stage_major(state, stages, repeats)
+        # circular: each stage's runs must be one contiguous block of the "layers" dim (NOTES.md section 10.4). A
+        # Trainer stores them so; a state in another order is permuted here, moving weights between stages
+        if self.units_order != pipe.stored_order(stages, cfg.schedule, repeats):
+            state = pipe.to_stage_major(pipe.to_logical(state, *self.units_order), stages, repeats)
         x_bld, stats_u = pipe.run_batch(lambda unit_state, x: step(unit_state, x)[:2], state, x_bld, stages=stages,
                                         microbatches=cfg.microbatches_for(stages), repeats=repeats)
         if stats_u is None:  # no MoE layer
@@ -273,14 +278,16 @@ def moe_path(config: ModelConfig) -> tuple:
 
 def moe_stack(model: Transformer) -> MoE | None:
     """The MoE module of the scanned units (None without experts): every variable has a leading "layers" axis,
-    and MoE layer k (the order of the model's `MoEStats`) is index k of it."""
+    and MoE layer k (the order of the model's `MoEStats`) is index k of it (index
+    `pipeline.storage_slot(k, ...)` in a model with `units_order` other than (1, 1))."""
     return model.units.blocks[-1].ffn if model.config.num_experts and model.units is not None else None
 
 
 def unit_view(model: Transformer, unit: int) -> Unit:
     """A copy of unit `unit` of the model's stack, with its own unstacked variables (changes do not write back)."""
     graphdef, state = nnx.split(model.units)
-    return nnx.merge(graphdef, jax.tree.map(lambda a: a[unit], state))
+    slot = pipe.storage_slot(unit, model.config.n_layers // model.config.moe_every, model.units_order)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a[slot], state))
 
 
 def moe_layer(model: Transformer, layer: int) -> MoE:
@@ -294,8 +301,9 @@ def update_balance(model: Transformer, expert_load_ne: jax.Array, *, bias_rate: 
     running mean of its shadow gain `[n_moe, E]` (with shadows)."""
     moe = moe_stack(model)
     if moe is not None:
-        moe.update_balance(expert_load_ne, bias_rate=bias_rate, load_decay=load_decay,
-                           shadow_gain_e=shadow_gain_ne, gain_decay=gain_decay)
+        stored = lambda a: None if a is None else pipe.to_stage_major(a, *model.units_order)  # noqa: E731
+        moe.update_balance(stored(expert_load_ne), bias_rate=bias_rate, load_decay=load_decay,
+                           shadow_gain_e=stored(shadow_gain_ne), gain_decay=gain_decay)
 
 
 def layer_index(config: ModelConfig, layer: int) -> tuple[tuple, int | None]:

@@ -27,12 +27,15 @@ units r S K + s K + [0, K). So that each stage's units are one contiguous
 block of the stacked `[U, ...]` parameters (and the "stage" split of the
 leading "layers" dim moves no weights), the stacked parameters are kept in
 *stage-major* order: slot s R K + r K + k holds logical unit r S K + s K + k.
-`to_stage_major` / `to_logical` convert; checkpoints keep logical order, so
-they restore onto any stage count. With R = 1 (GPipe) both orders agree.
+`to_stage_major` / `to_logical` convert; a Trainer keeps its state in
+`stored_order` (stage-major for the circular schedule, so no step moves a
+weight), while checkpoints keep logical order, so they restore onto any
+stage count (`reorder_units`). With R = 1 (GPipe) both orders agree.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -120,6 +123,41 @@ def _permute(tree: Any, stages: int, repeats: int, inverse: bool) -> Any:
         return jnp.take(a, np.argsort(order) if inverse else order, axis=0)
 
     return jax.tree.map(one, tree)
+
+
+def stored_order(stages: int, schedule: str, repeats: int) -> tuple[int, int]:
+    """(S, R) of the stage-major order a train state keeps its stacked units in; (1, 1) is logical order.
+
+    The circular schedule's on a mesh with stages, so that each stage's runs are its contiguous block of the
+    "layers" dim and no step moves weights; otherwise logical order (GPipe's stage-major order is logical).
+    """
+    return (stages, repeats) if stages > 1 and schedule == "circular" and repeats > 1 else (1, 1)
+
+
+def storage_slot(unit: int, units: int, order: tuple[int, int]) -> int:
+    """The slot of the stacked `[U, ...]` leaves holding logical unit `unit` in stored `order` (S, R)."""
+    return int(np.argsort(stage_major_order(units, *order))[unit])
+
+
+def reorder_units(tree: Any, source: tuple[int, int], target: tuple[int, int]) -> Any:
+    """`tree` with every dict's "units" subtree (stacked `[U, ...]` leaves: parameters, Adam moments, model
+    state) moved from stored order `source` (S, R) to `target`; (1, 1) is logical order."""
+    if source == target:
+        return tree
+
+    def move(d):
+        return {**d, "units": to_stage_major(to_logical(d["units"], *source), *target)}
+
+    holds_units = lambda x: isinstance(x, dict) and "units" in x  # noqa: E731
+    return jax.tree.map(lambda x: move(x) if holds_units(x) else x, tree, is_leaf=holds_units)
+
+
+def reorder_state(tree: Any, source: tuple[int, int], target: tuple[int, int]) -> Any:
+    """`reorder_units` of device arrays, jitted, each leaf kept in its sharding (over "stage", a collective)."""
+    if source == target:
+        return tree
+    shardings = jax.tree.map(lambda a: a.sharding, tree)
+    return jax.jit(functools.partial(reorder_units, source=source, target=target), out_shardings=shardings)(tree)
 
 
 # ---------------------------------------------------------------- the SPMD loop

@@ -23,8 +23,8 @@ cost the same as 8):
 
 With `--stages` (`search(..., stages=True)`) the fourth axis, pipeline
 stages, is searched too: each stage count S dividing the devices and the
-scanned units, with S, 2S, 4S or 8S microbatches, GPipe (circular plans,
-R runs per stage, are scored but not searched: see `candidates`). A stage runs 1/S of the layers (`stage_view`); the plan adds
+scanned units, with S, 2S, 4S or 8S microbatches, GPipe or circular (R = 2
+runs per stage: see `candidates`). A stage runs 1/S of the layers (`stage_view`); the plan adds
 the bubble ((S-1)/(R M + S-1) of the stage-iterations idle, compute x
 (S-1)/(R M) of time), one collective-permute of a microbatch's [rows, L, D]
 per iteration and one after the loop, forward and backward (`p2p_bytes`,
@@ -37,7 +37,7 @@ r the cost model proposes.
 Plans that do not divide or do not fit are rejected with their reason; the
 rest, ranked by step time, are the pool. `mesh: auto` in a config (or
 `mesh=auto`) takes the pool's first plan for the devices present (without
-stages until the trainer runs them).
+stages: `auto` does not search them).
 
 The byte model is exact, not approximate: on simulated CPU meshes it equals
 the collectives XLA compiles for the train step, per kind and mesh axis, on
@@ -265,9 +265,6 @@ def unmodelled(config: TrainConfig, backend: Backend = "gpu") -> list[str]:
         # embedding and the head (outside the pipeline) over "stage" is not known until a compiled program
         out.append(f"mesh.stage={config.mesh.stage} (the embedding's and head's collectives, and the MoE "
                    "statistics' moves, over the stage axis)")
-        if config.pipeline.schedule == "circular" and config.pipeline.repeats > 1:
-            # the train state is kept in logical order: each step permutes it to stage-major order
-            out.append("pipeline.schedule=circular (the weights' move to stage-major order every step)")
     return out
 
 
@@ -704,15 +701,18 @@ def _collectives(config: TrainConfig, layout: Layout | None, backend: Backend, l
     pipe = pipeline_of(config)
     if pipe:
         view = stage_view(config)
-        inner = _collectives(view, layout, backend, lanes=False)  # no lanes with stages (NOTES.md section 3.2)
+        # With stages the units' weights take gradient lanes (NOTES.md section 3.2): ZeRO-1 reduces every
+        # gradient once per step, ZeRO-2 once per micro-batch; ZeRO-3 (no lanes) once per pass of the schedule.
+        opt = view.optimizer
+        zero = opt.zero if opt.zero1 else 1
+        inner = _collectives(view, layout, backend, lanes=zero == 1)
         # The embedding, head and loss run once per micro-batch, outside the schedule's passes: so do their
-        # collectives and the reduction of their gradients.
+        # collectives and the reduction of their gradients (ZeRO-2: every gradient's).
         passes, accum = pipe.passes, config.data.grad_accum
         fewer: dict = {}
-        opt = view.optimizer
-        for kind, axes, nbytes, count, per_micro, what in _leaf_costs(
-                view.model, layout, opt.zero1, backend, opt.zero if opt.zero1 else 1, opt.tile_size > 0,
-                outside_only=True).traffic:
+        costs = _leaf_costs(view.model, layout, opt.zero1, backend, zero, opt.tile_size > 0, outside_only=zero != 2)
+        once = zero == 1
+        for kind, axes, nbytes, count, per_micro, what in (costs.traffic_once if once else costs.traffic):
             key = (kind, tuple(a for a in AXES if a in axes and dict(zip(AXES, layout))[a] > 1), nbytes, what)
             fewer[key] = fewer.get(key, 0) + (count * accum * (passes - 1) if per_micro else 0)
         out = []
@@ -1040,15 +1040,21 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
     logits = 2 * sz.tokens * (m.padded_vocab // t) * 4
     units = m.n_layers // m.moe_every
     unit = one_layer + (m.moe_every - 1) * (attention + dense)  # one scanned unit's activations
+    # `kept` is stored per pass of the layers (with stages: for every iteration's microbatch, `in_flight`);
+    # `once` is a working set that exists one unit at a time, in flight or not (measured with stages: taking
+    # it per iteration over-predicted full remat 2.2x, remat none 6-10%)
     if m.remat == "none":
         # the layer scan stacks every unit's residuals; on XLA:CPU the backward of a unit also holds about
         # one unit's activations of cotangents next to them (measured: 28-41% under without it)
-        kept = m.n_layers * attention + n_dense * dense + n_moe * moe + (unit if backend == "cpu" else 0)
+        kept, once = m.n_layers * attention + n_dense * dense + n_moe * moe, (unit if backend == "cpu" else 0)
     else:  # each scanned unit's (or tail layer's) input, plus (cac) its collectives' outputs; one unit recomputed
-        kept = (m.n_layers - units * (m.moe_every - 1)) * td + unit
+        kept, once = (m.n_layers - units * (m.moe_every - 1)) * td, unit
         if m.remat == "cac":
             kept += m.n_layers * td + n_dense * td + n_moe * 3 * slot_d
-    activations = kept * (pipe.in_flight if pipe else 1) + 3 * td + logits
+    activations = kept * (pipe.in_flight if pipe else 1) + once + 3 * td + logits
+    if pipe:  # the head and loss run on the whole micro-batch, M microbatches; the schedule's buffer of the M
+        # microbatches (stage 0's inputs, then outputs) and its cotangent
+        activations += (3 * td + logits) * (pipe.microbatches - 1) + 2 * pipe.microbatches * td
     layer_grads = costs.layer_grads
     # Gradient accumulation keeps the running sum next to each micro-batch's gradients, in the optimizer's
     # shards (ZeRO-1 too: the step's constraint of the summed gradients to that layout reaches the loop's
@@ -1365,11 +1371,10 @@ def candidates(config: TrainConfig, layout: Layout, tile_size: int = DEFAULT_TIL
     """The switch settings worth trying on a layout (DTD only where it acts: expert > 1 and tensor > 1).
 
     With `stage` > 1 each setting is tried with S, 2S, 4S and 8S microbatches
-    (those that split the micro-batch over data x expert) and the GPipe
-    schedule. Circular plans are scored (`estimate`) but not searched: the
-    pipeline keeps its train state in logical order, so the circular schedule
-    moves the weights between stages every step, which the model does not
-    count (`unmodelled` names it).
+    (those that split the micro-batch over data x expert), GPipe and the
+    circular schedule with 2 runs of layers per stage (where the stages x 2
+    divide the scanned units: `estimate` rejects the others). The trainer
+    keeps the circular schedule's units stage-major, so it moves no weights.
     """
     d, e, t = layout
     batch = config.data.batch_size
@@ -1383,7 +1388,7 @@ def candidates(config: TrainConfig, layout: Layout, tile_size: int = DEFAULT_TIL
              if zero != 2 or accum > 1]
     if stage == 1:
         return plans
-    repeats = (1,)  # (1, 2) once a stage-major train state keeps the circular schedule's weights in place
+    repeats = (1, 2)
     # ZeRO-2 pays off with the pipeline's microbatches as with micro-batches
     plans += [Plan(d, e, t, dtd, remat, tile, accum, 2) for accum in accums or [1] for dtd in dtds
               for remat in REMATS for tile in tiles if accum == 1 and config.optimizer.zero1]

@@ -28,6 +28,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from tedjax import pipeline as pipe
 from tedjax.config import TrainConfig, check_mesh
 from tedjax.mesh import MESH_AXES, RULES, axis_size, logical_to_spec, resolve_node_size, stage_count, state_shardings
 from tedjax.model import Transformer, abstract_model, loss_fn, moe_path, update_balance
@@ -61,8 +62,12 @@ class Trainer:
         self.config, self.mesh = config, mesh
         check_mesh(config.model, mesh, config.data.micro_batch_size, config.data.seq_len)
         self.node_size = resolve_node_size(mesh, config.mesh.node_size)  # refuses a bad one before compiling
-        graphdef, abstract_params, abstract_rest = nnx.split(
-            abstract_model(config.model, config.seed, config.pipeline, self.node_size), nnx.Param, ...)
+        abstract = abstract_model(config.model, config.seed, config.pipeline, self.node_size)
+        # the order the state keeps its stacked units in: the circular schedule's stage-major order, so that no
+        # step moves weights; checkpoints, placements and balance values are read and written in logical order
+        self.units_order = abstract.units_order = pipe.stored_order(stage_count(mesh), config.pipeline.schedule,
+                                                                    config.pipeline.repeats)
+        graphdef, abstract_params, abstract_rest = nnx.split(abstract, nnx.Param, ...)
         self.graphdef = graphdef
         self.model_shardings = nnx.to_pure_dict(state_shardings(abstract_params, mesh))  # the layers' own layout
         self.abstract_params = jax.tree.map(
@@ -121,25 +126,29 @@ class Trainer:
         dim of its lane copy `[..., lanes, ...]` and that copy's sharding (NOTES.md section 3.2).
 
         Lanes are the shards of the parameter's data-parallel group: "batch" for non-expert weights,
-        "expert_batch" for expert weights. Only ZeRO-1 under accumulation takes them: ZeRO-2/3 reduce-scatter
-        each micro-batch into their shards, so that no full gradient lives across micro-batches. Expert
-        weights of shadowed or dropless layers (their own collectives on the weights) take none, nor does any
-        weight with pipeline stages (the pipeline's vmap over stages takes the plain weights). The scanned
-        units' `[layers, ...]` weights take their lanes at dim 1, so each unit's slice is `[lanes, ...]`.
+        "expert_batch" for expert weights. ZeRO-1 under accumulation gives them to every weight: ZeRO-2/3
+        reduce-scatter each micro-batch into their shards, so that no full gradient lives across micro-batches.
+        With pipeline stages the scanned units' weights take them under ZeRO-1 and 2 at every `grad_accum`: the
+        schedule's iterations are an accumulation loop of their own (ZeRO-2 sums the lanes once per
+        micro-batch; ZeRO-3 takes none, since lanes would hold its weights gathered for the whole step).
+        Expert weights of shadowed or dropless layers (their own collectives on the weights) take none. The
+        scanned units' `[layers, ...]` weights take their lanes at dim 1, so each unit's slice is `[lanes, ...]`.
         """
         config, mesh = self.config, self.mesh
         model = config.model
         expert_lanes = not model.shadow_experts and model.capacity_scope != "dropless"
         is_expert = _expert_weight_tree(self.abstract_params, self.moe_path)
-        off = config.data.grad_accum == 1 or config.optimizer.zero != 1 or stage_count(mesh) > 1
+        off = config.data.grad_accum == 1 or config.optimizer.zero != 1
+        dims = jax.tree_util.tree_map_with_path(lambda path, _: int(path[0].key == "units"), self.abstract_params)
+        # the pipeline would otherwise reduce the units' gradients in each of its R M + S - 1 iterations
+        staged = stage_count(mesh) > 1 and config.optimizer.zero != 3
 
-        def lanes_of(expert: bool, sharding) -> int:
-            if off or (expert and not expert_lanes):
+        def lanes_of(expert: bool, dim: int) -> int:
+            if (off and not (staged and dim == 1)) or (expert and not expert_lanes):
                 return 1
             return axis_size(mesh, "expert_batch" if expert else "batch")
 
-        lanes = jax.tree.map(lanes_of, is_expert, self.model_shardings)
-        dims = jax.tree_util.tree_map_with_path(lambda path, _: int(path[0].key == "units"), self.abstract_params)
+        lanes = jax.tree.map(lanes_of, is_expert, dims)
 
         def lane_sharding(n, dim, expert, sharding, shape):
             if n == 1:
@@ -155,9 +164,19 @@ class Trainer:
         config = self.config
         model = Transformer(config.model, rngs=nnx.Rngs(config.seed), node_size=self.node_size)
         _, params, rest = nnx.split(model, nnx.Param, ...)
-        params = nnx.to_pure_dict(params)
+        params, rest = (pipe.reorder_units(nnx.to_pure_dict(t), (1, 1), self.units_order) for t in (params, rest))
         zero = jnp.zeros((), jnp.int32)
-        return TrainState(zero, params, self.tx.init(params), nnx.to_pure_dict(rest), zero, zero)
+        return TrainState(zero, params, self.tx.init(params), rest, zero, zero)
+
+    def stored_units(self, tree: Any) -> Any:
+        """A state (or params) tree in logical order -> in the state's stored order (`units_order`), in the same
+        shardings: once, at restore or import (a permutation of the units over "stage" with the circular
+        schedule; the identity otherwise)."""
+        return pipe.reorder_state(tree, (1, 1), self.units_order)
+
+    def logical_units(self, tree: Any) -> Any:
+        """`stored_units`' inverse: the state's units in logical order (what checkpoints and Hugging Face hold)."""
+        return pipe.reorder_state(tree, self.units_order, (1, 1))
 
     def init_state(self) -> TrainState:
         """A fresh state, created directly in its shardings (no unsharded copy)."""
@@ -184,7 +203,8 @@ class Trainer:
         on the host."""
         if self.moe_path is None:
             return np.zeros((0,))
-        return np.array(_at(state.model_state, self.moe_path)[name])  # a writable host copy
+        return np.array(pipe.to_logical(np.asarray(_at(state.model_state, self.moe_path)[name]),
+                                        *self.units_order))  # a writable host copy, MoE layers in logical order
 
     def _move_experts(self, state: TrainState, placement_ne: jax.Array) -> TrainState:
         """Adopt new placements `[n_moe, E]`: permute every expert weight AND its Adam moments (every layer;
@@ -203,10 +223,11 @@ class Trainer:
         perms = {}
         model_state = jax.tree.map(lambda x: x, state.model_state)
         balance = _at(model_state, self.moe_path)
-        for layer in layers:  # index `layer` of the stacked MoE variables' leading "layers" axis
-            old_e, new_e = balance["placement"][layer], placement_ne[layer].astype(jnp.int32)
-            perms[layer] = old_e[jnp.argsort(new_e)]  # new slot -> the slot its expert leaves
-            balance["placement"] = balance["placement"].at[layer].set(new_e)
+        for layer in layers:  # at its slot of the stacked MoE variables' leading "layers" axis
+            unit = pipe.storage_slot(layer, self.n_moe, self.units_order)
+            old_e, new_e = balance["placement"][unit], placement_ne[layer].astype(jnp.int32)
+            perms[unit] = old_e[jnp.argsort(new_e)]  # new slot -> the slot its expert leaves
+            balance["placement"] = balance["placement"].at[unit].set(new_e)
         is_expert = _expert_weight_tree(state.params, self.moe_path)
         opt_is_expert = optax.tree_map_params(self.tx, lambda _, flag: flag, state.opt_state, is_expert,
                                               transform_non_params=lambda _: False)
@@ -338,7 +359,8 @@ class Trainer:
         """A copy of `state` with each MoE layer's `name` replaced (same sharding, so nothing recompiles)."""
         model_state = jax.tree.map(lambda x: x, state.model_state)
         balance = _at(model_state, self.moe_path)
-        balance[name] = jax.device_put(np.asarray(values_n, balance[name].dtype), balance[name].sharding)
+        values_n = np.asarray(pipe.to_stage_major(np.asarray(values_n, balance[name].dtype), *self.units_order))
+        balance[name] = jax.device_put(values_n, balance[name].sharding)
         return dataclasses.replace(state, model_state=model_state)
 
     def move_bytes(self) -> dict[str, float]:
@@ -493,17 +515,24 @@ def train_step(
         return grads, metrics, model_state
 
     accum, zero = batch["inputs"].shape[0], config.optimizer.zero
-    if accum == 1:
-        grads, metrics, model_state = micro_grads(state.model_state, jax.tree.map(lambda x: x[0], batch))
-    else:
-        # ZeRO-1: each weight as `[lanes, ...]` copies over its data-parallel group (a local broadcast), so each
-        # lane's gradient is a local partial sum, reduced once after the loop (NOTES.md section 3.2)
-        def to_lanes(p, n, dim, sharding):
-            if n == 1:
-                return p
-            lanes = jnp.broadcast_to(jnp.expand_dims(p, dim), (*p.shape[:dim], n, *p.shape[dim:]))
-            return jax.lax.with_sharding_constraint(lanes, sharding)
 
+    # ZeRO-1: each weight as `[lanes, ...]` copies over its data-parallel group (a local broadcast), so each
+    # lane's gradient is a local partial sum, reduced once after the loop (NOTES.md section 3.2)
+    def to_lanes(p, n, dim, sharding):
+        if n == 1:
+            return p
+        lanes = jnp.broadcast_to(jnp.expand_dims(p, dim), (*p.shape[:dim], n, *p.shape[dim:]))
+        return jax.lax.with_sharding_constraint(lanes, sharding)
+
+    def sum_lanes(grads):
+        return jax.tree.map(lambda g, n, dim: g if n == 1 else jnp.sum(g, axis=dim), grads, static.lanes,
+                            static.lane_dims)
+
+    params = jax.tree.map(to_lanes, state.params, static.lanes, static.lane_dims, static.lane_shardings)
+    if accum == 1:  # (lanes only with pipeline stages: the schedule's iterations accumulate in them)
+        grads, metrics, model_state = micro_grads(state.model_state, jax.tree.map(lambda x: x[0], batch), params)
+        grads = sum_lanes(grads)
+    else:
         accum_shardings = static.lane_shardings if zero == 1 else static.zero1_shardings
 
         def body(carry, micro):
@@ -511,16 +540,17 @@ def train_step(
             if zero == 3:  # a loop-variant copy: XLA would hoist the (loop-invariant) all-gathers out of the
                 params = jax.lax.optimization_barrier(params)  # loop and keep the whole model gathered
             grads, metrics, model_state = micro_grads(model_state, micro, params)
+            if zero != 1:  # (ZeRO-2: the pipeline's lanes, summed per micro-batch)
+                grads = sum_lanes(grads)
             # ZeRO-1: stays local in the lanes; ZeRO-2/3: reduce-scattered into the optimizer's shards
             grads = jax.lax.with_sharding_constraint(grads, accum_shardings)
             return (jax.tree.map(jnp.add, grads_sum, grads), model_state, params), metrics
 
-        params = jax.tree.map(to_lanes, state.params, static.lanes, static.lane_dims, static.lane_shardings)
         # ZeRO-2/3 accumulate in the optimizer's shards: no full gradient lives across micro-batches
-        zeros = jax.lax.with_sharding_constraint(jax.tree.map(jnp.zeros_like, params), accum_shardings)
+        zeros = jax.lax.with_sharding_constraint(jax.tree.map(jnp.zeros_like, params if zero == 1 else state.params),
+                                                 accum_shardings)
         (grads, model_state, _), metrics = jax.lax.scan(body, (zeros, state.model_state, params), batch)
-        grads = jax.tree.map(lambda g, n, dim: (g if n == 1 else jnp.sum(g, axis=dim)) / accum, grads, static.lanes,
-                             static.lane_dims)
+        grads = jax.tree.map(lambda g: g / accum, sum_lanes(grads) if zero == 1 else grads)
         metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
 
     # ZeRO-1: gradients in the optimizer-state layout (a reduce-scatter, not an all-reduce).

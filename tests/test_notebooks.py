@@ -25,6 +25,7 @@ EXPECTED = [
     "03_memory_and_communication.ipynb",
     "04_train_and_inspect.ipynb",
     "05_load_balance.ipynb",
+    "06_pipeline.ipynb",
 ]
 CELL_TIMEOUT_S = 300
 

@@ -235,25 +235,26 @@ def test_transformer_pipeline_sends_one_microbatch_per_iteration():
 # ---------------------------------------------------------------- the Trainer: ZeRO-1, tiled AdamW, DTD, CAC
 
 
-def trainer_config(stage: int, data: int, expert: int, tensor: int, tmp: Path) -> TrainConfig:
+def trainer_config(stage: int, data: int, expert: int, tensor: int, tmp: Path, repeats: int = 2) -> TrainConfig:
     return TrainConfig(
         steps=10, model=variant(DROPS, dtd=True, remat="cac"), mesh=MeshConfig(data, expert, tensor, stage),
         optimizer=OptimizerConfig(zero=1, warmup_steps=0, tile_size=256),
         data=DataConfig(source="synthetic", seq_len=16, batch_size=16, grad_accum=2),
-        pipeline=PipelineConfig(microbatches=4),
+        pipeline=PipelineConfig(microbatches=4, schedule="circular", repeats=repeats),
         log=LogConfig(dir=str(tmp)), checkpoint=CheckpointConfig(dir=str(tmp / "ckpt"), async_save=False),
     )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def trainers(tmp_path_factory):
-    """Trainers of one config by stage count: 1 (one device), 2 ((2, 2, 1, 2) of 8 devices) and 4 ((4, 1, 1, 2))."""
+    """Trainers of one config by stage count: 1 (one device), 2 ((2, 2, 1, 2) of 8 devices, circular with 2
+    repeats: 4 units) and 4 ((4, 1, 1, 2), one repeat: 4 units do not split into 4 x 2)."""
     tmp = tmp_path_factory.mktemp("pipeline_ckpt")
     layouts = {1: (1, 1, 1, 1), 2: (2, 2, 1, 2), 4: (4, 1, 1, 2)}
     out = {}
     for stage, layout in layouts.items():
         mesh = one_device_mesh() if stage == 1 else tedjax.make_mesh(*layout[1:], stage=stage)
-        out[stage] = Trainer(trainer_config(*layout, tmp), mesh)
+        out[stage] = Trainer(trainer_config(*layout, tmp, repeats=1 if stage == 4 else 2), mesh)
     return tmp, out
 
 
@@ -264,25 +265,105 @@ def step_on(trainer: Trainer, state, seed: int):
     return state, float(metrics["loss"])
 
 
+def restore(trainer: Trainer, **kwargs):
+    reader = Checkpointer(trainer.config, resume=True, **kwargs)
+    try:
+        return reader.restore(trainer.abstract_state())
+    finally:
+        reader.close()
+
+
 def test_trainer_with_stages_zero1_tiled_dtd_cac_and_checkpoints_across_stage_counts(trainers):
-    """Stage 2 trains as 1 device does (ZeRO-1 state split over data inside each stage, tiled AdamW, DTD, CAC,
-    two micro-batches: with stages the weights take no lanes, NOTES.md section 3.2),
-    and its checkpoint after one step restores at stage 1 and at stage 4 with the same next loss."""
+    """Stage 2 (circular) trains as 1 device does (ZeRO-1 state split over data inside each stage, tiled AdamW,
+    DTD, CAC, two micro-batches, the units' gradients in lanes), and its checkpoint after one step restores at
+    stage 1 with the same next loss, and at stage 4 (GPipe) with the same values. The stage-2 state keeps its
+    units in the circular schedule's stage-major order; the checkpoint holds them in logical order."""
     _, by_stage = trainers
-    losses = {}
+    losses, saved = {}, None
     for stage in (1, 2):
         state, first = step_on(by_stage[stage], by_stage[stage].init_state(), 0)
         if stage == 2:  # saved before the next step donates the state
             saver = Checkpointer(by_stage[2].config, resume=False)
             saver.save(1, state, {"step": 1}, force=True)
             saver.close()
+            assert by_stage[2].units_order == (2, 2)
+            stored = np.asarray(state.params["units"]["blocks"][0]["attn"]["wq"])
+            saved = jax.tree.map(np.asarray, by_stage[2].logical_units(state.params))
+            np.testing.assert_array_equal(stored, pipeline.to_stage_major(saved["units"]["blocks"][0]["attn"]["wq"],
+                                                                           2, 2))
         losses[stage] = [first, step_on(by_stage[stage], state, 1)[1]]
     np.testing.assert_allclose(losses[2], losses[1], rtol=2e-5)
-    for stage in (1, 4):
-        reader = Checkpointer(by_stage[stage].config, resume=True)
-        try:
-            restored, meta = reader.restore(by_stage[stage].abstract_state())
-        finally:
-            reader.close()
-        assert meta["step"] == 1
-        assert step_on(by_stage[stage], restored, 1)[1] == pytest.approx(losses[2][1], rel=2e-5), stage
+    restored, meta = restore(by_stage[1])
+    assert meta["step"] == 1
+    assert step_on(by_stage[1], restored, 1)[1] == pytest.approx(losses[2][1], rel=2e-5)
+    # stage 4: the same values in logical order (its train step is checked against 1 device above, MODEL_CASES)
+    restored, _ = restore(by_stage[4], allow_change=("pipeline.repeats",))
+    for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(saved), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_stage_weights_stay_put_and_their_gradients_are_reduced_once_per_step(trainers):
+    """The compiled circular step at stage 2: over "stage" only activations move (one microbatch per iteration
+    each way, and the outputs to every stage for the head) besides statistics smaller than the smallest weight,
+    so no weight crosses stages; and the units' weights take lanes (NOTES.md section 3.2): inside the schedule's
+    loop no gradient is reduced over the data-parallel axes, only the MoE statistics."""
+    trainer = trainers[1][2]
+    compiled = trainer.lower_train_step().compile()
+    data = trainer.config.data
+    smallest = min(int(np.prod(s.shard_shape(a.shape))) * 4 for a, s in zip(
+        jax.tree.leaves(trainer.abstract_params["units"]), jax.tree.leaves(trainer.model_shardings["units"])))
+    rows = data.micro_batch_size // 2  # one device's rows of a micro-batch (data x expert = 2)
+    activations = rows * data.seq_len * trainer.config.model.d_model * 4
+    microbatch = activations // trainer.config.pipeline.microbatches
+    found = [c for c in analysis.collectives(compiled, trainer.mesh) if not c.trivial]
+    staged = [c for c in found if "stage" in c.axes]
+    permutes = [c for c in staged if c.kind == "collective-permute" and (c.trip_count or 0) > data.grad_accum]
+    # the shift forward and back in each of the R M + S - 1 iterations, one microbatch each
+    assert [(c.result_bytes, c.trip_count) for c in permutes] == [(microbatch, data.grad_accum * (2 * 4 + 1))] * 2
+    assert all(c.result_bytes in (microbatch, activations) or c.sent_bytes < smallest for c in staged), staged
+    in_schedule = [c for c in found if (c.trip_count or 0) > data.grad_accum and {"data", "expert"} & set(c.axes)]
+    assert in_schedule and all(c.result_bytes < smallest for c in in_schedule), (smallest, in_schedule)
+
+
+def test_a_placement_move_with_stages_moves_the_right_layer_and_keeps_the_loss(trainers):
+    """`Trainer.move_experts`-style move of MoE layer 1 on the circular stage-2 state, whose units are stored
+    stage-major (layer 1 at slot 2): that layer's experts and placement move, no other; the loss is unchanged."""
+    trainer = trainers[1][2]
+    state = trainer.init_state()
+    before = jax.tree.map(np.asarray, trainer.logical_units(state.params))
+    loss = step_on(trainer, trainer.init_state(), 0)[1]
+    placements = trainer.placements(state)
+    placements[1] = np.roll(placements[1], 3)  # expert e to slot placements[1][e]
+    moved = trainer._move_layer(state, jax.numpy.asarray(placements), (1,))
+    np.testing.assert_array_equal(trainer.placements(moved), placements)
+    after = jax.tree.map(np.asarray, trainer.logical_units(moved.params))
+    w_in = [t["units"]["blocks"][0]["ffn"]["w_in"] for t in (before, after)]  # [layers, E (by slot), D, F]
+    np.testing.assert_array_equal(w_in[1][1], w_in[0][1][np.argsort(placements[1])])
+    np.testing.assert_array_equal(np.delete(w_in[1], 1, axis=0), np.delete(w_in[0], 1, axis=0))
+    assert step_on(trainer, moved, 0)[1] == pytest.approx(loss, rel=2e-5)
+
+
+HF_MIXTRAL = Path(__file__).resolve().parent / "fixtures" / "hf" / "mixtral"
+
+
+def test_hf_load_onto_a_mesh_with_stages():
+    """tedjax.hf.load onto (stage, data, expert, tensor) = (2, 2, 2, 1): each unit's weights on its stage, and the
+    logits equal transformers' (the model has no pipeline config: its scan gathers each unit from its stage, as
+    generation does)."""
+    from flax import nnx
+
+    from tedjax import hf
+
+    mesh = tedjax.make_mesh(2, 2, 1, stage=2)
+    _, model = hf.load(HF_MIXTRAL, mesh)
+    assert model.units.blocks[0].attn.wq[...].sharding.spec[0] == "stage"
+    gold = dict(np.load(HF_MIXTRAL.parent / "mixtral_golden.npz"))
+    rows = gold["input_ids"].shape[0]
+    model.eval()
+    graphdef, state = nnx.split(model)
+    with jax.set_mesh(mesh):
+        tokens = jax.device_put(np.tile(gold["input_ids"], (8 // rows, 1)).astype(np.int32),
+                                named_sharding(mesh, ("batch", None)))
+        logits = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)[0])(state, tokens)
+    error = np.max(np.abs(np.asarray(logits)[:rows] - gold["logits"]))
+    assert error <= 1e-4 * np.max(np.abs(gold["logits"])), error
