@@ -50,6 +50,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from tedjax import pipeline as pipe
 from tedjax.config import ModelConfig, check_mesh
 from tedjax.mesh import state_shardings
 from tedjax.model import Transformer, abstract_model, layer_index, moe_stack
@@ -809,6 +810,18 @@ def load(path: str | os.PathLike, mesh: Mesh, **overrides) -> tuple[ModelConfig,
 # --------------------------------------------------------------------------- save
 
 
+def _in_logical_order(model: Transformer) -> Transformer:
+    """`model` itself, or, when its stacked units are stored stage-major (a model merged from a circular-schedule
+    Trainer's state), a copy whose units are in logical order, so that layer k is written as layer k."""
+    if model.units_order == (1, 1):
+        return model
+    graphdef, state = nnx.split(model)
+    nnx.replace_by_pure_dict(state, pipe.reorder_units(nnx.to_pure_dict(state), model.units_order, (1, 1)))
+    logical = nnx.merge(graphdef, state)
+    logical.units_order = (1, 1)
+    return logical
+
+
 def save(
     model: Transformer,
     path: str | os.PathLike,
@@ -833,6 +846,7 @@ def save(
     In a multi-process run every process must call it; process 0 writes.
     """
     save_file = _safetensors().numpy.save_file
+    model = _in_logical_order(model)
     config: ModelConfig = model.config
     kind = export_kind(config)
     if tokenizer_from is not None and not (Path(tokenizer_from).expanduser() / "tokenizer.json").is_file():

@@ -367,3 +367,24 @@ def test_hf_load_onto_a_mesh_with_stages():
         logits = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)[0])(state, tokens)
     error = np.max(np.abs(np.asarray(logits)[:rows] - gold["logits"]))
     assert error <= 1e-4 * np.max(np.abs(gold["logits"])), error
+
+
+def test_hf_save_writes_a_stage_major_model_in_logical_order(tmp_path):
+    """A model merged from a circular Trainer's state keeps its units stage-major (`units_order`); hf.save writes
+    layer k as layer k all the same: the files equal those of the same model in logical order."""
+    from flax import nnx
+
+    from tedjax import hf
+    from tedjax import pipeline as pipe
+
+    config = tedjax.ModelConfig(vocab_size=64, d_model=16, n_layers=4, n_heads=2, d_ff=32, num_experts=4,
+                                expert_d_ff=32, top_k=2, moe_every=1, activation="swiglu", max_len=32)
+    logical = tedjax.Transformer(config, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(logical)
+    nnx.replace_by_pure_dict(state, pipe.reorder_units(nnx.to_pure_dict(state), (1, 1), (2, 2)))
+    stored = nnx.merge(graphdef, state)
+    stored.units_order = (2, 2)
+    w = [np.asarray(m.units.blocks[0].attn.wq[...]) for m in (logical, stored)]
+    assert not np.array_equal(w[0], w[1]) and np.array_equal(w[0][[0, 2, 1, 3]], w[1])  # really stage-major
+    files = [hf.save(m, tmp_path / name) / "model.safetensors" for m, name in ((logical, "a"), (stored, "b"))]
+    assert files[0].read_bytes() == files[1].read_bytes()
