@@ -66,6 +66,11 @@ def parse_args(argv=None):
     p.add_argument("--rescore", action="store_true", help="re-predict the compiled cells saved in the output "
                    "directory's planner.json (no compiling); parts 2-4 run again")
     p.add_argument("--out", type=str, default=None, help="directory for planner.{json,md} (default benchmarks/results)")
+    p.add_argument("--cells", type=int, default=None, help=f"cells to draw (default {CELLS}; --quick {QUICK_CELLS})")
+    p.add_argument("--seed", type=int, default=None, help=f"seed of the draw (default {SEED})")
+    p.add_argument("--only", type=str, default=None, help="compile (or with --rescore, score) only these cells of the "
+                   "draw, 1-based, comma-separated (e.g. 3,7,12): to iterate on the failing ones")
+    p.add_argument("--cells-only", action="store_true", help="part 1 only: skip TED's figure, presets and scale")
     return p.parse_args(argv)
 
 
@@ -303,6 +308,19 @@ def markdown(cells: list[dict], ted: dict, presets: list[dict], scale: dict, mac
     return "\n".join(lines) + "\n"
 
 
+def _seed(args) -> int:
+    return args.seed if args.seed is not None else QUICK_SEED if args.quick else SEED
+
+
+def _drawn(args) -> list:
+    """The cells of this run: `held_out_cells(count, seed)`, or the --only ones of it."""
+    count = args.cells or (QUICK_CELLS if args.quick else CELLS)
+    cells = plan.held_out_cells(count, _seed(args))
+    if args.only:
+        cells = [cells[int(i) - 1] for i in args.only.split(",")]
+    return [(tuple(layout), tuple(overrides)) for layout, overrides in cells]
+
+
 def main() -> None:
     args = parse_args()
     out_dir = _common.output_dir(NAME, args.out, args.quick and not args.rescore)
@@ -313,10 +331,12 @@ def main() -> None:
         saved = json.loads((Path(out_dir) / f"{NAME}.json").read_text())
         measured, machine = saved["rows"], saved["machine"]  # the machine that compiled them
         print(f"re-predicting {len(measured)} compiled cells of {Path(out_dir) / NAME}.json")
+        if args.only:
+            keep_cells = {tuple(cell) for cell in _drawn(args)}
+            measured = [c for c in measured if (tuple(c["layout"]), tuple(c["overrides"])) in keep_cells]
     else:
         measured = []
-        for layout, overrides in plan.held_out_cells(QUICK_CELLS if args.quick else CELLS,
-                                                     QUICK_SEED if args.quick else SEED):
+        for layout, overrides in _drawn(args):
             measured.append(measure_cell(layout, overrides))
             print(f"compiled {len(measured)}: {layout} {switches(overrides)} ({measured[-1]['compile_s']:.1f} s)",
                   flush=True)
@@ -327,11 +347,13 @@ def main() -> None:
     for c in cells:
         print(f"{tuple(c['layout'])} {c['switches']}: {'exact' if c['exact'] else 'DIFFER'}, memory "
               f"{c['memory_error']:+.1%} ({c['compile_s']:.1f} s)", flush=True)
+    if args.cells_only:
+        return
     ted = ted_figure()
     presets = preset_rows(QUICK_PRESET_GPUS if args.quick else PRESET_GPUS)
     scale = scale_row()
     settings = {"quick": args.quick, "cells": [[c["layout"], c["overrides"]] for c in cells],
-                "seed": QUICK_SEED if args.quick else SEED,
+                "seed": _seed(args), "only": args.only,
                 "switches": {k: [str(v) for v in vs] for k, vs in plan.HELD_OUT_SWITCHES.items()},
                 "ted_model": "configs/gpu_6.7b.yaml + " + " ".join(TED_MODEL), "headroom": plan.HEADROOM}
     md = markdown(cells, ted, presets, scale, machine, args.quick, args.rescore)

@@ -233,8 +233,7 @@ def unmodelled(config: TrainConfig, backend: Backend = "gpu") -> list[str]:
     """The settings of `config` the planner does not model ("key=value"); [] when it models them all.
 
     Values it knows it cannot predict: xla.cpu_all_reduce_combiner=false on XLA:CPU (its combined
-    all-reduce's buffers are calibrated in) and ZeRO-3 with shadow experts (the shadows' weights come
-    from split parameters; XLA's gathers for them are not in the model). Any key in neither MODELLED nor NO_EFFECT
+    all-reduce's buffers are calibrated in). Any key in neither MODELLED nor NO_EFFECT
     (a switch newer than the planner) counts when it differs from its default.
     """
     out = []
@@ -250,13 +249,10 @@ def unmodelled(config: TrainConfig, backend: Backend = "gpu") -> list[str]:
             out.append(f"{section + '.' if section else ''}{f.name}={_show(value)}")
     if backend == "cpu" and not config.xla.cpu_all_reduce_combiner:
         out.append("xla.cpu_all_reduce_combiner=false")
-    m, opt = config.model, config.optimizer
+    m = config.model
     if m.capacity_scope == "dropless" and m.shadow_experts and m.num_experts:
         # the shadow rows each device computes, a statistic XLA reduces its own way
         out.append(f"model.capacity_scope=dropless with model.shadow_experts={m.shadow_experts}")
-    if opt.zero == 3 and opt.zero1 and m.shadow_experts and m.num_experts:
-        # the shadows' jnp.take from split expert weights: XLA gathers and reduces them its own way (measured)
-        out.append(f"optimizer.zero=3 with model.shadow_experts={config.model.shadow_experts}")
     if m.a2a == "hierarchical" and m.num_experts:
         # its two exchanges' replica groups are no mesh axes: the byte table keeps the flat all-to-all
         out.append("model.a2a=hierarchical (its bytes per exchange; its time is modelled)")
@@ -875,16 +871,31 @@ def _leaf_costs(model: ModelConfig, layout: Layout, zero1: bool, backend: Backen
         if zero < 3:
             entries.append(("all-gather", added, local, False, "updated parameters (ZeRO-1)"))
         elif leaf.path != "['embed']":  # the lookup's table: partitioned as XLA chooses (XLA_CHOOSES)
-            # ZeRO-3 gathers each parameter where a micro-batch's forward uses it and keeps it for the
-            # backward pass; a norm's scale is gathered again there, remat gathers again what it recomputes
-            # (a block's weights but its router's; expert weights twice under full remat), and each chunk of
-            # a chunked all-to-all gathers the expert weights for its own FFN (device pools: once for all
-            # chunks). Measured on XLA:CPU.
-            recomputed = model.remat != "none" and leaf.layer is not None and not leaf.path.endswith("['router']")
-            again = (2 if model.remat == "full" and expert_weight else 1) if recomputed else 0
             pooled = model.capacity_scope == "device" and model.num_experts // sizes["expert"] > 1  # one shard_map
-            per_chunk = model.a2a_chunks if expert_weight and not pooled else 1
-            times = (1 + again + (1 if len(leaf.shape) - stacked == 1 else 0)) * per_chunk
+            norm = len(leaf.shape) - stacked == 1
+            if leaf.units:
+                # A scanned unit's leaf is gathered where the forward scan slices it out of the stack, and
+                # again where the backward scan does (the recomputation of remat uses that gather too), for
+                # all chunks at once; a norm's scale once more under remat. The backward gather of the router
+                # carries its gradient's op name, so XLA_CHOOSES counts it with the router gradient. Without
+                # remat the expert weights are gathered once when the backward pass keeps the forward's copy:
+                # device pools (shard_map residuals) and mixed precision (the cast weights are the residual).
+                # Measured on XLA:CPU.
+                kept = pooled or model.dtype != "float32"
+                if leaf.path.endswith("['router']") or (expert_weight and kept and model.remat == "none"):
+                    times = 1
+                else:
+                    times = 2 + (norm and model.remat != "none")
+            else:
+                # An unrolled leaf is gathered where a micro-batch's forward uses it and kept for the backward
+                # pass; a norm's scale is gathered again there, remat gathers again what it recomputes (a
+                # block's weights but its router's; expert weights twice under full remat), and each chunk of
+                # a chunked all-to-all gathers the expert weights for its own FFN (device pools: once for all
+                # chunks). Measured on XLA:CPU before the layers were scanned.
+                recomputed = model.remat != "none" and leaf.layer is not None and not leaf.path.endswith("['router']")
+                again = (2 if model.remat == "full" and expert_weight else 1) if recomputed else 0
+                per_chunk = model.a2a_chunks if expert_weight and not pooled else 1
+                times = (1 + again + norm) * per_chunk
             entries += [("all-gather", added, local, True, "parameters (ZeRO-3)")] * times
         def keys(listed):
             for kind, axes, nbytes, per_micro, what in listed:
