@@ -115,10 +115,17 @@ class Cluster:
     collective_latency_us: float = 8.4
     intra_node_step_us: float = 3.4
     inter_node_step_us: float = 14.0
+    # NCCL's low-latency (LL) protocol, which its tuner picks for small messages: a lower fixed cost and
+    # per-step cost at a quarter of the link's bandwidth for an all-reduce or across nodes (a third
+    # otherwise). Defaults: NCCL's cost model, ring algorithm, LL protocol.
+    ll_latency_us: float = 6.6
+    ll_intra_node_step_us: float = 0.6
+    ll_inter_node_step_us: float = 2.7
 
     FIELDS = ("name", "gpu", "nodes", "gpus_per_node", "memory_gib", "peak_bf16_tflops", "peak_fp32_tflops",
               "intra_node_gbps", "inter_node_gbps")  # fmt: skip
-    OPTIONAL = ("collective_latency_us", "intra_node_step_us", "inter_node_step_us")
+    OPTIONAL = ("collective_latency_us", "intra_node_step_us", "inter_node_step_us", "ll_latency_us",
+                "ll_intra_node_step_us", "ll_inter_node_step_us")
 
     def __post_init__(self):
         for name in ("name", "gpu"):
@@ -1271,9 +1278,19 @@ def step_time(config: TrainConfig, cluster: Cluster, layout: Layout | None = Non
         steps = 1 if t.kind == "collective-permute" else (2 if t.kind == "all-reduce" else 1) * (t.group_size - 1)
         per_op = (cluster.collective_latency_us
                   + steps * (cluster.inter_node_step_us if inter else cluster.intra_node_step_us)) * 1e-6
-        alpha = per_op * (ops.pop((t.kind, t.axes, t.group_size), 0) if t.what in COMBINED else t.count)
+        n_ops = ops.pop((t.kind, t.axes, t.group_size), 0) if t.what in COMBINED else t.count
+        beta = t.count * t.sent_bytes / (gbps * 1e9)
+        if t.kind in ("all-reduce", "all-gather", "reduce-scatter") and n_ops:
+            # NCCL's tuner runs each ring collective in the protocol its cost model finds faster: LL for
+            # small messages (the scalars, the norms' partial sums), Simple for large ones
+            ll_per_op = (cluster.ll_latency_us
+                         + steps * (cluster.ll_inter_node_step_us if inter else cluster.ll_intra_node_step_us)) * 1e-6
+            ll_share = 4 if t.kind == "all-reduce" or inter else 3
+            if ll_per_op * n_ops + beta * ll_share < per_op * n_ops + beta:
+                per_op, beta = ll_per_op, beta * ll_share
+        alpha = per_op * n_ops
         latency += alpha
-        comm[key] = comm.get(key, 0.0) + alpha + t.count * t.sent_bytes / (gbps * 1e9)
+        comm[key] = comm.get(key, 0.0) + alpha + beta
     # the view's FLOPs run every iteration, bubble included: its idle part is the bubble
     bubble = compute * (pipe.passes - pipe.microbatches) / pipe.passes if pipe else 0.0
     return Timing(compute - bubble, comm, links, latency, bubble)

@@ -342,6 +342,16 @@ def test_latency_gives_small_models_a_sane_step_time(h100):
     assert timing.latency_s > 0.5 * sum(timing.comm_s.values())  # small messages: latency bound
     zero = plan.dataclasses.replace(h100, collective_latency_us=0.0, intra_node_step_us=0.0, inter_node_step_us=0.0)
     assert plan.step_time(config, zero.with_devices(8)).latency_s == 0.0
+    # NCCL's tuner picks the protocol per message: a 4-byte all-reduce over 8 GPUs runs in LL (6.6 us + 14
+    # steps of 0.6 us), a 64 MiB one in Simple (8.4 us + 14 steps of 3.4 us, at the full link bandwidth)
+    def one(nbytes):
+        op = plan.Traffic("all-reduce", ("expert",), nbytes, 1, "one op", 8)
+        return plan.step_time(config, h100.with_devices(8), (1, 8, 1), traffic=[op])
+
+    assert one(4).latency_s == pytest.approx((6.6 + 14 * 0.6) * 1e-6)
+    big = one(64 << 20)
+    assert big.latency_s == pytest.approx((8.4 + 14 * 3.4) * 1e-6)
+    assert big.comm_s["expert"] == pytest.approx(big.latency_s + 2 * (64 << 20) * 7 / 8 / 450e9)
     # an older cluster file without the latency fields still loads, with NCCL's figures
     assert plan.Cluster.from_dict({f: getattr(h100, f) for f in plan.Cluster.FIELDS}) == h100
 
