@@ -201,6 +201,33 @@ def preset_rows(gpu_counts: list[int]) -> list[dict]:
     return rows
 
 
+LARGEST_BASES = ["gpu_1.3b", "gpu_2.7b", "gpu_6.7b"]  # TED's base models, the experts grown
+LARGEST_EXPERTS = [4, 8, 12, 16, 24, 32, 64, 128]
+QUICK_LARGEST = (["gpu_6.7b"], [8, 12])
+LARGEST_TARGET = 2.0
+
+
+def largest_moe(bases: list[str] = LARGEST_BASES, experts_grid: list[int] = LARGEST_EXPERTS) -> dict:
+    """The largest MoE (TED's bases, 4-128 experts) any plan fits on 8 x H100 80 GB, with ZeRO-1 only and with
+    ZeRO 1-3 to choose from."""
+    h100 = plan.Cluster.load(str(REPO / "configs" / "clusters" / "dgx_h100.yaml"))
+    fits: dict = {"zero1": [], "zero3": []}
+    for preset in bases:
+        for experts in experts_grid:
+            config = load_config(str(REPO / "configs" / f"{preset}.yaml"), ["mesh=auto", f"model.num_experts={experts}"])
+            params = config.model.param_counts()["total"]
+            for name, fixed in (("zero1", {"zero": 1}), ("zero3", {})):
+                found = plan.search(config, h100, 8, fixed=fixed)
+                if found.pool:
+                    fits[name].append((params, f"{preset} with {experts} experts", found.best.plan.describe(),
+                                       found.best.memory.total / plan.GIB))
+    best = {name: max(rows) for name, rows in fits.items() if rows}
+    ratio = best["zero3"][0] / best["zero1"][0] if len(best) == 2 else 0.0
+    return {"bases": bases, "experts": experts_grid, "cluster": h100.name, "gpus": 8,
+            "zero1": best.get("zero1"), "zero3": best.get("zero3"), "ratio": ratio, "target": LARGEST_TARGET,
+            "verdict": "PASS" if ratio >= LARGEST_TARGET else "MISS"}
+
+
 def scale_row() -> dict:
     h100 = plan.Cluster.load(str(REPO / "configs" / "clusters" / "dgx_h100.yaml"))
     config = load_config(str(REPO / "configs" / "gpu_2.7b.yaml"), ["mesh=auto"])
@@ -215,7 +242,7 @@ def _mib(n: float) -> str:
 
 
 def markdown(cells: list[dict], ted: dict, presets: list[dict], scale: dict, machine: dict, quick: bool,
-             rescored: bool = False) -> str:
+             rescored: bool = False, largest: dict | None = None) -> str:
     exact = sum(c["exact"] for c in cells)
     within = sum(abs(c["memory_error"]) <= 0.10 for c in cells)
     both = sum(c["exact"] and abs(c["memory_error"]) <= 0.10 for c in cells)
@@ -302,7 +329,17 @@ def markdown(cells: list[dict], ted: dict, presets: list[dict], scale: dict, mac
         else:
             lines.append(f"| {r['preset']} | {r['params_b']:.1f}B | {r['gpus']} | none fits (closest {r['closest']} "
                          f"needs {r['closest_memory_gib']:.1f} of {r['budget_gib']:.1f} GiB) | | | | | |")
-    lines += ["", "## 4. Scale", "",
+    big = largest
+    lines += ["", "## 4. The largest MoE on 8 x H100 80 GB, ZeRO-1 against ZeRO 1-3", "",
+              f"**{big['verdict']}** (target: >= {big['target']:.0f}x the total parameters): "
+              f"{big['ratio']:.2f}x. Models: {', '.join(big['bases'])} with "
+              f"{', '.join(map(str, big['experts']))} experts; each searched on {big['gpus']} GPUs of "
+              f"{big['cluster']} (10% kept free)."]
+    for name, label in (("zero1", "ZeRO-1 only"), ("zero3", "ZeRO 1-3")):
+        row = big[name]
+        lines.append(f"- {label}: " + (f"{row[0] / 1e9:.2f}B parameters ({row[1]}), {row[2]}, {row[3]:.1f} GiB"
+                                       if row else "none fits"))
+    lines += ["", "## 5. Scale", "",
               f"Search over {scale['plans']} plans for {scale['gpus']} GPUs (gpu_2.7b, DGX-H100): "
               f"{scale['search_s']:.1f} s, {scale['fit']} fit; best {scale['best']} at {scale['best_step_s']:.2f} s."]
     return "\n".join(lines) + "\n"
@@ -352,12 +389,14 @@ def main() -> None:
     ted = ted_figure()
     presets = preset_rows(QUICK_PRESET_GPUS if args.quick else PRESET_GPUS)
     scale = scale_row()
+    largest = largest_moe(*QUICK_LARGEST) if args.quick else largest_moe()
     settings = {"quick": args.quick, "cells": [[c["layout"], c["overrides"]] for c in cells],
                 "seed": _seed(args), "only": args.only,
                 "switches": {k: [str(v) for v in vs] for k, vs in plan.HELD_OUT_SWITCHES.items()},
                 "ted_model": "configs/gpu_6.7b.yaml + " + " ".join(TED_MODEL), "headroom": plan.HEADROOM}
-    md = markdown(cells, ted, presets, scale, machine, args.quick, args.rescore)
-    _common.publish(NAME, cells, settings, md, out_dir, machine, extra={"ted": ted, "presets": presets, "scale": scale})
+    md = markdown(cells, ted, presets, scale, machine, args.quick, args.rescore, largest)
+    _common.publish(NAME, cells, settings, md, out_dir, machine,
+                    extra={"ted": ted, "presets": presets, "scale": scale, "largest": largest})
 
 
 if __name__ == "__main__":
