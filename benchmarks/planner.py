@@ -203,7 +203,7 @@ def preset_rows(gpu_counts: list[int]) -> list[dict]:
 
 LARGEST_BASES = ["gpu_1.3b", "gpu_2.7b", "gpu_6.7b"]  # TED's base models, the experts grown
 LARGEST_EXPERTS = [4, 8, 12, 16, 24, 32, 64, 128]
-QUICK_LARGEST = (["gpu_6.7b"], [8, 12])
+QUICK_LARGEST = (["gpu_6.7b"], [8])
 LARGEST_TARGET = 2.0
 
 
