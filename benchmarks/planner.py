@@ -18,11 +18,14 @@
    the same layout and micro-batching with DTD + CAC. Target 26% +- 10 points.
 3. The GPU presets on 8, 64 and 512 DGX-H100 GPUs: the plan chosen, its
    predicted memory and step time, and the runner-up (the README table).
-4. Scale: the search for 1024 GPUs, timed.
+4. The largest MoE (TED's three bases, 4-128 experts) any plan fits on 8 x H100
+   80 GB, with ZeRO-1 only and with ZeRO 1-3. Target: >= 2x the parameters.
+5. Scale: the search for 1024 GPUs, timed.
 
     python benchmarks/planner.py            # full run (64 compiles) -> benchmarks/results/planner.{json,md}
     python benchmarks/planner.py --rescore  # re-predict the compiled cells of benchmarks/results/planner.json
-    python benchmarks/planner.py --quick    # 1 cell, parts 2-4 (presets on 8 GPUs) -> a temp dir unless --out
+    python benchmarks/planner.py --quick    # 1 cell, parts 2-5 (presets on 8 GPUs) -> a temp dir unless --out
+    python benchmarks/planner.py --only 3,7 --cells-only --out /tmp/p  # compile and score two cells of the sweep
 """
 
 from __future__ import annotations
