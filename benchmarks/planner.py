@@ -65,7 +65,7 @@ QUICK_PRESET_GPUS = [8]  # gpu_1.3b fits, gpu_6.7b does not: both kinds of row
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="1 cell instead of 64, then parts 2-4 (presets on 8 GPUs)")
+    p.add_argument("--quick", action="store_true", help="1 cell instead of 64, then parts 2-5 (presets on 8 GPUs)")
     p.add_argument("--rescore", action="store_true", help="re-predict the compiled cells saved in the output "
                    "directory's planner.json (no compiling); parts 2-4 run again")
     p.add_argument("--out", type=str, default=None, help="directory for planner.{json,md} (default benchmarks/results)")
