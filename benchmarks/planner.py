@@ -21,10 +21,13 @@
 4. The largest MoE (TED's three bases, 4-128 experts) any plan fits on 8 x H100
    80 GB, with ZeRO-1 only and with ZeRO 1-3. Target: >= 2x the parameters.
 5. Scale: the search for 1024 GPUs, timed.
+6. One gradient reduction per step: gpu_1.3b at (1,8,1) with 32 micro-batches on
+   DGX-H100, predicted communication per step with each micro-batch's
+   gradients reduced and with one reduction per step. Target: >= 5x less.
 
     python benchmarks/planner.py            # full run (64 compiles) -> benchmarks/results/planner.{json,md}
     python benchmarks/planner.py --rescore  # re-predict the compiled cells of benchmarks/results/planner.json
-    python benchmarks/planner.py --quick    # 1 cell, parts 2-5 (presets on 8 GPUs) -> a temp dir unless --out
+    python benchmarks/planner.py --quick    # 1 cell, parts 2-6 (presets on 8 GPUs) -> a temp dir unless --out
     python benchmarks/planner.py --only 3,7 --cells-only --out /tmp/p  # compile and score two cells of the sweep
 """
 
@@ -65,7 +68,7 @@ QUICK_PRESET_GPUS = [8]  # gpu_1.3b fits, gpu_6.7b does not: both kinds of row
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="1 cell instead of 64, then parts 2-5 (presets on 8 GPUs)")
+    p.add_argument("--quick", action="store_true", help="1 cell instead of 64, then parts 2-6 (presets on 8 GPUs)")
     p.add_argument("--rescore", action="store_true", help="re-predict the compiled cells saved in the output "
                    "directory's planner.json (no compiling); parts 2-4 run again")
     p.add_argument("--out", type=str, default=None, help="directory for planner.{json,md} (default benchmarks/results)")
@@ -231,6 +234,28 @@ def largest_moe(bases: list[str] = LARGEST_BASES, experts_grid: list[int] = LARG
             "verdict": "PASS" if ratio >= LARGEST_TARGET else "MISS"}
 
 
+ACCUM_TARGET = 5.0
+
+
+def accumulation_row() -> dict:
+    """Issue 21's figure: gpu_1.3b at (1,8,1) with 32 micro-batches on DGX-H100, predicted communication per step
+    with each micro-batch's gradients reduced (as before one reduction per step) and with one reduction per step."""
+    h100 = plan.Cluster.load(str(REPO / "configs" / "clusters" / "dgx_h100.yaml")).with_devices(8)
+    config = load_config(str(REPO / "configs" / "gpu_1.3b.yaml"),
+                         ["mesh.data=1", "mesh.expert=8", "mesh.tensor=1", "data.grad_accum=32"])
+    once = plan.step_time(config, h100)
+    every = plan.step_time(config, h100, traffic=plan._collectives(config, None, "gpu", lanes=False))
+    a2a = [t for t in plan.collectives(config) if t.what == "MoE dispatch and return"]
+    a2a_bytes_s = sum(t.count * t.sent_bytes for t in a2a) / (h100.intra_node_gbps * 1e9)
+    a2a_latency_s = sum(t.count for t in a2a) * (h100.collective_latency_us + 7 * h100.intra_node_step_us) * 1e-6
+    comm_once, comm_every = sum(once.comm_s.values()), sum(every.comm_s.values())
+    return {"per_micro_batch_ms": comm_every * 1e3, "per_micro_batch_latency_ms": every.latency_s * 1e3,
+            "once_ms": comm_once * 1e3, "once_latency_ms": once.latency_s * 1e3, "ratio": comm_every / comm_once,
+            "all_to_all_bytes_ms": a2a_bytes_s * 1e3, "all_to_all_latency_ms": a2a_latency_s * 1e3,
+            "bound": comm_every / (a2a_bytes_s + a2a_latency_s), "target": ACCUM_TARGET,
+            "verdict": "PASS" if comm_every / comm_once >= ACCUM_TARGET else "MISS"}
+
+
 def scale_row() -> dict:
     h100 = plan.Cluster.load(str(REPO / "configs" / "clusters" / "dgx_h100.yaml"))
     config = load_config(str(REPO / "configs" / "gpu_2.7b.yaml"), ["mesh=auto"])
@@ -245,7 +270,7 @@ def _mib(n: float) -> str:
 
 
 def markdown(cells: list[dict], ted: dict, presets: list[dict], scale: dict, machine: dict, quick: bool,
-             rescored: bool = False, largest: dict | None = None) -> str:
+             rescored: bool = False, largest: dict | None = None, accumulation: dict | None = None) -> str:
     exact = sum(c["exact"] for c in cells)
     within = sum(abs(c["memory_error"]) <= 0.10 for c in cells)
     both = sum(c["exact"] and abs(c["memory_error"]) <= 0.10 for c in cells)
@@ -345,6 +370,17 @@ def markdown(cells: list[dict], ted: dict, presets: list[dict], scale: dict, mac
     lines += ["", "## 5. Scale", "",
               f"Search over {scale['plans']} plans for {scale['gpus']} GPUs (gpu_2.7b, DGX-H100): "
               f"{scale['search_s']:.1f} s, {scale['fit']} fit; best {scale['best']} at {scale['best_step_s']:.2f} s."]
+    acc = accumulation
+    if acc:
+        lines += ["", "## 6. One gradient reduction per step, predicted (gpu_1.3b, (1,8,1), 32 micro-batches, "
+                  "8 x H100)", "",
+                  f"**{acc['verdict']}** (target: communication per step falls >= {acc['target']:.0f}x): "
+                  f"{acc['per_micro_batch_ms']:.1f} ms with each micro-batch's gradients reduced "
+                  f"({acc['per_micro_batch_latency_ms']:.1f} ms of it latency) -> {acc['once_ms']:.1f} ms with one "
+                  f"reduction per step ({acc['once_latency_ms']:.1f} ms latency): {acc['ratio']:.2f}x. The MoE "
+                  f"all-to-alls alone take {acc['all_to_all_bytes_ms'] + acc['all_to_all_latency_ms']:.1f} ms "
+                  f"({acc['all_to_all_bytes_ms']:.1f} ms of bytes, {acc['all_to_all_latency_ms']:.1f} ms of NCCL's "
+                  f"ring latency), so no change to the gradient reduction gets past {acc['bound']:.2f}x."]
     return "\n".join(lines) + "\n"
 
 
@@ -393,13 +429,15 @@ def main() -> None:
     presets = preset_rows(QUICK_PRESET_GPUS if args.quick else PRESET_GPUS)
     scale = scale_row()
     largest = largest_moe(*QUICK_LARGEST) if args.quick else largest_moe()
+    accumulation = accumulation_row()
     settings = {"quick": args.quick, "cells": [[c["layout"], c["overrides"]] for c in cells],
                 "seed": _seed(args), "only": args.only,
                 "switches": {k: [str(v) for v in vs] for k, vs in plan.HELD_OUT_SWITCHES.items()},
                 "ted_model": "configs/gpu_6.7b.yaml + " + " ".join(TED_MODEL), "headroom": plan.HEADROOM}
-    md = markdown(cells, ted, presets, scale, machine, args.quick, args.rescore, largest)
+    md = markdown(cells, ted, presets, scale, machine, args.quick, args.rescore, largest, accumulation)
     _common.publish(NAME, cells, settings, md, out_dir, machine,
-                    extra={"ted": ted, "presets": presets, "scale": scale, "largest": largest})
+                    extra={"ted": ted, "presets": presets, "scale": scale, "largest": largest,
+                           "accumulation": accumulation})
 
 
 if __name__ == "__main__":
