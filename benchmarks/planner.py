@@ -220,7 +220,8 @@ def largest_moe(bases: list[str] = LARGEST_BASES, experts_grid: list[int] = LARG
     fits: dict = {"zero1": [], "zero3": []}
     for preset in bases:
         for experts in experts_grid:
-            config = load_config(str(REPO / "configs" / f"{preset}.yaml"), ["mesh=auto", f"model.num_experts={experts}"])
+            config = load_config(str(REPO / "configs" / f"{preset}.yaml"),
+                                 ["mesh=auto", f"model.num_experts={experts}"])
             params = config.model.param_counts()["total"]
             for name, fixed in (("zero1", {"zero": 1}), ("zero3", {})):
                 found = plan.search(config, h100, 8, fixed=fixed)
