@@ -18,11 +18,17 @@
    the same layout and micro-batching with DTD + CAC. Target 26% +- 10 points.
 3. The GPU presets on 8, 64 and 512 DGX-H100 GPUs: the plan chosen, its
    predicted memory and step time, and the runner-up (the README table).
-4. Scale: the search for 1024 GPUs, timed.
+4. The largest MoE (TED's three bases, 4-128 experts) any plan fits on 8 x H100
+   80 GB, with ZeRO-1 only and with ZeRO 1-3. Target: >= 2x the parameters.
+5. Scale: the search for 1024 GPUs, timed.
+6. One gradient reduction per step: gpu_1.3b at (1,8,1) with 32 micro-batches on
+   DGX-H100, predicted communication per step with each micro-batch's
+   gradients reduced and with one reduction per step. Target: >= 5x less.
 
     python benchmarks/planner.py            # full run (64 compiles) -> benchmarks/results/planner.{json,md}
     python benchmarks/planner.py --rescore  # re-predict the compiled cells of benchmarks/results/planner.json
-    python benchmarks/planner.py --quick    # 1 cell, parts 2-4 (presets on 8 GPUs) -> a temp dir unless --out
+    python benchmarks/planner.py --quick    # 1 cell, parts 2-6 (presets on 8 GPUs) -> a temp dir unless --out
+    python benchmarks/planner.py --only 3,7 --cells-only --out /tmp/p  # compile and score two cells of the sweep
 """
 
 from __future__ import annotations
@@ -62,10 +68,15 @@ QUICK_PRESET_GPUS = [8]  # gpu_1.3b fits, gpu_6.7b does not: both kinds of row
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="1 cell instead of 64, then parts 2-4 (presets on 8 GPUs)")
+    p.add_argument("--quick", action="store_true", help="1 cell instead of 64, then parts 2-6 (presets on 8 GPUs)")
     p.add_argument("--rescore", action="store_true", help="re-predict the compiled cells saved in the output "
                    "directory's planner.json (no compiling); parts 2-4 run again")
     p.add_argument("--out", type=str, default=None, help="directory for planner.{json,md} (default benchmarks/results)")
+    p.add_argument("--cells", type=int, default=None, help=f"cells to draw (default {CELLS}; --quick {QUICK_CELLS})")
+    p.add_argument("--seed", type=int, default=None, help=f"seed of the draw (default {SEED})")
+    p.add_argument("--only", type=str, default=None, help="compile (or with --rescore, score) only these cells of the "
+                   "draw, 1-based, comma-separated (e.g. 3,7,12): to iterate on the failing ones")
+    p.add_argument("--cells-only", action="store_true", help="part 1 only: skip TED's figure, presets and scale")
     return p.parse_args(argv)
 
 
@@ -196,6 +207,56 @@ def preset_rows(gpu_counts: list[int]) -> list[dict]:
     return rows
 
 
+LARGEST_BASES = ["gpu_1.3b", "gpu_2.7b", "gpu_6.7b"]  # TED's base models, the experts grown
+LARGEST_EXPERTS = [4, 8, 12, 16, 24, 32, 64, 128]
+QUICK_LARGEST = (["gpu_6.7b"], [8])
+LARGEST_TARGET = 2.0
+
+
+def largest_moe(bases: list[str] = LARGEST_BASES, experts_grid: list[int] = LARGEST_EXPERTS) -> dict:
+    """The largest MoE (TED's bases, 4-128 experts) any plan fits on 8 x H100 80 GB, with ZeRO-1 only and with
+    ZeRO 1-3 to choose from."""
+    h100 = plan.Cluster.load(str(REPO / "configs" / "clusters" / "dgx_h100.yaml"))
+    fits: dict = {"zero1": [], "zero3": []}
+    for preset in bases:
+        for experts in experts_grid:
+            config = load_config(str(REPO / "configs" / f"{preset}.yaml"),
+                                 ["mesh=auto", f"model.num_experts={experts}"])
+            params = config.model.param_counts()["total"]
+            for name, fixed in (("zero1", {"zero": 1}), ("zero3", {})):
+                found = plan.search(config, h100, 8, fixed=fixed)
+                if found.pool:
+                    fits[name].append((params, f"{preset} with {experts} experts", found.best.plan.describe(),
+                                       found.best.memory.total / plan.GIB))
+    best = {name: max(rows) for name, rows in fits.items() if rows}
+    ratio = best["zero3"][0] / best["zero1"][0] if len(best) == 2 else 0.0
+    return {"bases": bases, "experts": experts_grid, "cluster": h100.name, "gpus": 8,
+            "zero1": best.get("zero1"), "zero3": best.get("zero3"), "ratio": ratio, "target": LARGEST_TARGET,
+            "verdict": "PASS" if ratio >= LARGEST_TARGET else "MISS"}
+
+
+ACCUM_TARGET = 5.0
+
+
+def accumulation_row() -> dict:
+    """Issue 21's figure: gpu_1.3b at (1,8,1) with 32 micro-batches on DGX-H100, predicted communication per step
+    with each micro-batch's gradients reduced (as before one reduction per step) and with one reduction per step."""
+    h100 = plan.Cluster.load(str(REPO / "configs" / "clusters" / "dgx_h100.yaml")).with_devices(8)
+    config = load_config(str(REPO / "configs" / "gpu_1.3b.yaml"),
+                         ["mesh.data=1", "mesh.expert=8", "mesh.tensor=1", "data.grad_accum=32"])
+    once = plan.step_time(config, h100)
+    every = plan.step_time(config, h100, traffic=plan._collectives(config, None, "gpu", lanes=False))
+    a2a = [t for t in plan.collectives(config) if t.what == "MoE dispatch and return"]
+    a2a_bytes_s = sum(t.count * t.sent_bytes for t in a2a) / (h100.intra_node_gbps * 1e9)
+    a2a_latency_s = sum(t.count for t in a2a) * (h100.collective_latency_us + 7 * h100.intra_node_step_us) * 1e-6
+    comm_once, comm_every = sum(once.comm_s.values()), sum(every.comm_s.values())
+    return {"per_micro_batch_ms": comm_every * 1e3, "per_micro_batch_latency_ms": every.latency_s * 1e3,
+            "once_ms": comm_once * 1e3, "once_latency_ms": once.latency_s * 1e3, "ratio": comm_every / comm_once,
+            "all_to_all_bytes_ms": a2a_bytes_s * 1e3, "all_to_all_latency_ms": a2a_latency_s * 1e3,
+            "bound": comm_every / (a2a_bytes_s + a2a_latency_s), "target": ACCUM_TARGET,
+            "verdict": "PASS" if comm_every / comm_once >= ACCUM_TARGET else "MISS"}
+
+
 def scale_row() -> dict:
     h100 = plan.Cluster.load(str(REPO / "configs" / "clusters" / "dgx_h100.yaml"))
     config = load_config(str(REPO / "configs" / "gpu_2.7b.yaml"), ["mesh=auto"])
@@ -210,7 +271,7 @@ def _mib(n: float) -> str:
 
 
 def markdown(cells: list[dict], ted: dict, presets: list[dict], scale: dict, machine: dict, quick: bool,
-             rescored: bool = False) -> str:
+             rescored: bool = False, largest: dict | None = None, accumulation: dict | None = None) -> str:
     exact = sum(c["exact"] for c in cells)
     within = sum(abs(c["memory_error"]) <= 0.10 for c in cells)
     both = sum(c["exact"] and abs(c["memory_error"]) <= 0.10 for c in cells)
@@ -297,10 +358,44 @@ def markdown(cells: list[dict], ted: dict, presets: list[dict], scale: dict, mac
         else:
             lines.append(f"| {r['preset']} | {r['params_b']:.1f}B | {r['gpus']} | none fits (closest {r['closest']} "
                          f"needs {r['closest_memory_gib']:.1f} of {r['budget_gib']:.1f} GiB) | | | | | |")
-    lines += ["", "## 4. Scale", "",
+    big = largest
+    lines += ["", "## 4. The largest MoE on 8 x H100 80 GB, ZeRO-1 against ZeRO 1-3", "",
+              f"**{big['verdict']}** (target: >= {big['target']:.0f}x the total parameters): "
+              f"{big['ratio']:.2f}x. Models: {', '.join(big['bases'])} with "
+              f"{', '.join(map(str, big['experts']))} experts; each searched on {big['gpus']} GPUs of "
+              f"{big['cluster']} (10% kept free)."]
+    for name, label in (("zero1", "ZeRO-1 only"), ("zero3", "ZeRO 1-3")):
+        row = big[name]
+        lines.append(f"- {label}: " + (f"{row[0] / 1e9:.2f}B parameters ({row[1]}), {row[2]}, {row[3]:.1f} GiB"
+                                       if row else "none fits"))
+    lines += ["", "## 5. Scale", "",
               f"Search over {scale['plans']} plans for {scale['gpus']} GPUs (gpu_2.7b, DGX-H100): "
               f"{scale['search_s']:.1f} s, {scale['fit']} fit; best {scale['best']} at {scale['best_step_s']:.2f} s."]
+    acc = accumulation
+    if acc:
+        lines += ["", "## 6. One gradient reduction per step, predicted (gpu_1.3b, (1,8,1), 32 micro-batches, "
+                  "8 x H100)", "",
+                  f"**{acc['verdict']}** (target: communication per step falls >= {acc['target']:.0f}x): "
+                  f"{acc['per_micro_batch_ms']:.1f} ms with each micro-batch's gradients reduced "
+                  f"({acc['per_micro_batch_latency_ms']:.1f} ms of it latency) -> {acc['once_ms']:.1f} ms with one "
+                  f"reduction per step ({acc['once_latency_ms']:.1f} ms latency): {acc['ratio']:.2f}x. The MoE "
+                  f"all-to-alls alone take {acc['all_to_all_bytes_ms'] + acc['all_to_all_latency_ms']:.1f} ms "
+                  f"({acc['all_to_all_bytes_ms']:.1f} ms of bytes, {acc['all_to_all_latency_ms']:.1f} ms of NCCL's "
+                  f"ring latency), so no change to the gradient reduction gets past {acc['bound']:.2f}x."]
     return "\n".join(lines) + "\n"
+
+
+def _seed(args) -> int:
+    return args.seed if args.seed is not None else QUICK_SEED if args.quick else SEED
+
+
+def _drawn(args) -> list:
+    """The cells of this run: `held_out_cells(count, seed)`, or the --only ones of it."""
+    count = args.cells or (QUICK_CELLS if args.quick else CELLS)
+    cells = plan.held_out_cells(count, _seed(args))
+    if args.only:
+        cells = [cells[int(i) - 1] for i in args.only.split(",")]
+    return [(tuple(layout), tuple(overrides)) for layout, overrides in cells]
 
 
 def main() -> None:
@@ -313,10 +408,12 @@ def main() -> None:
         saved = json.loads((Path(out_dir) / f"{NAME}.json").read_text())
         measured, machine = saved["rows"], saved["machine"]  # the machine that compiled them
         print(f"re-predicting {len(measured)} compiled cells of {Path(out_dir) / NAME}.json")
+        if args.only:
+            keep_cells = {tuple(cell) for cell in _drawn(args)}
+            measured = [c for c in measured if (tuple(c["layout"]), tuple(c["overrides"])) in keep_cells]
     else:
         measured = []
-        for layout, overrides in plan.held_out_cells(QUICK_CELLS if args.quick else CELLS,
-                                                     QUICK_SEED if args.quick else SEED):
+        for layout, overrides in _drawn(args):
             measured.append(measure_cell(layout, overrides))
             print(f"compiled {len(measured)}: {layout} {switches(overrides)} ({measured[-1]['compile_s']:.1f} s)",
                   flush=True)
@@ -327,15 +424,21 @@ def main() -> None:
     for c in cells:
         print(f"{tuple(c['layout'])} {c['switches']}: {'exact' if c['exact'] else 'DIFFER'}, memory "
               f"{c['memory_error']:+.1%} ({c['compile_s']:.1f} s)", flush=True)
+    if args.cells_only:
+        return
     ted = ted_figure()
     presets = preset_rows(QUICK_PRESET_GPUS if args.quick else PRESET_GPUS)
     scale = scale_row()
+    largest = largest_moe(*QUICK_LARGEST) if args.quick else largest_moe()
+    accumulation = accumulation_row()
     settings = {"quick": args.quick, "cells": [[c["layout"], c["overrides"]] for c in cells],
-                "seed": QUICK_SEED if args.quick else SEED,
+                "seed": _seed(args), "only": args.only,
                 "switches": {k: [str(v) for v in vs] for k, vs in plan.HELD_OUT_SWITCHES.items()},
                 "ted_model": "configs/gpu_6.7b.yaml + " + " ".join(TED_MODEL), "headroom": plan.HEADROOM}
-    md = markdown(cells, ted, presets, scale, machine, args.quick, args.rescore)
-    _common.publish(NAME, cells, settings, md, out_dir, machine, extra={"ted": ted, "presets": presets, "scale": scale})
+    md = markdown(cells, ted, presets, scale, machine, args.quick, args.rescore, largest, accumulation)
+    _common.publish(NAME, cells, settings, md, out_dir, machine,
+                    extra={"ted": ted, "presets": presets, "scale": scale, "largest": largest,
+                           "accumulation": accumulation})
 
 
 if __name__ == "__main__":

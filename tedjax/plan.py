@@ -115,10 +115,17 @@ class Cluster:
     collective_latency_us: float = 8.4
     intra_node_step_us: float = 3.4
     inter_node_step_us: float = 14.0
+    # NCCL's low-latency (LL) protocol, which its tuner picks for small messages: a lower fixed cost and
+    # per-step cost at a quarter of the link's bandwidth for an all-reduce or across nodes (a third
+    # otherwise). Defaults: NCCL's cost model, ring algorithm, LL protocol.
+    ll_latency_us: float = 6.6
+    ll_intra_node_step_us: float = 0.6
+    ll_inter_node_step_us: float = 2.7
 
     FIELDS = ("name", "gpu", "nodes", "gpus_per_node", "memory_gib", "peak_bf16_tflops", "peak_fp32_tflops",
               "intra_node_gbps", "inter_node_gbps")  # fmt: skip
-    OPTIONAL = ("collective_latency_us", "intra_node_step_us", "inter_node_step_us")
+    OPTIONAL = ("collective_latency_us", "intra_node_step_us", "inter_node_step_us", "ll_latency_us",
+                "ll_intra_node_step_us", "ll_inter_node_step_us")
 
     def __post_init__(self):
         for name in ("name", "gpu"):
@@ -233,8 +240,7 @@ def unmodelled(config: TrainConfig, backend: Backend = "gpu") -> list[str]:
     """The settings of `config` the planner does not model ("key=value"); [] when it models them all.
 
     Values it knows it cannot predict: xla.cpu_all_reduce_combiner=false on XLA:CPU (its combined
-    all-reduce's buffers are calibrated in) and ZeRO-3 with shadow experts (the shadows' weights come
-    from split parameters; XLA's gathers for them are not in the model). Any key in neither MODELLED nor NO_EFFECT
+    all-reduce's buffers are calibrated in). Any key in neither MODELLED nor NO_EFFECT
     (a switch newer than the planner) counts when it differs from its default.
     """
     out = []
@@ -250,13 +256,10 @@ def unmodelled(config: TrainConfig, backend: Backend = "gpu") -> list[str]:
             out.append(f"{section + '.' if section else ''}{f.name}={_show(value)}")
     if backend == "cpu" and not config.xla.cpu_all_reduce_combiner:
         out.append("xla.cpu_all_reduce_combiner=false")
-    m, opt = config.model, config.optimizer
+    m = config.model
     if m.capacity_scope == "dropless" and m.shadow_experts and m.num_experts:
         # the shadow rows each device computes, a statistic XLA reduces its own way
         out.append(f"model.capacity_scope=dropless with model.shadow_experts={m.shadow_experts}")
-    if opt.zero == 3 and opt.zero1 and m.shadow_experts and m.num_experts:
-        # the shadows' jnp.take from split expert weights: XLA gathers and reduces them its own way (measured)
-        out.append(f"optimizer.zero=3 with model.shadow_experts={config.model.shadow_experts}")
     if m.a2a == "hierarchical" and m.num_experts:
         # its two exchanges' replica groups are no mesh axes: the byte table keeps the flat all-to-all
         out.append("model.a2a=hierarchical (its bytes per exchange; its time is modelled)")
@@ -875,16 +878,31 @@ def _leaf_costs(model: ModelConfig, layout: Layout, zero1: bool, backend: Backen
         if zero < 3:
             entries.append(("all-gather", added, local, False, "updated parameters (ZeRO-1)"))
         elif leaf.path != "['embed']":  # the lookup's table: partitioned as XLA chooses (XLA_CHOOSES)
-            # ZeRO-3 gathers each parameter where a micro-batch's forward uses it and keeps it for the
-            # backward pass; a norm's scale is gathered again there, remat gathers again what it recomputes
-            # (a block's weights but its router's; expert weights twice under full remat), and each chunk of
-            # a chunked all-to-all gathers the expert weights for its own FFN (device pools: once for all
-            # chunks). Measured on XLA:CPU.
-            recomputed = model.remat != "none" and leaf.layer is not None and not leaf.path.endswith("['router']")
-            again = (2 if model.remat == "full" and expert_weight else 1) if recomputed else 0
             pooled = model.capacity_scope == "device" and model.num_experts // sizes["expert"] > 1  # one shard_map
-            per_chunk = model.a2a_chunks if expert_weight and not pooled else 1
-            times = (1 + again + (1 if len(leaf.shape) - stacked == 1 else 0)) * per_chunk
+            norm = len(leaf.shape) - stacked == 1
+            if leaf.units:
+                # A scanned unit's leaf is gathered where the forward scan slices it out of the stack, and
+                # again where the backward scan does (the recomputation of remat uses that gather too), for
+                # all chunks at once; a norm's scale once more under remat. The backward gather of the router
+                # carries its gradient's op name, so XLA_CHOOSES counts it with the router gradient. Without
+                # remat the expert weights are gathered once when the backward pass keeps the forward's copy:
+                # device pools (shard_map residuals) and mixed precision (the cast weights are the residual).
+                # Measured on XLA:CPU.
+                kept = pooled or model.dtype != "float32"
+                if leaf.path.endswith("['router']") or (expert_weight and kept and model.remat == "none"):
+                    times = 1
+                else:
+                    times = 2 + (norm and model.remat != "none")
+            else:
+                # An unrolled leaf is gathered where a micro-batch's forward uses it and kept for the backward
+                # pass; a norm's scale is gathered again there, remat gathers again what it recomputes (a
+                # block's weights but its router's; expert weights twice under full remat), and each chunk of
+                # a chunked all-to-all gathers the expert weights for its own FFN (device pools: once for all
+                # chunks). Measured on XLA:CPU before the layers were scanned.
+                recomputed = model.remat != "none" and leaf.layer is not None and not leaf.path.endswith("['router']")
+                again = (2 if model.remat == "full" and expert_weight else 1) if recomputed else 0
+                per_chunk = model.a2a_chunks if expert_weight and not pooled else 1
+                times = (1 + again + norm) * per_chunk
             entries += [("all-gather", added, local, True, "parameters (ZeRO-3)")] * times
         def keys(listed):
             for kind, axes, nbytes, per_micro, what in listed:
@@ -946,6 +964,7 @@ class Memory:
     activations: int  # kept by the forward pass for the backward pass (the remat policy's)
     temporaries: int  # the step's peak beyond its arguments
     peak_at: str  # where that peak is: "backward start", "backward end" or "optimizer update"
+    phases: tuple = ()  # ((moment, temporaries there), ...) for each of the three moments, the peak's included
 
     @property
     def arguments(self) -> int:
@@ -1078,13 +1097,15 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
     # ZeRO-3's gathered parameters add nothing measurable to the peak on XLA:CPU: each is gathered where a
     # layer uses it, and the backward pass frees them layer by layer as it frees the activations.
     # XLA:CPU turns ZeRO-2/3's per-micro-batch reduce-scatter into an all-reduce plus a slice: the running
-    # sum saves nothing there, and the all-reduce's full result (float32 runs) adds to the peak (measured).
-    cpu_zero2 = (full - carry + (0 if casts else costs.reduced)) if backend == "cpu" and zero > 1 and carry else 0
+    # sum saves nothing there (measured). With the layers scanned the all-reduce's full result no longer adds
+    # to the peak (it did before: counting it put float32 remat cells 30-35% over).
+    cpu_zero2 = full - carry if backend == "cpu" and zero > 1 and carry else 0
     phases = {"backward start": activations + carry + layer_grads,
               "backward end": carry + full + one_layer + logits + cpu_zero2,
               "optimizer update": full + (4 * 4 * tile if tile else moments)}
     peak_at = max(phases, key=phases.get)
-    return Memory(params, moments + counters, batch, other, full, activations, working + phases[peak_at], peak_at)
+    return Memory(params, moments + counters, batch, other, full, activations, working + phases[peak_at], peak_at,
+                  tuple((name, working + value) for name, value in phases.items()))
 
 
 # --------------------------------------------------------------------------- #
@@ -1266,9 +1287,19 @@ def step_time(config: TrainConfig, cluster: Cluster, layout: Layout | None = Non
         steps = 1 if t.kind == "collective-permute" else (2 if t.kind == "all-reduce" else 1) * (t.group_size - 1)
         per_op = (cluster.collective_latency_us
                   + steps * (cluster.inter_node_step_us if inter else cluster.intra_node_step_us)) * 1e-6
-        alpha = per_op * (ops.pop((t.kind, t.axes, t.group_size), 0) if t.what in COMBINED else t.count)
+        n_ops = ops.pop((t.kind, t.axes, t.group_size), 0) if t.what in COMBINED else t.count
+        beta = t.count * t.sent_bytes / (gbps * 1e9)
+        if t.kind in ("all-reduce", "all-gather", "reduce-scatter") and n_ops:
+            # NCCL's tuner runs each ring collective in the protocol its cost model finds faster: LL for
+            # small messages (the scalars, the norms' partial sums), Simple for large ones
+            ll_per_op = (cluster.ll_latency_us
+                         + steps * (cluster.ll_inter_node_step_us if inter else cluster.ll_intra_node_step_us)) * 1e-6
+            ll_share = 4 if t.kind == "all-reduce" or inter else 3
+            if ll_per_op * n_ops + beta * ll_share < per_op * n_ops + beta:
+                per_op, beta = ll_per_op, beta * ll_share
+        alpha = per_op * n_ops
         latency += alpha
-        comm[key] = comm.get(key, 0.0) + alpha + t.count * t.sent_bytes / (gbps * 1e9)
+        comm[key] = comm.get(key, 0.0) + alpha + beta
     # the view's FLOPs run every iteration, bubble included: its idle part is the bubble
     bubble = compute * (pipe.passes - pipe.microbatches) / pipe.passes if pipe else 0.0
     return Timing(compute - bubble, comm, links, latency, bubble)

