@@ -76,23 +76,28 @@ def _cell_id(cell):
     return "x".join(map(str, layout)) + "-" + "-".join(short)
 
 
-# Known misses of the byte model, each a MISS of benchmarks/planner.py: on (1,2,4) with ZeRO-3 XLA:CPU gathers
-# the scanned router twice and the norm scales once (the model: once and twice), 8 KiB more in all (0.25%).
-KNOWN_BYTE_MISSES = {2}  # positions in HELD_OUT, 1-based (the sweep's cell 2)
-
-
-def _byte_cells():
-    return [pytest.param(cell, marks=pytest.mark.xfail(strict=True, reason="known byte miss (KNOWN_BYTE_MISSES)"))
-            if i in KNOWN_BYTE_MISSES else cell for i, cell in enumerate(HELD_OUT, 1)]
+# Known misses of the byte model, each a MISS of benchmarks/planner.py reported in the README: on (1,2,4) with
+# ZeRO-3 XLA:CPU gathers the scanned router twice and the norm scales once (the model: once and twice), 8 KiB
+# more in all (0.25%). Held to exactly that: only ZeRO-3's all-gathers differ, by at most the bound; a cell that
+# becomes exact fails here until it is taken off the list.
+KNOWN_BYTE_MISSES = {2: 16 * 1024}  # position in HELD_OUT (1-based, the sweep's cell) -> most bytes off
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cell", _byte_cells(), ids=_cell_id)
-def test_predicted_collectives_equal_the_compiled_program(compiled_cells, cell):
+@pytest.mark.parametrize("position", range(1, len(HELD_OUT) + 1), ids=lambda i: _cell_id(HELD_OUT[i - 1]))
+def test_predicted_collectives_equal_the_compiled_program(compiled_cells, position):
+    cell = HELD_OUT[position - 1]
     config, measured = compiled_cells[cell]
     rows = plan.comparison(config, measured, cell[0], backend="cpu")
     assert plan.unmodelled(config, "cpu") == []
-    assert rows and all(r["exact"] for r in rows), [r for r in rows if not r["exact"]]
+    assert rows
+    inexact = [r for r in rows if not r["exact"]]
+    if position in KNOWN_BYTE_MISSES:
+        assert inexact, "this cell is now exact: take it off KNOWN_BYTE_MISSES (and the README's MISS)"
+        assert all(r["kind"] == "all-gather" for r in inexact), inexact
+        assert sum(abs(r["measured_bytes"] - r["predicted_bytes"]) for r in inexact) <= KNOWN_BYTE_MISSES[position]
+        rows = [r for r in rows if r["exact"]]
+    assert not inexact or position in KNOWN_BYTE_MISSES, inexact
     for r in rows:
         assert r["predicted_sent"] == pytest.approx(r["measured_sent"], rel=1e-12)
     # The model covers the step's traffic: what XLA partitions its own way is two small gradients.
