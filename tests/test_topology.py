@@ -25,7 +25,9 @@ LAYOUTS = [((1, 8, 1), 4, ROOMY), ((2, 4, 1), 2, dict(ROOMY, capacity_scope="dev
 
 
 def loop_gate(logits_gse, top_k, cap, remote_cap, nodes, group_node):
-    """The gate's rule, one choice at a time (per-expert capacity): (expert, kept, slot, redirected) [G, S, K]."""
+    """The gate's rule, one choice at a time (per-expert capacity): (expert, kept, slot, redirected) [G, S, K].
+    An own-node expert takes the slots the remote ones give up: cap + (nodes - 1)(cap - remote_cap), at most S."""
+    own_cap = min(cap + (nodes - 1) * (cap - remote_cap), logits_gse.shape[1])
     groups, size, experts = logits_gse.shape
     node_of = np.arange(experts) * nodes // experts
     index = np.argsort(-logits_gse, axis=-1, kind="stable")[..., :top_k]
@@ -37,12 +39,12 @@ def loop_gate(logits_gse, top_k, cap, remote_cap, nodes, group_node):
             for s in range(size):
                 e = index[g, s, k]
                 remote = node_of[e] != group_node[g]
-                if counts[e] < (remote_cap if remote else cap):
+                if counts[e] < (remote_cap if remote else own_cap):
                     kept[g, s, k], slot[g, s, k] = True, counts[e]
                     counts[e] += 1
                 elif remote:
                     mine = set(index[g, s]) | set(final[g, s])
-                    room = [x for x in range(experts) if node_of[x] == group_node[g] and counts[x] < cap
+                    room = [x for x in range(experts) if node_of[x] == group_node[g] and counts[x] < own_cap
                             and x not in mine]
                     if room:
                         best = max(room, key=lambda x: (logits_gse[g, s, x], -x))
@@ -72,6 +74,8 @@ def test_gate_matches_loop_reference(top_k, fraction):
     remote = (np.arange(8)[expert] * 2 // 8) != group_node[:, None, None]
     np.testing.assert_allclose(float(routed.internode_fraction), (kept & remote).sum() / kept.sum(), rtol=1e-6)
     assert np.asarray(routed.slot)[kept & remote].max() < remote_cap  # what the hierarchical exchange relies on
+    # a group's room is what it is at r = 1: 4 own experts of P_own slots + 4 remote ones of R = 8 x C
+    assert routed.capacity == cap + cap - remote_cap and 4 * routed.capacity + 4 * remote_cap == 8 * cap
 
 
 def test_gate_shadows_are_local_and_pools_fill_their_own_node():
