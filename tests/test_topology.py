@@ -172,9 +172,12 @@ def internode(compiled, mesh, node_size=4):
 @pytest.mark.parametrize("fraction", [0.5, 0.25])
 def test_internode_bytes_fall_by_r(across_nodes, fraction):
     """In the compiled HLO (forward and backward), the all-to-alls whose groups cross nodes carry r x the
-    bytes of the flat exchange's cross-node share, in as many ops."""
+    bytes of the flat exchange's cross-node share at r = 1, in as many ops. The flat exchange with the gate
+    (r = 0.5 here) sizes every pool at P_own, so its bytes are P_own / P of its r = 1 bytes."""
     mesh, runs = across_nodes
+    cap = routing.capacity(16, 8, 2, 1.0, 1)  # P = 4 of LAYER
     flat_bytes, flat_ops = internode(runs["flat", 0.5][3], mesh)
+    flat_bytes *= cap / routing.own_node_capacity(cap, routing.remote_capacity(cap, 0.5), 2, 16)
     hier_bytes, hier_ops = internode(runs["hierarchical", fraction][3], mesh)
     assert flat_bytes > 0 and hier_ops == flat_ops
     assert hier_bytes == pytest.approx(fraction * flat_bytes, rel=1e-6)
