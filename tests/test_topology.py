@@ -163,6 +163,16 @@ def test_hierarchical_equals_flat_with_the_gate(across_nodes):
     assert abs(flat[0] - hier[0]) < 1e-5 and max_abs_diff(flat[1], hier[1]) < 1e-5
 
 
+def test_hierarchical_equals_flat_with_pools_shadows_and_dtd():
+    """r < 1 with device pools, a shadow and DTD on (1,4,2): own-node pools of P_own slots split over the
+    tensor ranks, remote ones of R, the counts beside them; the same drops, loss and gradients as flat."""
+    mesh, layer = tedjax.make_mesh(1, 4, 2), dict(capacity_scope="device", shadow_experts=1, dtd=True)
+    flat, hier = (run_layer(mesh, 4, a2a=a2a, remote_fraction=0.5, **layer) for a2a in ("flat", "hierarchical"))
+    assert float(flat[2].redirected_fraction) == float(hier[2].redirected_fraction) > 0
+    assert float(flat[2].dropped_fraction) == float(hier[2].dropped_fraction)
+    assert abs(flat[0] - hier[0]) < 1e-5 and max_abs_diff(flat[1], hier[1]) < 1e-5
+
+
 def internode(compiled, mesh, node_size=4):
     ops = [c for c in analysis.collectives(compiled, mesh) if c.kind == "all-to-all"]
     return sum(analysis.internode_bytes(c, node_size) for c in ops), sum(analysis.internode_bytes(c, 4) > 0
