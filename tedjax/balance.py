@@ -560,8 +560,11 @@ class TopologyCostModel:
     flat: the n - 1 parts for the node's peers go over NVLink while the X - n
     parts for other nodes go over the network, at once:
         t_flat = alpha + max(V (n-1)/X / B_intra, V (X-n)/X / B_inter)
-    Under static shapes the topology-aware gate only empties slots: the
-    buffers keep their size, so flat bytes and time do not depend on r.
+    Under static shapes the topology-aware gate's room per routing group
+    stays that of r = 1 (own-node pools take the slots remote pools give up,
+    `routing.own_node_capacity`), and the flat exchange sizes every pool at
+    the own-node size: its buffer grows by 1 + (N-1)(1-r) (`flat_growth`;
+    less where that reaches a pool's most, as with dropless pools).
 
     hierarchical: an all-to-all inside the node groups the rows by destination
     node (V (n-1)/n over NVLink; taken at full size), then one all-to-all
@@ -617,11 +620,19 @@ class TopologyCostModel:
         """Seconds of one hierarchical all-to-all (the two phases run one after the other)."""
         return sum(self.phases_s(buffer_bytes, r))
 
+    def flat_growth(self, r: float) -> float:
+        """Size of the flat exchange's buffer with the gate at `r`, over r = 1's: every pool is sized as an
+        own-node one, P + (N-1)(P - rP)."""
+        return 1.0 + (self.nodes - 1) * (1.0 - r)
+
     def seconds(self, buffer_bytes: float, a2a: str = "flat", r: float = 1.0) -> float:
-        """Seconds of one all-to-all as `model.a2a` and `model.remote_fraction` set it."""
+        """Seconds of one all-to-all as `model.a2a` and `model.remote_fraction` set it (`buffer_bytes`: the
+        buffer at r = 1)."""
         if a2a not in ("flat", "hierarchical"):
             raise ValueError(f"a2a must be 'flat' or 'hierarchical', got {a2a!r}")
-        return self.flat_s(buffer_bytes) if a2a == "flat" else self.hierarchical_s(buffer_bytes, r)
+        if a2a == "flat":
+            return self.flat_s(buffer_bytes * self.flat_growth(r))
+        return self.hierarchical_s(buffer_bytes, r)
 
     def balanced_fraction(self) -> float:
         """r at which the network phase takes as long as the NVLink phase (bytes only):

@@ -119,10 +119,11 @@ class MoE(nnx.Module):
 
     Across nodes (NOTES.md section 8.9): with `node_size` devices per node
     (0 = one node) the "expert" axis may span nodes. `remote_fraction=r` < 1
-    is FasterMoE's topology-aware gate (`routing.route`); `a2a="hierarchical"`
-    exchanges inside nodes first, then sends only r x P slots of each remote
-    pool between nodes (`_hierarchical_round_trip`; the ragged exchange is
-    flat only).
+    is FasterMoE's topology-aware gate (`routing.route`; own-node pools take
+    the slots remote pools give up, so the buffer's stride per pool is P_own);
+    `a2a="hierarchical"` exchanges inside nodes first, then sends only r x P
+    slots of each remote pool between nodes (`_hierarchical_round_trip`; the
+    ragged exchange is flat only).
     """
 
     def __init__(
@@ -417,8 +418,9 @@ class MoE(nnx.Module):
         """`_round_trip` in two stages (model.a2a "hierarchical"), one `shard_map`, the same `[G, Q, P, D]` result.
 
         The "expert" axis is M nodes of L ranks. Each device sends its own node's
-        pools whole and only the first `remote_cap` (r x P) slots of every other
-        node's pools, which the topology-aware gate leaves empty past that.
+        pools whole (P_own slots: the gate gives them what remote pools give up)
+        and only the first `remote_cap` (r x P) slots of every other node's pools,
+        which the gate leaves empty past that: Q x P slots in all, as at r = 1.
         Stage 1: one all-to-all inside each node: rank l gets every pool of
         local rank l of any node, from each node-mate. Stage 2: one all-to-all
         between the ranks l of all nodes carries the remote buffers (its own

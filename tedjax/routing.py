@@ -44,7 +44,11 @@ pools are split into M contiguous blocks, one per node, and `group_node[g]`
 is the node of routing group g (the node of the device that holds the group
 on the "expert" axis). A pool on another node is *remote*: per group it keeps
 at most `remote_capacity(P, r)` = max(1, floor(r x P)) choices, r =
-`remote_fraction`. In priority order, a choice that finds its remote pool at
+`remote_fraction`, and a pool on the group's own node takes the slots the
+remote ones give up, `own_node_capacity` = P + (M - 1)(P - R) (at most S x
+min(experts per pool, k)), so a group's room stays Q x P as at r = 1; the
+dispatch buffer's stride per pool (`Routing.capacity`) is then that P_own.
+In priority order, a choice that finds its remote pool at
 that limit is redirected to the expert of the group's own node with the
 highest choice logit among those with room that the token has not chosen
 (lowest id on ties), and takes the next slot there; with none, it is dropped.
@@ -87,7 +91,7 @@ class Routing:
     #                                               its pool drops, net of the shadow's own drops (0 without shadows)
     redirected_fraction: jax.Array  # f32 []      fraction of choices redirected to their own node (remote_fraction)
     internode_fraction: jax.Array  # f32 []       fraction of kept choices whose pool is on another node
-    capacity: int = dataclasses.field(metadata=dict(static=True))  # slots per pool per group (P)
+    capacity: int = dataclasses.field(metadata=dict(static=True))  # slots per pool per group (P; P_own with the gate)
     experts_per_pool: int = dataclasses.field(metadata=dict(static=True))
     num_shadows: int = dataclasses.field(default=0, metadata=dict(static=True))  # shadow buffers after the Q pools
     shadow_capacity: int = dataclasses.field(default=0, metadata=dict(static=True))  # slots per shadow per group
@@ -106,6 +110,18 @@ def remote_capacity(pool_capacity: int, remote_fraction: float) -> int:
     if remote_fraction >= 1:
         return pool_capacity
     return max(1, math.floor(remote_fraction * pool_capacity + 1e-9))
+
+
+def own_node_capacity(pool_capacity: int, remote_cap: int, nodes: int, most: int) -> int:
+    """Slots of a pool on a routing group's own node when the topology-aware gate is on.
+
+    Each of the M - 1 other nodes' pools gives up P - R slots (R =
+    `remote_cap`); the group's own node's pools take them, so the group's
+    total room stays Q x P, as at r = 1: P_own = P + (M - 1)(P - R), never
+    more than `most` (the choices one pool can get from a group: S x
+    min(experts per pool, k)) and never less than P.
+    """
+    return max(pool_capacity, min(pool_capacity + (nodes - 1) * (pool_capacity - remote_cap), most))
 
 
 def dropless_capacity(group_size: int, num_experts: int, top_k: int, num_devices: int,
@@ -168,6 +184,10 @@ def route(
     remote_cap = remote_capacity(pool_cap, remote_fraction)
     if nodes > 1 and (num_pools % nodes or group_node is None or group_node.shape != (groups,)):
         raise ValueError(f"nodes={nodes} must divide the {num_pools} pools and group_node must be int32 [{groups}]")
+    gate = nodes > 1 and remote_cap < pool_cap
+    # the buffer's stride per pool: own-node pools take the slots remote pools give up (static for all groups)
+    own_cap = own_node_capacity(pool_cap, remote_cap, nodes, group_size * min(experts_per_pool, top_k)) if gate \
+        else pool_cap
 
     logits = logits.astype(jnp.float32)
     probs_gse = jax.nn.softmax(logits, axis=-1)
@@ -199,10 +219,10 @@ def route(
     remote_gb = (jnp.zeros((groups, 1), jnp.int32) if nodes == 1 else group_node.astype(jnp.int32)[:, None])
     remote_gb = (bucket_node_b >= 0) & (bucket_node_b != remote_gb)
     redirected_gsk, first_choice_gs = jnp.zeros(index_gsk.shape, bool), index_gsk[..., 0]
-    if nodes > 1 and remote_cap < pool_cap:
+    if gate:
         shadow_r = None if not num_shadows else shadow_ids.astype(jnp.int32)
         expert_bucket_e = _expert_buckets(placement, shadow_r, num_experts, experts_per_pool)
-        limit_gb = jnp.where(remote_gb, remote_cap, bucket_cap_b)
+        limit_gb = jnp.where(remote_gb, remote_cap, jnp.where(bucket_node_b >= 0, own_cap, bucket_cap_b))
         index_gsk, kept_gsk, position_gsk, redirected_gsk = _redirect(
             jax.lax.stop_gradient(choice_logits), index_gsk, expert_bucket_e, limit_gb, remote_gb)
         gate_gsk = jnp.take_along_axis(probs_gse, index_gsk, axis=-1)
@@ -270,7 +290,7 @@ def route(
         shadow_gain=shadow_gain,
         redirected_fraction=redirected_fraction.astype(jnp.float32),
         internode_fraction=internode_fraction.astype(jnp.float32),
-        capacity=pool_cap,
+        capacity=own_cap,
         experts_per_pool=experts_per_pool,
         num_shadows=num_shadows,
         shadow_capacity=shadow_capacity if num_shadows else 0,

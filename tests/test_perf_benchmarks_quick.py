@@ -281,17 +281,19 @@ def test_pipeline_quick(tmp_path):
 
 
 def test_topology_quick(tmp_path):
-    """benchmarks/topology.py end to end: the gate redirects at r = 0.25, and the hierarchical exchange's
-    MoE all-to-alls cross nodes with floor(r x P) / P of the flat bytes (quick: P = 5, floor(0.25 x 5) = 1)."""
+    """benchmarks/topology.py end to end (one trained row, r = 0.25, and the flat compile): the gate
+    redirects, and the hierarchical exchange's MoE all-to-alls cross nodes with floor(r x P) / P of the flat
+    bytes (quick: P = 5, floor(0.25 x 5) = 1), read from the run's own compiled step."""
     run_quick("topology.py", tmp_path)
     result = load(tmp_path, "topology")
     rows = {r["remote_fraction"]: r for r in result["rows"]}
-    assert set(rows) == {1.0, 0.25}
-    assert rows[1.0]["redirected_fraction"] == 0 and rows[0.25]["redirected_fraction"] > 0
-    assert rows[0.25]["internode_fraction"] < rows[1.0]["internode_fraction"]
-    assert rows[1.0]["a2a_internode_bytes"] == pytest.approx(result["flat"]["a2a_internode_bytes"])
-    assert rows[0.25]["a2a_internode_vs_flat"] == pytest.approx(rows[0.25]["a2a_internode_bytes"]
-                                                                / result["flat"]["a2a_internode_bytes"])
-    assert rows[0.25]["a2a_internode_vs_flat"] == pytest.approx(1 / 5)
-    assert rows[0.25]["bytes_target"] == "PASS"
+    assert set(rows) == {0.25}
+    row = rows[0.25]
+    assert row["redirected_fraction"] > 0
+    # a remote expert keeps 1 of 32 tokens per group: at most 4 of a group's 32 kept choices cross nodes
+    assert 0 < row["internode_fraction"] < 0.5
+    assert row["a2a_internode_vs_flat"] == pytest.approx(row["a2a_internode_bytes"]
+                                                         / result["flat"]["a2a_internode_bytes"])
+    assert row["a2a_internode_vs_flat"] == pytest.approx(1 / 5)
+    assert row["bytes_target"] == "PASS" and row["loss_target"] == ""
     assert (tmp_path / "topology.md").read_text().count("| 0.25 |") == 1

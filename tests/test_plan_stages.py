@@ -187,7 +187,8 @@ def test_topology_cost_model_by_hand():
     m = TopologyCostModel(32, 8, 450e9, 50e9)
     assert m.flat_s(v) == pytest.approx(v * 24 / 32 / 50e9)
     assert m.hierarchical_s(v, 0.25) == pytest.approx(v * 7 / 8 / 450e9 + 0.25 * v * 3 / 4 / 50e9)
-    assert m.seconds(v, "flat", 0.25) == m.flat_s(v)  # static shapes: the gate alone moves no fewer bytes
+    # static shapes: with the gate alone every pool is sized as an own-node one, P + 3 (P - P/4) = 3.25 P
+    assert m.seconds(v, "flat", 0.25) == pytest.approx(m.flat_s(3.25 * v)) and m.seconds(v, "flat") == m.flat_s(v)
     assert m.hierarchical_s(v, 1.0) > m.flat_s(v) > m.hierarchical_s(v, 0.25)
     assert m.balanced_fraction() == pytest.approx((7 / 8 / 450) / (3 / 4 / 50))  # 0.130
     assert m.propose_remote_fraction() == REMOTE_FRACTION_FLOOR == 0.14

@@ -25,7 +25,9 @@ LAYOUTS = [((1, 8, 1), 4, ROOMY), ((2, 4, 1), 2, dict(ROOMY, capacity_scope="dev
 
 
 def loop_gate(logits_gse, top_k, cap, remote_cap, nodes, group_node):
-    """The gate's rule, one choice at a time (per-expert capacity): (expert, kept, slot, redirected) [G, S, K]."""
+    """The gate's rule, one choice at a time (per-expert capacity): (expert, kept, slot, redirected) [G, S, K].
+    An own-node expert takes the slots the remote ones give up: cap + (nodes - 1)(cap - remote_cap), at most S."""
+    own_cap = min(cap + (nodes - 1) * (cap - remote_cap), logits_gse.shape[1])
     groups, size, experts = logits_gse.shape
     node_of = np.arange(experts) * nodes // experts
     index = np.argsort(-logits_gse, axis=-1, kind="stable")[..., :top_k]
@@ -37,12 +39,12 @@ def loop_gate(logits_gse, top_k, cap, remote_cap, nodes, group_node):
             for s in range(size):
                 e = index[g, s, k]
                 remote = node_of[e] != group_node[g]
-                if counts[e] < (remote_cap if remote else cap):
+                if counts[e] < (remote_cap if remote else own_cap):
                     kept[g, s, k], slot[g, s, k] = True, counts[e]
                     counts[e] += 1
                 elif remote:
                     mine = set(index[g, s]) | set(final[g, s])
-                    room = [x for x in range(experts) if node_of[x] == group_node[g] and counts[x] < cap
+                    room = [x for x in range(experts) if node_of[x] == group_node[g] and counts[x] < own_cap
                             and x not in mine]
                     if room:
                         best = max(room, key=lambda x: (logits_gse[g, s, x], -x))
@@ -72,6 +74,8 @@ def test_gate_matches_loop_reference(top_k, fraction):
     remote = (np.arange(8)[expert] * 2 // 8) != group_node[:, None, None]
     np.testing.assert_allclose(float(routed.internode_fraction), (kept & remote).sum() / kept.sum(), rtol=1e-6)
     assert np.asarray(routed.slot)[kept & remote].max() < remote_cap  # what the hierarchical exchange relies on
+    # a group's room is what it is at r = 1: 4 own experts of P_own slots + 4 remote ones of R = 8 x C
+    assert routed.capacity == cap + cap - remote_cap and 4 * routed.capacity + 4 * remote_cap == 8 * cap
 
 
 def test_gate_shadows_are_local_and_pools_fill_their_own_node():
@@ -159,6 +163,16 @@ def test_hierarchical_equals_flat_with_the_gate(across_nodes):
     assert abs(flat[0] - hier[0]) < 1e-5 and max_abs_diff(flat[1], hier[1]) < 1e-5
 
 
+def test_hierarchical_equals_flat_with_pools_shadows_and_dtd():
+    """r < 1 with device pools, a shadow and DTD on (1,4,2): own-node pools of P_own slots split over the
+    tensor ranks, remote ones of R, the counts beside them; the same drops, loss and gradients as flat."""
+    mesh, layer = tedjax.make_mesh(1, 4, 2), dict(capacity_scope="device", shadow_experts=1, dtd=True)
+    flat, hier = (run_layer(mesh, 4, a2a=a2a, remote_fraction=0.5, **layer) for a2a in ("flat", "hierarchical"))
+    assert float(flat[2].redirected_fraction) == float(hier[2].redirected_fraction) > 0
+    assert float(flat[2].dropped_fraction) == float(hier[2].dropped_fraction)
+    assert abs(flat[0] - hier[0]) < 1e-5 and max_abs_diff(flat[1], hier[1]) < 1e-5
+
+
 def internode(compiled, mesh, node_size=4):
     ops = [c for c in analysis.collectives(compiled, mesh) if c.kind == "all-to-all"]
     return sum(analysis.internode_bytes(c, node_size) for c in ops), sum(analysis.internode_bytes(c, 4) > 0
@@ -168,9 +182,12 @@ def internode(compiled, mesh, node_size=4):
 @pytest.mark.parametrize("fraction", [0.5, 0.25])
 def test_internode_bytes_fall_by_r(across_nodes, fraction):
     """In the compiled HLO (forward and backward), the all-to-alls whose groups cross nodes carry r x the
-    bytes of the flat exchange's cross-node share, in as many ops."""
+    bytes of the flat exchange's cross-node share at r = 1, in as many ops. The flat exchange with the gate
+    (r = 0.5 here) sizes every pool at P_own, so its bytes are P_own / P of its r = 1 bytes."""
     mesh, runs = across_nodes
+    cap = routing.capacity(16, 8, 2, 1.0, 1)  # P = 4 of LAYER
     flat_bytes, flat_ops = internode(runs["flat", 0.5][3], mesh)
+    flat_bytes *= cap / routing.own_node_capacity(cap, routing.remote_capacity(cap, 0.5), 2, 16)
     hier_bytes, hier_ops = internode(runs["hierarchical", fraction][3], mesh)
     assert flat_bytes > 0 and hier_ops == flat_ops
     assert hier_bytes == pytest.approx(fraction * flat_bytes, rel=1e-6)
