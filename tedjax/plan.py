@@ -263,6 +263,11 @@ def unmodelled(config: TrainConfig, backend: Backend = "gpu") -> list[str]:
     if m.a2a == "hierarchical" and m.num_experts:
         # its two exchanges' replica groups are no mesh axes: the byte table keeps the flat all-to-all
         out.append("model.a2a=hierarchical (its bytes per exchange; its time is modelled)")
+    if m.remote_fraction < 1 and m.a2a == "flat" and m.num_experts:
+        # with the gate, the own node's pools take the slots remote pools give up (routing.own_node_capacity), so
+        # the flat exchange's buffers grow by P_own / P across nodes; the byte and memory tables keep P
+        out.append(f"model.remote_fraction={m.remote_fraction} with model.a2a=flat (the byte and memory "
+                   "tables' growth of its buffers across nodes; its time is modelled)")
     if config.mesh.stage > 1:
         # the pipeline's permutes, its stages' layers and its bubble are modelled; how XLA partitions the
         # embedding and the head (outside the pipeline) over "stage" is not known until a compiled program

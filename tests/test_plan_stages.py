@@ -216,7 +216,9 @@ def test_the_planner_prices_the_hierarchical_all_to_all_and_reports_it():
     est = plan.estimate(base, plan.Plan.of(base), cluster)
     line = plan.topology_line(base, est, cluster)
     assert "spans 4 nodes of 4 expert ranks" in line and "model.remote_fraction=0.14" in line
-    assert plan.unmodelled(dataclasses.replace(base, model=dataclasses.replace(base.model, remote_fraction=0.5))) == []
+    flat_gated = dataclasses.replace(base, model=dataclasses.replace(base.model, remote_fraction=0.5))
+    assert plan.unmodelled(flat_gated) == ["model.remote_fraction=0.5 with model.a2a=flat (the byte and memory "
+                                          "tables' growth of its buffers across nodes; its time is modelled)"]
     # nodes of 6 GPUs split 16 expert ranks unevenly (Summit): priced whole over the network, as without the model
     assert [plan.expert_nodes((1, 16, 2), n) for n in (6, 8, 32)] == [0, 4, 16]
     six = dataclasses.replace(cluster, gpus_per_node=6).with_devices(32)
