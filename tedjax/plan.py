@@ -1,6 +1,6 @@
 """Auto-parallel planner: SmartMoE's offline stage for TED layouts.
 
-    python -m tedjax.plan --cluster configs/clusters/dgx_h100.yaml --config configs/gpu_2.7b.yaml [--top 5] [--stages]
+    python -m tedjax.plan --cluster configs/clusters/dgx_h100.yaml --config configs/gpu_2.7b.yaml [--top 5] [--[no-]stages]
 
 For a model and a cluster, every (data, expert, tensor) layout of the devices
 is tried with every switch: DTD, remat none / cac / full, the tiled optimizer,
@@ -21,7 +21,7 @@ cost the same as 8):
   the link its mesh axes cross ("tensor" is innermost, so it stays inside a
   node first, as `make_mesh` lays devices out).
 
-With `--stages` (`search(..., stages=True)`) the fourth axis, pipeline
+With `--stages` (`search(..., stages=True)`; the default across nodes) the fourth axis, pipeline
 stages, is searched too: each stage count S dividing the devices and the
 scanned units, with S, 2S, 4S or 8S microbatches, GPipe or circular (R = 2
 runs per stage: see `candidates`). A stage runs 1/S of the layers (`stage_view`); the plan adds
@@ -36,8 +36,8 @@ r the cost model proposes.
 
 Plans that do not divide or do not fit are rejected with their reason; the
 rest, ranked by step time, are the pool. `mesh: auto` in a config (or
-`mesh=auto`) takes the pool's first plan for the devices present (without
-stages: `auto` does not search them).
+`mesh=auto`) takes the pool's first plan for the devices present (stages are
+searched, there and in the CLI, when the devices span more than one node).
 
 The byte model is exact, not approximate: on simulated CPU meshes it equals
 the collectives XLA compiles for the train step, per kind and mesh axis, on
@@ -1746,11 +1746,19 @@ def memory_warning(mem: Memory, cluster: Cluster) -> str:
 # mesh: auto, reports, the command line
 
 
+def spans_nodes(cluster: Cluster, devices: int) -> bool:
+    """Whether `devices` GPUs of `cluster` take more than one node: where pipeline stages can keep traffic off
+    the network, so `mesh: auto` and `python -m tedjax.plan` search them by default (inside one node they
+    rarely pay for their bubble, and the search takes several times longer)."""
+    return devices > cluster.gpus_per_node
+
+
 def auto_config(config: TrainConfig, devices: Sequence | None = None, cluster: Cluster | None = None,
                 log=print) -> TrainConfig:
     """`mesh: auto`: `config` with the best plan's layout and switches for `devices` (default jax.devices()).
 
-    Plans for `cluster` (default: the cluster the devices form). Prints the
+    Plans for `cluster` (default: the cluster the devices form), with pipeline
+    stages when the devices span more than one node (`spans_nodes`). Prints the
     chosen plan, the runner-up and any setting the planner does not model.
     Raises NoPlanFits (a ValueError naming the closest plan and what it
     lacks) before anything is compiled when no plan fits the GPUs' memory.
@@ -1760,7 +1768,7 @@ def auto_config(config: TrainConfig, devices: Sequence | None = None, cluster: C
     devices = list(jax.devices() if devices is None else devices)
     named = cluster is not None
     cluster = cluster.with_devices(len(devices)) if named else cluster_for(devices)
-    found = search(config, cluster, len(devices))
+    found = search(config, cluster, len(devices), stages=spans_nodes(cluster, len(devices)))
     simulated = devices[0].platform != "gpu" and not named
     assumed = ", assumed for simulated CPU devices; --cluster to choose" if simulated else ""
     missing = unmodelled_line(config)
@@ -1964,9 +1972,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--devices", type=int, default=None,
                         help="GPUs to plan for (default: one node of the cluster, gpus_per_node)")
     parser.add_argument("--top", type=int, default=5, help="plans to show (default 5)")
-    parser.add_argument("--stages", action="store_true",
-                        help="also search pipeline stages (mesh.stage, pipeline.*), SmartMoE's fourth axis: several "
-                        "times the plans, so slower")
+    parser.add_argument("--stages", action=argparse.BooleanOptionalAction, default=None,
+                        help="search pipeline stages too (mesh.stage, pipeline.*), SmartMoE's fourth axis (several "
+                        "times the plans, so slower); default: when the GPUs span more than one node")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of the config (not of what the planner "
                         "chooses: mesh, model.dtd, model.remat, optimizer.tile_size, optimizer.zero, data.grad_accum)")
     args = parser.parse_args(argv)
@@ -1987,14 +1995,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         missing = unmodelled_line(config)
         if missing:
             print(_wrap(missing + " (plans are ranked without them)", indent=""))
-        found = search(config, cluster, devices, stages=args.stages)
+        stages = spans_nodes(cluster, devices) if args.stages is None else args.stages
+        found = search(config, cluster, devices, stages=stages)
         print(pool_table(found, args.top))
         if found.rejected:
             print("Rejected:\n" + rejection_summary(found) + "\n")
         print(_wrap("Best: " + describe_estimate(found.best)))
         if len(found.pool) > 1:
             print(_wrap("Runner-up: " + describe_estimate(found.pool[1])))
-        for line in (stage_reason(found) if args.stages else "", topology_line(config, found.best, found.cluster)):
+        for line in (stage_reason(found) if stages else "", topology_line(config, found.best, found.cluster)):
             if line:
                 print(_wrap(line))
     except (ValueError, FileNotFoundError) as err:

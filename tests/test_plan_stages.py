@@ -6,6 +6,7 @@ import dataclasses
 import math
 from pathlib import Path
 
+import jax
 import pytest
 
 from tedjax import plan
@@ -260,6 +261,24 @@ def test_plan_command_line_with_stages_prints_the_reason(capsys):
     out = capsys.readouterr().out
     assert "| stage | schedule | microbatches | bubble ms |" in out
     assert any(line.startswith(("Why stages:", "No stages:")) for line in out.splitlines())
+
+
+def test_stages_are_searched_by_default_when_the_devices_span_nodes(capsys, monkeypatch):
+    """The CLI and mesh=auto search stages across nodes, not inside one node, unless told (--[no-]stages)."""
+    tiny = ["--cluster", H100, "--config", "configs/tiny.yaml", "--top", "1", "data.source=synthetic"]
+    for extra, searched in ((["--devices", "16"], True), (["--devices", "8"], False),
+                            (["--devices", "16", "--no-stages"], False), (["--devices", "8", "--stages"], True)):
+        assert plan.main(tiny + extra) == 0
+        out = capsys.readouterr().out
+        assert any(line.startswith(("Why stages:", "No stages:")) for line in out.splitlines()) == searched, extra
+    asked = []
+    real_search = plan.search
+    monkeypatch.setattr(plan, "search", lambda *a, **k: asked.append(k["stages"]) or real_search(*a, **k))
+    four_per_node = dataclasses.replace(plan.Cluster.load(H100), gpus_per_node=4)
+    tiny_auto = load_config("configs/tiny.yaml", ["mesh=auto", "data.source=synthetic"])
+    for cluster in (four_per_node, plan.Cluster.load(H100)):
+        plan.auto_config(tiny_auto, jax.devices()[:8], cluster, log=lambda _: None)
+    assert asked == [True, False]
 
 
 def test_plan_stages_benchmark_quick(tmp_path, monkeypatch):
