@@ -32,7 +32,8 @@ def runs():
 
 def test_scan_equals_the_loop(runs):
     """The scan and the Python loop over the same stacked parameters: the same loss and metrics bit for bit
-    in f32; gradients within a few float32 roundings (XLA fuses the scan's body on its own)."""
+    in f32; gradients within a few float32 roundings (XLA fuses the scan's body on its own, and the scan recomputes
+    elementwise ops in the backward: tedjax.model.save_all_but_elementwise)."""
     (loss_loop, grads_loop, metrics_loop), (loss_scan, grads_scan, metrics_scan) = runs["none", False], runs["none",
                                                                                                             True]
     assert loss_scan == loss_loop
@@ -40,7 +41,7 @@ def test_scan_equals_the_loop(runs):
         np.testing.assert_array_equal(metrics_scan[key], metrics_loop[key], err_msg=key)
     assert jax.tree.structure(grads_scan) == jax.tree.structure(grads_loop)
     for (path, g_scan), g_loop in zip(jax.tree_util.tree_flatten_with_path(grads_scan)[0], jax.tree.leaves(grads_loop)):
-        np.testing.assert_allclose(g_scan, g_loop, rtol=0, atol=4 * np.finfo(np.float32).eps * np.abs(g_loop).max(),
+        np.testing.assert_allclose(g_scan, g_loop, rtol=0, atol=8 * np.finfo(np.float32).eps * np.abs(g_loop).max(),
                                    err_msg=jax.tree_util.keystr(path))
 
 
@@ -48,7 +49,7 @@ def test_remat_per_unit_recomputes_the_same_numbers(runs):
     (loss_full, grads_full, _), (loss, grads, _) = runs["full", True], runs["none", True]
     assert loss_full == loss
     for g_full, g in zip(jax.tree.leaves(grads_full), jax.tree.leaves(grads), strict=True):
-        np.testing.assert_allclose(g_full, g, rtol=0, atol=4 * np.finfo(np.float32).eps * np.abs(g).max())
+        np.testing.assert_allclose(g_full, g, rtol=0, atol=8 * np.finfo(np.float32).eps * np.abs(g).max())
 
 
 def test_stacked_units_keep_the_unrolled_initial_values():
