@@ -32,7 +32,7 @@ _RECOMPUTED = frozenset((
 ))
 
 
-def save_all_but_elementwise(prim, *_, **__) -> bool:
+def save_all_but_elementwise(prim: jax.extend.core.Primitive, *_, **__) -> bool:
     """The scanned units' residual policy without remat: keep every output but those of elementwise ops.
 
     A scan stacks each residual over units in the loop's carry, where XLA can no longer fuse an
