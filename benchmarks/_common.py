@@ -126,9 +126,17 @@ def cpu_info() -> dict[str, Any]:
         # hardware threads per core (2 = SMT: two vCPUs may share one core's vector units)
         "cpu_threads_per_core": (per_package["siblings"] // per_package["cpu cores"]
                                  if per_package.get("cpu cores") else None),
-        "thread_env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "TF_NUM_INTEROP_THREADS", "TF_NUM_INTRAOP_THREADS")
-                       if k in os.environ},
+        # thread counts and ISA caps set for this run (ATEN_CPU_CAPABILITY: a torch peer limited like XLA)
+        "thread_env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TF_NUM_INTEROP_THREADS",
+                                                  "TF_NUM_INTRAOP_THREADS", "ATEN_CPU_CAPABILITY") if k in os.environ},
+        "xla_max_isa": _flag_value(os.environ.get("XLA_FLAGS", ""), "xla_cpu_max_isa"),
     }
+
+
+def _flag_value(flags: str, name: str) -> str | None:
+    """The value of `--name=value` in an XLA_FLAGS string (the last one wins, as in XLA), or None."""
+    values = [f.split("=", 1)[1] for f in flags.split() if f.startswith(f"--{name}=")]
+    return values[-1] if values else None
 
 
 def cpu_line(machine: dict) -> str:
@@ -137,7 +145,9 @@ def cpu_line(machine: dict) -> str:
     return (f"CPU: {machine.get('cpu_model', 'unknown')} ({flags}); {machine.get('cpu_threads', '?')} threads "
             f"({machine.get('cpu_threads_per_core') or '?'} per core); "
             f"jax {machine.get('jax_version', '?')}, "
-            f"{machine.get('device_count', '?')} {machine.get('backend', '?')} devices.")
+            f"{machine.get('device_count', '?')} {machine.get('backend', '?')} devices"
+            + (f"; XLA ISA capped at {machine['xla_max_isa']}" if machine.get("xla_max_isa") else "")
+            + "".join(f"; {k}={v}" for k, v in (machine.get("thread_env") or {}).items()) + ".")
 
 
 def load_avg() -> list[float] | None:

@@ -21,6 +21,25 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "cac": jax.checkpoint_policies.save_only_these_names(*COLLECTIVE_OUTPUTS),
 }
+# Elementwise and layout primitives: cheap to compute again from their inputs, which XLA fuses into the
+# backward's own kernels.
+_RECOMPUTED = frozenset((
+    "abs", "add", "and", "broadcast_in_dim", "ceil", "clamp", "convert_element_type", "copy", "cos", "div", "eq",
+    "erf", "exp", "exp2", "expand_dims", "expm1", "floor", "ge", "gt", "integer_pow", "iota", "is_finite", "le",
+    "log", "log1p", "logistic", "lt", "max", "min", "mul", "ne", "neg", "not", "or", "pow", "reshape", "rem",
+    "round", "rsqrt", "select_n", "sign", "sin", "sqrt", "square", "squeeze", "stop_gradient", "sub", "tanh",
+    "transpose", "xor",
+))
+
+
+def save_all_but_elementwise(prim: jax.extend.core.Primitive, *_, **__) -> bool:
+    """The scanned units' residual policy without remat: keep every output but those of elementwise ops.
+
+    A scan stacks each residual over units in the loop's carry, where XLA can no longer fuse an
+    elementwise producer into its backward consumer as it does in a loop: GELU's tanh alone left five
+    `[tokens, F]` stacks. Recomputing elementwise ops in the backward keeps what the loop keeps.
+    """
+    return prim.name not in _RECOMPUTED
 
 
 def rope_scaling(config: ModelConfig) -> RopeScaling:
@@ -170,6 +189,8 @@ class Transformer(nnx.Module):
         step = functools.partial(apply_unit, graphdef)
         if cfg.remat != "none":  # inside a scan, the loop already keeps XLA from merging recomputation away
             step = jax.checkpoint(step, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        elif cfg.scan_layers:
+            step = jax.checkpoint(step, policy=save_all_but_elementwise, prevent_cse=False)
         n_units = cfg.n_layers // cfg.moe_every
         stages = stage_count(jax.sharding.get_abstract_mesh())
         if stages > 1 and self.pipeline is not None:

@@ -1070,7 +1070,13 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
     if m.remat == "none":
         # the layer scan stacks every unit's residuals; on XLA:CPU the backward of a unit also holds about
         # one unit's activations of cotangents next to them (measured: 28-41% under without it)
-        kept, once = m.n_layers * attention + n_dense * dense + n_moe * moe, (unit if backend == "cpu" else 0)
+        # scanned, the units recompute elementwise ops in the backward (tedjax.model.save_all_but_elementwise):
+        # an FFN keeps about one [T, F] (of 3, or 4 for SwiGLU), attention its scores but not its probabilities
+        fewer, scores = ((3 * ffn_x2 // 2 - 1) * act_b, heads) if m.scan_layers else (0, 0)
+        moe_rows = 0 if sz.loop_fill and backend == "cpu" else rows * f_t  # dropless `loop` keeps no [rows, F]
+        kept = (m.n_layers * (attention - scores) + n_dense * (dense - fewer * sz.tokens * (m.d_ff // t))
+                + n_moe * (moe - fewer * moe_rows))
+        once = unit if backend == "cpu" else 0
     else:  # each scanned unit's (or tail layer's) input, plus (cac) its collectives' outputs; one unit recomputed
         kept, once = (m.n_layers - units * (m.moe_every - 1)) * td, unit
         if m.remat == "cac":

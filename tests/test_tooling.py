@@ -239,7 +239,7 @@ def test_gpu_throughput_flags_exist_in_this_jaxlib():
 # ---------------------------------------------------------------- benchmark machine record
 
 
-def test_benchmark_results_record_the_cpu():
+def test_benchmark_results_record_the_cpu(monkeypatch):
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
         import _common
@@ -251,3 +251,10 @@ def test_benchmark_results_record_the_cpu():
     assert info["cpu_vector_flags"] == [f for f in _common.VECTOR_FLAGS if f in flags]
     line = _common.cpu_line(info)
     assert info["cpu_model"] in line and f"{info['cpu_threads']} threads" in line
+    # an ISA cap (a stand-in for an older CPU) is part of the record, on the XLA side and the torch peer's
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_max_isa=AVX512 --xla_cpu_max_isa=AVX2")  # the last one wins
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    capped = {**info, **_common.cpu_info()}
+    assert capped["xla_max_isa"] == "AVX2" and capped["thread_env"]["ATEN_CPU_CAPABILITY"] == "avx2"
+    line = _common.cpu_line(capped)
+    assert "XLA ISA capped at AVX2" in line and "ATEN_CPU_CAPABILITY=avx2" in line
