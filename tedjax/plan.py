@@ -738,7 +738,7 @@ def _collectives(config: TrainConfig, layout: Layout | None, backend: Backend, l
     sizes = dict(zip(AXES, layout))
     accum = config.data.grad_accum
     act_b = 4 if backend == "cpu" or resolve_dtype(m.dtype, backend) == "float32" else 2  # bytes per activation element
-    d_model, e_local = m.d_model, (m.num_experts // sz.expert if m.num_experts else 0)
+    d_model = m.d_model
     swiglu = m.activation == "swiglu"
     n_moe = m.n_moe_layers
     n_dense = m.n_layers - n_moe
@@ -893,11 +893,16 @@ def _leaf_costs(model: ModelConfig, layout: Layout, zero1: bool, backend: Backen
                 # remat the expert weights are gathered once when the backward pass keeps the forward's copy:
                 # device pools (shard_map residuals) and mixed precision (the cast weights are the residual).
                 # Measured on XLA:CPU.
+                # Without remat the scanned units recompute their elementwise ops in the backward
+                # (model.save_all_but_elementwise), a norm's product with its scale too, which gathers the scale
+                # once more: every norm of the unit but the MoE block's FFN norm (measured, moe_every = 2).
                 kept = pooled or model.dtype != "float32"
+                moe_ffn_norm = leaf.layer == model.moe_every - 1 and "['ffn_norm']" in leaf.path
+                recomputed = model.remat != "none" or (model.scan_layers and not moe_ffn_norm)
                 if leaf.path.endswith("['router']") or (expert_weight and kept and model.remat == "none"):
                     times = 1
                 else:
-                    times = 2 + (norm and model.remat != "none")
+                    times = 2 + (norm and recomputed)
             else:
                 # An unrolled leaf is gathered where a micro-batch's forward uses it and kept for the backward
                 # pass; a norm's scale is gathered again there, remat gathers again what it recomputes (a
