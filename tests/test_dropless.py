@@ -10,6 +10,7 @@ from flax import nnx
 from reference import (
     assert_placed_run_matches,
     FACTORIZATIONS,
+    loss_and_grads,
     SMALL,
     placed_grad_fn,
     max_abs_diff,
@@ -262,3 +263,30 @@ def test_planner_models_dropless_buffers_and_ragged_rows():
 
     assert dispatch(config(capacity_scope="dropless")) == rows["static_bytes"]
     assert dispatch(config(capacity_scope="expert", capacity_factor=16.0)) == 2 * rows["static_bytes"]
+
+
+# (stage, data, expert, tensor), model, reference layout: dropless against 1 device; device pools (which
+# drop here: top-1 at cf 1) against the same pools on the same TED layout without stages
+STAGED = {
+    "dropless-2x1x2x2": ((2, 1, 2, 2), variant(DROPLESS, moe_every=1), (1, 1, 1)),
+    "device-2x2x2x1": ((2, 2, 2, 1), variant(SMALL, n_layers=2, moe_every=1, capacity_scope="device"), (2, 2, 1)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(STAGED))
+def test_pools_run_in_the_pipeline(case):
+    """Device pools and dropless under pipeline stages (the stage vmap over the pools' shard_map): the loss,
+    gradients and drops of the same pools without stages."""
+    from tedjax.config import PipelineConfig
+
+    (stage, data, expert, tensor), config, ref_layout = STAGED[case]
+    ref_mesh = tedjax.make_mesh(*ref_layout, devices=jax.devices()[:int(np.prod(ref_layout))])
+    ref_loss, ref_grads, ref_metrics, _ = loss_and_grads(config, ref_mesh, small_batch())
+    loss, grads, metrics, _ = loss_and_grads(config, tedjax.make_mesh(data, expert, tensor, stage=stage),
+                                             small_batch(), pipeline=PipelineConfig(microbatches=2))
+    assert (float(np.min(ref_metrics["dropped_fraction"])) > 0.02) == (config.capacity_scope == "device")
+    assert abs(loss - ref_loss) <= 1e-5 * max(1.0, abs(ref_loss))
+    assert max_abs_diff(grads, ref_grads) <= 1e-5
+    same_pools = ref_layout[1] == expert  # device loads only where the reference has the same devices
+    for name in ("dropped_fraction", "expert_load", *(["device_load"] if same_pools else [])):
+        np.testing.assert_allclose(metrics[name], ref_metrics[name], atol=1e-6, err_msg=name)
