@@ -37,8 +37,9 @@ Two parts, one JSON + markdown (+ PNG) in benchmarks/results/:
     least 1.5x lower than per-expert capacity; step time at equal cf <= 1.15x
     per-expert capacity on CPU.
 
-Shadow experts (issue 11) get their own rows in both parts once built; the
-JSON and the markdown hold a placeholder for them, with no numbers.
+Shadow experts (issue 11) and the chunked all-to-all are measured on the same
+two setups by `benchmarks/load_balance_shadows.py`; the JSON and the markdown
+here point there, with no numbers of their own.
 
     python benchmarks/load_balance.py            # full run (~40-60 min on 2 cores) -> benchmarks/results/
     python benchmarks/load_balance.py --quick    # smoke run (tiny model, a few steps) -> a temp dir
@@ -79,7 +80,7 @@ from tedjax.trainer import Trainer  # noqa: E402
 NAME = "load_balance"
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "tiny.yaml"
-SHADOW_NOTE = "shadow experts (issue 11): not built yet; their rows go here"
+SHADOW_NOTE = "shadow experts (issue 11): measured by benchmarks/load_balance_shadows.py (load_balance_shadows.md)"
 
 # (a) ---------------------------------------------------------------------------------------------
 # Router bias rate. The bias is added to the router *logits* (not to sigmoid scores in [0, 1] as in
