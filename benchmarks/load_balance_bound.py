@@ -147,7 +147,8 @@ def bounds(counts: np.ndarray, placement_le: np.ndarray, pools: dict) -> list[di
         per = np.stack([dropped(c, d, pools["pool_rows"]) for d in splits])  # [splits, steps, G]
         current = dropped(c, placement_le[layer] // (experts // pools["devices"]), pools["pool_rows"])
         row = dict(layer=layer,
-                   current_step300=float(current[-1].sum() / choices), current_mean=float(current.sum() / choices / steps),
+                   current_step300=float(current[-1].sum() / choices),
+                   current_mean=float(current.sum() / choices / steps),
                    best_fixed_step300=float(per[:, -1].sum(-1).min() / choices),
                    best_fixed_mean=float(per.sum((1, 2)).min() / choices / steps),
                    best_per_step_mean=float(per.sum(-1).min(0).sum() / choices / steps),
