@@ -37,8 +37,9 @@ Two parts, one JSON + markdown (+ PNG) in benchmarks/results/:
     least 1.5x lower than per-expert capacity; step time at equal cf <= 1.15x
     per-expert capacity on CPU.
 
-Shadow experts (issue 11) get their own rows in both parts once built; the
-JSON and the markdown hold a placeholder for them, with no numbers.
+Shadow experts (issue 11) and the chunked all-to-all are measured on the same
+two setups by `benchmarks/load_balance_shadows.py`; the JSON and the markdown
+here point there, with no numbers of their own.
 
     python benchmarks/load_balance.py            # full run (~40-60 min on 2 cores) -> benchmarks/results/
     python benchmarks/load_balance.py --quick    # smoke run (tiny model, a few steps) -> a temp dir
@@ -79,7 +80,7 @@ from tedjax.trainer import Trainer  # noqa: E402
 NAME = "load_balance"
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "tiny.yaml"
-SHADOW_NOTE = "shadow experts (issue 11): not built yet; their rows go here"
+SHADOW_NOTE = "shadow experts (issue 11): measured by benchmarks/load_balance_shadows.py (load_balance_shadows.md)"
 
 # (a) ---------------------------------------------------------------------------------------------
 # Router bias rate. The bias is added to the router *logits* (not to sigmoid scores in [0, 1] as in
@@ -138,11 +139,12 @@ def read_metrics(path: Path) -> dict:
     return {"train": train, "eval": evals, "placement": placements}
 
 
-def a2a_bytes(config) -> dict:
+def a2a_bytes(config, trainer: Trainer | None = None) -> dict:
     """All-to-all bytes per device of the compiled train step, split into token pools (float) and
-    per-expert row counts (int32, device pools only), with the count of ops."""
-    mesh = make_mesh(config.mesh.data, config.mesh.expert, config.mesh.tensor)
-    trainer = Trainer(config, mesh)
+    per-expert row counts (int32, device pools only), with the count of ops. With the `trainer` that ran
+    the job, its step's lowering and compilation are JAX's cached ones, not a second compile."""
+    trainer = trainer or Trainer(config, make_mesh(config.mesh.data, config.mesh.expert, config.mesh.tensor))
+    mesh = trainer.mesh
     start = time.perf_counter()
     compiled = trainer.lower_train_step().compile()
     compile_s = time.perf_counter() - start
@@ -171,7 +173,7 @@ def train_variant(args, name: str, extra: list[str], runs_dir: Path) -> dict:
     overrides = job_overrides(args, name, extra, log_dir)
     config = load_config(str(CONFIG), overrides)
     metrics_path = log_dir / "metrics.jsonl"
-    wall_s, reused, bias = None, False, None
+    wall_s, reused, bias, trainer = None, False, None, None
     done = metrics_path.exists() and args.steps in read_metrics(metrics_path)["eval"]
     if done and args.reuse_runs:
         reused = True
@@ -183,6 +185,7 @@ def train_variant(args, name: str, extra: list[str], runs_dir: Path) -> dict:
         result = run(config)
         wall_s = time.perf_counter() - start
         bias = result.trainer.balance_values(result.state, "router_bias").tolist()
+        trainer = result.trainer
     m = read_metrics(metrics_path)
     steps = sorted(m["train"])
     dropped = np.array([m["train"][s]["dropped_fraction"] for s in steps], dtype=float)  # [steps, n_moe]
@@ -193,7 +196,7 @@ def train_variant(args, name: str, extra: list[str], runs_dir: Path) -> dict:
     expert_load = np.array(last["expert_load"], dtype=float)
     device_load = np.array(last["device_load"], dtype=float)
     final_eval = m["eval"][args.steps]
-    a2a = a2a_bytes(config)
+    a2a = a2a_bytes(config, trainer)
     print(f"  {name}: dropped at step {steps[-1]} {np.round(dropped[-1], 4).tolist()}, val loss "
           f"{final_eval['lm_loss']:.4f}, {len(m['placement'])} placement changes, token a2a "
           f"{a2a['token_sent_bytes_per_layer']:.0f} B/layer + counts {a2a['counts_sent_bytes_per_layer']:.0f} B/layer"

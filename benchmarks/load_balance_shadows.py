@@ -9,8 +9,8 @@ imports), with shadows added; one JSON + markdown in benchmarks/results/.
     greedy placement of the loads that still reach the pools, shadowed experts
     counting 0, as `Trainer.rebalance` does) the R in {0, 1, 2} hottest
     calibration experts are shadowed, and also the set FasterMoE's cost model
-    (`tedjax.balance.choose_shadows`) picks for the reference layer, with the
-    GPU defaults and with CPU-like rates. `tedjax.routing.route` gives the drops,
+    (`tedjax.balance.choose_shadows`) picks for the reference layer, at
+    GPU-like rates (400 TFLOP/s, 100 GB/s) and at CPU-like rates. `tedjax.routing.route` gives the drops,
     with the shadow capacity `tedjax.MoE` uses: min(S, X x C). The cf needed for
     <= 1% drops is exact: a choice's position in its pool or shadow buffer does
     not depend on the capacity, so a binary search over C on one set of
@@ -30,11 +30,12 @@ imports), with shadows added; one JSON + markdown in benchmarks/results/.
     programs alternate in one process, median of paired ratios.
 
 (a) The README's main job (`configs/tiny.yaml`, 300 steps) with shadows alone and with device pool +
-    placement (`model.shadow_experts=2`, `balance.shadow_every=10`). The cost model's defaults are a GPU's
-    (400 TFLOP/s, 100 GB/s); for this model they never pay for a shadow (the copy of D x F weights costs more
-    than the tokens it keeps off the links), so the runs use CPU-like rates (`balance.matmul_tflops=0.05`,
-    `balance.link_gbytes_per_s=10`), under which the model is compute-bound and picks shadows. The ids it
-    picks are read from metrics.jsonl (`kind: "shadows"`).
+    placement (`model.shadow_experts=2`, `balance.shadow_every=10`). Both runs use static capacity, where a
+    shadow is chosen by the drops it saves, if its copy costs less than keeping the same choices through the
+    pools (`balance.choose_shadows_for_drops`); the rates price that copy. By default they are measured on the
+    devices at start (or read from `balance.cluster`), so the runs fix CPU-like rates
+    (`balance.matmul_tflops=0.05`, `balance.link_gbytes_per_s=10`) to keep the choice independent of the
+    machine's load. The ids chosen are read from metrics.jsonl (`kind: "shadows"`).
 
     python benchmarks/load_balance_shadows.py            # full run -> benchmarks/results/
     python benchmarks/load_balance_shadows.py --quick    # smoke run -> a temp dir

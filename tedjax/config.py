@@ -675,10 +675,6 @@ def check_pipeline(model: ModelConfig, mesh: MeshConfig, pipeline: PipelineConfi
         problems.append(f"mesh.stage={stages} x pipeline.repeats={repeats} does not divide the {units} scanned units "
                         f"(model.n_layers={model.n_layers} in units of moe_every={model.moe_every}); choose stages x "
                         f"repeats dividing {units}, or change model.n_layers")
-    if model.num_experts and model.capacity_scope in ("device", "dropless"):
-        problems.append(f"model.capacity_scope={model.capacity_scope} computes each device's pool inside shard_map, "
-                        "which the pipeline's vmap over stages cannot run yet; use model.capacity_scope=expert "
-                        "with mesh.stage > 1, or mesh.stage=1")
     micro = pipeline.microbatches_for(stages)
     if micro < stages:
         problems.append(f"pipeline.microbatches={micro} is too few for mesh.stage={stages}: every stage needs a "

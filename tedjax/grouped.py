@@ -170,6 +170,13 @@ def _loop_ffn_bwd(block, residual, dy_md):
 _loop_ffn.defvjp(_loop_ffn_fwd, _loop_ffn_bwd)
 
 
+def _count_at_most(sorted_e: jax.Array, value_j: jax.Array) -> jax.Array:
+    """`searchsorted(sorted_e, value_j, side="right")` `[J]` as a comparison count: jnp.searchsorted's loop,
+    traced in a scan body under the pipeline's stage vmap inside `shard_map`, is typed varying over every
+    manual axis, "stage" included, which the pools' out_specs cannot hold (E is small: J x E compares)."""
+    return jnp.sum(sorted_e[None, :] <= value_j[:, None], axis=1, dtype=jnp.int32)
+
+
 def loop_blocks(counts_gqx: jax.Array, block: int) -> jax.Array:
     """Blocks `loop` runs on these counts (int32 scalar): each expert's rows, all groups together, in
     whole blocks of `block` rows."""
@@ -241,14 +248,13 @@ def pool_ffn(
         y_md = jax.lax.ragged_dot(activate(h_mf, gate_mf), w_out_efd, sizes)
     elif method == "loop":
         block_end_e = jnp.cumsum(group_sizes_e) // block
-        block_expert_j = jnp.minimum(jnp.searchsorted(block_end_e, jnp.arange(num_blocks, dtype=jnp.int32),
-                                                      side="right"), experts - 1)
+        block_expert_j = jnp.minimum(_count_at_most(block_end_e, jnp.arange(num_blocks, dtype=jnp.int32)),
+                                     experts - 1)
         y_md = _loop_ffn(block, x_md, (w_in_edf, w_gate_edf, w_out_efd), block_expert_j.astype(jnp.int32),
                          block_end_e[-1].astype(jnp.int32))
     else:
         block_start_j = jnp.arange(num_blocks, dtype=jnp.int32) * block
-        block_expert_j = jnp.minimum(jnp.searchsorted(jnp.cumsum(group_sizes_e), block_start_j, side="right"),
-                                     experts - 1)
+        block_expert_j = jnp.minimum(_count_at_most(jnp.cumsum(group_sizes_e), block_start_j), experts - 1)
         select_je = jax.nn.one_hot(block_expert_j, experts, dtype=w_in_edf.dtype)
         x_jbd = x_md.reshape(num_blocks, block, d_model)
 

@@ -221,9 +221,6 @@ class Transformer(nnx.Module):
         Router-jitter RNG counts are not advanced (each microbatch draws from the same keys).
         """
         cfg = self.pipeline
-        if self.config.num_experts and self.config.capacity_scope in ("device", "dropless"):
-            raise ValueError(f"model.capacity_scope={self.config.capacity_scope} does not run in the pipeline yet "
-                             "(its shard_map cannot be vmapped over stages); use capacity_scope=expert with stages")
         repeats = cfg.repeats if cfg.schedule == "circular" else 1
         # circular: each stage's runs must be one contiguous block of the "layers" dim (NOTES.md section 10.4). A
         # Trainer stores them so; a state in another order is permuted here, moving weights between stages

@@ -14,7 +14,7 @@ import pytest
 from test_load_balance import TINY_RUN
 
 import tedjax
-from tedjax import analysis, balance
+from tedjax import analysis, balance, routing
 from tedjax.config import check_mesh, load_config
 from tedjax.loop import run
 from tedjax.trainer import Trainer
@@ -356,3 +356,26 @@ def test_static_pools_move_only_for_drops_saved_on_the_earlier_loads_too():
     (priced,) = balance.decide_placements(now, np.arange(4)[None], 2, 0.02, move_s=11 * fresh.gain_s, **kw)
     (noisy,) = balance.decide_placements(now, np.arange(4)[None], 2, 0.02, move_s=0.01, earlier_load_ne=earlier, **kw)
     assert not priced.adopted and not noisy.adopted and noisy.gain_s < 0
+
+
+def test_the_placement_bound_counts_the_drops_routing_makes(monkeypatch):
+    """benchmarks/load_balance_bound.py's exact drops of a placement (pool keeps min(n, P), shadow buffers
+    min(n_e, C_shadow)) against `routing.route` on the same choices, and its 35 splits of 8 experts over 2."""
+    import importlib
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    bound = importlib.import_module("load_balance_bound")
+    splits = bound.placements(8, 2)
+    assert len(splits) == len(set(splits)) == 35 and all(sum(d) == 4 for d in splits)
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(6, 32, 8)) + np.linspace(1.0, -1.0, 8), jnp.float32)
+    index = np.asarray(jax.numpy.argmax(logits, -1))
+    counts = np.stack([np.bincount(g, minlength=8) for g in index])[None]  # [1 step, G, E]
+    for device_e, shadows in ((splits[0], ()), (splits[17], (0,)), (splits[34], (1, 5))):
+        placement = np.argsort(np.argsort(np.asarray(device_e), kind="stable"), kind="stable")  # slot of each expert
+        routed = routing.route(logits, top_k=1, capacity_factor=1.0, min_capacity=1, placement=jnp.asarray(placement),
+                               experts_per_pool=4, shadow_ids=jnp.asarray(shadows, jnp.int32) if shadows else None,
+                               shadow_capacity=6)
+        want = int(np.sum(~np.asarray(routed.kept)))
+        assert bound.dropped(counts, device_e, 4 * 4, shadows, 6).sum() == want > 0

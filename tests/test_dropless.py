@@ -10,6 +10,7 @@ from flax import nnx
 from reference import (
     assert_placed_run_matches,
     FACTORIZATIONS,
+    loss_and_grads,
     SMALL,
     placed_grad_fn,
     max_abs_diff,
@@ -90,9 +91,9 @@ def test_dropless_equals_expert_capacity_that_drops_nothing(references):
     np.testing.assert_allclose(metrics["expert_load"], ref_metrics["expert_load"], atol=1e-7)
 
 
-CASES = ([("top2", "shadows+chunks", layout) for layout in FACTORIZATIONS]
-         + [("top1", "plain", (1, 8, 1)), ("top1", "static", (2, 4, 1)), ("top2", "dtd", (2, 2, 2)),
-            ("top2", "dtd", (1, 2, 4))])  # fmt: skip
+DTD_LAYOUTS = ((2, 2, 2), (1, 2, 4))  # DTD on these (static exchange there), the emulated ragged one elsewhere
+CASES = ([("top2", "shadows+chunks" + ("+dtd" if layout in DTD_LAYOUTS else ""), layout) for layout in FACTORIZATIONS]
+         + [("top1", "plain", (1, 8, 1)), ("top1", "static", (2, 4, 1))])  # fmt: skip
 
 
 @pytest.mark.slow
@@ -103,10 +104,8 @@ def test_dropless_matches_one_device(references, name, features, layout):
     shadow set and router skew (changed between calls, one compiled program), chunks, DTD; the ragged
     exchange's bookkeeping (emulated primitive) where the expert axis splits, the static one elsewhere."""
     config = DROPLESS if name == "top2" else TOP1
-    if features == "shadows+chunks":
-        config = variant(config, shadow_experts=2, a2a_chunks=2)
-    elif features == "dtd":
-        config = variant(config, dtd=True)
+    if features.startswith("shadows+chunks"):
+        config = variant(config, shadow_experts=2, a2a_chunks=2, dtd=features.endswith("+dtd"))
     mesh = tedjax.make_mesh(*layout)
     placement = np.random.default_rng(sum(layout)).permutation(8)
     fn, params, rest = grad_fn_of(config, mesh, placement, exchange="static" if features == "static" else "emulated")
@@ -117,7 +116,7 @@ def test_dropless_matches_one_device(references, name, features, layout):
             assert_placed_run_matches(loss, grads, metrics, placement, references[name, i])
             # every choice is a row of exactly one device; with no shadow, its pool's (the device load)
             np.testing.assert_allclose(metrics["device_rows"].sum(-1), 1.0, atol=1e-6)
-            if features != "shadows+chunks":
+            if not features.startswith("shadows+chunks"):
                 np.testing.assert_allclose(metrics["device_rows"], metrics["device_load"], atol=1e-7)
             rows = metrics["device_rows"]
             np.testing.assert_allclose(metrics["rows_max_over_mean"], rows.max(-1) / rows.mean(-1), rtol=1e-6)
@@ -262,3 +261,30 @@ def test_planner_models_dropless_buffers_and_ragged_rows():
 
     assert dispatch(config(capacity_scope="dropless")) == rows["static_bytes"]
     assert dispatch(config(capacity_scope="expert", capacity_factor=16.0)) == 2 * rows["static_bytes"]
+
+
+# (stage, data, expert, tensor), model, reference layout: dropless against 1 device; device pools (which
+# drop here: top-1 at cf 1) against the same pools on the same TED layout without stages
+STAGED = {
+    "dropless-2x1x2x2": ((2, 1, 2, 2), variant(DROPLESS, moe_every=1), (1, 1, 1)),
+    "device-2x2x2x1": ((2, 2, 2, 1), variant(SMALL, n_layers=2, moe_every=1, capacity_scope="device"), (2, 2, 1)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(STAGED))
+def test_pools_run_in_the_pipeline(case):
+    """Device pools and dropless under pipeline stages (the stage vmap over the pools' shard_map): the loss,
+    gradients and drops of the same pools without stages."""
+    from tedjax.config import PipelineConfig
+
+    (stage, data, expert, tensor), config, ref_layout = STAGED[case]
+    ref_mesh = tedjax.make_mesh(*ref_layout, devices=jax.devices()[:int(np.prod(ref_layout))])
+    ref_loss, ref_grads, ref_metrics, _ = loss_and_grads(config, ref_mesh, small_batch())
+    loss, grads, metrics, _ = loss_and_grads(config, tedjax.make_mesh(data, expert, tensor, stage=stage),
+                                             small_batch(), pipeline=PipelineConfig(microbatches=2))
+    assert (float(np.min(ref_metrics["dropped_fraction"])) > 0.02) == (config.capacity_scope == "device")
+    assert abs(loss - ref_loss) <= 1e-5 * max(1.0, abs(ref_loss))
+    assert max_abs_diff(grads, ref_grads) <= 1e-5
+    same_pools = ref_layout[1] == expert  # device loads only where the reference has the same devices
+    for name in ("dropped_fraction", "expert_load", *(["device_load"] if same_pools else [])):
+        np.testing.assert_allclose(metrics[name], ref_metrics[name], atol=1e-6, err_msg=name)

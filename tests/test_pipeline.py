@@ -148,7 +148,6 @@ STAGED = ["model.vocab_size=256", "model.d_model=32", "model.n_layers=4", "model
     (["pipeline.microbatches=4"],
      r"a micro-batch of 8 sequences does not split into pipeline.microbatches=4 microbatches over data x expert = 4"),
     (["pipeline.repeats=2"], r"pipeline.repeats=2 needs pipeline.schedule=circular"),
-    (["model.capacity_scope=dropless"], r"model.capacity_scope=dropless computes each device's pool inside"),
 ])  # fmt: skip
 def test_pipeline_config_is_checked_before_anything_compiles(overrides, message):
     if message is None:
