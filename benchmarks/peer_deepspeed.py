@@ -433,7 +433,8 @@ def run(args: argparse.Namespace, cases: list[Case], workdir: Path, setup: Setup
     return {"raw": raw, "machine": tedjax.ready["machine"], "peer_status": peer_status or "measured",
             "setup": setup,
             "peer_help": peer_help,
-            "peer_versions": peer_versions or (peer.ready if peer else None), "peer_venv": str(venv),
+            "peer_versions": ({**(peer_versions or {}), **(peer.ready if peer else {})} or None),
+            "peer_venv": str(venv),
             "peer_start_s": peer.start_s if peer else None}  # fmt: skip
 
 
