@@ -37,6 +37,18 @@ see the same load. tokens/s = 8 x 1024 / median step time.
 
     python benchmarks/peer_deepspeed.py             # full run -> benchmarks/results/peer_deepspeed.{json,md}
     python benchmarks/peer_deepspeed.py --quick     # tedjax side only, a few steps (what CI runs) -> a temp dir
+    python benchmarks/peer_deepspeed.py --setups default avx2 one_core   # stand-ins for other CPUs, one run
+
+Setups (issue 25 item 7), each applied to both sides alike, one after the other in one run:
+
+  default   this CPU as it is.
+  avx2      a stand-in for an AVX2-only x86 CPU: tedjax with --xla_cpu_max_isa=AVX2 added to its XLA_FLAGS,
+            torch with ATEN_CPU_CAPABILITY=avx2 (its ready record shows the ISA torch then dispatches to).
+  one_core  both sides under `taskset -c 0`: XLA's thread pool and the 8 torchrun ranks share one CPU.
+
+Besides wall time, each side's CPU time per step is recorded (tedjax: its process, all threads; DeepSpeed:
+the 8 ranks summed), and tokens per CPU-second are compared too: on a loaded machine they move less than wall
+time.
 
 The peer's environment (default ~/ds-venv, or --peer-venv / $TEDJAX_PEER_VENV),
 made once, outside the repository:
@@ -106,6 +118,29 @@ CASES = (
     Case("top2_ep8", 2, 1.25, 1, 8),
 )
 CASES_BY_NAME = {c.name: c for c in CASES}
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """How both sides are started: a stand-in for another CPU on this one."""
+
+    name: str
+    xla_flags: tuple[str, ...] = ()  # added to the tedjax side's XLA_FLAGS
+    torch_env: tuple[tuple[str, str], ...] = ()  # added to the peer's environment
+    prefix: tuple[str, ...] = ()  # put before both sides' commands
+
+    @property
+    def label(self) -> str:
+        parts = [*self.xla_flags, *(f"{k}={v}" for k, v in self.torch_env), *self.prefix]
+        return f"{self.name} ({' '.join(parts)})" if parts else self.name
+
+
+SETUPS = (
+    Setup("default"),
+    Setup("avx2", xla_flags=("--xla_cpu_max_isa=AVX2",), torch_env=(("ATEN_CPU_CAPABILITY", "avx2"),)),
+    Setup("one_core", prefix=("taskset", "-c", "0")),
+)
+SETUPS_BY_NAME = {s.name: s for s in SETUPS}
 
 
 # --------------------------------------------------------------------------- tedjax side (its own process)
@@ -198,9 +233,10 @@ def serve_tedjax(args: argparse.Namespace) -> None:
 class TedjaxClient:
     """The tedjax server process: started once, with 8 simulated CPU devices in its own XLA_FLAGS."""
 
-    def __init__(self, args: argparse.Namespace, workdir: Path):
+    def __init__(self, args: argparse.Namespace, workdir: Path, setup: Setup = SETUPS[0]):
         env = dict(os.environ)
-        flags = env.get("XLA_FLAGS", "")
+        flags = " ".join([env.get("XLA_FLAGS", ""), *setup.xla_flags]).strip()
+        env["XLA_FLAGS"] = flags
         if DEVICE_FLAG in flags:
             if f"{DEVICE_FLAG}={WORKERS}" not in flags.split():
                 raise SystemExit(f"XLA_FLAGS={flags!r} sets another device count; this benchmark needs "
@@ -208,9 +244,9 @@ class TedjaxClient:
         else:
             env["XLA_FLAGS"] = f"{flags} {DEVICE_FLAG}={WORKERS}".strip()
         env["JAX_PLATFORMS"] = "cpu"  # the comparison is on this CPU, even on a host with accelerators
-        self.log_path = workdir / "tedjax_server.log"
+        self.log_path = workdir / f"tedjax_server_{setup.name}.log"
         self._log = open(self.log_path, "w")
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--serve-tedjax",
+        cmd = [*setup.prefix, sys.executable, str(Path(__file__).resolve()), "--serve-tedjax",
                *_forward_shape_args(args)]  # fmt: skip
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self._log, text=True)  # fmt: skip
@@ -290,18 +326,19 @@ def setup_help(venv: Path, why: str) -> str:
 class PeerServer:
     """benchmarks/peer_deepspeed_worker.py --serve under torchrun: 8 CPU workers, started once."""
 
-    def __init__(self, venv: Path, args: argparse.Namespace, workdir: Path, start_timeout_s: float = 900):
-        self.folder = workdir / "peer"
+    def __init__(self, venv: Path, args: argparse.Namespace, workdir: Path, start_timeout_s: float = 900,
+                 setup: Setup = SETUPS[0]):
+        self.folder = workdir / f"peer_{setup.name}"
         self.folder.mkdir()
-        self.log_path = workdir / "peer_server.log"
+        self.log_path = workdir / f"peer_server_{setup.name}.log"
         self._log = open(self.log_path, "w")
         self.n = 0
-        cmd = [str(venv / "bin" / "python"), "-m", "torch.distributed.run", "--standalone",
+        cmd = [*setup.prefix, str(venv / "bin" / "python"), "-m", "torch.distributed.run", "--standalone",
                "--nproc_per_node", str(WORKERS), str(WORKER_SCRIPT), "--serve", str(self.folder),
                "--owner-pid", str(os.getpid()), "--experts", str(args.experts), "--d-model", str(args.d_model),
                "--d-ff", str(args.d_ff), "--tokens", str(args.tokens),
                "--min-capacity", str(args.min_capacity)]  # fmt: skip
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", **dict(setup.torch_env)}
         env.pop("XLA_FLAGS", None)
         start = time.perf_counter()
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)
@@ -350,9 +387,9 @@ class PeerServer:
 # --------------------------------------------------------------------------- the run
 
 
-def run(args: argparse.Namespace, cases: list[Case], workdir: Path) -> dict:
-    """Alternate the two sides, round after round; returns the raw measurements."""
-    tedjax = TedjaxClient(args, workdir)  # starts in the background
+def run(args: argparse.Namespace, cases: list[Case], workdir: Path, setup: Setup = SETUPS[0]) -> dict:
+    """Alternate the two sides, round after round, in one setup; returns the raw measurements."""
+    tedjax = TedjaxClient(args, workdir, setup)  # starts in the background
     import _common  # noqa: F401  (imports jax: done while the tedjax side starts)
 
     venv = peer_venv(args)
@@ -366,13 +403,14 @@ def run(args: argparse.Namespace, cases: list[Case], workdir: Path) -> dict:
             if peer_versions is None:
                 peer_help, peer_status = setup_help(venv, why), f"not measured: {why}"
                 print(peer_help + "\nMeasuring the tedjax side only.", flush=True)
-        print(f"tedjax side ready (jax {tedjax.ready['machine']['jax_version']}, "
+        print(f"[{setup.label}] tedjax side ready (jax {tedjax.ready['machine']['jax_version']}, "
               f"{tedjax.ready['machine']['device_count']} CPU devices)", flush=True)
         if not peer_status:
             print(f"starting the DeepSpeed-MoE peer ({WORKERS} torchrun workers from {venv}) ...", flush=True)
-            peer = PeerServer(venv, args, workdir)
+            peer = PeerServer(venv, args, workdir, setup=setup)
             print(f"peer ready in {peer.start_s:.0f} s (torch {peer.ready['torch_version']}, "
-                  f"deepspeed {peer.ready['deepspeed_version']})", flush=True)
+                  f"deepspeed {peer.ready['deepspeed_version']}, "
+                  f"CPU capability {peer.ready.get('torch_cpu_capability')})", flush=True)
         for rnd in range(args.rounds):
             for case in cases:
                 sides = ["tedjax", "peer"] if rnd % 2 == 0 else ["peer", "tedjax"]
@@ -386,15 +424,17 @@ def run(args: argparse.Namespace, cases: list[Case], workdir: Path) -> dict:
                 t = mine["tedjax"][-1]["tokens_per_s"]
                 p = mine["peer"][-1]["tokens_per_s"] if peer is not None else None
                 ratio = f"ratio {t / p:.2f}" if p else "peer not measured"
-                print(f"  round {rnd + 1}/{args.rounds} {case.name}: tedjax {t:,.0f} tokens/s, "
+                print(f"  [{setup.name}] round {rnd + 1}/{args.rounds} {case.name}: tedjax {t:,.0f} tokens/s, "
                       f"DeepSpeed {f'{p:,.0f}' if p else '-'} tokens/s, {ratio}", flush=True)
     finally:
         tedjax.close()
         if peer is not None:
             peer.close()
     return {"raw": raw, "machine": tedjax.ready["machine"], "peer_status": peer_status or "measured",
+            "setup": setup,
             "peer_help": peer_help,
-            "peer_versions": peer_versions or (peer.ready if peer else None), "peer_venv": str(venv),
+            "peer_versions": ({**(peer_versions or {}), **(peer.ready if peer else {})} or None),
+            "peer_venv": str(venv),
             "peer_start_s": peer.start_s if peer else None}  # fmt: skip
 
 
@@ -414,7 +454,16 @@ def rows_for(cases: list[Case], measured: dict, args: argparse.Namespace) -> lis
         peer_tps = [m["tokens_per_s"] for m in peer]
         ratios = [t / p for t, p in zip(ted_tps, peer_tps)]
         ratio = statistics.median(ratios) if ratios else None
+        # tokens per CPU-second: all of tedjax's threads against the 8 DeepSpeed ranks' summed CPU time
+        tokens = WORKERS * args.tokens
+        ted_cpu_ms = statistics.median(statistics.median(m["cpu_s"]) for m in ted) * 1e3
+        peer_cpu = [m["cpu_s_all_ranks"] for m in peer if "cpu_s_all_ranks" in m]
+        peer_cpu_ms = statistics.median(statistics.median(c) for c in peer_cpu) * 1e3 if peer_cpu else None
+        cpu_ratios = [statistics.median(c) / statistics.median(m["cpu_s"]) for m, c in zip(ted, peer_cpu)]
+        setup = measured["setup"]
         rows.append({
+            "setup": setup.name,
+            "setup_label": setup.label,
             "case": case.name,
             "label": case.label,
             "top_k": case.top_k,
@@ -442,14 +491,27 @@ def rows_for(cases: list[Case], measured: dict, args: argparse.Namespace) -> lis
             "tedjax_dropped_fraction": ted[0]["dropped_fraction"],
             "deepspeed_loss_rank0": peer[0]["loss_rank0"] if peer else None,
             "load_1min_per_round": mine["load_1min"],
+            "tedjax_cpu_ms_per_step": ted_cpu_ms,
+            "deepspeed_cpu_ms_per_step": peer_cpu_ms,
+            "tedjax_tokens_per_cpu_s": tokens / ted_cpu_ms * 1e3,
+            "deepspeed_tokens_per_cpu_s": tokens / peer_cpu_ms * 1e3 if peer_cpu_ms else None,
+            # median over rounds of (DeepSpeed CPU per step / tedjax CPU per step) = tokens per CPU-second ratio
+            "cpu_ratio": statistics.median(cpu_ratios) if cpu_ratios else None,
+            "cpu_ratios_per_round": cpu_ratios,
+            "deepspeed_cpu_s_all_ranks": peer_cpu,
         })  # fmt: skip
     return rows
 
 
-def render_markdown(rows: list[dict], settings: dict, machine: dict, measured: dict, wall_s: float) -> str:
+def render_markdown(rows: list[dict], settings: dict, machine: dict, measured: dict, wall_s: float,
+                    runs: list[dict] | None = None) -> str:
+    """The results table; `runs` (every setup's measurements, `measured` the first) adds a setup column."""
     import _common
 
+    runs = runs or [measured]
+    several = len(runs) > 1
     cols = [
+        *([("setup", "setup")] if several else []),
         ("case", "label"),
         ("tedjax mesh (d,e,t)", "tedjax_mesh"),
         ("DeepSpeed ep", "deepspeed_ep"),
@@ -459,6 +521,11 @@ def render_markdown(rows: list[dict], settings: dict, machine: dict, measured: d
         ("tedjax / DeepSpeed (median of rounds)", "ratio", ".2f"),
         ("range over rounds", lambda r: f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f}" if r["ratio"] else ""),
         (f"target >= {TARGET_RATIO}", lambda r: f"**{r['target']}**"),
+        ("CPU ms/step tedjax / DeepSpeed (8 ranks)",
+         lambda r: f"{r['tedjax_cpu_ms_per_step']:.0f} / {r['deepspeed_cpu_ms_per_step']:.0f}"
+         if r.get("deepspeed_cpu_ms_per_step") else f"{r['tedjax_cpu_ms_per_step']:.0f} / -"),
+        ("tokens per CPU-s ratio", lambda r: f"{r['cpu_ratio']:.2f}" if r.get("cpu_ratio") else ""),
+        ("load (1 min) per round", lambda r: ", ".join(f"{v:g}" for v in r["load_1min_per_round"] if v is not None)),
     ]
     versions = measured["peer_versions"] or {}
     lines = [
@@ -479,6 +546,11 @@ def render_markdown(rows: list[dict], settings: dict, machine: dict, measured: d
            f"{WORKERS} torchrun processes x 1 thread, gloo)" if versions else "") + ".",
         *(["", "To measure the peer, make its environment once (outside the repository):", "",
            *[f"    {c}" for c in SETUP_COMMANDS]] if measured["peer_help"] else []),
+        *([""] + [f"Setup {m['setup'].label}: tedjax {_common.cpu_line(m['machine'])}"
+                  + (f" DeepSpeed: torch CPU capability {m['peer_versions'].get('torch_cpu_capability', '?')}, "
+                     f"{m['peer_versions'].get('cpu_threads', '?')} CPU(s) per rank." if m["peer_versions"] else "")
+                  for m in runs]
+          if several or runs[0]["setup"].name != "default" else []),
         "",
         f"tedjax: jax {machine.get('jax_version')}, {machine.get('device_count')} simulated "
         f"{machine.get('backend')} devices in one process (glibc keeps freed memory, "
@@ -492,7 +564,9 @@ def render_markdown(rows: list[dict], settings: dict, machine: dict, measured: d
         "tedjax's has the ones its sharding implies (router over 8 devices, experts over \"data\" at (2,4,1)). "
         "tedjax runs 8 simulated devices on XLA's thread pool, DeepSpeed 8 single-thread processes: both use "
         "every core. Other jobs share the machine, so absolute tokens/s move between runs; the ratio, taken "
-        "from measurements seconds apart, moves less."),
+        "from measurements seconds apart, moves less. CPU ms/step is the median over rounds of each measurement's "
+        "median: tedjax's process (all threads), DeepSpeed's 8 ranks summed (barrier waits included); the "
+        "tokens per CPU-second ratio is the median over rounds of DeepSpeed CPU / tedjax CPU per step."),
     ]  # fmt: skip
     return "\n".join(lines) + "\n"
 
@@ -500,6 +574,8 @@ def render_markdown(rows: list[dict], settings: dict, machine: dict, measured: d
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", nargs="+", choices=[c.name for c in CASES], default=[c.name for c in CASES])
+    p.add_argument("--setups", nargs="+", choices=[s.name for s in SETUPS], default=["default"],
+                   help="how both sides run (stand-ins for other CPUs; see above), one after the other")
     p.add_argument("--rounds", type=int, default=5, help="rounds of (tedjax, DeepSpeed) measurements per case")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per measurement")
     p.add_argument("--steps", type=int, default=10, help="timed steps per measurement (median)")
@@ -565,14 +641,17 @@ def main(argv=None) -> None:
 
     cases = [CASES_BY_NAME[n] for n in args.cases]
     start = time.perf_counter()
+    runs = []
     with tempfile.TemporaryDirectory(prefix=f"{NAME}_run_") as workdir:
-        measured = run(args, cases, Path(workdir))
+        for name in args.setups:
+            runs.append(run(args, cases, Path(workdir), SETUPS_BY_NAME[name]))
     wall_s = time.perf_counter() - start
-    rows = rows_for(cases, measured, args)
+    measured = runs[0]
+    rows = [row for m in runs for row in rows_for(cases, m, args)]
     settings = {
         "command": " ".join(["python", "benchmarks/peer_deepspeed.py", *_shown_argv(argv)]),
         "quick": args.quick, "rounds": args.rounds, "warmup": args.warmup, "steps": args.steps,
-        "cases": args.cases, "experts": args.experts, "d_model": args.d_model, "d_ff": args.d_ff,
+        "cases": args.cases, "setups": args.setups, "experts": args.experts, "d_model": args.d_model, "d_ff": args.d_ff,
         "tokens": args.tokens, "workers": WORKERS, "min_capacity": args.min_capacity, "target_ratio": TARGET_RATIO,
         "peer_venv": measured["peer_venv"], "peer_status": measured["peer_status"],
         "peer_versions": measured["peer_versions"], "peer_start_s": measured["peer_start_s"],
@@ -580,13 +659,18 @@ def main(argv=None) -> None:
         "load_avg_end": _common.load_avg(),
         "tedjax_uncommitted": _uncommitted("tedjax"),
     }  # fmt: skip
-    markdown = render_markdown(rows, settings, measured["machine"], measured, wall_s)
-    verdicts = {r["case"]: r["target"] for r in rows}
+    markdown = render_markdown(rows, settings, measured["machine"], measured, wall_s, runs)
+    # a case's verdict under its own name in the default setup, as "<setup>:<case>" in the others
+    verdicts = {(r["case"] if r["setup"] == "default" else f"{r['setup']}:{r['case']}"): r["target"] for r in rows}
+    machines = {m["setup"].name: {**m["machine"], "peer": m["peer_versions"]} for m in runs}
     _common.publish(NAME, rows, settings, markdown, _common.output_dir(NAME, args.out, args.quick),
-                    machine=measured["machine"], extra={"verdicts": verdicts, "wall_s": wall_s})  # fmt: skip
+                    machine=measured["machine"],
+                    extra={"verdicts": verdicts, "wall_s": wall_s, "machines_by_setup": machines})  # fmt: skip
     for r in rows:
         ratio = f"{r['ratio']:.2f}x" if r["ratio"] is not None else "peer not measured"
-        print(f"{r['target']}: {r['case']} ({r['label']}) tedjax / DeepSpeed {ratio}, target >= {TARGET_RATIO}x")
+        where = "" if r["setup"] == "default" else f" [{r['setup']}]"
+        print(f"{r['target']}: {r['case']}{where} ({r['label']}) tedjax / DeepSpeed {ratio}, "
+              f"target >= {TARGET_RATIO}x")
     if measured["peer_help"]:
         print("\n" + measured["peer_help"])
 

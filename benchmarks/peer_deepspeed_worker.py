@@ -89,6 +89,9 @@ class Layer:
         walls, cpus, losses = zip(*(self.step() for _ in range(steps)))
         med = statistics.median(walls)
         world = dist.get_world_size()
+        # every rank's CPU seconds per step, summed (after the timed steps): the peer's whole CPU cost
+        cpu_all = torch.tensor(cpus, dtype=torch.float64)
+        dist.all_reduce(cpu_all)
         return {
             "peer": "deepspeed-moe",
             "world": world,
@@ -97,6 +100,7 @@ class Layer:
             "tokens_per_s": self.tokens * world / med,
             "times_s": list(walls),
             "cpu_s_rank0": list(cpus),
+            "cpu_s_all_ranks": cpu_all.tolist(),
             "loss_rank0": losses[0],
         }
 
@@ -105,7 +109,10 @@ def versions() -> dict:
     import deepspeed
 
     return {"torch_version": torch.__version__, "deepspeed_version": deepspeed.__version__,
-            "torch_threads": torch.get_num_threads()}  # fmt: skip
+            "torch_threads": torch.get_num_threads(),
+            # the ISA torch's kernels dispatch to (ATEN_CPU_CAPABILITY caps it) and the CPUs this rank may use
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_threads": len(os.sched_getaffinity(0))}  # fmt: skip
 
 
 def serve(args: argparse.Namespace) -> None:

@@ -93,8 +93,10 @@ def test_missing_peer_environment_says_how_to_make_it(tmp_path):
     (venv / "bin" / "python").symlink_to(sys.executable)
     env = {**os.environ, "TEDJAX_PEER_VENV": str(venv)}
     out = tmp_path / "out"
+    # two stand-in setups beside the default (issue 25): each starts its own tedjax side, tiny shapes
     stdout, _ = run_script("--cases", "top1_ep8", "--rounds", "1", "--warmup", "0", "--steps", "1", "--d-model", "64",
-                           "--d-ff", "128", "--tokens", "128", "--out", str(out), env=env)  # fmt: skip
+                           "--d-ff", "128", "--tokens", "128", "--setups", "default", "avx2", "one_core",
+                           "--out", str(out), env=env)  # fmt: skip
     for command in SETUP:
         assert command in stdout
     assert "cannot import torch, torch.distributed.run and deepspeed" in stdout and str(venv) in stdout
@@ -102,7 +104,17 @@ def test_missing_peer_environment_says_how_to_make_it(tmp_path):
     settings = result["settings"]
     assert settings["quick"] is False and settings["peer_venv"] == str(venv)
     assert settings["peer_status"].startswith("not measured: ") and settings["peer_setup"] == list(SETUP)
-    check_tedjax_rows(result, {"top1_ep8"})
-    assert "NOT MEASURED: top1_ep8" in stdout and "PASS" not in stdout
+    assert settings["setups"] == ["default", "avx2", "one_core"]
+    assert [r["setup"] for r in result["rows"]] == settings["setups"]
+    for setup in ("default", "avx2", "one_core"):
+        result_one = {**result, "rows": [r for r in result["rows"] if r["setup"] == setup]}
+        key = "top1_ep8" if setup == "default" else f"{setup}:top1_ep8"
+        check_tedjax_rows({**result_one, "verdicts": {"top1_ep8": result["verdicts"][key]}}, {"top1_ep8"})
+        assert f"NOT MEASURED: top1_ep8{'' if setup == 'default' else f' [{setup}]'}" in stdout
+    # each setup reached the tedjax process it started: the XLA ISA cap, the one-CPU affinity
+    machines = result["machines_by_setup"]
+    assert machines["avx2"]["xla_max_isa"] == "AVX2" and machines["default"]["xla_max_isa"] is None
+    assert machines["one_core"]["cpu_threads"] == 1
+    assert "PASS" not in stdout
     md = (out / "peer_deepspeed.md").read_text()
     assert all(command in md for command in SETUP) and "PASS" not in md
