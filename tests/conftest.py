@@ -38,7 +38,9 @@ tedjax.host.reuse_freed_host_memory()  # as train.py does on CPU
 HEAVY_FILES = {"test_perf_benchmarks_quick.py": 137, "test_ted_optimizations.py": 109, "test_plan.py": 108,
                "test_faults.py": 79, "test_notebooks.py": 72, "test_dropless.py": 70, "test_zero.py": 64,
                "test_pipeline.py": 52, "test_balance_decisions.py": 40, "test_scan.py": 30,
-               "test_one_reduction.py": 25}
+               "test_one_reduction.py": 25, "test_multiprocess.py": 70, "test_load_balance.py": 45,
+               "test_generate.py": 40, "test_peer_benchmark.py": 35, "test_shadows_and_chunks.py": 30,
+               "test_topology.py": 20, "test_host.py": 20}
 
 
 def pytest_configure(config):
