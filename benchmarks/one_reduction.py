@@ -18,13 +18,13 @@ alternate, so load on a shared machine hits both alike).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve()
-sys.path.insert(0, str(HERE.parent))  # _common
+sys.path.insert(0, str(HERE.parent))  # _common, _flags
+import _flags  # noqa: E402  (no jax: sets XLA_FLAGS below)
 sys.path.insert(0, str(HERE.parents[1]))  # tedjax
 
 
@@ -38,9 +38,7 @@ def parse_args(argv=None):
 
 
 ARGS = parse_args()
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8" + (
-    " --xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false" if ARGS.quick else "")  # fast compiles
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+_flags.simulate_cpu_devices(ARGS.quick)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
