@@ -33,8 +33,8 @@ def runs():
 
 def test_scan_equals_the_loop(runs):
     """The scan and the Python loop over the same stacked parameters: the same loss and metrics bit for bit
-    in f32; gradients within a few float32 roundings (XLA fuses the scan's body on its own, and the scan recomputes
-    elementwise ops in the backward: tedjax.model.save_all_but_elementwise)."""
+    in f32; gradients within a few float32 roundings: XLA:CPU compiles the scan's while body on its own and rounds
+    its backward differently, the same math in plain JAX included (tools/scan_bits.py; NOTES.md section 3.1)."""
     (loss_loop, grads_loop, metrics_loop, _), (loss_scan, grads_scan, metrics_scan, _) = (runs["none", False],
                                                                                           runs["none", True])
     assert loss_scan == loss_loop

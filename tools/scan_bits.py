@@ -1,0 +1,92 @@
+"""Why scanned layers cannot equal the unrolled loop bit for bit in f32 on XLA:CPU: a minimal reproduction.
+
+    python tools/scan_bits.py            # both flag sets, each in its own process (XLA_FLAGS are read at import)
+    python tools/scan_bits.py --flags tests --remat none
+
+Two units of a pre-norm (attention, GELU MLP) block in plain JAX, no tedjax: one
+function `unit(params, x [B, L, D])`, run by a Python loop over the stacked
+parameters and by `lax.scan`, with `jax.value_and_grad` of the same loss. The
+loss agrees; gradients differ in the last bits, with no remat, with full remat,
+and with a save-all-but-elementwise policy alike, under the default XLA:CPU
+flags (FMA contraction is on: a multiply and an add in one fused kernel round
+once) and under the tests' fast-compile flags (tests/compile_flags.py). XLA
+compiles the scan's while body as a computation of its own, so it fuses and
+orders the backward's ops differently from the straight-line loop; the math is
+the same, the rounding is not. Measured (2026-12-06, XLA:CPU, jax 0.10.2): ~1k
+of 2k entries per weight differ by 1-2 float32 ulps, in every setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+FLAGS = {"default": "", "tests": "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"}
+U, B, L, D, H = 2, 8, 16, 32, 4
+
+
+def main(flags: str, remat: str) -> None:
+    os.environ["XLA_FLAGS"] = FLAGS[flags]
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    jax.config.update("jax_default_matmul_precision", "highest")
+
+    def norm(x):
+        return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)
+
+    def unit(p, x):  # [B, L, D] -> [B, L, D]
+        h = norm(x)
+        q, k, v = (jnp.einsum("bld,dhk->blhk", h, p[n]) for n in ("wq", "wk", "wv"))
+        x = x + jnp.einsum("blhk,hkd->bld", jax.nn.dot_product_attention(q, k, v, is_causal=True), p["wo"])
+        return x + jnp.einsum("blf,fd->bld", jax.nn.gelu(jnp.einsum("bld,df->blf", norm(x), p["w_in"])), p["w_out"])
+
+    elementwise = {"add", "sub", "mul", "div", "exp", "tanh", "rsqrt", "integer_pow", "pow", "broadcast_in_dim",
+                   "reshape", "transpose", "convert_element_type", "select_n", "max", "square", "log", "neg"}
+    if remat == "full":
+        unit = jax.checkpoint(unit, prevent_cse=False)
+    elif remat == "elementwise":  # tedjax.model.save_all_but_elementwise's kind of policy
+        unit = jax.checkpoint(unit, policy=lambda prim, *_, **__: prim.name not in elementwise, prevent_cse=False)
+
+    def loss_loop(ps, x):
+        for u in range(U):
+            x = unit(jax.tree.map(lambda a, u=u: a[u], ps), x)
+        return jnp.mean(x * x)
+
+    def loss_scan(ps, x):
+        return jnp.mean(jax.lax.scan(lambda x, p: (unit(p, x), None), x, ps)[0] ** 2)
+
+    keys = jax.random.split(jax.random.key(0), 7)
+    shapes = {"wq": (D, H, D // H), "wk": (D, H, D // H), "wv": (D, H, D // H), "wo": (H, D // H, D),
+              "w_in": (D, 2 * D), "w_out": (2 * D, D)}
+    ps = {n: jax.random.normal(k, (U, *s), jnp.float32) / np.sqrt(s[0]) for k, (n, s) in zip(keys, shapes.items())}
+    x = jax.random.normal(keys[-1], (B, L, D), jnp.float32)
+    (loss_a, grads_a), (loss_b, grads_b) = (jax.jit(jax.value_and_grad(f))(ps, x) for f in (loss_loop, loss_scan))
+    differing = {f"{n}[{u}]": int(np.sum(np.asarray(grads_a[n][u]) != np.asarray(grads_b[n][u])))
+                 for n in grads_a for u in range(U)}
+    print(f"flags={flags} remat={remat}: loss equal {bool(loss_a == loss_b)}; gradient entries differing (of "
+          f"{grads_a['w_in'][0].size} per w_in): {({k: v for k, v in differing.items() if v}) or 'none'}")
+    for n in grads_a:
+        a, b = np.asarray(grads_a[n]), np.asarray(grads_b[n])
+        if (a != b).any():
+            i = int(np.flatnonzero(a != b)[0])
+            print(f"  first in {n}: loop {a.flat[i]!r} ({a.view(np.uint32).flat[i]:#010x}), "
+                  f"scan {b.flat[i]!r} ({b.view(np.uint32).flat[i]:#010x})")
+            break
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--flags", choices=sorted(FLAGS))
+    parser.add_argument("--remat", choices=("none", "full", "elementwise"))
+    args = parser.parse_args()
+    if args.flags and args.remat:
+        main(args.flags, args.remat)
+    else:
+        for flags in [args.flags] if args.flags else sorted(FLAGS):
+            for remat in [args.remat] if args.remat else ("none", "full", "elementwise"):
+                subprocess.run([sys.executable, __file__, "--flags", flags, "--remat", remat], check=True)
