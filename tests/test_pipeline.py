@@ -14,7 +14,7 @@ import pytest
 
 import tedjax
 from reference import SMALL, loss_and_grads, max_abs_diff, one_device_mesh, small_batch, variant
-from tedjax import analysis, pipeline
+from tedjax import analysis, balance, pipeline
 from tedjax.checkpoint import Checkpointer
 from tedjax.config import (CheckpointConfig, DataConfig, LogConfig, MeshConfig, OptimizerConfig, PipelineConfig,
                            TrainConfig, load_config)
@@ -229,6 +229,51 @@ def test_transformer_pipeline_sends_one_microbatch_per_iteration():
                           data=DataConfig(source="synthetic", seq_len=length, batch_size=batch))
     row = plan.permute_comparison(planned, compiled, mesh)
     assert row["exact"] and row["measured_count"] == 2 * (micro + stage), row
+
+
+# FasterMoE under stages: shadows (a set per layer, stored in the pipeline's stage-major order) and 2-chunk
+# all-to-alls, at (2, 1, 2, 2), circular with 2 repeats and 2 microbatches (4 routing groups each: 2 chunks x 2)
+SHADOWS_AND_CHUNKS = variant(NO_DROPS, shadow_experts=2, a2a_chunks=2)
+SHADOW_IDS = np.array([[3, 5], [0, 8], [6, 1], [8, 8]])  # [MoE layer, R]; 8 = an empty slot
+
+
+def test_shadows_and_chunks_through_the_pipeline_match_one_device():
+    """Each stage's MoE layers copy their shadowed experts to that stage's expert devices and split each
+    all-to-all in 2 chunks: the 1-device loss, gradients and statistics of the same model without either, and
+    every chunk of the loop's all-to-alls is half of an unchunked microbatch's (the 4-microbatch run of this layout,
+    whose microbatches are half as large)."""
+    from flax import nnx
+
+    from tedjax.model import moe_stack
+
+    ref_loss, ref_grads, ref_metrics, _ = reference_run(NO_DROPS)
+    mesh = tedjax.make_mesh(1, 2, 2, stage=2)
+    model = tedjax.init_model(SHADOWS_AND_CHUNKS, mesh, pipeline=PipelineConfig(2, "circular", 2))
+    moe_stack(model).shadow_ids[...] = jnp.asarray(SHADOW_IDS, jnp.int32)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def grad_fn(params, batch):
+        loss_of = lambda p: tedjax.loss_fn(nnx.merge(graphdef, p, rest), batch)  # noqa: E731
+        return jax.value_and_grad(loss_of, has_aux=True)(params)
+
+    with jax.set_mesh(mesh):
+        batch = jax.device_put(small_batch(), named_sharding(mesh, ("batch", None)))
+        compiled = jax.jit(grad_fn).lower(params, batch).compile()
+        (loss, metrics), grads = compiled(params, batch)
+    assert abs(float(loss) - ref_loss) < 1e-5 * max(1.0, abs(ref_loss))
+    assert max_abs_diff(jax.tree.map(np.asarray, nnx.to_pure_dict(grads)), ref_grads) < 1e-5
+    for name in ("aux_loss", "z_loss", "expert_load", "dropped_fraction", "lm_loss"):
+        np.testing.assert_allclose(metrics[name], ref_metrics[name], atol=1e-6, rtol=1e-6, err_msg=name)
+    # each layer's shadowed experts' tokens stay on their device: its pools get what the other experts draw
+    for layer, ids in enumerate(SHADOW_IDS):
+        pooled = np.where(np.isin(np.arange(8), ids), 0.0, ref_metrics["expert_load"][layer])
+        np.testing.assert_allclose(metrics["device_load"][layer], balance.device_loads(pooled, np.arange(8), 2),
+                                   atol=1e-6, err_msg=layer)
+    a2a = lambda program: [c.result_bytes for c in analysis.collectives(program, mesh)  # noqa: E731
+                           if c.kind == "all-to-all" and c.in_loop and c.axes == ("expert",)]
+    chunked, (_, (_, _, _, unchunked)) = a2a(compiled), pipelined_run("2x1x2x2-circular-top2")
+    assert chunked and len(chunked) == 2 * len(a2a(unchunked)) and sorted(set(chunked)) == sorted(set(a2a(unchunked))), (
+        chunked, a2a(unchunked))
 
 
 # ---------------------------------------------------------------- the Trainer: ZeRO-1, tiled AdamW, DTD, CAC
