@@ -279,12 +279,13 @@ def test_shadows_and_chunks_through_the_pipeline_match_one_device():
 # ---------------------------------------------------------------- the Trainer: ZeRO-1, tiled AdamW, DTD, CAC
 
 
-def trainer_config(stage: int, data: int, expert: int, tensor: int, tmp: Path, repeats: int = 2) -> TrainConfig:
+def trainer_config(stage: int, data: int, expert: int, tensor: int, tmp: Path, schedule: str = "circular",
+                   repeats: int = 2) -> TrainConfig:
     return TrainConfig(
         steps=10, model=variant(DROPS, dtd=True, remat="cac"), mesh=MeshConfig(data, expert, tensor, stage),
         optimizer=OptimizerConfig(zero=1, warmup_steps=0, tile_size=256),
         data=DataConfig(source="synthetic", seq_len=16, batch_size=16, grad_accum=2),
-        pipeline=PipelineConfig(microbatches=4, schedule="circular", repeats=repeats),
+        pipeline=PipelineConfig(microbatches=4, schedule=schedule, repeats=repeats),
         log=LogConfig(dir=str(tmp)), checkpoint=CheckpointConfig(dir=str(tmp / "ckpt"), async_save=False),
     )  # fmt: skip
 
@@ -292,13 +293,14 @@ def trainer_config(stage: int, data: int, expert: int, tensor: int, tmp: Path, r
 @pytest.fixture(scope="module")
 def trainers(tmp_path_factory):
     """Trainers of one config by stage count: 1 (one device), 2 ((2, 2, 1, 2) of 8 devices, circular with 2
-    repeats: 4 units) and 4 ((4, 1, 1, 2), one repeat: 4 units do not split into 4 x 2)."""
+    repeats: 4 units) and 4 ((4, 1, 1, 2), GPipe: 4 units do not split into 4 x 2)."""
     tmp = tmp_path_factory.mktemp("pipeline_ckpt")
     layouts = {1: (1, 1, 1, 1), 2: (2, 2, 1, 2), 4: (4, 1, 1, 2)}
     out = {}
     for stage, layout in layouts.items():
         mesh = one_device_mesh() if stage == 1 else tedjax.make_mesh(*layout[1:], stage=stage)
-        out[stage] = Trainer(trainer_config(*layout, tmp, repeats=1 if stage == 4 else 2), mesh)
+        gpipe = {"schedule": "gpipe", "repeats": 1} if stage == 4 else {}
+        out[stage] = Trainer(trainer_config(*layout, tmp, **gpipe), mesh)
     return tmp, out
 
 
@@ -320,8 +322,9 @@ def restore(trainer: Trainer, **kwargs):
 def test_trainer_with_stages_zero1_tiled_dtd_cac_and_checkpoints_across_stage_counts(trainers):
     """Stage 2 (circular) trains as 1 device does (ZeRO-1 state split over data inside each stage, tiled AdamW,
     DTD, CAC, two micro-batches, the units' gradients in lanes), and its checkpoint after one step restores at
-    stage 1 with the same next loss, and at stage 4 (GPipe) with the same values. The stage-2 state keeps its
-    units in the circular schedule's stage-major order; the checkpoint holds them in logical order."""
+    stage 1 and at stage 4 (GPipe: another schedule and repeats, a safe change) with the same values and the same
+    next loss. The stage-2 state keeps its units in the circular schedule's stage-major order; the checkpoint
+    holds them in logical order."""
     _, by_stage = trainers
     losses, saved = {}, None
     for stage in (1, 2):
@@ -340,10 +343,11 @@ def test_trainer_with_stages_zero1_tiled_dtd_cac_and_checkpoints_across_stage_co
     restored, meta = restore(by_stage[1])
     assert meta["step"] == 1
     assert step_on(by_stage[1], restored, 1)[1] == pytest.approx(losses[2][1], rel=2e-5)
-    # stage 4: the same values in logical order (its train step is checked against 1 device above, MODEL_CASES)
-    restored, _ = restore(by_stage[4], allow_change=("pipeline.repeats",))
+    # stage 4, GPipe: no --allow-change; the same values in logical order and the same next loss
+    restored, _ = restore(by_stage[4])
     for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(saved), strict=True):
         np.testing.assert_array_equal(np.asarray(a), b)
+    assert step_on(by_stage[4], restored, 1)[1] == pytest.approx(losses[2][1], rel=2e-5)
 
 
 def test_stage_weights_stay_put_and_their_gradients_are_reduced_once_per_step(trainers):

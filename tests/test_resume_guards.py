@@ -247,7 +247,8 @@ def test_damaged_unverified_checkpoint_gives_one_clean_error(saved, tmp_path, ta
 # ---------------------------------------------------------------- resume guards
 
 SAFE_KEYS = {"log.", "mesh.", "checkpoint.every", "checkpoint.keep", "checkpoint.async_save", "checkpoint.dir",
-             "max_bad_steps", "xla.", "optimizer.zero", "model.scan_layers"}  # fmt: skip
+             "max_bad_steps", "xla.", "optimizer.zero", "model.scan_layers", "pipeline.schedule",
+             "pipeline.repeats"}  # fmt: skip
 
 
 def _changed(value):
@@ -347,14 +348,15 @@ def test_allowed_changes_are_accepted_and_recorded(saved, tmp_path):
 def test_safe_changes_are_accepted_and_logged(saved):
     COUNTS["resume_changes_tried"] += 1
     safe = ["mesh.data=1", "mesh.expert=4", "steps=20", "log.every=5", "checkpoint.every=4", "checkpoint.keep=2",
-            "max_bad_steps=9"]  # fmt: skip
+            "max_bad_steps=9", "pipeline.schedule=circular", "pipeline.repeats=2"]  # fmt: skip
     checkpointer = Checkpointer(tiny_config(saved[0], *safe), resume=True)
     try:
         notes = "\n".join(checkpointer.notes)
         assert "resume changes mesh.expert: 2 -> 4 (safe: the checkpoint is resharded onto the new mesh" in notes
         assert "resume changes steps: 8 -> 20 (changes results, allowed: the learning-rate schedule now spans 20 " \
                "steps; the learning rate at step 4 goes from" in notes
-        assert len(checkpointer.changes) == 7
+        assert "resume changes pipeline.repeats: 1 -> 2 (safe: checkpoints keep the layers in logical order" in notes
+        assert len(checkpointer.changes) == 9
         assert [c.key for c in checkpointer.changes if c.kind != "safe"] == ["steps"]
     finally:
         checkpointer.close()
