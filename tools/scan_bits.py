@@ -16,7 +16,10 @@ remat, with full remat and with a save-all-but-elementwise policy alike,
 under the default XLA:CPU flags and under the tests' fast-compile flags
 (tests/compile_flags.py), and with XLA:CPU's YNN/XNNPACK fusions turned off.
 (A residual linear map without the norm, or attention without the norm, is
-bit-equal.) XLA compiles the scan's while body as a computation of its own,
+bit-equal; so is norm_linear under the tests' flags with `--loss sum`, the
+sum of the squared outputs instead of their mean, whose gradient differs only
+by an exact power of two, and with `jax.vjp` of a fixed cotangent: what XLA
+fuses around the units decides, not the units.) XLA compiles the scan's while body as a computation of its own,
 so it fuses and schedules the backward's ops differently from the loop's
 straight-line program (which, for instance, fuses the loss's gradient into the
 last unit's backward); the math is the same, the rounding is not. Which
@@ -35,7 +38,7 @@ FLAGS = {"default": "", "tests": "--xla_backend_optimization_level=0 --xla_cpu_u
 U, B, L, D, H = 2, 8, 16, 32, 4
 
 
-def main(flags: str, unit_name: str, remat: str) -> None:
+def main(flags: str, unit_name: str, remat: str, loss: str = "mean") -> None:
     os.environ["XLA_FLAGS"] = FLAGS[flags]
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
@@ -64,13 +67,15 @@ def main(flags: str, unit_name: str, remat: str) -> None:
     elif remat == "elementwise":  # tedjax.model.save_all_but_elementwise's kind of policy
         unit = jax.checkpoint(unit, policy=lambda prim, *_, **__: prim.name not in elementwise, prevent_cse=False)
 
+    reduce = {"mean": jnp.mean, "sum": jnp.sum}[loss]
+
     def loss_loop(ps, x):
         for u in range(U):
             x = unit(jax.tree.map(lambda a, u=u: a[u], ps), x)
-        return jnp.mean(x * x)
+        return reduce(x * x)
 
     def loss_scan(ps, x):
-        return jnp.mean(jax.lax.scan(lambda x, p: (unit(p, x), None), x, ps)[0] ** 2)
+        return reduce(jax.lax.scan(lambda x, p: (unit(p, x), None), x, ps)[0] ** 2)
 
     keys = jax.random.split(jax.random.key(0), 7)
     if unit_name == "block":
@@ -84,7 +89,7 @@ def main(flags: str, unit_name: str, remat: str) -> None:
     differing = {f"{n}[{u}]": int(np.sum(np.asarray(grads_a[n][u]) != np.asarray(grads_b[n][u])))
                  for n in grads_a for u in range(U)}
     size = grads_a[next(iter(grads_a))][0].size
-    print(f"flags={flags} unit={unit_name} remat={remat}: loss equal {bool(loss_a == loss_b)}; gradient entries "
+    print(f"flags={flags} unit={unit_name} remat={remat} loss={loss}: loss equal {bool(loss_a == loss_b)}; gradient entries "
           f"differing (of {size} per weight): {({k: v for k, v in differing.items() if v}) or 'none'}")
     for n in grads_a:
         a, b = np.asarray(grads_a[n]), np.asarray(grads_b[n])
@@ -100,12 +105,13 @@ if __name__ == "__main__":
     parser.add_argument("--flags", choices=sorted(FLAGS))
     parser.add_argument("--unit", choices=("norm_linear", "block"))
     parser.add_argument("--remat", choices=("none", "full", "elementwise"))
+    parser.add_argument("--loss", choices=("mean", "sum"), default="mean", help="of the squared outputs")
     args = parser.parse_args()
     if args.flags and args.unit and args.remat:
-        main(args.flags, args.unit, args.remat)
+        main(args.flags, args.unit, args.remat, args.loss)
     else:
         for flags in [args.flags] if args.flags else sorted(FLAGS):
             for unit in [args.unit] if args.unit else ("norm_linear", "block"):
                 for remat in [args.remat] if args.remat else ("none", "full", "elementwise"):
-                    subprocess.run([sys.executable, __file__, "--flags", flags, "--unit", unit, "--remat", remat],
-                                   check=True)
+                    subprocess.run([sys.executable, __file__, "--flags", flags, "--unit", unit, "--remat", remat,
+                                    "--loss", args.loss], check=True)
