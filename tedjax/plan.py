@@ -894,14 +894,20 @@ def _leaf_costs(model: ModelConfig, layout: Layout, zero1: bool, backend: Backen
                 # Measured on XLA:CPU.
                 # Without remat the scanned units recompute their elementwise ops in the backward
                 # (model.save_all_but_elementwise), a norm's product with its scale too, which gathers the scale
-                # once more: every norm of the unit but the MoE block's FFN norm (measured, moe_every = 2).
-                kept = pooled or model.dtype != "float32"
+                # once more: every norm of the unit but the MoE block's FFN norm (measured, moe_every = 2). The
+                # cast to bf16 is elementwise too, so the cast weights are no residual: only device pools keep
+                # the forward's expert weights.
+                # Where ZeRO-3 splits the stack's "layers" axis (a group that divides the units), the scan's slice
+                # gathers the whole stack, once in the forward and once in the backward pass, where the
+                # recomputation, the norms and the router all use that one copy (measured).
+                kept = expert_weight and pooled and model.remat == "none"
+                whole_stack = bool(state_spec[0])
                 moe_ffn_norm = leaf.layer == model.moe_every - 1 and "['ffn_norm']" in leaf.path
                 recomputed = model.remat != "none" or (model.scan_layers and not moe_ffn_norm)
-                if leaf.path.endswith("['router']") or (expert_weight and kept and model.remat == "none"):
+                if kept or (leaf.path.endswith("['router']") and not whole_stack):
                     times = 1
                 else:
-                    times = 2 + (norm and recomputed)
+                    times = 2 + (norm and recomputed and not whole_stack)
             else:
                 # An unrolled leaf is gathered where a micro-batch's forward uses it and kept for the backward
                 # pass; a norm's scale is gathered again there, remat gathers again what it recomputes (a
