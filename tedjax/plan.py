@@ -1138,6 +1138,18 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
                   tuple((name, working + value) for name, value in phases.items()))
 
 
+def state_bytes_per_parameter(config: TrainConfig) -> int:
+    """Bytes every parameter needs on some device whatever the sharding: its float32 master weight and float32
+    gradient, and Adam's two moments in `optimizer.state_dtype` (16 in float32)."""
+    return 4 + 4 + 2 * (2 if config.optimizer.state_dtype == "bfloat16" else 4)
+
+
+def parameter_bound(config: TrainConfig, cluster: Cluster, devices: int) -> int:
+    """The most parameters `devices` GPUs of `cluster` can hold at any ZeRO level: their whole budget (the
+    planner's, HEADROOM kept free) over `state_bytes_per_parameter`, with no activations at all."""
+    return devices * int(cluster.memory_gib * GIB * (1 - HEADROOM)) // state_bytes_per_parameter(config)
+
+
 # --------------------------------------------------------------------------- #
 # step time
 
