@@ -1089,12 +1089,19 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
     if m.remat == "none":
         # the layer scan stacks every unit's residuals; on XLA:CPU the backward of a unit also holds about
         # one unit's activations of cotangents next to them (measured: 28-41% under without it)
-        # scanned, the units recompute elementwise ops in the backward (tedjax.model.save_all_but_elementwise):
-        # an FFN keeps about one [T, F] (of 3, or 4 for SwiGLU), attention its scores but not its probabilities
-        fewer, scores = ((3 * ffn_x2 // 2 - 1) * act_b, heads) if m.scan_layers else (0, 0)
-        moe_rows = 0 if sz.loop_fill and backend == "cpu" else rows * f_t  # dropless `loop` keeps no [rows, F]
-        kept = (m.n_layers * (attention - scores) + n_dense * (dense - fewer * sz.tokens * (m.d_ff // t))
-                + n_moe * (moe - fewer * moe_rows))
+        kept = m.n_layers * attention + n_dense * dense + n_moe * moe
+        if m.scan_layers:
+            # Scanned, the units keep the outputs of every op but the elementwise ones
+            # (tedjax.model.save_all_but_elementwise), stacked over units. Read from XLA:CPU's buffer
+            # assignment (gelu and swiglu): a unit's input [T, D]; per attention q, k, v and the heads'
+            # output [T, D / tensor] each, the scores (not the probabilities) and the output projection
+            # [T, D]; per FFN its dot outputs ([T, F / tensor] x 2, x 3 for SwiGLU) and output [T, D]; per MoE
+            # FFN its dot outputs on the slots, the dispatched [slots, D] and two [T, D] (its input in
+            # routing groups and the combined output).
+            scores_kept = heads if flash else sz.tokens * (m.n_heads // t) * dc.seq_len * act_b
+            moe_ffn = 0 if sz.loop_fill and backend == "cpu" else (rows + shadow_rows) * f_t * act_b
+            kept -= (m.n_layers * (2 * td - td_t + 2 * heads - scores_kept)
+                     + n_dense * (2 * td + sz.tokens * (m.d_ff // t) * act_b) + n_moe * (td + moe_ffn)) - units * td
         once = unit if backend == "cpu" else 0
     else:  # each scanned unit's (or tail layer's) input, plus (cac) its collectives' outputs; one unit recomputed
         kept, once = (m.n_layers - units * (m.moe_every - 1)) * td, unit
