@@ -827,6 +827,8 @@ class _LeafCosts:
     traffic: tuple  # (kind, axes, bytes, count, per micro-batch, what)
     gathered: int = 0  # float32 parameters in their own layout (what ZeRO-3 gathers for a micro-batch)
     traffic_once: tuple = ()  # `traffic` under gradient accumulation (ZeRO-1 reduces once per step)
+    laned: int = 0  # `gathered` of the leaves that take lanes under ZeRO-1 accumulation (the rest: per micro-batch)
+    laned_state: int = 0  # their bytes in the optimizer state's layout (one moment)
 
 
 def _costs(config: TrainConfig, layout: Layout, backend: Backend, lanes: bool = True) -> _LeafCosts:
@@ -843,7 +845,7 @@ def _leaf_costs(model: ModelConfig, layout: Layout, zero1: bool, backend: Backen
     batch_axes = ("data", "expert")
     counts: dict[tuple, int] = {}
     counts_once: dict[tuple, int] = {}  # with gradient accumulation
-    params = moments = reduced = gathered = 0
+    params = moments = reduced = gathered = laned = laned_state = 0
     per_layer: dict = {}
     for leaf in parameters(model):
         if outside_only and leaf.layer is not None:
@@ -875,6 +877,7 @@ def _leaf_costs(model: ModelConfig, layout: Layout, zero1: bool, backend: Backen
         gradients_once = (_gradient_reduction(local, used, added, sizes, backend, "gradient", per_micro=False)
                           if once else list(entries))
         n_gradients = len(entries)
+        laned, laned_state = laned + (local if once else 0), laned_state + (shard if once else 0)
         # the global norm: one partial sum per sharded dim of the optimizer-state layout
         entries += [("all-reduce", axes, 4, False, "gradient norm") for axes in state_spec]
         if not tiled:  # the untiled step's NaN guard: the update's norm, reduced as the gradient's
@@ -940,7 +943,8 @@ def _leaf_costs(model: ModelConfig, layout: Layout, zero1: bool, backend: Backen
                 tally[key] = tally.get(key, 0) + 1
     traffic, traffic_once = (tuple((k, a, b, n, pm, w) for (k, a, b, pm, w), n in tally.items())
                              for tally in (counts, counts_once))
-    return _LeafCosts(params, moments, max(per_layer.values()), reduced, traffic, gathered, traffic_once)
+    return _LeafCosts(params, moments, max(per_layer.values()), reduced, traffic, gathered, traffic_once, laned,
+                      laned_state)
 
 
 def _gradient_reduction(local: int, used: set, added: tuple, sizes: dict, backend: Backend, what: str,
@@ -1119,8 +1123,9 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
     # by up to 30%.
     # With lanes (ZeRO-1, no stages: one reduction per step, NOTES.md section 3.2) each device sums its own
     # lane's gradients, a full copy in each parameter's own layout, until the one reduction after the loop.
+    # (Shadowed and dropless expert weights take no lanes: theirs is summed in the optimizer's shards.)
     lanes = not pipe and config.optimizer.zero1 and config.optimizer.zero == 1
-    carry = (full if lanes else moments // 2) if dc.grad_accum > 1 else 0
+    carry = (costs.laned + moments // 2 - costs.laned_state if lanes else moments // 2) if dc.grad_accum > 1 else 0
     tile = config.optimizer.tile_size
     # Mixed precision: the weights cast to the compute dtype are loop invariant, so XLA computes them
     # once and holds them for the whole step; the scanned units' weights are cast inside the layer scan,
@@ -1130,13 +1135,17 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
     cast_bytes = outside + (full - outside) // max(units, 1)
     casts = 0 if resolve_dtype(m.dtype, backend) == "float32" or backend == "cpu" else cast_bytes * act_b // 4
     # With accumulation XLA also slices the parameters' ZeRO-1 shards before the loop (measured).
-    working = 3 * td + 4 * td_t + 2 * slot_d + casts + (moments // 2 if carry else 0)
+    # Lanes hand the layers each weight as [N, ...] copies split over its group: one more copy of the
+    # weights in their own layout per device, held through the micro-batches (measured on XLA:CPU: three
+    # full-size copies at the end of the backward pass, with the running sum and the micro-batch's gradients).
+    lane_weights = costs.laned if lanes and carry else 0
+    working = 3 * td + 4 * td_t + 2 * slot_d + casts + (moments // 2 if carry else 0) + lane_weights
     # ZeRO-3's gathered parameters add nothing measurable to the peak on XLA:CPU: each is gathered where a
     # layer uses it, and the backward pass frees them layer by layer as it frees the activations.
     # XLA:CPU turns ZeRO-2/3's per-micro-batch reduce-scatter into an all-reduce plus a slice: the running
     # sum saves nothing there (measured). With the layers scanned the all-reduce's full result no longer adds
     # to the peak (it did before: counting it put float32 remat cells 30-35% over).
-    cpu_zero2 = full - carry if backend == "cpu" and zero > 1 and carry else 0
+    cpu_zero2 = full - carry if backend == "cpu" and carry else 0
     phases = {"backward start": activations + carry + layer_grads,
               "backward end": carry + full + one_layer + logits + cpu_zero2,
               "optimizer update": full + (4 * 4 * tile if tile else moments)}
