@@ -40,14 +40,13 @@ rest, ranked by step time, are the pool. `mesh: auto` in a config (or
 searched, there and in the CLI, when the devices span more than one node).
 
 The byte model aims to be exact: on simulated CPU meshes it equals the
-collectives XLA compiles for the train step, per kind and mesh axis, on 57 of
+collectives XLA compiles for the train step, per kind and mesh axis, on all
 64 random held-out configs over every switch (`held_out_cells`;
-tests/test_plan.py, benchmarks/planner.py; the 7 others are ZeRO-3 cells whose
-all-gathers of a few leaves differ), except for the embedding's and the router
+tests/test_plan.py, benchmarks/planner.py), except for the embedding's and the router
 weight's gradients and the ZeRO-3 embedding lookup, whose partitioning XLA
 picks by size (`XLA_CHOOSES`; `measure` reports XLA's choice apart), and the
 settings `unmodelled` names, which every entry point prints as "not modelled". The memory model is calibrated on the same programs:
-arguments exact, the total within 10% on most cells and 25% on all
+arguments exact, the total within 10% on 54 of the 64 cells and 19% on all
 (benchmarks/results/planner.md has the figures). What differs between XLA:CPU
 (where the model is checked) and XLA:GPU is explicit in `Backend`; the GPU
 side is not checked on GPUs.
