@@ -1134,11 +1134,13 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
     cast_bytes = outside + (full - outside) // max(units, 1)
     casts = 0 if resolve_dtype(m.dtype, backend) == "float32" or backend == "cpu" else cast_bytes * act_b // 4
     # With accumulation XLA also slices the parameters' ZeRO-1 shards before the loop (measured).
-    # Lanes hand the layers each weight as [N, ...] copies split over its group: one more copy of the
-    # weights in their own layout per device, held through the micro-batches (measured on XLA:CPU: three
-    # full-size copies at the end of the backward pass, with the running sum and the micro-batch's gradients).
-    lane_weights = costs.laned if lanes and carry else 0
-    working = 3 * td + 4 * td_t + 2 * slot_d + casts + (moments // 2 if carry else 0) + lane_weights
+    # Lanes hand the layers each weight as [N, ...] copies split over its group: on XLA:CPU one more copy of
+    # the laned weights in their own layout per device, held through the micro-batches (measured: three
+    # full-size copies at the end of the backward pass, with the running sum and the micro-batch's gradients;
+    # dead after the loop). Not counted on GPUs, where a device's lane [1, ...] can be a bitcast of its
+    # weights (not checked).
+    lane_weights = costs.laned if lanes and carry and backend == "cpu" else 0
+    working = 3 * td + 4 * td_t + 2 * slot_d + casts + (moments // 2 if carry else 0)
     # ZeRO-3's gathered parameters add nothing measurable to the peak on XLA:CPU: each is gathered where a
     # layer uses it, and the backward pass frees them layer by layer as it frees the activations.
     # XLA:CPU turns ZeRO-2/3's per-micro-batch reduce-scatter into an all-reduce plus a slice: the running
@@ -1154,8 +1156,8 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
         sizes = dict(zip(AXES, layout))
         chunk_grads = (sz.chunks - 1) * sum(_local(leaf.shape, leaf.spec, sizes) * 4 for leaf in parameters(m)
                                             if leaf.units and len(leaf.shape) == 4 and "expert" in leaf.spec[1])
-    phases = {"backward start": activations + carry + layer_grads + chunk_grads,
-              "backward end": carry + full + one_layer + logits + cpu_zero2,
+    phases = {"backward start": activations + carry + layer_grads + chunk_grads + lane_weights,
+              "backward end": carry + full + one_layer + logits + cpu_zero2 + lane_weights,
               "optimizer update": full + (4 * 4 * tile if tile else moments)}
     peak_at = max(phases, key=phases.get)
     return Memory(params, moments + counters, batch, other, full, activations, working + phases[peak_at], peak_at,
