@@ -167,6 +167,23 @@ def test_a_model_that_fits_nowhere_names_the_closest_plan_and_what_it_lacks(h100
         _ = found.best
 
 
+def test_no_plan_stores_less_than_the_parameter_bound_allows(h100):
+    """Whatever the layout and ZeRO level, the devices together hold each parameter's weight, gradient and Adam
+    moments (`plan.state_bytes_per_parameter`), so no plan fits more than `plan.parameter_bound` parameters."""
+    config = load_config(str(REPO / "configs" / "gpu_2.7b.yaml"), ["mesh=auto", "model.num_experts=24"])  # 21.8B
+    total = config.model.param_counts()["total"]
+    found = plan.search(config, h100, 8)
+    assert plan.state_bytes_per_parameter(config) == 16
+    for est in found.pool + found.rejected:
+        if est.memory is not None:
+            state = est.memory.params + est.memory.optimizer + est.memory.gradients
+            assert state * 8 >= total * plan.state_bytes_per_parameter(config), est.plan.describe()
+    assert found.pool and plan.parameter_bound(config, h100, 8) < 2 * total  # it fits; no level could fit 2x
+    bf16 = load_config(str(REPO / "configs" / "gpu_2.7b.yaml"), ["optimizer.state_dtype=bfloat16"])
+    assert plan.state_bytes_per_parameter(bf16) == 12
+    assert plan.parameter_bound(bf16, h100, 8) / plan.parameter_bound(config, h100, 8) == pytest.approx(16 / 12)
+
+
 def test_layouts_that_do_not_divide_are_rejected_with_the_reason(h100):
     config = load_config("configs/tiny.yaml", ["mesh=auto"])
     found = plan.search(config, h100, 16)
