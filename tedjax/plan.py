@@ -921,10 +921,10 @@ def _leaf_costs(model: ModelConfig, layout: Layout, zero1: bool, backend: Backen
                 per_chunk = model.a2a_chunks if expert_weight and not pooled else 1
                 times = (1 + again + norm) * per_chunk
             entries += [("all-gather", added, local, True, "parameters (ZeRO-3)")] * times
-            if expert_weight and model.shadow_experts and not (leaf.units and state_spec[0]):
-                # Unless the whole stack is gathered (above), the shadows' take of R experts' weights
-                # (moe_shadow_weights) gathers just those, per unit, in the forward and in full remat's
-                # recomputation (the other passes keep it as a residual; measured).
+            if expert_weight and model.shadow_experts and not pooled and not (leaf.units and state_spec[0]):
+                # Unless the whole stack is gathered (above) or device pools gather the weights, the shadows'
+                # take of R experts' weights (moe_shadow_weights) gathers just those, per unit, in the forward
+                # and in full remat's recomputation (the other passes keep it as a residual; measured).
                 per_expert = local // max(leaf.units, 1) // _local(leaf.shape[stacked:stacked + 1],
                                                                    leaf.spec[stacked:stacked + 1], sizes)
                 passes = 2 if model.remat == "full" else 1
