@@ -910,6 +910,15 @@ def _leaf_costs(model: ModelConfig, layout: Layout, zero1: bool, backend: Backen
                     times = 1
                 else:
                     times = 2 + (norm and recomputed and not whole_stack)
+                if expert_weight and not pooled and not whole_stack and model.a2a_chunks > 1:
+                    # Chunked, the backward's transposes gather the expert weights again rather than reuse the
+                    # recomputation's: under full remat each chunk gathers in the forward, the recomputation
+                    # and the transpose; under CAC (which recomputes the first matmul) the input weights once
+                    # more (measured on (4,1,2); without remat nothing changes).
+                    if model.remat == "full":
+                        times = 3 * model.a2a_chunks
+                    elif model.remat == "cac" and leaf.path.endswith(("['w_in']", "['w_gate']")):
+                        times = 3
             else:
                 # An unrolled leaf is gathered where a micro-batch's forward uses it and kept for the backward
                 # pass; a norm's scale is gathered again there, remat gathers again what it recomputes (a
