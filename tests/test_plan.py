@@ -300,10 +300,12 @@ def test_train_refuses_bad_cpu_devices_before_importing_jax():
     assert proc.returncode == 2 and "--cpu-devices must be >= 1" in proc.stderr
 
 
-def test_plan_command_line(tmp_path):
+def test_plan_command_line(tmp_path, capsys):
     from tedjax.plan import main
 
-    assert main(["--cluster", H100, "--config", "configs/gpu_1.3b.yaml", "--devices", "64", "--top", "3"]) == 0
+    # two nodes: the stage search runs (64 GPUs cost twice the CPU for the same paths)
+    assert main(["--cluster", H100, "--config", "configs/gpu_1.3b.yaml", "--devices", "16", "--top", "3"]) == 0
+    assert "Why stages" in capsys.readouterr().out
     assert main(["--cluster", str(tmp_path / "nope.yaml"), "--config", "configs/tiny.yaml"]) == 2
     assert main(["--cluster", H100, "--config", "configs/gpu_6.7b.yaml", "--devices", "8"]) == 2
 
