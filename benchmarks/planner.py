@@ -57,7 +57,7 @@ from tedjax.config import load_config  # noqa: E402
 NAME = "planner"
 REPO = HERE.parents[1]
 CELLS, SEED = 64, 0  # the held-out sample: tedjax.plan.held_out_cells(CELLS, SEED)
-# --quick runs this script's code once per part (tests/test_plan.py checks a fixed sample of 12 cells).
+# --quick runs this script's code once per part (tests/test_plan.py checks a fixed sample of 7 cells).
 QUICK_CELLS, QUICK_SEED = 1, 0
 TED_MODEL = ["model.vocab_size=50304"]  # TED's GPT-2 vocabulary; the rest is configs/gpu_6.7b.yaml
 TED_TARGET, TED_TOLERANCE = 0.26, 0.10
