@@ -233,7 +233,8 @@ def largest_moe(bases: list[str] = LARGEST_BASES, experts_grid: list[int] = LARG
     # Whatever the sharding, each parameter's float32 weight, gradient and Adam moments live on some GPU:
     # no ZeRO level fits more than the 8 GPUs' budget over those bytes, even with no activations.
     base = load_config(str(REPO / "configs" / f"{bases[0]}.yaml"))
-    bf16 = load_config(str(REPO / "configs" / f"{bases[0]}.yaml"), ["optimizer.state_dtype=bfloat16"])
+    bf16 = load_config(str(REPO / "configs" / f"{bases[0]}.yaml"), ["optimizer.state_dtype=bfloat16",
+                                                                    "optimizer.tile_size=0"])  # (untiled only)
     bound = plan.parameter_bound(base, h100, 8)
     zero1 = best["zero1"][0] if "zero1" in best else 0
     family = sorted({p for rows in fits.values() for p, *_ in rows} | {
