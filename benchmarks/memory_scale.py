@@ -26,6 +26,8 @@ the grads shrink by 1/|group| and the optimizer bytes stay.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import math
 import os
 import sys
@@ -127,8 +129,30 @@ def measure(layout, level: int) -> dict:
     own = [s for s, m in zip(jax.tree.leaves(trainer.model_shardings), split) if m]
     unsplit = [16 * math.prod(s.shard_shape(a.shape)) for a, s in zip([a for a, m in zip(params, split) if m], own)]
     row["unsplit_sharded_total"] = sum(unsplit)
+    row["sharded_elements"] = sum(math.prod(s.shard_shape(a.shape)) for a, s in
+                                  zip([a for a, m in zip(params, split) if m], own))
     row["ideal_sharded_total"] = sum(b / g for b, g in zip(unsplit, groups))
     return row
+
+
+def parameter_bound(zero0_rows) -> dict:
+    """The most parameters 8 x H100 hold at any ZeRO level, from the bytes each parameter takes at ZeRO 0
+    (compiled), against the planner's largest with ZeRO-1 (its saved results, when there)."""
+    from tedjax import plan
+
+    measured = {r["sharded_total"] / r["sharded_elements"] for r in zero0_rows}
+    h100 = plan.Cluster.load(str(HERE.parents[1] / "configs" / "clusters" / "dgx_h100.yaml"))
+    config = trainer_for(LAYOUTS[0], 1).config
+    bf16 = dataclasses.replace(config, optimizer=dataclasses.replace(config.optimizer, state_dtype="bfloat16"))
+    out = {"bytes_per_parameter_measured": max(measured), "bytes_per_parameter": plan.state_bytes_per_parameter(config),
+           "cluster": h100.name, "budget_gib": h100.memory_gib * (1 - plan.HEADROOM), "devices": 8,
+           "bound": plan.parameter_bound(config, h100, 8), "bound_bf16_moments": plan.parameter_bound(bf16, h100, 8)}
+    assert measured == {out["bytes_per_parameter"]}, (measured, out)  # the planner's figure is what XLA stores
+    saved = HERE.parent / "results" / "planner.json"
+    largest = json.loads(saved.read_text()).get("largest", {}) if saved.exists() else {}
+    if largest.get("zero1"):
+        out.update(zero1=largest["zero1"][0], zero1_model=largest["zero1"][1])
+    return out
 
 
 def markdown(rows, settings, machine) -> str:
@@ -161,7 +185,22 @@ def markdown(rows, settings, machine) -> str:
                      f"{t['ideal'] / 2**20:.3f} MiB ({t['ratio']:.4f}): **{t['verdict']}**; params + grads "
                      f"{t['pg_ratio']:.4f} of ZeRO 1's")
     lines += ["", *settings["notes"], ""]
-    return "\n".join(lines)
+    b = settings["bound"]
+    lines += ["## The largest model any ZeRO level fits on 8 x H100 80 GB", "",
+              f"Every parameter keeps {b['bytes_per_parameter_measured']:g} bytes on some device at ZeRO 0 (compiled "
+              "params + grads + optimizer of the sharded leaves over their elements; "
+              f"`plan.state_bytes_per_parameter`: {b['bytes_per_parameter']}), and ZeRO only moves them between "
+              f"devices. 8 GPUs of {b['cluster']} ({b['budget_gib']:.1f} GiB each, the planner's budget) hold at most "
+              f"{b['bound'] / 1e9:.2f}B parameters with no activations at all ({b['bound_bf16_moments'] / 1e9:.2f}B "
+              "with `optimizer.state_dtype=bfloat16`)."]
+    if b.get("zero1"):
+        lines += ["", f"The planner's largest with ZeRO-1 only (benchmarks/results/planner.json, part 4): "
+                  f"{b['zero1'] / 1e9:.2f}B ({b['zero1_model']}), {b['zero1'] / b['bound']:.0%} of the bound. "
+                  f"2x that is {2 * b['zero1'] / 1e9:.2f}B, "
+                  + (f"above the bound: the >= 2x target (issue 21) is **out of reach** for any sharding (at most "
+                     f"{b['bound'] / b['zero1']:.2f}x)." if 2 * b["zero1"] > b["bound"] else
+                     f"within the bound (at most {b['bound'] / b['zero1']:.2f}x with no activations).")]
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -193,7 +232,8 @@ def main() -> None:
         "(\"data\", \"expert\"); a layout with data = 1 leaves the expert weights whole at every level.",
     ]
     settings = {"quick": ARGS.quick, "layouts": LAYOUTS, "levels": LEVELS, "model": repr(MODEL), "seq_len": SEQ,
-                "micro_batch": MICRO, "grad_accum": ACCUM, "targets": targets, "notes": notes}
+                "micro_batch": MICRO, "grad_accum": ACCUM, "targets": targets, "notes": notes,
+                "bound": parameter_bound([r for r in rows if r["zero"] == 0])}
     machine = _common.machine_info()
     md = markdown(rows, settings, machine)
     print(md)

@@ -57,7 +57,7 @@ from tedjax.config import load_config  # noqa: E402
 NAME = "planner"
 REPO = HERE.parents[1]
 CELLS, SEED = 64, 0  # the held-out sample: tedjax.plan.held_out_cells(CELLS, SEED)
-# --quick runs this script's code once per part (tests/test_plan.py checks a fixed sample of 12 cells).
+# --quick runs this script's code once per part (tests/test_plan.py checks a fixed sample of 7 cells).
 QUICK_CELLS, QUICK_SEED = 1, 0
 TED_MODEL = ["model.vocab_size=50304"]  # TED's GPT-2 vocabulary; the rest is configs/gpu_6.7b.yaml
 TED_TARGET, TED_TOLERANCE = 0.26, 0.10
@@ -230,9 +230,24 @@ def largest_moe(bases: list[str] = LARGEST_BASES, experts_grid: list[int] = LARG
                                        found.best.memory.total / plan.GIB))
     best = {name: max(rows) for name, rows in fits.items() if rows}
     ratio = best["zero3"][0] / best["zero1"][0] if len(best) == 2 else 0.0
+    # Whatever the sharding, each parameter's float32 weight, gradient and Adam moments live on some GPU:
+    # no ZeRO level fits more than the 8 GPUs' budget over those bytes, even with no activations.
+    base = load_config(str(REPO / "configs" / f"{bases[0]}.yaml"))
+    bf16 = load_config(str(REPO / "configs" / f"{bases[0]}.yaml"), ["optimizer.state_dtype=bfloat16",
+                                                                    "optimizer.tile_size=0"])  # (untiled only)
+    bound = plan.parameter_bound(base, h100, 8)
+    zero1 = best["zero1"][0] if "zero1" in best else 0
+    family = sorted({p for rows in fits.values() for p, *_ in rows} | {
+        load_config(str(REPO / "configs" / f"{b}.yaml"), [f"model.num_experts={e}"]).model.param_counts()["total"]
+        for b in bases for e in experts_grid})
     return {"bases": bases, "experts": experts_grid, "cluster": h100.name, "gpus": 8,
             "zero1": best.get("zero1"), "zero3": best.get("zero3"), "ratio": ratio, "target": LARGEST_TARGET,
-            "verdict": "PASS" if ratio >= LARGEST_TARGET else "MISS"}
+            "verdict": "PASS" if ratio >= LARGEST_TARGET else "MISS",
+            "bytes_per_parameter": plan.state_bytes_per_parameter(base), "bound": bound,
+            "bound_bf16_moments": plan.parameter_bound(bf16, h100, 8),
+            "bytes_per_parameter_bf16_moments": plan.state_bytes_per_parameter(bf16),
+            "max_ratio": bound / zero1 if zero1 else 0.0,
+            "next_larger": next((p for p in family if p > zero1), None)}
 
 
 ACCUM_TARGET = 5.0
@@ -368,6 +383,16 @@ def markdown(cells: list[dict], ted: dict, presets: list[dict], scale: dict, mac
         row = big[name]
         lines.append(f"- {label}: " + (f"{row[0] / 1e9:.2f}B parameters ({row[1]}), {row[2]}, {row[3]:.1f} GiB"
                                        if row else "none fits"))
+    if big.get("bound") and big["zero1"]:
+        lines += ["", f"Out of reach at any ZeRO level: each parameter keeps a float32 weight, a float32 gradient and "
+                  f"two float32 Adam moments somewhere ({big['bytes_per_parameter']} B, "
+                  "`plan.state_bytes_per_parameter`), so 8 GPUs' budget holds at most "
+                  f"{big['bound'] / 1e9:.2f}B parameters with no activations at all (`plan.parameter_bound`), "
+                  f"{big['max_ratio']:.2f}x ZeRO-1's largest; 2x would be {2 * big['zero1'][0] / 1e9:.2f}B. With "
+                  f"`optimizer.state_dtype=bfloat16` ({big['bytes_per_parameter_bf16_moments']} B) the bound is "
+                  f"{big['bound_bf16_moments'] / 1e9:.2f}B (the planner does not model bf16 moments yet)."
+                  + (f" The next larger model of the family has {big['next_larger'] / 1e9:.2f}B parameters."
+                     if big.get("next_larger") else "")]
     lines += ["", "## 5. Scale", "",
               f"Search over {scale['plans']} plans for {scale['gpus']} GPUs (gpu_2.7b, DGX-H100): "
               f"{scale['search_s']:.1f} s, {scale['fit']} fit; best {scale['best']} at {scale['best_step_s']:.2f} s."]

@@ -40,14 +40,13 @@ rest, ranked by step time, are the pool. `mesh: auto` in a config (or
 searched, there and in the CLI, when the devices span more than one node).
 
 The byte model aims to be exact: on simulated CPU meshes it equals the
-collectives XLA compiles for the train step, per kind and mesh axis, on 57 of
+collectives XLA compiles for the train step, per kind and mesh axis, on all
 64 random held-out configs over every switch (`held_out_cells`;
-tests/test_plan.py, benchmarks/planner.py; the 7 others are ZeRO-3 cells whose
-all-gathers of a few leaves differ), except for the embedding's and the router
+tests/test_plan.py, benchmarks/planner.py), except for the embedding's and the router
 weight's gradients and the ZeRO-3 embedding lookup, whose partitioning XLA
 picks by size (`XLA_CHOOSES`; `measure` reports XLA's choice apart), and the
 settings `unmodelled` names, which every entry point prints as "not modelled". The memory model is calibrated on the same programs:
-arguments exact, the total within 10% on most cells and 25% on all
+arguments exact, the total within 10% on 54 of the 64 cells and 19% on all
 (benchmarks/results/planner.md has the figures). What differs between XLA:CPU
 (where the model is checked) and XLA:GPU is explicit in `Backend`; the GPU
 side is not checked on GPUs.
@@ -827,6 +826,8 @@ class _LeafCosts:
     traffic: tuple  # (kind, axes, bytes, count, per micro-batch, what)
     gathered: int = 0  # float32 parameters in their own layout (what ZeRO-3 gathers for a micro-batch)
     traffic_once: tuple = ()  # `traffic` under gradient accumulation (ZeRO-1 reduces once per step)
+    laned: int = 0  # `gathered` of the leaves that take lanes under ZeRO-1 accumulation (the rest: per micro-batch)
+    laned_state: int = 0  # their bytes in the optimizer state's layout (one moment)
 
 
 def _costs(config: TrainConfig, layout: Layout, backend: Backend, lanes: bool = True) -> _LeafCosts:
@@ -843,7 +844,7 @@ def _leaf_costs(model: ModelConfig, layout: Layout, zero1: bool, backend: Backen
     batch_axes = ("data", "expert")
     counts: dict[tuple, int] = {}
     counts_once: dict[tuple, int] = {}  # with gradient accumulation
-    params = moments = reduced = gathered = 0
+    params = moments = reduced = gathered = laned = laned_state = 0
     per_layer: dict = {}
     for leaf in parameters(model):
         if outside_only and leaf.layer is not None:
@@ -875,6 +876,7 @@ def _leaf_costs(model: ModelConfig, layout: Layout, zero1: bool, backend: Backen
         gradients_once = (_gradient_reduction(local, used, added, sizes, backend, "gradient", per_micro=False)
                           if once else list(entries))
         n_gradients = len(entries)
+        laned, laned_state = laned + (local if once else 0), laned_state + (shard if once else 0)
         # the global norm: one partial sum per sharded dim of the optimizer-state layout
         entries += [("all-reduce", axes, 4, False, "gradient norm") for axes in state_spec]
         if not tiled:  # the untiled step's NaN guard: the update's norm, reduced as the gradient's
@@ -894,14 +896,29 @@ def _leaf_costs(model: ModelConfig, layout: Layout, zero1: bool, backend: Backen
                 # Measured on XLA:CPU.
                 # Without remat the scanned units recompute their elementwise ops in the backward
                 # (model.save_all_but_elementwise), a norm's product with its scale too, which gathers the scale
-                # once more: every norm of the unit but the MoE block's FFN norm (measured, moe_every = 2).
-                kept = pooled or model.dtype != "float32"
+                # once more: every norm of the unit but the MoE block's FFN norm (measured, moe_every = 2). The
+                # cast to bf16 is elementwise too, so the cast weights are no residual: only device pools keep
+                # the forward's expert weights.
+                # Where ZeRO-3 splits the stack's "layers" axis (a group that divides the units), the scan's slice
+                # gathers the whole stack, once in the forward and once in the backward pass, where the
+                # recomputation, the norms and the router all use that one copy (measured).
+                kept = expert_weight and pooled and model.remat == "none"
+                whole_stack = bool(state_spec[0])
                 moe_ffn_norm = leaf.layer == model.moe_every - 1 and "['ffn_norm']" in leaf.path
                 recomputed = model.remat != "none" or (model.scan_layers and not moe_ffn_norm)
-                if leaf.path.endswith("['router']") or (expert_weight and kept and model.remat == "none"):
+                if kept or (leaf.path.endswith("['router']") and not whole_stack):
                     times = 1
                 else:
-                    times = 2 + (norm and recomputed)
+                    times = 2 + (norm and recomputed and not whole_stack)
+                if expert_weight and not pooled and not whole_stack and model.a2a_chunks > 1:
+                    # Chunked, the backward's transposes gather the expert weights again rather than reuse the
+                    # recomputation's: under full remat each chunk gathers in the forward, the recomputation
+                    # and the transpose; under CAC (which recomputes the first matmul) the input weights once
+                    # more (measured on (4,1,2); without remat nothing changes).
+                    if model.remat == "full":
+                        times = 3 * model.a2a_chunks
+                    elif model.remat == "cac" and leaf.path.endswith(("['w_in']", "['w_gate']")):
+                        times = 3
             else:
                 # An unrolled leaf is gathered where a micro-batch's forward uses it and kept for the backward
                 # pass; a norm's scale is gathered again there, remat gathers again what it recomputes (a
@@ -913,6 +930,15 @@ def _leaf_costs(model: ModelConfig, layout: Layout, zero1: bool, backend: Backen
                 per_chunk = model.a2a_chunks if expert_weight and not pooled else 1
                 times = (1 + again + norm) * per_chunk
             entries += [("all-gather", added, local, True, "parameters (ZeRO-3)")] * times
+            if expert_weight and model.shadow_experts and not pooled and not (leaf.units and state_spec[0]):
+                # Unless the whole stack is gathered (above) or device pools gather the weights, the shadows'
+                # take of R experts' weights (moe_shadow_weights) gathers just those, per unit, in the forward
+                # and in full remat's recomputation (the other passes keep it as a residual; measured).
+                per_expert = local // max(leaf.units, 1) // _local(leaf.shape[stacked:stacked + 1],
+                                                                   leaf.spec[stacked:stacked + 1], sizes)
+                passes = 2 if model.remat == "full" else 1
+                entries += [("all-gather", added, model.shadow_experts * per_expert, True,
+                             "shadow expert weights (ZeRO-3)")] * (max(leaf.units, 1) * passes)
         def keys(listed):
             for kind, axes, nbytes, per_micro, what in listed:
                 axes = tuple(a for a in AXES if a in axes and sizes[a] > 1)
@@ -925,7 +951,8 @@ def _leaf_costs(model: ModelConfig, layout: Layout, zero1: bool, backend: Backen
                 tally[key] = tally.get(key, 0) + 1
     traffic, traffic_once = (tuple((k, a, b, n, pm, w) for (k, a, b, pm, w), n in tally.items())
                              for tally in (counts, counts_once))
-    return _LeafCosts(params, moments, max(per_layer.values()), reduced, traffic, gathered, traffic_once)
+    return _LeafCosts(params, moments, max(per_layer.values()), reduced, traffic, gathered, traffic_once, laned,
+                      laned_state)
 
 
 def _gradient_reduction(local: int, used: set, added: tuple, sizes: dict, backend: Backend, what: str,
@@ -1074,12 +1101,19 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
     if m.remat == "none":
         # the layer scan stacks every unit's residuals; on XLA:CPU the backward of a unit also holds about
         # one unit's activations of cotangents next to them (measured: 28-41% under without it)
-        # scanned, the units recompute elementwise ops in the backward (tedjax.model.save_all_but_elementwise):
-        # an FFN keeps about one [T, F] (of 3, or 4 for SwiGLU), attention its scores but not its probabilities
-        fewer, scores = ((3 * ffn_x2 // 2 - 1) * act_b, heads) if m.scan_layers else (0, 0)
-        moe_rows = 0 if sz.loop_fill and backend == "cpu" else rows * f_t  # dropless `loop` keeps no [rows, F]
-        kept = (m.n_layers * (attention - scores) + n_dense * (dense - fewer * sz.tokens * (m.d_ff // t))
-                + n_moe * (moe - fewer * moe_rows))
+        kept = m.n_layers * attention + n_dense * dense + n_moe * moe
+        if m.scan_layers:
+            # Scanned, the units keep the outputs of every op but the elementwise ones
+            # (tedjax.model.save_all_but_elementwise), stacked over units. Read from XLA:CPU's buffer
+            # assignment (gelu and swiglu): a unit's input [T, D]; per attention q, k, v and the heads'
+            # output [T, D / tensor] each, the scores (not the probabilities) and the output projection
+            # [T, D]; per FFN its dot outputs ([T, F / tensor] x 2, x 3 for SwiGLU) and output [T, D]; per MoE
+            # FFN its dot outputs on the slots, the dispatched [slots, D] and two [T, D] (its input in
+            # routing groups and the combined output).
+            scores_kept = heads if flash else sz.tokens * (m.n_heads // t) * dc.seq_len * act_b
+            moe_ffn = 0 if sz.loop_fill and backend == "cpu" else (rows + shadow_rows) * f_t * act_b
+            kept -= (m.n_layers * (2 * td - td_t + 2 * heads - scores_kept)
+                     + n_dense * (2 * td + sz.tokens * (m.d_ff // t) * act_b) + n_moe * (td + moe_ffn)) - units * td
         once = unit if backend == "cpu" else 0
     else:  # each scanned unit's (or tail layer's) input, plus (cac) its collectives' outputs; one unit recomputed
         kept, once = (m.n_layers - units * (m.moe_every - 1)) * td, unit
@@ -1097,30 +1131,58 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
     # by up to 30%.
     # With lanes (ZeRO-1, no stages: one reduction per step, NOTES.md section 3.2) each device sums its own
     # lane's gradients, a full copy in each parameter's own layout, until the one reduction after the loop.
+    # (Shadowed and dropless expert weights take no lanes: theirs is summed in the optimizer's shards.)
     lanes = not pipe and config.optimizer.zero1 and config.optimizer.zero == 1
-    carry = (full if lanes else moments // 2) if dc.grad_accum > 1 else 0
+    carry = (costs.laned + moments // 2 - costs.laned_state if lanes else moments // 2) if dc.grad_accum > 1 else 0
     tile = config.optimizer.tile_size
     # Mixed precision: the weights cast to the compute dtype are loop invariant, so XLA computes them
-    # once and holds them for the whole step (on XLA:CPU as float32 copies of the rounded values).
-    # Measured: the reduction's copy then does not add to the peak.
-    # The scanned units' weights are cast inside the layer scan, one unit at a time (not hoisted out of it).
+    # once and holds them for the whole step; the scanned units' weights are cast inside the layer scan,
+    # one unit at a time (not hoisted out of it). Not on XLA:CPU, which carries bf16 as float32: there a
+    # bf16 cell's temporaries equal its float32 twin's within 1% (measured at both peaks, remat none).
     outside = _leaf_costs(m, layout, config.optimizer.zero1, backend, outside_only=True).gathered
     cast_bytes = outside + (full - outside) // max(units, 1)
-    casts = 0 if resolve_dtype(m.dtype, backend) == "float32" else cast_bytes * act_b // 4
+    casts = 0 if resolve_dtype(m.dtype, backend) == "float32" or backend == "cpu" else cast_bytes * act_b // 4
     # With accumulation XLA also slices the parameters' ZeRO-1 shards before the loop (measured).
+    # Lanes hand the layers each weight as [N, ...] copies split over its group: on XLA:CPU one more copy of
+    # the laned weights in their own layout per device, held through the micro-batches (measured: three
+    # full-size copies at the end of the backward pass, with the running sum and the micro-batch's gradients;
+    # dead after the loop). Not counted on GPUs, where a device's lane [1, ...] can be a bitcast of its
+    # weights (not checked).
+    lane_weights = costs.laned if lanes and carry and backend == "cpu" else 0
     working = 3 * td + 4 * td_t + 2 * slot_d + casts + (moments // 2 if carry else 0)
     # ZeRO-3's gathered parameters add nothing measurable to the peak on XLA:CPU: each is gathered where a
     # layer uses it, and the backward pass frees them layer by layer as it frees the activations.
     # XLA:CPU turns ZeRO-2/3's per-micro-batch reduce-scatter into an all-reduce plus a slice: the running
     # sum saves nothing there (measured). With the layers scanned the all-reduce's full result no longer adds
     # to the peak (it did before: counting it put float32 remat cells 30-35% over).
-    cpu_zero2 = full - carry if backend == "cpu" and zero > 1 and carry else 0
-    phases = {"backward start": activations + carry + layer_grads,
-              "backward end": carry + full + one_layer + logits + cpu_zero2,
+    cpu_zero2 = full - carry if backend == "cpu" and carry else 0
+    # Chunked all-to-all (no pools, no shadows): each chunk's expert FFN adds its own partial gradient of the
+    # stacked expert weights, and the backward scan writes each into a stack of its own, summed after the loop
+    # (measured on XLA:CPU: a2a_chunks=2 against 1, remat none, +0.93 of the units' expert weights; with shadow
+    # experts, whose take adds to the same gradient, the held-out cells show no such stacks).
+    chunk_grads = 0
+    if sz.chunks > 1 and not sz.pooled and not sz.shadows and m.scan_layers and units:
+        sizes = dict(zip(AXES, layout))
+        chunk_grads = (sz.chunks - 1) * sum(_local(leaf.shape, leaf.spec, sizes) * 4 for leaf in parameters(m)
+                                            if leaf.units and len(leaf.shape) == 4 and "expert" in leaf.spec[1])
+    phases = {"backward start": activations + carry + layer_grads + chunk_grads + lane_weights,
+              "backward end": carry + full + one_layer + logits + cpu_zero2 + lane_weights,
               "optimizer update": full + (4 * 4 * tile if tile else moments)}
     peak_at = max(phases, key=phases.get)
     return Memory(params, moments + counters, batch, other, full, activations, working + phases[peak_at], peak_at,
                   tuple((name, working + value) for name, value in phases.items()))
+
+
+def state_bytes_per_parameter(config: TrainConfig) -> int:
+    """Bytes every parameter needs on some device whatever the sharding: its float32 master weight and float32
+    gradient, and Adam's two moments in `optimizer.state_dtype` (16 in float32)."""
+    return 4 + 4 + 2 * (2 if config.optimizer.state_dtype == "bfloat16" else 4)
+
+
+def parameter_bound(config: TrainConfig, cluster: Cluster, devices: int) -> int:
+    """The most parameters `devices` GPUs of `cluster` can hold at any ZeRO level: their whole budget (the
+    planner's, HEADROOM kept free) over `state_bytes_per_parameter`, with no activations at all."""
+    return devices * int(cluster.memory_gib * GIB * (1 - HEADROOM)) // state_bytes_per_parameter(config)
 
 
 # --------------------------------------------------------------------------- #
