@@ -136,7 +136,8 @@ def train_row(args, r: float, runs_dir: Path, bias_rate: float = 0.0) -> dict:
     wall_file, extra_file, trainer = log_dir / "wall_s.json", log_dir / "extra.json", None
     if not (args.reuse_runs and metrics.exists() and args.steps in read_metrics(metrics)[1]):
         start = time.perf_counter()
-        result = run(load_config(str(CONFIG), overrides(args, r, "hierarchical", log_dir, bias_rate, train=True)))
+        train_config = load_config(str(CONFIG), overrides(args, r, "hierarchical", log_dir, bias_rate, train=True))
+        result = run(train_config, mesh=make_mesh(1, args.train_expert, 1, jax.devices()[:args.train_expert]))
         wall_file.write_text(json.dumps(time.perf_counter() - start))
         trainer = result.trainer if args.train_expert == 8 else None
         bias = result.trainer.balance_values(result.state, "remote_bias").tolist() if bias_rate else None

@@ -78,6 +78,7 @@ class ModelConfig:
     # a bias >= 0 against remote experts in the choice, += rate * sign(remote choices - what remote pools keep)
     # after each step, so the choices that cross are those that prefer a remote expert the most; 0 = off
     remote_bias_rate: float = 0.0
+    device_aux_loss_weight: float = 0.0  # the load-balancing loss over devices (the placement's), DeepSeek-V2; 0 = off
     remat: Remat = "none"  # activation checkpointing per scanned unit of layers; "cac" keeps collective outputs
     scan_layers: bool = True  # run the stacked layer units with lax.scan (compile time flat in depth); False: a loop
     rope_base: float = 10000.0
@@ -135,7 +136,8 @@ class ModelConfig:
         if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor >= 0:
             raise ValueError(f"model.dropless_buffer_factor must be a number >= 0, got {factor!r}; 0 = the worst "
                              "case (never drops), 2 = pools of 2x the rows of uniform routing")
-        for name in ("aux_loss_weight", "z_loss_weight", "jitter_eps", "router_bias_rate", "remote_bias_rate"):
+        for name in ("aux_loss_weight", "z_loss_weight", "jitter_eps", "router_bias_rate", "remote_bias_rate",
+                     "device_aux_loss_weight"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"model.{name} must be a number >= 0, got {value!r}")

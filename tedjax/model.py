@@ -270,6 +270,9 @@ def loss_fn(model: Transformer, batch: dict[str, jax.Array], *, check_ids: bool 
         aux = sum(s.aux_loss for s in stats)
         z = sum(s.z_loss for s in stats)
         total = total + cfg.aux_loss_weight * aux + cfg.z_loss_weight * z
+        if cfg.device_aux_loss_weight:  # DeepSeek-V2's device-level balance loss (routing.py)
+            metrics["device_aux_loss"] = sum(s.device_aux_loss for s in stats)
+            total = total + cfg.device_aux_loss_weight * metrics["device_aux_loss"]
         metrics.update(
             aux_loss=aux,
             z_loss=z,

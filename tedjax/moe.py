@@ -90,6 +90,7 @@ class MoEStats:
     redirected_fraction: jax.Array  # f32 []  choices the topology-aware gate sent to their own node instead
     internode_fraction: jax.Array  # f32 []   kept choices whose expert is on another node
     remote_excess: jax.Array  # f32 []  choices picking a remote expert minus what remote pools keep (remote bias)
+    device_aux_loss: jax.Array  # f32 []  the load-balancing loss over the devices of the placement (routing.py)
 
 
 class MoE(nnx.Module):
@@ -245,7 +246,7 @@ class MoE(nnx.Module):
             device_rows_x = device_load_x + self._shadow_rows(routed)
         stats = MoEStats(routed.aux_loss, routed.z_loss, routed.expert_load, routed.dropped_fraction, device_load_x,
                          device_rows_x, routed.shadow_gain, routed.redirected_fraction, routed.internode_fraction,
-                         routed.remote_excess)
+                         routed.remote_excess, routed.device_aux_loss)
         return out_gsd.reshape(batch, length, d_model), stats
 
     def _route(self, x_gsd: jax.Array) -> routing_lib.Routing:
@@ -279,6 +280,7 @@ class MoE(nnx.Module):
             nodes=self._nodes(),
             group_node=self._group_nodes(x_gsd.shape[0]),
             remote_bias=None if self.remote_bias is None else self.remote_bias[...],
+            experts_per_device=self.num_experts // _ways("experts"),
         )
 
     def _nodes(self) -> int:

@@ -66,6 +66,16 @@ bias and before the gate, that pick a remote pool, minus the fraction the
 remote pools can keep) drives it after each step (`MoE.update_balance`, like
 the router bias). Gates and losses stay unbiased.
 
+Device balance loss (opt-in, `model.device_aux_loss_weight`; DeepSeek-V2's
+device-level balance loss). The load-balancing loss over devices instead of
+experts: D * sum_d(me_d * ce_d) per group, averaged, where me_d and ce_d sum
+me_e and ce_e over the experts whose physical slot is on device d
+(`placement[e] // experts_per_device`, so the grouping follows the runtime
+placement and never recompiles). With device pools a device's pool is what
+drops, and a group's pool overflows when its own tokens crowd one device: the
+term pushes each group's probability away from the device its first choices
+crowd, where the per-expert loss sees D times fewer tokens per term.
+
 Router bias (aux-loss-free balancing, DeepSeek-V3). `bias[e]` is added to the
 logits used to *choose* experts only; gates and losses use the unbiased
 probabilities.
@@ -93,6 +103,7 @@ class Routing:
     slot_counts: jax.Array  # int32 [G, E]       kept choices per physical slot, per group
     aux_loss: jax.Array  # f32 []                 load-balancing loss
     z_loss: jax.Array  # f32 []                   router z-loss
+    device_aux_loss: jax.Array  # f32 []          the load-balancing loss over devices (module doc)
     expert_load: jax.Array  # f32 [E]             fraction of all choices sent to each logical expert (before drops)
     pool_load: jax.Array  # f32 [Q]               fraction of all choices sent to each pool (before drops; shadowed
     #                                               choices excluded)
@@ -169,6 +180,7 @@ def route(
     nodes: int = 1,
     group_node: jax.Array | None = None,
     remote_bias: jax.Array | None = None,
+    experts_per_device: int = 0,
 ) -> Routing:
     """Route tokens given float32 router logits `[G, S, E]`.
 
@@ -184,7 +196,9 @@ def route(
     int32 place pools and groups on nodes; `remote_fraction` < 1 limits and
     redirects the choices of remote pools (module doc, "Across nodes");
     `remote_bias` f32 [] (with `nodes` > 1) is subtracted from the choice logits
-    of experts on another node (module doc, "Remote bias").
+    of experts on another node (module doc, "Remote bias"). `experts_per_device`
+    (default `experts_per_pool`) groups the physical slots into devices for
+    `device_aux_loss`.
     """
     groups, group_size, num_experts = logits.shape
     if not 1 <= top_k <= num_experts:
@@ -276,6 +290,10 @@ def route(
     me_ge = jnp.mean(probs_gse, axis=1)
     ce_ge = jnp.mean(jax.nn.one_hot(first_choice_gs, num_experts, dtype=jnp.float32), axis=1)  # before redirects
     aux_loss = jnp.mean(num_experts * jnp.sum(me_ge * ce_ge, axis=-1))
+    per_device = experts_per_device or experts_per_pool
+    slot_e = jnp.arange(num_experts, dtype=jnp.int32) if placement is None else placement.astype(jnp.int32)
+    device_ed = jax.nn.one_hot(slot_e // per_device, num_experts // per_device, dtype=jnp.float32)
+    device_aux_loss = jnp.mean(num_experts // per_device * jnp.sum((me_ge @ device_ed) * (ce_ge @ device_ed), -1))
     z_loss = jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)))
 
     choices = groups * group_size * top_k
@@ -306,6 +324,7 @@ def route(
         slot_counts=slot_counts_ge.astype(jnp.int32),
         aux_loss=aux_loss,
         z_loss=z_loss,
+        device_aux_loss=device_aux_loss,
         expert_load=expert_load,
         pool_load=pool_load,
         dropped_fraction=dropped_fraction,
