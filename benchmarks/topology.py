@@ -67,11 +67,11 @@ def overrides(args, r: float, a2a: str, log_dir: Path, bias_rate: float = 0.0, t
     return [f"steps={args.steps}", f"log.dir={log_dir}", "log.progress=false", "log.tensorboard=false",
             "log.every=1", "checkpoint.every=0", f"log.eval_every={args.steps}", *topology,
             f"model.remote_fraction={r}", f"model.a2a={a2a}", *(QUICK_OVERRIDES if args.quick else []),
-            *([f"model.remote_bias_rate={bias_rate}"] if bias_rate else [])]
+            *([f"model.remote_bias_rate={bias_rate}"] if bias_rate else []), *args.extra]
 
 
-def run_name(r: float, bias_rate: float) -> str:
-    return f"r{r}" + (f"_bias{bias_rate}" if bias_rate else "")
+def run_name(args, r: float, bias_rate: float) -> str:
+    return f"r{r}" + (f"_bias{bias_rate}" if bias_rate else "") + "".join(f"_{o}" for o in args.extra)
 
 
 def val_without_gate(args, result, config) -> float:
@@ -123,11 +123,11 @@ def read_metrics(path: Path) -> tuple[dict, dict]:
 
 
 def train_row(args, r: float, runs_dir: Path, bias_rate: float = 0.0) -> dict:
-    log_dir = runs_dir / run_name(r, bias_rate)
+    log_dir = runs_dir / run_name(args, r, bias_rate)
     config = load_config(str(CONFIG), overrides(args, r, "hierarchical", log_dir, bias_rate))
     metrics = log_dir / "metrics.jsonl"
     if r == 1.0 and args.baseline_val_loss is not None:  # r = 1 is the main job's function on any mesh
-        row = {"remote_fraction": r, "remote_bias_rate": 0.0, "val_loss": args.baseline_val_loss,
+        row = {"remote_fraction": r, "remote_bias_rate": 0.0, "extra": "", "val_loss": args.baseline_val_loss,
                "val_loss_no_gate": args.baseline_val_loss, "redirected_fraction": 0.0,
                "internode_fraction": None, "dropped_fraction": None, "remote_bias": None, "wall_s": None,
                "predicted_step_s": None, "val_loss_source": "--baseline-val-loss (README main job, not trained here)"}
@@ -149,7 +149,8 @@ def train_row(args, r: float, runs_dir: Path, bias_rate: float = 0.0) -> dict:
     extra = json.loads(extra_file.read_text()) if extra_file.exists() else {}
     train, evals = read_metrics(metrics)
     last = [train[s] for s in sorted(train)[-10:]]
-    row = {"remote_fraction": r, "remote_bias_rate": bias_rate, "val_loss": evals[args.steps]["lm_loss"],
+    row = {"remote_fraction": r, "remote_bias_rate": bias_rate, "extra": " ".join(args.extra),
+           "val_loss": evals[args.steps]["lm_loss"],
            "val_loss_no_gate": extra.get("val_loss_no_gate"),
            "redirected_fraction": float(np.mean([rec["redirected_fraction"] for rec in last])),
            "internode_fraction": float(np.mean([rec["internode_fraction"] for rec in last])),
@@ -189,7 +190,8 @@ def markdown(rows: list[dict], flat: dict, args) -> str:
     lines += [f"r = {row['remote_fraction']}: val loss from {row['val_loss_source']}." for row in rows
               if row.get("val_loss_source")] + [""]
     lines.append(_common.markdown_table(rows, [
-        ("r", "remote_fraction"), ("remote bias rate", "remote_bias_rate"), ("val loss", "val_loss", ".4f"),
+        ("r", "remote_fraction"), ("remote bias rate", "remote_bias_rate"), ("also", "extra"),
+        ("val loss", "val_loss", ".4f"),
         ("vs r=1", "val_minus_r1", "+.4f"), ("loss target", "loss_target"),
         ("val without gate", "val_loss_no_gate", ".4f"), ("vs r=1", "no_gate_minus_r1", "+.4f"),
         ("redirected", "redirected_fraction", ".1%"),
@@ -215,6 +217,7 @@ def main(argv=None) -> int:
                    help=f"remote fractions to run, in this order (default {FRACTIONS}; r = 1 is the baseline)")
     p.add_argument("--bias-rates", type=float, nargs="+", default=[0.0],
                    help="model.remote_bias_rate values, each run at every r < 1 (default 0: off)")
+    p.add_argument("--extra", nargs="*", default=[], help="more key=value overrides for the trained runs")
     p.add_argument("--train-expert", type=int, default=8, choices=(2, 8),
                    help="train on (1, N, 1) as 2 nodes of N/2 (the same function; 2 is ~4x cheaper on CPU)")
     args = p.parse_args(argv)
