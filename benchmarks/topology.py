@@ -60,26 +60,33 @@ QUICK_OVERRIDES = ["model.d_model=32", "model.n_heads=2", "model.d_ff=64", "mode
 BYTES_TARGET, LOSS_TARGET = 0.3, 0.02
 
 
-def overrides(args, r: float, a2a: str, log_dir: Path, bias_rate: float = 0.0, train: bool = False) -> list[str]:
+def overrides(args, r: float, a2a: str, log_dir: Path, bias_rate: float = 0.0, train: bool = False,
+              extra: tuple[str, ...] = ()) -> list[str]:
     """The run's settings; `train`: on the mesh it trains on (`--train-expert`), else (1, 8, 1)."""
     experts = args.train_expert if train else 8
     topology = [*TOPOLOGY[:1], f"mesh.expert={experts}", TOPOLOGY[2], f"mesh.node_size={experts // 2}"]
     return [f"steps={args.steps}", f"log.dir={log_dir}", "log.progress=false", "log.tensorboard=false",
             "log.every=1", "checkpoint.every=0", f"log.eval_every={args.steps}", *topology,
             f"model.remote_fraction={r}", f"model.a2a={a2a}", *(QUICK_OVERRIDES if args.quick else []),
-            *([f"model.remote_bias_rate={bias_rate}"] if bias_rate else []), *args.extra]
+            *([f"model.remote_bias_rate={bias_rate}"] if bias_rate else []), *extra]
 
 
-def run_name(args, r: float, bias_rate: float) -> str:
-    return f"r{r}" + (f"_bias{bias_rate}" if bias_rate else "") + "".join(f"_{o}" for o in args.extra)
+def run_name(r: float, bias_rate: float, extra: tuple[str, ...] = ()) -> str:
+    return f"r{r}" + (f"_bias{bias_rate}" if bias_rate else "") + "".join(f"_{o}" for o in extra)
 
 
-def val_without_gate(args, result, config) -> float:
+def parse_variant(spec: str) -> tuple[float, float, tuple[str, ...]]:
+    """'R[:RATE[:key=value,...]]' -> (r, remote bias rate, overrides)."""
+    r, rate, extra = (spec.split(":", 2) + ["0", ""])[:3]
+    return float(r), float(rate), tuple(o for o in extra.split(",") if o)
+
+
+def val_without_gate(args, result, config, extra: tuple[str, ...] = ()) -> float:
     """Validation loss of the trained state at r = 1 with the remote bias at 0: the router's own choice."""
     from tedjax.loop import Batches, evaluate
 
-    plain = load_config(str(CONFIG), [o for o in overrides(args, 1.0, "hierarchical", Path(config.log.dir),
-                                                            config.model.remote_bias_rate, train=True)])
+    plain = load_config(str(CONFIG), overrides(args, 1.0, "hierarchical", Path(config.log.dir),
+                                               config.model.remote_bias_rate, train=True, extra=extra))
     trainer = Trainer(plain, result.trainer.mesh)
     model_state = jax.tree_util.tree_map_with_path(
         lambda path, x: x * 0 if "remote_bias" in jax.tree_util.keystr(path) else x, result.state.model_state)
@@ -122,9 +129,9 @@ def read_metrics(path: Path) -> tuple[dict, dict]:
     return train, evals
 
 
-def train_row(args, r: float, runs_dir: Path, bias_rate: float = 0.0) -> dict:
-    log_dir = runs_dir / run_name(args, r, bias_rate)
-    config = load_config(str(CONFIG), overrides(args, r, "hierarchical", log_dir, bias_rate))
+def train_row(args, r: float, runs_dir: Path, bias_rate: float = 0.0, extra: tuple[str, ...] = ()) -> dict:
+    log_dir = runs_dir / run_name(r, bias_rate, extra)
+    config = load_config(str(CONFIG), overrides(args, r, "hierarchical", log_dir, bias_rate, extra=extra))
     metrics = log_dir / "metrics.jsonl"
     if r == 1.0 and args.baseline_val_loss is not None:  # r = 1 is the main job's function on any mesh
         row = {"remote_fraction": r, "remote_bias_rate": 0.0, "extra": "", "val_loss": args.baseline_val_loss,
@@ -136,20 +143,21 @@ def train_row(args, r: float, runs_dir: Path, bias_rate: float = 0.0) -> dict:
     wall_file, extra_file, trainer = log_dir / "wall_s.json", log_dir / "extra.json", None
     if not (args.reuse_runs and metrics.exists() and args.steps in read_metrics(metrics)[1]):
         start = time.perf_counter()
-        train_config = load_config(str(CONFIG), overrides(args, r, "hierarchical", log_dir, bias_rate, train=True))
+        train_config = load_config(str(CONFIG), overrides(args, r, "hierarchical", log_dir, bias_rate, train=True,
+                                                          extra=extra))
         result = run(train_config, mesh=make_mesh(1, args.train_expert, 1, jax.devices()[:args.train_expert]))
         wall_file.write_text(json.dumps(time.perf_counter() - start))
         trainer = result.trainer if args.train_expert == 8 else None
         bias = result.trainer.balance_values(result.state, "remote_bias").tolist() if bias_rate else None
         # (not with --quick: one more compile, and CI time is short)
-        no_gate = None if args.quick else val_without_gate(args, result, config)
+        no_gate = None if args.quick else val_without_gate(args, result, config, extra)
         extra_file.write_text(json.dumps({"val_loss_no_gate": no_gate,
                                           "remote_bias": bias, "train_mesh": [1, args.train_expert, 1]}))
     wall_s = json.loads(wall_file.read_text()) if wall_file.exists() else None
     extra = json.loads(extra_file.read_text()) if extra_file.exists() else {}
     train, evals = read_metrics(metrics)
     last = [train[s] for s in sorted(train)[-10:]]
-    row = {"remote_fraction": r, "remote_bias_rate": bias_rate, "extra": " ".join(args.extra),
+    row = {"remote_fraction": r, "remote_bias_rate": bias_rate, "extra": " ".join(extra),
            "val_loss": evals[args.steps]["lm_loss"],
            "val_loss_no_gate": extra.get("val_loss_no_gate"),
            "redirected_fraction": float(np.mean([rec["redirected_fraction"] for rec in last])),
@@ -218,6 +226,9 @@ def main(argv=None) -> int:
     p.add_argument("--bias-rates", type=float, nargs="+", default=[0.0],
                    help="model.remote_bias_rate values, each run at every r < 1 (default 0: off)")
     p.add_argument("--extra", nargs="*", default=[], help="more key=value overrides for the trained runs")
+    p.add_argument("--variant", action="append", default=[], metavar="R[:RATE[:KEY=VALUE,...]]",
+                   help="one more run: remote fraction, remote bias rate, overrides (repeatable)")
+    p.add_argument("--name", default="topology", help="results file name (benchmarks/results/NAME.{json,md})")
     p.add_argument("--train-expert", type=int, default=8, choices=(2, 8),
                    help="train on (1, N, 1) as 2 nodes of N/2 (the same function; 2 is ~4x cheaper on CPU)")
     args = p.parse_args(argv)
@@ -227,14 +238,18 @@ def main(argv=None) -> int:
     fractions = args.fractions or (QUICK_FRACTIONS if args.quick else FRACTIONS)
     flat = internode(load_config(str(CONFIG), overrides(args, 1.0, "flat", runs_dir / "flat")),
                      runs_dir / "flat" / "internode.json")
-    rows = [train_row(args, r, runs_dir, rate) for r in fractions for rate in args.bias_rates
-            if r < 1 or not rate]
-    rows.sort(key=lambda row: (-row["remote_fraction"], row["remote_bias_rate"]))  # r = 1 first: the loss baseline
+    runs = [(r, rate, tuple(args.extra)) for r in fractions for rate in args.bias_rates if r < 1 or not rate]
+    runs += [parse_variant(spec) for spec in args.variant]
+    rows = [train_row(args, r, runs_dir, rate, extra) for r, rate, extra in runs]
+    # r = 1 first: the loss baseline
+    rows.sort(key=lambda row: (-row["remote_fraction"], row["remote_bias_rate"], row["extra"]))
     judge(rows, flat)
     settings = {"quick": args.quick, "steps": args.steps, "fractions": list(fractions), "node_size": NODE_SIZE,
-                "mesh": [1, 8, 1], "bias_rates": args.bias_rates, "train_mesh": [1, args.train_expert, 1], "overrides": overrides(args, 0.25, "hierarchical", runs_dir / "r0.25")}
-    _common.publish("topology", rows, settings, markdown(rows, flat, args), _common.output_dir(
-        "topology", args.out, args.quick), machine, extra={"flat": flat})
+                "mesh": [1, 8, 1], "bias_rates": args.bias_rates, "variants": args.variant,
+                "train_mesh": [1, args.train_expert, 1],
+                "overrides": overrides(args, 0.25, "hierarchical", runs_dir / "r0.25")}
+    _common.publish(args.name, rows, settings, markdown(rows, flat, args), _common.output_dir(
+        args.name, args.out, args.quick), machine, extra={"flat": flat})
     return 0
 
 
