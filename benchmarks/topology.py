@@ -133,7 +133,7 @@ def train_row(args, r: float, runs_dir: Path, bias_rate: float = 0.0, extra: tup
     log_dir = runs_dir / run_name(r, bias_rate, extra)
     config = load_config(str(CONFIG), overrides(args, r, "hierarchical", log_dir, bias_rate, extra=extra))
     metrics = log_dir / "metrics.jsonl"
-    if r == 1.0 and args.baseline_val_loss is not None:  # r = 1 is the main job's function on any mesh
+    if r == 1.0 and not extra and args.baseline_val_loss is not None:  # the main job's function on any mesh
         row = {"remote_fraction": r, "remote_bias_rate": 0.0, "extra": "", "val_loss": args.baseline_val_loss,
                "val_loss_no_gate": args.baseline_val_loss, "redirected_fraction": 0.0,
                "internode_fraction": None, "dropped_fraction": None, "remote_bias": None, "wall_s": None,
