@@ -125,7 +125,9 @@ class MoE(nnx.Module):
     the slots remote pools give up, so the buffer's stride per pool is P_own);
     `a2a="hierarchical"` exchanges inside nodes first, then sends only r x P
     slots of each remote pool between nodes (`_hierarchical_round_trip`; the
-    ragged exchange is flat only).
+    ragged exchange is flat only). `remote_bias=True` adds the runtime
+    `remote_bias` variable against other nodes' experts in the choice, moved
+    by `update_balance` (routing.py "Remote bias").
     """
 
     def __init__(
