@@ -22,7 +22,11 @@ the layouts agree), at a fraction of the CPU time; the bytes are always from the
 
     python benchmarks/topology.py            # 4 runs of 300 steps, then the compiles (~15-25 min, loaded CPU)
     python benchmarks/topology.py --quick    # a small model, 1 step at r = 0.25 (no r = 1 row): checks the script (CI)
-    python benchmarks/topology.py --baseline-val-loss 1.5703 --fractions 0.25 --bias-rates 0 0.01 --train-expert 2
+    # the remote bias runs (benchmarks/results/topology_bias.md; each run once, then --reuse-runs for the table):
+    python benchmarks/topology.py --baseline-val-loss 1.5703 --fractions 1.0 0.25 --bias-rates 0 0.01 \
+        --variant 1.0:0:model.router_bias_rate=0.03 --variant 0.5:0.01:model.router_bias_rate=0.03 \
+        --variant 0.25:0.01:model.router_bias_rate=0.03 --variant 0.14:0.01:model.router_bias_rate=0.03 \
+        --name topology_bias --train-expert 2 --runs-dir /tmp/route_runs/bench
 """
 
 from __future__ import annotations
