@@ -75,6 +75,10 @@ class ModelConfig:
     # fraction of their capacity, the rest go to the best expert of their own node; 1.0 = off
     remote_fraction: float = 1.0
     a2a: str = "flat"  # "hierarchical": inside each node first, then one exchange between nodes (mesh.node_size)
+    # a bias >= 0 against remote experts in the choice, += rate * sign(remote choices - what remote pools keep)
+    # after each step, so the choices that cross are those that prefer a remote expert the most; 0 = off
+    remote_bias_rate: float = 0.0
+    device_aux_loss_weight: float = 0.0  # the load-balancing loss over devices (the placement's), DeepSeek-V2; 0 = off
     remat: Remat = "none"  # activation checkpointing per scanned unit of layers; "cac" keeps collective outputs
     scan_layers: bool = True  # run the stacked layer units with lax.scan (compile time flat in depth); False: a loop
     rope_base: float = 10000.0
@@ -132,7 +136,8 @@ class ModelConfig:
         if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor >= 0:
             raise ValueError(f"model.dropless_buffer_factor must be a number >= 0, got {factor!r}; 0 = the worst "
                              "case (never drops), 2 = pools of 2x the rows of uniform routing")
-        for name in ("aux_loss_weight", "z_loss_weight", "jitter_eps", "router_bias_rate"):
+        for name in ("aux_loss_weight", "z_loss_weight", "jitter_eps", "router_bias_rate", "remote_bias_rate",
+                     "device_aux_loss_weight"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"model.{name} must be a number >= 0, got {value!r}")

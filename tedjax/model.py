@@ -70,7 +70,7 @@ class Block(nnx.Module):
                 capacity_scope=config.capacity_scope, shadow_experts=config.shadow_experts,
                 a2a_chunks=config.a2a_chunks, dropless_buffer_factor=config.dropless_buffer_factor,
                 remote_fraction=config.remote_fraction, a2a=config.a2a, node_size=node_size,
-                dtype=dt, rngs=rngs,
+                remote_bias=config.remote_bias_rate > 0, dtype=dt, rngs=rngs,
             )  # fmt: skip
         else:
             width = config.top_k * config.expert_d_ff if config.is_moe_layer(layer) else config.d_ff
@@ -270,6 +270,9 @@ def loss_fn(model: Transformer, batch: dict[str, jax.Array], *, check_ids: bool 
         aux = sum(s.aux_loss for s in stats)
         z = sum(s.z_loss for s in stats)
         total = total + cfg.aux_loss_weight * aux + cfg.z_loss_weight * z
+        if cfg.device_aux_loss_weight:  # DeepSeek-V2's device-level balance loss (routing.py)
+            metrics["device_aux_loss"] = sum(s.device_aux_loss for s in stats)
+            total = total + cfg.device_aux_loss_weight * metrics["device_aux_loss"]
         metrics.update(
             aux_loss=aux,
             z_loss=z,
@@ -283,6 +286,8 @@ def loss_fn(model: Transformer, batch: dict[str, jax.Array], *, check_ids: bool 
             redirected_fraction=jnp.stack([s.redirected_fraction for s in stats]),
             internode_fraction=jnp.stack([s.internode_fraction for s in stats]),
         )
+        if cfg.remote_bias_rate:  # what moves the remote bias
+            metrics["remote_excess"] = jnp.stack([s.remote_excess for s in stats])
         if cfg.shadow_experts:  # what a shadow of each expert would keep from drops: the shadow policy's input
             metrics["shadow_gain"] = jnp.stack([s.shadow_gain for s in stats])
     metrics["loss"] = total
@@ -314,14 +319,16 @@ def moe_layer(model: Transformer, layer: int) -> MoE:
 
 
 def update_balance(model: Transformer, expert_load_ne: jax.Array, *, bias_rate: float, load_decay: float,
-                   shadow_gain_ne: jax.Array | None = None, gain_decay: float = 0.0) -> None:
-    """After a step: each MoE layer's load running mean and router bias from its load `[n_moe, E]`, and the
-    running mean of its shadow gain `[n_moe, E]` (with shadows)."""
+                   shadow_gain_ne: jax.Array | None = None, gain_decay: float = 0.0,
+                   remote_excess_n: jax.Array | None = None, remote_bias_rate: float = 0.0) -> None:
+    """After a step: each MoE layer's load running mean and router bias from its load `[n_moe, E]`, the
+    running mean of its shadow gain `[n_moe, E]` (with shadows), and its remote bias from `remote_excess_n`."""
     moe = moe_stack(model)
     if moe is not None:
         stored = lambda a: None if a is None else pipe.to_stage_major(a, *model.units_order)  # noqa: E731
         moe.update_balance(stored(expert_load_ne), bias_rate=bias_rate, load_decay=load_decay,
-                           shadow_gain_e=stored(shadow_gain_ne), gain_decay=gain_decay)
+                           shadow_gain_e=stored(shadow_gain_ne), gain_decay=gain_decay,
+                           remote_excess=stored(remote_excess_n), remote_bias_rate=remote_bias_rate)
 
 
 def layer_index(config: ModelConfig, layer: int) -> tuple[tuple, int | None]:

@@ -89,6 +89,8 @@ class MoEStats:
     shadow_gain: jax.Array  # f32 [E]   fraction of choices a shadow of each expert would keep from drops (routing.py)
     redirected_fraction: jax.Array  # f32 []  choices the topology-aware gate sent to their own node instead
     internode_fraction: jax.Array  # f32 []   kept choices whose expert is on another node
+    remote_excess: jax.Array  # f32 []  choices picking a remote expert minus what remote pools keep (remote bias)
+    device_aux_loss: jax.Array  # f32 []  the load-balancing loss over the devices of the placement (routing.py)
 
 
 class MoE(nnx.Module):
@@ -123,7 +125,9 @@ class MoE(nnx.Module):
     the slots remote pools give up, so the buffer's stride per pool is P_own);
     `a2a="hierarchical"` exchanges inside nodes first, then sends only r x P
     slots of each remote pool between nodes (`_hierarchical_round_trip`; the
-    ragged exchange is flat only).
+    ragged exchange is flat only). `remote_bias=True` adds the runtime
+    `remote_bias` variable against other nodes' experts in the choice, moved
+    by `update_balance` (routing.py "Remote bias").
     """
 
     def __init__(
@@ -150,6 +154,7 @@ class MoE(nnx.Module):
         remote_fraction: float = 1.0,
         a2a: str = "flat",
         node_size: int = 0,
+        remote_bias: bool = False,
         dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
@@ -209,6 +214,8 @@ class MoE(nnx.Module):
             raise ValueError(f"a2a={a2a!r} must be one of {A2A} and node_size={node_size!r} an integer >= 0 "
                              "(devices per node; 0 = one node)")
         self.remote_fraction, self.a2a, self.node_size = remote_fraction, a2a, node_size
+        # against remote experts in the choice (routing.py, "Remote bias"); only when asked, so the state is unchanged
+        self.remote_bias = BalanceState(jnp.zeros((), jnp.float32), **axes_metadata(())) if remote_bias else None
         self.deterministic = False
         self.rngs = rngs if jitter_eps > 0 else None
 
@@ -240,7 +247,8 @@ class MoE(nnx.Module):
         if routed.num_shadows and self.capacity_scope == "dropless":  # (only there do rows set the time)
             device_rows_x = device_load_x + self._shadow_rows(routed)
         stats = MoEStats(routed.aux_loss, routed.z_loss, routed.expert_load, routed.dropped_fraction, device_load_x,
-                         device_rows_x, routed.shadow_gain, routed.redirected_fraction, routed.internode_fraction)
+                         device_rows_x, routed.shadow_gain, routed.redirected_fraction, routed.internode_fraction,
+                         routed.remote_excess, routed.device_aux_loss)
         return out_gsd.reshape(batch, length, d_model), stats
 
     def _route(self, x_gsd: jax.Array) -> routing_lib.Routing:
@@ -273,6 +281,8 @@ class MoE(nnx.Module):
             remote_fraction=self.remote_fraction,
             nodes=self._nodes(),
             group_node=self._group_nodes(x_gsd.shape[0]),
+            remote_bias=None if self.remote_bias is None else self.remote_bias[...],
+            experts_per_device=self.num_experts // _ways("experts"),
         )
 
     def _nodes(self) -> int:
@@ -293,10 +303,11 @@ class MoE(nnx.Module):
         return jnp.asarray(rank_g // (experts // nodes), jnp.int32)
 
     def update_balance(self, expert_load_e: jax.Array, *, bias_rate: float, load_decay: float,
-                       shadow_gain_e: jax.Array | None = None, gain_decay: float = 0.0) -> None:
+                       shadow_gain_e: jax.Array | None = None, gain_decay: float = 0.0,
+                       remote_excess: jax.Array | None = None, remote_bias_rate: float = 0.0) -> None:
         """After a step, outside the gradient: running means of the load (and of `shadow_gain_e` `[E]`, with
-        shadows), and the router bias moved by `bias_rate x sign(mean load - load)` (over-loaded experts become
-        less likely)."""
+        shadows), the router bias moved by `bias_rate x sign(mean load - load)` (over-loaded experts become
+        less likely), and the remote bias by `remote_bias_rate x sign(remote_excess)`, never below 0."""
         load_e = jax.lax.stop_gradient(expert_load_e).astype(jnp.float32)
         steps = self.load_steps[...] + 1
         # the plain mean of the steps seen until there are enough for the exponential one
@@ -309,6 +320,9 @@ class MoE(nnx.Module):
         self.load_steps[...] = steps
         if bias_rate:
             self.router_bias[...] = self.router_bias[...] + bias_rate * jnp.sign(1.0 / self.num_experts - load_e)
+        if remote_bias_rate and self.remote_bias is not None and remote_excess is not None:
+            step_ = remote_bias_rate * jnp.sign(jax.lax.stop_gradient(remote_excess).astype(jnp.float32))
+            self.remote_bias[...] = jnp.maximum(self.remote_bias[...] + step_, 0.0)
 
     def _shadow_rows(self, routed: routing_lib.Routing) -> jax.Array:
         """Fraction of all choices each device of the "expert" axis computes for shadow experts `[X]`: the kept

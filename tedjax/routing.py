@@ -56,6 +56,26 @@ Shadow buffers are on every node, so never remote. The decisions are a scan
 over the S x K choices in priority order (each redirect uses room a later
 choice would see), run only when r < 1.
 
+Remote bias (opt-in, `model.remote_bias_rate`). A runtime scalar `remote_bias`
+>= 0 is subtracted from the choice logits of every expert whose bucket is on
+another node than the group's, before top-k: a choice whose remote expert
+leads its best own-node expert by less than the bias stays on its node, so the
+choices that do cross are those that prefer a remote expert the most, not the
+first in position order. `remote_excess` (the fraction of choices, after the
+bias and before the gate, that pick a remote pool, minus the fraction the
+remote pools can keep) drives it after each step (`MoE.update_balance`, like
+the router bias). Gates and losses stay unbiased.
+
+Device balance loss (opt-in, `model.device_aux_loss_weight`; DeepSeek-V2's
+device-level balance loss). The load-balancing loss over devices instead of
+experts: D * sum_d(me_d * ce_d) per group, averaged, where me_d and ce_d sum
+me_e and ce_e over the experts whose physical slot is on device d
+(`placement[e] // experts_per_device`, so the grouping follows the runtime
+placement and never recompiles). With device pools a device's pool is what
+drops, and a group's pool overflows when its own tokens crowd one device: the
+term pushes each group's probability away from the device its first choices
+crowd, where the per-expert loss sees D times fewer tokens per term.
+
 Router bias (aux-loss-free balancing, DeepSeek-V3). `bias[e]` is added to the
 logits used to *choose* experts only; gates and losses use the unbiased
 probabilities.
@@ -83,6 +103,7 @@ class Routing:
     slot_counts: jax.Array  # int32 [G, E]       kept choices per physical slot, per group
     aux_loss: jax.Array  # f32 []                 load-balancing loss
     z_loss: jax.Array  # f32 []                   router z-loss
+    device_aux_loss: jax.Array  # f32 []          the load-balancing loss over devices (module doc)
     expert_load: jax.Array  # f32 [E]             fraction of all choices sent to each logical expert (before drops)
     pool_load: jax.Array  # f32 [Q]               fraction of all choices sent to each pool (before drops; shadowed
     #                                               choices excluded)
@@ -91,6 +112,8 @@ class Routing:
     #                                               its pool drops, net of the shadow's own drops (0 without shadows)
     redirected_fraction: jax.Array  # f32 []      fraction of choices redirected to their own node (remote_fraction)
     internode_fraction: jax.Array  # f32 []       fraction of kept choices whose pool is on another node
+    remote_excess: jax.Array  # f32 []            fraction of choices picking a remote pool (before the gate) minus
+    #                                               the fraction remote pools keep (0 on one node)
     capacity: int = dataclasses.field(metadata=dict(static=True))  # slots per pool per group (P; P_own with the gate)
     experts_per_pool: int = dataclasses.field(metadata=dict(static=True))
     num_shadows: int = dataclasses.field(default=0, metadata=dict(static=True))  # shadow buffers after the Q pools
@@ -156,6 +179,8 @@ def route(
     remote_fraction: float = 1.0,
     nodes: int = 1,
     group_node: jax.Array | None = None,
+    remote_bias: jax.Array | None = None,
+    experts_per_device: int = 0,
 ) -> Routing:
     """Route tokens given float32 router logits `[G, S, E]`.
 
@@ -169,7 +194,11 @@ def route(
     `pool_capacity` > 0 sets P directly in place of `experts_per_pool x C`
     (dropless pools, `dropless_capacity`). `nodes` > 1 and `group_node` `[G]`
     int32 place pools and groups on nodes; `remote_fraction` < 1 limits and
-    redirects the choices of remote pools (module doc, "Across nodes").
+    redirects the choices of remote pools (module doc, "Across nodes");
+    `remote_bias` f32 [] (with `nodes` > 1) is subtracted from the choice logits
+    of experts on another node (module doc, "Remote bias"). `experts_per_device`
+    (default `experts_per_pool`) groups the physical slots into devices for
+    `device_aux_loss`.
     """
     groups, group_size, num_experts = logits.shape
     if not 1 <= top_k <= num_experts:
@@ -192,10 +221,18 @@ def route(
     logits = logits.astype(jnp.float32)
     probs_gse = jax.nn.softmax(logits, axis=-1)
     choice_logits = logits if bias is None else logits + bias.astype(jnp.float32)
+    num_shadows = 0 if shadow_ids is None else int(shadow_ids.shape[0])
+    # node of each bucket: pools in contiguous blocks per node, shadows on every node (-1)
+    bucket_node_b = jnp.asarray([q * nodes // num_pools for q in range(num_pools)] + [-1] * num_shadows, jnp.int32)
+    remote_gb = (jnp.zeros((groups, 1), jnp.int32) if nodes == 1 else group_node.astype(jnp.int32)[:, None])
+    remote_gb = (bucket_node_b >= 0) & (bucket_node_b != remote_gb)
+    shadow_r = None if not num_shadows else shadow_ids.astype(jnp.int32)
+    if remote_bias is not None and nodes > 1:
+        remote_ge = jnp.take(remote_gb, _expert_buckets(placement, shadow_r, num_experts, experts_per_pool), axis=1)
+        choice_logits = choice_logits - jnp.where(remote_ge, remote_bias.astype(jnp.float32), 0.0)[:, None, :]
     gate_gsk, index_gsk = _top_k(choice_logits, probs_gse, top_k)
     phys_gsk = index_gsk if placement is None else jnp.take(placement.astype(jnp.int32), index_gsk)
     pool_gsk = phys_gsk // experts_per_pool
-    num_shadows = 0 if shadow_ids is None else int(shadow_ids.shape[0])
     if num_shadows:
         if shadow_capacity < 1:
             raise ValueError(f"shadow_capacity={shadow_capacity} must be >= 1 with {num_shadows} shadow experts")
@@ -214,13 +251,8 @@ def route(
     def from_priority_order(x_gn):
         return jnp.swapaxes(x_gn.reshape(groups, top_k, group_size), 1, 2)
 
-    # node of each bucket: pools in contiguous blocks per node, shadows on every node (-1)
-    bucket_node_b = jnp.asarray([q * nodes // num_pools for q in range(num_pools)] + [-1] * num_shadows, jnp.int32)
-    remote_gb = (jnp.zeros((groups, 1), jnp.int32) if nodes == 1 else group_node.astype(jnp.int32)[:, None])
-    remote_gb = (bucket_node_b >= 0) & (bucket_node_b != remote_gb)
-    redirected_gsk, first_choice_gs = jnp.zeros(index_gsk.shape, bool), index_gsk[..., 0]
+    redirected_gsk, first_choice_gs, chosen_pool_gsk = jnp.zeros(index_gsk.shape, bool), index_gsk[..., 0], pool_gsk
     if gate:
-        shadow_r = None if not num_shadows else shadow_ids.astype(jnp.int32)
         expert_bucket_e = _expert_buckets(placement, shadow_r, num_experts, experts_per_pool)
         limit_gb = jnp.where(remote_gb, remote_cap, jnp.where(bucket_node_b >= 0, own_cap, bucket_cap_b))
         index_gsk, kept_gsk, position_gsk, redirected_gsk = _redirect(
@@ -258,6 +290,10 @@ def route(
     me_ge = jnp.mean(probs_gse, axis=1)
     ce_ge = jnp.mean(jax.nn.one_hot(first_choice_gs, num_experts, dtype=jnp.float32), axis=1)  # before redirects
     aux_loss = jnp.mean(num_experts * jnp.sum(me_ge * ce_ge, axis=-1))
+    per_device = experts_per_device or experts_per_pool
+    slot_e = jnp.arange(num_experts, dtype=jnp.int32) if placement is None else placement.astype(jnp.int32)
+    device_ed = jax.nn.one_hot(slot_e // per_device, num_experts // per_device, dtype=jnp.float32)
+    device_aux_loss = jnp.mean(num_experts // per_device * jnp.sum((me_ge @ device_ed) * (ce_ge @ device_ed), -1))
     z_loss = jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)))
 
     choices = groups * group_size * top_k
@@ -270,11 +306,15 @@ def route(
         expert_counts_ge = _counts_per_group(index_gsk, True, num_experts)
         shadow_gain = _shadow_gain(expert_counts_ge, slot_e // experts_per_pool, pool_cap, shadow_capacity) / choices
     # on one node nothing crosses or is redirected: constants, so no all-reduce is spent on the statistics
-    internode_fraction = redirected_fraction = jnp.zeros((), jnp.float32)
+    internode_fraction = redirected_fraction = remote_excess = jnp.zeros((), jnp.float32)
     if nodes > 1:
         remote_gsk = jnp.take_along_axis(remote_gb, pool_gsk.reshape(groups, -1), axis=1).reshape(pool_gsk.shape)
         internode_fraction = jnp.sum(kept_gsk & remote_gsk) / jnp.maximum(jnp.sum(kept_gsk), 1)
         redirected_fraction = jnp.sum(redirected_gsk) / redirected_gsk.size
+        if remote_bias is not None:  # only the remote bias reads it: no extra work for the other runs
+            wanted_gsk = jnp.take_along_axis(remote_gb, chosen_pool_gsk.reshape(groups, -1), axis=1)
+            room = num_pools * (nodes - 1) // nodes * remote_cap / (group_size * top_k)  # what remote pools keep
+            remote_excess = jnp.mean(wanted_gsk) - room
     return Routing(
         expert_index=index_gsk.astype(jnp.int32),
         pool_index=pool_gsk.astype(jnp.int32),
@@ -284,12 +324,14 @@ def route(
         slot_counts=slot_counts_ge.astype(jnp.int32),
         aux_loss=aux_loss,
         z_loss=z_loss,
+        device_aux_loss=device_aux_loss,
         expert_load=expert_load,
         pool_load=pool_load,
         dropped_fraction=dropped_fraction,
         shadow_gain=shadow_gain,
         redirected_fraction=redirected_fraction.astype(jnp.float32),
         internode_fraction=internode_fraction.astype(jnp.float32),
+        remote_excess=remote_excess.astype(jnp.float32),
         capacity=own_cap,
         experts_per_pool=experts_per_pool,
         num_shadows=num_shadows,

@@ -578,7 +578,8 @@ def train_step(
         model = _merge(graphdef, state.params, model_state)
         update_balance(model, metrics["expert_load"], bias_rate=config.model.router_bias_rate,
                        load_decay=config.balance.load_decay, shadow_gain_ne=metrics.get("shadow_gain"),
-                       gain_decay=config.balance.gain_decay)
+                       gain_decay=config.balance.gain_decay, remote_excess_n=metrics.get("remote_excess"),
+                       remote_bias_rate=config.model.remote_bias_rate)
         balanced = nnx.to_pure_dict(nnx.split(model, nnx.Param, ...)[2])
         model_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), balanced, model_state)
 

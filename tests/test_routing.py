@@ -343,6 +343,26 @@ def test_losses_hand_computed():
     np.testing.assert_array_equal(np.asarray(r.expert_index)[..., 0], [[1, 0], [0, 0]])
 
 
+def test_device_aux_loss_numpy_reference():
+    """The device-level balance loss (model.device_aux_loss_weight) groups experts by the runtime placement's
+    device: D * sum_d(me_d * ce_d) per group, averaged; one expert per device is the per-expert aux loss."""
+    rng = np.random.default_rng(11)
+    x = (rng.normal(size=(3, 16, 8)) * 2).astype(np.float32)
+    placement = np.array([5, 0, 3, 7, 1, 6, 2, 4], np.int32)
+    route = jax.jit(lambda x, p, per_device: routing.route(x, top_k=2, capacity_factor=1.0, placement=p,
+                                                            experts_per_device=per_device),
+                    static_argnames="per_device")
+    probs = np.exp(x - x.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    device_e = placement // 4
+    me_gd = np.stack([probs[..., device_e == d].sum(-1).mean(-1) for d in range(2)], -1)
+    ce_gd = np.stack([(device_e[x.argmax(-1)] == d).mean(-1) for d in range(2)], -1)
+    r = route(jnp.asarray(x), jnp.asarray(placement), 4)
+    np.testing.assert_allclose(float(r.device_aux_loss), np.mean(2 * np.sum(me_gd * ce_gd, -1)), rtol=1e-6)
+    per_expert = route(jnp.asarray(x), jnp.asarray(placement), 1)
+    np.testing.assert_allclose(float(per_expert.device_aux_loss), float(per_expert.aux_loss), rtol=1e-6)
+
+
 def test_balanced_router_aux_loss_is_one():
     # uniform probs and perfectly balanced first choices -> E * sum(1/E * 1/E) = 1
     E = 4

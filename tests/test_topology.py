@@ -78,6 +78,55 @@ def test_gate_matches_loop_reference(top_k, fraction):
     assert routed.capacity == cap + cap - remote_cap and 4 * routed.capacity + 4 * remote_cap == 8 * cap
 
 
+def test_remote_bias_matches_loop_reference():
+    """The remote bias (model.remote_bias_rate): the choice sees the logits less the bias on other nodes'
+    experts, then the gate acts as before (loop reference); gates stay unbiased, `remote_excess` is the
+    remote share of the choices less what remote pools keep; a zero bias changes no decision."""
+    rng = np.random.default_rng(5)
+    logits = rng.normal(size=(4, 32, 8)).astype(np.float32)
+    logits[..., :4] += 1.0
+    group_node = np.array([0, 0, 1, 1], np.int32)
+    cap, top_k, bias = routing.capacity(32, 8, 2, 1.0, 1), 2, 0.7
+    remote_cap = routing.remote_capacity(cap, 0.25)
+    route = jax.jit(lambda x, b: routing.route(x, top_k=top_k, capacity_factor=1.0, min_capacity=1,
+                                               remote_fraction=0.25, nodes=2, group_node=jnp.asarray(group_node),
+                                               remote_bias=b))
+    remote_ge = (np.arange(8)[None, :] * 2 // 8) != group_node[:, None]
+    biased = logits - bias * remote_ge[:, None, :]
+    routed = route(logits, jnp.float32(bias))
+    expert, kept, slot, moved = loop_gate(biased, top_k, cap, remote_cap, 2, group_node)
+    np.testing.assert_array_equal(np.asarray(routed.expert_index), expert)
+    np.testing.assert_array_equal(np.asarray(routed.kept), kept)
+    np.testing.assert_array_equal(np.where(kept, np.asarray(routed.slot), -1), np.where(kept, slot, -1))
+    np.testing.assert_allclose(float(routed.redirected_fraction), moved.mean())
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    gate = np.where(kept, np.take_along_axis(probs, expert, -1), 0.0)
+    np.testing.assert_allclose(np.asarray(routed.combine_weight), gate / np.maximum(gate.sum(-1, keepdims=True),
+                                                                                      1e-12), rtol=1e-5)
+    chosen = np.argsort(-biased, axis=-1, kind="stable")[..., :top_k]  # before the gate
+    wanted = np.take_along_axis(np.broadcast_to(remote_ge[:, None, :], biased.shape), chosen, -1).mean()
+    np.testing.assert_allclose(float(routed.remote_excess), wanted - 4 * remote_cap / (32 * top_k), rtol=1e-6)
+    unbiased, plain = route(logits, jnp.float32(0.0)), route(logits, None)
+    assert float(plain.remote_excess) == 0.0 < float(unbiased.remote_excess)  # read only with the bias
+    for name in ("expert_index", "kept", "slot", "combine_weight", "redirected_fraction"):
+        np.testing.assert_array_equal(np.asarray(getattr(unbiased, name)), np.asarray(getattr(plain, name)))
+
+
+def test_remote_bias_update_and_default_off():
+    """MoE.update_balance moves the remote bias by rate x sign(remote_excess), never below 0; without
+    remote_bias the layer has no such variable (its state, and so its checkpoints, are unchanged)."""
+    assert MoE(**LAYER, rngs=nnx.Rngs(0)).remote_bias is None
+    moe = MoE(**LAYER, remote_bias=True, rngs=nnx.Rngs(0))
+    load = jnp.full((8,), 1 / 8)
+    for excess, expected in ((0.1, 0.05), (0.2, 0.1), (-0.3, 0.05), (-0.3, 0.0), (-0.3, 0.0), (0.0, 0.0)):
+        moe.update_balance(load, bias_rate=0.0, load_decay=0.9, remote_excess=jnp.float32(excess),
+                           remote_bias_rate=0.05)
+        np.testing.assert_allclose(float(moe.remote_bias[...]), expected, atol=1e-7)
+    with pytest.raises(ValueError, match="remote_bias_rate"):
+        tedjax.ModelConfig(remote_bias_rate=-0.01)
+
+
 def test_gate_shadows_are_local_and_pools_fill_their_own_node():
     """A shadowed expert is on every node (never limited); with device pools the redirects land on own-node
     pools with room, and a remote pool holds at most r x its capacity."""
