@@ -213,7 +213,7 @@ NO_EFFECT = {
     "model": ("eval_capacity_factor", "aux_loss_weight", "z_loss_weight", "jitter_eps", "router_renormalize",
               "router_bias_rate", "rope_base", "norm_eps", "rope_scaling", "rope_factor", "rope_original_max_len",
               "rope_beta_fast", "rope_beta_slow", "rope_attention_factor", "rope_truncate", "sliding_window",
-              "bos_token_id", "eos_token_id", "pad_token_id"),
+              "bos_token_id", "eos_token_id", "pad_token_id", "remote_bias_rate", "device_aux_loss_weight"),
     "optimizer": ("learning_rate", "min_lr_ratio", "warmup_steps", "weight_decay", "b1", "b2", "eps", "grad_clip",
                   "schedule", "decay_fraction"),
     "data": ("source", "path", "seed", "stdlib_max_bytes"),
