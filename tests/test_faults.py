@@ -365,11 +365,31 @@ def marked(batch: dict, mark: int | None) -> dict:
     return dict(batch, targets=targets)
 
 
-def test_non_finite_steps_are_skipped_bit_exactly(monkeypatch, tmp_path):
+@pytest.fixture(scope="module")
+def trainers():
+    """Trainers by (config minus its directories, mesh, loss function): runs of one tiny config in this module
+    compile once (the loss function is in the key because some tests poison it)."""
+    cache: dict = {}
+
+    def make(config, mesh):
+        key = (dataclasses.replace(config, log=dataclasses.replace(config.log, dir="-")), tuple(mesh.shape.items()),
+               tedjax.trainer.loss_fn)  # fmt: skip
+        if key not in cache:
+            cache[key] = Trainer(config, mesh)
+        return cache[key]
+
+    return make
+
+
+# The poisoned runs below share this config, so they share one compiled (poisoned) step.
+POISONED_RUN = ["steps=12", "max_bad_steps=3", "checkpoint.every=2", "checkpoint.keep=10"]
+
+
+def test_non_finite_steps_are_skipped_bit_exactly(trainers, monkeypatch, tmp_path):
     """NaN loss, inf loss, inf gradients (finite loss): each step skipped, state bit-identical, counted."""
     monkeypatch.setattr(tedjax.trainer, "loss_fn", poisoned_loss_fn)
-    config = tiny_config(tmp_path, "steps=10")
-    trainer = Trainer(config, make_mesh(2, 2, 2))
+    config = tiny_config(tmp_path, *POISONED_RUN)
+    trainer = trainers(config, make_mesh(2, 2, 2))
     batches = Batches(config)
     state = trainer.init_state()
     plan = [None, None, NAN_LOSS, INF_LOSS, INF_GRAD, None]  # (step 0 has learning rate 0: warm-up)
@@ -402,13 +422,14 @@ def _load_train_module():
     return module
 
 
-def test_too_many_bad_steps_stop_with_the_checkpoints_intact(monkeypatch, tmp_path, capsys):
+def test_too_many_bad_steps_stop_with_the_checkpoints_intact(trainers, monkeypatch, tmp_path, capsys):
     """Batches from step 4 on are poisoned: steps 5, 6, 7 are skipped, then train.py exits 3."""
     monkeypatch.setattr(tedjax.trainer, "loss_fn", poisoned_loss_fn)
+    monkeypatch.setattr(tedjax.loop, "Trainer", trainers)
     real_train_batch = Batches.train_batch
     monkeypatch.setattr(Batches, "train_batch", lambda self, step: marked(real_train_batch(self, step),
                                                                            NAN_LOSS if step >= 4 else None))
-    extra = ["steps=12", "max_bad_steps=3", "checkpoint.every=2", "checkpoint.keep=10", f"log.dir={tmp_path}"]
+    extra = [*POISONED_RUN, f"log.dir={tmp_path}"]
     rc = _load_train_module().main(["--config", TINY_YAML, *TINY, *extra])
     err = capsys.readouterr().err
     ckpt = tmp_path / "checkpoints"
@@ -459,20 +480,6 @@ def test_non_finite_updates_are_skipped_and_never_saved(monkeypatch, tmp_path, c
     assert not bit_identical(states[4].params, states[2].params)  # step 3 trained; step 4 was skipped
     assert (int(states[4].skipped_steps), int(states[4].bad_steps)) == (1, 1)
     COUNTS["nan_skipped"] += 2
-
-
-@pytest.fixture(scope="module")
-def trainers():
-    """Trainers by (config minus its directories, mesh): runs of one tiny config in this module compile once."""
-    cache: dict = {}
-
-    def make(config, mesh):
-        key = (dataclasses.replace(config, log=dataclasses.replace(config.log, dir="-")), tuple(mesh.shape.items()))
-        if key not in cache:
-            cache[key] = Trainer(config, mesh)
-        return cache[key]
-
-    return make
 
 
 ENDINGS = ["steps=4", "checkpoint.every=2", "checkpoint.keep=10"]
@@ -800,23 +807,28 @@ def test_run_accepts_the_good_token_directory(tmp_path, compiles, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "overrides, message",
+    "overrides, message, subprocess_run",
     [
-        (["mesh.data=4"], "error: mesh (data=4, expert=2, tensor=2) needs 16 devices but 8 are given"),
-        (["data.source=tokens", "data.path={big_id}"], "holds token id 300 but vocab_size is 256"),
+        (["mesh.data=4"], "error: mesh (data=4, expert=2, tensor=2) needs 16 devices but 8 are given", True),
+        # (train.py's main in this process: the exit status and stderr train.py passes on, one launch fewer)
+        (["data.source=tokens", "data.path={big_id}"], "holds token id 300 but vocab_size is 256", False),
     ],
     ids=["mesh", "token ids"],
 )
-def test_cli_exits_2_with_the_error_line(overrides, message, bad_inputs):
+def test_cli_exits_2_with_the_error_line(overrides, message, subprocess_run, bad_inputs, capsys):
     COUNTS["bad_input_tried"] += 1
     log_dir = bad_inputs["tmp"] / "cli"
-    cmd = [sys.executable, str(REPO / "train.py"), "--config", TINY_YAML, *TINY, f"log.dir={log_dir}",
-           *[o.format(**bad_inputs) for o in overrides]]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=dict(os.environ))
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    lines = proc.stderr.strip().splitlines()
-    assert lines[-1].startswith("error: ") and message in lines[-1], proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
+    argv = ["--config", TINY_YAML, *TINY, f"log.dir={log_dir}", *[o.format(**bad_inputs) for o in overrides]]
+    if subprocess_run:
+        proc = subprocess.run([sys.executable, str(REPO / "train.py"), *argv], cwd=REPO, capture_output=True,
+                              text=True, timeout=300, env=dict(os.environ))  # fmt: skip
+        returncode, stderr = proc.returncode, proc.stderr
+    else:
+        returncode, stderr = _load_train_module().main(argv), capsys.readouterr().err
+    assert returncode == 2, stderr[-3000:]
+    lines = stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and message in lines[-1], stderr[-3000:]
+    assert "Traceback" not in stderr
     assert not log_dir.exists()
     COUNTS["bad_input_rejected"] += 1
 
