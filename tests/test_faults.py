@@ -1,6 +1,6 @@
 """Reliability (issue 6): crashes, signals, non-finite steps and bad input.
 
-- Crash and resume: `train.py` runs as a subprocess and is killed with SIGKILL
+- Crash and resume: `train.py` runs in a process of its own and is killed with SIGKILL
   at several points (mid-step, while an asynchronous checkpoint is being
   written), then restarted with --resume. Each restart must pick the newest
   complete checkpoint; every logged loss must equal the uninterrupted run's;
@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import train_fork
 from flax import nnx
 from reference import TINY_RUN_OVERRIDES
 
@@ -168,16 +169,12 @@ CHAIN_STEPS = 24
 CHAIN = [*TINY, f"steps={CHAIN_STEPS}", "checkpoint.every=2", "checkpoint.keep=100"]
 
 
-def launch(log_dir: Path, name: str, resume: bool, cache: Path) -> tuple[subprocess.Popen, Path]:
-    """Start train.py; `cache` is a persistent compilation cache, so only the first run pays for XLA."""
+def launch(log_dir: Path, name: str, resume: bool) -> tuple[train_fork.Forked, Path]:
+    """Start train.py in a process of its own (forked with its modules imported: tests/train_fork.py); the
+    suite's persistent compilation cache (conftest.py) means only the first run pays for XLA."""
     out = log_dir.parent / f"{log_dir.name}-{name}.out"
-    cmd = [sys.executable, str(REPO / "train.py"), "--config", TINY_YAML, *CHAIN, f"log.dir={log_dir}"]
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")  # fmt: skip
-    with open(out, "w") as f:
-        proc = subprocess.Popen(cmd + (["--resume"] if resume else []), cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
-                                env=env)  # fmt: skip
-    return proc, out
+    argv = ["--config", TINY_YAML, *CHAIN, f"log.dir={log_dir}", *(["--resume"] if resume else [])]
+    return train_fork.start(argv, out), out
 
 
 def step_dirs(ckpt: Path) -> tuple[set[int], set[str]]:
@@ -193,7 +190,7 @@ def step_dirs(ckpt: Path) -> tuple[set[int], set[str]]:
     return complete, partial
 
 
-def wait_until(proc: subprocess.Popen, ready, hang_guard_s: float = 300) -> bool:
+def wait_until(proc: train_fork.Forked, ready, hang_guard_s: float = 300) -> bool:
     """Poll `ready()` every ~2 ms while `proc` lives; False if it exited first."""
     deadline = time.monotonic() + hang_guard_s
     while time.monotonic() < deadline:
@@ -214,15 +211,14 @@ TIMING = {"time", "tokens_per_s", "tflops_per_device", "mfu", "seconds_per_step"
 def reference(tmp_path_factory):
     """The uninterrupted run: per-step metrics and every checkpoint (keep=100 keeps all)."""
     log_dir = tmp_path_factory.mktemp("faults") / "reference"
-    cache = log_dir.parent / "xla-cache"
-    proc, out = launch(log_dir, "run", resume=False, cache=cache)
+    proc, out = launch(log_dir, "run", resume=False)
     assert proc.wait(timeout=600) == 0, out.read_text()[-3000:]
     records = train_records(log_dir)
     metrics = {r["step"]: {k: v for k, v in r.items() if k not in TIMING} for r in records}
     assert sorted(metrics) == list(range(1, CHAIN_STEPS + 1)) and len(records) == CHAIN_STEPS
     states = restore_all(load_config(TINY_YAML, [*CHAIN, f"log.dir={log_dir}"]))
     assert sorted(states) == list(range(2, CHAIN_STEPS + 1, 2))
-    return metrics, states, cache
+    return metrics, states
 
 
 # (signal, when): "records N" = after N new metric records (so mid-step), "tmp N" = when the N-th new
@@ -269,7 +265,7 @@ def kill_point(when: str, log_dir: Path, ckpt: Path, rng: random.Random, run_num
 
 @pytest.mark.slow
 def test_crash_and_resume_equals_uninterrupted_run(reference, tmp_path):
-    ref_metrics, ref_states, cache = reference
+    ref_metrics, ref_states = reference
     log_dir, ckpt = tmp_path / "chain", tmp_path / "chain" / "checkpoints"
     rng = random.Random(0)
     history = DETAILS.setdefault("kill_history", [])
@@ -277,7 +273,7 @@ def test_crash_and_resume_equals_uninterrupted_run(reference, tmp_path):
     complete_before: set[int] = set()
     for i, (sig, when) in enumerate([*KILL_PLAN, (None, "to the end")]):
         run_number = starts(log_dir) + 1
-        proc, out = launch(log_dir, f"run{i}", resume=i > 0, cache=cache)
+        proc, out = launch(log_dir, f"run{i}", resume=i > 0)
         if sig is None:
             assert proc.wait(timeout=600) == 0, out.read_text()[-3000:]
         else:
