@@ -134,14 +134,21 @@ def restore_all(config: TrainConfig) -> dict[int, object]:
         checkpointer.close()
 
 
+_PARSED: dict = {}  # path -> ((size, mtime), records): wait_until polls every 2 ms, the file changes once a step
+
+
 def all_records(log_dir: Path) -> list[dict]:
     """Complete records of metrics.jsonl (a line still being written is not complete)."""
     path = log_dir / "metrics.jsonl"
-    if not path.exists():
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
         return []
-    text = path.read_text()
-    lines = text.split("\n")[:-1]  # the last piece has no newline yet
-    return list(map(json.loads, lines))
+    version = (stat.st_size, stat.st_mtime_ns)
+    if _PARSED.get(path, (None,))[0] != version:
+        lines = path.read_text().split("\n")[:-1]  # the last piece has no newline yet
+        _PARSED[path] = (version, list(map(json.loads, lines)))
+    return list(_PARSED[path][1])
 
 
 def train_records(log_dir: Path) -> list[dict]:
