@@ -77,6 +77,9 @@ def test_notebook_runs(path, kernel):
                                      resources={"metadata": {"path": str(ROOT)}})  # fmt: skip
     try:
         client.execute()  # raises CellExecutionError, naming the cell, on any error
+    except BaseException:
+        run_sync(kernel.restart_kernel)(now=True)  # (a hung cell must not hold up the next notebook)
+        raise
     finally:
         if client.kc is not None:
             client.kc.stop_channels()
