@@ -1,5 +1,16 @@
 """tedjax: Tensor-Expert-Data parallel Mixture-of-Experts training in JAX."""
 
+import sys
+
+if "IPython" not in sys.modules and "flax.nnx" not in sys.modules:
+    # flax.nnx imports all of IPython (~0.45 s of CPU, a fifth of train.py's start-up) only to call get_ipython(),
+    # which is None in a process that has not imported IPython, so flax's colour choice comes out the same.
+    sys.modules["IPython"] = None  # type: ignore[assignment]  (`import IPython` raises ImportError)
+    try:
+        import flax.nnx  # noqa: F401
+    finally:
+        del sys.modules["IPython"]
+
 from tedjax import routing
 from tedjax.config import ModelConfig, check_mesh
 from tedjax.generation import generate

@@ -1,6 +1,6 @@
 """Reliability (issue 6): crashes, signals, non-finite steps and bad input.
 
-- Crash and resume: `train.py` runs as a subprocess and is killed with SIGKILL
+- Crash and resume: `train.py` runs in a process of its own and is killed with SIGKILL
   at several points (mid-step, while an asynchronous checkpoint is being
   written), then restarted with --resume. Each restart must pick the newest
   complete checkpoint; every logged loss must equal the uninterrupted run's;
@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import train_fork
 from flax import nnx
 from reference import TINY_RUN_OVERRIDES
 
@@ -133,14 +134,21 @@ def restore_all(config: TrainConfig) -> dict[int, object]:
         checkpointer.close()
 
 
+_PARSED: dict = {}  # path -> ((size, mtime), records): wait_until polls every 2 ms, the file changes once a step
+
+
 def all_records(log_dir: Path) -> list[dict]:
     """Complete records of metrics.jsonl (a line still being written is not complete)."""
     path = log_dir / "metrics.jsonl"
-    if not path.exists():
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
         return []
-    text = path.read_text()
-    lines = text.split("\n")[:-1]  # the last piece has no newline yet
-    return list(map(json.loads, lines))
+    version = (stat.st_size, stat.st_mtime_ns)
+    if _PARSED.get(path, (None,))[0] != version:
+        lines = path.read_text().split("\n")[:-1]  # the last piece has no newline yet
+        _PARSED[path] = (version, list(map(json.loads, lines)))
+    return list(_PARSED[path][1])
 
 
 def train_records(log_dir: Path) -> list[dict]:
@@ -168,16 +176,12 @@ CHAIN_STEPS = 24
 CHAIN = [*TINY, f"steps={CHAIN_STEPS}", "checkpoint.every=2", "checkpoint.keep=100"]
 
 
-def launch(log_dir: Path, name: str, resume: bool, cache: Path) -> tuple[subprocess.Popen, Path]:
-    """Start train.py; `cache` is a persistent compilation cache, so only the first run pays for XLA."""
+def launch(log_dir: Path, name: str, resume: bool) -> tuple[train_fork.Forked, Path]:
+    """Start train.py in a process of its own (forked with its modules imported: tests/train_fork.py); the
+    suite's persistent compilation cache (conftest.py) means only the first run pays for XLA."""
     out = log_dir.parent / f"{log_dir.name}-{name}.out"
-    cmd = [sys.executable, str(REPO / "train.py"), "--config", TINY_YAML, *CHAIN, f"log.dir={log_dir}"]
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")  # fmt: skip
-    with open(out, "w") as f:
-        proc = subprocess.Popen(cmd + (["--resume"] if resume else []), cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
-                                env=env)  # fmt: skip
-    return proc, out
+    argv = ["--config", TINY_YAML, *CHAIN, f"log.dir={log_dir}", *(["--resume"] if resume else [])]
+    return train_fork.start(argv, out), out
 
 
 def step_dirs(ckpt: Path) -> tuple[set[int], set[str]]:
@@ -193,7 +197,7 @@ def step_dirs(ckpt: Path) -> tuple[set[int], set[str]]:
     return complete, partial
 
 
-def wait_until(proc: subprocess.Popen, ready, hang_guard_s: float = 300) -> bool:
+def wait_until(proc: train_fork.Forked, ready, hang_guard_s: float = 300) -> bool:
     """Poll `ready()` every ~2 ms while `proc` lives; False if it exited first."""
     deadline = time.monotonic() + hang_guard_s
     while time.monotonic() < deadline:
@@ -214,15 +218,14 @@ TIMING = {"time", "tokens_per_s", "tflops_per_device", "mfu", "seconds_per_step"
 def reference(tmp_path_factory):
     """The uninterrupted run: per-step metrics and every checkpoint (keep=100 keeps all)."""
     log_dir = tmp_path_factory.mktemp("faults") / "reference"
-    cache = log_dir.parent / "xla-cache"
-    proc, out = launch(log_dir, "run", resume=False, cache=cache)
+    proc, out = launch(log_dir, "run", resume=False)
     assert proc.wait(timeout=600) == 0, out.read_text()[-3000:]
     records = train_records(log_dir)
     metrics = {r["step"]: {k: v for k, v in r.items() if k not in TIMING} for r in records}
     assert sorted(metrics) == list(range(1, CHAIN_STEPS + 1)) and len(records) == CHAIN_STEPS
     states = restore_all(load_config(TINY_YAML, [*CHAIN, f"log.dir={log_dir}"]))
     assert sorted(states) == list(range(2, CHAIN_STEPS + 1, 2))
-    return metrics, states, cache
+    return metrics, states
 
 
 # (signal, when): "records N" = after N new metric records (so mid-step), "tmp N" = when the N-th new
@@ -269,7 +272,7 @@ def kill_point(when: str, log_dir: Path, ckpt: Path, rng: random.Random, run_num
 
 @pytest.mark.slow
 def test_crash_and_resume_equals_uninterrupted_run(reference, tmp_path):
-    ref_metrics, ref_states, cache = reference
+    ref_metrics, ref_states = reference
     log_dir, ckpt = tmp_path / "chain", tmp_path / "chain" / "checkpoints"
     rng = random.Random(0)
     history = DETAILS.setdefault("kill_history", [])
@@ -277,7 +280,7 @@ def test_crash_and_resume_equals_uninterrupted_run(reference, tmp_path):
     complete_before: set[int] = set()
     for i, (sig, when) in enumerate([*KILL_PLAN, (None, "to the end")]):
         run_number = starts(log_dir) + 1
-        proc, out = launch(log_dir, f"run{i}", resume=i > 0, cache=cache)
+        proc, out = launch(log_dir, f"run{i}", resume=i > 0)
         if sig is None:
             assert proc.wait(timeout=600) == 0, out.read_text()[-3000:]
         else:
@@ -365,11 +368,31 @@ def marked(batch: dict, mark: int | None) -> dict:
     return dict(batch, targets=targets)
 
 
-def test_non_finite_steps_are_skipped_bit_exactly(monkeypatch, tmp_path):
+@pytest.fixture(scope="module")
+def trainers():
+    """Trainers by (config minus its directories, mesh, loss function): runs of one tiny config in this module
+    compile once (the loss function is in the key because some tests poison it)."""
+    cache: dict = {}
+
+    def make(config, mesh):
+        key = (dataclasses.replace(config, log=dataclasses.replace(config.log, dir="-")), tuple(mesh.shape.items()),
+               tedjax.trainer.loss_fn)  # fmt: skip
+        if key not in cache:
+            cache[key] = Trainer(config, mesh)
+        return cache[key]
+
+    return make
+
+
+# The poisoned runs below share this config, so they share one compiled (poisoned) step.
+POISONED_RUN = ["steps=12", "max_bad_steps=3", "checkpoint.every=2", "checkpoint.keep=10"]
+
+
+def test_non_finite_steps_are_skipped_bit_exactly(trainers, monkeypatch, tmp_path):
     """NaN loss, inf loss, inf gradients (finite loss): each step skipped, state bit-identical, counted."""
     monkeypatch.setattr(tedjax.trainer, "loss_fn", poisoned_loss_fn)
-    config = tiny_config(tmp_path, "steps=10")
-    trainer = Trainer(config, make_mesh(2, 2, 2))
+    config = tiny_config(tmp_path, *POISONED_RUN)
+    trainer = trainers(config, make_mesh(2, 2, 2))
     batches = Batches(config)
     state = trainer.init_state()
     plan = [None, None, NAN_LOSS, INF_LOSS, INF_GRAD, None]  # (step 0 has learning rate 0: warm-up)
@@ -402,13 +425,14 @@ def _load_train_module():
     return module
 
 
-def test_too_many_bad_steps_stop_with_the_checkpoints_intact(monkeypatch, tmp_path, capsys):
+def test_too_many_bad_steps_stop_with_the_checkpoints_intact(trainers, monkeypatch, tmp_path, capsys):
     """Batches from step 4 on are poisoned: steps 5, 6, 7 are skipped, then train.py exits 3."""
     monkeypatch.setattr(tedjax.trainer, "loss_fn", poisoned_loss_fn)
+    monkeypatch.setattr(tedjax.loop, "Trainer", trainers)
     real_train_batch = Batches.train_batch
     monkeypatch.setattr(Batches, "train_batch", lambda self, step: marked(real_train_batch(self, step),
                                                                            NAN_LOSS if step >= 4 else None))
-    extra = ["steps=12", "max_bad_steps=3", "checkpoint.every=2", "checkpoint.keep=10", f"log.dir={tmp_path}"]
+    extra = [*POISONED_RUN, f"log.dir={tmp_path}"]
     rc = _load_train_module().main(["--config", TINY_YAML, *TINY, *extra])
     err = capsys.readouterr().err
     ckpt = tmp_path / "checkpoints"
@@ -459,20 +483,6 @@ def test_non_finite_updates_are_skipped_and_never_saved(monkeypatch, tmp_path, c
     assert not bit_identical(states[4].params, states[2].params)  # step 3 trained; step 4 was skipped
     assert (int(states[4].skipped_steps), int(states[4].bad_steps)) == (1, 1)
     COUNTS["nan_skipped"] += 2
-
-
-@pytest.fixture(scope="module")
-def trainers():
-    """Trainers by (config minus its directories, mesh): runs of one tiny config in this module compile once."""
-    cache: dict = {}
-
-    def make(config, mesh):
-        key = (dataclasses.replace(config, log=dataclasses.replace(config.log, dir="-")), tuple(mesh.shape.items()))
-        if key not in cache:
-            cache[key] = Trainer(config, mesh)
-        return cache[key]
-
-    return make
 
 
 ENDINGS = ["steps=4", "checkpoint.every=2", "checkpoint.keep=10"]
@@ -800,23 +810,28 @@ def test_run_accepts_the_good_token_directory(tmp_path, compiles, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "overrides, message",
+    "overrides, message, subprocess_run",
     [
-        (["mesh.data=4"], "error: mesh (data=4, expert=2, tensor=2) needs 16 devices but 8 are given"),
-        (["data.source=tokens", "data.path={big_id}"], "holds token id 300 but vocab_size is 256"),
+        (["mesh.data=4"], "error: mesh (data=4, expert=2, tensor=2) needs 16 devices but 8 are given", True),
+        # (train.py's main in this process: the exit status and stderr train.py passes on, one launch fewer)
+        (["data.source=tokens", "data.path={big_id}"], "holds token id 300 but vocab_size is 256", False),
     ],
     ids=["mesh", "token ids"],
 )
-def test_cli_exits_2_with_the_error_line(overrides, message, bad_inputs):
+def test_cli_exits_2_with_the_error_line(overrides, message, subprocess_run, bad_inputs, capsys):
     COUNTS["bad_input_tried"] += 1
     log_dir = bad_inputs["tmp"] / "cli"
-    cmd = [sys.executable, str(REPO / "train.py"), "--config", TINY_YAML, *TINY, f"log.dir={log_dir}",
-           *[o.format(**bad_inputs) for o in overrides]]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=dict(os.environ))
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    lines = proc.stderr.strip().splitlines()
-    assert lines[-1].startswith("error: ") and message in lines[-1], proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
+    argv = ["--config", TINY_YAML, *TINY, f"log.dir={log_dir}", *[o.format(**bad_inputs) for o in overrides]]
+    if subprocess_run:
+        proc = subprocess.run([sys.executable, str(REPO / "train.py"), *argv], cwd=REPO, capture_output=True,
+                              text=True, timeout=300, env=dict(os.environ))  # fmt: skip
+        returncode, stderr = proc.returncode, proc.stderr
+    else:
+        returncode, stderr = _load_train_module().main(argv), capsys.readouterr().err
+    assert returncode == 2, stderr[-3000:]
+    lines = stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and message in lines[-1], stderr[-3000:]
+    assert "Traceback" not in stderr
     assert not log_dir.exists()
     COUNTS["bad_input_rejected"] += 1
 

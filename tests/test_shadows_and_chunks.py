@@ -198,10 +198,15 @@ def test_no_shadow_when_copying_costs_more_than_it_saves():
     assert 0 in ids.tolist() and after < before
 
 
+# Compute-bound (shadows pay), and dropping tokens to save. The two tests below share this config, so the
+# second one's train step (the same program on the same mesh) is a persistent-cache hit.
+SHADOW_RUN = ["model.shadow_experts=1", "balance.shadow_every=2", "balance.matmul_tflops=0.001",
+              "balance.link_gbytes_per_s=100", "model.capacity_factor=1.0", "model.min_capacity=1",
+              "model.aux_loss_weight=0", "checkpoint.every=3", "log.eval_every=0", "log.eval_batches=1", "steps=4"]
+
+
 def test_training_picks_shadows_without_recompiling(tmp_path):
-    trainer = tiny_trainer("model.shadow_experts=1", "balance.shadow_every=2", "model.aux_loss_weight=0",
-                           "model.capacity_factor=1.0", "model.min_capacity=1", "balance.matmul_tflops=0.001",
-                           "balance.link_gbytes_per_s=100")  # compute-bound: shadows pay
+    trainer = tiny_trainer(*SHADOW_RUN)
     state = trainer.init_state()
     chosen = []
     for step, batch in enumerate(batches(trainer, 4), start=1):
@@ -236,10 +241,7 @@ def test_chunks_that_do_not_divide_the_groups_are_refused_before_compiling():
 def test_shadow_state_survives_checkpoint_onto_another_layout(tmp_path):
     from tedjax.loop import run
 
-    base = [*TINY_RUN, "model.shadow_experts=1", "balance.shadow_every=2", "balance.matmul_tflops=0.001",
-            "balance.link_gbytes_per_s=100", "model.capacity_factor=1.0", "model.min_capacity=1",  # drops to save
-            "model.aux_loss_weight=0",
-            "checkpoint.every=3", "log.eval_every=0", "log.eval_batches=1", "steps=4"]  # fmt: skip
+    base = [*TINY_RUN, *SHADOW_RUN]
     first = run(load_config(None, [*base, f"log.dir={tmp_path}"]), stop_after=3)
     saved = first.trainer.shadow_ids(first.state)
     resumed = run(load_config(None, [*base, f"log.dir={tmp_path}", "mesh.data=1", "mesh.expert=4"]), resume=True)

@@ -1,0 +1,69 @@
+"""train.py's main in processes of its own, forked from a server that has already imported it.
+
+test_faults starts train.py nine times and kills most of them; a fresh `python train.py` spends about 2 s
+of CPU of its ~6 s importing jax, flax, orbax and tedjax. A child forked from multiprocessing's forkserver
+(with this module preloaded) starts with those modules loaded and no jax backend yet (the server never
+touches a device), then runs train.py's main as the script does: its own process, devices, signal handlers,
+stdout/stderr and exit status. Only the imports are skipped. The server inherits the environment of the
+process that first starts it (XLA_FLAGS, the persistent compilation cache).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import multiprocessing
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax  # noqa: F401  (no backend is created here: children create their own)
+
+import tedjax.checkpoint  # noqa: F401  (what train.py's main imports)
+import tedjax.generation  # noqa: F401
+import tedjax.host  # noqa: F401
+import tedjax.loop  # noqa: F401
+
+REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("train_cli", REPO / "train.py")
+train_cli = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(train_cli)
+
+
+def _run(argv: list[str], out: str) -> None:
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)  # as `python train.py > out 2>&1`
+    os.dup2(fd, 2)
+    os.close(fd)
+    os.chdir(REPO)
+    sys.exit(train_cli.main(argv))  # multiprocessing turns SystemExit(code) into the exit status
+
+
+class Forked:
+    """The part of subprocess.Popen the tests use, for a forked child."""
+
+    def __init__(self, argv: list[str], out: Path):
+        self.process = multiprocessing.get_context("forkserver").Process(target=_run, args=(argv, str(out)))
+        self.process.start()
+        self.pid = self.process.pid
+
+    def poll(self) -> int | None:
+        return self.process.exitcode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self.process.join(timeout)
+        if self.process.exitcode is None:
+            raise subprocess.TimeoutExpired(f"train.py (pid {self.pid})", timeout)
+        return self.process.exitcode
+
+    def send_signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.process.kill()
+
+
+def start(argv: list[str], out: Path) -> Forked:
+    """`python train.py *argv > out 2>&1`, forked from the preloaded server (started on first use)."""
+    multiprocessing.set_forkserver_preload(["train_fork"])
+    return Forked(argv, out)
