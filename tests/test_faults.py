@@ -558,6 +558,7 @@ OUT_OF_RANGE = {
     "model.moe_every": 0, "model.group_size": -1, "model.activation": "relu", "model.dtype": "float16",
     "model.aux_loss_weight": -0.1, "model.z_loss_weight": -0.1, "model.jitter_eps": 1.5, "model.remat": "sometimes",
     "model.rope_base": 0.0, "model.capacity_scope": "everywhere", "model.router_bias_rate": -0.1,
+    "model.remote_bias_rate": -0.1, "model.device_aux_loss_weight": -1.0,
     "model.n_kv_heads": -1, "model.head_dim": -1, "model.norm_eps": 0.0, "model.attention": "flash", "init_from": "somewhere",
     "balance.every": -1, "balance.margin": 1.5, "balance.shadow_every": 0, "balance.matmul_tflops": -1.0,
     "balance.link_gbytes_per_s": -1.0, "model.a2a_chunks": 0, "model.shadow_experts": -1,
