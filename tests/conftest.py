@@ -31,16 +31,20 @@ import tedjax.host  # noqa: E402
 tedjax.host.reuse_freed_host_memory()  # as train.py does on CPU
 
 
-# Seconds per file on the idle 2-core VM (CI, xdist): the heaviest files start first, so that with
-# `--dist loadfile` the last files to finish are short ones and neither worker waits long for the other.
-# (xdist's default order, most tests first, started the 137 s file near the end.) Unlisted files follow in
-# their usual order; a file that grows past ~60 s belongs here.
-HEAVY_FILES = {"test_perf_benchmarks_quick.py": 132, "test_ted_optimizations.py": 109, "test_plan.py": 108,
-               "test_faults.py": 69, "test_notebooks.py": 68, "test_dropless.py": 70, "test_zero.py": 64,
-               "test_pipeline.py": 52, "test_balance_decisions.py": 40, "test_scan.py": 30,
-               "test_one_reduction.py": 25, "test_multiprocess.py": 58, "test_load_balance.py": 43,
-               "test_generate.py": 34, "test_peer_benchmark.py": 31, "test_shadows_and_chunks.py": 28,
-               "test_topology.py": 20, "test_host.py": 14}
+# Seconds per file on the idle 2-core VM (CI, xdist; --durations=0 of a full run summed per file, 2026-12-06):
+# the heaviest files start first, so that with `--dist loadfile` the last files to finish are short ones and
+# neither worker waits long for the other.
+# (xdist's default order, most tests first, started the 137 s file near the end.) Unlisted files (under 5 s)
+# follow in their usual order; remeasure when a file grows.
+HEAVY_FILES = {"test_perf_benchmarks_quick.py": 111, "test_ted_optimizations.py": 104, "test_zero.py": 85,
+               "test_dropless.py": 81, "test_faults.py": 74, "test_notebooks.py": 74, "test_plan.py": 61,
+               "test_pipeline.py": 58, "test_train.py": 57, "test_shadows_and_chunks.py": 52,
+               "test_multiprocess.py": 39, "test_equivalence.py": 37, "test_hf.py": 28, "test_load_balance.py": 26,
+               "test_generate.py": 22, "test_readme.py": 20, "test_examples.py": 19, "test_routing.py": 17,
+               "test_peer_benchmark.py": 16, "test_balance_decisions.py": 16, "test_scan.py": 15,
+               "test_collectives.py": 15, "test_resume_guards.py": 14, "test_topology.py": 14,
+               "test_one_reduction.py": 12, "test_tooling.py": 9, "test_host.py": 9, "test_plan_stages.py": 8,
+               "test_input_checks.py": 7, "test_attention.py": 6, "test_data.py": 6}
 
 
 def pytest_configure(config):
