@@ -54,7 +54,7 @@ The peer's environment (default ~/ds-venv, or --peer-venv / $TEDJAX_PEER_VENV),
 made once, outside the repository:
 
     python3 -m venv ~/ds-venv
-    ~/ds-venv/bin/pip install numpy torch==2.13.0
+    ~/ds-venv/bin/pip install numpy torch==2.14.1
     DS_BUILD_OPS=0 ~/ds-venv/bin/pip install deepspeed==0.19.8
 
 Without it the script measures the tedjax side, prints these commands, marks
@@ -89,7 +89,7 @@ RESULT_MARK = "@@result "  # prefix of the tedjax server's answers on stdout (an
 DEVICE_FLAG = "--xla_force_host_platform_device_count"
 SETUP_COMMANDS = (
     "python3 -m venv ~/ds-venv",
-    "~/ds-venv/bin/pip install numpy torch==2.13.0",
+    "~/ds-venv/bin/pip install numpy torch==2.14.1",
     "DS_BUILD_OPS=0 ~/ds-venv/bin/pip install deepspeed==0.19.8",
 )
 

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "peer_deepspeed.py"
 SETUP = (
     "python3 -m venv ~/ds-venv",
-    "~/ds-venv/bin/pip install numpy torch==2.13.0",
+    "~/ds-venv/bin/pip install numpy torch==2.14.1",
     "DS_BUILD_OPS=0 ~/ds-venv/bin/pip install deepspeed==0.19.8",
 )
 
