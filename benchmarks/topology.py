@@ -10,7 +10,8 @@ all-reduce and the embedding gradient's all-to-all cross nodes too, alike in eve
 baseline (same loss as hierarchical at r = 1: the same function).
 
 Targets (issue 24): at r = 0.25 the all-to-all inter-node bytes <= 0.3x flat's; validation loss within
-0.02 of r = 1. The predicted step time column (planner cost model, branch plan4) is left for the lead.
+0.02 of r = 1. The cost model's predicted step time for a gpu_6.7b-sized layer on DGX H100 nodes, with
+and without the gate, is `benchmarks/plan_stages.py`'s (benchmarks/results/plan_stages.md).
 
 Two validation losses per trained row: with the gate (the model as trained, the eval capacity factor
 and the same r: the honest figure for a run that keeps training or serving across these nodes), and
@@ -141,7 +142,7 @@ def train_row(args, r: float, runs_dir: Path, bias_rate: float = 0.0, extra: tup
         row = {"remote_fraction": r, "remote_bias_rate": 0.0, "extra": "", "val_loss": args.baseline_val_loss,
                "val_loss_no_gate": args.baseline_val_loss, "redirected_fraction": 0.0,
                "internode_fraction": None, "dropped_fraction": None, "remote_bias": None, "wall_s": None,
-               "predicted_step_s": None, "val_loss_source": "--baseline-val-loss (README main job, not trained here)"}
+               "val_loss_source": "--baseline-val-loss (README main job, not trained here)"}
         row.update(internode(config, log_dir / "internode.json"))
         return row
     wall_file, extra_file, trainer = log_dir / "wall_s.json", log_dir / "extra.json", None
@@ -168,7 +169,7 @@ def train_row(args, r: float, runs_dir: Path, bias_rate: float = 0.0, extra: tup
            "internode_fraction": float(np.mean([rec["internode_fraction"] for rec in last])),
            "dropped_fraction": float(np.mean([rec["dropped_fraction"] for rec in last])),
            "remote_bias": saved.get("remote_bias"), "train_mesh": saved.get("train_mesh"),
-           "wall_s": wall_s, "predicted_step_s": None}
+           "wall_s": wall_s}
     row.update(internode(config, log_dir / "internode.json", trainer))
     print(f"  r={r}: val loss {row['val_loss']:.4f}, redirected {row['redirected_fraction']:.1%}, inter-node "
           f"{row['internode_fraction']:.1%} of routed tokens, a2a inter-node {row['a2a_internode_bytes']:.0f} B/step"
@@ -202,8 +203,8 @@ def markdown(rows: list[dict], flat: dict, args) -> str:
              f"{NODE_SIZE}, model.a2a=hierarchical. Inter-node bytes: per device per train step, from the "
              "compiled step's replica groups (forward and backward). Flat exchange at r = 1: all-to-all "
              f"{flat['a2a_internode_bytes']:.0f} B, all collectives {flat['all_internode_bytes']:.0f} B. "
-             "Redirected / inter-node: mean of the last 10 steps. Predicted step time: the planner's cost "
-             "model (issue 24 item 4), filled in after it lands."]
+             "Redirected / inter-node: mean of the last 10 steps. Predicted step time with and without the "
+             "gate: benchmarks/plan_stages.py (the cost model, issue 24 item 4)."]
     lines += [f"r = {row['remote_fraction']}: val loss from {row['val_loss_source']}." for row in rows
               if row.get("val_loss_source")]
     lines += ["Val loss: with the gate (eval cf, same r and remote bias: the function the run trains); without "
@@ -225,7 +226,7 @@ def markdown(rows: list[dict], flat: dict, args) -> str:
         ("inter-node tokens", "internode_fraction", ".1%"), ("dropped", "dropped_fraction", ".1%"),
         ("a2a inter-node B/step", "a2a_internode_bytes", ".0f"), ("vs flat", "a2a_internode_vs_flat", ".3f"),
         ("bytes target", "bytes_target"), ("all inter-node B/step", "all_internode_bytes", ".0f"),
-        ("all vs flat", "all_internode_vs_flat", ".3f"), ("predicted step s", "predicted_step_s"),
+        ("all vs flat", "all_internode_vs_flat", ".3f"),
     ]))
     return "\n".join(lines)
 
