@@ -159,6 +159,29 @@ def measure(compiled, call_args, args: argparse.Namespace) -> dict:
     }
 
 
+def matmul_roof(args: argparse.Namespace, reps: int) -> dict[str, float]:
+    """The expert FFN's three float32 products alone, jitted on one device: forward `[R, D] x [D, F]`, input
+    gradient `[R, F] x [F, D]`, weight gradient `[D, R] x [R, F]` (R = one device's rows at top-1 cf 1.0 on
+    (1,8,1)). GFLOP per CPU-second, best of `reps` calls each, and their FLOP-weighted harmonic mean: what a
+    step made only of these products would get, so no step of this layer does better per CPU-second."""
+    rows = args.groups * args.tokens // args.experts
+    shapes = ((rows, args.d_model, args.d_ff), (rows, args.d_ff, args.d_model), (args.d_model, rows, args.d_ff))
+    matmul, device, key = jax.jit(jnp.matmul), jax.devices()[0], jax.random.key(0)
+    out = {}
+    for m, k, n in shapes:
+        a = jax.device_put(jax.random.normal(key, (m, k), jnp.float32), device)
+        b = jax.device_put(jax.random.normal(key, (k, n), jnp.float32), device)
+        jax.block_until_ready(matmul(a, b))
+        best = 0.0
+        for _ in range(reps):
+            cpu = time.process_time()
+            jax.block_until_ready(matmul(a, b))
+            best = max(best, 2 * m * k * n / max(time.process_time() - cpu, 1e-6))
+        out[f"{m}x{k}x{n}"] = best / 1e9
+    out["harmonic_mean"] = len(shapes) / sum(1 / v for v in out.values())
+    return out
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes and few steps (CI smoke run)")
@@ -197,6 +220,12 @@ def main(argv=None) -> dict:
             **{f"share_{name}": result["op_seconds"].get(name, 0.0) / total_ops
                for name in (*SCOPES, *COLLECTIVES, "matmul, no scope", "other")},
         })
+    roof = matmul_roof(args, reps=3 if args.quick else 20)
+    for row, top_k in zip(rows, measured):
+        total_gflop = measured[top_k]["flops"] * jax.device_count() / 1e9
+        row["gflop_per_cpu_s"] = total_gflop / measured[top_k]["cpu_s"]
+        row["of_matmul_roof"] = row["gflop_per_cpu_s"] / roof["harmonic_mean"]
+        row["floor_cpu_ms"] = total_gflop / roof["harmonic_mean"] * 1e3
     wall_ratio = measured[2]["wall_s"] / measured[1]["wall_s"]
     cpu_ratio = measured[2]["cpu_s"] / measured[1]["cpu_s"]
     flop_ratio = measured[2]["flops"] / measured[1]["flops"] if measured[1]["flops"] else float("nan")
@@ -214,12 +243,17 @@ def main(argv=None) -> dict:
     print(f"top-2 / top-1: wall {wall_ratio:.2f}x, CPU {cpu_ratio:.2f}x, FLOPs {flop_ratio:.2f}x "
           f"(target <= {TARGET_TOP2_OVER_TOP1}x wall): {verdict}")
     print("  per category: " + ", ".join(f"{k} {v:.2f}x" for k, v in sorted(category_ratio.items())))
+    print("  bare matmuls of the expert shapes, GFLOP per CPU-second: "
+          + ", ".join(f"{k} {v:.1f}" for k, v in roof.items()))
+    for row in rows:
+        print(f"  {row['case']}: {row['gflop_per_cpu_s']:.1f} GFLOP per CPU-second, {row['of_matmul_roof']:.0%} "
+              f"of the bare matmuls'; floor at that rate {row['floor_cpu_ms']:.0f} ms of CPU per step")
     settings = {"layout": args.layout, "experts": args.experts, "d_model": args.d_model, "d_ff": args.d_ff,
                 "tokens_per_group": args.tokens, "groups": args.groups, "steps": args.steps,
                 "trace_steps": args.trace_steps, "allocator": allocator, "quick": args.quick}
     extra = {"top2_over_top1": {"wall": wall_ratio, "cpu": cpu_ratio, "flops": flop_ratio, "verdict": verdict,
                                 "per_category": category_ratio},
-             "top_ops": {k: measured[k]["top_ops"] for k in measured}}
+             "top_ops": {k: measured[k]["top_ops"] for k in measured}, "matmul_roof": roof}
     name = "moe_profile" + ("_default_malloc" if args.default_malloc else "")
     columns = ["case", ("wall ms", "wall_ms", ".1f"), ("CPU ms", "cpu_ms", ".1f"),
                ("page faults", "page_faults", ".0f"), ("GFLOP", "gflop", ".2f"), ("temps MiB", "temp_mb", ".1f"),
@@ -235,6 +269,14 @@ def main(argv=None) -> dict:
         f"top-2 / top-1: wall {wall_ratio:.2f}x, CPU {cpu_ratio:.2f}x, FLOPs {flop_ratio:.2f}x: **{verdict}** "
         f"(target <= {TARGET_TOP2_OVER_TOP1}x wall). Per category: "
         + ", ".join(f"{k} {v:.2f}x" for k, v in sorted(category_ratio.items())) + ".",
+        "",
+        "Against the CPU's matmul throughput: the expert FFN's three products alone, jitted on one device "
+        "(forward, input and weight gradient; `matmul_roof`), run at "
+        + ", ".join(f"{k}: {v:.1f}" for k, v in roof.items() if k != "harmonic_mean")
+        + f" GFLOP per CPU-second (FLOP-weighted harmonic mean {roof['harmonic_mean']:.1f}). "
+        + " ".join(f"{row['case']}: {row['gflop_per_cpu_s']:.1f} GFLOP per CPU-second, "
+                   f"{row['of_matmul_roof']:.0%} of that; a step of its FLOPs made only of such matmuls would "
+                   f"take {row['floor_cpu_ms']:.0f} ms of CPU." for row in rows),
     ])
     _common.save_results(name, rows, settings, markdown, out_dir=_common.output_dir(name, args.out, args.quick),
                          extra=extra)
