@@ -139,6 +139,35 @@ def _flag_value(flags: str, name: str) -> str | None:
     return values[-1] if values else None
 
 
+def expert_matmul_shapes(rows: int, d_model: int, d_ff: int) -> tuple[tuple[int, int, int], ...]:
+    """(m, k, n) of an expert FFN's three products on `rows` tokens: forward `[R, D] x [D, F]`, input gradient
+    `[R, F] x [F, D]`, weight gradient `[D, R] x [R, F]`."""
+    return (rows, d_model, d_ff), (rows, d_ff, d_model), (d_model, rows, d_ff)
+
+
+def matmul_roof(shapes, reps: int) -> dict[str, float]:
+    """float32 GFLOP per CPU-second of bare jitted matmuls `[m, k] x [k, n]` on one device, best of `reps`
+    calls each, and their FLOP-weighted harmonic mean over equal-FLOP shapes (`harmonic_mean`): the rate of a
+    step made only of these products, which no step of them beats per CPU-second."""
+    import jax
+    import jax.numpy as jnp
+
+    matmul, device, key = jax.jit(jnp.matmul), jax.devices()[0], jax.random.key(0)
+    out = {}
+    for m, k, n in shapes:
+        a = jax.device_put(jax.random.normal(key, (m, k), jnp.float32), device)
+        b = jax.device_put(jax.random.normal(key, (k, n), jnp.float32), device)
+        jax.block_until_ready(matmul(a, b))
+        best = 0.0
+        for _ in range(reps):
+            cpu = time.process_time()
+            jax.block_until_ready(matmul(a, b))
+            best = max(best, 2 * m * k * n / max(time.process_time() - cpu, 1e-6))
+        out[f"{m}x{k}x{n}"] = best / 1e9
+    out["harmonic_mean"] = len(out) / sum(1 / v for v in out.values())
+    return out
+
+
 def cpu_line(machine: dict) -> str:
     """One markdown line naming the CPU, its vector flags and thread count (ends every results file)."""
     flags = ", ".join(machine.get("cpu_vector_flags") or []) or "unknown"

@@ -159,29 +159,6 @@ def measure(compiled, call_args, args: argparse.Namespace) -> dict:
     }
 
 
-def matmul_roof(args: argparse.Namespace, reps: int) -> dict[str, float]:
-    """The expert FFN's three float32 products alone, jitted on one device: forward `[R, D] x [D, F]`, input
-    gradient `[R, F] x [F, D]`, weight gradient `[D, R] x [R, F]` (R = one device's rows at top-1 cf 1.0 on
-    (1,8,1)). GFLOP per CPU-second, best of `reps` calls each, and their FLOP-weighted harmonic mean: what a
-    step made only of these products would get, so no step of this layer does better per CPU-second."""
-    rows = args.groups * args.tokens // args.experts
-    shapes = ((rows, args.d_model, args.d_ff), (rows, args.d_ff, args.d_model), (args.d_model, rows, args.d_ff))
-    matmul, device, key = jax.jit(jnp.matmul), jax.devices()[0], jax.random.key(0)
-    out = {}
-    for m, k, n in shapes:
-        a = jax.device_put(jax.random.normal(key, (m, k), jnp.float32), device)
-        b = jax.device_put(jax.random.normal(key, (k, n), jnp.float32), device)
-        jax.block_until_ready(matmul(a, b))
-        best = 0.0
-        for _ in range(reps):
-            cpu = time.process_time()
-            jax.block_until_ready(matmul(a, b))
-            best = max(best, 2 * m * k * n / max(time.process_time() - cpu, 1e-6))
-        out[f"{m}x{k}x{n}"] = best / 1e9
-    out["harmonic_mean"] = len(shapes) / sum(1 / v for v in out.values())
-    return out
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes and few steps (CI smoke run)")
@@ -220,7 +197,9 @@ def main(argv=None) -> dict:
             **{f"share_{name}": result["op_seconds"].get(name, 0.0) / total_ops
                for name in (*SCOPES, *COLLECTIVES, "matmul, no scope", "other")},
         })
-    roof = matmul_roof(args, reps=3 if args.quick else 20)
+    # the expert FFN's products alone (R = one device's rows at top-1 cf 1.0 on (1,8,1)): the step's ceiling rate
+    roof = _common.matmul_roof(_common.expert_matmul_shapes(args.groups * args.tokens // args.experts, args.d_model,
+                                                            args.d_ff), reps=3 if args.quick else 20)
     for row, top_k in zip(rows, measured):
         total_gflop = measured[top_k]["flops"] * jax.device_count() / 1e9
         row["gflop_per_cpu_s"] = total_gflop / measured[top_k]["cpu_s"]
@@ -271,7 +250,7 @@ def main(argv=None) -> dict:
         + ", ".join(f"{k} {v:.2f}x" for k, v in sorted(category_ratio.items())) + ".",
         "",
         "Against the CPU's matmul throughput: the expert FFN's three products alone, jitted on one device "
-        "(forward, input and weight gradient; `matmul_roof`), run at "
+        "(forward, input and weight gradient; `_common.matmul_roof`), run at "
         + ", ".join(f"{k}: {v:.1f}" for k, v in roof.items() if k != "harmonic_mean")
         + f" GFLOP per CPU-second (FLOP-weighted harmonic mean {roof['harmonic_mean']:.1f}). "
         + " ".join(f"{row['case']}: {row['gflop_per_cpu_s']:.1f} GFLOP per CPU-second, "

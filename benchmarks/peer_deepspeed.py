@@ -178,6 +178,8 @@ class TedjaxLayer:
             grad_fn = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True))
             self.compiled = grad_fn.lower(params, x_bld).compile()
         self.compile_s = time.perf_counter() - start
+        cost = self.compiled.cost_analysis()
+        self.gflop = float((cost[0] if isinstance(cost, list) else cost)["flops"]) * len(self.mesh.devices.flat) / 1e9
         self.args = (params, x_bld)
         self.capacity = tedjax.routing.capacity(args.tokens, args.experts, case.top_k, case.capacity_factor,
                                                 args.min_capacity)
@@ -215,7 +217,12 @@ def serve_tedjax(args: argparse.Namespace) -> None:
         malloc_reuse = reuse_freed_host_memory()
     except ImportError:
         malloc_reuse = None
-    answer({"ready": True, "machine": {**_common.machine_info(), "reuse_freed_host_memory": malloc_reuse}})
+    # the ceiling of any step of this layer on this CPU: its expert products alone (one device's rows at
+    # top-1 cf 1.0 with expert 8), bare
+    roof = _common.matmul_roof(_common.expert_matmul_shapes(WORKERS * args.tokens // args.experts, args.d_model,
+                                                            args.d_ff), reps=3 if args.quick else 20)
+    answer({"ready": True, "machine": {**_common.machine_info(), "reuse_freed_host_memory": malloc_reuse},
+            "matmul_roof": roof})
     layers: dict[str, TedjaxLayer] = {}
     for line in sys.stdin:
         if not line.strip():
@@ -227,7 +234,7 @@ def serve_tedjax(args: argparse.Namespace) -> None:
         layer = layers[case.name]
         result = layer.measure(cmd["warmup"], cmd["steps"], WORKERS * args.tokens)
         answer({**result, "compile_s": layer.compile_s, "capacity": layer.capacity, "first_loss": layer.first_loss,
-                "dropped_fraction": layer.dropped_fraction})  # fmt: skip
+                "dropped_fraction": layer.dropped_fraction, "gflop": layer.gflop})  # fmt: skip
 
 
 class TedjaxClient:
@@ -430,7 +437,8 @@ def run(args: argparse.Namespace, cases: list[Case], workdir: Path, setup: Setup
         tedjax.close()
         if peer is not None:
             peer.close()
-    return {"raw": raw, "machine": tedjax.ready["machine"], "peer_status": peer_status or "measured",
+    return {"raw": raw, "machine": tedjax.ready["machine"], "matmul_roof": tedjax.ready["matmul_roof"],
+            "peer_status": peer_status or "measured",
             "setup": setup,
             "peer_help": peer_help,
             "peer_versions": ({**(peer_versions or {}), **(peer.ready if peer else {})} or None),
@@ -460,6 +468,8 @@ def rows_for(cases: list[Case], measured: dict, args: argparse.Namespace) -> lis
         peer_cpu = [m["cpu_s_all_ranks"] for m in peer if "cpu_s_all_ranks" in m]
         peer_cpu_ms = statistics.median(statistics.median(c) for c in peer_cpu) * 1e3 if peer_cpu else None
         cpu_ratios = [statistics.median(c) / statistics.median(m["cpu_s"]) for m, c in zip(ted, peer_cpu)]
+        # tedjax's step if it were nothing but its FLOPs at the bare-matmul rate: no code change gets below it
+        floor_cpu_ms = ted[0]["gflop"] / measured["matmul_roof"]["harmonic_mean"] * 1e3
         setup = measured["setup"]
         rows.append({
             "setup": setup.name,
@@ -497,6 +507,10 @@ def rows_for(cases: list[Case], measured: dict, args: argparse.Namespace) -> lis
             "deepspeed_tokens_per_cpu_s": tokens / peer_cpu_ms * 1e3 if peer_cpu_ms else None,
             # median over rounds of (DeepSpeed CPU per step / tedjax CPU per step) = tokens per CPU-second ratio
             "cpu_ratio": statistics.median(cpu_ratios) if cpu_ratios else None,
+            "tedjax_gflop_per_step": ted[0]["gflop"],
+            "tedjax_floor_cpu_ms": floor_cpu_ms,
+            "tedjax_of_matmul_roof": floor_cpu_ms / ted_cpu_ms,
+            "cpu_ratio_ceiling": peer_cpu_ms / floor_cpu_ms if peer_cpu_ms else None,
             "cpu_ratios_per_round": cpu_ratios,
             "deepspeed_cpu_s_all_ranks": peer_cpu,
         })  # fmt: skip
@@ -525,6 +539,8 @@ def render_markdown(rows: list[dict], settings: dict, machine: dict, measured: d
          lambda r: f"{r['tedjax_cpu_ms_per_step']:.0f} / {r['deepspeed_cpu_ms_per_step']:.0f}"
          if r.get("deepspeed_cpu_ms_per_step") else f"{r['tedjax_cpu_ms_per_step']:.0f} / -"),
         ("tokens per CPU-s ratio", lambda r: f"{r['cpu_ratio']:.2f}" if r.get("cpu_ratio") else ""),
+        ("tedjax at % of bare matmul rate", lambda r: f"{r['tedjax_of_matmul_roof']:.0%}"),
+        ("ceiling of the CPU ratio", lambda r: f"{r['cpu_ratio_ceiling']:.2f}" if r.get("cpu_ratio_ceiling") else ""),
         ("load (1 min) per round", lambda r: ", ".join(f"{v:g}" for v in r["load_1min_per_round"] if v is not None)),
     ]
     versions = measured["peer_versions"] or {}
@@ -566,7 +582,14 @@ def render_markdown(rows: list[dict], settings: dict, machine: dict, measured: d
         "every core. Other jobs share the machine, so absolute tokens/s move between runs; the ratio, taken "
         "from measurements seconds apart, moves less. CPU ms/step is the median over rounds of each measurement's "
         "median: tedjax's process (all threads), DeepSpeed's 8 ranks summed (barrier waits included); the "
-        "tokens per CPU-second ratio is the median over rounds of DeepSpeed CPU / tedjax CPU per step."),
+        "tokens per CPU-second ratio is the median over rounds of DeepSpeed CPU / tedjax CPU per step. "
+        "Ceiling: DeepSpeed's CPU per step over tedjax's FLOPs per step (XLA's cost analysis, all devices) at "
+        "this CPU's bare float32 matmul rate for the expert shapes ("
+        + ", ".join(f"{k} {v:.1f}" for k, v in measured["matmul_roof"].items() if k != "harmonic_mean")
+        + f" GFLOP per CPU-second, harmonic mean {measured['matmul_roof']['harmonic_mean']:.1f}), i.e. the "
+        "tokens per CPU-second ratio if tedjax's step were its matmuls alone at that rate; both sides do the "
+        "same FLOPs (DeepSpeed 0.19.8 dispatches by index too). A target above the ceiling cannot be met on "
+        "this CPU by any change to tedjax's code short of doing fewer FLOPs."),
     ]  # fmt: skip
     return "\n".join(lines) + "\n"
 
