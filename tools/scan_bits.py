@@ -1,6 +1,7 @@
 """Why scanned layers differ from the unrolled loop in the last bits on XLA:CPU, and which XLA decisions decide.
 
-    python tools/scan_bits.py                  # every case, each in its own process (XLA_FLAGS are read at import)
+    python tools/scan_bits.py                  # every case (45, minutes), each in its own process (XLA_FLAGS
+                                               # are read at import); --flags, --unit or --remat narrow the sweep
     python tools/scan_bits.py --flags tests --unit tedjax --remat none
     python tools/scan_bits.py --flags tests-exact --unit tedjax --remat full
 
@@ -27,19 +28,20 @@ The cause (measured 2026-12-07, jax 0.10.2, AMD EPYC with AVX-512):
    the scan's while bodies are compiled apart, the loop's units inline, where
    XLA fuses across unit boundaries. In norm_linear the loop fuses the loss's
    gradient `(x + x) * 2^-12` into the last unit's backward kernel
-   (`add(multiply(...), multiply(dy, rsqrt))`, an add of two products; LLVM
-   contracts the other product than in the scan's body, where the incoming
-   cotangent is a loaded carry): 541 of 1024 entries of w[0] differ by 1-2 ulps.
+   (`add(multiply(x + x, 2^-12), multiply(dy, rsqrt))`: an add of two
+   products, only one of which an FMA can absorb), where the scan's body adds
+   `dy * rsqrt` to the incoming cotangent, a carry loaded from memory, one FMA:
+   552 of 1024 entries of w[0] differ by 1-2 ulps.
    With `tests-no-fma` (AVX: the same 256-bit vectors, no FMA) norm_linear is
    bit-equal; with `--xla_cpu_max_isa=AVX2` (FMA) it is not. (The `--loss sum`
    variant is bit-equal because its gradient `x + x` has no multiply to contract.)
 2. YNNPACK fusions (`kind=kCustom`, `__ynn_fusion`: dots, multiply+reduce,
    exp+subtract+reduce, add+dot+reduce subgraphs), which XLA:CPU forms
    differently inline and in a while body: on the tedjax model they change
-   the forward itself (the logits inside the gradient program differ, the
-   loss happens to agree), so that with FMA off alone all 28 gradient leaves
-   still differ; with YNN off alone 18 of 28 (the units and the embedding;
-   logits, head, final norm and tail become equal).
+   the forward itself (a gradient program that also returns the logits shows
+   them differing; the loss happens to agree), so that with FMA off alone all
+   28 gradient leaves still differ; with YNN off alone 18-20 of 28 (the units
+   and the embedding; logits, head, final norm and tail become equal).
 With both off (`tests-exact`) the tedjax loop and scan are bit-equal on all
 28 leaves with remat none, full and cac alike. An `optimization_barrier`
 around each unit cannot separate the fusions: XLA:CPU's `cse_barrier_expander`
