@@ -163,8 +163,8 @@ def main(flags: str, unit_name: str, remat: str, loss: str = "mean") -> None:
     differing = {f"{n}[{u}]": int(np.sum(np.asarray(grads_a[n][u]) != np.asarray(grads_b[n][u])))
                  for n in grads_a for u in range(U)}
     size = grads_a[next(iter(grads_a))][0].size
-    print(f"flags={flags} unit={unit_name} remat={remat} loss={loss}: loss equal {bool(loss_a == loss_b)}; gradient entries "
-          f"differing (of {size} per weight): {({k: v for k, v in differing.items() if v}) or 'none'}")
+    print(f"flags={flags} unit={unit_name} remat={remat} loss={loss}: loss equal {bool(loss_a == loss_b)}; "
+          f"gradient entries differing (of {size} per weight): {({k: v for k, v in differing.items() if v}) or 'none'}")
     for n in grads_a:
         a, b = np.asarray(grads_a[n]), np.asarray(grads_b[n])
         if (a != b).any():
