@@ -36,19 +36,23 @@ The cause (measured 2026-12-07, jax 0.10.2, AMD EPYC with AVX-512):
    bit-equal; with `--xla_cpu_max_isa=AVX2` (FMA) it is not. (The `--loss sum`
    variant is bit-equal because its gradient `x + x` has no multiply to contract.)
 2. YNNPACK fusions (`kind=kCustom`, `__ynn_fusion`: dots, multiply+reduce,
-   exp+subtract+reduce, add+dot+reduce subgraphs), which XLA:CPU forms
-   differently inline and in a while body: on the tedjax model they change
-   the forward itself (a gradient program that also returns the logits shows
-   them differing; the loss happens to agree), so that with FMA off alone all
-   28 gradient leaves still differ; with YNN off alone 18-20 of 28 (the units
-   and the embedding; logits, head, final norm and tail become equal).
-With both off (`tests-exact`) the tedjax loop and scan are bit-equal on all
-28 leaves with remat none, full and cac alike. An `optimization_barrier`
-around each unit cannot separate the fusions: XLA:CPU's `cse_barrier_expander`
-removes the barriers before fusion (`--xla_dump_hlo_pass_re=.*`: present up to
-pass 0006, gone after `cse_barrier_expander`). `xla_cpu_max_isa` is read per
-process, not from `compile(compiler_options=...)`; the YNN option is honoured
-per compile.
+   exp+subtract+reduce, add+dot+reduce subgraphs), only without remat, where
+   the two tedjax programs are not the same computation (the scan wraps its
+   unit in `save_all_but_elementwise`, the loop does not): the subgraphs form
+   differently and change the forward itself (a gradient program that also
+   returns the logits shows them differing; the loss happens to agree), so
+   that with FMA off alone all 28 gradient leaves still differ; with YNN off
+   alone 18-20 of 28 (the units and the embedding; logits, head, final norm
+   and tail become equal).
+With remat full or cac (the same checkpoint both ways) `tests-no-fma` alone
+makes the tedjax loop and scan bit-equal on all 28 leaves; without remat
+`tests-exact` does (and so did FMA off alone with the loop given the scan's
+checkpoint policy, a one-line change to `run_units` measured and not kept).
+An `optimization_barrier` around each unit cannot separate the fusions:
+XLA:CPU's `cse_barrier_expander` removes the barriers before fusion
+(`--xla_dump_hlo_pass_re=.*`: present up to pass 0006, gone after
+`cse_barrier_expander`). `xla_cpu_max_isa` is read per process, not from
+`compile(compiler_options=...)`; the YNN option is honoured per compile.
 """
 from __future__ import annotations
 
