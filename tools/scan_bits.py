@@ -71,26 +71,39 @@ REMATS = {"norm_linear": ("none", "full", "elementwise"), "block": ("none", "ful
 U, B, L, D, H = 2, 8, 16, 32, 4
 
 
-def tedjax_case(flags: str, remat: str) -> None:
-    """tests/test_scan.py's comparison: DEEP looped and scanned on 1 device of 8 simulated ones."""
+def tedjax_case(flags: str, remats: list[str]) -> None:
+    """tests/test_scan.py's comparison: DEEP looped and scanned on 1 device of 8 simulated ones, for each remat
+    setting (one process: XLA_FLAGS are read once)."""
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count=8 {FLAGS[flags]}"
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import tedjax
+
+    jax.config.update("jax_default_matmul_precision", "highest")
+    mesh = tedjax.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    tokens = np.random.default_rng(0).integers(0, 64, (8, 17))  # tests/reference.py small_batch
+    batch = {"inputs": jnp.asarray(tokens[:, :-1], jnp.int32), "targets": jnp.asarray(tokens[:, 1:], jnp.int32)}
+    for remat in remats:
+        deep = tedjax.ModelConfig(vocab_size=64, d_model=32, n_layers=5, n_heads=4, d_ff=64, max_len=16,
+                                  num_experts=4, expert_d_ff=32, top_k=2, capacity_factor=1.0, min_capacity=1,
+                                  remat=remat)
+        _compare_loop_and_scan(deep, mesh, batch, flags)
+
+
+def _compare_loop_and_scan(deep, mesh, batch, flags: str) -> None:
     import dataclasses
 
     import jax
-    import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
     import tedjax
 
-    jax.config.update("jax_default_matmul_precision", "highest")
-    deep = tedjax.ModelConfig(vocab_size=64, d_model=32, n_layers=5, n_heads=4, d_ff=64, max_len=16, num_experts=4,
-                              expert_d_ff=32, top_k=2, capacity_factor=1.0, min_capacity=1, remat=remat)
-    mesh = tedjax.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    tokens = np.random.default_rng(0).integers(0, 64, (8, 17))  # tests/reference.py small_batch
-    batch = {"inputs": jnp.asarray(tokens[:, :-1], jnp.int32), "targets": jnp.asarray(tokens[:, 1:], jnp.int32)}
+    remat = deep.remat
     results = []
     for scan in (False, True):
         graphdef, params, rest = nnx.split(tedjax.init_model(dataclasses.replace(deep, scan_layers=scan), mesh),
@@ -116,7 +129,7 @@ def tedjax_case(flags: str, remat: str) -> None:
 
 def main(flags: str, unit_name: str, remat: str, loss: str = "mean") -> None:
     if unit_name == "tedjax":
-        return tedjax_case(flags, remat)
+        return tedjax_case(flags, remat.split(","))
     os.environ["XLA_FLAGS"] = FLAGS[flags]
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
@@ -182,13 +195,17 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--flags", choices=sorted(FLAGS))
     parser.add_argument("--unit", choices=UNITS)
-    parser.add_argument("--remat", choices=("none", "full", "elementwise", "cac"), help="elementwise: plain JAX "
-                        "units only; cac: tedjax only")
+    parser.add_argument("--remat", help="none, full, elementwise (plain JAX units only) or cac (tedjax only); "
+                        "tedjax takes a comma-separated list, run in one process")
     parser.add_argument("--loss", choices=("mean", "sum"), default="mean",
                         help="of the squared outputs (plain JAX units; tedjax: its own loss)")
     args = parser.parse_args()
-    if args.unit and args.remat and args.remat not in REMATS[args.unit]:
-        parser.error(f"--remat {args.remat} is not a case of --unit {args.unit}: choose one of {REMATS[args.unit]}")
+    for remat in (args.remat or "").split(",") if args.remat else ():
+        if remat not in REMATS[args.unit] if args.unit else remat not in {r for rs in REMATS.values() for r in rs}:
+            parser.error(f"--remat {remat} is not a case of --unit {args.unit or 'any'}: choose from "
+                         f"{REMATS[args.unit] if args.unit else REMATS}")
+    if args.remat and "," in args.remat and args.unit != "tedjax":
+        parser.error("a comma-separated --remat list is for --unit tedjax only")
     if args.flags and args.unit and args.remat:
         main(args.flags, args.unit, args.remat, args.loss)
     else:
