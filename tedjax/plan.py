@@ -1165,8 +1165,19 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
         sizes = dict(zip(AXES, layout))
         chunk_grads = (sz.chunks - 1) * sum(_local(leaf.shape, leaf.spec, sizes) * 4 for leaf in parameters(m)
                                             if leaf.units and len(leaf.shape) == 4 and "expert" in leaf.spec[1])
+    # The backward layer scan reduces each scanned unit's gradients into the optimizer's shards inside the
+    # loop (compiled HLO: the scan carries the gradient stack in those shards and its reduction is
+    # unit-shaped), at every ZeRO level but ZeRO-1's lanes, which sum full copies until after the loop: at
+    # the end of the backward pass the units' gradients are in shards, and one unit's in full.
+    grads_end, chunk_grads_end = full, 0
+    if not pipe and not (lanes and dc.grad_accum > 1) and m.scan_layers and units:
+        outside_state = _leaf_costs(m, layout, config.optimizer.zero1, backend, zero, outside_only=True).moments // 2
+        grads_end = outside + (moments // 2 - outside_state) + (full - outside) // units
+        chunk_grads_end = chunk_grads  # the chunks' own stacks (below) are full: reduced after the loop
+        if backend == "cpu":  # the all-reduce's full result next to its operand, one unit's
+            cpu_zero2 = (full - outside) // units
     phases = {"backward start": activations + carry + layer_grads + chunk_grads + lane_weights,
-              "backward end": carry + full + one_layer + logits + cpu_zero2 + lane_weights,
+              "backward end": carry + grads_end + chunk_grads_end + one_layer + logits + cpu_zero2 + lane_weights,
               "optimizer update": full + (4 * 4 * tile if tile else moments)}
     peak_at = max(phases, key=phases.get)
     return Memory(params, moments + counters, batch, other, full, activations, working + phases[peak_at], peak_at,
