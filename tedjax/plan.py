@@ -1173,12 +1173,15 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
     if not pipe and not (lanes and dc.grad_accum > 1) and m.scan_layers and units:
         outside_state = _leaf_costs(m, layout, config.optimizer.zero1, backend, zero, outside_only=True).moments // 2
         grads_end = outside + (moments // 2 - outside_state) + (full - outside) // units
-        chunk_grads_end = chunk_grads  # the chunks' own stacks (below) are full: reduced after the loop
+        chunk_grads_end = chunk_grads  # the chunks' own stacks (above) stay full: reduced after the loop
         if backend == "cpu":  # the all-reduce's full result next to its operand, one unit's
             cpu_zero2 = (full - outside) // units
+    # ZeRO-3's update reads the gradients in the optimizer's shards and leaves the parameters there: no full
+    # copy (ZeRO-1/2 all-gather the updated parameters into their own layout).
+    update_grads = moments // 2 + outside if zero == 3 and not pipe else full
     phases = {"backward start": activations + carry + layer_grads + chunk_grads + lane_weights,
               "backward end": carry + grads_end + chunk_grads_end + one_layer + logits + cpu_zero2 + lane_weights,
-              "optimizer update": full + (4 * 4 * tile if tile else moments)}
+              "optimizer update": update_grads + (4 * 4 * tile if tile else moments)}
     peak_at = max(phases, key=phases.get)
     return Memory(params, moments + counters, batch, other, full, activations, working + phases[peak_at], peak_at,
                   tuple((name, working + value) for name, value in phases.items()))
