@@ -202,7 +202,7 @@ MODELLED = {
               "top_k", "capacity_factor", "min_capacity", "moe_every", "group_size", "activation", "dtype", "dtd",
               "capacity_scope", "shadow_experts", "a2a_chunks", "remat", "n_kv_heads", "head_dim", "qk_norm",
               "attention", "vocab_multiple", "dropless_buffer_factor", "remote_fraction", "a2a"),
-    "optimizer": ("zero1", "zero", "tile_size"),
+    "optimizer": ("zero1", "zero", "tile_size", "state_dtype"),
     "data": ("seq_len", "batch_size", "grad_accum"),
     "mesh": ("data", "expert", "tensor", "auto", "stage", "node_size"),
     "pipeline": ("microbatches", "schedule", "repeats"),
@@ -223,13 +223,11 @@ NO_EFFECT = {
     "balance": ("every", "margin", "shadow_every", "matmul_tflops", "link_gbytes_per_s", "cluster"),
     "xla": ("cpu_all_reduce_combiner",),  # no effect on GPUs; on XLA:CPU `unmodelled` names it
 }  # fmt: skip
-# Keys that change bytes or memory in ways the model does not follow yet: always named when set. bf16 Adam
-# moments halve the optimizer state; the throughput flags move XLA:GPU's scheduling (and its live ranges).
+# Keys that change bytes or memory in ways the model does not follow yet: always named when set. The throughput flags move XLA:GPU's scheduling (and its live ranges).
 NOT_MODELLED = {
     # looped units (scan_layers=false) compile to more collectives than the scanned ones the model follows (a
     # 1 MiB permute over "data" on tiny (2,2,2), measured)
     "model": ("scan_layers",),
-    "optimizer": ("state_dtype",),
     "xla": ("gpu_profile",),
 }
 
@@ -876,7 +874,9 @@ def _leaf_costs(model: ModelConfig, layout: Layout, zero1: bool, backend: Backen
         gradients_once = (_gradient_reduction(local, used, added, sizes, backend, "gradient", per_micro=False)
                           if once else list(entries))
         n_gradients = len(entries)
-        laned, laned_state = laned + (local if once else 0), laned_state + (shard if once else 0)
+        # (a leaf whose data-parallel group is one device takes no lanes: tedjax.trainer's lanes_of gives it 1)
+        lane = once and any(sizes[a] > 1 for a in batch_axes if a not in used)
+        laned, laned_state = laned + (local if lane else 0), laned_state + (shard if lane else 0)
         # the global norm: one partial sum per sharded dim of the optimizer-state layout
         entries += [("all-reduce", axes, 4, False, "gradient norm") for axes in state_spec]
         if not tiled:  # the untiled step's NaN guard: the update's norm, reduced as the gradient's
@@ -1057,7 +1057,9 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
     sz = _sizes(config, layout)
     t = sz.tensor
     costs = _costs(config, layout, backend, lanes=not pipe)
-    params, moments = costs.params, costs.moments
+    params, moments = costs.params, costs.moments  # moments: two float32 copies in the optimizer's shards
+    # Adam's moments as stored (optimizer.state_dtype): bfloat16 halves them; the gradients stay float32
+    state = moments // 2 if config.optimizer.state_dtype == "bfloat16" else moments
     full = costs.gathered  # float32 parameters (and gradients) in their own layout
     zero = config.optimizer.zero if config.optimizer.zero1 else 1
     counters = 3 * 4 + 2 * 4  # step, bad_steps, skipped_steps; Adam's and the schedule's counts
@@ -1132,7 +1134,7 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
     # With lanes (ZeRO-1, no stages: one reduction per step, NOTES.md section 3.2) each device sums its own
     # lane's gradients, a full copy in each parameter's own layout, until the one reduction after the loop.
     # (Shadowed and dropless expert weights take no lanes: theirs is summed in the optimizer's shards.)
-    lanes = not pipe and config.optimizer.zero1 and config.optimizer.zero == 1
+    lanes = not pipe and config.optimizer.zero1 and config.optimizer.zero == 1 and costs.laned > 0
     carry = (costs.laned + moments // 2 - costs.laned_state if lanes else moments // 2) if dc.grad_accum > 1 else 0
     tile = config.optimizer.tile_size
     # Mixed precision: the weights cast to the compute dtype are loop invariant, so XLA computes them
@@ -1181,9 +1183,9 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
     update_grads = moments // 2 + outside if zero == 3 and not pipe else full
     phases = {"backward start": activations + carry + layer_grads + chunk_grads + lane_weights,
               "backward end": carry + grads_end + chunk_grads_end + one_layer + logits + cpu_zero2 + lane_weights,
-              "optimizer update": update_grads + (4 * 4 * tile if tile else moments)}
+              "optimizer update": update_grads + (4 * 4 * tile if tile else state)}
     peak_at = max(phases, key=phases.get)
-    return Memory(params, moments + counters, batch, other, full, activations, working + phases[peak_at], peak_at,
+    return Memory(params, state + counters, batch, other, full, activations, working + phases[peak_at], peak_at,
                   tuple((name, working + value) for name, value in phases.items()))
 
 
@@ -1672,6 +1674,9 @@ HELD_OUT_SWITCHES = {
 }
 
 
+STATE_DTYPES = ("float32", "bfloat16")  # optimizer.state_dtype, drawn where tile_size = 0 (held_out_cells)
+
+
 def held_out_cells(count: int, seed: int = 0) -> list[tuple[Layout, tuple[str, ...]]]:
     """`count` random (layout, overrides of configs/tiny.yaml) over every switch, each one that divides.
 
@@ -1681,13 +1686,17 @@ def held_out_cells(count: int, seed: int = 0) -> list[tuple[Layout, tuple[str, .
 
     from tedjax.config import load_config
 
-    rng = random.Random(seed)
+    rng, states = random.Random(seed), random.Random(f"state_dtype {seed}")
     base = os.path.join(os.path.dirname(CLUSTER_DIR), "tiny.yaml")
     cells: list = []
     while len(cells) < count:
         layout = rng.choice(HELD_OUT_LAYOUTS)
         overrides = ["data.source=synthetic", *(f"mesh.{a}={n}" for a, n in zip(AXES, layout))]
         overrides += [f"{key}={str(rng.choice(values)).lower()}" for key, values in HELD_OUT_SWITCHES.items()]
+        # bf16 moments (untiled only: the config refuses the pair) from a draw of their own, so that the cells
+        # drawn before the switch was added keep every other setting
+        if "optimizer.tile_size=0" in overrides:
+            overrides.append(f"optimizer.state_dtype={states.choice(STATE_DTYPES)}")
         try:
             config = load_config(base, overrides)
             check_mesh(config.model, _MeshShape(layout), config.data.micro_batch_size, config.data.seq_len)
