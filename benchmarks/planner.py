@@ -223,7 +223,8 @@ def _largest_fit(preset: str, experts_grid: list[int], fixed: dict, state_dtype:
     """The most experts of `experts_grid` (ascending) with which `preset` fits (bisection), as a table row."""
     def fit(experts):
         config = load_config(str(REPO / "configs" / f"{preset}.yaml"), ["mesh=auto", f"model.num_experts={experts}",
-                                                                        f"optimizer.state_dtype={state_dtype}"])
+                                                                        f"optimizer.state_dtype={state_dtype}"]
+                             + (["optimizer.tile_size=0"] if state_dtype == "bfloat16" else []))
         # bf16 moments do not combine with the tiled optimizer (OptimizerConfig refuses the pair)
         found = plan.search(config, h100, 8, fixed=fixed, tile_size=0 if state_dtype == "bfloat16" else plan.DEFAULT_TILE)
         return (config.model.param_counts()["total"], f"{preset} with {experts} experts", found.best.plan.describe(),
