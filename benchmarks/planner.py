@@ -18,7 +18,7 @@
    the same layout and micro-batching with DTD + CAC. Target 26% +- 10 points.
 3. The GPU presets on 8, 64 and 512 DGX-H100 GPUs: the plan chosen, its
    predicted memory and step time, and the runner-up (the README table).
-4. The largest MoE (TED's three bases, every multiple of 8 experts up to 256) any
+4. The largest MoE (TED's three bases, every multiple of 4 experts up to 256) any
    plan fits on 8 x H100 80 GB, with ZeRO-1 only and with ZeRO 1-3, Adam's moments
    in float32 and in bfloat16. Target: >= 2x the parameters (float32 moments).
 5. Scale: the search for 1024 GPUs, timed.
@@ -209,9 +209,11 @@ def preset_rows(gpu_counts: list[int]) -> list[dict]:
 
 
 LARGEST_BASES = ["gpu_1.3b", "gpu_2.7b", "gpu_6.7b"]  # TED's base models, the experts grown
-# Every multiple of 8 experts up to 256: each (data, expert, tensor) layout of 8 GPUs divides them, so the memory
-# a model needs grows with the count and the largest that fits is found by bisection, not read off a coarse grid.
-LARGEST_EXPERTS = list(range(8, 257, 8))
+# Every multiple of 4 experts up to 256, so that "largest" is not read off a coarse grid (gpu_6.7b's experts are
+# 2.1B parameters each). The memory a model needs grows with the count, so the most that fits is found by
+# bisection; a count that is no multiple of 8 rules out the expert = 8 layouts, so the two counts past the one
+# found are tried too.
+LARGEST_EXPERTS = list(range(4, 257, 4))
 QUICK_LARGEST = (["gpu_6.7b"], [8, 16])
 LARGEST_TARGET = 2.0
 # (name, ZeRO levels the search may pick, optimizer.state_dtype)
@@ -238,11 +240,13 @@ def _largest_fit(preset: str, experts_grid: list[int], fixed: dict, state_dtype:
             best, lo = row, mid + 1
         else:
             hi = mid - 1
+    for experts in experts_grid[lo + 1:lo + 3]:  # lo: the first count that failed
+        best = fit(experts) or best
     return best
 
 
 def largest_moe(bases: list[str] = LARGEST_BASES, experts_grid: list[int] = LARGEST_EXPERTS) -> dict:
-    """The largest MoE (TED's bases, a multiple of 8 experts) any plan fits on 8 x H100 80 GB: with ZeRO-1 only and
+    """The largest MoE (TED's bases, a multiple of 4 experts) any plan fits on 8 x H100 80 GB: with ZeRO-1 only and
     with ZeRO 1-3 to choose from, Adam's moments in float32 and in bfloat16."""
     h100 = plan.Cluster.load(str(REPO / "configs" / "clusters" / "dgx_h100.yaml"))
     best = {}
@@ -399,9 +403,9 @@ def markdown(cells: list[dict], ted: dict, presets: list[dict], scale: dict, mac
              ("zero1_bf16", "ZeRO-1 only, bfloat16 moments"), ("zero3_bf16", "ZeRO 1-3, bfloat16 moments"))
     lines += ["", "## 4. The largest MoE on 8 x H100 80 GB, ZeRO-1 against ZeRO 1-3", "",
               f"**{big['verdict']}** (target: >= {big['target']:.0f}x the total parameters, float32 moments): "
-              f"{big['ratio']:.2f}x. Models: {', '.join(big['bases'])} with every multiple of 8 experts from "
-              f"{big['experts'][0]} to {big['experts'][-1]} (each layout of 8 GPUs divides them; the most that fits "
-              f"found by bisection); each searched on {big['gpus']} GPUs of {big['cluster']} (10% kept free), "
+              f"{big['ratio']:.2f}x. Models: {', '.join(big['bases'])} with every multiple of 4 experts from "
+              f"{big['experts'][0]} to {big['experts'][-1]} (the most that fits found by bisection, and the two "
+              "counts past it tried: one no multiple of 8 rules out the expert = 8 layouts); each searched on {big['gpus']} GPUs of {big['cluster']} (10% kept free), "
               "bfloat16 moments untiled (`optimizer.state_dtype` does not combine with the tiled optimizer).", ""]
     for name, label in named:
         row = big.get(name)
