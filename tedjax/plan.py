@@ -1033,7 +1033,12 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
     layer's gradients), its end (every gradient, one layer's activations),
     and the optimizer update (every gradient and, without the tiled
     optimizer, a second copy of the Adam moments: the step's non-finite guard
-    keeps the old ones next to the new). With gradient accumulation the
+    keeps the old ones next to the new). The backward layer scan reduces each
+    unit's gradients into the optimizer's shards inside the loop, so at its
+    end the scanned units' gradients are in shards and one unit's in full
+    (all levels but ZeRO-1's lanes); ZeRO-3's update holds no full copy. Adam's
+    moments are stored in `optimizer.state_dtype` (bfloat16: 2 + 2 bytes per
+    parameter, in the same shards). With gradient accumulation the
     running sum is a second set of gradients, in the optimizer's shards;
     with mixed precision the weights cast to the compute dtype are held for
     the whole step (the scanned units' one unit at a time). These terms are
