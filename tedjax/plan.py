@@ -1183,6 +1183,9 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
         outside_state = _leaf_costs(m, layout, config.optimizer.zero1, backend, zero, outside_only=True).moments // 2
         grads_end = outside + (moments // 2 - outside_state) + (full - outside) // units
         chunk_grads_end = chunk_grads  # the chunks' own stacks (above) stay full: reduced after the loop
+        # the shadows' weight gradients, stacked over the units in full ([units, R, D, F / tensor] per weight:
+        # buffer assignment), summed into their experts' after the loop
+        chunk_grads_end += units * sz.shadows * weights * m.d_model * f_t * 4 if n_moe else 0
         if backend == "cpu":  # the all-reduce's full result next to its operand, one unit's
             cpu_zero2 = (full - outside) // units
     # ZeRO-3's update reads the gradients in the optimizer's shards and leaves the parameters there: no full
