@@ -208,7 +208,8 @@ def markdown(rows, settings, machine) -> str:
                      f"within the bound (at most {b['bound'] / b['zero1']:.2f}x with no activations).")]
     if b.get("zero3") and b.get("zero1_bf16") and b.get("zero3_bf16"):
         lines += ["", f"Part 4's other largest: ZeRO 1-3 {b['zero3'] / 1e9:.2f}B ({b['zero3_model']}; "
-                  f"{b['zero3'] / b['zero1']:.2f}x ZeRO-1's); with bfloat16 moments ZeRO-1 {b['zero1_bf16'] / 1e9:.2f}B "
+                  f"{b['zero3'] / b['zero1']:.2f}x ZeRO-1's); with bfloat16 moments ZeRO-1 "
+                  f"{b['zero1_bf16'] / 1e9:.2f}B "
                   f"({b['zero1_bf16_model']}) and ZeRO 1-3 {b['zero3_bf16'] / 1e9:.2f}B ({b['zero3_bf16_model']}; "
                   f"{b['zero3_bf16'] / b['zero1_bf16']:.2f}x, and {b['zero3_bf16'] / b['zero1']:.2f}x ZeRO-1's with "
                   f"float32 moments), {b['zero3_bf16'] / b['bound_bf16_moments']:.0%} of the bfloat16 bound."]

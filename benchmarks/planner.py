@@ -164,22 +164,27 @@ def ted_figure() -> dict:
 def ted_notes(t: dict) -> list[str]:
     base, ted = t["baseline_parts"], t["ted_parts"]
     a2a = [k for k in base if k.startswith("comm expert")]
-    tensor = [k for k in base if k.startswith("comm tensor")]
+    comm = [k for k in base if k.startswith("comm ")]
     notes = []
-    if a2a and tensor:
+    if a2a and comm:
+        largest = max(comm, key=base.get)
         notes.append(f"The expert-axis term (the all-to-alls and the expert gradients) falls "
                      f"{1 - ted[a2a[0]] / base[a2a[0]]:.0%} with DTD + CAC (TED measured all-to-all time -64%), "
-                     f"but the tensor-parallel all-reduces take {base[tensor[0]] / base['step_s']:.0%} of the "
-                     f"baseline step and fall only {1 - ted[tensor[0]] / base[tensor[0]]:.0%} (CAC drops the "
-                     "recomputation's all-reduces). That term is why the figure is lower than TED's.")
-    notes += [
-        "The layout: tedjax keeps float32 master weights and float32 gradients on every data-parallel replica "
-        "(ZeRO-1 shards only Adam's moments), 8 bytes per parameter before the bf16 copies, where TED keeps fp16 "
-        "weights and gradients and shards the fp32 state (its eq. 5). On 16 GB V100s this forces a tensor axis "
-        "that spans Summit nodes, whose all-reduces then cross the network at the 4.2 GB/s share of one GPU.",
-        f"Compute runs at peak in the model ({t['baseline_parts']['compute_s']:.1f} s of the step); TED's runs "
-        "reached 12-37% of peak, which would make compute a larger share and the relative saving smaller still.",
-    ]
+                     f"but the step's largest term, {largest[5:]}, takes {base[largest] / base['step_s']:.0%} of "
+                     f"the baseline step and changes {ted.get(largest, 0) / base[largest] - 1:+.0%}. That term is why "
+                     "the figure is lower than TED's.")
+    if "zero=" not in t["baseline"]:
+        notes.append("The layout: with ZeRO-1 tedjax keeps float32 master weights and float32 gradients on every "
+                     "data-parallel replica (it shards only Adam's moments), 8 bytes per parameter before the bf16 "
+                     "copies, where TED keeps fp16 weights and gradients and shards the fp32 state (its eq. 5).")
+    else:
+        notes.append("The layout: the baseline that fits 16 GB V100s shards parameters, gradients and Adam's "
+                     "moments over the data-parallel groups (ZeRO 2/3), whose gathers and reductions cross Summit's "
+                     "network at the 4.2 GB/s share of one GPU; TED keeps fp16 weights and gradients whole and "
+                     "shards only the fp32 state (its eq. 5).")
+    notes.append(f"Compute runs at peak in the model ({base['compute_s']:.1f} s of the step); TED's runs "
+                 "reached 12-37% of peak, which would make compute a larger share and the relative saving smaller "
+                 "still.")
     return notes
 
 
@@ -228,7 +233,8 @@ def _largest_fit(preset: str, experts_grid: list[int], fixed: dict, state_dtype:
                                                                         f"optimizer.state_dtype={state_dtype}"]
                              + (["optimizer.tile_size=0"] if state_dtype == "bfloat16" else []))
         # bf16 moments do not combine with the tiled optimizer (OptimizerConfig refuses the pair)
-        found = plan.search(config, h100, 8, fixed=fixed, tile_size=0 if state_dtype == "bfloat16" else plan.DEFAULT_TILE)
+        tile = 0 if state_dtype == "bfloat16" else plan.DEFAULT_TILE
+        found = plan.search(config, h100, 8, fixed=fixed, tile_size=tile)
         return (config.model.param_counts()["total"], f"{preset} with {experts} experts", found.best.plan.describe(),
                 found.best.memory.total / plan.GIB) if found.pool else None
 
@@ -405,7 +411,8 @@ def markdown(cells: list[dict], ted: dict, presets: list[dict], scale: dict, mac
               f"**{big['verdict']}** (target: >= {big['target']:.0f}x the total parameters, float32 moments): "
               f"{big['ratio']:.2f}x. Models: {', '.join(big['bases'])} with every multiple of 4 experts from "
               f"{big['experts'][0]} to {big['experts'][-1]} (the most that fits found by bisection, and the two "
-              "counts past it tried: one no multiple of 8 rules out the expert = 8 layouts); each searched on {big['gpus']} GPUs of {big['cluster']} (10% kept free), "
+              "counts past it tried: one no multiple of 8 rules out the expert = 8 layouts); each searched on "
+              f"{big['gpus']} GPUs of {big['cluster']} (10% kept free), "
               "bfloat16 moments untiled (`optimizer.state_dtype` does not combine with the tiled optimizer).", ""]
     for name, label in named:
         row = big.get(name)

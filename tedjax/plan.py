@@ -223,7 +223,8 @@ NO_EFFECT = {
     "balance": ("every", "margin", "shadow_every", "matmul_tflops", "link_gbytes_per_s", "cluster"),
     "xla": ("cpu_all_reduce_combiner",),  # no effect on GPUs; on XLA:CPU `unmodelled` names it
 }  # fmt: skip
-# Keys that change bytes or memory in ways the model does not follow yet: always named when set. The throughput flags move XLA:GPU's scheduling (and its live ranges).
+# Keys that change bytes or memory in ways the model does not follow yet: always named when set. The throughput
+# flags move XLA:GPU's scheduling (and its live ranges).
 NOT_MODELLED = {
     # looped units (scan_layers=false) compile to more collectives than the scanned ones the model follows (a
     # 1 MiB permute over "data" on tiny (2,2,2), measured)
