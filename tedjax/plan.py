@@ -10,9 +10,10 @@ chunked all-to-all are modelled as given. Each plan
 gets, per device and in pure arithmetic (nothing is compiled, so 1024 GPUs
 cost the same as 8):
 
-* memory: parameters, gradients, ZeRO-1 optimizer state (TED eq. 5 as tedjax
-  shards it), activations kept for the backward pass under the remat policy,
-  and the largest temporaries;
+* memory: parameters, gradients, optimizer state at the plan's ZeRO level
+  and `optimizer.state_dtype` (TED eq. 5 as tedjax shards it), activations
+  kept for the backward pass under the remat policy, and the largest
+  temporaries;
 * collective traffic of one step by kind and mesh axis (all-to-all,
   all-reduce, all-gather, reduce-scatter), counted the way `tedjax.analysis`
   reads a compiled program;
@@ -46,7 +47,7 @@ tests/test_plan.py, benchmarks/planner.py), except for the embedding's and the r
 weight's gradients and the ZeRO-3 embedding lookup, whose partitioning XLA
 picks by size (`XLA_CHOOSES`; `measure` reports XLA's choice apart), and the
 settings `unmodelled` names, which every entry point prints as "not modelled". The memory model is calibrated on the same programs:
-arguments exact, the total within 10% on 54 of the 64 cells and 19% on all
+arguments exact, the total within 10% on 57 of the 64 cells and 17% on all
 (benchmarks/results/planner.md has the figures). What differs between XLA:CPU
 (where the model is checked) and XLA:GPU is explicit in `Backend`; the GPU
 side is not checked on GPUs.
