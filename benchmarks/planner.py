@@ -219,7 +219,7 @@ LARGEST_BASES = ["gpu_1.3b", "gpu_2.7b", "gpu_6.7b"]  # TED's base models, the e
 # bisection; a count that is no multiple of 8 rules out the expert = 8 layouts, so the two counts past the one
 # found are tried too.
 LARGEST_EXPERTS = list(range(4, 257, 4))
-QUICK_LARGEST = (["gpu_6.7b"], [8, 16])
+QUICK_LARGEST = (["gpu_6.7b"], [8])
 LARGEST_TARGET = 2.0
 # (name, ZeRO levels the search may pick, optimizer.state_dtype)
 LARGEST_SETTINGS = (("zero1", {"zero": 1}, "float32"), ("zero3", {}, "float32"),
