@@ -1176,6 +1176,14 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
         sizes = dict(zip(AXES, layout))
         chunk_grads = (sz.chunks - 1) * sum(_local(leaf.shape, leaf.spec, sizes) * 4 for leaf in parameters(m)
                                             if leaf.units and len(leaf.shape) == 4 and "expert" in leaf.spec[1])
+    elif zero == 3 and sz.chunks > 1 and not sz.pooled and m.scan_layers and units:
+        # ZeRO-3 with shadows: each chunk's transpose gathers the unit's expert weights again (the byte model's
+        # extra gathers), so the backward of a unit holds chunks - 1 more gathered copies of them (buffer
+        # assignment: [E, D, F] copies of one unit on (8,1,1))
+        sizes = dict(zip(AXES, layout))
+        expert_weights = sum(_local(leaf.shape, leaf.spec, sizes) * 4 for leaf in parameters(m)
+                             if leaf.units and len(leaf.shape) == 4 and "expert" in leaf.spec[1])
+        chunk_grads = (sz.chunks - 1) * expert_weights // units
     # The backward layer scan reduces each scanned unit's gradients into the optimizer's shards inside the
     # loop (compiled HLO: the scan carries the gradient stack in those shards and its reduction is
     # unit-shaped), at every ZeRO level but ZeRO-1's lanes, which sum full copies until after the loop: at
