@@ -21,6 +21,7 @@ the grads shrink by 1/|group| and the optimizer bytes stay.
 
     python benchmarks/memory_scale.py            # -> benchmarks/results/memory_scale.{json,md}
     python benchmarks/memory_scale.py --quick    # tiny model, 1 layout (CI) -> a temp dir unless --out
+    python benchmarks/memory_scale.py --rewrite  # the saved rows again, with planner.json's current part 4
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny model, layout 2x2x2")
     p.add_argument("--out", type=str, default=None, help="directory for memory_scale.{json,md}")
+    p.add_argument("--rewrite", action="store_true", help="re-read the compiled rows of the output directory's "
+                   "memory_scale.json and rewrite it with the planner's current part 4 (no compiling)")
     return p.parse_args(argv)
 
 
@@ -152,6 +155,9 @@ def parameter_bound(zero0_rows) -> dict:
     largest = json.loads(saved.read_text()).get("largest", {}) if saved.exists() else {}
     if largest.get("zero1"):
         out.update(zero1=largest["zero1"][0], zero1_model=largest["zero1"][1])
+    for name in ("zero3", "zero1_bf16", "zero3_bf16"):  # (planner.json part 4, by ZeRO choice and state dtype)
+        if largest.get(name):
+            out.update({name: largest[name][0], f"{name}_model": largest[name][1]})
     return out
 
 
@@ -200,10 +206,30 @@ def markdown(rows, settings, machine) -> str:
                   + (f"above the bound: the >= 2x target (issue 21) is **out of reach** for any sharding (at most "
                      f"{b['bound'] / b['zero1']:.2f}x)." if 2 * b["zero1"] > b["bound"] else
                      f"within the bound (at most {b['bound'] / b['zero1']:.2f}x with no activations).")]
+    if b.get("zero3") and b.get("zero1_bf16") and b.get("zero3_bf16"):
+        lines += ["", f"Part 4's other largest: ZeRO 1-3 {b['zero3'] / 1e9:.2f}B ({b['zero3_model']}; "
+                  f"{b['zero3'] / b['zero1']:.2f}x ZeRO-1's); with bfloat16 moments ZeRO-1 "
+                  f"{b['zero1_bf16'] / 1e9:.2f}B "
+                  f"({b['zero1_bf16_model']}) and ZeRO 1-3 {b['zero3_bf16'] / 1e9:.2f}B ({b['zero3_bf16_model']}; "
+                  f"{b['zero3_bf16'] / b['zero1_bf16']:.2f}x, and {b['zero3_bf16'] / b['zero1']:.2f}x ZeRO-1's with "
+                  f"float32 moments), {b['zero3_bf16'] / b['bound_bf16_moments']:.0%} of the bfloat16 bound."]
     return "\n".join(lines) + "\n"
 
 
+def rewrite() -> None:
+    """--rewrite: the saved compiled rows, the bound and the planner's part 4 read again, the results rewritten."""
+    out_dir = _common.output_dir("memory_scale", ARGS.out, ARGS.quick)
+    saved = json.loads((Path(out_dir) / "memory_scale.json").read_text())
+    rows, settings, machine = saved["rows"], saved["settings"], saved["machine"]
+    settings["bound"] = parameter_bound([r for r in rows if r["zero"] == 0])
+    md = markdown(rows, settings, machine)
+    print(md)
+    _common.save_results("memory_scale", rows, settings, md, out_dir=out_dir, machine=machine)
+
+
 def main() -> None:
+    if ARGS.rewrite:
+        return rewrite()
     rows = []
     for layout in LAYOUTS:
         for level in LEVELS:

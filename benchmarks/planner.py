@@ -18,8 +18,9 @@
    the same layout and micro-batching with DTD + CAC. Target 26% +- 10 points.
 3. The GPU presets on 8, 64 and 512 DGX-H100 GPUs: the plan chosen, its
    predicted memory and step time, and the runner-up (the README table).
-4. The largest MoE (TED's three bases, 4-128 experts) any plan fits on 8 x H100
-   80 GB, with ZeRO-1 only and with ZeRO 1-3. Target: >= 2x the parameters.
+4. The largest MoE (TED's three bases, every multiple of 4 experts up to 256) any
+   plan fits on 8 x H100 80 GB, with ZeRO-1 only and with ZeRO 1-3, Adam's moments
+   in float32 and in bfloat16. Target: >= 2x the parameters (float32 moments).
 5. Scale: the search for 1024 GPUs, timed.
 6. One gradient reduction per step: gpu_1.3b at (1,8,1) with 32 micro-batches on
    DGX-H100, predicted communication per step with each micro-batch's
@@ -163,22 +164,27 @@ def ted_figure() -> dict:
 def ted_notes(t: dict) -> list[str]:
     base, ted = t["baseline_parts"], t["ted_parts"]
     a2a = [k for k in base if k.startswith("comm expert")]
-    tensor = [k for k in base if k.startswith("comm tensor")]
+    comm = [k for k in base if k.startswith("comm ")]
     notes = []
-    if a2a and tensor:
+    if a2a and comm:
+        largest = max(comm, key=base.get)
         notes.append(f"The expert-axis term (the all-to-alls and the expert gradients) falls "
                      f"{1 - ted[a2a[0]] / base[a2a[0]]:.0%} with DTD + CAC (TED measured all-to-all time -64%), "
-                     f"but the tensor-parallel all-reduces take {base[tensor[0]] / base['step_s']:.0%} of the "
-                     f"baseline step and fall only {1 - ted[tensor[0]] / base[tensor[0]]:.0%} (CAC drops the "
-                     "recomputation's all-reduces). That term is why the figure is lower than TED's.")
-    notes += [
-        "The layout: tedjax keeps float32 master weights and float32 gradients on every data-parallel replica "
-        "(ZeRO-1 shards only Adam's moments), 8 bytes per parameter before the bf16 copies, where TED keeps fp16 "
-        "weights and gradients and shards the fp32 state (its eq. 5). On 16 GB V100s this forces a tensor axis "
-        "that spans Summit nodes, whose all-reduces then cross the network at the 4.2 GB/s share of one GPU.",
-        f"Compute runs at peak in the model ({t['baseline_parts']['compute_s']:.1f} s of the step); TED's runs "
-        "reached 12-37% of peak, which would make compute a larger share and the relative saving smaller still.",
-    ]
+                     f"but the step's largest term, {largest[5:]}, takes {base[largest] / base['step_s']:.0%} of "
+                     f"the baseline step and changes {ted.get(largest, 0) / base[largest] - 1:+.0%}. That term is why "
+                     "the figure is lower than TED's.")
+    if "zero=" not in t["baseline"]:
+        notes.append("The layout: with ZeRO-1 tedjax keeps float32 master weights and float32 gradients on every "
+                     "data-parallel replica (it shards only Adam's moments), 8 bytes per parameter before the bf16 "
+                     "copies, where TED keeps fp16 weights and gradients and shards the fp32 state (its eq. 5).")
+    else:
+        notes.append("The layout: the baseline that fits 16 GB V100s shards parameters, gradients and Adam's "
+                     "moments over the data-parallel groups (ZeRO 2/3), whose gathers and reductions cross Summit's "
+                     "network at the 4.2 GB/s share of one GPU; TED keeps fp16 weights and gradients whole and "
+                     "shards only the fp32 state (its eq. 5).")
+    notes.append(f"Compute runs at peak in the model ({base['compute_s']:.1f} s of the step); TED's runs "
+                 "reached 12-37% of peak, which would make compute a larger share and the relative saving smaller "
+                 "still.")
     return notes
 
 
@@ -208,46 +214,71 @@ def preset_rows(gpu_counts: list[int]) -> list[dict]:
 
 
 LARGEST_BASES = ["gpu_1.3b", "gpu_2.7b", "gpu_6.7b"]  # TED's base models, the experts grown
-LARGEST_EXPERTS = [4, 8, 12, 16, 24, 32, 64, 128]
+# Every multiple of 4 experts up to 256, so that "largest" is not read off a coarse grid (gpu_6.7b's experts are
+# 2.1B parameters each). The memory a model needs grows with the count, so the most that fits is found by
+# bisection; a count that is no multiple of 8 rules out the expert = 8 layouts, so the two counts past the one
+# found are tried too.
+LARGEST_EXPERTS = list(range(4, 257, 4))
 QUICK_LARGEST = (["gpu_6.7b"], [8])
 LARGEST_TARGET = 2.0
+# (name, ZeRO levels the search may pick, optimizer.state_dtype)
+LARGEST_SETTINGS = (("zero1", {"zero": 1}, "float32"), ("zero3", {}, "float32"),
+                    ("zero1_bf16", {"zero": 1}, "bfloat16"), ("zero3_bf16", {}, "bfloat16"))
+
+
+def _largest_fit(preset: str, experts_grid: list[int], fixed: dict, state_dtype: str, h100) -> tuple | None:
+    """The most experts of `experts_grid` (ascending) with which `preset` fits (bisection), as a table row."""
+    def fit(experts):
+        config = load_config(str(REPO / "configs" / f"{preset}.yaml"), ["mesh=auto", f"model.num_experts={experts}",
+                                                                        f"optimizer.state_dtype={state_dtype}"]
+                             + (["optimizer.tile_size=0"] if state_dtype == "bfloat16" else []))
+        # bf16 moments do not combine with the tiled optimizer (OptimizerConfig refuses the pair)
+        tile = 0 if state_dtype == "bfloat16" else plan.DEFAULT_TILE
+        found = plan.search(config, h100, 8, fixed=fixed, tile_size=tile)
+        return (config.model.param_counts()["total"], f"{preset} with {experts} experts", found.best.plan.describe(),
+                found.best.memory.total / plan.GIB) if found.pool else None
+
+    lo, hi, best = 0, len(experts_grid) - 1, None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        row = fit(experts_grid[mid])
+        if row:
+            best, lo = row, mid + 1
+        else:
+            hi = mid - 1
+    for experts in experts_grid[lo + 1:lo + 3]:  # lo: the first count that failed
+        best = fit(experts) or best
+    return best
 
 
 def largest_moe(bases: list[str] = LARGEST_BASES, experts_grid: list[int] = LARGEST_EXPERTS) -> dict:
-    """The largest MoE (TED's bases, 4-128 experts) any plan fits on 8 x H100 80 GB, with ZeRO-1 only and with
-    ZeRO 1-3 to choose from."""
+    """The largest MoE (TED's bases, a multiple of 4 experts) any plan fits on 8 x H100 80 GB: with ZeRO-1 only and
+    with ZeRO 1-3 to choose from, Adam's moments in float32 and in bfloat16."""
     h100 = plan.Cluster.load(str(REPO / "configs" / "clusters" / "dgx_h100.yaml"))
-    fits: dict = {"zero1": [], "zero3": []}
-    for preset in bases:
-        for experts in experts_grid:
-            config = load_config(str(REPO / "configs" / f"{preset}.yaml"),
-                                 ["mesh=auto", f"model.num_experts={experts}"])
-            params = config.model.param_counts()["total"]
-            for name, fixed in (("zero1", {"zero": 1}), ("zero3", {})):
-                found = plan.search(config, h100, 8, fixed=fixed)
-                if found.pool:
-                    fits[name].append((params, f"{preset} with {experts} experts", found.best.plan.describe(),
-                                       found.best.memory.total / plan.GIB))
-    best = {name: max(rows) for name, rows in fits.items() if rows}
-    ratio = best["zero3"][0] / best["zero1"][0] if len(best) == 2 else 0.0
+    best = {}
+    for name, fixed, state_dtype in LARGEST_SETTINGS:
+        rows = [r for r in (_largest_fit(b, experts_grid, fixed, state_dtype, h100) for b in bases) if r]
+        best[name] = max(rows) if rows else None
+    size = {name: row[0] if row else 0 for name, row in best.items()}
+    ratio = lambda a, b: size[a] / size[b] if size[a] and size[b] else 0.0  # noqa: E731
+    ratios = {"float32": ratio("zero3", "zero1"), "bfloat16": ratio("zero3_bf16", "zero1_bf16"),
+              "mixed": ratio("zero3_bf16", "zero1")}
     # Whatever the sharding, each parameter's float32 weight, gradient and Adam moments live on some GPU:
     # no ZeRO level fits more than the 8 GPUs' budget over those bytes, even with no activations.
     base = load_config(str(REPO / "configs" / f"{bases[0]}.yaml"))
     bf16 = load_config(str(REPO / "configs" / f"{bases[0]}.yaml"), ["optimizer.state_dtype=bfloat16",
                                                                     "optimizer.tile_size=0"])  # (untiled only)
     bound = plan.parameter_bound(base, h100, 8)
-    zero1 = best["zero1"][0] if "zero1" in best else 0
-    family = sorted({p for rows in fits.values() for p, *_ in rows} | {
-        load_config(str(REPO / "configs" / f"{b}.yaml"), [f"model.num_experts={e}"]).model.param_counts()["total"]
-        for b in bases for e in experts_grid})
-    return {"bases": bases, "experts": experts_grid, "cluster": h100.name, "gpus": 8,
-            "zero1": best.get("zero1"), "zero3": best.get("zero3"), "ratio": ratio, "target": LARGEST_TARGET,
-            "verdict": "PASS" if ratio >= LARGEST_TARGET else "MISS",
+    family = sorted(load_config(str(REPO / "configs" / f"{b}.yaml"), [f"model.num_experts={e}"]).model.param_counts()[
+        "total"] for b in bases for e in experts_grid)
+    return {"bases": bases, "experts": experts_grid, "cluster": h100.name, "gpus": 8, **best,
+            "ratio": ratios["float32"], "ratios": ratios, "target": LARGEST_TARGET,
+            "verdict": "PASS" if ratios["float32"] >= LARGEST_TARGET else "MISS",
             "bytes_per_parameter": plan.state_bytes_per_parameter(base), "bound": bound,
             "bound_bf16_moments": plan.parameter_bound(bf16, h100, 8),
             "bytes_per_parameter_bf16_moments": plan.state_bytes_per_parameter(bf16),
-            "max_ratio": bound / zero1 if zero1 else 0.0,
-            "next_larger": next((p for p in family if p > zero1), None)}
+            "max_ratio": bound / size["zero1"] if size["zero1"] else 0.0,
+            "next_larger": {name: next((p for p in family if p > size[name]), None) for name in size}}
 
 
 ACCUM_TARGET = 5.0
@@ -374,25 +405,33 @@ def markdown(cells: list[dict], ted: dict, presets: list[dict], scale: dict, mac
             lines.append(f"| {r['preset']} | {r['params_b']:.1f}B | {r['gpus']} | none fits (closest {r['closest']} "
                          f"needs {r['closest_memory_gib']:.1f} of {r['budget_gib']:.1f} GiB) | | | | | |")
     big = largest
+    named = (("zero1", "ZeRO-1 only, float32 moments"), ("zero3", "ZeRO 1-3, float32 moments"),
+             ("zero1_bf16", "ZeRO-1 only, bfloat16 moments"), ("zero3_bf16", "ZeRO 1-3, bfloat16 moments"))
     lines += ["", "## 4. The largest MoE on 8 x H100 80 GB, ZeRO-1 against ZeRO 1-3", "",
-              f"**{big['verdict']}** (target: >= {big['target']:.0f}x the total parameters): "
-              f"{big['ratio']:.2f}x. Models: {', '.join(big['bases'])} with "
-              f"{', '.join(map(str, big['experts']))} experts; each searched on {big['gpus']} GPUs of "
-              f"{big['cluster']} (10% kept free)."]
-    for name, label in (("zero1", "ZeRO-1 only"), ("zero3", "ZeRO 1-3")):
-        row = big[name]
+              f"**{big['verdict']}** (target: >= {big['target']:.0f}x the total parameters, float32 moments): "
+              f"{big['ratio']:.2f}x. Models: {', '.join(big['bases'])} with every multiple of 4 experts from "
+              f"{big['experts'][0]} to {big['experts'][-1]} (the most that fits found by bisection, and the two "
+              "counts past it tried: one no multiple of 8 rules out the expert = 8 layouts); each searched on "
+              f"{big['gpus']} GPUs of {big['cluster']} (10% kept free), "
+              "bfloat16 moments untiled (`optimizer.state_dtype` does not combine with the tiled optimizer).", ""]
+    for name, label in named:
+        row = big.get(name)
+        nxt = (big.get("next_larger") or {}).get(name)
         lines.append(f"- {label}: " + (f"{row[0] / 1e9:.2f}B parameters ({row[1]}), {row[2]}, {row[3]:.1f} GiB"
+                                       + (f"; the family's next model, {nxt / 1e9:.2f}B, does not fit" if nxt else "")
                                        if row else "none fits"))
-    if big.get("bound") and big["zero1"]:
-        lines += ["", f"Out of reach at any ZeRO level: each parameter keeps a float32 weight, a float32 gradient and "
-                  f"two float32 Adam moments somewhere ({big['bytes_per_parameter']} B, "
+    r = big.get("ratios", {})
+    lines += ["", f"Ratios: ZeRO 1-3 against ZeRO-1 with float32 moments {r.get('float32', 0):.2f}x; with bfloat16 "
+              f"moments {r.get('bfloat16', 0):.2f}x; mixed (ZeRO 1-3 with bfloat16 moments against ZeRO-1 with "
+              f"float32 moments) {r.get('mixed', 0):.2f}x."]
+    if big.get("bound") and big.get("zero1"):
+        lines += ["", f"The bound at any ZeRO level: each parameter keeps a float32 weight, a float32 gradient and "
+                  f"two Adam moments somewhere ({big['bytes_per_parameter']} B in float32, "
+                  f"{big['bytes_per_parameter_bf16_moments']} B with bfloat16 moments; "
                   "`plan.state_bytes_per_parameter`), so 8 GPUs' budget holds at most "
-                  f"{big['bound'] / 1e9:.2f}B parameters with no activations at all (`plan.parameter_bound`), "
-                  f"{big['max_ratio']:.2f}x ZeRO-1's largest; 2x would be {2 * big['zero1'][0] / 1e9:.2f}B. With "
-                  f"`optimizer.state_dtype=bfloat16` ({big['bytes_per_parameter_bf16_moments']} B) the bound is "
-                  f"{big['bound_bf16_moments'] / 1e9:.2f}B (the planner does not model bf16 moments yet)."
-                  + (f" The next larger model of the family has {big['next_larger'] / 1e9:.2f}B parameters."
-                     if big.get("next_larger") else "")]
+                  f"{big['bound'] / 1e9:.2f}B parameters ({big['bound_bf16_moments'] / 1e9:.2f}B) with no activations "
+                  f"at all (`plan.parameter_bound`), {big['max_ratio']:.2f}x ZeRO-1's largest with float32 moments; 2x "
+                  f"would be {2 * big['zero1'][0] / 1e9:.2f}B."]
     lines += ["", "## 5. Scale", "",
               f"Search over {scale['plans']} plans for {scale['gpus']} GPUs (gpu_2.7b, DGX-H100): "
               f"{scale['search_s']:.1f} s, {scale['fit']} fit; best {scale['best']} at {scale['best_step_s']:.2f} s."]

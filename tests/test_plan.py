@@ -34,6 +34,7 @@ def _ci_sample() -> list:
     cover them; each compile costs ~4.5 CPU-seconds)."""
     cells = plan.held_out_cells(64, seed=0)
     need = {f"{k}={str(v).lower()}" for k, vs in plan.HELD_OUT_SWITCHES.items() for v in vs}
+    need |= {f"optimizer.state_dtype={v}" for v in plan.STATE_DTYPES}
     need |= {("layout", layout) for layout in plan.HELD_OUT_LAYOUTS}
     chosen = []
     while need:
@@ -54,6 +55,7 @@ def cell_config(name, layout, switch):
 
 def test_the_held_out_sample_covers_every_switch():
     values = {f"{key}={str(v).lower()}" for key, vs in plan.HELD_OUT_SWITCHES.items() for v in vs}
+    values |= {f"optimizer.state_dtype={v}" for v in plan.STATE_DTYPES}
     assert values <= {o for _, overrides in HELD_OUT for o in overrides}
     assert {layout for layout, _ in HELD_OUT} == set(plan.HELD_OUT_LAYOUTS)
     assert len(HELD_OUT) == len(plan.HELD_OUT_LAYOUTS) and _ci_sample() == HELD_OUT  # deterministic
@@ -344,8 +346,24 @@ def test_every_config_key_is_either_modelled_or_without_effect():
                  else {("", f.name)})
     assert keys - known == set(), ("add new config keys to plan.MODELLED (and model them), plan.NO_EFFECT or "
                                    "plan.NOT_MODELLED")
+    looped = load_config("configs/tiny.yaml", ["data.source=synthetic", "model.scan_layers=false"])
+    assert plan.unmodelled(looped, "gpu") == ["model.scan_layers=false"]  # named, never passed over
     bf16_moments = load_config("configs/tiny.yaml", ["data.source=synthetic", "optimizer.state_dtype=bfloat16"])
-    assert plan.unmodelled(bf16_moments, "gpu") == ["optimizer.state_dtype=bfloat16"]  # named, never passed over
+    assert plan.unmodelled(bf16_moments, "gpu") == []
+
+
+@pytest.mark.parametrize("zero", [1, 3])
+def test_bf16_moments_halve_the_stored_moments_and_the_updates_copy(zero):
+    """optimizer.state_dtype=bfloat16: Adam's mu and nu take 2 bytes each in the optimizer's shards, at rest and
+    in the untiled update's new copy; parameters and gradients stay float32 (the held-out cells check it compiled)."""
+    f32, bf16 = (plan.memory(load_config("configs/tiny.yaml", ["data.source=synthetic", f"optimizer.zero={zero}",
+                                                               f"optimizer.state_dtype={d}"]), (2, 2, 2))
+                 for d in ("float32", "bfloat16"))
+    counters = 3 * 4 + 2 * 4
+    assert bf16.optimizer - counters == (f32.optimizer - counters) // 2
+    assert bf16.params == f32.params and bf16.gradients == f32.gradients
+    update = dict(f32.phases)["optimizer update"] - dict(bf16.phases)["optimizer update"]
+    assert update == (f32.optimizer - counters) // 2
 
 
 # --------------------------------------------------------------------------- latency, --devices, output
