@@ -137,6 +137,12 @@ def test_checkpoint_restores_across_levels_and_layouts(tmp_path):
         saver = Checkpointer(config, resume=False)
         saver.save(1, state, {"step": 1}, force=True)
         saver.close()
+        # each shard written whole by one replica (no per-replica slices: no slicing programs to compile)
+        written = {m["array_metadata"]["param_name"]: m["array_metadata"]["write_shape"] for m in json.loads(
+            (directory / "1" / "state" / "array_metadatas" / "process_0").read_text())["array_metadatas"]}
+        for path, leaf in jax.tree_util.tree_leaves_with_path(state.params):
+            name = "params." + ".".join(str(getattr(k, "key", k)) for k in path)
+            assert written[name] == list(leaf.sharding.shard_shape(leaf.shape)), name
         target_config = dataclasses.replace(target.config, checkpoint=config.checkpoint, log=config.log)
         reader = Checkpointer(target_config, resume=True)
         try:
