@@ -11,8 +11,6 @@ import functools
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -20,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import train_fork
 from flax import nnx
 from reference import FACTORIZATIONS, SMALL, max_abs_diff, one_device_mesh, variant
 
@@ -180,8 +179,7 @@ def test_memory_scale_quick(tmp_path):
     """benchmarks/memory_scale.py --quick: ZeRO 3's split leaves take 1/|group| of an unsplit copy (target)."""
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)  # the script sets its own, before importing jax
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "memory_scale.py"), "--quick", "--out",
-                           str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = train_fork.run_script(REPO / "benchmarks" / "memory_scale.py", ["--quick", "--out", str(tmp_path)], env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "memory_scale.json").read_text())
     assert result["settings"]["quick"] is True and result["machine"]["jax_version"]
