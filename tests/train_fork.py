@@ -80,17 +80,23 @@ def _script(script: str, args: list[str], env: dict[str, str], cwd: str, out: st
         os.dup2(new, fd)
         os.close(new)
     os.chdir(cwd)
-    sys.argv = [script, *args]
-    sys.path.insert(0, os.path.dirname(script))  # as `python script` puts the script's directory first
-    runpy.run_path(script, run_name="__main__")  # its sys.exit(code) is the exit status
+    if script.startswith("-m "):  # `python -m module`: the working directory first on the path
+        sys.argv = [script[3:], *args]
+        sys.path.insert(0, cwd)
+        runpy.run_module(script[3:], run_name="__main__", alter_sys=True)
+    else:
+        sys.argv = [script, *args]
+        sys.path.insert(0, os.path.dirname(script))  # as `python script` puts the script's directory first
+        runpy.run_path(script, run_name="__main__")  # its sys.exit(code) is the exit status
 
 
 def run_script(script: str | Path, args: list[str], *, env: dict[str, str] | None = None, cwd: Path = REPO,
                timeout: float = 600) -> subprocess.CompletedProcess:
-    """`subprocess.run([sys.executable, script, *args], capture_output=True, text=True)`, forked from the
-    preloaded server: the script runs as `__main__` in a process of its own, with `env` (default: this
-    process's) set before it starts, so XLA_FLAGS it sets still take effect; only the imports are skipped
-    (~2.5 s of CPU per benchmark)."""
+    """`subprocess.run([sys.executable, script, *args], capture_output=True, text=True)` (`script` "-m name":
+    `python -m name`), forked from the preloaded server: the script runs as `__main__` in a process of its own,
+    with `env` (default: this process's) set before it starts, so XLA_FLAGS it sets still take effect; only
+    the imports are skipped (~2.5 s of CPU per benchmark). The child ends without the interpreter's shutdown:
+    what a test checks of a fresh process's exit (tracebacks at shutdown) needs subprocess.run."""
     env = dict(os.environ) if env is None else dict(env)
     with tempfile.TemporaryDirectory(prefix="tedjax-fork-") as tmp:
         out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
