@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import train_fork
 
 from tedjax import data
 
@@ -198,19 +199,14 @@ def test_prepare_replaces_atomically_and_concurrently(prepared, tmp_path):
 
 def test_cli_prepare(prepared, tmp_path):
     root, _, out, _ = prepared
-    res = subprocess.run(
-        [sys.executable, "-m", "tedjax.data", "prepare", "--out", str(tmp_path / "cli"), str(root),
-         "--val-fraction", "0.1"],
-        cwd=REPO, capture_output=True, text=True, timeout=60,
-    )
+    # `python -m tedjax.data prepare ...`, forked with its imports done (tests/train_fork.py)
+    res = train_fork.run_script("-m tedjax.data", ["prepare", "--out", str(tmp_path / "cli"), str(root),
+                                                   "--val-fraction", "0.1"], timeout=60)
     assert res.returncode == 0, res.stderr
     assert "train" in res.stdout and "val tokens" in res.stdout
     assert (tmp_path / "cli" / "train.bin").read_bytes() == (out / "train.bin").read_bytes()
-    bad = subprocess.run(
-        [sys.executable, "-m", "tedjax.data", "prepare", "--out", str(tmp_path / "cli2"),
-         str(tmp_path / "missing")],
-        cwd=REPO, capture_output=True, text=True, timeout=60,
-    )
+    bad = train_fork.run_script("-m tedjax.data", ["prepare", "--out", str(tmp_path / "cli2"),
+                                                   str(tmp_path / "missing")], timeout=60)
     assert bad.returncode != 0 and "does not exist" in bad.stderr
     assert not (tmp_path / "cli2").exists()
 

@@ -1,9 +1,6 @@
 """Generation with a KV cache: equal to recomputing without one, equal to transformers, reproducible sampling."""
 
 import io
-import os
-import subprocess
-import sys
 from contextlib import redirect_stdout
 from pathlib import Path
 
@@ -11,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import train_fork
 
 import tedjax
 from tedjax import generation, hf
@@ -155,8 +153,7 @@ def test_cli_with_a_training_checkpoint(native, tmp_path):
 
 @pytest.mark.slow
 def test_benchmark_quick(tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "generate.py"), "--quick", "--out", str(tmp_path)],
-                          cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=600)
+    proc = train_fork.run_script(REPO / "benchmarks" / "generate.py", ["--quick", "--out", str(tmp_path)])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     import json
 

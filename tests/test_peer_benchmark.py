@@ -12,12 +12,12 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import train_fork
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "peer_deepspeed.py"
@@ -32,8 +32,8 @@ pytestmark = pytest.mark.slow
 
 def run_script(*args: str, env: dict | None = None) -> tuple[str, float]:
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, env=env or dict(os.environ),
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    # `python benchmarks/peer_deepspeed.py *args`, forked with its imports done (tests/train_fork.py)
+    proc = train_fork.run_script(SCRIPT, list(args), env=env or dict(os.environ), timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout, time.perf_counter() - start
 

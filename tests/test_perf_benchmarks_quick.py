@@ -8,13 +8,11 @@ consistent with the raw measurements it stores.
 
 import json
 import math
-import os
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+import train_fork
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,10 +20,8 @@ pytestmark = pytest.mark.slow
 
 
 def run_quick(script: str, out: Path) -> str:
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / script), "--quick", "--out", str(out)],
-        cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    # `python benchmarks/<script> --quick --out <out>`, forked with its imports done (tests/train_fork.py)
+    proc = train_fork.run_script(REPO / "benchmarks" / script, ["--quick", "--out", str(out)], timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 

@@ -2,12 +2,11 @@
 
 import hashlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import train_fork
 
 from tedjax import data
 
@@ -30,8 +29,9 @@ def sources(tmp_path):
 
 def test_prepare_reports_skipped_and_non_utf8_files(sources, tmp_path):
     out = tmp_path / "tokens"
-    res = subprocess.run([sys.executable, "-m", "tedjax.data", "prepare", "--out", str(out), str(sources),
-                          "--val-fraction", "0.1"], cwd=REPO, capture_output=True, text=True, timeout=60)  # fmt: skip
+    # `python -m tedjax.data prepare ...`, forked with its imports done (tests/train_fork.py)
+    res = train_fork.run_script("-m tedjax.data", ["prepare", "--out", str(out), str(sources), "--val-fraction", "0.1"],
+                                timeout=60)
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
     assert lines[0].startswith(f"wrote {out}: 2 documents")
@@ -44,8 +44,7 @@ def test_prepare_reports_skipped_and_non_utf8_files(sources, tmp_path):
     assert meta["not_utf8_files"] == {f"{sources}/latin1.txt": 40}
     assert meta["empty_files"] == [f"{sources}/sub/empty.md"]
     assert len(meta["skipped_files"]) == 3
-    help_text = subprocess.run([sys.executable, "-m", "tedjax.data", "prepare", "--help"], cwd=REPO,
-                               capture_output=True, text=True, timeout=60).stdout  # fmt: skip
+    help_text = train_fork.run_script("-m tedjax.data", ["prepare", "--help"], timeout=60).stdout
     assert "'*.py|*.txt|*.md'" in help_text and "__pycache__" in help_text and "not UTF-8" in " ".join(help_text.split())
 
 

@@ -10,8 +10,6 @@ import functools
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -19,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import train_fork
 from reference import FACTORIZATIONS, SMALL, loss_and_grads, max_abs_diff, one_device_mesh, small_batch, variant
 
 import tedjax
@@ -325,8 +324,7 @@ def test_xla_config_flags():
 def run_quick(script: str, out: Path) -> dict:
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)  # the script sets its own, before importing jax
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--quick", "--out", str(out)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = train_fork.run_script(REPO / "benchmarks" / script, ["--quick", "--out", str(out)], env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads((out / script.replace(".py", ".json")).read_text())
 
