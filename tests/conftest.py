@@ -31,22 +31,21 @@ import tedjax.host  # noqa: E402
 tedjax.host.reuse_freed_host_memory()  # as train.py does on CPU
 
 
-# Seconds per file on the 2-core VM (CI, xdist; --durations=0 of a full run summed per file, 2026-12-07, at a
-# load average of 3.2 from other work: 622 s in all, against 571 s idle before the cuts of that day):
+# Seconds per file on the 2-core VM (CI, xdist; --durations=0 of a full run summed per file, 2026-12-07, on an
+# otherwise idle VM: 658 s in all, -n 2):
 # the heaviest files start first, so that with `--dist loadfile` the last files to finish are short ones and
 # neither worker waits long for the other.
 # (xdist's default order, most tests first, started the 137 s file near the end.) Unlisted files (under 5 s)
 # follow in their usual order; remeasure when a file grows.
-HEAVY_FILES = {"test_perf_benchmarks_quick.py": 109, "test_ted_optimizations.py": 106, "test_notebooks.py": 84,
-               "test_dropless.py": 83, "test_faults.py": 79, "test_zero.py": 73, "test_train.py": 62,
-               "test_plan.py": 60, "test_shadows_and_chunks.py": 58, "test_pipeline.py": 56,
-               "test_equivalence.py": 47, "test_multiprocess.py": 42, "test_load_balance.py": 34, "test_hf.py": 32,
-               "test_generate.py": 26, "test_readme.py": 22, "test_examples.py": 22, "test_routing.py": 20,
-               "test_balance_decisions.py": 20, "test_one_reduction.py": 19, "test_topology.py": 18,
-               "test_peer_benchmark.py": 17, "test_scan.py": 17, "test_resume_guards.py": 15,
-               "test_collectives.py": 15, "test_tooling.py": 11, "test_host.py": 9, "test_plan_stages.py": 9,
-               "test_attention.py": 8, "test_data.py": 7, "test_input_checks.py": 6,
-               "test_benchmarks_quick.py": 5, "test_moe_profile.py": 5}
+HEAVY_FILES = {"test_perf_benchmarks_quick.py": 112, "test_ted_optimizations.py": 108, "test_dropless.py": 82,
+               "test_zero.py": 81, "test_plan.py": 72, "test_notebooks.py": 71, "test_pipeline.py": 70,
+               "test_faults.py": 69, "test_train.py": 67, "test_shadows_and_chunks.py": 66, "test_equivalence.py": 48,
+               "test_multiprocess.py": 43, "test_hf.py": 40, "test_load_balance.py": 35, "test_examples.py": 30,
+               "test_scan.py": 28, "test_generate.py": 27, "test_readme.py": 24, "test_one_reduction.py": 23,
+               "test_routing.py": 22, "test_balance_decisions.py": 22, "test_peer_benchmark.py": 19,
+               "test_topology.py": 16, "test_collectives.py": 16, "test_resume_guards.py": 15,
+               "test_attention.py": 11, "test_plan_stages.py": 10, "test_host.py": 9, "test_tooling.py": 9,
+               "test_input_checks.py": 8, "test_data.py": 7, "test_benchmarks_quick.py": 5, "test_moe_profile.py": 5}
 
 
 def pytest_configure(config):
