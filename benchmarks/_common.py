@@ -139,6 +139,14 @@ def _flag_value(flags: str, name: str) -> str | None:
     return values[-1] if values else None
 
 
+def xla_cost(compiled) -> dict:
+    """`compiled.cost_analysis()` as one dict ("flops", "bytes accessed", ...; empty when XLA gives none): some jax
+    versions wrap it in a one-element list."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return dict(cost or {})
+
+
 def expert_matmul_shapes(rows: int, d_model: int, d_ff: int) -> tuple[tuple[int, int, int], ...]:
     """(m, k, n) of an expert FFN's three products on `rows` tokens: forward `[R, D] x [D, F]`, input gradient
     `[R, F] x [F, D]`, weight gradient `[D, R] x [R, F]`."""

@@ -82,8 +82,7 @@ def variants(num_experts: int, top_k: int) -> dict[str, dict]:
 
 
 def _flops(compiled) -> float:
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    cost = _common.xla_cost(compiled)
     return float(cost["flops"])
 
 

@@ -471,8 +471,7 @@ class LayerProgram:
                        grouped_matmul=method if scope != "expert" else "auto", rngs=nnx.Rngs(0))  # fmt: skip
 
         self.params, self.x, self.compiled, self.compile_s = compile_layer(make, self.mesh, args)
-        cost = self.compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        cost = _common.xla_cost(self.compiled)
         self.xla_gflop = float(cost.get("flops", math.nan)) / 1e9 if cost else math.nan
         token, counts, ops = 0.0, 0.0, 0
         for c in analysis.collectives(self.compiled, self.mesh):

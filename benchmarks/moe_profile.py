@@ -147,8 +147,7 @@ def measure(compiled, call_args, args: argparse.Namespace) -> dict:
         walls.append(time.perf_counter() - start)
         cpus.append(time.process_time() - cpu)
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / args.steps
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
+    cost = _common.xla_cost(compiled)
     memory = compiled.memory_analysis()
     per_category, top_ops = trace_op_times(compiled, call_args, args.trace_steps)
     return {

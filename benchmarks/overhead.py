@@ -148,8 +148,7 @@ def build(args, routing: str, variant: str, layout, devices) -> Program:
 def _cost(compiled) -> dict:
     """Per-device FLOPs and bytes accessed from XLA's cost analysis (noise-free, unlike time)."""
     try:
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        cost = _common.xla_cost(compiled)
         return {"gflop": cost.get("flops", math.nan) / 1e9, "gb_accessed": cost.get("bytes accessed", math.nan) / 1e9}
     except Exception:  # cost analysis is best effort
         return {"gflop": math.nan, "gb_accessed": math.nan}

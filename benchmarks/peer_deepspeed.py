@@ -178,8 +178,9 @@ class TedjaxLayer:
             grad_fn = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True))
             self.compiled = grad_fn.lower(params, x_bld).compile()
         self.compile_s = time.perf_counter() - start
-        cost = self.compiled.cost_analysis()
-        self.gflop = float((cost[0] if isinstance(cost, list) else cost)["flops"]) * len(self.mesh.devices.flat) / 1e9
+        import _common
+
+        self.gflop = float(_common.xla_cost(self.compiled)["flops"]) * len(self.mesh.devices.flat) / 1e9
         self.args = (params, x_bld)
         self.capacity = tedjax.routing.capacity(args.tokens, args.experts, case.top_k, case.capacity_factor,
                                                 args.min_capacity)
