@@ -200,10 +200,10 @@ if __name__ == "__main__":
     parser.add_argument("--loss", choices=("mean", "sum"), default="mean",
                         help="of the squared outputs (plain JAX units; tedjax: its own loss)")
     args = parser.parse_args()
-    for remat in (args.remat or "").split(",") if args.remat else ():
-        if remat not in REMATS[args.unit] if args.unit else remat not in {r for rs in REMATS.values() for r in rs}:
-            parser.error(f"--remat {remat} is not a case of --unit {args.unit or 'any'}: choose from "
-                         f"{REMATS[args.unit] if args.unit else REMATS}")
+    allowed = REMATS[args.unit] if args.unit else sorted({r for rs in REMATS.values() for r in rs})
+    for remat in args.remat.split(",") if args.remat else ():
+        if remat not in allowed:
+            parser.error(f"--remat {remat} is not a case of --unit {args.unit or 'any'}: choose from {allowed}")
     if args.remat and "," in args.remat and args.unit != "tedjax":
         parser.error("a comma-separated --remat list is for --unit tedjax only")
     if args.flags and args.unit and args.remat:
