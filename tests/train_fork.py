@@ -33,11 +33,16 @@ train_cli = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(train_cli)
 
 
+def _redirect(path: str, *fds: int) -> None:
+    """Point the file descriptors `fds` at `path`, truncated (a shell's `> path`)."""
+    new = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    for fd in fds:
+        os.dup2(new, fd)
+    os.close(new)
+
+
 def _run(argv: list[str], out: str) -> None:
-    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    os.dup2(fd, 1)  # as `python train.py > out 2>&1`
-    os.dup2(fd, 2)
-    os.close(fd)
+    _redirect(out, 1, 2)  # as `python train.py > out 2>&1`
     os.chdir(REPO)
     sys.exit(train_cli.main(argv))  # multiprocessing turns SystemExit(code) into the exit status
 
@@ -75,10 +80,8 @@ def start(argv: list[str], out: Path) -> Forked:
 def _script(script: str, args: list[str], env: dict[str, str], cwd: str, out: str, err: str) -> None:
     os.environ.clear()
     os.environ.update(env)  # before the script sets XLA_FLAGS: XLA reads them when the child makes its devices
-    for fd, path in ((1, out), (2, err)):
-        new = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.dup2(new, fd)
-        os.close(new)
+    _redirect(out, 1)
+    _redirect(err, 2)
     os.chdir(cwd)
     if script.startswith("-m "):  # `python -m module`: the working directory first on the path
         sys.argv = [script[3:], *args]
