@@ -1148,7 +1148,8 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
     # once and holds them for the whole step; the scanned units' weights are cast inside the layer scan,
     # one unit at a time (not hoisted out of it). Not on XLA:CPU, which carries bf16 as float32: there a
     # bf16 cell's temporaries equal its float32 twin's within 1% (measured at both peaks, remat none).
-    outside = _leaf_costs(m, layout, config.optimizer.zero1, backend, outside_only=True).gathered
+    outside_costs = _leaf_costs(m, layout, config.optimizer.zero1, backend, zero, outside_only=True)  # not the units'
+    outside = outside_costs.gathered
     cast_bytes = outside + (full - outside) // max(units, 1)
     casts = 0 if resolve_dtype(m.dtype, backend) == "float32" or backend == "cpu" else cast_bytes * act_b // 4
     # With accumulation XLA also slices the parameters' ZeRO-1 shards before the loop (measured).
@@ -1190,8 +1191,7 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
     # the end of the backward pass the units' gradients are in shards, and one unit's in full.
     grads_end, chunk_grads_end = full, 0
     if not pipe and not (lanes and dc.grad_accum > 1) and m.scan_layers and units:
-        outside_state = _leaf_costs(m, layout, config.optimizer.zero1, backend, zero, outside_only=True).moments // 2
-        grads_end = outside + (moments // 2 - outside_state) + (full - outside) // units
+        grads_end = outside + (moments - outside_costs.moments) // 2 + (full - outside) // units
         chunk_grads_end = chunk_grads  # the chunks' own stacks (above) stay full: reduced after the loop
         # the shadows' weight gradients, stacked over the units in full ([units, R, D, F / tensor] per weight:
         # buffer assignment), summed into their experts' after the loop
