@@ -1204,7 +1204,10 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
     # ZeRO-3's update reads the gradients in the optimizer's shards and leaves the parameters there: no full
     # copy (ZeRO-1/2 all-gather the updated parameters into their own layout).
     update_grads = moments // 2 + outside if zero == 3 and not pipe else full
-    phases = {"backward start": activations + carry + layer_grads + chunk_grads + lane_weights,
+    # Inside the layer scan's backward the head's backward is done: its logits and two of its three [T, D]
+    # activations are dead, the residual stream's cotangent is not (buffer assignment at the scanned peak).
+    head_done = logits + 2 * td if m.scan_layers and units and not pipe else 0
+    phases = {"backward start": activations - head_done + carry + layer_grads + chunk_grads + lane_weights,
               "backward end": carry + grads_end + chunk_grads_end + one_layer + logits + cpu_zero2 + lane_weights,
               "optimizer update": update_grads + (4 * 4 * tile if tile else state)}
     peak_at = max(phases, key=phases.get)
