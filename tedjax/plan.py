@@ -1204,11 +1204,14 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
     # ZeRO-3's update reads the gradients in the optimizer's shards and leaves the parameters there: no full
     # copy (ZeRO-1/2 all-gather the updated parameters into their own layout).
     update_grads = moments // 2 + outside if zero == 3 and not pipe else full
-    # Inside the layer scan's backward the head's backward is done: its logits and two of its three [T, D]
-    # activations are dead, the residual stream's cotangent is not (buffer assignment at the scanned peak).
-    head_done = logits + 2 * td if m.scan_layers and units and not pipe else 0
+    # The head's backward runs before the layer scan's: inside that loop and at its end the logits are dead,
+    # and at its start two of the head's three [T, D] too (the residual stream's cotangent is not). Buffer
+    # assignment of the held-out cells: every peak is inside the backward layer loop.
+    scanned = m.scan_layers and units and not pipe
+    head_done = logits + 2 * td if scanned else 0
     phases = {"backward start": activations - head_done + carry + layer_grads + chunk_grads + lane_weights,
-              "backward end": carry + grads_end + chunk_grads_end + one_layer + logits + cpu_zero2 + lane_weights,
+              "backward end": carry + grads_end + chunk_grads_end + one_layer + (0 if scanned else logits)
+              + cpu_zero2 + lane_weights,
               "optimizer update": update_grads + (4 * 4 * tile if tile else state)}
     peak_at = max(phases, key=phases.get)
     return Memory(params, state + counters, batch, other, full, activations, working + phases[peak_at], peak_at,
