@@ -1206,8 +1206,9 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
     update_grads = moments // 2 + outside if zero == 3 and not pipe else full
     # The head's backward runs before the layer scan's: inside that loop and at its end the logits are dead,
     # and at its start two of the head's three [T, D] too (the residual stream's cotangent is not). Buffer
-    # assignment of the held-out cells: every peak is inside the backward layer loop.
-    scanned = m.scan_layers and units and not pipe
+    # assignment of the held-out cells: every peak is inside the backward layer loop. (XLA:CPU only, where it
+    # is measured; the GPU figures keep both.)
+    scanned = m.scan_layers and units and not pipe and backend == "cpu"
     head_done = logits + 2 * td if scanned else 0
     phases = {"backward start": activations - head_done + carry + layer_grads + chunk_grads + lane_weights,
               "backward end": carry + grads_end + chunk_grads_end + one_layer + (0 if scanned else logits)
