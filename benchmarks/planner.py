@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,8 +46,12 @@ sys.path.insert(0, str(HERE.parent))  # _common
 sys.path.insert(0, str(HERE.parents[1]))  # tedjax
 ARGS_QUICK = "--quick" in sys.argv
 # Fast compiles (tests/compile_flags.py): the same HLO, collectives and buffer sizes, a fraction of the CPU time.
+# --peak: XLA writes the compiled step's buffer assignment and live ranges here (read by heap_peak)
+PEAK_DUMP = tempfile.mkdtemp(prefix="planner_peak_") if "--peak" in sys.argv else None
 os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
-                           "--xla_cpu_use_fusion_emitters=false")
+                           "--xla_cpu_use_fusion_emitters=false"
+                           + (f" --xla_dump_to={PEAK_DUMP} --xla_dump_hlo_module_re=.*train_step.* "
+                              "--xla_dump_hlo_as_text" if PEAK_DUMP else ""))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import _common  # noqa: E402
@@ -78,6 +83,8 @@ def parse_args(argv=None):
     p.add_argument("--only", type=str, default=None, help="compile (or with --rescore, score) only these cells of the "
                    "draw, 1-based, comma-separated (e.g. 3,7,12): to iterate on the failing ones")
     p.add_argument("--cells-only", action="store_true", help="part 1 only: skip TED's figure, presets and scale")
+    p.add_argument("--peak", action="store_true", help="with --only N (one cell): compile it and list the buffers "
+                   "live at the peak of XLA:CPU's temporaries, next to the model's terms (implies --cells-only)")
     return p.parse_args(argv)
 
 
@@ -115,6 +122,67 @@ def score_cell(cell: dict) -> dict:
         "memory_error": predicted.total / measured.memory_bytes - 1, "peak_at": predicted.peak_at,
         "arguments_exact": predicted.arguments == measured.memory["argument_bytes"],
     }  # fmt: skip
+
+
+def heap_peak(dump: str, top: int = 25) -> dict:
+    """The buffers live where XLA:CPU's temporaries peak, read from an XLA dump (--peak).
+
+    Each value in the temp allocation has an offset, a size and a live range. A loop's carried buffer is
+    several values (its init, the body's parameter, "(phi)" values...) whose ranges leave gaps: values at one
+    offset and size with no other use of those addresses in between count as one buffer. The heap's size is then
+    the largest sum of live buffers (the allocator leaves no gaps to speak of: within 1% on the cells checked)."""
+    import glob
+    import re
+
+    name = sorted(glob.glob(f"{dump}/*train_step.cpu_after_optimizations-live-range.txt"))[-1]
+    ranges_text = Path(name).read_text()
+    assignment = Path(name.replace("-live-range.txt", "-buffer-assignment.txt")).read_text()
+    hlo = Path(name.replace("-live-range.txt", ".txt")).read_text()
+    temp = re.search(r"allocation \d+: size (\d+), preallocated-temp:\n(.*?)(?:\nallocation |\Z)", assignment, re.S)
+    live = {n: (int(a), int(b)) for n, a, b in re.findall(r"^\s+([\w.\-]+\{[\d,]*\}):(\d+)-(\d+)$",
+                                                          ranges_text.split("BufferLiveRange:")[1], re.M)}
+    values = [(int(off), int(size), *live[n + (idx or "{}")], n)
+              for n, idx, size, off in re.findall(r"value: <\d+ ([\w.\-]+)(\{[\d,]*\})?(?: \(phi\))? @0> "
+                                                  r"\(size=(\d+),offset=(\d+)\)", temp.group(2))
+              if n + (idx or "{}") in live and int(size)]
+    groups: dict = {}
+    for v in values:
+        groups.setdefault(v[:2], []).append(v)
+    buffers = []
+    for (off, size), vs in groups.items():
+        vs.sort(key=lambda v: v[2])
+        cur = list(vs[0])
+        for v in vs[1:]:
+            gap = (cur[3] + 1, v[2] - 1)
+            if gap[0] <= gap[1] and any(o < off + size and off < o + s and a <= gap[1] and b >= gap[0]
+                                        for o, s, a, b, _ in values if (o, s) != (off, size)):
+                buffers.append(cur)
+                cur = list(v)
+            else:
+                cur[3] = max(cur[3], v[3])
+        buffers.append(cur)
+    steps = max(b[3] for b in buffers) + 2
+    delta = [0] * (steps + 1)
+    for _, size, a, b, _ in buffers:
+        delta[a] += size
+        delta[b + 1] -= size
+    total, curve = 0, []
+    for d in delta:
+        total += d
+        curve.append(total)
+    at = curve.index(max(curve))
+    info = {}
+    for line in hlo.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+)", line)
+        if m:
+            op = re.search(r'op_name="([^"]*)"', line)
+            info[m.group(1)] = (m.group(2), op.group(1) if op else "")
+    sequence = dict(re.findall(r"^\s+(\d+):([\w.\-]+)$", ranges_text, re.M))
+    peak = sorted((b for b in buffers if b[2] <= at <= b[3]), key=lambda b: -b[1])
+    return {"heap_bytes": int(temp.group(1)), "peak_bytes": max(curve), "at": sequence.get(str(at), str(at)),
+            "at_op": info.get(sequence.get(str(at), ""), ("", ""))[1],
+            "buffers": [(size, name, *info.get(name, ("?", "")), a, b) for _, size, a, b, name in peak[:top]],
+            "rest_bytes": sum(b[1] for b in peak[top:])}
 
 
 def switches(overrides) -> str:
@@ -475,6 +543,21 @@ def main() -> None:
         if args.only:
             keep_cells = {tuple(cell) for cell in _drawn(args)}
             measured = [c for c in measured if (tuple(c["layout"]), tuple(c["overrides"])) in keep_cells]
+    elif args.peak:
+        if not args.only or "," in args.only:
+            raise SystemExit("--peak lists one cell's buffers: give it with --only N (1-based, of --cells/--seed)")
+        (layout, overrides), = _drawn(args)
+        cell = score_cell(measure_cell(layout, overrides))
+        found = heap_peak(PEAK_DUMP)
+        config = cell_config(overrides)
+        phases = ", ".join(f"{k} {v / 2**20:.1f}" for k, v in plan.memory(config, layout, backend="cpu").phases)
+        print(f"{layout} {cell['switches']}: memory {cell['memory_error']:+.1%}; temporaries compiled "
+              f"{found['heap_bytes'] / 2**20:.2f} MiB, the live buffers' peak {found['peak_bytes'] / 2**20:.2f} MiB "
+              f"at {found['at']} ({found['at_op'][-90:]}); predicted by phase (MiB): {phases}")
+        for size, name, shape, op, a, b in found["buffers"]:
+            print(f"  {size / 2**20:9.3f} MiB {a:5}-{b:<5} {name[:32]:32} {shape[:40]:40} {op[-90:]}")
+        print(f"  {found['rest_bytes'] / 2**20:9.3f} MiB in the rest ({PEAK_DUMP} has the dump)")
+        return
     else:
         measured = []
         for layout, overrides in _drawn(args):

@@ -1127,8 +1127,10 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
         once = unit if backend == "cpu" else 0
     else:  # each scanned unit's (or tail layer's) input, plus (cac) its collectives' outputs; one unit recomputed
         kept, once = (m.n_layers - units * (m.moe_every - 1)) * td, unit
-        if copies and n_moe and m.remat == "full":  # the recomputed unit's backward also holds a transposed copy of one weight's
-            # per-block gradient of one chunk as it is summed into the stacked weight's (buffer assignment)
+        if copies and n_moe and m.remat == "full":
+            # The recomputed unit's backward holds one more per-block array of one chunk than its weight copies
+            # (buffer assignment at the peak: a transposed per-block gradient, or a bf16-rounded copy; one (4,1,2)
+            # cell holds three more: not modelled)
             once += copies // sz.chunks * m.d_model * f_t * act_b
         if m.remat == "cac":
             kept += m.n_layers * td + n_dense * td + n_moe * 3 * slot_d
