@@ -30,6 +30,7 @@
     python benchmarks/planner.py --rescore  # re-predict the compiled cells of benchmarks/results/planner.json
     python benchmarks/planner.py --quick    # 1 cell, parts 2-6 (presets on 8 GPUs) -> a temp dir unless --out
     python benchmarks/planner.py --only 3,7 --cells-only --out /tmp/p  # compile and score two cells of the sweep
+    python benchmarks/planner.py --only 9 --peak  # one cell's buffers at the peak of XLA:CPU's temporaries
 """
 
 from __future__ import annotations
