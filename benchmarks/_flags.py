@@ -2,8 +2,10 @@
 
 import os
 
-# Fast compiles for --quick runs (the figures they check do not depend on XLA:CPU's optimization level).
-QUICK_COMPILE = " --xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+# Fast compiles for --quick runs (the figures they check do not depend on XLA:CPU's optimization level):
+# tests/compile_flags.py's, which says why each one.
+QUICK_COMPILE = (" --xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+                 " --xla_cpu_parallel_codegen_split_count=1")
 
 
 def simulate_cpu_devices(quick: bool, devices: int = 8) -> None:

@@ -38,6 +38,8 @@ HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent))  # _common
 sys.path.insert(0, str(HERE.parents[1]))  # tedjax
 
+from _flags import QUICK_COMPILE  # noqa: E402  (no jax)
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -50,8 +52,7 @@ def parse_args(argv=None):
 
 ARGS = parse_args()
 # Fast compiles: nothing runs, and these flags change no HLO, collective or buffer size (tests/compile_flags.py).
-os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
-                           "--xla_cpu_use_fusion_emitters=false")
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8" + QUICK_COMPILE
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402

@@ -62,6 +62,8 @@ HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent))  # _common
 sys.path.insert(0, str(HERE.parents[1]))  # tedjax
 
+from _flags import QUICK_COMPILE  # noqa: E402  (no jax)
+
 # tests/reference.py FACTORIZATIONS
 LAYOUTS = [(8, 1, 1), (1, 8, 1), (2, 4, 1), (4, 1, 2), (2, 2, 2), (1, 4, 2), (1, 2, 4)]
 SWITCHES = ["baseline", "dtd", "cac", "full", "dtd+cac", "tiled"]
@@ -91,8 +93,7 @@ def parse_args(argv=None):
 ARGS = parse_args()
 _flags = ["--xla_force_host_platform_device_count=8"]
 if ARGS.quick:
-    # compiles dominate a smoke run (the fast-compile flags of tests/compile_flags.py)
-    _flags += ["--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false"]
+    _flags += QUICK_COMPILE.split()  # compiles dominate a smoke run
 if ARGS.bucketing_child:
     _flags += json.loads(ARGS.bucketing_child)["flags"]  # XlaConfig(...).flags(), computed by the parent
 os.environ["XLA_FLAGS"] = " ".join(_flags)
