@@ -289,6 +289,13 @@ def unmodelled_line(config: TrainConfig, backend: Backend = "gpu") -> str:
 # plans
 
 
+@functools.lru_cache(maxsize=4096)
+def _replaced(part, changes: tuple[tuple[str, object], ...]):
+    """`dataclasses.replace(part, **dict(changes))`, memoized: a search applies the same few switches to one
+    config's parts for thousands of plans, and each replace runs the part's validation again."""
+    return dataclasses.replace(part, **dict(changes))
+
+
 @dataclasses.dataclass(frozen=True, order=True)
 class Plan:
     """One point of the search: a layout and the switches."""
@@ -320,10 +327,10 @@ class Plan:
             config,
             mesh=MeshConfig(self.data, self.expert, self.tensor, stage=self.stage, node_size=config.mesh.node_size),
             pipeline=pipeline,
-            model=dataclasses.replace(config.model, dtd=self.dtd, remat=self.remat),
-            optimizer=dataclasses.replace(config.optimizer, tile_size=self.tile_size, zero=self.zero,
-                                          zero1=config.optimizer.zero1 or self.zero > 1),
-            data=dataclasses.replace(config.data, grad_accum=self.grad_accum),
+            model=_replaced(config.model, (("dtd", self.dtd), ("remat", self.remat))),
+            optimizer=_replaced(config.optimizer, (("tile_size", self.tile_size), ("zero", self.zero),
+                                                   ("zero1", config.optimizer.zero1 or self.zero > 1))),
+            data=_replaced(config.data, (("grad_accum", self.grad_accum),)),
         )
 
     @classmethod
@@ -838,9 +845,16 @@ def _costs(config: TrainConfig, layout: Layout, backend: Backend, lanes: bool = 
     return dataclasses.replace(costs, traffic=costs.traffic_once) if lanes and config.data.grad_accum > 1 else costs
 
 
-@functools.lru_cache(maxsize=4096)
 def _leaf_costs(model: ModelConfig, layout: Layout, zero1: bool, backend: Backend, zero: int = 1,
                 tiled: bool = False, outside_only: bool = False) -> _LeafCosts:
+    # DTD moves activations, not parameters: one cache entry serves a search's plans with and without it
+    return _leaf_costs_of(_replaced(model, (("dtd", False),)) if model.dtd else model, layout, zero1, backend, zero,
+                          tiled, outside_only)
+
+
+@functools.lru_cache(maxsize=4096)
+def _leaf_costs_of(model: ModelConfig, layout: Layout, zero1: bool, backend: Backend, zero: int,
+                   tiled: bool, outside_only: bool) -> _LeafCosts:
     sizes = dict(zip(AXES, layout))
     batch_axes = ("data", "expert")
     counts: dict[tuple, int] = {}
