@@ -1121,9 +1121,11 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
             # FFN its dot outputs on the slots, the dispatched [slots, D] and two [T, D] (its input in
             # routing groups and the combined output).
             scores_kept = heads if flash else sz.tokens * (m.n_heads // t) * dc.seq_len * act_b
-            moe_ffn = 0 if sz.loop_fill and backend == "cpu" else (rows + shadow_rows) * f_t * act_b
+            # (of the 1.5 x ffn_x2 FFN-wide tensors counted above, ffn_x2 are dot outputs: drop the other half)
+            moe_ffn = 0 if sz.loop_fill and backend == "cpu" else (rows + shadow_rows) * f_t * act_b * ffn_x2 // 2
             kept -= (m.n_layers * (2 * td - td_t + 2 * heads - scores_kept)
-                     + n_dense * (2 * td + sz.tokens * (m.d_ff // t) * act_b) + n_moe * (td + moe_ffn)) - units * td
+                     + n_dense * (2 * td + sz.tokens * (m.d_ff // t) * act_b * ffn_x2 // 2)
+                     + n_moe * (td + moe_ffn)) - units * td
         once = unit if backend == "cpu" else 0
     else:  # each scanned unit's (or tail layer's) input, plus (cac) its collectives' outputs; one unit recomputed
         kept, once = (m.n_layers - units * (m.moe_every - 1)) * td, unit
@@ -1213,7 +1215,11 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
     # is measured; the GPU figures keep both.)
     scanned = m.scan_layers and units and not pipe and backend == "cpu"
     head_done = logits + 2 * td if scanned else 0
-    phases = {"backward start": activations - head_done + carry + layer_grads + chunk_grads + lane_weights,
+    # The shadows' stacked weight gradients (above) are the backward scan's carry: zeros from its first step
+    # (buffer assignment: live from before the loop to after it)
+    shadow_stack = units * sz.shadows * weights * m.d_model * f_t * 4 if n_moe and scanned else 0
+    phases = {"backward start": activations - head_done + carry + layer_grads + chunk_grads + lane_weights
+              + shadow_stack,
               "backward end": carry + grads_end + chunk_grads_end + one_layer + (0 if scanned else logits)
               + cpu_zero2 + lane_weights,
               "optimizer update": update_grads + (4 * 4 * tile if tile else state)}
