@@ -1048,8 +1048,8 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
     calibrated on XLA:CPU programs (benchmarks/planner.py). `backend="cpu"`:
     activations in float32; the layer scan recomputes one unit at a time
     inside the backward loop, so remat saves there too, and without remat
-    the backward of a unit holds about one unit's activations of cotangents
-    next to the stacked residuals (measured).
+    the backward of a unit holds a copy of its residuals and weights sliced
+    out of their stacks next to the stacked residuals (measured).
 
     With stages, one stage's (`stage_view`: its layers' weights and
     optimizer state, 1/S of the layers'), whose kept activations are those
@@ -1109,8 +1109,8 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
     # `once` is a working set that exists one unit at a time, in flight or not (measured with stages: taking
     # it per iteration over-predicted full remat 2.2x, remat none 6-10%)
     if m.remat == "none":
-        # the layer scan stacks every unit's residuals; on XLA:CPU the backward of a unit also holds about
-        # one unit's activations of cotangents next to them (measured: 28-41% under without it)
+        # the layer scan stacks every unit's residuals; on XLA:CPU the backward of a unit also holds a working
+        # set next to them (below; measured: 28-41% under without it)
         kept = m.n_layers * attention + n_dense * dense + n_moe * moe
         if m.scan_layers:
             # Scanned, the units keep the outputs of every op but the elementwise ones
@@ -1127,6 +1127,14 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
                      + n_dense * (2 * td + sz.tokens * (m.d_ff // t) * act_b * ffn_x2 // 2)
                      + n_moe * (td + moe_ffn)) - units * td
         once = unit if backend == "cpu" else 0
+        if backend == "cpu" and m.scan_layers and units:
+            # The backward of a scanned unit slices its residuals and its weights out of their stacks (buffer
+            # assignment: a dynamic-slice copy of each, live through the unit's backward; its recomputed
+            # elementwise values and cotangents come and go within it). Taking all of the unit's activations
+            # instead put cells -0.4 to +23 MiB off, over-predicting wherever the FFN is wide (SwiGLU, shadows).
+            unit_weights = (full - _leaf_costs(m, layout, config.optimizer.zero1, backend, zero,
+                                               outside_only=True).gathered) // units
+            once = kept // units + unit_weights
     else:  # each scanned unit's (or tail layer's) input, plus (cac) its collectives' outputs; one unit recomputed
         kept, once = (m.n_layers - units * (m.moe_every - 1)) * td, unit
         if copies and n_moe and m.remat == "full":
