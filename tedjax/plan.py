@@ -1225,9 +1225,18 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
     head_done = logits + 2 * td if scanned else 0
     # The shadows' stacked weight gradients (above) are the backward scan's carry: zeros from its first step
     # (buffer assignment: live from before the loop to after it)
-    shadow_stack = units * sz.shadows * weights * m.d_model * f_t * 4 if n_moe and scanned else 0
+    shadow_grads = units * sz.shadows * weights * m.d_model * f_t * 4 if n_moe and scanned else 0
+    if lanes and dc.grad_accum > 1 and sz.shadows and n_moe and scanned:
+        # Shadowed expert weights take no lanes: each micro-batch's backward all-reduces a unit's expert
+        # gradients in the loop, one partial gradient per chunk, and the reduced copies of all chunks are live
+        # together (buffer assignment, (8,1,1) remat=full: one combined all-reduce of chunks x the unit's
+        # expert weights, next to the full gradient stack)
+        sizes = dict(zip(AXES, layout))
+        unit_expert = sum(_local(leaf.shape, leaf.spec, sizes) * 4 for leaf in parameters(m)
+                          if leaf.units and len(leaf.shape) == 4 and "expert" in leaf.spec[1]) // units
+        shadow_grads += sz.chunks * unit_expert
     phases = {"backward start": activations - head_done + carry + layer_grads + chunk_grads + lane_weights
-              + shadow_stack,
+              + shadow_grads,
               "backward end": carry + grads_end + chunk_grads_end + one_layer + (0 if scanned else logits)
               + cpu_zero2 + lane_weights,
               "optimizer update": update_grads + (4 * 4 * tile if tile else state)}
