@@ -1108,33 +1108,35 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
     # `kept` is stored per pass of the layers (with stages: for every iteration's microbatch, `in_flight`);
     # `once` is a working set that exists one unit at a time, in flight or not (measured with stages: taking
     # it per iteration over-predicted full remat 2.2x, remat none 6-10%)
+    # Without remat the layer scan stacks every unit's residuals; on XLA:CPU the backward of a unit also holds a
+    # working set next to them (below; measured: 28-41% under without it)
+    residuals = m.n_layers * attention + n_dense * dense + n_moe * moe
+    if m.scan_layers:
+        # Scanned, the units keep the outputs of every op but the elementwise ones
+        # (tedjax.model.save_all_but_elementwise), stacked over units. Read from XLA:CPU's buffer
+        # assignment (gelu and swiglu): a unit's input [T, D]; per attention q, k, v and the heads'
+        # output [T, D / tensor] each, the scores (not the probabilities) and the output projection
+        # [T, D]; per FFN its dot outputs ([T, F / tensor] x 2, x 3 for SwiGLU) and output [T, D]; per MoE
+        # FFN its dot outputs on the slots, the dispatched [slots, D] and two [T, D] (its input in
+        # routing groups and the combined output).
+        scores_kept = heads if flash else sz.tokens * (m.n_heads // t) * dc.seq_len * act_b
+        # (of the 1.5 x ffn_x2 FFN-wide tensors counted above, ffn_x2 are dot outputs: drop the other half)
+        moe_ffn = 0 if sz.loop_fill and backend == "cpu" else (rows + shadow_rows) * f_t * act_b * ffn_x2 // 2
+        residuals -= (m.n_layers * (2 * td - td_t + 2 * heads - scores_kept)
+                      + n_dense * (2 * td + sz.tokens * (m.d_ff // t) * act_b * ffn_x2 // 2)
+                      + n_moe * (td + moe_ffn)) - units * td
+    unit_backward = 0
+    if backend == "cpu" and m.scan_layers and units:
+        # The backward of a scanned unit slices its residuals and its weights out of their stacks (buffer
+        # assignment: a dynamic-slice copy of each, live through the unit's backward; its recomputed
+        # elementwise values and cotangents come and go within it). Taking all of the unit's activations
+        # instead put cells -0.4 to +23 MiB off, over-predicting wherever the FFN is wide (SwiGLU, shadows).
+        unit_weights = (full - _leaf_costs(m, layout, config.optimizer.zero1, backend, zero,
+                                           outside_only=True).gathered) // units
+        unit_backward = residuals // units + unit_weights
     if m.remat == "none":
-        # the layer scan stacks every unit's residuals; on XLA:CPU the backward of a unit also holds a working
-        # set next to them (below; measured: 28-41% under without it)
-        kept = m.n_layers * attention + n_dense * dense + n_moe * moe
-        if m.scan_layers:
-            # Scanned, the units keep the outputs of every op but the elementwise ones
-            # (tedjax.model.save_all_but_elementwise), stacked over units. Read from XLA:CPU's buffer
-            # assignment (gelu and swiglu): a unit's input [T, D]; per attention q, k, v and the heads'
-            # output [T, D / tensor] each, the scores (not the probabilities) and the output projection
-            # [T, D]; per FFN its dot outputs ([T, F / tensor] x 2, x 3 for SwiGLU) and output [T, D]; per MoE
-            # FFN its dot outputs on the slots, the dispatched [slots, D] and two [T, D] (its input in
-            # routing groups and the combined output).
-            scores_kept = heads if flash else sz.tokens * (m.n_heads // t) * dc.seq_len * act_b
-            # (of the 1.5 x ffn_x2 FFN-wide tensors counted above, ffn_x2 are dot outputs: drop the other half)
-            moe_ffn = 0 if sz.loop_fill and backend == "cpu" else (rows + shadow_rows) * f_t * act_b * ffn_x2 // 2
-            kept -= (m.n_layers * (2 * td - td_t + 2 * heads - scores_kept)
-                     + n_dense * (2 * td + sz.tokens * (m.d_ff // t) * act_b * ffn_x2 // 2)
-                     + n_moe * (td + moe_ffn)) - units * td
-        once = unit if backend == "cpu" else 0
-        if backend == "cpu" and m.scan_layers and units:
-            # The backward of a scanned unit slices its residuals and its weights out of their stacks (buffer
-            # assignment: a dynamic-slice copy of each, live through the unit's backward; its recomputed
-            # elementwise values and cotangents come and go within it). Taking all of the unit's activations
-            # instead put cells -0.4 to +23 MiB off, over-predicting wherever the FFN is wide (SwiGLU, shadows).
-            unit_weights = (full - _leaf_costs(m, layout, config.optimizer.zero1, backend, zero,
-                                               outside_only=True).gathered) // units
-            once = kept // units + unit_weights
+        kept = residuals
+        once = unit_backward or (unit if backend == "cpu" else 0)
     else:  # each scanned unit's (or tail layer's) input, plus (cac) its collectives' outputs; one unit recomputed
         kept, once = (m.n_layers - units * (m.moe_every - 1)) * td, unit
         if copies and n_moe and m.remat == "full":
