@@ -1141,8 +1141,11 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
         kept, once = (m.n_layers - units * (m.moe_every - 1)) * td, unit
         if copies and n_moe and m.remat == "full":
             # The recomputed unit's backward holds one more per-block array of one chunk than its weight copies
-            # (buffer assignment at the peak: a transposed per-block gradient, or a bf16-rounded copy; one (4,1,2)
-            # cell holds three more: not modelled)
+            # (buffer assignment at the peak: a transposed per-block gradient, or a bf16-rounded copy. A (4,1,2)
+            # cell with 8-row blocks holds 9 arrays of one chunk's size, where this counts 7: two from the forward
+            # pass, four recomputed and three transposed; a (1,4,2) cell with 40-row blocks holds 7 (two
+            # forward, one recomputed, four transposed): which are live together depends on where the peak
+            # falls; not modelled)
             once += copies // sz.chunks * m.d_model * f_t * act_b
         if m.remat == "cac":
             kept += m.n_layers * td + n_dense * td + n_moe * 3 * slot_d
@@ -1178,7 +1181,11 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
     # weights (not checked).
     lane_weights = costs.laned if lanes and carry and backend == "cpu" else 0
     # (Kept at ZeRO-3 and for leaves no group splits, where there is no slice to take: without it there, held-out
-    # cells fall 11-18% under; what XLA holds in its place is not identified.)
+    # cells fall 11-18% under; what XLA holds in its place is not identified. Buffer assignment of one ZeRO-3
+    # (1,8,1) cell with a2a_chunks=2: the buffers live through the whole step are the running sum plus a
+    # partial second copy of it, 1.3x the running sum, not 2x; the backward scan's gradient stacks of the
+    # micro-batch, in the optimizer's shards, are live from the start of the backward loop. Counting those
+    # stacks instead lowered the seen cells' score.)
     working = 3 * td + 4 * td_t + 2 * slot_d + casts + (moments // 2 if carry else 0)
     # ZeRO-3's gathered parameters add nothing measurable to the peak on XLA:CPU: each is gathered where a
     # layer uses it, and the backward pass frees them layer by layer as it frees the activations.
