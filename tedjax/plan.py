@@ -47,8 +47,8 @@ tests/test_plan.py, benchmarks/planner.py), except for the embedding's and the r
 weight's gradients and the ZeRO-3 embedding lookup, whose partitioning XLA
 picks by size (`XLA_CHOOSES`; `measure` reports XLA's choice apart), and the
 settings `unmodelled` names, which every entry point prints as "not modelled". The memory model is calibrated on the same programs:
-arguments exact, the total within 10% on 58 of the 64 cells and 13% on all,
-and on 38 of 48 cells of four draws no rule was fitted to
+arguments exact, the total within 10% on 57 of the 64 cells and 14.3% on all,
+and on 21 of 24 cells of two draws compiled after the model's last change
 (benchmarks/results/planner.md and README have the figures). What differs between XLA:CPU
 (where the model is checked) and XLA:GPU is explicit in `Backend`; the GPU
 side is not checked on GPUs.
