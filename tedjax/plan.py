@@ -47,8 +47,8 @@ tests/test_plan.py, benchmarks/planner.py), except for the embedding's and the r
 weight's gradients and the ZeRO-3 embedding lookup, whose partitioning XLA
 picks by size (`XLA_CHOOSES`; `measure` reports XLA's choice apart), and the
 settings `unmodelled` names, which every entry point prints as "not modelled". The memory model is calibrated on the same programs:
-arguments exact, the total within 10% on 58 of the 64 cells and 13% on all,
-and on 38 of 48 cells of four draws no rule was fitted to
+arguments exact, the total within 10% on 57 of the 64 cells and 14.3% on all,
+and on 21 of 24 cells of two draws compiled after the model's last change
 (benchmarks/results/planner.md and README have the figures). What differs between XLA:CPU
 (where the model is checked) and XLA:GPU is explicit in `Backend`; the GPU
 side is not checked on GPUs.
@@ -1062,8 +1062,8 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
     calibrated on XLA:CPU programs (benchmarks/planner.py). `backend="cpu"`:
     activations in float32; the layer scan recomputes one unit at a time
     inside the backward loop, so remat saves there too, and without remat
-    the backward of a unit holds about one unit's activations of cotangents
-    next to the stacked residuals (measured).
+    the backward of a unit holds a copy of its residuals and weights sliced
+    out of their stacks next to the stacked residuals (measured).
 
     With stages, one stage's (`stage_view`: its layers' weights and
     optimizer state, 1/S of the layers'), whose kept activations are those
@@ -1122,29 +1122,44 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
     # `kept` is stored per pass of the layers (with stages: for every iteration's microbatch, `in_flight`);
     # `once` is a working set that exists one unit at a time, in flight or not (measured with stages: taking
     # it per iteration over-predicted full remat 2.2x, remat none 6-10%)
+    # Without remat the layer scan stacks every unit's residuals; on XLA:CPU the backward of a unit also holds a
+    # working set next to them (below; measured: 28-41% under without it)
+    residuals = m.n_layers * attention + n_dense * dense + n_moe * moe
+    if m.scan_layers:
+        # Scanned, the units keep the outputs of every op but the elementwise ones
+        # (tedjax.model.save_all_but_elementwise), stacked over units. Read from XLA:CPU's buffer
+        # assignment (gelu and swiglu): a unit's input [T, D]; per attention q, k, v and the heads'
+        # output [T, D / tensor] each, the scores (not the probabilities) and the output projection
+        # [T, D]; per FFN its dot outputs ([T, F / tensor] x 2, x 3 for SwiGLU) and output [T, D]; per MoE
+        # FFN its dot outputs on the slots, the dispatched [slots, D] and two [T, D] (its input in
+        # routing groups and the combined output).
+        scores_kept = heads if flash else sz.tokens * (m.n_heads // t) * dc.seq_len * act_b
+        # (of the 1.5 x ffn_x2 FFN-wide tensors counted above, ffn_x2 are dot outputs: drop the other half)
+        moe_ffn = 0 if sz.loop_fill and backend == "cpu" else (rows + shadow_rows) * f_t * act_b * ffn_x2 // 2
+        residuals -= (m.n_layers * (2 * td - td_t + 2 * heads - scores_kept)
+                      + n_dense * (2 * td + sz.tokens * (m.d_ff // t) * act_b * ffn_x2 // 2)
+                      + n_moe * (td + moe_ffn)) - units * td
+    unit_backward = 0
+    if backend == "cpu" and m.scan_layers and units:
+        # The backward of a scanned unit slices its residuals and its weights out of their stacks (buffer
+        # assignment: a dynamic-slice copy of each, live through the unit's backward; its recomputed
+        # elementwise values and cotangents come and go within it). Taking all of the unit's activations
+        # instead put cells -0.4 to +23 MiB off, over-predicting wherever the FFN is wide (SwiGLU, shadows).
+        unit_weights = (full - _leaf_costs(m, layout, config.optimizer.zero1, backend, zero,
+                                           outside_only=True).gathered) // units
+        unit_backward = residuals // units + unit_weights
     if m.remat == "none":
-        # the layer scan stacks every unit's residuals; on XLA:CPU the backward of a unit also holds about
-        # one unit's activations of cotangents next to them (measured: 28-41% under without it)
-        kept = m.n_layers * attention + n_dense * dense + n_moe * moe
-        if m.scan_layers:
-            # Scanned, the units keep the outputs of every op but the elementwise ones
-            # (tedjax.model.save_all_but_elementwise), stacked over units. Read from XLA:CPU's buffer
-            # assignment (gelu and swiglu): a unit's input [T, D]; per attention q, k, v and the heads'
-            # output [T, D / tensor] each, the scores (not the probabilities) and the output projection
-            # [T, D]; per FFN its dot outputs ([T, F / tensor] x 2, x 3 for SwiGLU) and output [T, D]; per MoE
-            # FFN its dot outputs on the slots, the dispatched [slots, D] and two [T, D] (its input in
-            # routing groups and the combined output).
-            scores_kept = heads if flash else sz.tokens * (m.n_heads // t) * dc.seq_len * act_b
-            moe_ffn = 0 if sz.loop_fill and backend == "cpu" else (rows + shadow_rows) * f_t * act_b
-            kept -= (m.n_layers * (2 * td - td_t + 2 * heads - scores_kept)
-                     + n_dense * (2 * td + sz.tokens * (m.d_ff // t) * act_b) + n_moe * (td + moe_ffn)) - units * td
-        once = unit if backend == "cpu" else 0
+        kept = residuals
+        once = unit_backward or (unit if backend == "cpu" else 0)
     else:  # each scanned unit's (or tail layer's) input, plus (cac) its collectives' outputs; one unit recomputed
         kept, once = (m.n_layers - units * (m.moe_every - 1)) * td, unit
         if copies and n_moe and m.remat == "full":
             # The recomputed unit's backward holds one more per-block array of one chunk than its weight copies
-            # (buffer assignment at the peak: a transposed per-block gradient, or a bf16-rounded copy; one (4,1,2)
-            # cell holds three more: not modelled)
+            # (buffer assignment at the peak: a transposed per-block gradient, or a bf16-rounded copy. A (4,1,2)
+            # cell with 8-row blocks holds 9 arrays of one chunk's size, where this counts 7: two from the forward
+            # pass, four recomputed and three transposed; a (1,4,2) cell with 40-row blocks holds 7 (two
+            # forward, one recomputed, four transposed): which are live together depends on where the peak
+            # falls; not modelled)
             once += copies // sz.chunks * m.d_model * f_t * act_b
         if m.remat == "cac":
             kept += m.n_layers * td + n_dense * td + n_moe * 3 * slot_d
@@ -1180,7 +1195,11 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
     # weights (not checked).
     lane_weights = costs.laned if lanes and carry and backend == "cpu" else 0
     # (Kept at ZeRO-3 and for leaves no group splits, where there is no slice to take: without it there, held-out
-    # cells fall 11-18% under; what XLA holds in its place is not identified.)
+    # cells fall 11-18% under; what XLA holds in its place is not identified. Buffer assignment of one ZeRO-3
+    # (1,8,1) cell with a2a_chunks=2: the buffers live through the whole step are the running sum plus a
+    # partial second copy of it, 1.3x the running sum, not 2x; the backward scan's gradient stacks of the
+    # micro-batch, in the optimizer's shards, are live from the start of the backward loop. Counting those
+    # stacks instead lowered the seen cells' score.)
     working = 3 * td + 4 * td_t + 2 * slot_d + casts + (moments // 2 if carry else 0)
     # ZeRO-3's gathered parameters add nothing measurable to the peak on XLA:CPU: each is gathered where a
     # layer uses it, and the backward pass frees them layer by layer as it frees the activations.
@@ -1227,7 +1246,20 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
     # is measured; the GPU figures keep both.)
     scanned = m.scan_layers and units and not pipe and backend == "cpu"
     head_done = logits + 2 * td if scanned else 0
-    phases = {"backward start": activations - head_done + carry + layer_grads + chunk_grads + lane_weights,
+    # The shadows' stacked weight gradients (above) are the backward scan's carry: zeros from its first step
+    # (buffer assignment: live from before the loop to after it)
+    shadow_grads = units * sz.shadows * weights * m.d_model * f_t * 4 if n_moe and scanned else 0
+    if lanes and dc.grad_accum > 1 and sz.shadows and n_moe and scanned:
+        # Shadowed expert weights take no lanes: each micro-batch's backward all-reduces a unit's expert
+        # gradients in the loop, one partial gradient per chunk, and the reduced copies of all chunks are live
+        # together (buffer assignment, (8,1,1) remat=full: one combined all-reduce of chunks x the unit's
+        # expert weights, next to the full gradient stack)
+        sizes = dict(zip(AXES, layout))
+        unit_expert = sum(_local(leaf.shape, leaf.spec, sizes) * 4 for leaf in parameters(m)
+                          if leaf.units and len(leaf.shape) == 4 and "expert" in leaf.spec[1]) // units
+        shadow_grads += sz.chunks * unit_expert
+    phases = {"backward start": activations - head_done + carry + layer_grads + chunk_grads + lane_weights
+              + shadow_grads,
               "backward end": carry + grads_end + chunk_grads_end + one_layer + (0 if scanned else logits)
               + cpu_zero2 + lane_weights,
               "optimizer update": update_grads + (4 * 4 * tile if tile else state)}
