@@ -45,12 +45,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent))  # _common
 sys.path.insert(0, str(HERE.parents[1]))  # tedjax
+from _flags import QUICK_COMPILE  # noqa: E402  (no jax)
+
 ARGS_QUICK = "--quick" in sys.argv
 # Fast compiles (tests/compile_flags.py): the same HLO, collectives and buffer sizes, a fraction of the CPU time.
 # --peak: XLA writes the compiled step's buffer assignment and live ranges here (read by heap_peak)
 PEAK_DUMP = tempfile.mkdtemp(prefix="planner_peak_") if "--peak" in sys.argv else None
-os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
-                           "--xla_cpu_use_fusion_emitters=false"
+os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=8" + QUICK_COMPILE
                            + (f" --xla_dump_to={PEAK_DUMP} --xla_dump_hlo_module_re=.*train_step.* "
                               "--xla_dump_hlo_as_text" if PEAK_DUMP else ""))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -61,7 +61,8 @@ import os
 import subprocess
 import sys
 
-TESTS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"  # tests/compile_flags.py
+TESTS = ("--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+         " --xla_cpu_parallel_codegen_split_count=1")  # tests/compile_flags.py
 NO_FMA, NO_YNN = "--xla_cpu_max_isa=AVX", "--xla_cpu_experimental_ynn_fusion_type="
 FLAGS = {"default": "", "tests": TESTS, "tests-no-fma": f"{TESTS} {NO_FMA}", "tests-no-ynn": f"{TESTS} {NO_YNN}",
          "tests-exact": f"{TESTS} {NO_FMA} {NO_YNN}"}
