@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -30,10 +31,31 @@ def one_device_mesh():
     return tedjax.make_mesh(1, 1, 1, devices=jax.devices()[:1])
 
 
+@functools.cache
+def _initial_values(config: tedjax.ModelConfig, seed: int, node_size: int) -> nnx.State:
+    with jax.set_mesh(one_device_mesh()):
+        return jax.jit(lambda: nnx.state(tedjax.model.Transformer(config, rngs=nnx.Rngs(seed), node_size=node_size)))()
+
+
+def init_on(config: tedjax.ModelConfig, mesh, seed: int = 0, pipeline=None):
+    """`tedjax.init_model(config, mesh, seed)`'s model: the same values (`test_init_on_equals_init_model`), made
+    once per config on one device and placed in the mesh's shardings. The init program (random initializers
+    for every leaf) costs more to compile than the gradient program the tests check (test_equivalence.py: 14 s
+    of init against 11 s of grad_fn compiles), and one config is checked on many meshes. With `pipeline`,
+    `init_model` itself."""
+    if pipeline is not None:
+        return tedjax.init_model(config, mesh, seed=seed, pipeline=pipeline)
+    tedjax.model.check_mesh(config, mesh)
+    node_size = tedjax.mesh.resolve_node_size(mesh)
+    graphdef, abstract = nnx.split(tedjax.model.abstract_model(config, seed, None, node_size))
+    values = jax.device_put(_initial_values(config, seed, node_size), tedjax.mesh.state_shardings(abstract, mesh))
+    return nnx.merge(graphdef, values)
+
+
 def loss_and_grads(config: tedjax.ModelConfig, mesh, batch, seed: int = 0, pipeline=None):
     """(loss, grads as a pure dict of numpy arrays, metrics, compiled) of `config` on `mesh` (`pipeline`: a
     tedjax.config.PipelineConfig for meshes with stages)."""
-    model = tedjax.init_model(config, mesh, seed=seed, pipeline=pipeline)
+    model = init_on(config, mesh, seed=seed, pipeline=pipeline)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
 
@@ -59,7 +81,7 @@ def placed_grad_fn(config: tedjax.ModelConfig, mesh, placement_e=None, exchange:
     layer's experts at `placement_e` (slot placement[e] holds expert e) and, when given, its `exchange`."""
     from tedjax.model import moe_stack
 
-    model = tedjax.init_model(config, mesh)
+    model = init_on(config, mesh)
     moe = moe_stack(model)  # every MoE layer, stacked on a leading "layers" axis
     if exchange is not None:
         moe.exchange = exchange

@@ -2,7 +2,10 @@
 
 import numpy as np
 import pytest
-from reference import FACTORIZATIONS, SMALL, loss_and_grads, max_abs_diff, one_device_mesh, small_batch, variant
+import jax
+from flax import nnx
+from reference import (FACTORIZATIONS, SMALL, init_on, loss_and_grads, max_abs_diff, one_device_mesh, small_batch,
+                       variant)
 
 import tedjax
 
@@ -36,3 +39,15 @@ def test_matches_one_device(reference, layout):
     assert max_abs_diff(grads, ref_grads) < 1e-5
     np.testing.assert_allclose(metrics["expert_load"], ref_metrics["expert_load"], atol=1e-6)
     np.testing.assert_allclose(metrics["dropped_fraction"], ref_metrics["dropped_fraction"], atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", [(2, 2, 2), (1, 8, 1)], ids=lambda s: "x".join(map(str, s)))
+def test_init_on_equals_init_model(layout):
+    """The tests' shortcut (one device's initial values, placed in the mesh's shardings) is the library's sharded
+    init, bit for bit and in the same shardings, so the equivalence tests lose nothing by starting from it."""
+    config, mesh = CONFIGS["top2_swiglu_group8"], tedjax.make_mesh(*layout)
+    placed, built = nnx.state(init_on(config, mesh)), nnx.state(tedjax.init_model(config, mesh))
+    assert jax.tree.structure(placed) == jax.tree.structure(built)
+    for a, b in zip(jax.tree.leaves(placed), jax.tree.leaves(built), strict=True):
+        assert a.sharding == b.sharding and a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

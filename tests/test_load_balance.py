@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from reference import SMALL, variant
+from reference import SMALL, init_on, variant
 
 import tedjax
 from tedjax import balance, grouped, routing
@@ -167,7 +167,7 @@ POOLED = variant(SMALL, top_k=2, activation="swiglu", group_size=8, capacity_fac
 
 def placed_loss_and_grads(config, mesh, batch, placement_e):
     """Loss and gradients (in logical expert order) with every MoE layer's experts at `placement_e`."""
-    model = tedjax.init_model(config, mesh)
+    model = init_on(config, mesh)
     moe = moe_stack(model)  # every MoE layer, stacked on a leading "layers" axis
     moe.placement[...] = jnp.broadcast_to(jnp.asarray(placement_e, jnp.int32), moe.placement.shape)
     for w in (moe.w_in, moe.w_gate, moe.w_out):  # slot placement[e] holds expert e

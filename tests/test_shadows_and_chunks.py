@@ -9,6 +9,7 @@ from flax import nnx
 from reference import (
     assert_placed_run_matches,
     FACTORIZATIONS,
+    init_on,
     one_device_mesh,
     placed_grad_fn,
     small_batch,
@@ -91,7 +92,7 @@ def test_shadowed_tokens_skip_the_pools():
 
 def compiled_forward(config, layout, shadow_ids=None):
     mesh = tedjax.make_mesh(*layout)
-    model = tedjax.init_model(config, mesh)
+    model = init_on(config, mesh)
     with jax.set_mesh(mesh):
         moe = moe_layer(model, 0)
         if shadow_ids is not None:
