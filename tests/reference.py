@@ -11,6 +11,7 @@ import numpy as np
 from flax import nnx
 
 import tedjax
+from tedjax.config import TrainConfig
 
 # Every (data, expert, tensor) factorization of 8 devices the core must match.
 FACTORIZATIONS = [(8, 1, 1), (1, 8, 1), (2, 4, 1), (4, 1, 2), (2, 2, 2), (1, 4, 2), (1, 2, 4)]
@@ -50,6 +51,26 @@ def init_on(config: tedjax.ModelConfig, mesh, seed: int = 0, pipeline=None):
     graphdef, abstract = nnx.split(tedjax.model.abstract_model(config, seed, None, node_size))
     values = jax.device_put(_initial_values(config, seed, node_size), tedjax.mesh.state_shardings(abstract, mesh))
     return nnx.merge(graphdef, values)
+
+
+@functools.cache
+def _initial_train_state(config: TrainConfig):
+    from tedjax.trainer import Trainer
+
+    return Trainer(config, one_device_mesh()).init_state()
+
+
+def init_state_on(trainer):
+    """`trainer.init_state()`'s values and shardings (`test_init_state_on_equals_init_state`), made once per
+    config on one device (as `init_on`) and placed in the trainer's state shardings; with stages,
+    `init_state` itself (their units are stored in schedule order)."""
+    if trainer.config.mesh.stage > 1:
+        return trainer.init_state()
+    one = dataclasses.replace(trainer.config, mesh=tedjax.config.MeshConfig(1, 1, 1))
+    # fresh buffers: the train step donates its state, and a replicated leaf's placed copy may share device 0's
+    # buffer with the cached one
+    fresh = jax.tree.map(jnp.copy, _initial_train_state(one))
+    return jax.device_put(fresh, trainer.state_shardings)
 
 
 def loss_and_grads(config: tedjax.ModelConfig, mesh, batch, seed: int = 0, pipeline=None):

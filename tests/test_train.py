@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from reference import FACTORIZATIONS, max_abs_diff
+from reference import FACTORIZATIONS, init_state_on, max_abs_diff
 
 import tedjax
 from tedjax import analysis
@@ -303,7 +303,7 @@ def one_step_batch():
 
 def _grad_norm_on(layout, batch):
     trainer = _zero1_trainer(layout)
-    state = trainer.init_state()
+    state = init_state_on(trainer)
     with jax.set_mesh(trainer.mesh):
         _, metrics = trainer.train_step(state, trainer.shard_batch(batch))
     return float(metrics["grad_norm"]), float(metrics["loss"])
@@ -324,3 +324,15 @@ def test_global_grad_norm_counts_every_expert_once(layout, one_step_batch, one_d
     norm, loss = _grad_norm_on(layout, one_step_batch)
     assert loss == pytest.approx(one_device_norm[1], rel=1e-5)
     assert norm == pytest.approx(one_device_norm[0], rel=1e-4)
+
+
+@pytest.mark.parametrize("layout", [(2, 2, 2)], ids=lambda s: "x".join(map(str, s)))
+def test_init_state_on_equals_init_state(layout):
+    """The tests' shortcut (one device's initial train state placed in the trainer's shardings) is the trainer's
+    own sharded init, bit for bit and in the same shardings."""
+    trainer = _zero1_trainer(layout)
+    placed, built = init_state_on(trainer), trainer.init_state()
+    assert jax.tree.structure(placed) == jax.tree.structure(built)
+    for a, b in zip(jax.tree.leaves(placed), jax.tree.leaves(built), strict=True):
+        assert a.sharding == b.sharding and a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -20,7 +20,7 @@ import optax
 import pytest
 import train_fork
 from flax import nnx
-from reference import FACTORIZATIONS, SMALL, max_abs_diff, one_device_mesh, variant
+from reference import FACTORIZATIONS, SMALL, init_state_on, max_abs_diff, one_device_mesh, variant
 
 import tedjax
 from tedjax.checkpoint import Checkpointer
@@ -57,7 +57,7 @@ def one_step(layout, zero: int, accum: int = ACCUM, tile_size: int = 0, **model)
     """(loss, grad norm, mu, new params, trainer, state after) of one train step."""
     mesh = one_device_mesh() if layout == (1, 1, 1) else tedjax.make_mesh(*layout)
     trainer = Trainer(train_config(layout, zero, accum, tile_size, **model), mesh)
-    state = trainer.init_state()
+    state = init_state_on(trainer)
     state, metrics = trainer.train_step(state, trainer.shard_batch(tokens(accum)))
     to_np = lambda t: jax.tree.map(np.asarray, t)  # noqa: E731
     return (float(metrics["loss"]), float(metrics["grad_norm"]), to_np(state.opt_state[0].mu), to_np(state.params),
