@@ -507,6 +507,12 @@ class Leaf:
     layer: int | None = None
     units: int = 0
 
+    @property
+    def expert_weight(self) -> bool:
+        """An expert FFN weight: [E, D, F] or [E, F, D] after the units' "layers" axis, split over "expert"."""
+        stacked = int(self.units > 0)
+        return len(self.shape) - stacked == 3 and "expert" in self.spec[stacked]
+
 
 @functools.lru_cache(maxsize=32)
 def _structure(model: ModelConfig) -> tuple[tuple[Leaf, ...], int]:
@@ -561,6 +567,14 @@ def _structure(model: ModelConfig) -> tuple[tuple[Leaf, ...], int]:
 def parameters(model: ModelConfig) -> tuple[Leaf, ...]:
     """Every parameter of the model with its sharding (see `_structure`)."""
     return _structure(model)[0]
+
+
+@functools.lru_cache(maxsize=1024)
+def _stacked_expert_bytes(model: ModelConfig, layout: Layout) -> int:
+    """Float32 bytes per device of the scanned units' expert weights, all units (their gradient stack too)."""
+    sizes = dict(zip(AXES, layout))
+    return sum(_local(leaf.shape, leaf.spec, sizes) * 4 for leaf in parameters(model)
+               if leaf.units and leaf.expert_weight)
 
 
 def _axes_of(entry) -> tuple[str, ...]:
@@ -880,7 +894,7 @@ def _leaf_costs_of(model: ModelConfig, layout: Layout, zero1: bool, backend: Bac
         # With a2a_chunks = n each chunk's expert FFN adds its own partial gradient of the expert weights,
         # and XLA reduces each before the sum (measured): n reductions per micro-batch.
         stacked = int(leaf.units > 0)  # dims before the layer's own: the "layers" axis of the scanned units
-        expert_weight = len(leaf.shape) - stacked == 3 and "expert" in leaf.spec[stacked]
+        expert_weight = leaf.expert_weight
         entries = []
         for _ in range(model.a2a_chunks if expert_weight else 1):
             entries += _gradient_reduction(local, used, added, sizes, backend, what)
@@ -1213,17 +1227,12 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
     # experts, whose take adds to the same gradient, the held-out cells show no such stacks).
     chunk_grads = 0
     if sz.chunks > 1 and not sz.pooled and not sz.shadows and m.scan_layers and units:
-        sizes = dict(zip(AXES, layout))
-        chunk_grads = (sz.chunks - 1) * sum(_local(leaf.shape, leaf.spec, sizes) * 4 for leaf in parameters(m)
-                                            if leaf.units and len(leaf.shape) == 4 and "expert" in leaf.spec[1])
+        chunk_grads = (sz.chunks - 1) * _stacked_expert_bytes(m, layout)
     elif zero == 3 and sz.chunks > 1 and not sz.pooled and m.scan_layers and units:
         # ZeRO-3 with shadows: each chunk's transpose gathers the unit's expert weights again (the byte model's
         # extra gathers), so the backward of a unit holds chunks - 1 more gathered copies of them (buffer
         # assignment: [E, D, F] copies of one unit on (8,1,1))
-        sizes = dict(zip(AXES, layout))
-        expert_weights = sum(_local(leaf.shape, leaf.spec, sizes) * 4 for leaf in parameters(m)
-                             if leaf.units and len(leaf.shape) == 4 and "expert" in leaf.spec[1])
-        chunk_grads = (sz.chunks - 1) * expert_weights // units
+        chunk_grads = (sz.chunks - 1) * _stacked_expert_bytes(m, layout) // units
     # The backward layer scan reduces each scanned unit's gradients into the optimizer's shards inside the
     # loop (compiled HLO: the scan carries the gradient stack in those shards and its reduction is
     # unit-shaped), at every ZeRO level but ZeRO-1's lanes, which sum full copies until after the loop: at
@@ -1254,10 +1263,7 @@ def memory(config: TrainConfig, layout: Layout | None = None, backend: Backend =
         # gradients in the loop, one partial gradient per chunk, and the reduced copies of all chunks are live
         # together (buffer assignment, (8,1,1) remat=full: one combined all-reduce of chunks x the unit's
         # expert weights, next to the full gradient stack)
-        sizes = dict(zip(AXES, layout))
-        unit_expert = sum(_local(leaf.shape, leaf.spec, sizes) * 4 for leaf in parameters(m)
-                          if leaf.units and len(leaf.shape) == 4 and "expert" in leaf.spec[1]) // units
-        shadow_grads += sz.chunks * unit_expert
+        shadow_grads += sz.chunks * (_stacked_expert_bytes(m, layout) // units)
     phases = {"backward start": activations - head_done + carry + layer_grads + chunk_grads + lane_weights
               + shadow_grads,
               "backward end": carry + grads_end + chunk_grads_end + one_layer + (0 if scanned else logits)
