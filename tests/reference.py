@@ -73,6 +73,14 @@ def init_state_on(trainer):
     return jax.device_put(fresh, trainer.state_shardings)
 
 
+def assert_placed_equal(placed, built) -> None:
+    """Two trees of arrays the same bit for bit: structure, dtypes, shardings and values."""
+    assert jax.tree.structure(placed) == jax.tree.structure(built)
+    for a, b in zip(jax.tree.leaves(placed), jax.tree.leaves(built), strict=True):
+        assert a.sharding == b.sharding and a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def loss_and_grads(config: tedjax.ModelConfig, mesh, batch, seed: int = 0, pipeline=None):
     """(loss, grads as a pure dict of numpy arrays, metrics, compiled) of `config` on `mesh` (`pipeline`: a
     tedjax.config.PipelineConfig for meshes with stages)."""

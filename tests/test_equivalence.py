@@ -2,10 +2,9 @@
 
 import numpy as np
 import pytest
-import jax
 from flax import nnx
-from reference import (FACTORIZATIONS, SMALL, init_on, loss_and_grads, max_abs_diff, one_device_mesh, small_batch,
-                       variant)
+from reference import (FACTORIZATIONS, SMALL, assert_placed_equal, init_on, loss_and_grads, max_abs_diff,
+                       one_device_mesh, small_batch, variant)
 
 import tedjax
 
@@ -47,7 +46,4 @@ def test_init_on_equals_init_model(layout):
     init, bit for bit and in the same shardings, so the equivalence tests lose nothing by starting from it."""
     config, mesh = CONFIGS["top2_swiglu_group8"], tedjax.make_mesh(*layout)
     placed, built = nnx.state(init_on(config, mesh)), nnx.state(tedjax.init_model(config, mesh))
-    assert jax.tree.structure(placed) == jax.tree.structure(built)
-    for a, b in zip(jax.tree.leaves(placed), jax.tree.leaves(built), strict=True):
-        assert a.sharding == b.sharding and a.dtype == b.dtype
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert_placed_equal(placed, built)

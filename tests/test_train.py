@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from reference import FACTORIZATIONS, init_state_on, max_abs_diff
+from reference import FACTORIZATIONS, assert_placed_equal, init_state_on, max_abs_diff
 
 import tedjax
 from tedjax import analysis
@@ -332,7 +332,4 @@ def test_init_state_on_equals_init_state(layout):
     own sharded init, bit for bit and in the same shardings."""
     trainer = _zero1_trainer(layout)
     placed, built = init_state_on(trainer), trainer.init_state()
-    assert jax.tree.structure(placed) == jax.tree.structure(built)
-    for a, b in zip(jax.tree.leaves(placed), jax.tree.leaves(built), strict=True):
-        assert a.sharding == b.sharding and a.dtype == b.dtype
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert_placed_equal(placed, built)
