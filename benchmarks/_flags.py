@@ -1,11 +1,15 @@
 """The XLA settings a benchmark needs before jax is imported: no jax here, so scripts call it first."""
 
 import os
+import sys
+from pathlib import Path
+
+sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))
+from compile_flags import FAST_COMPILE_FLAGS  # noqa: E402  (no jax)
 
 # Fast compiles for --quick runs (the figures they check do not depend on XLA:CPU's optimization level):
 # tests/compile_flags.py's, which says why each one.
-QUICK_COMPILE = (" --xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
-                 " --xla_cpu_parallel_codegen_split_count=1")
+QUICK_COMPILE = " " + FAST_COMPILE_FLAGS
 
 
 def simulate_cpu_devices(quick: bool, devices: int = 8) -> None:

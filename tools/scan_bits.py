@@ -61,8 +61,9 @@ import os
 import subprocess
 import sys
 
-TESTS = ("--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
-         " --xla_cpu_parallel_codegen_split_count=1")  # tests/compile_flags.py
+sys.path.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+from compile_flags import FAST_COMPILE_FLAGS as TESTS  # noqa: E402  (the tests' flags; no jax)
+
 NO_FMA, NO_YNN = "--xla_cpu_max_isa=AVX", "--xla_cpu_experimental_ynn_fusion_type="
 FLAGS = {"default": "", "tests": TESTS, "tests-no-fma": f"{TESTS} {NO_FMA}", "tests-no-ynn": f"{TESTS} {NO_YNN}",
          "tests-exact": f"{TESTS} {NO_FMA} {NO_YNN}"}
